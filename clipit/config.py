@@ -1,0 +1,217 @@
+"""Typed configuration: YAML files in configs/ loaded into dataclasses.
+
+Unknown keys and wrong types are errors naming the key and the file. Every setting has one home:
+precision lives only in `train.precision`, seeds only in `seeds`, paths only in their section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file is wrong; the message names the file, the key and what to write instead."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DemoDataConfig:
+    """The embedded demo: generated H&E-like patches, an unpaired report corpus, a demo CLIP."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 400, "test": 800})
+    image_size: int = 64
+    n_reports: int = 300
+    n_paired: int = 2000  # paired image-caption set that trains the stand-in for CONCH
+    clip_seconds: float = 60.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # dataset reader: demo | pcam | crc | bach | folder
+    root: str = "data/demo/images"
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+
+@dataclass
+class ReportsConfig:
+    path: str = "data/demo/reports.jsonl"
+    format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = "auto"
+    organ: str | None = None  # keep reports whose organ contains this word ("breast", "colo")
+    projects: list[str] | None = None  # or TCGA projects, e.g. [BRCA] / [COAD, READ]
+
+
+@dataclass
+class PairingConfig:
+    model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch>
+    checkpoint: str | None = None  # local weights; None = the weights file / the model's default
+    top_k: int = 1
+    batch_size: int = 256
+    device: str = "auto"  # auto | cpu | cuda
+    dir: str = "runs/demo/pairing"  # text-embedding cache and pair indices
+
+
+@dataclass
+class ShardsConfig:
+    dir: str = "runs/demo/shards"
+    samples_per_shard: int = 1000
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 8
+    dropout: float = 0.0
+    targets: list[Literal["Linear", "Conv2d", "Embedding"]] = field(
+        default_factory=lambda: ["Linear", "Conv2d", "Embedding"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "demo-vit-tiny"  # backbone registry name
+    weights: str | None = None  # local checkpoint; None = random init (demo) or registry default
+    image_size: int | None = None  # None = the backbone's native input size
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    text_dim: int = 512  # dimension of the report embeddings in the shards
+    kd_layers: int = 1  # P is Linear (1) or Linear-LeakyReLU-Linear (2)
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["unimodal", "clipit"] = "clipit"
+    epochs: float = 1.0
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: Literal["none", "cosine"] = "none"
+    min_lr: float = 0.0
+    grad_clip: float = 0.5
+    lam: float = 1.0  # weight of the cosine distillation term
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_workers: int = 0
+    evals_per_epoch: int = 1
+    select: Literal["val_loss", "val_bacc", "last"] = "val_loss"
+    warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
+    augment: bool = True  # flips and 90-degree rotations: histology has no canonical orientation
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    output_dir: str = "runs/demo"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: DataConfig = field(default_factory=DataConfig)
+    reports: ReportsConfig = field(default_factory=ReportsConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    methods: dict[str, TrainConfig] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type = ExperimentConfig):
+    """Load YAML `path` into `cls`; `overrides` are `dotted.key=yaml-value` strings."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item, path)
+    return from_dict(cls, raw, str(path))
+
+
+def apply_override(raw: dict, item: str, path: Path | str = "<overrides>") -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{path}: override {item!r} must look like section.key=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: override {key!r} goes through a non-mapping value")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def from_dict(cls: type, data: Any, where: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {_join(prefix, unknown[0])!r}; valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, where, _join(prefix, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config, path: str | Path) -> None:
+    """Write the fully resolved config next to a run's outputs (atomic)."""
+    from clipit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(tp, value, where: str, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {key} = {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key} = {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, key)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: {key} must be {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")

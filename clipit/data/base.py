@@ -1,0 +1,71 @@
+"""The image-dataset interface every reader implements.
+
+A dataset is random-access by (split, index) so that shard building can be cut into independent
+parts (one per array task) without reading anything twice. Samples carry the image bytes *as stored*
+(PNG/JPEG/TIFF) so shards never re-encode what is already encoded.
+"""
+from __future__ import annotations
+
+import abc
+import io
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+
+class DatasetError(ValueError):
+    """A dataset on disk does not look like what its reader expects (one line, names the fix)."""
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    key: str  # stable and unique within the dataset, e.g. "train/ADI/ADI-AAAFLCLY.tif"
+    data: bytes  # the encoded image, byte for byte as stored
+    ext: str  # "png", "jpg", "tif": the WebDataset field name the bytes go under
+    label: int
+
+
+class ImageDataset(abc.ABC):
+    """Random-access, split-aware image dataset."""
+
+    name: str = "dataset"
+    classes: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train", "val", "test")
+
+    @abc.abstractmethod
+    def split_size(self, split: str) -> int: ...
+
+    @abc.abstractmethod
+    def sample(self, split: str, index: int) -> ImageSample: ...
+
+    def iter_split(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[ImageSample]:
+        stop = self.split_size(split) if stop is None else min(stop, self.split_size(split))
+        for index in range(start, stop):
+            yield self.sample(split, index)
+
+    def keys(self, split: str) -> list[str]:
+        """All sample keys of a split; readers override this when keys are cheaper than images."""
+        return [self.sample(split, i).key for i in range(self.split_size(split))]
+
+    def labels(self, split: str) -> np.ndarray:
+        """All labels of a split; readers override this when labels are cheaper than images."""
+        return np.array([self.sample(split, i).label for i in range(self.split_size(split))], dtype=np.int64)
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise DatasetError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode stored bytes to an RGB PIL image (TIFF, PNG and JPEG alike)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Losslessly encode an HxWx3 uint8 array (for sources stored as raw arrays, e.g. PCAM h5)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

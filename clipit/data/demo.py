@@ -1,0 +1,290 @@
+"""Synthetic, deterministic demo data: H&E-like patches, an UNPAIRED report corpus, and a separate
+paired image-caption set for training the demo CLIP. Nothing is stored in the repo; all is made at run time.
+
+Classes differ in nuclear density, size and arrangement (CRC-like). DEMO_CLASSES is sorted so that
+ImageFolderDataset (classes = sorted folder names) gives label i == DEMO_CLASSES[i].
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+DEMO_CLASSES: tuple[str, ...] = ("lymphocytes", "normal_mucosa", "stroma", "tumor")
+LYM, MUC, STR, TUM = range(4)
+GENERATOR_VERSION = 1  # bump when rendering changes, so cached demo folders are rebuilt
+# Separate seed streams so the demo images, the CLIP's paired set and the reports never share draws.
+_STREAM_IMAGES, _STREAM_PAIRED, _STREAM_REPORTS = 11, 22, 33
+
+# Ruifrok & Johnston optical-density stain vectors (RGB): Beer-Lambert mixing gives real H&E hues.
+_H_OD = np.array([0.65, 0.70, 0.29])
+_E_OD = np.array([0.10, 0.85, 0.40])  # a little bluer than Ruifrok: pink, not magenta
+
+
+def _nuclei(draw, rng, n, centers, a, b, theta, value, jag=0.1, k=10):
+    """Draw n irregular rotated ellipses (polygons, so shape jitter = pleomorphism) onto the H map."""
+    t = np.linspace(0, 2 * np.pi, k, endpoint=False)
+    r = 1 + jag * rng.standard_normal((n, k))
+    x, y = a[:, None] * np.cos(t) * r, b[:, None] * np.sin(t) * r
+    c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    px, py = centers[:, :1] + c * x - s * y, centers[:, 1:] + s * x + c * y
+    for i in range(n):
+        draw.polygon(list(zip(px[i].tolist(), py[i].tolist())), fill=int(value[i]))
+
+
+def _render_one(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Return (hematoxylin, eosin) density maps in [0, ~1.3] for one patch."""
+    s = size / 64.0
+    U = rng.uniform
+    dens = U(0.75, 1.25)  # per-patch density jitter
+    h_img, e_img = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
+    hd, ed = ImageDraw.Draw(h_img), ImageDraw.Draw(e_img)
+    ed.rectangle([0, 0, size, size], fill=int(U(90, 130)))  # eosin base (x/200 = density)
+
+    def scatter(n, amin, amax, aspect, v, jag=0.1, theta=None, theta_sd=np.pi):
+        n = max(1, int(n))
+        a = U(amin, amax, n) * s
+        th = rng.uniform(0, np.pi, n) if theta is None else theta + theta_sd * rng.standard_normal(n)
+        _nuclei(hd, rng, n, U(-2, size + 2, (n, 2)), a, a * U(*aspect, n), th, U(*v, n) * 200, jag)
+
+    if label == LYM:  # dense small round dark nuclei
+        scatter(U(70, 115) * dens * s * s, 1.5, 2.3, (0.8, 1.0), (0.95, 1.15), 0.06)
+    elif label == TUM:  # crowded, large, pleomorphic, hyperchromatic; dense pink cytoplasm
+        ed.rectangle([0, 0, size, size], fill=int(U(120, 150)))
+        scatter(U(24, 38) * dens * s * s, 3.4, 6.0, (0.5, 0.9), (0.8, 1.1), 0.18)
+        if rng.random() < 0.5:  # nucleoli
+            scatter(U(4, 10), 0.6, 1.0, (0.9, 1.0), (1.2, 1.3), 0.0)
+    elif label == STR:  # sparse elongated spindle nuclei aligned with wavy pink fibres
+        th0 = U(0, np.pi)
+        ed.rectangle([0, 0, size, size], fill=int(U(140, 175)))
+        for _ in range(int(U(18, 30) * s)):
+            x0, y0 = U(-10, size + 10, 2)
+            L = U(15, 40) * s
+            t = np.linspace(0, 1, 5)
+            xs = x0 + L * t * np.cos(th0) + U(-1.5, 1.5, 5)
+            ys = y0 + L * t * np.sin(th0) + U(-1.5, 1.5, 5)
+            ed.line(list(zip(xs.tolist(), ys.tolist())), fill=int(U(185, 230)), width=max(1, int(s)))
+        scatter(U(5, 13) * dens * s * s, 4.0, 7.5, (0.15, 0.3), (0.6, 0.85), 0.05, theta=th0, theta_sd=0.2)
+    else:  # normal mucosa: nuclei in rings around pale round gland lumens (arrangement, not size)
+        scatter(U(5, 14) * s * s, 1.5, 2.2, (0.8, 1.0), (0.7, 0.9), 0.06)  # lamina propria cells
+        for _ in range(int(rng.integers(1, 4))):
+            cx, cy = U(0, size, 2)
+            R = U(5.5, 11) * s
+            ring = R + 6 * s
+            ed.ellipse([cx - ring, cy - ring, cx + ring, cy + ring], fill=int(U(45, 70)))  # pale mucin cytoplasm
+            ed.ellipse([cx - R, cy - R, cx + R, cy + R], fill=int(U(0, 12)))  # lumen
+            n = max(6, int(2 * np.pi * (R + 4.5 * s) / (3.6 * s)))
+            phi = np.linspace(0, 2 * np.pi, n, endpoint=False) + U(0, 1)
+            rr = R + U(4.0, 5.5, n) * s
+            cen = np.stack([cx + rr * np.cos(phi), cy + rr * np.sin(phi)], 1)
+            a = U(2.2, 2.9, n) * s
+            _nuclei(hd, rng, n, cen, a, a * U(0.45, 0.6, n), phi, U(0.8, 1.0, n) * 200, 0.06)
+    if rng.random() < 0.15:  # a few stray lymphocytes anywhere: realistic, keeps the task non-trivial
+        scatter(U(4, 12), 1.5, 2.2, (0.8, 1.0), (0.9, 1.1), 0.06)
+    h_img = h_img.filter(ImageFilter.GaussianBlur(0.6 * s))
+    e_img = e_img.filter(ImageFilter.GaussianBlur(0.8 * s))
+    return np.asarray(h_img, np.float32) / 200, np.asarray(e_img, np.float32) / 200
+
+
+def render_patches(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """N x size x size x 3 uint8 H&E-like patches, one per label (index into DEMO_CLASSES)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    H, E = np.empty((n, size, size), np.float32), np.empty((n, size, size), np.float32)
+    for i, lab in enumerate(labels):
+        H[i], E[i] = _render_one(int(lab), size, rng)
+    # Smooth low-frequency tissue density variation (bilinear-upsampled coarse grid) + chromatin texture.
+    g = max(2, size // 16)
+    up = np.clip(np.linspace(0, g - 1, size)[:, None] - np.arange(g)[None], -1, 1)
+    up = (1 - np.abs(up)).astype(np.float32)  # size x g linear-interpolation weights
+    E *= up @ rng.normal(1.0, 0.12, (n, g, g)).astype(np.float32) @ up.T
+    H *= 1 + 0.12 * rng.standard_normal(H.shape, dtype=np.float32)
+    # Per-patch stain jitter: intensity and slight hue shift of each stain vector.
+    h_vec = (_H_OD * rng.uniform(0.8, 1.2, (n, 1)) + rng.normal(0, 0.04, (n, 3))).astype(np.float32)
+    e_vec = (_E_OD * rng.uniform(0.75, 1.25, (n, 1)) + rng.normal(0, 0.03, (n, 3))).astype(np.float32)
+    od = H[..., None] * h_vec[:, None, None] + E[..., None] * e_vec[:, None, None]
+    img = np.exp(-od - 0.03, out=od)
+    img *= 255
+    img += 3.0 * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.permutation(np.arange(n) % len(DEMO_CLASSES))
+
+
+def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0) -> Path:
+    """Write root/<split>/<class>/<split>_<idx:06d>.png. Skips if root holds the same (counts, size, seed);
+    rebuilds otherwise. Built in a temp sibling then renamed, so root is never half-written."""
+    root = Path(root)
+    meta = {"counts": {k: int(v) for k, v in counts.items()}, "size": int(size), "seed": int(seed),
+            "classes": list(DEMO_CLASSES), "generator_version": GENERATOR_VERSION}
+    meta_path = root / "demo_meta.json"
+    if meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()) == meta:
+                return root
+        except (OSError, ValueError):
+            pass
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for split, n in counts.items():  # per-split stream keyed by name: splits don't depend on each other
+            rng = np.random.default_rng([seed, _STREAM_IMAGES, zlib.crc32(split.encode())])
+            labels = _balanced_labels(int(n), rng)
+            for c in DEMO_CLASSES:
+                (tmp / split / c).mkdir(parents=True, exist_ok=True)
+            for start in range(0, int(n), 512):  # chunks bound memory for large counts
+                imgs = render_patches(labels[start:start + 512], size, rng)
+                for j, img in enumerate(imgs, start):
+                    Image.fromarray(img).save(tmp / split / DEMO_CLASSES[labels[j]] / f"{split}_{j:06d}.png")
+        (tmp / "demo_meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completion
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-built tree behind
+        raise
+    # A non-empty dir cannot be os.replace'd onto: move the old one aside first, then drop it.
+    old = root.parent / f".{root.name}.old-{os.getpid()}"
+    if root.exists():
+        os.replace(root, old)
+    os.replace(tmp, root)
+    shutil.rmtree(old, ignore_errors=True)
+    return root
+
+
+# ---- text ----------------------------------------------------------------------------------------
+# Real CAP/registry vocabulary, curated from digital-registrar 0.2.0b4 schemas/data/colorectal.json
+# (enums: histology, grade, procedure, primary site, tumor invasion, pT/pN, margins, polyp type, MMR).
+HISTOLOGY = ("adenocarcinoma", "mucinous adenocarcinoma", "signet ring cell carcinoma", "medullary carcinoma",
+             "micropapillary adenocarcinoma", "serrated adenocarcinoma")
+GRADES = ("well differentiated (G1)", "moderately differentiated (G2)", "poorly differentiated (G3)")
+PROCEDURES = ("right hemicolectomy", "extended right hemicolectomy", "left hemicolectomy", "low anterior resection",
+              "anterior resection", "abdominoperineal resection", "total colectomy", "subtotal colectomy",
+              "segmental colectomy", "transanal local excision", "polypectomy")
+SITES = ("cecum", "ascending colon", "hepatic flexure", "transverse colon", "splenic flexure", "descending colon",
+         "sigmoid colon", "rectosigmoid junction", "rectum")
+INVASION = ("submucosa", "muscularis propria", "pericolorectal tissue", "visceral peritoneum surface")
+PT, PN = ("pT1", "pT2", "pT3", "pT4a", "pT4b"), ("pN0", "pN1a", "pN1b", "pN1c", "pN2a", "pN2b")
+MARGINS = ("proximal", "distal", "radial (circumferential)", "mesenteric")
+POLYPS = ("tubular adenoma", "tubulovillous adenoma", "sessile serrated adenoma", "hyperplastic polyp")
+MMR = ("MLH1", "MSH2", "MSH6", "PMS2")
+
+# Per class: (diagnosis lines, microscopic descriptions, short "also present" mentions for noisy reports).
+_DX = {
+    TUM: ("invasive {hist}, {grade}", "{hist}, {grade}, invading {inv}", "{hist} arising in a {polyp}, {grade}"),
+    LYM: ("{k} lymph nodes, negative for metastatic carcinoma (0/{k})", "reactive lymphoid hyperplasia",
+          "lymph node with follicular hyperplasia, no tumor seen", "dense chronic lymphocytic infiltrate"),
+    STR: ("dense fibrous stroma, no residual carcinoma", "submucosal fibrosis", "desmoplastic stromal reaction",
+          "fibrotic connective tissue, negative for malignancy"),
+    MUC: ("benign colonic mucosa, negative for dysplasia", "unremarkable colonic mucosa",
+          "normal colonic mucosa with preserved crypt architecture", "benign colonic mucosa, no {polyp} or malignancy identified"),
+}
+_MICRO = {
+    TUM: ("crowded malignant glands lined by large pleomorphic hyperchromatic nuclei",
+          "sheets of atypical cells with enlarged, crowded, hyperchromatic nuclei and prominent nucleoli",
+          "marked nuclear pleomorphism, nuclear crowding and numerous mitoses",
+          "enlarged irregular dark nuclei with loss of polarity in crowded cribriform glands"),
+    LYM: ("dense sheets of small round mature lymphocytes", "numerous small dark round lymphocytes",
+          "lymphoid tissue packed with small round lymphocytes and reactive follicles",
+          "dense lymphocytic infiltrate of small round cells with dark nuclei"),
+    STR: ("pink collagenous stroma with sparse elongated spindle cells",
+          "scattered bland spindle-shaped fibroblasts in dense pink fibrous stroma",
+          "wavy collagen fibres with few elongated spindle nuclei",
+          "paucicellular fibrous tissue with thin spindle cells"),
+    MUC: ("regular crypts with round pale lumens lined by a single layer of basal nuclei",
+          "evenly spaced glands with goblet cells and small basally located nuclei around the lumen",
+          "intact crypt architecture, glands arranged around open lumens with bland nuclei",
+          "round crypts with mucin-rich goblet cells and a ring of small regular nuclei"),
+}
+_ALSO = {TUM: "foci of crowded pleomorphic tumor cells", LYM: "a prominent lymphocytic infiltrate",
+         STR: "areas of fibrous spindle cell stroma", MUC: "adjacent benign crypts with round lumens"}
+_HEAD = ("FINAL DIAGNOSIS: {site}, {proc}: {dx}.", "DIAGNOSIS: {Site} ({proc}) - {dx}.",
+         "Colon, {site}, {proc}: {Dx}.", "PATHOLOGIC DIAGNOSIS: {Dx}; {site}, {proc}.")
+_MICRO_HEAD = ("Microscopic: {m}.", "Sections show {m}.", "MICROSCOPIC DESCRIPTION: {m}.", "Histology shows {m}.")
+
+
+def _tail(rng: np.random.Generator, label: int, rid: str) -> str:
+    """Boilerplate after the diagnosis (mostly truncated away by 77-token text encoders)."""
+    c = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    parts = [f"Specimen {rid} received in formalin labeled with the patient's name, {c(SITES)}.",
+             f"GROSS DESCRIPTION: a segment of bowel measuring {rng.uniform(8, 35):.1f} cm in length and "
+             f"{rng.uniform(2, 6):.1f} cm in circumference; representative sections submitted in "
+             f"{int(rng.integers(6, 24))} cassettes."]
+    if label == TUM:
+        parts += [f"Tumor invades {c(INVASION)} ({c(PT)}, {c(PN)}).",
+                  f"Lymphovascular invasion: {c(('present', 'not identified'))}. "
+                  f"Perineural invasion: {c(('present', 'not identified'))}.",
+                  f"Mismatch repair immunohistochemistry: {', '.join(MMR)} {c(('intact', 'lost (MLH1/PMS2)'))}."]
+    parts.append(f"Margins: {c(MARGINS)} and other margins free, closest {int(rng.integers(2, 60))} mm.")
+    parts.append(c(("COMMENT: clinical history reviewed.", "Slides reviewed at consensus conference.",
+                    "Synoptic report per CAP protocol for colon and rectum.", "Correlation with imaging suggested.")))
+    return " ".join(parts)
+
+
+def make_reports(n: int, seed: int = 0) -> list[dict]:
+    """External, UNPAIRED colon report corpus; each report's findings follow one demo class, ~15% mix two."""
+    rng = np.random.default_rng([seed, _STREAM_REPORTS])
+    c = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    reports = []
+    for i, label in enumerate(_balanced_labels(n, rng)):
+        label, site = int(label), c(SITES)
+        dx = c(_DX[label]).format(hist=c(HISTOLOGY), grade=c(GRADES), inv=c(INVASION), polyp=c(POLYPS),
+                                  k=int(rng.integers(5, 25)))
+        head = c(_HEAD).format(site=site, Site=site.capitalize(), proc=c(PROCEDURES), dx=dx, Dx=dx.capitalize())
+        m = c(_MICRO[label])
+        if rng.random() < 0.5:  # a second description of the same class: more varied wording
+            m = f"{m}; {c(_MICRO[label])}"
+        micro = c(_MICRO_HEAD).format(m=m)
+        if rng.random() < 0.15:  # ambiguity: features of a second class
+            other = int(rng.choice([k for k in range(len(DEMO_CLASSES)) if k != label]))
+            micro += f" Also {_ALSO[other]}."
+        rid = f"DEMO-R{i + 1:04d}"
+        text = f"{head} {micro} {_tail(rng, label, rid)}"
+        reports.append({"id": rid, "text": text, "organ": "colon", "demo_class": DEMO_CLASSES[label]})
+    return reports
+
+
+_CAP_MORPH = {
+    TUM: ("large pleomorphic hyperchromatic nuclei", "crowded atypical tumor cells", "malignant glands with enlarged dark nuclei",
+          "nuclear crowding and pleomorphism", "invasive adenocarcinoma cells with prominent nucleoli"),
+    LYM: ("small round lymphocytes", "densely packed small dark nuclei", "sheets of mature lymphocytes",
+          "a dense lymphocytic infiltrate", "lymphoid tissue with small round cells"),
+    STR: ("sparse elongated spindle cells", "pink fibrous collagen", "wavy collagen fibres with fibroblasts",
+          "paucicellular fibrous stroma", "thin spindle-shaped nuclei in pink stroma"),
+    MUC: ("regular crypts around pale lumens", "benign glands lined by basal nuclei", "goblet cells in evenly spaced crypts",
+          "normal colonic mucosa", "round gland lumens ringed by small nuclei"),
+}
+_CAP_TPL = ("H&E photomicrograph of {a}.", "{A} and {b}, H&E, {mag}.", "High-power view showing {a} with {b}.",
+            "Histology image: {a}; {b}.", "Colon tissue with {a} ({mag}).", "{A}.")
+
+
+def make_captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Short figure-legend style captions (unlike the reports), two morphology phrases per image."""
+    out = []
+    for lab in np.asarray(labels):
+        a, b = rng.choice(_CAP_MORPH[int(lab)], 2, replace=False)
+        mag = ("20x", "40x", "10x")[int(rng.integers(3))]
+        tpl = _CAP_TPL[int(rng.integers(len(_CAP_TPL)))]
+        out.append(tpl.format(a=a, b=b, A=a[0].upper() + a[1:], mag=mag))
+    return out
+
+
+def write_reports_jsonl(path: Path, reports: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in reports))
+    os.replace(tmp, path)
+    return path
+
+
+def make_paired_set(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A paired image-caption set from its own seed stream: the demo CLIP's "other dataset"."""
+    rng = np.random.default_rng([seed, _STREAM_PAIRED])
+    labels = _balanced_labels(n, rng)
+    return render_patches(labels, size, rng), labels, make_captions(labels, rng)

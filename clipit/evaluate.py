@@ -1,0 +1,67 @@
+"""Test evaluation of a trained run: metrics.json (accuracy, balanced accuracy, per class) and
+predictions.npz (keys, labels, logits) for the Omega analysis. Only the vision model runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from clipit.config import ExperimentConfig
+from clipit.io import atomic_save_npz, atomic_write_json, read_json
+from clipit.metrics import classification_metrics
+from clipit.shards import load_manifest, split_urls
+from clipit.training.checkpoint import load_model_state
+from clipit.training.loader import eval_loader
+from clipit.training.trainer import PRECISION, build_model, predict
+
+
+def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test") -> dict:
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        return read_json(metrics_path)
+    tcfg = cfg.methods[method]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISION[tcfg.precision])
+    manifest = load_manifest(cfg.shards.dir)
+    classes = manifest["classes"]
+    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"])
+    load_model_state(run_dir / "best", model)
+    model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
+    loader = eval_loader(split_urls(cfg.shards.dir, split, manifest), 2 * tcfg.batch_size,
+                         accelerator.process_index, accelerator.num_processes, tcfg.num_workers, preprocess.size)
+    out = predict(model, preprocess, loader, accelerator, tcfg.lam)
+    metrics = {"split": split, "method": method, **classification_metrics(out["labels"], out["logits"], classes),
+               "loss": out["loss"], "parameters": count_parameters(model)}
+    if accelerator.is_main_process:
+        atomic_save_npz(run_dir / f"predictions-{split}.npz", keys=np.array(out["keys"]), labels=out["labels"],
+                        logits=out["logits"])
+        atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def summarize(results: dict[str, list[dict]], metric: str = "balanced_accuracy") -> list[dict]:
+    """Mean and std over seeds per method: rows for the printed table."""
+    rows = []
+    for method, runs in results.items():
+        values = np.array([r[metric] for r in runs], dtype=float)
+        rows.append({"method": method, "n": len(values), "mean": float(values.mean()),
+                     "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0})
+    return rows
+
+
+def format_table(rows: list[dict], metrics: dict[str, list[dict]]) -> str:
+    lines = ["| method | seeds | balanced accuracy | accuracy |", "|---|---|---|---|"]
+    for row in rows:
+        acc = np.array([r["accuracy"] for r in metrics[row["method"]]])
+        acc_std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        lines.append(f"| {row['method']} | {row['n']} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} "
+                     f"| {100 * acc.mean():.2f} ± {100 * acc_std:.2f} |")
+    return "\n".join(lines)

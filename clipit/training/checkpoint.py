@@ -1,0 +1,46 @@
+"""Model checkpoints: safetensors weights + a JSON sidecar that says how to rebuild the model.
+
+Only what training changes is stored (LoRA, heads) unless the backbone has no weights file to
+rebuild it from (random init: demo and tests), in which case the full state is stored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipit.io import atomic_path, atomic_write_json, read_json
+
+
+def save_model(path: str | Path, model: torch.nn.Module, meta: dict, full: bool) -> None:
+    path = Path(path)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if full or k in trainable}
+    with atomic_path(path.with_suffix(".safetensors")) as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(path.with_suffix(".json"), {**meta, "full_state": full})  # sidecar last: marks completion
+
+
+def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> list[str]:
+    """Load saved tensors into `model` (optionally only keys under `prefixes`); returns loaded keys.
+
+    Every saved key must exist in the model with the same shape: silent partial loads hide bugs.
+    """
+    path = Path(path)
+    state = load_file(str(path.with_suffix(".safetensors")))
+    if prefixes:
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} saved tensors do not fit the model (e.g. {bad[:3]}); "
+                         "was it trained with another backbone or LoRA config?")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
+    return sorted(state)
+
+
+def read_meta(path: str | Path) -> dict:
+    return read_json(Path(path).with_suffix(".json"))

@@ -1,0 +1,115 @@
+"""Shard loaders for training and evaluation.
+
+Training: shards are resampled with a deterministic per-(rank, worker) seed, so every rank gets
+the same number of batches and no rank ever hangs at a collective, whatever the shard count.
+The loader is never passed through `accelerator.prepare` (it would shard the data a second time).
+Evaluation: each rank reads a disjoint, ordered subset of the shards exactly once.
+Images stay uint8 until they reach the device, where they are resized, augmented and normalised.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from clipit.shards import decode_embedding
+
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "tif", "tiff")
+
+
+def decode_sample(sample: dict, load_size: int | None = None) -> tuple:
+    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+    if field is None:
+        raise ValueError(f"{sample.get('__url__')}:{sample.get('__key__')}: sample has no image field {IMAGE_FIELDS}")
+    with Image.open(io.BytesIO(sample[field])) as img:
+        img = img.convert("RGB")
+        if load_size and min(img.size) > load_size:  # shrink big tiles (BACH) in the worker, not on the device
+            scale = load_size / min(img.size)
+            img = img.resize((max(load_size, round(img.width * scale)), max(load_size, round(img.height * scale))),
+                             Image.BILINEAR, reducing_gap=2.0)
+            img = _center_crop(img, load_size)
+        array = np.asarray(img, dtype=np.uint8)
+    emb = decode_embedding(sample["emb.npy"]) if "emb.npy" in sample else np.zeros(0, np.float16)
+    return array, int(sample["cls"]), emb, sample["__key__"]
+
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def collate(samples: list[tuple]) -> dict:
+    """np.stack collation: webdataset's default collation of numpy images is ~100x slower."""
+    images, labels, embs, keys = zip(*samples)
+    return {
+        "images": torch.from_numpy(np.stack(images)),  # uint8 [B, H, W, 3]
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "text_emb": torch.from_numpy(np.stack(embs).astype(np.float32)),
+        "keys": list(keys),
+    }
+
+
+def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed: int, num_workers: int = 0,
+                 load_size: int | None = None, shuffle_buffer: int = 2000) -> wds.WebLoader:
+    """An endless, deterministic stream of full batches for this rank; each `iter()` is one epoch.
+
+    With several workers each gets its own resampling stream and an equal share of the epoch.
+    """
+    workers = max(1, num_workers)
+    per_worker = -(-batches_per_epoch // workers)
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed),
+        wds.map(lambda s: decode_sample(s, load_size)),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    ).with_epoch(per_worker)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                load_size: int | None = None) -> wds.WebLoader:
+    """Each sample once across all ranks: rank r reads shards r, r + world, ... in order."""
+    mine = urls[rank::world_size]
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(mine),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.map(lambda s: decode_sample(s, load_size)),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(mine)))
+
+
+class DevicePreprocess(torch.nn.Module):
+    """uint8 NHWC -> normalised float NCHW at the model's input size, with optional flips/rot90."""
+
+    def __init__(self, size: int, mean, std):
+        super().__init__()
+        self.size = size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None):
+        x = images.permute(0, 3, 1, 2).float().div_(255)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if augment:
+            x = random_dihedral(x, generator)
+        return (x - self.mean) / self.std
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random flip and 90-degree rotation (the 8 symmetries of a square tile)."""
+    codes = torch.randint(0, 8, (x.shape[0],), generator=generator).to(x.device)
+    flipped = torch.where((codes % 2 == 1).view(-1, 1, 1, 1), x.flip(-1), x)
+    out = flipped.clone()
+    for k in (1, 2, 3):
+        mask = codes // 2 == k
+        if mask.any():
+            out[mask] = torch.rot90(flipped[mask], k, dims=(-2, -1))
+    return out

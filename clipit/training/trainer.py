@@ -1,0 +1,180 @@
+"""The training loop on Accelerate: one code path for 1 CPU process, torchrun/accelerate launch and srun.
+
+`fit` trains one (method, seed) cell from the shards and leaves in its run directory:
+    best.safetensors / best.json   the checkpoint selected on validation
+    tb/                            TensorBoard scalars (loss terms, lr, val metrics, images/s, data wait %)
+    train_summary.json             steps, best step, wall time (its presence marks the run as trained)
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from clipit.config import ExperimentConfig, TrainConfig, dump_config
+from clipit.io import atomic_write_json, read_json
+from clipit.metrics import classification_metrics
+from clipit.models.backbones import build_backbone
+from clipit.models.clipit import apply_lora, build_classifier, clipit_loss, set_trainable
+from clipit.shards import load_manifest, split_urls
+from clipit.training.checkpoint import load_model_state, save_model
+from clipit.training.loader import DevicePreprocess, eval_loader, train_loader
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's name
+
+
+def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
+                warm_start: Path | None = None):
+    backbone, spec = build_backbone(cfg.model.backbone, cfg.model.weights, cfg.model.image_size)
+    model = build_classifier(tcfg.method, backbone, num_classes, text_dim, cfg.model.kd_layers)
+    if warm_start is not None:  # CLIP-IT starts from the unimodal probe's backbone and head
+        load_model_state(warm_start, model, prefixes=("backbone.", "head."))
+    lora = tcfg.method == "clipit" and cfg.model.lora.enabled
+    if lora:
+        apply_lora(model, cfg.model.lora)
+    set_trainable(model, tcfg.method, lora)
+    preprocess = DevicePreprocess(cfg.model.image_size or spec.input_size, spec.mean, spec.std)
+    return model, preprocess
+
+
+def make_optimizer(tcfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+
+def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
+    if tcfg.schedule == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    floor = tcfg.min_lr / tcfg.lr if tcfg.lr else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+
+@torch.no_grad()
+def predict(model, preprocess, loader, accelerator: Accelerator, lam: float) -> dict:
+    """Logits, labels and keys of every sample (gathered over ranks) and the mean loss terms."""
+    model.eval()
+    logits, labels, keys, terms = [], [], [], []
+    for batch in loader:
+        images = preprocess(batch["images"].to(accelerator.device))
+        with accelerator.autocast():
+            out = model(images)
+        target = batch["labels"].to(accelerator.device)
+        losses = clipit_loss(out, target, batch["text_emb"].to(accelerator.device), lam)
+        n = len(target)
+        terms.append({k: float(v) * n for k, v in losses.items()} | {"n": n})
+        logits.append(out["logits"].float().cpu().numpy())
+        labels.append(batch["labels"].numpy())
+        keys += batch["keys"]
+    model.train()
+    parts = gather_object([(np.concatenate(logits) if logits else np.zeros((0, 0)),
+                            np.concatenate(labels) if labels else np.zeros(0, np.int64), keys, terms)])
+    logits = np.concatenate([p[0] for p in parts if len(p[1])])
+    labels = np.concatenate([p[1] for p in parts if len(p[1])])
+    keys = [k for p in parts for k in p[2]]
+    terms = [t for p in parts for t in p[3]]
+    total = sum(t["n"] for t in terms)
+    loss_terms = {k: sum(t[k] for t in terms if k in t) / total for k in terms[0] if k != "n"}
+    order = np.argsort(keys, kind="stable")  # rank order differs between world sizes; keys do not
+    return {"logits": logits[order], "labels": labels[order], "keys": [keys[i] for i in order], **loss_terms}
+
+
+def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm_start: Path | None = None) -> dict:
+    """Train one cell; returns its training summary. A finished run is not trained again."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "train_summary.json"
+    if summary_path.exists():
+        return read_json(summary_path)
+    tcfg = cfg.methods[method]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISION[tcfg.precision])
+    set_seed(seed)
+    manifest = load_manifest(cfg.shards.dir)
+    classes = manifest["classes"]
+    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start)
+    params = [p for p in model.parameters() if p.requires_grad]
+    world = accelerator.num_processes
+    batches_per_epoch = max(1, manifest["splits"]["train"]["count"] // (tcfg.batch_size * world))
+    total_steps = max(1, round(tcfg.epochs * batches_per_epoch))
+    eval_every = max(1, batches_per_epoch // tcfg.evals_per_epoch)
+    optimizer = make_optimizer(tcfg, params)
+    scheduler = make_scheduler(tcfg, optimizer, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    preprocess = preprocess.to(accelerator.device)
+    load_size = preprocess.size
+    train_batches = train_loader(split_urls(cfg.shards.dir, "train", manifest), tcfg.batch_size, batches_per_epoch,
+                                 seed=seed, num_workers=tcfg.num_workers, load_size=load_size)
+    val_batches = eval_loader(split_urls(cfg.shards.dir, "val", manifest), 2 * tcfg.batch_size,
+                              accelerator.process_index, world, tcfg.num_workers, load_size)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    writer = SummaryWriter(str(run_dir / "tb")) if main else None
+    meta = {"method": method, "seed": seed, "classes": classes, "backbone": cfg.model.backbone,
+            "weights": cfg.model.weights, "text_dim": manifest["embedding"]["dim"], "train": vars(tcfg).copy(),
+            "lora": vars(cfg.model.lora).copy(), "kd_layers": cfg.model.kd_layers, "image_size": preprocess.size}
+    generator = torch.Generator().manual_seed(seed)
+    best_score, best_step, step, start = None, 0, 0, time.time()
+    waited, window_start, window_images = 0.0, time.time(), 0
+    progress = tqdm(total=total_steps, desc=f"{method} seed {seed}", unit="step", disable=not main)
+    model.train()
+    while step < total_steps:
+        fetch_start = time.time()
+        for batch in train_batches:
+            waited += time.time() - fetch_start
+            images = preprocess(batch["images"].to(accelerator.device), augment=tcfg.augment, generator=generator)
+            with accelerator.autocast():
+                out = model(images)
+            losses = clipit_loss(out, batch["labels"].to(accelerator.device),
+                                 batch["text_emb"].to(accelerator.device), tcfg.lam)
+            accelerator.backward(losses["loss"])
+            if tcfg.grad_clip:
+                accelerator.clip_grad_norm_(params, tcfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_images += len(images) * world
+            progress.update(1)
+            if writer and (step % 10 == 0 or step == total_steps):
+                elapsed = time.time() - window_start
+                for name, value in losses.items():
+                    writer.add_scalar(f"train/{name}", float(value.detach()), step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("perf/images_per_s", window_images / max(elapsed, 1e-9), step)
+                writer.add_scalar("perf/data_wait_pct", 100 * waited / max(elapsed, 1e-9), step)
+                waited, window_start, window_images = 0.0, time.time(), 0
+            if step % eval_every == 0 or step == total_steps:
+                val = predict(model, preprocess, val_batches, accelerator, tcfg.lam)
+                metrics = classification_metrics(val["labels"], val["logits"], classes)
+                score = {"val_loss": -val["loss"], "val_bacc": metrics["balanced_accuracy"], "last": step}[tcfg.select]
+                if writer:
+                    writer.add_scalar("val/loss", val["loss"], step)
+                    writer.add_scalar("val/accuracy", metrics["accuracy"], step)
+                    writer.add_scalar("val/balanced_accuracy", metrics["balanced_accuracy"], step)
+                if best_score is None or score > best_score:
+                    best_score, best_step = score, step
+                    if main:
+                        save_model(run_dir / "best", accelerator.unwrap_model(model), meta | {"step": step},
+                                   full=cfg.model.weights is None)
+                accelerator.wait_for_everyone()
+            if step >= total_steps:
+                break
+            fetch_start = time.time()
+    progress.close()
+    summary = {"steps": total_steps, "best_step": best_step, "select": tcfg.select, "world_size": world,
+               "batches_per_epoch": batches_per_epoch, "wall_s": round(time.time() - start, 2)}
+    if writer:
+        writer.close()
+        atomic_write_json(summary_path, summary)
+    accelerator.wait_for_everyone()
+    return summary
