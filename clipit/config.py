@@ -38,13 +38,13 @@ class DemoDataConfig:
 @dataclass
 class DataConfig:
     name: str = "demo"  # dataset reader: demo | pcam | crc | bach | folder
-    root: str = "data/demo/images"
+    root: str | None = None  # required for real datasets; the demo generates into <output_dir>/data/images
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 
 @dataclass
 class ReportsConfig:
-    path: str = "data/demo/reports.jsonl"
+    path: str | None = None  # required for real corpora; the demo writes <output_dir>/data/reports.jsonl
     format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = "auto"
     organ: str | None = None  # keep reports whose organ contains this word ("breast", "colo")
     projects: list[str] | None = None  # or TCGA projects, e.g. [BRCA] / [COAD, READ]
@@ -53,16 +53,16 @@ class ReportsConfig:
 @dataclass
 class PairingConfig:
     model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch>
-    checkpoint: str | None = None  # local weights; None = the weights file / the model's default
+    checkpoint: str | None = None  # local weights; the demo CLIP defaults to <output_dir>/demo-clip/
     top_k: int = 1
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda
-    dir: str = "runs/demo/pairing"  # text-embedding cache and pair indices
+    dir: str | None = None  # text-embedding cache and pair indices; default <output_dir>/pairing
 
 
 @dataclass
 class ShardsConfig:
-    dir: str = "runs/demo/shards"
+    dir: str | None = None  # default <output_dir>/shards
     samples_per_shard: int = 1000
 
 
@@ -138,7 +138,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides or []:
         apply_override(raw, item, path)
-    return from_dict(cls, raw, str(path))
+    config = from_dict(cls, raw, str(path))
+    return resolve_paths(config, str(path)) if isinstance(config, ExperimentConfig) else config
+
+
+def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentConfig:
+    """Fill stage paths left empty from output_dir, so each location is written down once."""
+    out = Path(cfg.output_dir)
+    cfg.pairing.dir = cfg.pairing.dir or str(out / "pairing")
+    cfg.shards.dir = cfg.shards.dir or str(out / "shards")
+    if cfg.data.name == "demo":
+        cfg.data.root = cfg.data.root or str(out / "data" / "images")
+        cfg.reports.path = cfg.reports.path or str(out / "data" / "reports.jsonl")
+        if cfg.pairing.model == "demo-clip":
+            cfg.pairing.checkpoint = cfg.pairing.checkpoint or str(out / "demo-clip" / "model.safetensors")
+    for key, value in [("data.root", cfg.data.root), ("reports.path", cfg.reports.path)]:
+        if value is None:
+            raise ConfigError(f"{where}: {key} is required for dataset {cfg.data.name!r}")
+    return cfg
 
 
 def apply_override(raw: dict, item: str, path: Path | str = "<overrides>") -> None:

@@ -195,5 +195,9 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path: Path) -> None:
     assert int(counter.read_text()) == n
 
     # sacct (slurmdbd) reports the final state: submitit relies on it for failures.
-    _wait_for(lambda: job.state == "COMPLETED", 20, f"sacct to report job {job.job_id} COMPLETED", 1.0)
+    # job.state only refreshes on submitit's back-off schedule; force a sacct call.
+    _wait_for(
+        lambda: job.get_info(mode="force").get("State") == "COMPLETED",
+        20, f"sacct to report job {job.job_id} COMPLETED", 0.5,
+    )
     assert time.monotonic() - t0 < TEST_TIMEOUT_S
