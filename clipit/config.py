@@ -100,7 +100,9 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float = 0.5
     lam: float = 1.0  # weight of the cosine distillation term
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the only precision setting (accelerate + DeepSpeed)
+    distributed: Literal["ddp", "zero2"] = "ddp"  # zero2: DeepSpeed ZeRO-2 with a config derived from this one
+    checkpoint_every: int = 0  # steps between resume checkpoints; 0 = at every evaluation
     num_workers: int = 0
     evals_per_epoch: int = 1
     select: Literal["val_loss", "val_bacc", "last"] = "val_loss"

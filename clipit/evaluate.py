@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 
 from clipit.config import ExperimentConfig
 from clipit.io import atomic_save_npz, atomic_write_json, read_json
@@ -14,7 +13,8 @@ from clipit.metrics import classification_metrics
 from clipit.shards import load_manifest, split_urls
 from clipit.training.checkpoint import load_model_state
 from clipit.training.loader import eval_loader
-from clipit.training.trainer import PRECISION, build_model, predict
+from clipit.training.accel import make_accelerator
+from clipit.training.trainer import build_model, predict
 
 
 def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test") -> dict:
@@ -23,7 +23,7 @@ def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split:
     if metrics_path.exists():
         return read_json(metrics_path)
     tcfg = cfg.methods[method]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISION[tcfg.precision])
+    accelerator = make_accelerator(tcfg)
     manifest = load_manifest(cfg.shards.dir)
     classes = manifest["classes"]
     model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"])

@@ -47,14 +47,19 @@ say() { printf '[local-cluster] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; dump_logs; exit 1; }
 
 dump_logs() {
-  local f
-  for f in "$MUNGE_LOG" "$LOG"/*.log; do
-    [[ -f $f ]] || continue
-    printf '\n===== tail -n 25 %s =====\n' "$f" >&2
-    tail -n 25 "$f" >&2 || true
+  local f d
+  for d in munged mariadb slurmdbd slurmctld slurmd; do
+    for f in "$LOG/$d.log" "$LOG/$d.out"; do
+      if [[ $d == munged && $f == "$LOG/munged.log" ]]; then f=$MUNGE_LOG; fi
+      [[ -s $f ]] || continue
+      printf '\n===== tail -n 25 %s =====\n' "$f" >&2
+      tail -n 25 "$f" >&2 || true
+    done
   done
+  return 0
 }
 
+# shellcheck disable=SC2317  # invoked through the ERR trap
 on_err() {
   local rc=$? line=$1
   trap - ERR
@@ -269,6 +274,9 @@ JobRequeue=1
 MaxArraySize=1001
 ReturnToService=2
 SlurmdParameters=config_overrides
+# If a preemption policy is ever added, deliver the job's --signal (submitit
+# uses USR2@90 to checkpoint and requeue) at preemption time too.
+SlurmctldParameters=preempt_send_user_signal
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
@@ -450,13 +458,14 @@ start_slurmctld() {
   return 0
 }
 
-SLURMD_STARTED=0
 start_slurmd() {
   if daemon_alive "$RUN/slurmd.pid" slurmd; then return 0; fi
   rm -f "$RUN/slurmd.pid"
-  kill_orphan_stepds
+  # After a full restart every recovered job is cancelled anyway: kill the job
+  # processes of the previous incarnation.  If only slurmd died, its steps
+  # survive and the new slurmd re-attaches to them.
+  if ((CTLD_STARTED)); then kill_orphan_stepds; fi
   slurmd </dev/null >>"$LOG/slurmd.out" 2>&1 || die "slurmd failed to start"
-  SLURMD_STARTED=1
   return 0
 }
 
@@ -502,6 +511,11 @@ clean_recovered_state() {
     # shellcheck disable=SC2086
     scancel $jobs >/dev/null 2>&1 || true
   fi
+  if [[ $ACCOUNTING == 1 ]]; then
+    # Jobs lost with the killed slurmctld stay RUNNING in the database
+    # ("runaway jobs"); close them so sacct does not report stale states.
+    sacctmgr -i show runawayjobs >/dev/null 2>&1 || true
+  fi
   st=$(node_state)
   case $st in
     ''|idle|unknown*|idle\**) ;;   # fresh node or still registering: nothing to fix
@@ -515,13 +529,13 @@ clean_recovered_state() {
 }
 
 wait_ready() { # deadline strict
-  local deadline=$1 strict=$2 last_fix=$SECONDS st
+  local deadline=$1 strict=$2 last_fix=$((SECONDS - 10)) st
   while :; do
     if ctld_answers && node_usable "$strict" && sacct_answers; then return 0; fi
     if ((SECONDS >= deadline)); then break; fi
     st=$(node_state)
-    # A node left DOWN/DRAINED (e.g. by a previous kill) is resumed every 10 s.
-    if [[ $st == down || $st == drained || $st == draining || $st == drain* ]] && ((SECONDS - last_fix >= 10)); then
+    # A node left DOWN/DRAINED (e.g. by a previous kill) is resumed, retried every 10 s.
+    if [[ $st == down* || $st == drain* ]] && ((SECONDS - last_fix >= 10)); then
       say "node is '$st': RESUME"
       scontrol update NodeName="$(host_short)" State=RESUME >/dev/null 2>&1 || true
       last_fix=$SECONDS
@@ -570,12 +584,17 @@ cmd_start() {
   if [[ $ACCOUNTING == 1 ]]; then
     start_mariadb
     start_slurmdbd
+  else
+    stop_daemons 15 "$RUN/slurmdbd.pid" slurmdbd
+    stop_daemons 30 "$DB_PIDFILE" mariadbd
   fi
   start_slurmctld
   start_slurmd
   if ((CTLD_STARTED)); then clean_recovered_state; fi
+  # A freshly started slurmctld has no jobs left (see clean_recovered_state):
+  # wait for "idle".  Otherwise jobs may legitimately be running.
   local strict=""
-  if ((CTLD_STARTED || SLURMD_STARTED)); then strict=strict; fi
+  if ((CTLD_STARTED)); then strict=strict; fi
   wait_ready $((SECONDS + TIMEOUT)) "$strict" || exit 1
   say "ready in $((SECONDS - t0)) s: node $(host_short) $(node_state), partition debug, SLURM_CONF=$SLURM_CONF_FILE"
   return 0
@@ -647,6 +666,16 @@ if ((EUID != 0)); then
   fi
   die "must run as root"
 fi
+
+check_knobs() {
+  [[ $ACCOUNTING == 0 || $ACCOUNTING == 1 ]] || { say "SLURM_LOCAL_ACCOUNTING must be 0 or 1"; exit 2; }
+  [[ -z $CPUS || $CPUS =~ ^[1-9][0-9]*$ ]] || { say "SLURM_LOCAL_CPUS must be a positive integer"; exit 2; }
+  [[ $TIMEOUT =~ ^[0-9]+$ ]] || { say "SLURM_LOCAL_TIMEOUT must be a number of seconds"; exit 2; }
+  [[ $DB_PORT =~ ^[0-9]+$ ]] || { say "SLURM_LOCAL_DB_PORT must be a port number"; exit 2; }
+  [[ $DIR == /* && $DIR != / ]] || { say "SLURM_LOCAL_DIR must be an absolute path other than /"; exit 2; }
+  return 0
+}
+check_knobs
 
 case ${1:-} in
   start) cmd_start ;;

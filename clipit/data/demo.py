@@ -143,7 +143,8 @@ def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: 
             for start in range(0, int(n), 512):  # chunks bound memory for large counts
                 imgs = render_patches(labels[start:start + 512], size, rng)
                 for j, img in enumerate(imgs, start):
-                    Image.fromarray(img).save(tmp / split / DEMO_CLASSES[labels[j]] / f"{split}_{j:06d}.png")
+                    Image.fromarray(img).save(tmp / split / DEMO_CLASSES[labels[j]] / f"{split}_{j:06d}.png",
+                                                compress_level=1)  # fast; 64-px PNGs are small anyway
         (tmp / "demo_meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completion
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-built tree behind
@@ -169,9 +170,9 @@ PROCEDURES = ("right hemicolectomy", "extended right hemicolectomy", "left hemic
 SITES = ("cecum", "ascending colon", "hepatic flexure", "transverse colon", "splenic flexure", "descending colon",
          "sigmoid colon", "rectosigmoid junction", "rectum")
 INVASION = ("submucosa", "muscularis propria", "pericolorectal tissue", "visceral peritoneum surface")
-PT, PN = ("pT1", "pT2", "pT3", "pT4a", "pT4b"), ("pN0", "pN1a", "pN1b", "pN1c", "pN2a", "pN2b")
+PT, PN = ("pT1", "pT2", "pT3", "pT4a"), ("pN0", "pN1a", "pN1b", "pN1c", "pN2a", "pN2b")
 MARGINS = ("proximal", "distal", "radial (circumferential)", "mesenteric")
-POLYPS = ("tubular adenoma", "tubulovillous adenoma", "sessile serrated adenoma", "hyperplastic polyp")
+POLYPS = ("tubular adenoma", "tubulovillous adenoma", "sessile serrated adenoma", "villous adenoma")
 MMR = ("MLH1", "MSH2", "MSH6", "PMS2")
 
 # Per class: (diagnosis lines, microscopic descriptions, short "also present" mentions for noisy reports).
@@ -208,15 +209,16 @@ _HEAD = ("FINAL DIAGNOSIS: {site}, {proc}: {dx}.", "DIAGNOSIS: {Site} ({proc}) -
 _MICRO_HEAD = ("Microscopic: {m}.", "Sections show {m}.", "MICROSCOPIC DESCRIPTION: {m}.", "Histology shows {m}.")
 
 
-def _tail(rng: np.random.Generator, label: int, rid: str) -> str:
+def _tail(rng: np.random.Generator, label: int, rid: str, site: str) -> str:
     """Boilerplate after the diagnosis (mostly truncated away by 77-token text encoders)."""
     c = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-    parts = [f"Specimen {rid} received in formalin labeled with the patient's name, {c(SITES)}.",
+    parts = [f"Specimen {rid} received in formalin labeled with the patient's name, {site}.",
              f"GROSS DESCRIPTION: a segment of bowel measuring {rng.uniform(8, 35):.1f} cm in length and "
              f"{rng.uniform(2, 6):.1f} cm in circumference; representative sections submitted in "
              f"{int(rng.integers(6, 24))} cassettes."]
     if label == TUM:
-        parts += [f"Tumor invades {c(INVASION)} ({c(PT)}, {c(PN)}).",
+        depth = int(rng.integers(len(INVASION)))  # invasion depth and pT agree (AJCC)
+        parts += [f"Tumor invades {INVASION[depth]} ({PT[depth]}, {c(PN)}).",
                   f"Lymphovascular invasion: {c(('present', 'not identified'))}. "
                   f"Perineural invasion: {c(('present', 'not identified'))}.",
                   f"Mismatch repair immunohistochemistry: {', '.join(MMR)} {c(('intact', 'lost (MLH1/PMS2)'))}."]
@@ -235,16 +237,15 @@ def make_reports(n: int, seed: int = 0) -> list[dict]:
         label, site = int(label), c(SITES)
         dx = c(_DX[label]).format(hist=c(HISTOLOGY), grade=c(GRADES), inv=c(INVASION), polyp=c(POLYPS),
                                   k=int(rng.integers(5, 25)))
-        head = c(_HEAD).format(site=site, Site=site.capitalize(), proc=c(PROCEDURES), dx=dx, Dx=dx.capitalize())
-        m = c(_MICRO[label])
-        if rng.random() < 0.5:  # a second description of the same class: more varied wording
-            m = f"{m}; {c(_MICRO[label])}"
+        head = c(_HEAD).format(site=site, Site=site.capitalize(), proc=c(PROCEDURES), dx=dx, Dx=dx[0].upper() + dx[1:])
+        m1, m2 = rng.choice(_MICRO[label], 2, replace=False)
+        m = f"{m1}; {m2}" if rng.random() < 0.5 else m1  # sometimes two descriptions: more varied wording
         micro = c(_MICRO_HEAD).format(m=m)
         if rng.random() < 0.15:  # ambiguity: features of a second class
             other = int(rng.choice([k for k in range(len(DEMO_CLASSES)) if k != label]))
             micro += f" Also {_ALSO[other]}."
         rid = f"DEMO-R{i + 1:04d}"
-        text = f"{head} {micro} {_tail(rng, label, rid)}"
+        text = f"{head} {micro} {_tail(rng, label, rid, site)}"
         reports.append({"id": rid, "text": text, "organ": "colon", "demo_class": DEMO_CLASSES[label]})
     return reports
 

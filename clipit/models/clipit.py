@@ -30,7 +30,8 @@ class VisionClassifier(nn.Module):
         with torch.no_grad():  # frozen backbone (linear probe): no activations kept for backward
             return self.backbone(images)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every model takes (images, text_emb); vision-only models ignore the text."""
         return {"logits": self.head(self.features(images))}
 
 
@@ -43,7 +44,7 @@ class ClipItModel(VisionClassifier):
         self.text_head = nn.Sequential(nn.Linear(text_dim, text_dim), nn.LeakyReLU(0.1), nn.Linear(text_dim, num_classes))
         self.fuse = nn.Linear(2 * num_classes, num_classes)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         feats = self.features(images)
         vision_logits = self.head(feats)
         proj = self.proj(feats)

@@ -59,7 +59,7 @@ def _sha256(path: Path) -> str:
 
 
 def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seconds: float = 60, seed: int = 0,
-                    batch_size: int = 128, lr: float = 1e-3, max_steps: int | None = None) -> Path:
+                    batch_size: int = 64, lr: float = 2e-3, max_steps: int | None = None) -> Path:
     """Contrastive training (open_clip ClipLoss, AdamW, warmup + cosine) for at most `seconds` wall time
     and at most `max_steps` steps (set it for a bit-reproducible run; wall time alone is machine-dependent).
     Writes out_dir/model.safetensors (atomic) then out_dir/identity.json; skips if both exist."""

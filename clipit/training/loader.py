@@ -54,15 +54,19 @@ def collate(samples: list[tuple]) -> dict:
 
 
 def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed: int, num_workers: int = 0,
-                 load_size: int | None = None, shuffle_buffer: int = 2000) -> wds.WebLoader:
-    """An endless, deterministic stream of full batches for this rank; each `iter()` is one epoch.
+                 load_size: int | None = None, shuffle_buffer: int = 2000, start_epoch: int = 0) -> wds.WebLoader:
+    """Deterministic full batches for this rank; each `iter()` starts the next epoch.
 
-    With several workers each gets its own resampling stream and an equal share of the epoch.
+    Epoch e of (rank, worker) always draws the same shards and samples, which is what makes a
+    resumed run see the data an uninterrupted one would. With several workers each has its own
+    stream and yields at least its share; the trainer takes exactly `batches_per_epoch` per epoch.
     """
     workers = max(1, num_workers)
     per_worker = -(-batches_per_epoch // workers)
+    shards = wds.ResampledShards(urls, seed=seed, deterministic=True)
+    shards.epoch = start_epoch - 1  # incremented on every iter(); workers inherit it
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        shards,
         wds.tarfile_to_samples(),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed),
         wds.map(lambda s: decode_sample(s, load_size)),

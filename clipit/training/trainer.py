@@ -3,7 +3,9 @@
 `fit` trains one (method, seed) cell from the shards and leaves in its run directory:
     best.safetensors / best.json   the checkpoint selected on validation
     tb/                            TensorBoard scalars (loss terms, lr, val metrics, images/s, data wait %)
+    checkpoints/latest/            resume state (see state.py); a rerun continues from it
     train_summary.json             steps, best step, wall time (its presence marks the run as trained)
+SIGTERM/SIGUSR2 save a resume checkpoint at the next step boundary, then stop (or requeue under submitit).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from itertools import islice
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -24,11 +27,11 @@ from clipit.metrics import classification_metrics
 from clipit.models.backbones import build_backbone
 from clipit.models.clipit import apply_lora, build_classifier, clipit_loss, set_trainable
 from clipit.shards import load_manifest, split_urls
+from clipit.training.accel import make_accelerator
 from clipit.training.checkpoint import load_model_state, save_model
 from clipit.training.loader import DevicePreprocess, eval_loader, train_loader
-
-PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's name
-
+from clipit.training.signals import GracefulStop
+from clipit.training.state import load_training_state, save_training_state
 
 def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
                 warm_start: Path | None = None):
@@ -66,10 +69,11 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float) -> 
     logits, labels, keys, terms = [], [], [], []
     for batch in loader:
         images = preprocess(batch["images"].to(accelerator.device))
+        text_emb = batch["text_emb"].to(accelerator.device)
         with accelerator.autocast():
-            out = model(images)
+            out = model(images, text_emb)
         target = batch["labels"].to(accelerator.device)
-        losses = clipit_loss(out, target, batch["text_emb"].to(accelerator.device), lam)
+        losses = clipit_loss(out, target, text_emb, lam)
         n = len(target)
         terms.append({k: float(v) * n for k, v in losses.items()} | {"n": n})
         logits.append(out["logits"].float().cpu().numpy())
@@ -89,13 +93,13 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float) -> 
 
 
 def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm_start: Path | None = None) -> dict:
-    """Train one cell; returns its training summary. A finished run is not trained again."""
+    """Train one cell (resuming from its latest checkpoint); returns the summary. Finished runs are skipped."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "train_summary.json"
     if summary_path.exists():
         return read_json(summary_path)
     tcfg = cfg.methods[method]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISION[tcfg.precision])
+    accelerator = make_accelerator(tcfg)
     set_seed(seed)
     manifest = load_manifest(cfg.shards.dir)
     classes = manifest["classes"]
@@ -105,15 +109,25 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     batches_per_epoch = max(1, manifest["splits"]["train"]["count"] // (tcfg.batch_size * world))
     total_steps = max(1, round(tcfg.epochs * batches_per_epoch))
     eval_every = max(1, batches_per_epoch // tcfg.evals_per_epoch)
+    checkpoint_every = tcfg.checkpoint_every or eval_every
     optimizer = make_optimizer(tcfg, params)
     scheduler = make_scheduler(tcfg, optimizer, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    params = [p for p in model.parameters() if p.requires_grad]
     preprocess = preprocess.to(accelerator.device)
-    load_size = preprocess.size
+    generator = torch.Generator().manual_seed(seed)
+    progress = load_training_state(run_dir, accelerator, model, optimizer, scheduler, generator)
+    resumed_from = progress["step"] if progress else None
+    if progress and progress["batches_per_epoch"] != batches_per_epoch:
+        raise ValueError(f"{run_dir}: checkpoint was written with {progress['batches_per_epoch']} batches/epoch, "
+                         f"this launch gives {batches_per_epoch}; resume with the same world size and batch size")
+    progress = progress or {"step": 0, "best_score": None, "best_step": 0, "batches_per_epoch": batches_per_epoch}
+    step = progress["step"]
+    epoch, skip = divmod(step, batches_per_epoch)
     train_batches = train_loader(split_urls(cfg.shards.dir, "train", manifest), tcfg.batch_size, batches_per_epoch,
-                                 seed=seed, num_workers=tcfg.num_workers, load_size=load_size)
+                                 seed=seed, num_workers=tcfg.num_workers, load_size=preprocess.size, start_epoch=epoch)
     val_batches = eval_loader(split_urls(cfg.shards.dir, "val", manifest), 2 * tcfg.batch_size,
-                              accelerator.process_index, world, tcfg.num_workers, load_size)
+                              accelerator.process_index, world, tcfg.num_workers, preprocess.size)
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,59 +136,80 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     meta = {"method": method, "seed": seed, "classes": classes, "backbone": cfg.model.backbone,
             "weights": cfg.model.weights, "text_dim": manifest["embedding"]["dim"], "train": vars(tcfg).copy(),
             "lora": vars(cfg.model.lora).copy(), "kd_layers": cfg.model.kd_layers, "image_size": preprocess.size}
-    generator = torch.Generator().manual_seed(seed)
-    best_score, best_step, step, start = None, 0, 0, time.time()
+    start = time.time()
     waited, window_start, window_images = 0.0, time.time(), 0
-    progress = tqdm(total=total_steps, desc=f"{method} seed {seed}", unit="step", disable=not main)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{method} seed {seed}", unit="step", disable=not main)
+    stop = GracefulStop()
     model.train()
-    while step < total_steps:
-        fetch_start = time.time()
-        for batch in train_batches:
-            waited += time.time() - fetch_start
-            images = preprocess(batch["images"].to(accelerator.device), augment=tcfg.augment, generator=generator)
-            with accelerator.autocast():
-                out = model(images)
-            losses = clipit_loss(out, batch["labels"].to(accelerator.device),
-                                 batch["text_emb"].to(accelerator.device), tcfg.lam)
-            accelerator.backward(losses["loss"])
-            if tcfg.grad_clip:
-                accelerator.clip_grad_norm_(params, tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_images += len(images) * world
-            progress.update(1)
-            if writer and (step % 10 == 0 or step == total_steps):
-                elapsed = time.time() - window_start
-                for name, value in losses.items():
-                    writer.add_scalar(f"train/{name}", float(value.detach()), step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("perf/images_per_s", window_images / max(elapsed, 1e-9), step)
-                writer.add_scalar("perf/data_wait_pct", 100 * waited / max(elapsed, 1e-9), step)
-                waited, window_start, window_images = 0.0, time.time(), 0
-            if step % eval_every == 0 or step == total_steps:
-                val = predict(model, preprocess, val_batches, accelerator, tcfg.lam)
-                metrics = classification_metrics(val["labels"], val["logits"], classes)
-                score = {"val_loss": -val["loss"], "val_bacc": metrics["balanced_accuracy"], "last": step}[tcfg.select]
-                if writer:
-                    writer.add_scalar("val/loss", val["loss"], step)
-                    writer.add_scalar("val/accuracy", metrics["accuracy"], step)
-                    writer.add_scalar("val/balanced_accuracy", metrics["balanced_accuracy"], step)
-                if best_score is None or score > best_score:
-                    best_score, best_step = score, step
-                    if main:
-                        save_model(run_dir / "best", accelerator.unwrap_model(model), meta | {"step": step},
-                                   full=cfg.model.weights is None)
-                accelerator.wait_for_everyone()
-            if step >= total_steps:
-                break
+    try:
+        while step < total_steps:
+            batches = islice(iter(train_batches), skip, batches_per_epoch)  # exactly one epoch; skip = resume offset
+            skip = 0
             fetch_start = time.time()
-    progress.close()
-    summary = {"steps": total_steps, "best_step": best_step, "select": tcfg.select, "world_size": world,
-               "batches_per_epoch": batches_per_epoch, "wall_s": round(time.time() - start, 2)}
+            for batch in batches:
+                waited += time.time() - fetch_start
+                images = preprocess(batch["images"].to(accelerator.device), augment=tcfg.augment, generator=generator)
+                text_emb = batch["text_emb"].to(accelerator.device)
+                with accelerator.autocast():
+                    out = model(images, text_emb)
+                losses = clipit_loss(out, batch["labels"].to(accelerator.device), text_emb, tcfg.lam)
+                accelerator.backward(losses["loss"])
+                if tcfg.grad_clip and accelerator.state.deepspeed_plugin is None:  # DeepSpeed clips itself
+                    accelerator.clip_grad_norm_(params, tcfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_images += len(images) * world
+                bar.update(1)
+                if writer and (step % 10 == 0 or step == total_steps):
+                    elapsed = time.time() - window_start
+                    for name, value in losses.items():
+                        writer.add_scalar(f"train/{name}", float(value.detach()), step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("perf/images_per_s", window_images / max(elapsed, 1e-9), step)
+                    writer.add_scalar("perf/data_wait_pct", 100 * waited / max(elapsed, 1e-9), step)
+                    waited, window_start, window_images = 0.0, time.time(), 0
+                if step % eval_every == 0 or step == total_steps:
+                    validate(model, preprocess, val_batches, accelerator, tcfg, classes, step, writer, progress,
+                             lambda: save_model(run_dir / "best", accelerator.unwrap_model(model), meta | {"step": step},
+                                                full=cfg.model.weights is None))
+                progress["step"] = step
+                stopping = stop.requested(accelerator.device)
+                if step < total_steps and (step % checkpoint_every == 0 or stopping):
+                    if writer:
+                        writer.flush()
+                    save_training_state(run_dir, accelerator, model, optimizer, scheduler, generator, progress)
+                if stopping:
+                    stop.finish()
+                if step >= total_steps:
+                    break
+                fetch_start = time.time()
+    finally:
+        stop.restore()
+        bar.close()
+    summary = {"steps": total_steps, "best_step": progress["best_step"], "select": tcfg.select, "world_size": world,
+               "batches_per_epoch": batches_per_epoch, "resumed_from_step": resumed_from,
+               "wall_s": round(time.time() - start, 2)}
     if writer:
         writer.close()
         atomic_write_json(summary_path, summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+def validate(model, preprocess, val_batches, accelerator, tcfg: TrainConfig, classes, step: int, writer,
+             progress: dict, save_best) -> None:
+    """Evaluate on val, log, and keep the best checkpoint by the configured criterion."""
+    val = predict(model, preprocess, val_batches, accelerator, tcfg.lam)
+    metrics = classification_metrics(val["labels"], val["logits"], classes)
+    score = {"val_loss": -val["loss"], "val_bacc": metrics["balanced_accuracy"], "last": step}[tcfg.select]
+    if writer:
+        writer.add_scalar("val/loss", val["loss"], step)
+        writer.add_scalar("val/accuracy", metrics["accuracy"], step)
+        writer.add_scalar("val/balanced_accuracy", metrics["balanced_accuracy"], step)
+    if progress["best_score"] is None or score > progress["best_score"]:
+        progress["best_score"], progress["best_step"] = score, step
+        if accelerator.is_main_process:
+            save_best()
+    accelerator.wait_for_everyone()

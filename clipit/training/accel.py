@@ -1,0 +1,46 @@
+"""The Accelerator for a run, built from the run's TrainConfig only.
+
+Precision and the distributed strategy live in one place (methods.<m>.precision / .distributed):
+the accelerate settings and the DeepSpeed config are both derived from it, so they can never
+disagree ("bf16 in accelerate, fp16 in the DeepSpeed JSON"). Launchers (torchrun, accelerate
+launch, srun) only start processes; they must not set precision or DeepSpeed themselves.
+"""
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from clipit.config import TrainConfig
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's name
+
+
+def deepspeed_config(tcfg: TrainConfig, world_size: int = 1) -> dict:
+    """ZeRO-2 settings derived from the run config (also written next to checkpoints for the record)."""
+    config = {
+        "train_micro_batch_size_per_gpu": tcfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": tcfg.batch_size * world_size,
+        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
+        "bf16": {"enabled": tcfg.precision == "bf16"},
+        "fp16": {"enabled": tcfg.precision == "fp16", "auto_cast": False},
+        "steps_per_print": 1 << 30,
+    }
+    if tcfg.grad_clip:
+        config["gradient_clipping"] = tcfg.grad_clip
+    return config
+
+
+def make_accelerator(tcfg: TrainConfig) -> Accelerator:
+    kwargs: dict = {"cpu": not torch.cuda.is_available(), "mixed_precision": PRECISION[tcfg.precision]}
+    if tcfg.distributed == "zero2":
+        from accelerate.state import PartialState
+        from accelerate.utils import DeepSpeedPlugin
+
+        world = PartialState().num_processes
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(tcfg, world))
+    return Accelerator(**kwargs)
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
