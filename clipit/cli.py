@@ -16,12 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _user_errors() -> tuple[type, ...]:
     from clipit.config import ConfigError
     from clipit.data.base import DatasetError
+    from clipit.export import ExportError
     from clipit.models.backbones import BackboneError
     from clipit.pairing.models import PairingModelError
     from clipit.reports import ReportError
     from clipit.shards import ShardError
 
-    return ConfigError, DatasetError, BackboneError, PairingModelError, ReportError, ShardError
+    return ConfigError, DatasetError, BackboneError, ExportError, PairingModelError, ReportError, ShardError
 
 
 def _config(args):
@@ -45,17 +46,29 @@ def cmd_pair(args) -> None:
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
     paths = run_pairing(cfg, dataset, reports)
     print(json.dumps({s: str(p) for s, p in paths.items()}, indent=2))
-    agreement = class_agreement(dataset, reports, paths)
+    from clipit.pairing.texts import pairing_texts
+
+    agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), paths)
     if agreement:
         print(f"class agreement {100 * agreement['all']:.1f}% (chance {100 * agreement['chance']:.1f}%)")
 
 
 def cmd_shard(args) -> None:
     from clipit.pipeline import build_image_dataset, load_corpus, run_pairing, run_shards
+    from clipit.shards import ShardError, require_pairs
 
+    if (args.part is None) != (args.num_parts is None):
+        raise ShardError("give --part I and --num-parts N together (0 <= I < N)")
     cfg = _config(args)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
-    print(run_shards(cfg, dataset, reports, run_pairing(cfg, dataset, reports)))
+    if args.part is None and not args.finalize:
+        pairs = run_pairing(cfg, dataset, reports)
+    else:  # parts never pair (N jobs would each pair everything): `clipit pair` runs once before them
+        pairs = require_pairs(cfg, dataset, reports)
+    manifest = run_shards(cfg, dataset, reports, pairs, part=args.part, num_parts=args.num_parts,
+                          finalize=args.finalize)
+    if manifest is not None:
+        print(manifest)
 
 
 def cmd_shards_validate(args) -> None:
@@ -75,6 +88,49 @@ def cmd_train(args) -> None:
         print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
 
 
+def cmd_doctor(args) -> int:
+    from clipit.config import load_config
+    from clipit.doctor import run_doctor
+
+    if bool(args.config_path) == bool(args.config):
+        print("clipit: error: give the config once: clipit doctor CONFIG (or --config CONFIG)", file=sys.stderr)
+        return 2
+    return run_doctor(load_config(args.config_path or args.config, args.set))
+
+
+def cmd_export(args) -> None:
+    from clipit.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir)
+    print(f"exported {args.run_dir} -> {out} (model.safetensors, config.json)")
+
+
+def cmd_predict(args) -> None:
+    from clipit.export import predict_files
+
+    classes, probs = predict_files(args.model_dir, args.images, device=args.device, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([{"image": str(path), "prediction": classes[int(p.argmax())],
+                           "probabilities": dict(zip(classes, map(float, p)))} for path, p in zip(args.images, probs)]))
+        return
+    print("\t".join(["image", "prediction", *classes]))
+    for path, p in zip(args.images, probs):
+        print("\t".join([str(path), classes[int(p.argmax())], *(f"{x:.6f}" for x in p)]))
+
+
+def cmd_report(args) -> int:
+    from clipit.report import build_report
+
+    try:
+        result = build_report(args.runs_dir, args.out, metric=args.metric, plots=not args.no_plots)
+    except FileNotFoundError as err:
+        print(f"clipit: error: {err}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print("wrote " + ", ".join(result["files"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with_config("demo", cmd_demo, "run every stage on the embedded demo data")
     with_config("pair", cmd_pair, "pair every image with its most similar report (Eq. 1)")
-    with_config("shard", cmd_shard, "write WebDataset shards (pairing first if needed)")
+    shard = with_config("shard", cmd_shard, "write WebDataset shards (pairing first if needed)")
+    shard.add_argument("--part", type=int, help="write only part I of --num-parts N (e.g. $SLURM_ARRAY_TASK_ID); "
+                       "needs the pairs (`clipit pair`) first")
+    shard.add_argument("--num-parts", type=int, help="number of parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
+    shard.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
     train = with_config("train", cmd_train, "train and evaluate one method (all seeds, or --seed)")
     train.add_argument("--method", required=True)
     train.add_argument("--seed", type=int)
@@ -98,14 +158,36 @@ def main(argv: list[str] | None = None) -> int:
     validate = shards_sub.add_parser("validate", help="check shards against their manifest")
     validate.add_argument("dir")
     validate.set_defaults(func=cmd_shards_validate)
+    doctor = sub.add_parser("doctor", help="check the weights, paths and dimensions a config needs (exit 2 on a problem)")
+    doctor.add_argument("config_path", nargs="?", metavar="CONFIG", help="YAML file under configs/")
+    doctor.add_argument("--config", help="same as CONFIG")
+    doctor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    doctor.set_defaults(func=cmd_doctor)
+    export = sub.add_parser("export", help="merge LoRA and save a run as a vision-only inference model")
+    export.add_argument("run_dir", help="runs/<method>/seed-<n> of a finished run")
+    export.add_argument("out_dir")
+    export.set_defaults(func=cmd_export)
+    predict = sub.add_parser("predict", help="class probabilities per image from an exported model")
+    predict.add_argument("model_dir", help="a folder written by `clipit export`")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    predict.set_defaults(func=cmd_predict)
+    report = sub.add_parser("report", help="Table 1, ablations, Omega and figures from run directories")
+    report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for run directories (metrics.json)")
+    report.add_argument("--out", help="output folder (default RUNS_DIR/report)")
+    report.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy"])
+    report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except _user_errors() as err:
         print(f"clipit: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ class DemoDataConfig:
     image_size: int = 64
     n_reports: int = 300
     n_paired: int = 2000  # paired image-caption set that trains the stand-in for CONCH
-    clip_seconds: float = 60.0
+    clip_steps: int = 150  # demo CLIP training steps (fixed, so the result does not depend on machine load)
+    clip_seconds: float = 600.0  # safety cap on its wall time
     seed: int = 0
 
 
@@ -58,12 +59,19 @@ class PairingConfig:
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda
     dir: str | None = None  # text-embedding cache and pair indices; default <output_dir>/pairing
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # encoder autocast (GPU); recorded in the identity
+    num_workers: int = 0  # DataLoader workers that decode + preprocess images
+    search: Literal["auto", "torch", "faiss"] = "auto"  # exact top-k backend; auto = faiss on CPU for many texts
+    texts: Literal["reports", "class_prompts"] = "reports"  # class_prompts: 22 CONCH templates x class names
+    class_names: list[str] | None = None  # prompt name per class (label order); default per dataset
 
 
 @dataclass
 class ShardsConfig:
     dir: str | None = None  # default <output_dir>/shards
     samples_per_shard: int = 1000
+    use_rank: int = 1  # which of the top-k texts each image gets (1 = best; 2..5 = the Fig. 5 ablation)
+    random_report_seed: int | None = None  # set: a uniformly random text per image instead (seeded control)
 
 
 @dataclass
@@ -80,7 +88,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "demo-vit-tiny"  # backbone registry name
-    weights: str | None = None  # local checkpoint; None = random init (demo) or registry default
+    weights: str | None = None  # checkpoint path, hub ID or `random`; None = weights file, then hub (clipit/weights.py)
+    weights_file: str | None = None  # YAML name -> checkpoint map (configs/weights.example.yaml); else $CLIPIT_WEIGHTS
     image_size: int | None = None  # None = the backbone's native input size
     lora: LoraConfig = field(default_factory=LoraConfig)
     text_dim: int = 512  # dimension of the report embeddings in the shards
@@ -89,7 +98,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["unimodal", "clipit"] = "clipit"
+    method: Literal["unimodal", "clipit", "text", "late_fusion", "early_fusion"] = "clipit"
+    finetune: Literal["auto", "frozen", "lora", "full"] = "auto"  # auto: unimodal frozen, else lora if model.lora.enabled
     epochs: float = 1.0
     batch_size: int = 64
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -107,6 +117,7 @@ class TrainConfig:
     evals_per_epoch: int = 1
     select: Literal["val_loss", "val_bacc", "last"] = "val_loss"
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
+    text_warm_start: str | None = None  # late_fusion: method (text) whose H_t initialises the text branch, same seed
     augment: bool = True  # flips and 90-degree rotations: histology has no canonical orientation
 
 

@@ -28,38 +28,43 @@ def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
     return build_dataset(cfg.data.name, cfg.data.root)
 
 
-def prepare_demo_inputs(cfg: ExperimentConfig) -> None:
-    """The demo's report corpus and its stand-in for CONCH (a small CLIP trained on a separate paired set)."""
+def ensure_demo_clip(cfg: ExperimentConfig) -> None:
+    """The demo's stand-in for CONCH: a small CLIP trained once on a separate paired set."""
     from clipit.data import demo
     from clipit.pairing import demo_clip
 
+    if cfg.pairing.model != "demo-clip" or Path(cfg.pairing.checkpoint).exists():
+        return
     d = cfg.data.demo
-    if not Path(cfg.reports.path).exists():
-        demo.write_reports_jsonl(Path(cfg.reports.path), demo.make_reports(d.n_reports, seed=d.seed + 1))
-    if cfg.pairing.model == "demo-clip":
-        if not cfg.pairing.checkpoint:
-            raise ConfigError("pairing.checkpoint must name where the demo CLIP is saved")
-        if not Path(cfg.pairing.checkpoint).exists():
-            images, _, captions = demo.make_paired_set(d.n_paired, d.image_size, seed=d.seed + 2)
-            demo_clip.train_demo_clip(images, captions, Path(cfg.pairing.checkpoint).parent, seconds=d.clip_seconds,
-                                      seed=d.seed)
+    images, _, captions = demo.make_paired_set(d.n_paired, d.image_size, seed=d.seed + 2)
+    demo_clip.train_demo_clip(images, captions, Path(cfg.pairing.checkpoint).parent, seconds=d.clip_seconds,
+                              seed=d.seed, max_steps=d.clip_steps)
 
 
 def load_corpus(cfg: ExperimentConfig) -> list[Report]:
     r = cfg.reports
+    if cfg.data.name == "demo" and not Path(r.path).exists():  # the demo's unpaired corpus, made once
+        from clipit.data import demo
+
+        demo.write_reports_jsonl(Path(r.path), demo.make_reports(cfg.data.demo.n_reports, seed=cfg.data.demo.seed + 1))
     return load_reports(r.path, fmt=r.format, organ=r.organ, projects=r.projects)
 
 
 def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report]) -> dict[str, Path]:
-    from clipit.pairing.engine import pair_dataset
+    """Pairs per split; skipped when the files on disk were made for this config (clipit/pairing/engine.py)."""
+    from clipit.pairing.engine import current_pairs, pair_dataset, pairing_spec
     from clipit.pairing.models import build_pairing_model
+    from clipit.pairing.texts import pairing_texts
 
-    out = Path(cfg.pairing.dir)
-    done = {s: out / f"pairs-{s}.npz" for s in dataset.splits}
-    if all(p.exists() for p in done.values()) and (out / "text-embeddings").exists():
+    p = cfg.pairing
+    texts = pairing_texts(cfg, dataset, reports)  # the report corpus, or class prompts (pairing.texts)
+    done = current_pairs(cfg, dataset, texts)
+    if done is not None:
         return done
-    model = build_pairing_model(cfg.pairing.model, cfg.pairing.checkpoint, cfg.pairing.device)
-    return pair_dataset(model, dataset, reports, out, top_k=cfg.pairing.top_k, batch_size=cfg.pairing.batch_size)
+    ensure_demo_clip(cfg)
+    model = build_pairing_model(p.model, p.checkpoint, p.device, p.precision)
+    return pair_dataset(model, dataset, texts, Path(p.dir), top_k=p.top_k, batch_size=p.batch_size,
+                        num_workers=p.num_workers, search=p.search, spec=pairing_spec(cfg))
 
 
 def class_agreement(dataset: ImageDataset, reports: list[Report], pair_paths: dict[str, Path]) -> dict | None:
@@ -85,27 +90,15 @@ def class_agreement(dataset: ImageDataset, reports: list[Report], pair_paths: di
     return result
 
 
-def run_shards(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report], pair_paths: dict[str, Path]) -> Path:
-    from clipit.pairing.engine import load_pairs
-    from clipit.reports import load_text_embeddings
-    from clipit.shards import MANIFEST, write_manifest, write_split_shards
+def run_shards(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report], pair_paths: dict[str, Path],
+               part: int | None = None, num_parts: int | None = None, finalize: bool = False) -> Path | None:
+    """All shards and the manifest, or one part of a compute-node build (clipit/shards.py); returns the
+    manifest once the set is complete, None while other parts' shards are still missing."""
+    from clipit.pairing.texts import pairing_texts
+    from clipit.shards import run_shard_stage
 
-    out = Path(cfg.shards.dir)
-    if (out / MANIFEST).exists():
-        return out / MANIFEST
-    cached = load_text_embeddings(Path(cfg.pairing.dir) / "text-embeddings")
-    if cached is None:
-        raise ConfigError(f"{cfg.pairing.dir}/text-embeddings: no report embeddings; run the pairing stage first")
-    embeddings, report_ids = cached
-    if len(report_ids) != len(reports):
-        raise ConfigError(f"{cfg.pairing.dir}: embeddings cover {len(report_ids)} reports, corpus has {len(reports)}; "
-                          "delete the pairing dir and re-run pairing")
-    identity = read_json(Path(cfg.pairing.dir) / "text-embeddings" / "identity.json")
-    for split in dataset.splits:
-        write_split_shards(dataset, split, load_pairs(pair_paths[split]), embeddings, report_ids, out,
-                           cfg.shards.samples_per_shard)
-    return write_manifest(dataset, out, cfg.shards.samples_per_shard, embeddings.shape[1], identity,
-                          extra={"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
+    return run_shard_stage(cfg, dataset, pairing_texts(cfg, dataset, reports), pair_paths, part=part,
+                           num_parts=num_parts, finalize=finalize, echo=print)
 
 
 def method_order(cfg: ExperimentConfig) -> list[str]:
@@ -149,8 +142,6 @@ def run_all(cfg: ExperimentConfig, log=print) -> dict:
     """The whole slice; returns {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}."""
     from clipit.evaluate import format_table, summarize
 
-    if cfg.data.name == "demo":
-        prepare_demo_inputs(cfg)
     dataset = build_image_dataset(cfg)
     reports = load_corpus(cfg)
     log(f"[1/4] corpus: {len(reports)} reports; images: " +

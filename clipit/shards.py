@@ -1,32 +1,55 @@
-"""WebDataset shards: one sample = image bytes as stored + label + paired report embedding (fp16).
+"""WebDataset shards: one sample = image bytes as stored + label + paired text embedding (fp16).
 
 Layout under the shard directory:
     <split>/<split>-<shard:06d>.tar   samples [i * samples_per_shard, (i + 1) * samples_per_shard)
-    manifest.json                     counts, classes, shard list with sha256, embedding identity
+    build.json                        the build plan (dataset, counts, embedding, selection), written first
+    manifest.json                     the plan + shard list with sha256 and class counts, written last
 Each sample holds `<ext>` (png/jpg/tif bytes), `cls` (label), `emb.npy` (fp16 [D]) and `json`
-(report id and index, similarity, split, source key). Shards are written under a temporary name and
-renamed, so a killed build leaves only whole shards and a rerun skips them.
+(text id and index, similarity, rank, top-k indices, split, source key).
+
+Compute nodes: the shards of all splits are enumerated in a fixed order (split by split, index by
+index) and part I of N writes every N-th of them, so a SLURM array builds the set in parallel. Every
+shard is written under a temporary name, fsynced and renamed; a killed part leaves only whole shards
+(its stale temporary files are removed when the part reruns). The part that finds all shards present
+writes the manifest (or `--finalize` does). Shards are byte-identical across reruns and across part
+layouts: tar headers carry a fixed mtime, owner and mode, fields are sorted, nothing is compressed.
+Images are decoded once while writing, so a corrupt image fails the build, not the training run.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import os
+import zlib
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import webdataset as wds
+from PIL import Image
 from tqdm import tqdm
 
-from clipit.data.base import ImageDataset
+from clipit.data.base import DatasetError, ImageDataset
 from clipit.io import atomic_path, atomic_write_json, read_json
 from clipit.pairing.models import file_sha256
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+PLAN = "build.json"
+FORMAT = "clipit-shards/1"
+# Fixed tar header fields: webdataset's TarWriter stamps time.time() unless told otherwise.
+TAR_MTIME = 0
+TAR_OWNER = "clipit"
+TAR_MODE = 0o444
+# Plan keys that must agree between parts, reruns and the manifest.
+PLAN_KEYS = ("format", "dataset", "classes", "samples_per_shard", "counts", "embedding", "texts", "selection")
 
 
 class ShardError(ValueError):
-    """Shards on disk disagree with their manifest (one line, names the shard and the fix)."""
+    """Shards on disk disagree with their manifest or inputs (one line, names the file and the fix)."""
 
 
 def encode_embedding(vector: np.ndarray) -> bytes:
@@ -35,7 +58,19 @@ def encode_embedding(vector: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=16)
+def _npy_header(dim: int) -> bytes:
+    """The exact .npy header encode_embedding writes for a [dim] fp16 vector."""
+    return encode_embedding(np.zeros(dim, dtype=np.float16))[: -2 * dim or None]
+
+
 def decode_embedding(data: bytes) -> np.ndarray:
+    """fp16 [D] from `emb.npy` bytes. The headers this module writes are recognised by comparison and
+    skipped (~1 µs, read-only view); anything else goes through np.load (~30 µs, a hot spot in loading)."""
+    for header_len in (128, 64, 192):
+        dim = (len(data) - header_len) // 2
+        if dim > 0 and len(data) == header_len + 2 * dim and data[:header_len] == _npy_header(dim):
+            return np.frombuffer(data, dtype=np.float16, offset=header_len)
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -47,35 +82,96 @@ def num_shards(n_samples: int, samples_per_shard: int) -> int:
     return max(1, -(-n_samples // samples_per_shard))
 
 
+# ---------------------------------------------------------------------------------------- one shard
+
+
+def check_image(data: bytes) -> None:
+    """Fully decode encoded image bytes (raises what PIL raises); ~0.1 ms for a 96-px PNG tile."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+
+
+def write_tar(path: str | Path, samples: Iterable[dict]) -> Path:
+    """Write samples to `path` atomically and deterministically (same samples -> same bytes)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            with wds.TarWriter(fh, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME,
+                               encoder=False) as sink:
+                for sample in samples:
+                    sink.write(sample)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must never publish a shard whose bytes are not on disk
+    return path
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Temporary files a killed writer of this shard left behind (atomic_path names them .<name>.*.tmp)."""
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def select_texts(pairs: dict[str, np.ndarray], split: str, use_rank: int = 1, random_seed: int | None = None,
+                 num_texts: int | None = None, where: str = "pairs") -> tuple[np.ndarray, np.ndarray]:
+    """The text index and score each image of `split` gets: its `use_rank`-th best (1 = top-1), or with
+    `random_seed` a uniformly random text (seeded per split; score NaN, as it was never computed)."""
+    n = len(pairs["indices"])
+    if random_seed is not None:
+        if not num_texts:
+            raise ShardError("a random text per image needs the number of texts")
+        rng = np.random.default_rng([int(random_seed), zlib.crc32(split.encode())])
+        return rng.integers(0, num_texts, n, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
+    k = pairs["indices"].shape[1]
+    if not 1 <= use_rank <= k:
+        raise ShardError(f"{where}: shards.use_rank={use_rank} but the pairs hold the top {k}; set pairing.top_k "
+                         f">= {use_rank} and rerun `clipit pair`" if use_rank > k else
+                         f"shards.use_rank={use_rank} must be >= 1")
+    return pairs["indices"][:, use_rank - 1].astype(np.int64), pairs["scores"][:, use_rank - 1].astype(np.float32)
+
+
 def write_split_shards(dataset: ImageDataset, split: str, pairs: dict[str, np.ndarray], text_embeddings: np.ndarray,
                        report_ids: list[str], out_dir: str | Path, samples_per_shard: int = 1000,
-                       only: list[int] | None = None) -> list[Path]:
+                       only: Iterable[int] | None = None, use_rank: int = 1,
+                       random_seed: int | None = None) -> list[Path]:
     """Write the shards of one split (or just the shard indices in `only`); finished shards are skipped."""
+    from clipit.pairing.engine import decode_error
+
     n = dataset.split_size(split)
     if len(pairs["indices"]) != n:
         raise ShardError(f"{split}: pairs cover {len(pairs['indices'])} images but the dataset has {n}; re-run pairing")
+    chosen, scores = select_texts(pairs, split, use_rank, random_seed, len(report_ids))
+    rank = None if random_seed is not None else use_rank
     written = []
-    todo = range(num_shards(n, samples_per_shard)) if only is None else only
+    todo = list(range(num_shards(n, samples_per_shard)) if only is None else only)
     for shard in tqdm(todo, desc=f"shards {split}", unit="shard", leave=False):
         path = shard_path(out_dir, split, shard)
         written.append(path)
         if path.exists():
             continue
-        with atomic_path(path) as tmp:
-            with wds.TarWriter(str(tmp)) as sink:
-                for index in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
-                    sink.write(_sample(dataset, split, index, pairs, text_embeddings, report_ids))
+        remove_stale_temps(path)
+
+        def samples(shard=shard):
+            for index in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
+                item = dataset.sample(split, index)
+                try:
+                    check_image(item.data)
+                except Exception as err:  # PIL raises several types for undecodable bytes
+                    raise decode_error(dataset, item, err) from None
+                yield _sample(item, split, index, int(chosen[index]), float(scores[index]), rank,
+                              pairs["indices"][index], text_embeddings, report_ids)
+
+        write_tar(path, samples())
     return written
 
 
-def _sample(dataset, split, index, pairs, text_embeddings, report_ids) -> dict:
-    item = dataset.sample(split, index)
-    best = int(pairs["indices"][index, 0])
+def _sample(item, split, index, text_index, score, rank, topk, text_embeddings, report_ids) -> dict:
     meta = {
-        "report_id": report_ids[best],
-        "report_index": best,
-        "score": float(pairs["scores"][index, 0]),
-        "topk_report_indices": [int(i) for i in pairs["indices"][index]],
+        "report_id": report_ids[text_index],
+        "report_index": text_index,
+        "score": None if np.isnan(score) else score,
+        "rank": rank,  # None: a random text (the control), not a retrieved one
+        "topk_report_indices": [int(i) for i in topk],
         "split": split,
         "source_key": item.key,
     }
@@ -83,9 +179,30 @@ def _sample(dataset, split, index, pairs, text_embeddings, report_ids) -> dict:
         "__key__": f"{split}_{index:08d}",  # dot-free and unique across splits
         item.ext: item.data,
         "cls": str(item.label).encode(),
-        "emb.npy": encode_embedding(text_embeddings[best]),
+        "emb.npy": encode_embedding(text_embeddings[text_index]),
         "json": json.dumps(meta).encode(),
     }
+
+
+# ------------------------------------------------------------------------------- parts and manifest
+
+
+def shard_units(dataset: ImageDataset, samples_per_shard: int) -> list[tuple[str, int]]:
+    """Every (split, shard index) of the set, in the one order all parts agree on."""
+    return [(split, i) for split in dataset.splits
+            for i in range(num_shards(dataset.split_size(split), samples_per_shard))]
+
+
+def part_units(units: list, part: int, num_parts: int) -> list:
+    """Part `part` of `num_parts` takes every num_parts-th unit, starting at `part` (balanced across splits)."""
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise ShardError(f"--part {part} --num-parts {num_parts}: need 0 <= part < num-parts")
+    return units[part::num_parts]
+
+
+def missing_shards(dataset: ImageDataset, out_dir: str | Path, samples_per_shard: int) -> list[Path]:
+    return [p for p in (shard_path(out_dir, s, i) for s, i in shard_units(dataset, samples_per_shard))
+            if not p.exists()]
 
 
 def write_manifest(dataset: ImageDataset, out_dir: str | Path, samples_per_shard: int, embedding_dim: int,
@@ -109,10 +226,11 @@ def write_manifest(dataset: ImageDataset, out_dir: str | Path, samples_per_shard
             "shards": shards,
         }
     manifest = {
-        "format": "clipit-shards/1",
+        "format": FORMAT,
         "dataset": dataset.name,
         "classes": list(dataset.classes),
         "samples_per_shard": samples_per_shard,
+        "counts": {split: dataset.split_size(split) for split in dataset.splits},
         "embedding": {"dim": int(embedding_dim), "dtype": "float16", "model": embedding_identity},
         "splits": splits,
         **(extra or {}),
@@ -120,6 +238,144 @@ def write_manifest(dataset: ImageDataset, out_dir: str | Path, samples_per_shard
     path = out_dir / MANIFEST
     atomic_write_json(path, manifest)
     return path
+
+
+def build_plan(dataset: ImageDataset, samples_per_shard: int, embedding_dim: int, embedding_identity: dict,
+               texts: dict, selection: dict) -> dict:
+    return json.loads(json.dumps({
+        "format": FORMAT,
+        "dataset": dataset.name,
+        "classes": list(dataset.classes),
+        "samples_per_shard": int(samples_per_shard),
+        "counts": {split: dataset.split_size(split) for split in dataset.splits},
+        "embedding": {"dim": int(embedding_dim), "dtype": "float16", "model": embedding_identity},
+        "texts": texts,
+        "selection": selection,
+    }))
+
+
+def check_plan(out_dir: Path, plan: dict) -> bool:
+    """True when a manifest for exactly this plan exists; raises when shards of another plan are there."""
+    for name in (MANIFEST, PLAN):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        try:
+            old = read_json(path)
+        except ValueError:
+            raise ShardError(f"{path}: unreadable; delete it and rerun `clipit shard`") from None
+        diff = [k for k in PLAN_KEYS if old.get(k) != plan.get(k)]
+        if diff:
+            key = diff[0]
+            raise ShardError(f"{path}: the shards in {out_dir} were built with another {key} "
+                             f"({_short(old.get(key))} vs now {_short(plan.get(key))}); delete {out_dir} "
+                             "or set shards.dir to a new folder")
+        if name == MANIFEST:
+            return True
+    return False
+
+
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def require_pairs(cfg, dataset: ImageDataset, reports: list) -> dict[str, Path]:
+    """The pairs of every split, made for this config; an error (not a pairing run) when they are not."""
+    from clipit.pairing.engine import current_pairs
+    from clipit.pairing.texts import pairing_texts
+
+    pairs = current_pairs(cfg, dataset, pairing_texts(cfg, dataset, reports))
+    if pairs is None:
+        raise ShardError(f"{cfg.pairing.dir}: pairs for this config are missing or were made with other settings; "
+                         "run `clipit pair --config <config>` once before the shard parts")
+    return pairs
+
+
+def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[str, Path], part: int | None = None,
+                    num_parts: int | None = None, finalize: bool = False,
+                    echo: Callable[[str], None] = log.info) -> Path | None:
+    """Build (a part of) the shard set for a config; returns the manifest once the set is complete.
+
+    Without `part`, all shards are written, then the manifest. With `part`/`num_parts`, only that part's
+    shards; the manifest follows if no shard of any part is missing. `finalize` only writes the manifest
+    (every shard must exist)."""
+    from clipit.pairing.engine import load_pairs, read_pairs_meta
+    from clipit.reports import corpus_fingerprint, load_text_embeddings
+
+    out = Path(cfg.shards.dir)
+    cache_dir = Path(cfg.pairing.dir) / "text-embeddings"
+    cached = load_text_embeddings(cache_dir)
+    if cached is None:
+        raise ShardError(f"{cache_dir}: no text embeddings; run `clipit pair --config <config>` first")
+    embeddings, text_ids = cached
+    identity = read_json(cache_dir / "identity.json")
+    fingerprint = corpus_fingerprint(texts)
+    if identity.get("fingerprint") != fingerprint:
+        raise ShardError(f"{cache_dir}: embeddings were made for another text corpus ({len(text_ids)} texts; the "
+                         f"config gives {len(texts)}); rerun `clipit pair` to recompute them")
+    dim = int(embeddings.shape[1])
+    if dim != cfg.model.text_dim:
+        raise ShardError(f"{cache_dir / 'embeddings.npy'}: text embeddings are {dim}-d but model.text_dim is "
+                         f"{cfg.model.text_dim}; set model.text_dim: {dim} in the config (or pair with a "
+                         f"{cfg.model.text_dim}-d model)")
+    s = cfg.shards
+    selection = ({"mode": "random", "seed": int(s.random_report_seed)} if s.random_report_seed is not None
+                 else {"mode": "rank", "rank": int(s.use_rank)})
+    pairs = {}
+    for split in dataset.splits:
+        path = pair_paths.get(split)
+        if path is None or not Path(path).exists():
+            raise ShardError(f"{path or Path(cfg.pairing.dir) / f'pairs-{split}.npz'}: pairs missing; run "
+                             "`clipit pair --config <config>` first")
+        pairs[split] = load_pairs(path)
+        meta = read_pairs_meta(path)
+        if meta is not None and meta.get("fingerprint") != fingerprint:
+            raise ShardError(f"{path}: pairs were made for another text corpus than {cache_dir}; rerun `clipit pair`")
+        idx = pairs[split]["indices"]
+        if idx.size and (idx.min() < 0 or idx.max() >= len(text_ids)):
+            raise ShardError(f"{path}: pairs point at text {int(idx.max())} but {cache_dir} holds {len(text_ids)}; "
+                             f"delete {cfg.pairing.dir} and rerun `clipit pair`")
+        if idx.shape[0] != dataset.split_size(split):
+            raise ShardError(f"{path}: pairs cover {idx.shape[0]} images but split {split} has "
+                             f"{dataset.split_size(split)}; delete it and rerun `clipit pair`")
+        select_texts(pairs[split], split, s.use_rank, s.random_report_seed, len(text_ids), where=str(path))
+    plan = build_plan(dataset, s.samples_per_shard, dim, identity,
+                      {"kind": cfg.pairing.texts, "count": len(text_ids), "fingerprint": fingerprint}, selection)
+    extra = {k: plan[k] for k in ("texts", "selection")}
+    extra.update({"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
+    if check_plan(out, plan):
+        return out / MANIFEST
+    if not (out / PLAN).exists():
+        atomic_write_json(out / PLAN, plan)
+
+    def manifest() -> Path:
+        return write_manifest(dataset, out, s.samples_per_shard, dim, identity, extra=extra)
+
+    if finalize:
+        missing = missing_shards(dataset, out, s.samples_per_shard)
+        if missing:
+            raise ShardError(f"{missing[0]}: {len(missing)} shard(s) missing; rerun the parts that wrote them "
+                             "(or `clipit shard` without --part) before --finalize")
+        return manifest()
+    units = shard_units(dataset, s.samples_per_shard)
+    if part is not None:
+        units = part_units(units, part, num_parts or 1)
+    by_split: dict[str, list[int]] = {}
+    for split, index in units:
+        by_split.setdefault(split, []).append(index)
+    for split, indices in by_split.items():
+        write_split_shards(dataset, split, pairs[split], embeddings, text_ids, out, s.samples_per_shard, only=indices,
+                           use_rank=s.use_rank, random_seed=s.random_report_seed)
+    missing = missing_shards(dataset, out, s.samples_per_shard)
+    if missing:
+        echo(f"part {part}/{num_parts}: {len(units)} shard(s) done; {len(missing)} of other parts still missing "
+             "(the last part to finish, or `clipit shard --finalize`, writes the manifest)")
+        return None
+    return manifest()
+
+
+# ------------------------------------------------------------------------------------------ reading
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
@@ -173,3 +429,11 @@ def validate_shards(shard_dir: str | Path) -> dict:
             raise ShardError(f"{shard_dir}: split {split} has {seen} samples, manifest says {info['count']}")
         summary[split] = seen
     return summary
+
+
+__all__ = [
+    "MANIFEST", "PLAN", "ShardError", "DatasetError", "build_plan", "check_image", "check_plan", "decode_embedding",
+    "encode_embedding", "iter_samples", "load_manifest", "missing_shards", "num_shards", "part_units",
+    "require_pairs", "run_shard_stage", "select_texts", "shard_path", "shard_units", "split_urls", "validate_shards", "write_manifest",
+    "write_split_shards", "write_tar",
+]

@@ -1,18 +1,48 @@
-"""Vision-backbone registry: a name gives the timm architecture, input size, normalisation and hub ID.
+"""Vision-backbone registry: a name gives the architecture, input size, normalisation, output width
+and hub ID of a pathology foundation model.
 
-Weights come from a local checkpoint (strict load; a mismatch is one clear error) or, on machines
-with network access, from the hub ID. Random init is only for the demo and tests.
+| name | architecture | width | input | normalisation | hub (users with network access) |
+|---|---|---|---|---|---|
+| uni | timm vit_large_patch16_224, init_values 1e-5 | 1024 | 224 | ImageNet | hf-hub:MahmoodLab/uni |
+| kaiko-vits16 / -vits8 | timm vit_small_patch{16,8}_224 | 384 | 224 | 0.5 / 0.5 | torch.hub kaiko-ai/towards_large_pathology_fms |
+| kaiko-vitb16 / -vitb8 | timm vit_base_patch{16,8}_224 | 768 | 224 | 0.5 / 0.5 | same |
+| kaiko-vitl14 ("DINO") | timm vit_large_patch14_reg4_dinov2 | 1024 | 224 | 0.5 / 0.5 | same |
+| conch | CONCH CoCa vision tower (conch-fork), contrastive 512-d output | 512 | 448 | OpenAI CLIP | hf-hub:MahmoodLab/conch |
+| timm:<name> | any timm model, its own pretrained config | - | timm's | timm's | timm's pretrained weights |
+| demo-vit-tiny | a 4-layer ViT for the demo (random init) | 96 | 64 | 0.5 / 0.5 | - |
+
+kaiko models are built as kaiko's own `hubconf.py` and eva's `pathology/kaiko_*` entries build them:
+`timm.create_model(arch, dynamic_img_size=True, num_classes=0)`; their native 224 px input at 0.5/0.5
+normalisation. Every registered name `X` also has a random-init `X-tiny` variant (same architecture
+family and normalisation, 2 layers, width 32-64, small input) for tests.
+
+Weights are resolved by `clipit.weights.resolve` (explicit setting -> weights file -> hub) and loaded
+strictly: common wrappers (`state_dict`, `model`, `teacher`) and prefixes (`module.`, `backbone.`,
+`_model.` from eva/Lightning, `visual.` from CLIP checkpoints) are unwrapped, classifier heads are
+dropped, raw DINOv2-format checkpoints (kaiko ViT-L/14) are converted, and then every remaining key
+must match the model with its shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipit import weights as weights_registry
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # kaiko.ai models' native normalisation
+OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CONCH
+KAIKO_REPO = "kaiko-ai/towards_large_pathology_fms"
+CONCH_PIP = "pip install conch-fork==0.1.0"
+# wrapper prefixes a checkpoint may put in front of the backbone's own keys
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "teacher.", "backbone.", "_model.", "model.", "encoder.", "visual.", "trunk.")
+HEAD_PREFIXES = ("head.", "fc.", "classifier.")
 
 
 class BackboneError(ValueError):
@@ -22,12 +52,19 @@ class BackboneError(ValueError):
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    timm_name: str
+    arch: str  # timm architecture name, or "conch" (the CONCH vision tower)
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     hub_id: str | None = None  # where users with network access get the weights
-    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+    kwargs: dict = field(default_factory=dict)  # extra constructor arguments
+    dim: int | None = None  # pooled feature width the backbone must produce (checked by `clipit doctor`)
+    random_init: bool = False  # no pretrained weights exist (demo, -tiny variants)
+    ignore_keys: tuple[str, ...] = ()  # checkpoint key prefixes that belong to unused parts (CONCH caption pooler)
+
+    @property
+    def timm_name(self) -> str:  # older name of `arch`
+        return self.arch
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -38,51 +75,229 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-register(BackboneSpec("demo-vit-tiny", "vit_tiny_patch16_224", 64, *HALF,
+register(BackboneSpec("demo-vit-tiny", "vit_tiny_patch16_224", 64, *HALF, dim=96, random_init=True,
                       kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3)))
 register(BackboneSpec("uni", "vit_large_patch16_224", 224, *IMAGENET, "hf-hub:MahmoodLab/uni",
-                      dict(init_values=1e-5, dynamic_img_size=True)))
-for _name, _timm in [("vits16", "vit_small_patch16_224"), ("vits8", "vit_small_patch8_224"),
-                     ("vitb16", "vit_base_patch16_224"), ("vitb8", "vit_base_patch8_224"),
-                     ("vitl14", "vit_large_patch14_224")]:
-    register(BackboneSpec(f"kaiko-{_name}", _timm, 224, *HALF, f"torch.hub:kaiko-ai/towards_large_pathology_fms:{_name}",
-                          dict(dynamic_img_size=True)))
+                      dict(init_values=1e-5, dynamic_img_size=True), dim=1024))
+for _name, _arch, _dim in [("vits16", "vit_small_patch16_224", 384), ("vits8", "vit_small_patch8_224", 384),
+                           ("vitb16", "vit_base_patch16_224", 768), ("vitb8", "vit_base_patch8_224", 768),
+                           ("vitl14", "vit_large_patch14_reg4_dinov2", 1024)]:
+    register(BackboneSpec(f"kaiko-{_name}", _arch, 224, *HALF, f"torch.hub:{KAIKO_REPO}:{_name}",
+                          dict(dynamic_img_size=True), dim=_dim))
+register(BackboneSpec("conch", "conch", 448, *OPENAI, "hf-hub:MahmoodLab/conch", dim=512,
+                      ignore_keys=("attn_pool_caption.", "ln_caption.")))
+
+_TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+def _tiny(spec: BackboneSpec) -> BackboneSpec:
+    """Same architecture family and normalisation, a few layers, random init: for tests."""
+    if spec.arch == "conch":
+        return replace(spec, name=spec.name + "-tiny", input_size=32, hub_id=None, random_init=True, kwargs=dict(
+            vision_cfg=dict(image_size=32, patch_size=16, layers=2, width=64, num_heads=2, n_queries_caption=4),
+            embed_dim_caption=64))
+    patch = timm.create_model(spec.arch, pretrained=False, num_classes=0, **_TINY_VIT).patch_embed.patch_size[0]
+    size = 4 * patch
+    kwargs = {k: v for k, v in spec.kwargs.items() if k == "dynamic_img_size"} | _TINY_VIT | {"img_size": size}
+    return replace(spec, name=spec.name + "-tiny", input_size=size, hub_id=None, random_init=True, kwargs=kwargs,
+                   dim=_TINY_VIT["embed_dim"])
 
 
 def get_spec(name: str) -> BackboneSpec:
     if name in BACKBONES:
         return BACKBONES[name]
-    if name.startswith("timm:"):  # any timm model, ImageNet normalisation
-        return BackboneSpec(name, name.split(":", 1)[1], 224, *IMAGENET)
-    raise BackboneError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or timm:<model>")
+    if name.endswith("-tiny") and name[: -len("-tiny")] in BACKBONES:
+        return _tiny(BACKBONES[name[: -len("-tiny")]])
+    if name.startswith("timm:"):  # any timm model with its own pretrained config
+        arch = name.split(":", 1)[1]
+        if not timm.is_model(arch.split(".")[0]):
+            raise BackboneError(f"unknown timm model {arch!r} in backbone {name!r}")
+        cfg = timm.models.get_pretrained_cfg(arch)
+        size = cfg.input_size[-1] if cfg else 224
+        mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg else IMAGENET
+        return BackboneSpec(name, arch, size, mean, std, hub_id=name)
+    raise BackboneError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}, <name>-tiny or timm:<model>")
 
 
-def build_backbone(name: str, weights: str | Path | None = None, image_size: int | None = None) -> tuple[torch.nn.Module, BackboneSpec]:
-    """A headless backbone whose forward returns pooled features [B, num_features]."""
-    spec = get_spec(name)
+# ---------------------------------------------------------------------------------------------
+# Construction
+
+
+class ConchVision(nn.Module):
+    """CONCH's CoCa vision tower for classification: ViT-B/16 trunk -> attentional pooler (1 query)
+    -> LayerNorm -> contrastive projection -> L2 normalisation: the 512-d `encode_image` embedding
+    that the reference code's CONCHVisionNet feeds to its linear head. The 256-query captioning
+    pooler is not needed for classification and is left out (its checkpoint keys are ignored)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.trunk = visual.trunk
+        self.attn_pool_contrast = visual.attn_pool_contrast
+        self.ln_contrast = visual.ln_contrast
+        self.proj_contrast = visual.proj_contrast
+        self.num_features = self.proj_contrast.shape[1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.trunk.forward_features(images)
+        pooled = self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+        return F.normalize(pooled @ self.proj_contrast, dim=-1)
+
+
+def _conch_module():
+    try:
+        from conch.open_clip_custom import coca_model
+    except ImportError as err:
+        raise BackboneError(f"backbone 'conch' needs the conch-fork package ({err}); {CONCH_PIP}") from None
+    return coca_model
+
+
+def _create_conch(spec: BackboneSpec) -> nn.Module:
+    coca_model = _conch_module()
+    cfg = json.loads((Path(coca_model.__file__).parent / "model_configs" / "conch_ViT-B-16.json").read_text())
+    vision_cfg = cfg["vision_cfg"] | spec.kwargs.get("vision_cfg", {})
+    visual = coca_model._build_vision_tower(cfg["embed_dim"], vision_cfg,
+                                            spec.kwargs.get("embed_dim_caption", cfg["embed_dim_caption"]))
+    return ConchVision(visual)
+
+
+def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> nn.Module:
+    """The architecture with random weights; forward returns pooled features [B, num_features]."""
+    if spec.arch == "conch":
+        return _create_conch(spec)
     kwargs = dict(spec.kwargs)
-    if image_size and image_size != spec.input_size:
-        kwargs["img_size"] = image_size
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
-    if weights is not None:
-        load_weights(model, weights, name)
+    if image_size and image_size != spec.input_size and not kwargs.get("dynamic_img_size"):
+        kwargs["img_size"] = image_size  # fixed-size models need their position grid rebuilt
+    try:
+        return timm.create_model(spec.arch, pretrained=False, num_classes=0, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise BackboneError(f"cannot build backbone {spec.name!r} ({spec.arch}): {err}") from None
+
+
+def resolve_weights(name: str, weights: str | Path | None = None, weights_file: str | Path | None = None):
+    """Where backbone `name` gets its weights (a `clipit.weights.WeightsSource`)."""
+    spec = get_spec(name)
+    return weights_registry.resolve(name, weights, weights_file, spec.hub_id, spec.random_init)
+
+
+def build_backbone(name: str, weights=None, image_size: int | None = None,
+                   weights_file: str | Path | None = None) -> tuple[nn.Module, BackboneSpec]:
+    """A headless backbone with its weights loaded. `weights` is a path, a hub ID, `random`, a
+    resolved `WeightsSource`, or None (weights file, then hub, then random for demo/tiny models)."""
+    spec = get_spec(name)
+    try:
+        source = weights if isinstance(weights, weights_registry.WeightsSource) else \
+            resolve_weights(name, weights, weights_file)
+    except weights_registry.WeightsError as err:
+        raise BackboneError(str(err)) from None
+    model = create_backbone(spec, image_size)
+    if source.kind == "file":
+        load_weights(model, source.location, name)
+    elif source.kind == "hub":
+        try:
+            state = fetch_hub_state(spec, source.location)
+        except BackboneError:
+            raise
+        except Exception as err:  # network, gated repo, missing token, missing cache
+            raise BackboneError(str(weights_registry.hub_failure(name, source.location, err, weights_file))) from None
+        load_state(model, state, spec, source.location)
     return model, spec
 
 
-def load_weights(model: torch.nn.Module, weights: str | Path, name: str) -> None:
-    path = Path(weights)
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights for backbone {name!r} not found; fix model.weights or the weights file")
+def fetch_hub_state(spec: BackboneSpec, hub_id: str) -> dict:
+    """Download (or read from the local hub cache) the backbone's state dict."""
+    if hub_id.startswith("torch.hub:"):  # torch.hub:<owner>/<repo>:<entry>, as eva's kaiko entries
+        repo, entry = hub_id[len("torch.hub:"):].rsplit(":", 1)
+        return torch.hub.load(repo, entry, trust_repo=True).state_dict()
+    if spec.arch == "conch":
+        from huggingface_hub import hf_hub_download
+
+        repo = hub_id.split(":", 1)[1]
+        return _read_checkpoint(Path(hf_hub_download(repo, filename="pytorch_model.bin")))
+    if hub_id.startswith("timm:"):
+        return timm.create_model(hub_id.split(":", 1)[1], pretrained=True, num_classes=0).state_dict()
+    hub_id = "hf-hub:" + hub_id.split(":", 1)[1]  # accept hf_hub: as CONCH spells it
+    return timm.create_model(hub_id, pretrained=True, num_classes=0, **spec.kwargs).state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_checkpoint(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc."))}  # classifier heads differ
+        return load_file(str(path))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # missing/unexpected keys or shape mismatches
-        detail = " ".join(str(err).split())[:300]
-        raise BackboneError(f"{path}: does not fit backbone {name!r} ({detail}); point model.weights at this backbone's checkpoint") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled objects beyond tensors (some Lightning checkpoints)
+        raise BackboneError(f"{path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}); "
+                            "if you trust the file, save its state dict alone: torch.save(torch.load(p, "
+                            "weights_only=False)['state_dict'], out)") from None
+
+
+def unwrap_state(obj) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint: Lightning/eva `state_dict`, `model`, DINO `teacher`."""
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in ("state_dict", "model", "teacher", "module")
+                      if isinstance(obj.get(k), dict)), None)
+        if inner is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise BackboneError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def match_keys(state: dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec | None = None) -> dict:
+    """Strip the wrapper prefix (e.g. `backbone._model.`, `teacher.backbone.`, `module.`) that makes the
+    most keys fit the model, and keep only the keys under it: the rest belong to the wrapper (heads,
+    the text tower of a CLIP, DINO's student)."""
+    own = set(model.state_dict())
+    segments = {p.rstrip(".") for p in WRAPPER_PREFIXES}
+    candidates = set()
+    for key in state:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            if parts[i - 1] not in segments:
+                break
+            candidates.add(".".join(parts[:i]) + ".")
+    best, best_hits = None, sum(k in own for k in state)
+    for prefix in sorted(candidates):
+        hits = sum(k[len(prefix):] in own for k in state if k.startswith(prefix))
+        if hits > best_hits:
+            best, best_hits = prefix, hits
+    if best is not None:
+        state = {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+    if "mask_token" in state and "mask_token" not in own:  # raw DINOv2 format (kaiko ViT-L/14)
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, model)  # timm's own conversion (+ position-grid resampling)
+    ignore = tuple(spec.ignore_keys) if spec else ()
+    return {k: v for k, v in state.items()
+            if k in own or not (k.startswith(HEAD_PREFIXES) or (ignore and k.startswith(ignore)))}
+
+
+def load_state(model: nn.Module, state: dict, spec: BackboneSpec, where: str | Path) -> None:
+    own_state = model.state_dict()
+    state = match_keys(unwrap_state(state), model, spec)
+    missing = sorted(set(own_state) - set(state))
+    unexpected = sorted(set(state) - set(own_state))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own_state[k].shape)}" for k in sorted(set(state) & set(own_state))
+              if state[k].shape != own_state[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:2]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else ""]
+        raise BackboneError(f"{where}: does not fit backbone {spec.name!r} ({'; '.join(p for p in parts if p)}); "
+                            "point model.weights or the weights file at this backbone's checkpoint")
+    model.load_state_dict(state, strict=True)
+
+
+def load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights for backbone {name!r} not found; fix model.weights or the weights file")
+    load_state(model, _read_checkpoint(path), get_spec(name), path)

@@ -1,9 +1,18 @@
-"""The CLIP-IT classifier (method.md Stage 4) and its unimodal warm start (Stage 0).
+"""The CLIP-IT classifier (method.md Stage 4), its unimodal warm start (Stage 0), and how each
+method's parameters are fine-tuned.
 
 VisionClassifier: backbone -> e -> head W_v -> vision logits.
 ClipItModel adds P (d_v -> 512), H_t (512 -> 512 -> LeakyReLU(0.1) -> C) and F (2C -> C); the fused
 logits are the prediction, P(e) is distilled towards the paired report embedding during training.
 At inference no text is needed.
+
+Fine-tuning (`methods.<m>.finetune`) acts on a model's *pretrained* modules: the backbone, and the
+head W_v when it is warm-started from another run (CLIP-IT from the unimodal probe):
+  frozen  pretrained modules frozen, the rest trained (unimodal = linear probe; "no LoRA" ablation)
+  lora    LoRA adapters on every Linear/Conv2d/Embedding of the pretrained modules, base weights frozen
+  full    every parameter trained ("full fine-tuning" ablation)
+  auto    frozen for `unimodal`, else lora if model.lora.enabled, else frozen
+New modules (P, H_t, F, a fresh head, baseline classifiers) are always trained in full.
 """
 from __future__ import annotations
 
@@ -16,13 +25,19 @@ from torch import nn
 from clipit.config import LoraConfig
 
 LORA_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+FINETUNE_MODES = ("frozen", "lora", "full")
 
 
-class VisionClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, num_classes: int):
+class BackboneModel(nn.Module):
+    """A model that runs a vision backbone. Every model's forward is (images, text_emb) -> dict with
+    "logits"; `needs_text` says whether the prediction uses the paired report (not exportable)."""
+
+    needs_text = False
+    warm_start_prefixes: tuple[str, ...] = ("backbone.", "head.")  # what a warm start copies in
+
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if any(p.requires_grad for p in self.backbone.parameters()):
@@ -30,9 +45,24 @@ class VisionClassifier(nn.Module):
         with torch.no_grad():  # frozen backbone (linear probe): no activations kept for backward
             return self.backbone(images)
 
+    def pretrained_modules(self, warm_head: bool) -> tuple[str, ...]:
+        """Top-level modules that come pretrained (frozen or LoRA-adapted under frozen/lora)."""
+        return ("backbone", "head") if warm_head and hasattr(self, "head") else ("backbone",)
+
+
+class VisionClassifier(BackboneModel):
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__(backbone)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
     def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every model takes (images, text_emb); vision-only models ignore the text."""
         return {"logits": self.head(self.features(images))}
+
+
+def text_mlp(text_dim: int, num_classes: int) -> nn.Sequential:
+    """H_t of CLIP-IT and the reference text model's classifier: 512 -> 512 -> LeakyReLU(0.1) -> C."""
+    return nn.Sequential(nn.Linear(text_dim, text_dim), nn.LeakyReLU(0.1), nn.Linear(text_dim, num_classes))
 
 
 class ClipItModel(VisionClassifier):
@@ -41,7 +71,7 @@ class ClipItModel(VisionClassifier):
         dim = backbone.num_features
         self.proj = (nn.Linear(dim, text_dim) if kd_layers == 1 else
                      nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.1), nn.Linear(dim, text_dim)))
-        self.text_head = nn.Sequential(nn.Linear(text_dim, text_dim), nn.LeakyReLU(0.1), nn.Linear(text_dim, num_classes))
+        self.text_head = text_mlp(text_dim, num_classes)
         self.fuse = nn.Linear(2 * num_classes, num_classes)
 
     def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -65,17 +95,30 @@ def clipit_loss(outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | No
     return {"loss": ce + lam * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
-def lora_target_names(model: VisionClassifier, types: list[str]) -> list[str]:
-    """Every module of the requested types in the backbone and the warm-started head."""
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def lora_target_names(model: nn.Module, types: list[str], modules: tuple[str, ...] = ("backbone", "head")) -> list[str]:
+    """Every module of the requested types inside `modules` (top-level names).
+
+    Linear layers owned by nn.MultiheadAttention are skipped: its forward reads `out_proj.weight`
+    directly, so an adapter there would never run (and would leave unused parameters under DDP).
+    """
     classes = tuple(LORA_TYPES[t] for t in types)
+    inside_mha = {f"{name}.{child}" if name else child for name, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_children()}
     return [name for name, module in model.named_modules()
-            if isinstance(module, classes) and (name.startswith("backbone.") or name == "head")]
+            if isinstance(module, classes) and name not in inside_mha
+            and any(name == m or name.startswith(m + ".") for m in modules)]
 
 
-def apply_lora(model: VisionClassifier, cfg: LoraConfig) -> VisionClassifier:
+def apply_lora(model: nn.Module, cfg: LoraConfig, modules: tuple[str, ...] = ("backbone", "head")) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
 
-    names = lora_target_names(model, cfg.targets)
+    names = lora_target_names(model, cfg.targets, modules)
+    if not names:
+        return model
     # a regex that matches exactly these names: peft's list form matches suffixes ("head" would hit backbone.head)
     pattern = "|".join(re.escape(n) for n in names)
     inject_adapter_in_model(PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -83,19 +126,46 @@ def apply_lora(model: VisionClassifier, cfg: LoraConfig) -> VisionClassifier:
     return model
 
 
-def set_trainable(model: VisionClassifier, method: str, lora: bool) -> None:
-    """unimodal: head only (linear probe). clipit: LoRA adapters (or the whole backbone if no LoRA
-    and the config says full fine-tuning) plus the new heads P, H_t, F."""
+def set_trainable(model: nn.Module, finetune: str, pretrained: tuple[str, ...]) -> None:
+    """requires_grad per parameter: pretrained modules follow `finetune`, everything else trains."""
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
     for name, param in model.named_parameters():
-        if method == "unimodal":
-            param.requires_grad = name.startswith("head.")
-        elif lora:
-            param.requires_grad = "lora_" in name or name.split(".")[0] in NEW_HEADS
-        else:  # frozen backbone and head, trainable new heads (the paper's "no LoRA" ablation)
-            param.requires_grad = name.split(".")[0] in NEW_HEADS
+        if finetune == "full" or name.split(".")[0] not in pretrained:
+            param.requires_grad = True
+        else:
+            param.requires_grad = finetune == "lora" and "lora_" in name
 
 
-def build_classifier(method: str, backbone: nn.Module, num_classes: int, text_dim: int, kd_layers: int) -> VisionClassifier:
+def resolve_finetune(method: str, finetune: str, lora_enabled: bool) -> str:
+    if finetune != "auto":
+        return finetune
+    if method == "unimodal":
+        return "frozen"
+    return "lora" if lora_enabled else "frozen"
+
+
+def prepare_finetune(model: nn.Module, finetune: str, lora: LoraConfig, warm_head: bool) -> str:
+    """Inject LoRA (finetune=lora) into the pretrained modules and set requires_grad; returns the mode."""
+    pretrained = model.pretrained_modules(warm_head) if hasattr(model, "pretrained_modules") else ()
+    if finetune == "lora" and pretrained:
+        apply_lora(model, lora, pretrained)
+    set_trainable(model, finetune, pretrained)
+    return finetune
+
+
+def build_classifier(method: str, backbone: nn.Module | None, num_classes: int, text_dim: int,
+                     kd_layers: int) -> nn.Module:
+    from clipit.models import baselines
+
     if method == "unimodal":
         return VisionClassifier(backbone, num_classes)
-    return ClipItModel(backbone, num_classes, text_dim=text_dim, kd_layers=kd_layers)
+    if method == "clipit":
+        return ClipItModel(backbone, num_classes, text_dim=text_dim, kd_layers=kd_layers)
+    if method == "text":
+        return baselines.TextClassifier(text_dim, num_classes)
+    if method == "late_fusion":
+        return baselines.LateFusionModel(backbone, num_classes, text_dim)
+    if method == "early_fusion":
+        return baselines.EarlyFusionModel(backbone, num_classes, text_dim)
+    raise ValueError(f"unknown method {method!r}; choose unimodal, clipit, text, late_fusion or early_fusion")

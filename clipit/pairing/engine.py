@@ -1,10 +1,16 @@
-"""The pairing stage: report embeddings (cached), image embeddings (batched), top-k pairs per split.
+"""The pairing stage: text embeddings (cached), image embeddings (batched), top-k pairs per split.
 
-Outputs, per split, `<pairing.dir>/pairs-<split>.npz` with `indices` [N, k], `scores` [N, k] and
-the dataset `keys`, written atomically; a rerun skips splits whose file exists.
+Outputs, per split, `<pairing.dir>/pairs-<split>.npz` with `indices` [N, k], `scores` [N, k], the
+dataset `keys` and `labels`, and `meta` (JSON: the model identity, the text corpus fingerprint, k and
+the config spec that made it), written atomically. A rerun skips a split whose file exists *and*
+whose meta matches; a file made by another model, corpus or k is recomputed, so switching an
+ablation (class prompts, top-k) never reuses stale pairs.
 """
 from __future__ import annotations
 
+import glob
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +18,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clipit.data.base import ImageDataset, decode_image
+from clipit.config import ConfigError
+from clipit.data.base import DatasetError, ImageDataset, ImageSample, decode_image
 from clipit.io import atomic_save_npz
 from clipit.pairing.models import PairingModel
 from clipit.pairing.search import topk_cosine
 from clipit.reports import Report, corpus_fingerprint, load_text_embeddings, save_text_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def sample_location(dataset: ImageDataset, item: ImageSample) -> str:
+    """Best-effort path of a sample's file (for error messages): <root>/<key>.<ext> when it exists."""
+    for base in (getattr(dataset, "photos", None), getattr(dataset, "root", None)):
+        if base is None:
+            continue
+        base = Path(base)
+        candidate = base / f"{item.key}.{item.ext}"
+        if not candidate.is_file():  # other suffix spellings: .jpeg, .tiff, .PNG
+            candidate = next(iter(sorted(candidate.parent.glob(f"{glob.escape(candidate.stem)}.*"))), candidate)
+        if candidate.is_file():
+            return str(candidate)
+    return f"{dataset.name}:{item.key}"
+
+
+def decode_error(dataset: ImageDataset, item: ImageSample, err: BaseException) -> DatasetError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return DatasetError(f"{sample_location(dataset, item)}: cannot decode image ({type(err).__name__}"
+                        f"{': ' + reason if reason else ''}); replace or delete the file and rerun")
 
 
 class _Preprocessed(Dataset):
@@ -29,7 +58,23 @@ class _Preprocessed(Dataset):
         return self.dataset.split_size(self.split)
 
     def __getitem__(self, index):
-        return self.preprocess(decode_image(self.dataset.sample(self.split, index).data))
+        item = self.dataset.sample(self.split, index)
+        try:
+            image = decode_image(item.data)
+        except Exception as err:  # PIL raises several types for undecodable bytes
+            raise decode_error(self.dataset, item, err) from None
+        return self.preprocess(image)
+
+
+def _worker_error(err: Exception) -> Exception:
+    """A DataLoader worker's exception comes back with the worker traceback in its message: keep its
+    last line, so the CLI still prints one line."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return err
+    name = type(err).__name__
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return type(err)(last.split(f"{name}: ", 1)[-1].strip())
 
 
 def embed_reports(model: PairingModel, reports: list[Report], cache_dir: str | Path,
@@ -40,9 +85,9 @@ def embed_reports(model: PairingModel, reports: list[Report], cache_dir: str | P
     if cached is not None:
         return cached[0]
     chunks = []
-    for start in tqdm(range(0, len(reports), batch_size), desc="embed reports", unit="batch", leave=False):
-        chunks.append(model.encode_texts([r.text for r in reports[start : start + batch_size]]).cpu())
-    embeddings = torch.cat(chunks).numpy().astype(np.float32)
+    for start in tqdm(range(0, len(reports), batch_size), desc="embed texts", unit="batch", leave=False):
+        chunks.append(model.encode_texts([r.text for r in reports[start : start + batch_size]]))
+    embeddings = torch.cat(chunks).cpu().numpy().astype(np.float32)  # one host copy for the whole corpus
     save_text_embeddings(cache_dir, embeddings, reports, model.identity)
     return embeddings
 
@@ -50,31 +95,84 @@ def embed_reports(model: PairingModel, reports: list[Report], cache_dir: str | P
 @torch.no_grad()
 def embed_images(model: PairingModel, dataset: ImageDataset, split: str, batch_size: int = 256,
                  num_workers: int = 0) -> torch.Tensor:
-    """All images of a split, encoded in batches; results stay on the model's device."""
+    """All images of a split, encoded in batches; results stay on the model's device (no per-image sync)."""
     loader = DataLoader(_Preprocessed(dataset, split, model.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=model.device.type == "cuda")
-    feats = [model.encode_images(batch) for batch in tqdm(loader, desc=f"embed {split} images", unit="batch", leave=False)]
+                        num_workers=num_workers, pin_memory=model.device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    try:
+        feats = [model.encode_images(batch) for batch in
+                 tqdm(loader, desc=f"embed {split} images", unit="batch", leave=False)]
+    except DatasetError as err:
+        raise _worker_error(err) from None
     return torch.cat(feats)
 
 
+def pairs_meta(model_identity: dict, texts: list[Report], top_k: int, spec: dict | None) -> dict:
+    return {"model": model_identity, "fingerprint": corpus_fingerprint(texts), "num_texts": len(texts),
+            "top_k": int(top_k), "spec": spec or {}}
+
+
+def read_pairs_meta(path: str | Path) -> dict | None:
+    """The meta of a pairs file; None for files without one (made before meta existed) or unreadable ones."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data["meta"])) if "meta" in data.files else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
 def pair_dataset(model: PairingModel, dataset: ImageDataset, reports: list[Report], out_dir: str | Path,
-                 top_k: int = 1, batch_size: int = 256, num_workers: int = 0) -> dict[str, Path]:
-    """Pair every split of `dataset` with its top-k reports; returns split -> pairs file."""
+                 top_k: int = 1, batch_size: int = 256, num_workers: int = 0, search: str = "auto",
+                 spec: dict | None = None) -> dict[str, Path]:
+    """Pair every split of `dataset` with its top-k texts; returns split -> pairs file."""
     out_dir = Path(out_dir)
+    if not reports:
+        raise ValueError("no texts to pair with")
+    if top_k > len(reports):
+        raise ConfigError(f"pairing.top_k={top_k} but the corpus has only {len(reports)} texts; lower pairing.top_k")
     text = torch.from_numpy(embed_reports(model, reports, out_dir / "text-embeddings", batch_size))
+    meta = pairs_meta(model.identity, reports, top_k, spec)
     paths = {}
     for split in dataset.splits:
         path = out_dir / f"pairs-{split}.npz"
         paths[split] = path
         if path.exists():
-            continue
+            if read_pairs_meta(path) == json.loads(json.dumps(meta)):
+                continue
+            log.info("%s: made by another model, corpus or top_k; recomputing", path)
         images = embed_images(model, dataset, split, batch_size, num_workers)
-        indices, scores = topk_cosine(images, text.to(images.device), k=top_k)
+        indices, scores = topk_cosine(images, text.to(images.device), k=top_k, backend=search)
         keys = np.array(dataset.keys(split))
-        atomic_save_npz(path, indices=indices, scores=scores, keys=keys, labels=dataset.labels(split))
+        atomic_save_npz(path, indices=indices, scores=scores, keys=keys, labels=dataset.labels(split),
+                        meta=np.array(json.dumps(meta, sort_keys=True)))
     return paths
 
 
 def load_pairs(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
+
+
+# ------------------------------------------------------------------------- config-level (pipeline, CLI)
+
+
+def pairing_spec(cfg) -> dict:
+    """What the config asks of pairing (known without loading the model): a pairs file records it, so a
+    rerun can tell without building the model whether the files on disk are the ones asked for."""
+    p = cfg.pairing
+    return {"model": p.model, "checkpoint": p.checkpoint, "precision": p.precision}
+
+
+def current_pairs(cfg, dataset: ImageDataset, texts: list[Report]) -> dict[str, Path] | None:
+    """split -> pairs file if every split's pairs exist and were made for this config and these texts."""
+    out = Path(cfg.pairing.dir)
+    paths = {s: out / f"pairs-{s}.npz" for s in dataset.splits}
+    if not (out / "text-embeddings" / "identity.json").exists():
+        return None
+    fingerprint = corpus_fingerprint(texts)
+    for path in paths.values():
+        meta = read_pairs_meta(path) if path.exists() else None
+        if (meta is None or meta.get("fingerprint") != fingerprint or meta.get("top_k") != cfg.pairing.top_k
+                or meta.get("spec") != json.loads(json.dumps(pairing_spec(cfg)))):
+            return None
+    return paths

@@ -7,6 +7,8 @@ launch, srun) only start processes; they must not set precision or DeepSpeed the
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import Accelerator
 
@@ -31,14 +33,36 @@ def deepspeed_config(tcfg: TrainConfig, world_size: int = 1) -> dict:
     return config
 
 
+_CACHE: dict = {}
+
+
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
+    """One Accelerator per process and setting: accelerate allows a single DeepSpeed instance."""
+    key = (tcfg.precision, tcfg.distributed)
+    if key in _CACHE:
+        return _CACHE[key]
+    if _CACHE and (tcfg.distributed == "zero2" or any(k[1] == "zero2" for k in _CACHE)):
+        raise ValueError(f"this process already runs {next(iter(_CACHE))}; DeepSpeed cells need a process "
+                         "of their own (run them with `clipit train`, one cell per launch)")
+    _CACHE[key] = _build(tcfg)
+    return _CACHE[key]
+
+
+def _build(tcfg: TrainConfig) -> Accelerator:
     kwargs: dict = {"cpu": not torch.cuda.is_available(), "mixed_precision": PRECISION[tcfg.precision]}
     if tcfg.distributed == "zero2":
-        from accelerate.state import PartialState
         from accelerate.utils import DeepSpeedPlugin
 
-        world = PartialState().num_processes
+        world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun / accelerate launch / the SLURM launcher
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(tcfg, world))
+        # accelerate only starts DeepSpeed's process group when this is set before its state exists, and
+        # drops DeepSpeed when cpu=True; on a CPU machine DeepSpeed brings its own CPU accelerator (gloo)
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        kwargs["cpu"] = False
+        if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            from accelerate.state import PartialState
+
+            PartialState(cpu=False, backend="gloo")  # with no backend accelerate would treat it as 1 process
     return Accelerator(**kwargs)
 
 

@@ -76,9 +76,11 @@ def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed:
 
 
 def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                load_size: int | None = None) -> wds.WebLoader:
+                load_size: int | None = None) -> wds.WebLoader | list:
     """Each sample once across all ranks: rank r reads shards r, r + world, ... in order."""
     mine = urls[rank::world_size]
+    if not mine:  # fewer shards than ranks: this rank contributes nothing, the gather still lines up
+        return []
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(mine),
         wds.split_by_worker,

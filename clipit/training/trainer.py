@@ -35,14 +35,32 @@ from clipit.training.state import load_training_state, save_training_state
 
 def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
                 warm_start: Path | None = None):
-    backbone, spec = build_backbone(cfg.model.backbone, cfg.model.weights, cfg.model.image_size)
-    model = build_classifier(tcfg.method, backbone, num_classes, text_dim, cfg.model.kd_layers)
+    """The method's model (backbone weights resolved and loaded, warm start copied in, LoRA/frozen/full
+    fine-tuning set up) and the device preprocessing for its backbone.
+
+    Backbone weights found through the weights file or the hub are written back to cfg.model.weights,
+    so the run's config.yaml records exactly which checkpoint was used (and rebuilds use it again).
+    """
+    from clipit.config import ConfigError
+    from clipit.models.clipit import prepare_finetune, resolve_finetune
+    from clipit.models.factory import build_method_model
+
+    model, spec, source = build_method_model(cfg.model, tcfg, num_classes, text_dim)
+    if source is not None and source.kind != "random":
+        cfg.model.weights = source.stored
     if warm_start is not None:  # CLIP-IT starts from the unimodal probe's backbone and head
-        load_model_state(warm_start, model, prefixes=("backbone.", "head."))
-    lora = tcfg.method == "clipit" and cfg.model.lora.enabled
-    if lora:
-        apply_lora(model, cfg.model.lora)
-    set_trainable(model, tcfg.method, lora)
+        load_model_state(warm_start, model, prefixes=model.warm_start_prefixes)
+    if tcfg.text_warm_start:  # late fusion: H_t from the text model of the same seed
+        if not tcfg.warm_start:
+            raise ConfigError(f"methods.*.text_warm_start={tcfg.text_warm_start!r} needs warm_start too "
+                              "(the text run is found next to the warm-start run of the same seed)")
+        if warm_start is not None:  # training; evaluation reloads H_t from the run's own checkpoint
+            text_best = Path(warm_start).parent.parent.parent / tcfg.text_warm_start / Path(warm_start).parent.name / "best"
+            if not text_best.with_suffix(".json").exists():
+                raise ConfigError(f"{text_best}.json: text warm start is missing; train {tcfg.text_warm_start} first")
+            load_model_state(text_best, model, prefixes=("text_head.",))
+    finetune = resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled)
+    prepare_finetune(model, finetune, cfg.model.lora, warm_head=tcfg.warm_start is not None)
     preprocess = DevicePreprocess(cfg.model.image_size or spec.input_size, spec.mean, spec.std)
     return model, preprocess
 

@@ -49,14 +49,14 @@ def test_lora_targets_and_trainable_sets():
     assert "head" in names and "backbone.patch_embed.proj" in names
     assert not any(n.startswith(("proj", "text_head", "fuse")) for n in names)
     apply_lora(model, LoraConfig(r=4, alpha=8))
-    set_trainable(model, "clipit", lora=True)
+    set_trainable(model, "lora", model.pretrained_modules(warm_head=True))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("lora_" in n or n.split(".")[0] in ("proj", "text_head", "fuse") for n in trainable)
     assert any(n.startswith("head.lora_A") for n in trainable)  # the warm-started head carries LoRA too
     assert not any("base_layer" in n for n in trainable)
     # LoRA starts as the identity: B is zero-initialised
     probe = VisionClassifier(tiny()[0], 3)
-    set_trainable(probe, "unimodal", lora=False)
+    set_trainable(probe, "frozen", probe.pretrained_modules(warm_head=False))
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
 
 

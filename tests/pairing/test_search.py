@@ -53,3 +53,48 @@ def test_bad_shapes_and_k():
         topk_cosine(np.ones((2, 3)), np.ones((2, 4)))
     with pytest.raises(ValueError, match="k=3"):
         topk_cosine(np.ones((2, 3)), np.ones((2, 3)), k=3)
+
+
+# --------------------------------------------------------------------------- faiss backend and auto choice
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_faiss_gives_the_same_pairs_as_torch(k):
+    rng = np.random.default_rng(2)
+    queries, keys = rng.normal(size=(2000, 64)), rng.normal(size=(700, 64))
+    t_idx, t_val = topk_cosine(queries, keys, k=k, backend="torch", chunk_size=333)
+    f_idx, f_val = topk_cosine(queries, keys, k=k, backend="faiss", chunk_size=500)
+    np.testing.assert_array_equal(f_idx, t_idx)
+    np.testing.assert_allclose(f_val, t_val, atol=1e-5)
+    np.testing.assert_array_equal(t_idx, brute_force(queries, keys, k)[0])
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_faiss_breaks_ties_like_torch(k):
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 16))
+    keys = np.concatenate([base, base, base]).astype(np.float32)
+    queries = np.concatenate([base, rng.normal(size=(30, 16))])
+    f_idx, _ = topk_cosine(queries, keys, k=k, backend="faiss")
+    np.testing.assert_array_equal(f_idx, topk_cosine(queries, keys, k=k, backend="torch")[0])
+    np.testing.assert_array_equal(f_idx, brute_force(queries, keys, k)[0])
+
+
+def test_auto_backend_choice():
+    from clipit.pairing.search import FAISS_MIN_KEYS, choose_backend
+
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", FAISS_MIN_KEYS, cpu) == "faiss"
+    assert choose_backend("auto", FAISS_MIN_KEYS - 1, cpu) == "torch"
+    assert choose_backend("auto", 10**6, torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="unknown search backend"):
+        choose_backend("annoy", 10, cpu)
+
+
+def test_topk_on_ties_straddling_the_kth_place():
+    # keys 1 and 2 tie for second place: k=2 must keep the lower index
+    q = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [0.0, 1.0]])
+    idx, _ = topk_cosine(q, keys, k=2)
+    assert idx.tolist() == [[0, 1]]

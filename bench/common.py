@@ -1,0 +1,79 @@
+"""Shared helpers for the model benchmarks: the models built through clipit's own code paths
+(build_classifier + prepare_finetune, as trainer.build_model does) and an interleaved timer."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipit.config import LoraConfig  # noqa: E402
+from clipit.models.backbones import build_backbone  # noqa: E402
+from clipit.models.clipit import build_classifier, prepare_finetune  # noqa: E402
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--backbone", default="kaiko-vits16", help="registry name; built with random weights")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--text-dim", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (each times every variant once)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=8)
+    return p
+
+
+def setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, backbone "
+          f"{args.backbone} (random init), batch {args.batch_size}, {args.image_size} px, LoRA r{args.lora_r} "
+          f"on Linear+Conv2d+Embedding")
+
+
+def make(args, method: str, finetune: str, warm_head: bool, seed: int = 0) -> torch.nn.Module:
+    """One method's model with the same (seeded) backbone weights for every variant."""
+    torch.manual_seed(seed)
+    backbone, _ = build_backbone(args.backbone, weights="random", image_size=args.image_size)
+    model = build_classifier(method, backbone, args.classes, args.text_dim, 1)
+    prepare_finetune(model, finetune, LoraConfig(r=args.lora_r, alpha=args.lora_alpha), warm_head=warm_head)
+    return model.to(args.device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Round-robin timing: every round times each variant once, so drift hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def count(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

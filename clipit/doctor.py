@@ -1,0 +1,185 @@
+"""`clipit doctor CONFIG`: check, before a job is queued, everything the config needs.
+
+One line per check: `✓` passed, `✗` failed (the line says what to fix), `·` informational. The
+checks: input paths (data root, report corpus), the weights file, every backbone weight the
+methods need (found, strict load, output width as declared), the pairing model's weights (found,
+loads, embedding width = model.text_dim), the shard manifest (embedding width = model.text_dim),
+and the methods' warm-start references. Exit status 0 when nothing failed, 2 otherwise.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from clipit.config import ExperimentConfig
+
+OK, FAIL, INFO = "✓", "✗", "·"
+
+
+@dataclass
+class Check:
+    status: str  # OK | FAIL | INFO
+    what: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status} {self.what}: {self.detail}"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def check_paths(cfg: ExperimentConfig) -> list[Check]:
+    out = []
+    for what, value in [("data", cfg.data.root), ("reports", cfg.reports.path)]:
+        if cfg.data.name == "demo":
+            out.append(Check(INFO, what, f"demo: generated at run time under {value}"))
+        elif value and Path(value).exists():
+            out.append(Check(OK, what, f"{value} exists"))
+        else:
+            key = "data.root" if what == "data" else "reports.path"
+            out.append(Check(FAIL, what, f"{value} not found; fix {key}"))
+    return out
+
+
+def check_weights_file(cfg: ExperimentConfig) -> list[Check]:
+    from clipit.weights import WeightsError, read_weights_file, weights_file_path
+
+    file = weights_file_path(cfg.model.weights_file)
+    if file is None:
+        return [Check(INFO, "weights file", "none (set model.weights_file or $CLIPIT_WEIGHTS to use one)")]
+    try:
+        entries = read_weights_file(file, cfg.model.weights_file)
+    except WeightsError as err:
+        return [Check(FAIL, "weights file", _one_line(err))]
+    return [Check(OK, "weights file", f"{file} ({len(entries)} entries)")]
+
+
+def check_backbone(cfg: ExperimentConfig) -> list[Check]:
+    from clipit.config import ConfigError
+    from clipit.models.backbones import BackboneError, build_backbone, get_spec, resolve_weights
+
+    users = sorted(name for name, t in cfg.methods.items() if t.method != "text")
+    if not users:
+        return []
+    name = cfg.model.backbone
+    what = f"backbone {name}"
+    try:
+        spec = get_spec(name)
+        source = resolve_weights(name, cfg.model.weights, cfg.model.weights_file)
+    except (BackboneError, ConfigError) as err:
+        return [Check(FAIL, what, _one_line(err))]
+    checks = [Check(OK, what, f"weights {source}, used by {', '.join(users)}")]
+    try:
+        model, spec = build_backbone(name, source, cfg.model.image_size, cfg.model.weights_file)
+    except (BackboneError, ConfigError) as err:
+        return checks + [Check(FAIL, what, _one_line(err))]
+    if source.kind != "random":
+        checks.append(Check(OK, what, "strict load: every tensor of the checkpoint fits"))
+    size = cfg.model.image_size or spec.input_size
+    with torch.no_grad():
+        try:
+            width = int(model.eval()(torch.zeros(1, 3, size, size)).shape[-1])
+        except Exception as err:  # a wrong image_size for a fixed-size model, etc.
+            return checks + [Check(FAIL, what, f"forward at {size} px fails: {_one_line(err)}")]
+    declared = spec.dim if spec.dim is not None else model.num_features
+    if width != declared or width != model.num_features:
+        checks.append(Check(FAIL, what, f"output width {width}, declared {declared} (num_features "
+                                        f"{model.num_features}); the checkpoint or registry entry is wrong"))
+    else:
+        checks.append(Check(OK, what, f"output width {width} at {size} px, as declared"))
+    return checks
+
+
+def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
+    from clipit.pairing.models import PairingModelError, build_pairing_model
+    from clipit.weights import WeightsError, resolve_pairing_checkpoint
+
+    name = cfg.pairing.model
+    what = f"pairing model {name}"
+    fail = INFO if shards_built else FAIL  # built shards no longer need the pairing model
+    after = " (shards are built, so only a re-pairing needs it)" if shards_built else ""
+    if name == "demo-clip":
+        path = cfg.pairing.checkpoint
+        if path and Path(path).exists():
+            return [Check(OK, what, f"{path} exists")]
+        return [Check(INFO, what, "trained by `clipit demo` when missing")]
+    try:
+        checkpoint = resolve_pairing_checkpoint(name, cfg.pairing.checkpoint, cfg.model.weights_file)
+    except WeightsError as err:
+        return [Check(fail, what, _one_line(err) + after)]
+    if checkpoint is None:
+        return [Check(fail, what, f"no weights: set pairing.checkpoint or add `{name}: /path/to/checkpoint` to a "
+                                  f"weights file (model.weights_file or $CLIPIT_WEIGHTS){after}")]
+    try:
+        model = build_pairing_model(name, checkpoint, "cpu")
+        dim = model.embed_dim
+    except (PairingModelError, OSError, RuntimeError) as err:
+        return [Check(fail, what, _one_line(err) + after)]
+    checks = [Check(OK, what, f"{checkpoint} loads")]
+    if dim != cfg.model.text_dim:
+        checks.append(Check(FAIL, what, f"embeds into {dim}-d, model.text_dim is {cfg.model.text_dim}; fix model.text_dim"))
+    else:
+        checks.append(Check(OK, what, f"embedding width {dim} = model.text_dim"))
+    return checks
+
+
+def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
+    from clipit.shards import MANIFEST, ShardError, load_manifest
+
+    path = Path(cfg.shards.dir) / MANIFEST
+    if not path.exists():
+        return [Check(INFO, "shards", f"not built yet ({path}); `clipit shard` builds them")], False
+    try:
+        manifest = load_manifest(cfg.shards.dir)
+        dim = int(manifest["embedding"]["dim"])
+    except (ShardError, KeyError, ValueError, OSError) as err:
+        return [Check(FAIL, "shards", f"{path}: unreadable manifest ({_one_line(err)})")], True
+    counts = ", ".join(f"{s} {v['count']}" for s, v in manifest.get("splits", {}).items())
+    if dim != cfg.model.text_dim:
+        return [Check(FAIL, "shards", f"{path}: report embeddings are {dim}-d but model.text_dim is "
+                                      f"{cfg.model.text_dim}; fix model.text_dim or rebuild the shards")], True
+    return [Check(OK, "shards", f"{len(manifest.get('classes', []))} classes, {counts}; embeddings {dim}-d "
+                                f"= model.text_dim")], True
+
+
+def check_methods(cfg: ExperimentConfig) -> list[Check]:
+    from clipit.models.clipit import resolve_finetune
+
+    if not cfg.methods:
+        return [Check(FAIL, "methods", "the config defines no methods")]
+    out = []
+    for name, t in cfg.methods.items():
+        bad = [f"{key}={ref!r}" for key, ref in [("warm_start", t.warm_start), ("text_warm_start", t.text_warm_start)]
+               if ref and ref not in cfg.methods]
+        if bad:
+            out.append(Check(FAIL, f"method {name}", f"{', '.join(bad)} names no method; known: {sorted(cfg.methods)}"))
+        elif t.text_warm_start and not t.warm_start:
+            out.append(Check(FAIL, f"method {name}", "text_warm_start needs warm_start too"))
+        else:
+            mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
+            warm = f", warm start {t.warm_start}" if t.warm_start else ""
+            out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}"))
+    return out
+
+
+def run_doctor(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> int:
+    """Run every check, print one line each; returns the exit status (0 ok, 2 problems)."""
+    shard_checks, shards_built = check_shards(cfg)
+    groups = [lambda: check_paths(cfg), lambda: check_weights_file(cfg), lambda: check_methods(cfg),
+              lambda: check_backbone(cfg), lambda: check_pairing(cfg, shards_built), lambda: shard_checks]
+    failed = 0
+    for group in groups:
+        for check in group():
+            echo(check.line())
+            failed += check.status == FAIL
+    if failed:
+        print(f"clipit doctor: {failed} problem(s); fix the ✗ lines above", file=sys.stderr)
+        return 2
+    echo("all checks passed")
+    return 0

@@ -1,0 +1,498 @@
+"""Run a grid (clipit/grid.py) as submitit job arrays: plan, pre-flight, submit in chunks, run tasks.
+
+    python launchers/grid.py --config configs/grids/demo.yaml [--profile local] [--dry-run | --local]
+
+The launcher process only plans and submits. Each array task runs `run_task` on a compute node: the
+cells of its chain in order (warm starts first), each through `pipeline.train_and_evaluate`, i.e.
+exactly `clipit train --config CFG --set ... --method M --seed S`. The task's rank 0 records the
+cell states in the ledger (clipit/ledger.py). `CellRunner` is a submitit `Checkpointable`: on a
+timeout or preemption (USR2) submitit requeues the same call, which skips finished cells and
+resumes the interrupted one from the trainer's `checkpoints/latest/`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from clipit import ledger
+from clipit.config import ConfigError
+from clipit.grid import Cell, ClusterProfile, Plan, Task, cell_is_done, chunk, expand, load_profile
+
+DEFAULT_MAX_ARRAY_SIZE = 1000  # SLURM's default MaxArraySize is 1001 (indices 0..1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the job
+
+
+def job_info(executor: str = "slurm") -> dict:
+    """Who runs this task: job id (`<array>_<task>` on SLURM), host, restart count, rank."""
+    info = {"host": socket.gethostname(), "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "executor": executor}
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        info |= {"job_id": str(env.job_id), "rank": env.global_rank, "world": env.num_tasks}
+    except Exception:  # not inside a submitit job (tests, direct calls)
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID") or str(os.getpid())
+        info |= {"job_id": job, "rank": int(os.environ.get("RANK", "0")), "world": int(os.environ.get("WORLD_SIZE", "1"))}
+    return info
+
+
+def setup_distributed() -> None:
+    """Several tasks per job (nodes x tasks_per_node > 1): export the torch.distributed env:// variables
+    from SLURM so that the trainer's plain `Accelerator()` forms one process group (one task per GPU)."""
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+    except Exception:
+        return
+    if env.num_tasks > 1:
+        # Each task sees the node's GPUs; Accelerate picks cuda:LOCAL_RANK, so keep CUDA_VISIBLE_DEVICES.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def train_cell(cell: Cell) -> dict:
+    """What `clipit train --config CFG --set ... --method M --seed S` does for one seed."""
+    from clipit.pipeline import train_and_evaluate
+
+    return train_and_evaluate(cell.load(), cell.method, cell.seed)
+
+
+def warm_start_dir(cell: Cell) -> Path | None:
+    """Where `train_and_evaluate` looks for this cell's warm start (a sibling method's run dir)."""
+    if cell.warm_start is None:
+        return None
+    run = Path(cell.run_dir)  # <output_dir>/runs/<method>/seed-<n>
+    return run.parent.parent / cell.warm_start / run.name
+
+
+def link_warm_start(cell: Cell) -> None:
+    """Reuse another axis value's warm start: a relative symlink in this cell's output_dir."""
+    target, link = Path(cell.warm_start_link), warm_start_dir(cell)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        if os.path.realpath(link) == os.path.realpath(target):
+            return
+        link.unlink()
+    elif link.exists():
+        return  # trained in place earlier: keep it
+    try:
+        os.symlink(os.path.relpath(target, link.parent), link, target_is_directory=True)
+    except FileExistsError:  # another rank made it
+        pass
+
+
+class CellsFailed(RuntimeError):
+    pass
+
+
+class SubmissionError(RuntimeError):
+    """sbatch refused a submission (the message is its stderr)."""
+
+
+def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
+    """Run a task's cells in order; returns {cell key: outcome}. Raises CellsFailed if any failed.
+
+    A finished cell is skipped, a cell whose warm start failed in this task is marked failed without
+    running, and the other cells still run (ablation variants do not depend on each other).
+    """
+    os.chdir(task.workdir)
+    setup_distributed()
+    job = job_info(executor)
+    rank0 = job.get("rank", 0) == 0
+    outcomes: dict[str, str] = {}
+    failed_dirs: set[str] = set()
+    for cell in task.cells:
+        if cell_is_done(cell):
+            if rank0 and (ledger.read_state(cell.run_dir) or {}).get("state") != "done":
+                ledger.mark_done(cell.run_dir, job, note="already finished")
+            outcomes[cell.key] = "skipped (done)"
+            continue
+        warm = cell.warm_start_link or (str(warm_start_dir(cell)) if cell.warm_start else None)
+        if warm is not None and os.path.realpath(warm) in failed_dirs:
+            if rank0:
+                ledger.mark_failed(cell.run_dir, f"warm start {cell.warm_start} failed in this task ({warm})", job)
+            failed_dirs.add(os.path.realpath(cell.run_dir))
+            outcomes[cell.key] = "failed (warm start failed)"
+            continue
+        if cell.warm_start_link:
+            link_warm_start(cell)
+        if rank0:
+            ledger.mark_running(cell.run_dir, job | {"command": cell.command()})
+        print(f"[clipit grid] {cell.key}: {cell.command()}", flush=True)
+        try:
+            metrics = train(cell)
+        except Exception:  # noqa: BLE001 - one failed cell must not stop its independent siblings
+            text = traceback.format_exc()
+            print(text, file=sys.stderr, flush=True)
+            if rank0:
+                ledger.mark_failed(cell.run_dir, text, job)
+            failed_dirs.add(os.path.realpath(cell.run_dir))
+            outcomes[cell.key] = "failed"
+            continue
+        if rank0:
+            keep = {k: metrics.get(k) for k in ("balanced_accuracy", "accuracy") if isinstance(metrics, dict)}
+            ledger.mark_done(cell.run_dir, job, metrics=keep)
+        outcomes[cell.key] = "done"
+    failed = [k for k, v in outcomes.items() if v.startswith("failed")]
+    if failed:
+        raise CellsFailed(f"{len(failed)} of {len(task.cells)} cells failed: {', '.join(failed)} "
+                          "(tracebacks in their state.json and in this job's log)")
+    return outcomes
+
+
+try:
+    import submitit as _submitit
+
+    _Checkpointable = _submitit.helpers.Checkpointable
+except ImportError:  # pragma: no cover - submitit is a dependency
+    _Checkpointable = object
+
+
+class CellRunner(_Checkpointable):
+    """The submitted callable. `checkpoint()` (inherited) resubmits the same task on timeout or
+    preemption; the rerun skips finished cells and the trainer resumes from checkpoints/latest/."""
+
+    def __init__(self, executor: str = "slurm"):
+        self.executor = executor
+
+    def __call__(self, task: Task) -> dict:
+        return run_task(task, executor=self.executor)
+
+    def checkpoint(self, *args, **kwargs):
+        print(f"[clipit grid] checkpoint: requeueing {args[0].label if args else ''} "
+              f"(restart {os.environ.get('SLURM_RESTART_COUNT', '0')})", flush=True)
+        return super().checkpoint(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Submitting
+
+
+def cluster_max_array_size() -> int | None:
+    """MaxArraySize of the cluster (scontrol show config), or None without SLURM."""
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(match.group(1)) if match else None
+
+
+def array_chunk_size(profile: ClusterProfile, cluster_value: int | None) -> int:
+    """Tasks per array: the profile's cap, never above the cluster's MaxArraySize."""
+    limits = [v for v in (profile.max_array_size or None, cluster_value) if v]
+    return min(limits) if limits else DEFAULT_MAX_ARRAY_SIZE
+
+
+def make_executor(profile: ClusterProfile, folder: Path, name: str, cluster: str, dependency: str | None = None):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster,
+                                     slurm_max_num_timeout=profile.max_num_timeout,
+                                     local_max_num_timeout=profile.max_num_timeout,
+                                     **({"slurm_python": profile.python, "local_python": profile.python}
+                                        if profile.python else {}))
+    params = dict(name=name, timeout_min=profile.timeout_min, nodes=profile.nodes,
+                  tasks_per_node=profile.tasks_per_node, cpus_per_task=profile.cpus_per_task,
+                  mem_gb=float(profile.mem_gb), stderr_to_stdout=True)
+    if profile.gpus_per_node:
+        params["gpus_per_node"] = profile.gpus_per_node
+    if cluster == "slurm":
+        params |= {"slurm_array_parallelism": profile.array_parallelism,
+                   "slurm_signal_delay_s": profile.signal_delay_s}
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(profile, key):
+                params[f"slurm_{key}"] = getattr(profile, key)
+        if profile.setup:
+            params["slurm_setup"] = list(profile.setup)
+        additional = dict(profile.additional)
+        if dependency:
+            # afterok: start once the tasks that train the warm starts succeeded; if one fails the
+            # dependency can never be met, and SLURM cancels these tasks instead of keeping them queued
+            # (the ledger then shows them as lost, and a rerun resubmits them).
+            params["slurm_dependency"] = dependency
+            additional.setdefault("kill_on_invalid_dep", "yes")
+        if additional:
+            params["slurm_additional_parameters"] = additional
+    elif cluster == "local" and profile.setup:
+        params["local_setup"] = list(profile.setup)
+    executor.update_parameters(**params)
+    return executor
+
+
+def cell_statuses(plan: Plan, alive=None) -> dict[str, tuple[str, dict | None]]:
+    alive = alive or ledger.JobChecker()
+    return {c.run_dir: ledger.classify(c.run_dir, cell_is_done(c), alive) for c in plan.cells}
+
+
+def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> tuple[list[Task], list[str]]:
+    """Tasks with work left and no cell still in flight; plus notes on what is skipped and why."""
+    todo, notes, skipped = [], [], set()
+    for i, task in enumerate(plan.tasks):
+        states = [statuses[c.run_dir][0] for c in task.cells]
+        if all(s == "done" for s in states):
+            continue
+        busy = [c for c, s in zip(task.cells, states) if s == "in-flight" or (s == "unknown" and not force_unknown)]
+        if busy:
+            status, st = statuses[busy[0].run_dir]
+            why = "still queued or running" if status == "in-flight" else \
+                "state unknown: squeue did not answer (--force-unknown resubmits)"
+            notes.append(f"not resubmitted: {task.label} (job {(st or {}).get('job_id')} {why})")
+            skipped.add(i)
+            continue
+        if any(d in skipped and statuses[plan.tasks[d].cells[0].run_dir][0] != "in-flight" for d in task.after):
+            notes.append(f"not submitted: {task.label} (the task that trains its warm start was not submitted)")
+            skipped.add(i)
+            continue
+        todo.append(task)
+    return todo, notes
+
+
+def dependency_ids(plan: Plan, task: Task, new_jobs: dict[int, str], statuses: dict) -> list[str]:
+    """Job ids this task must wait for: its warm-start tasks submitted now, or still in flight."""
+    ids = []
+    for i in task.after:
+        if i in new_jobs:
+            ids.append(new_jobs[i])
+            continue
+        for cell in plan.tasks[i].cells:  # not resubmitted: finished, or queued/running from before
+            status, state = statuses[cell.run_dir]
+            if status == "in-flight" and state and state.get("job_id"):
+                ids.append(str(state["job_id"]))
+                break
+    return sorted(set(ids))
+
+
+def preflight(cells: list[Cell], grid_path: str = "<grid>") -> tuple[list[str], list[str]]:
+    """(problems, warnings) found before anything is queued: missing shard sets and backbone weights
+    would make every task fail on its node, hub downloads fail on offline nodes."""
+    problems, warnings, seen = [], [], set()
+    for cell in cells:
+        cfg = cell.load()
+        manifest = Path(cfg.shards.dir) / "manifest.json"
+        if manifest not in seen and not manifest.exists():
+            problems.append(f"{manifest}: shards not built; run `python launchers/shards.py --grid {grid_path}` first")
+        seen.add(manifest)
+        if cell.kind == "text":  # the text-only model has no backbone
+            continue
+        key = (cfg.model.backbone, cfg.model.weights, cfg.model.weights_file)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            from clipit.models.backbones import resolve_weights
+
+            source = resolve_weights(*key)
+        except ConfigError as err:
+            problems.append(str(err))
+        except Exception as err:  # noqa: BLE001 - an unknown backbone name, etc.
+            problems.append(f"backbone {cfg.model.backbone!r}: {' '.join(str(err).split())}")
+        else:
+            if source.kind == "hub":
+                warnings.append(f"backbone {cfg.model.backbone!r}: weights will be downloaded from {source.location} "
+                                "on the compute node; offline nodes need a weights file (docs/reproduce.md)")
+    return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
+
+
+def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
+    submit = {id(t) for t in todo}
+    out(f"grid {plan.grid.name}: {len(plan.cells)} cells in {len(plan.tasks)} tasks; root {plan.root}")
+    out("cells: " + ledger.summarize(s for s, _ in statuses.values()))
+    for i, task in enumerate(plan.tasks):
+        mark = "submit" if id(task) in submit else "skip"
+        after = f" (after task {', '.join(map(str, task.after))})" if task.after else ""
+        out(f"task {i} [{mark}] {task.label}{after}")
+        for cell in task.cells:
+            status, state = statuses[cell.run_dir]
+            job = f" job {state.get('job_id')}" if state and state.get("job_id") and status != "done" else ""
+            link = f" (warm start from {cell.warm_start_link})" if cell.warm_start_link else ""
+            out(f"  {cell.method:<12} seed {cell.seed}  {status:<9}{job}  {cell.run_dir}{link}")
+    for note in plan.notes:
+        out(f"note: {note}")
+
+
+def submit(plan: Plan, todo: list[Task], profile: ClusterProfile, cluster: str, log_root: Path,
+           statuses: dict, out=print) -> list:
+    """Submit `todo` as arrays of at most MaxArraySize tasks; record pending + job ids in the ledger.
+
+    Tasks without pending warm starts go first; tasks that wait for one are then submitted as arrays
+    grouped by the job ids they wait for, each with an afterok dependency on exactly those tasks."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = log_root / f"{stamp}-{os.getpid()}"  # fresh: SLURM job ids repeat after a purge
+    size = array_chunk_size(profile, cluster_max_array_size() if cluster == "slurm" else None)
+    index = {id(t): i for i, t in enumerate(plan.tasks)}
+    new_jobs: dict[int, str] = {}
+    first = [t for t in todo if not t.after]
+    groups: dict[tuple, list[Task]] = {(): first} if first else {}
+    waiting = [t for t in todo if t.after]
+    out(f"submitting {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells) to {cluster} in arrays of "
+        f"<= {size}; logs in {folder}")
+    jobs = []
+    runner = CellRunner(executor=cluster)
+    for wave in (0, 1):
+        if wave == 1:
+            groups = {}
+            for task in waiting:
+                groups.setdefault(tuple(dependency_ids(plan, task, new_jobs, statuses)), []).append(task)
+        for deps, tasks in groups.items():
+            dependency = "afterok:" + ":".join(deps) if deps else None
+            executor = make_executor(profile, folder, f"clipit-{plan.grid.name}", cluster, dependency)
+            for part in chunk(tasks, size):
+                for task in part:
+                    for cell in task.cells:
+                        if not cell_is_done(cell):
+                            ledger.mark_submitting(cell.run_dir, cell.to_dict(), cluster, str(folder))
+                try:
+                    part_jobs = executor.map_array(runner, part)
+                except Exception as err:  # sbatch refused (no controller, bad partition/account ...)
+                    message = " ".join(str(err).split())[-500:]
+                    for task in part:
+                        for cell in task.cells:
+                            if not cell_is_done(cell):
+                                ledger.mark_failed(cell.run_dir, f"submission failed: {message}")
+                    raise SubmissionError(f"submitting {len(part)} task(s) failed: {message}") from None
+                for task, job in zip(part, part_jobs):
+                    new_jobs[index[id(task)]] = str(job.job_id)
+                    out(f"job {job.job_id}  {task.label}" + (f"  (after {', '.join(deps)})" if deps else ""))
+                    for cell in task.cells:
+                        if not cell_is_done(cell):
+                            ledger.mark_submitted(cell.run_dir, str(job.job_id))
+                        out(f"  {cell.method:<12} seed {cell.seed}  {cell.run_dir}")
+                jobs += part_jobs
+    return jobs
+
+
+def run_local(plan: Plan, todo: list[Task], profile: ClusterProfile, log_root: Path, out=print) -> int:
+    """`--local`: submitit's local executor, at most `array_parallelism` tasks at a time; waits.
+    A task that waits for a warm start starts once that task succeeded (and is skipped if it failed)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = log_root / f"{stamp}-{os.getpid()}"
+    executor = make_executor(profile, folder, f"clipit-{plan.grid.name}", "local")
+    runner = CellRunner(executor="local")
+    index = {id(t): i for i, t in enumerate(plan.tasks)}
+    submitted = {index[id(t)] for t in todo}
+    width = max(1, profile.array_parallelism)
+    queue, running, finished, failures = list(todo), [], {}, 0
+    out(f"running {len(todo)} tasks locally, {width} at a time; logs in {folder}")
+    while queue or running:
+        for task in list(queue):
+            if len(running) >= width:
+                break
+            deps = [d for d in task.after if d in submitted]
+            if any(finished.get(d) is False for d in deps):
+                queue.remove(task)
+                failures += 1
+                out(f"SKIPPED {task.label}: the task that trains its warm start failed")
+                continue
+            if not all(finished.get(d) for d in deps):
+                continue
+            queue.remove(task)
+            for cell in task.cells:
+                if not cell_is_done(cell):
+                    ledger.mark_submitting(cell.run_dir, cell.to_dict(), "local", str(folder))
+            job = executor.submit(runner, task)
+            for cell in task.cells:
+                if not cell_is_done(cell):
+                    ledger.mark_submitted(cell.run_dir, str(job.job_id))
+            out(f"job {job.job_id}  {task.label}")
+            for cell in task.cells:
+                out(f"  {cell.method:<12} seed {cell.seed}  {cell.run_dir}")
+            running.append((job, task))
+        time.sleep(0.5)
+        for job, task in list(running):
+            if job.done():
+                running.remove((job, task))
+                try:
+                    job.results()
+                    finished[index[id(task)]] = True
+                    out(f"finished {task.label}")
+                except Exception as err:  # noqa: BLE001
+                    finished[index[id(task)]] = False
+                    failures += 1
+                    last = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+                    out(f"FAILED {task.label}: {last} (log: {job.paths.stdout})")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launchers/grid.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="grid file, e.g. configs/grids/demo.yaml")
+    parser.add_argument("--profile", help="cluster profile name (slurm/profiles/<name>.yaml) or path; "
+                                          "default: the grid's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value in every cell's experiment config (repeatable)")
+    parser.add_argument("--root", help="replace the grid's root folder (where {root} points)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the cells, their state and the tasks; submit nothing")
+    mode.add_argument("--local", action="store_true", help="run with submitit's local executor on this machine (waits)")
+    parser.add_argument("--wait", action="store_true", help="after submitting to SLURM, wait for the tasks")
+    parser.add_argument("--force-unknown", action="store_true",
+                        help="resubmit cells whose job state cannot be checked (no squeue)")
+    parser.add_argument("--no-preflight", action="store_true", help="submit even if shards or weights are missing")
+    args = parser.parse_args(argv)
+    try:
+        plan = expand(args.config, args.set, root=args.root)
+        profile = load_profile(args.profile or plan.grid.profile, plan.grid.resources)
+    except ConfigError as err:
+        print(f"grid: error: {err}", file=sys.stderr)
+        return 2
+    cluster = "local" if args.local else profile.executor
+    statuses = cell_statuses(plan)
+    todo, notes = tasks_to_submit(plan, statuses, args.force_unknown)
+    problems, warnings = preflight([c for t in todo for c in t.cells if not cell_is_done(c)], args.config)
+    if args.dry_run:
+        print_plan(plan, statuses, todo)
+        print(f"profile {args.profile or plan.grid.profile}: executor {cluster}, partition {profile.partition}, "
+              f"account {profile.account}, {profile.nodes} node(s) x {profile.tasks_per_node} task(s), "
+              f"{profile.gpus_per_node} GPU(s)/node, {profile.cpus_per_task} CPUs/task, {profile.mem_gb:g} GB, "
+              f"{profile.timeout_min} min, parallelism {profile.array_parallelism}")
+        for line in notes + [f"pre-flight: {p}" for p in problems + warnings]:
+            print(line)
+        print(f"would submit {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells)")
+        return 0
+    for line in notes + [f"warning: {w}" for w in warnings]:
+        print(line)
+    if problems and not args.no_preflight:
+        for p in problems:
+            print(f"grid: error: {p}", file=sys.stderr)
+        return 2
+    if not todo:
+        print(f"nothing to submit: cells {ledger.summarize(s for s, _ in statuses.values())}")
+        return 0
+    log_root = Path(plan.root) / "submitit"
+    if cluster == "local":
+        failures = run_local(plan, todo, profile, log_root)
+        print(f"local run finished: {len(todo) - failures} tasks ok, {failures} failed")
+        return 1 if failures else 0
+    try:
+        jobs = submit(plan, todo, profile, cluster, log_root, statuses)
+    except SubmissionError as err:
+        print(f"grid: error: {err}", file=sys.stderr)
+        return 1
+    if args.wait:
+        failures = 0
+        for job in jobs:
+            try:
+                job.results()
+            except Exception as err:  # noqa: BLE001
+                failures += 1
+                print(f"FAILED job {job.job_id}: {str(err).strip().splitlines()[-1:]}")
+        return 1 if failures else 0
+    return 0

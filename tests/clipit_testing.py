@@ -1,0 +1,20 @@
+"""Shared helpers for tests that run the real CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/demo-tiny.yaml"
+
+
+def run_clipit(*args, timeout=600, **kwargs):
+    """The real `clipit` CLI in a fresh process (what users and SLURM jobs run)."""
+    return subprocess.run([sys.executable, "-m", "clipit.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+
+
+def train_args(out: Path, shards: list[str], *extra: str, method: str = "clipit", seed: int = 0) -> list[str]:
+    sets = [f"output_dir={out}", *shards, *extra]
+    return ["train", "--config", TINY, "--method", method, "--seed", str(seed)] + [a for s in sets for a in ("--set", s)]
