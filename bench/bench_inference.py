@@ -49,7 +49,7 @@ def main() -> None:
         return run
 
     variants = {"unimodal": unimodal, "clipit-merged": merged, "clipit-unmerged": unmerged}
-    times = interleaved({k: fwd(m) for k, m in variants.items()}, args.repeats, args.warmup, args.device)
+    times = interleaved({k: fwd(m) for k, m in variants.items()}, args.repeats, args.warmup, args.device, args.clock)
     base_params = count(unimodal)
     print("| variant | parameters | forward (median s) | images/s | min..max s |")
     print("|---|---|---|---|---|")

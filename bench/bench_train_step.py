@@ -51,7 +51,7 @@ def main() -> None:
     for m in models.values():
         m.train()
     times = interleaved({k: step_fn(m, images, labels, text) for k, m in models.items()}, args.repeats, args.warmup,
-                        args.device)
+                        args.device, args.clock)
     print("| variant | trainable params | step (median s) | images/s | min..max s |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():

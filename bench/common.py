@@ -30,6 +30,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=8)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time (with --threads 1 it ignores time spent descheduled on a busy machine)")
     return p
 
 
@@ -38,7 +40,7 @@ def setup(args) -> None:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, backbone "
           f"{args.backbone} (random init), batch {args.batch_size}, {args.image_size} px, LoRA r{args.lora_r} "
-          f"on Linear+Conv2d+Embedding")
+          f"on Linear+Conv2d+Embedding, {args.clock} clock")
 
 
 def make(args, method: str, finetune: str, warm_head: bool, seed: int = 0) -> torch.nn.Module:
@@ -55,8 +57,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+def interleaved(fns: dict, repeats: int, warmup: int, device: str, clock: str = "wall") -> dict[str, list[float]]:
     """Round-robin timing: every round times each variant once, so drift hits all of them alike."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -64,10 +67,10 @@ def interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict[str, 
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = now()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return times
 
 

@@ -150,6 +150,7 @@ def test_all_cells_finish_and_a_rerun_recomputes_nothing(grid_run):
     assert set((folder / "runs" / "submitit").iterdir()) == logs_before  # nothing was submitted
 
 
+@pytest.mark.slow
 def test_multi_task_cell_trains_as_one_process_group(slurm_cluster, tiny_shards, tmp_path):
     """nodes x tasks_per_node > 1: every task runs the cell; SLURM's env becomes torch.distributed's."""
     profile = tmp_path / "two-tasks.yaml"

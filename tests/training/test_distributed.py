@@ -19,7 +19,7 @@ PROBE = ["methods.unimodal.epochs=10"]
 
 
 def torchrun(out, shards, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "clipit.cli", *train_args(out, shards, *PROBE, "methods.unimodal.batch_size=32", *extra,
                                            method="unimodal")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
