@@ -84,6 +84,12 @@ def cmd_train(args) -> None:
     cfg = _config(args)
     seeds = [args.seed] if args.seed is not None else cfg.seeds
     for seed in seeds:
+        if args.resume == "none":  # start over: drop this cell's resume checkpoint and outputs
+            import shutil
+
+            from clipit.pipeline import run_dir_for
+
+            shutil.rmtree(run_dir_for(cfg, args.method, seed), ignore_errors=True)
         metrics = train_and_evaluate(cfg, args.method, seed)
         print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
 
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     train = with_config("train", cmd_train, "train and evaluate one method (all seeds, or --seed)")
     train.add_argument("--method", required=True)
     train.add_argument("--seed", type=int)
+    train.add_argument("--resume", choices=["latest", "none"], default="latest",
+                       help="latest (default): continue from the cell's latest checkpoint; none: start over")
     shards = sub.add_parser("shards", help="shard utilities")
     shards_sub = shards.add_subparsers(dest="action", required=True)
     validate = shards_sub.add_parser("validate", help="check shards against their manifest")

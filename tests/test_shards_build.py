@@ -94,11 +94,11 @@ def test_parts_need_pairs_first(tmp_path, capsys):
 
 def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
     """The real entry point (shards/build.py) in its own process, SIGKILLed once some shards exist."""
-    images = make_images(tmp_path / "images", {"train": 160, "val": 40, "test": 40}, size=32)
+    images = make_images(tmp_path / "images", {"train": 80, "val": 20, "test": 20}, size=32)
     config = write_config(tmp_path, images, make_reports(tmp_path / "reports.jsonl"), shards={"samples_per_shard": 1})
     pair_with_tiny_model(config)
     assert shard(config, tmp_path / "reference") == 0
-    total = 240
+    total = 120
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "shards/build.py", "--config", str(config), "--set", f"shards.dir={killed}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
