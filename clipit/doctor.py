@@ -163,7 +163,8 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
             out.append(Check(FAIL, f"method {name}", "text_warm_start needs warm_start too"))
         else:
             mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
-            warm = f", warm start {t.warm_start}" if t.warm_start else ""
+            warm = (f", warm start {t.warm_start}" if t.warm_start else "") + \
+                   (f", text warm start {t.text_warm_start}" if t.text_warm_start else "")
             out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}"))
     return out
 

@@ -78,7 +78,7 @@ class GridConfig:
 class ClusterProfile:
     """Where and with what resources the tasks run (slurm/profiles/*.yaml)."""
 
-    executor: Literal["slurm", "local", "debug"] = "slurm"
+    executor: Literal["slurm", "local"] = "slurm"  # local: submitit's local executor (also `--local`)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs should follow the user's umask
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
@@ -20,6 +23,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # readable by the group on shared clusters, like a plain open()
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

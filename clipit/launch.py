@@ -16,7 +16,6 @@ import datetime as _dt
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -493,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                 job.results()
             except Exception as err:  # noqa: BLE001
                 failures += 1
-                print(f"FAILED job {job.job_id}: {str(err).strip().splitlines()[-1:]}")
+                lines = str(err).strip().splitlines()
+                print(f"FAILED job {job.job_id}: {lines[-1] if lines else repr(err)} (log: {job.paths.stdout})")
         return 1 if failures else 0
     return 0

@@ -23,7 +23,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +44,11 @@ class Run:
     path: Path
     backbone: str
     dataset: str
-    variant: str  # ablation label ("" for the main runs)
+    variant: str  # configuration label from the grid's other axes ("" for the main runs)
     method: str  # method name in the config
     kind: str  # unimodal | clipit | text | late_fusion | early_fusion
     seed: int
     metrics: dict
-    extra_axes: dict = field(default_factory=dict)
 
     def value(self, metric: str) -> float:
         return float(self.metrics[metric])
@@ -90,10 +89,15 @@ def load_run(run_dir: Path) -> Run | None:
     kind = ((cfg.get("methods") or {}).get(method) or {}).get("method") or cell.get("kind") or method
     backbone = axes.pop("backbone", None) or (cfg.get("model") or {}).get("backbone", "?")
     dataset = axes.pop("dataset", None) or (cfg.get("data") or {}).get("name", "?")
-    variant = axes.pop("ablation", None) or ""
-    if axes:  # other axes of a custom grid: part of the variant label
-        variant = ",".join([variant] * bool(variant) + [f"{k}={v}" for k, v in sorted(axes.items())])
-    return Run(run_dir, str(backbone), str(dataset), str(variant), str(method), str(kind), int(seed), metrics, axes)
+    # Any other axis (ablation, variant, ...) labels the configuration; values such as "full" mark the
+    # main runs (Table 1), which get the empty label.
+    if all(str(v) in MAIN_VARIANTS for v in axes.values()):
+        variant = ""
+    elif len(axes) == 1:
+        variant = str(next(iter(axes.values())))
+    else:
+        variant = ",".join(f"{k}={v}" for k, v in axes.items())
+    return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), int(seed), metrics)
 
 
 def find_runs(root: str | Path) -> tuple[list[Run], list[dict]]:
@@ -131,6 +135,8 @@ def _fmt(stat: tuple[float, float, int] | None, scale: float = 100.0, digits: in
     if stat is None:
         return "–"
     mean, std, n = stat
+    if n == 1:  # no spread from a single seed
+        return f"{scale * mean:.{digits}f} (1 seed)"
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 

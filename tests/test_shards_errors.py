@@ -134,3 +134,15 @@ def test_corrupt_h5_chunk_during_pairing_and_sharding(tmp_path, workers):
         write_split_shards(dataset, "train", pairs, np.ones((1, 4), np.float32), ["R0"], out, samples_per_shard=4)
     assert (out / "train" / "train-000000.tar").exists() and not (out / "train" / "train-000001.tar").exists()
     assert no_partial_shards(out)
+
+
+def test_shards_of_another_embedding_model_are_not_mixed(setup, capsys):
+    base, _, config = setup
+    pair_with_tiny_model(config)
+    assert run(capsys, "shard", "--config", str(config), "--part", "0", "--num-parts", "2")[0] == 0
+    pair_with_tiny_model(config, dim=8)  # pairing redone with an 8-d model: the cache and pairs change
+    code, line = run(capsys, "shard", "--config", str(config), "--set", "model.text_dim=8")
+    plan = base / "run" / "shards" / "build.json"
+    assert code == 2 and line.startswith(f"clipit: error: {plan}: the shards in {plan.parent} were built with another "
+                                          "embedding")
+    assert "delete" in line and not (plan.parent / "manifest.json").exists()

@@ -160,15 +160,19 @@ def _create_conch(spec: BackboneSpec) -> nn.Module:
     return ConchVision(visual)
 
 
+def _timm_kwargs(spec: BackboneSpec, image_size: int | None) -> dict:
+    kwargs = dict(spec.kwargs)
+    if image_size and image_size != spec.input_size and not kwargs.get("dynamic_img_size"):
+        kwargs["img_size"] = image_size  # fixed-size models need their position grid rebuilt
+    return kwargs
+
+
 def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> nn.Module:
     """The architecture with random weights; forward returns pooled features [B, num_features]."""
     if spec.arch == "conch":
         return _create_conch(spec)
-    kwargs = dict(spec.kwargs)
-    if image_size and image_size != spec.input_size and not kwargs.get("dynamic_img_size"):
-        kwargs["img_size"] = image_size  # fixed-size models need their position grid rebuilt
     try:
-        return timm.create_model(spec.arch, pretrained=False, num_classes=0, **kwargs)
+        return timm.create_model(spec.arch, pretrained=False, num_classes=0, **_timm_kwargs(spec, image_size))
     except (RuntimeError, TypeError, ValueError) as err:
         raise BackboneError(f"cannot build backbone {spec.name!r} ({spec.arch}): {err}") from None
 
@@ -194,7 +198,7 @@ def build_backbone(name: str, weights=None, image_size: int | None = None,
         load_weights(model, source.location, name)
     elif source.kind == "hub":
         try:
-            state = fetch_hub_state(spec, source.location)
+            state = fetch_hub_state(spec, source.location, image_size)
         except BackboneError:
             raise
         except Exception as err:  # network, gated repo, missing token, missing cache
@@ -203,8 +207,9 @@ def build_backbone(name: str, weights=None, image_size: int | None = None,
     return model, spec
 
 
-def fetch_hub_state(spec: BackboneSpec, hub_id: str) -> dict:
-    """Download (or read from the local hub cache) the backbone's state dict."""
+def fetch_hub_state(spec: BackboneSpec, hub_id: str, image_size: int | None = None) -> dict:
+    """Download (or read from the local hub cache) the backbone's state dict. timm resamples the
+    position grid of fixed-size models to `image_size` as it loads."""
     if hub_id.startswith("torch.hub:"):  # torch.hub:<owner>/<repo>:<entry>, as eva's kaiko entries
         repo, entry = hub_id[len("torch.hub:"):].rsplit(":", 1)
         return torch.hub.load(repo, entry, trust_repo=True).state_dict()
@@ -213,10 +218,11 @@ def fetch_hub_state(spec: BackboneSpec, hub_id: str) -> dict:
 
         repo = hub_id.split(":", 1)[1]
         return _read_checkpoint(Path(hf_hub_download(repo, filename="pytorch_model.bin")))
+    kwargs = _timm_kwargs(spec, image_size)
     if hub_id.startswith("timm:"):
-        return timm.create_model(hub_id.split(":", 1)[1], pretrained=True, num_classes=0).state_dict()
+        return timm.create_model(hub_id.split(":", 1)[1], pretrained=True, num_classes=0, **kwargs).state_dict()
     hub_id = "hf-hub:" + hub_id.split(":", 1)[1]  # accept hf_hub: as CONCH spells it
-    return timm.create_model(hub_id, pretrained=True, num_classes=0, **spec.kwargs).state_dict()
+    return timm.create_model(hub_id, pretrained=True, num_classes=0, **kwargs).state_dict()
 
 
 # ---------------------------------------------------------------------------------------------

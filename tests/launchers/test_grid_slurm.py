@@ -88,11 +88,15 @@ def grid_run(slurm_cluster, tiny_shards, tmp_path_factory):
     grid = write_grid(folder, tiny_shards, SEEDS, {"methods.unimodal.epochs": 1, "methods.clipit.epochs": 3,
                                                    "methods.clipit.checkpoint_every": 2}, ["unimodal", "clipit"])
     proc = launch("--config", str(grid))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return {"folder": folder, "grid": grid, "jobs": job_lines(proc.stdout), "stdout": proc.stdout}
+    jobs = job_lines(proc.stdout)
+    yield {"folder": folder, "grid": grid, "jobs": jobs, "stdout": proc.stdout, "proc": proc}
+    for array in {job.split("_")[0] for job, _ in jobs}:  # leave nothing running after a failure
+        subprocess.run(["scancel", array], capture_output=True, timeout=30)
 
 
 def test_grid_is_one_array_with_a_task_per_seed(grid_run):
+    proc = grid_run["proc"]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     jobs = grid_run["jobs"]
     assert len(jobs) == 4, grid_run["stdout"]
     arrays = {job.split("_")[0] for job, _ in jobs}

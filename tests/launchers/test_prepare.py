@@ -4,7 +4,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -106,6 +105,13 @@ def test_multinode_sbatch_runs_a_process_group_and_requeues_on_usr1(tiny_shards,
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
+    try:
+        check_multinode_job(job, tmp_path)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+def check_multinode_job(job: str, tmp_path: Path) -> None:
     run = tmp_path / "run" / "runs" / "clipit" / "seed-0"
     deadline = time.monotonic() + 60
     while not (run / "checkpoints" / "latest" / "progress.json").exists():
