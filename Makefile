@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,conch,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,7 +9,7 @@ import numpy as np
 
 from clipit.config import ConfigError, ExperimentConfig
 from clipit.data.base import ImageDataset
-from clipit.io import atomic_write_json, atomic_write_text, read_json
+from clipit.io import atomic_write_json, atomic_write_text
 from clipit.reports import Report, load_reports
 
 
@@ -147,7 +147,9 @@ def run_all(cfg: ExperimentConfig, log=print) -> dict:
     log(f"[1/4] corpus: {len(reports)} reports; images: " +
         ", ".join(f"{s} {dataset.split_size(s)}" for s in dataset.splits))
     pair_paths = run_pairing(cfg, dataset, reports)
-    agreement = class_agreement(dataset, reports, pair_paths)
+    from clipit.pairing.texts import pairing_texts
+
+    agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), pair_paths)
     if agreement:
         log(f"[2/4] pairing class agreement: {100 * agreement['all']:.1f}% "
             f"(chance {100 * agreement['chance']:.1f}%; " +

@@ -13,8 +13,8 @@ import torch
 
 BACKENDS = ("auto", "torch", "faiss")
 # `auto` uses faiss on CPU from this many keys (rows) on: there faiss-cpu's blocked GEMM + top-1 scan was
-# as fast or faster than torch's (bench/bench_pairing.py, 2-core EPYC: 1.0-1.3x at 1k-10k keys); below
-# it torch was faster (no index build). On a GPU, torch always.
+# as fast as torch's or faster in most runs of bench/bench_pairing.py (2-core EPYC, shared and noisy:
+# torch 0.84-1.31x of faiss at 100k x 10k); below it torch was faster (no index). On a GPU, torch.
 FAISS_MIN_KEYS = 1024
 _BUFFER_FLOATS = 1 << 24  # similarity block per chunk: 64 MiB of fp32 (keeps the GEMM efficient, caps RAM)
 
