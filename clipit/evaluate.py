@@ -17,7 +17,10 @@ from clipit.training.accel import make_accelerator
 from clipit.training.trainer import build_model, predict
 
 
-def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test") -> dict:
+def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test",
+                 warm_start: Path | None = None) -> dict:
+    """Rebuild the run's model exactly as training did (same warm start: its frozen base weights are not
+    in the trainable-only checkpoint), load the selected checkpoint, evaluate."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
@@ -26,7 +29,7 @@ def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split:
     accelerator = make_accelerator(tcfg)
     manifest = load_manifest(cfg.shards.dir)
     classes = manifest["classes"]
-    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"])
+    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start)
     load_model_state(run_dir / "best", model)
     model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
     loader = eval_loader(split_urls(cfg.shards.dir, split, manifest), 2 * tcfg.batch_size,

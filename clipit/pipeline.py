@@ -112,8 +112,9 @@ def method_order(cfg: ExperimentConfig) -> list[str]:
             raise ConfigError(f"warm_start names unknown method {name!r}; known: {sorted(cfg.methods)}")
         if name in trail:
             raise ConfigError(f"warm_start cycle: {' -> '.join(trail + (name,))}")
-        if cfg.methods[name].warm_start:
-            visit(cfg.methods[name].warm_start, trail + (name,))
+        for dependency in (cfg.methods[name].warm_start, cfg.methods[name].text_warm_start):
+            if dependency:
+                visit(dependency, trail + (name,))
         order.append(name)
 
     for name in cfg.methods:
@@ -135,7 +136,7 @@ def train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int) -> dict:
         raise ConfigError(f"{warm}.json: warm start for {method} seed {seed} is missing; train {tcfg.warm_start} first")
     run_dir = run_dir_for(cfg, method, seed)
     fit(cfg, method, seed, run_dir, warm_start=warm)
-    return evaluate_run(cfg, method, run_dir)
+    return evaluate_run(cfg, method, run_dir, warm_start=warm)
 
 
 def run_all(cfg: ExperimentConfig, log=print) -> dict:

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from itertools import islice
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from clipit.config import ExperimentConfig, TrainConfig, dump_config
 from clipit.io import atomic_write_json, read_json
 from clipit.metrics import classification_metrics
-from clipit.models.backbones import build_backbone
-from clipit.models.clipit import apply_lora, build_classifier, clipit_loss, set_trainable
+from clipit.models.clipit import clipit_loss
 from clipit.shards import load_manifest, split_urls
 from clipit.training.accel import make_accelerator
 from clipit.training.checkpoint import load_model_state, save_model
@@ -191,7 +190,7 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
                 if step % eval_every == 0 or step == total_steps:
                     validate(model, preprocess, val_batches, accelerator, tcfg, classes, step, writer, progress,
                              lambda: save_model(run_dir / "best", accelerator.unwrap_model(model), meta | {"step": step},
-                                                full=cfg.model.weights is None))
+                                                full=cfg.model.weights in (None, "random")))
                 progress["step"] = step
                 stopping = stop.requested(accelerator.device)
                 if step < total_steps and (step % checkpoint_every == 0 or stopping):
