@@ -47,7 +47,9 @@ def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split:
 def count_parameters(model: torch.nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    # "inference": the exported model, whose LoRA is merged into the base weights
+    return {"total": total, "trainable": trainable, "inference": total - adapters}
 
 
 def summarize(results: dict[str, list[dict]], metric: str = "balanced_accuracy") -> list[dict]:

@@ -56,7 +56,7 @@ class Run:
     @property
     def params(self) -> int | None:
         p = self.metrics.get("parameters") or {}
-        return p.get("total")
+        return p.get("inference", p.get("total"))  # merged LoRA adds no parameters at inference
 
 
 def _read_yaml(path: Path) -> dict:
@@ -97,6 +97,8 @@ def load_run(run_dir: Path) -> Run | None:
         variant = str(next(iter(axes.values())))
     else:
         variant = ",".join(f"{k}={v}" for k, v in axes.items())
+    if not cell and method != kind:  # outside a grid, a renamed method (e.g. clipit_no_text) is a variant
+        variant = str(method)
     return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), int(seed), metrics)
 
 
