@@ -486,13 +486,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grid: error: {err}", file=sys.stderr)
         return 1
     if args.wait:
-        failures = 0
-        for job in jobs:
-            try:
-                job.results()
-            except Exception as err:  # noqa: BLE001
-                failures += 1
-                lines = str(err).strip().splitlines()
-                print(f"FAILED job {job.job_id}: {lines[-1] if lines else repr(err)} (log: {job.paths.stdout})")
-        return 1 if failures else 0
+        return 1 if wait_for_jobs(jobs) else 0
     return 0
+
+
+def wait_for_jobs(jobs, out=print) -> int:
+    """Block until every job ends; print one line per failed job and return how many failed."""
+    failures = 0
+    for job in jobs:
+        try:
+            job.results()
+        except Exception as err:  # noqa: BLE001 - any job failure is reported, not raised
+            failures += 1
+            lines = str(err).strip().splitlines()
+            out(f"FAILED job {job.job_id}: {lines[-1] if lines else repr(err)} (log: {job.paths.stdout})")
+    return failures

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from clipit.config import ConfigError, load_config, to_dict
 from clipit.grid import ClusterProfile, chunk, expand, load_profile
-from clipit.launch import array_chunk_size, cluster_max_array_size, make_executor
+from clipit.launch import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 
 try:
     import submitit as _submitit
@@ -124,18 +124,6 @@ def run_jobs(profile: ClusterProfile, cluster: str, folder: Path, name: str, arg
     return jobs
 
 
-def _wait(jobs, out=print) -> int:
-    failures = 0
-    for job in jobs:
-        try:
-            job.results()
-        except Exception as err:  # noqa: BLE001
-            failures += 1
-            text = str(err).strip().splitlines()
-            out(f"FAILED job {job.job_id}: {text[-1] if text else err!r} (log: {job.paths.stdout})")
-    return failures
-
-
 def _common_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--grid", help="grid file: every pairing/shard dir its cells read")
@@ -197,7 +185,7 @@ def main_pair(argv: list[str] | None = None) -> int:
     print(f"submitting {len(pairing)} pairing task(s) to {cluster}; logs in {folder}")
     jobs = run_jobs(profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing],
                     [u.dir for u in pairing])
-    return 1 if (args.local or args.wait) and _wait(jobs) else 0
+    return 1 if (args.local or args.wait) and wait_for_jobs(jobs) else 0
 
 
 def main_shards(argv: list[str] | None = None) -> int:
@@ -239,7 +227,7 @@ def main_shards(argv: list[str] | None = None) -> int:
         print(f"pairing: {len(pairing)} task(s)")
         pair_jobs = run_jobs(pair_profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing],
                              [u.dir for u in pairing])
-        if cluster != "slurm" and _wait(pair_jobs):  # local: run the stages in order
+        if cluster != "slurm" and wait_for_jobs(pair_jobs):  # local: run the stages in order
             return 1
         pair_job = {u.dir: j.job_id for u, j in zip(pairing, pair_jobs)}
         jobs_all += pair_jobs
@@ -250,7 +238,7 @@ def main_shards(argv: list[str] | None = None) -> int:
         parts = run_jobs(profile, cluster, folder, "clipit-shards", argvs, [f"part {i}/{n}" for i in range(n)],
                          dependency=f"afterok:{dep}" if dep else None)
         if cluster != "slurm":
-            if _wait(parts):
+            if wait_for_jobs(parts):
                 return 1
             final_dep = None
         else:
@@ -258,4 +246,4 @@ def main_shards(argv: list[str] | None = None) -> int:
         jobs_all += parts
         jobs_all += run_jobs(profile, cluster, folder, "clipit-shards", [unit.argv("shard") + ["--finalize"]],
                              ["finalize (manifest)"], dependency=final_dep)
-    return 1 if (args.local or args.wait) and _wait(jobs_all) else 0
+    return 1 if (args.local or args.wait) and wait_for_jobs(jobs_all) else 0

@@ -75,6 +75,8 @@ def load_training_state(run_dir: str | Path, accelerator: Accelerator, model, op
     if not (path / "progress.json").exists():
         return None
     if uses_deepspeed(accelerator):
+        # frozen parameters were excluded on save (they come from the weights file / warm start), so the
+        # module load is partial by design; the optimizer state covers exactly the trainable tensors
         model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
     else:
         unwrapped = accelerator.unwrap_model(model)
