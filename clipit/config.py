@@ -141,12 +141,7 @@ class ExperimentConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None, cls: type = ExperimentConfig):
     """Load YAML `path` into `cls`; `overrides` are `dotted.key=yaml-value` strings."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    raw = read_yaml(path, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides or []:
@@ -169,6 +164,16 @@ def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentC
         if value is None:
             raise ConfigError(f"{where}: {key} is required for dataset {cfg.data.name!r}")
     return cfg
+
+
+def read_yaml(path: Path, what: str):
+    """Parsed YAML of `path`; a missing or malformed file is one ConfigError line naming it."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
 
 
 def apply_override(raw: dict, item: str, path: Path | str = "<overrides>") -> None:

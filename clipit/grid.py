@@ -29,7 +29,8 @@ task (docs/reproduce.md, "How cells become jobs").
         no-lora: {set: {model.lora.enabled: false}, methods: [clipit], warm_start_from: full}
     resources: {timeout_min: 30}           # overrides of the profile's fields for this grid
 
-This module only plans; clipit/launch.py submits and clipit/ledger.py tracks the cells.
+This module only plans; clipit/launch.py submits, clipit/task.py runs a task on its node and
+clipit/ledger.py tracks the cells.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from typing import Any, Literal
 
 import yaml
 
-from clipit.config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict
+from clipit.config import ConfigError, ExperimentConfig, from_dict, load_config, read_yaml, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE_DIR = REPO / "slurm" / "profiles"
@@ -100,12 +101,7 @@ class ClusterProfile:
 
 def load_grid(path: str | Path) -> GridConfig:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: grid file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    raw = read_yaml(path, "grid file")
     for key in ("name", "base"):
         if key not in (raw if isinstance(raw, dict) else {}):
             raise ConfigError(f"{path}: grid needs a {key!r} key")
@@ -148,11 +144,10 @@ def profile_path(name: str) -> Path:
 
 def load_profile(name: str, resources: dict[str, Any] | None = None) -> ClusterProfile:
     path = profile_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
+    if not path.is_file():
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-        raise ConfigError(f"{path}: cluster profile not found; use one of {known} or a path to a profile YAML") from None
+        raise ConfigError(f"{path}: cluster profile not found; use one of {known} or a path to a profile YAML")
+    raw = read_yaml(path, "cluster profile")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a profile is a mapping of settings")
     raw.update(resources or {})

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clipit_testing import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "slurm" / "local-cluster.sh"
@@ -33,16 +34,6 @@ def slurm_cluster() -> None:
     if proc.returncode != 0:
         pytest.skip("local SLURM cluster not running (bash slurm/local-cluster.sh start): "
                     + (proc.stderr or proc.stdout).strip()[-300:])
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def write_grid(folder: Path, shards: list[str], seeds: list[int], sets: dict, methods: list[str],

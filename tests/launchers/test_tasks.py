@@ -1,4 +1,4 @@
-"""What an array task does (clipit.launch.run_task) with a stand-in for training: order, skips,
+"""What an array task does (clipit.task.run_task) with a stand-in for training: order, skips,
 failure isolation, ledger states, shared warm starts; and the launcher's dependency wiring."""
 import json
 import os
@@ -8,7 +8,8 @@ import pytest
 
 from clipit import ledger
 from clipit.grid import Cell, Plan, Task, GridConfig
-from clipit.launch import CellRunner, CellsFailed, dependency_ids, link_warm_start, run_task
+from clipit.launch import dependency_ids
+from clipit.task import CellRunner, CellsFailed, link_warm_start, run_task
 
 
 @pytest.fixture(autouse=True)

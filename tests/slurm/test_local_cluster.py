@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clipit_testing import wait_for
 
 submitit = pytest.importorskip("submitit")
 cloudpickle = pytest.importorskip("cloudpickle")
@@ -98,16 +99,6 @@ class _Counter(submitit.helpers.Checkpointable):
         return {"i": self.i, "starts": self.starts, "restart_count": restarts}
 
 
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 # ----------------------------------------------------------------------- tests
 def test_sbatch_array_writes_all_outputs(tmp_path: Path) -> None:
     t0 = time.monotonic()
@@ -131,7 +122,7 @@ def test_sbatch_array_writes_all_outputs(tmp_path: Path) -> None:
             texts[a] = f.read_text()
         return texts if all(t.strip() for t in texts.values()) else None
 
-    texts = _wait_for(all_written, 45, f"the 4 outputs of array job {job_id}")
+    texts = wait_for(all_written, 45, f"the 4 outputs of array job {job_id}")
     assert {a: t.strip() for a, t in texts.items()} == {a: f"task={a}" for a in range(4)}
     assert time.monotonic() - t0 < TEST_TIMEOUT_S
 
@@ -177,7 +168,7 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path: Path) -> None:
         except (FileNotFoundError, ValueError):
             return False
 
-    _wait_for(progressed, 30, f"job {job.job_id} to count to 10")
+    wait_for(progressed, 30, f"job {job.job_id} to count to 10")
     # USR2 only: submitit's handler checkpoints (pickles self) and runs
     # `scontrol requeue`; AuthInfo=cred_expire=10 lets it restart within ~10-20 s.
     job._interrupt(timeout=True)
@@ -196,7 +187,7 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path: Path) -> None:
 
     # sacct (slurmdbd) reports the final state: submitit relies on it for failures.
     # job.state only refreshes on submitit's back-off schedule; force a sacct call.
-    _wait_for(
+    wait_for(
         lambda: job.get_info(mode="force").get("State") == "COMPLETED",
         20, f"sacct to report job {job.job_id} COMPLETED", 0.5,
     )
