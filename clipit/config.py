@@ -119,6 +119,12 @@ class TrainConfig:
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
     text_warm_start: str | None = None  # late_fusion: method (text) whose H_t initialises the text branch, same seed
     augment: bool = True  # flips and 90-degree rotations: histology has no canonical orientation
+    # cached: the report embeddings stored in the shards (frozen text side). tower: the pairing model's
+    # text tower (pairing.model / pairing.checkpoint) encodes the paired report in every step, with LoRA
+    # under finetune lora, inside the same nn.Module as the vision side (the paper's default; CLIP-IT only)
+    text_encoder: Literal["cached", "tower"] = "cached"
+    word_drop: float = 0.0  # fraction of each report's tokens (between start and end of text) corrupted per step
+    word_drop_mode: Literal["mask", "remove"] = "mask"  # mask: a <mask> embedding (reference code); remove: delete
 
 
 @dataclass
@@ -147,7 +153,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
     for item in overrides or []:
         apply_override(raw, item, path)
     config = from_dict(cls, raw, str(path))
-    return resolve_paths(config, str(path)) if isinstance(config, ExperimentConfig) else config
+    if isinstance(config, ExperimentConfig):
+        check_methods(config, str(path))
+        return resolve_paths(config, str(path))
+    return config
+
+
+def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
+    """Settings that only make sense together (each error names the key and the fix)."""
+    for name, m in cfg.methods.items():
+        key = f"methods.{name}"
+        if m.text_encoder == "tower" and m.method != "clipit":
+            raise ConfigError(f"{where}: {key}.text_encoder: tower is for method clipit (got {m.method!r}); "
+                              "use text_encoder: cached")
+        if not 0.0 <= m.word_drop < 1.0:
+            raise ConfigError(f"{where}: {key}.word_drop = {m.word_drop} must be in [0, 1)")
+        if m.word_drop and m.text_encoder != "tower":
+            raise ConfigError(f"{where}: {key}.word_drop needs text_encoder: tower (cached embeddings have no words "
+                              "to drop)")
 
 
 def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentConfig:

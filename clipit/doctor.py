@@ -102,8 +102,12 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
 
     name = cfg.pairing.model
     what = f"pairing model {name}"
-    fail = INFO if shards_built else FAIL  # built shards no longer need the pairing model
-    after = " (shards are built, so only a re-pairing needs it)" if shards_built else ""
+    tower = sorted(m for m, t in cfg.methods.items() if t.text_encoder == "tower")
+    optional = shards_built and not tower  # built shards no longer need the pairing model, unless it trains
+    fail = INFO if optional else FAIL
+    after = " (shards are built, so only a re-pairing needs it)" if optional else ""
+    if tower:
+        what += f" (text tower of {', '.join(tower)})"
     if name == "demo-clip":
         path = cfg.pairing.checkpoint
         if path and Path(path).exists():
@@ -165,7 +169,9 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
             mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
             warm = (f", warm start {t.warm_start}" if t.warm_start else "") + \
                    (f", text warm start {t.text_warm_start}" if t.text_warm_start else "")
-            out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}"))
+            text = f", text tower{f' with {t.word_drop:.0%} word drop ({t.word_drop_mode})' if t.word_drop else ''}" \
+                if t.text_encoder == "tower" else ""
+            out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}{text}"))
     return out
 
 

@@ -11,7 +11,7 @@ from clipit.config import ExperimentConfig
 from clipit.io import atomic_save_npz, atomic_write_json, read_json
 from clipit.metrics import classification_metrics
 from clipit.shards import load_manifest, split_urls
-from clipit.training.checkpoint import load_model_state
+from clipit.training.checkpoint import TEXT_TOWER, load_model_state
 from clipit.training.loader import eval_loader
 from clipit.training.accel import make_accelerator
 from clipit.training.trainer import build_model, predict
@@ -29,8 +29,9 @@ def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split:
     accelerator = make_accelerator(tcfg)
     manifest = load_manifest(cfg.shards.dir)
     classes = manifest["classes"]
-    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start)
-    load_model_state(run_dir / "best", model)
+    # the vision model only: a trained text tower shaped the weights but takes no part in the prediction
+    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start, text_tower=False)
+    load_model_state(run_dir / "best", model, exclude=(TEXT_TOWER,))
     model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
     loader = eval_loader(split_urls(cfg.shards.dir, split, manifest), 2 * tcfg.batch_size,
                          accelerator.process_index, accelerator.num_processes, tcfg.num_workers, preprocess.size)

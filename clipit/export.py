@@ -25,7 +25,7 @@ from clipit.config import load_config
 from clipit.io import atomic_path, atomic_write_json
 from clipit.models.backbones import create_backbone, get_spec
 from clipit.models.clipit import build_classifier
-from clipit.training.checkpoint import load_model_state, read_meta
+from clipit.training.checkpoint import TEXT_TOWER, load_model_state, read_meta
 from clipit.training.loader import IMAGE_FIELDS, DevicePreprocess, decode_sample
 
 FORMAT = "clipit-export"
@@ -64,8 +64,8 @@ def load_trained_run(run_dir: str | Path):
         if not warm.with_suffix(".json").exists():
             raise ExportError(f"{warm}.json: warm start of {run_dir} is missing (its frozen base weights are not "
                               "in the run's checkpoint); keep the runs/ tree together")
-    model, preprocess = build_model(cfg, tcfg, len(meta["classes"]), meta["text_dim"], warm_start=warm)
-    load_model_state(best, model)
+    model, preprocess = build_model(cfg, tcfg, len(meta["classes"]), meta["text_dim"], warm_start=warm, text_tower=False)
+    load_model_state(best, model, exclude=(TEXT_TOWER,))
     return model.eval(), preprocess, cfg, meta
 
 

@@ -55,6 +55,7 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
     from clipit.pairing.engine import current_pairs, pair_dataset, pairing_spec
     from clipit.pairing.models import build_pairing_model
     from clipit.pairing.texts import pairing_texts
+    from clipit.weights import resolve_pairing_checkpoint
 
     p = cfg.pairing
     texts = pairing_texts(cfg, dataset, reports)  # the report corpus, or class prompts (pairing.texts)
@@ -62,7 +63,8 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
     if done is not None:
         return done
     ensure_demo_clip(cfg)
-    model = build_pairing_model(p.model, p.checkpoint, p.device, p.precision)
+    checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
+    model = build_pairing_model(p.model, checkpoint, p.device, p.precision)
     return pair_dataset(model, dataset, texts, Path(p.dir), top_k=p.top_k, batch_size=p.batch_size,
                         num_workers=p.num_workers, search=p.search, spec=pairing_spec(cfg))
 

@@ -32,13 +32,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipit.data.base import DatasetError, ImageDataset
-from clipit.io import atomic_path, atomic_write_json, read_json
+from clipit.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from clipit.pairing.models import file_sha256
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PLAN = "build.json"
+TEXTS = "texts.jsonl"  # the paired texts in report_index order: what a trainable text tower encodes
 FORMAT = "clipit-shards/1"
 # Fixed tar header fields: webdataset's TarWriter stamps time.time() unless told otherwise.
 TAR_MTIME = 0
@@ -345,11 +346,14 @@ def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[st
     extra = {k: plan[k] for k in ("texts", "selection")}
     extra.update({"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
     if check_plan(out, plan):
+        if not (out / TEXTS).exists():  # shard sets built before texts were stored next to them
+            write_texts(out, texts)
         return out / MANIFEST
     if not (out / PLAN).exists():
         atomic_write_json(out / PLAN, plan)
 
     def manifest() -> Path:
+        write_texts(out, texts)
         return write_manifest(dataset, out, s.samples_per_shard, dim, identity, extra=extra)
 
     if finalize:
@@ -375,7 +379,31 @@ def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[st
     return manifest()
 
 
+def write_texts(out_dir: Path, texts: list) -> None:
+    lines = [json.dumps({"id": t.id, "text": t.text}, ensure_ascii=False) + "\n" for t in texts]
+    atomic_write_text(Path(out_dir) / TEXTS, "".join(lines))
+
+
 # ------------------------------------------------------------------------------------------ reading
+
+
+def load_texts(shard_dir: str | Path, manifest: dict | None = None) -> list[str]:
+    """The texts that the samples' `report_index` points at, checked against the manifest's fingerprint."""
+    from clipit.reports import Report, corpus_fingerprint
+
+    manifest = manifest or load_manifest(shard_dir)
+    path = Path(shard_dir) / TEXTS
+    fix = "rerun `clipit shard --config <config>` (it writes the file without rebuilding the shards)"
+    if not path.exists():
+        raise ShardError(f"{path}: missing; {fix}")
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        texts = [Report(str(r["id"]), str(r["text"])) for r in records]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ShardError(f"{path}: unreadable ({err}); delete it and {fix}") from None
+    if corpus_fingerprint(texts) != manifest.get("texts", {}).get("fingerprint"):
+        raise ShardError(f"{path}: does not match the texts the shards were paired with; delete it and {fix}")
+    return [t.text for t in texts]
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
@@ -432,8 +460,8 @@ def validate_shards(shard_dir: str | Path) -> dict:
 
 
 __all__ = [
-    "MANIFEST", "PLAN", "ShardError", "DatasetError", "build_plan", "check_image", "check_plan", "decode_embedding",
-    "encode_embedding", "iter_samples", "load_manifest", "missing_shards", "num_shards", "part_units",
+    "MANIFEST", "PLAN", "TEXTS", "ShardError", "DatasetError", "build_plan", "check_image", "check_plan", "decode_embedding",
+    "encode_embedding", "iter_samples", "load_manifest", "load_texts", "missing_shards", "num_shards", "part_units",
     "require_pairs", "run_shard_stage", "select_texts", "shard_path", "shard_units", "split_urls", "validate_shards", "write_manifest",
-    "write_split_shards", "write_tar",
+    "write_split_shards", "write_tar", "write_texts",
 ]

@@ -66,6 +66,10 @@ def text_mlp(text_dim: int, num_classes: int) -> nn.Sequential:
 
 
 class ClipItModel(VisionClassifier):
+    """With `text_tower` set (training with methods.<m>.text_encoder: tower), the distillation target is
+    encoded from the paired report's tokens in the same forward pass, inside this one module (one
+    DDP/DeepSpeed engine holds both sides); the prediction never uses it."""
+
     def __init__(self, backbone: nn.Module, num_classes: int, text_dim: int = 512, kd_layers: int = 1):
         super().__init__(backbone, num_classes)
         dim = backbone.num_features
@@ -73,22 +77,33 @@ class ClipItModel(VisionClassifier):
                      nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.1), nn.Linear(dim, text_dim)))
         self.text_head = text_mlp(text_dim, num_classes)
         self.fuse = nn.Linear(2 * num_classes, num_classes)
+        self.text_tower: nn.Module | None = None
 
-    def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                masked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         feats = self.features(images)
         vision_logits = self.head(feats)
         proj = self.proj(feats)
         text_logits = self.text_head(proj)
         logits = self.fuse(torch.cat([vision_logits, text_logits], dim=1))
-        return {"logits": logits, "vision_logits": vision_logits, "text_logits": text_logits, "proj": proj}
+        out = {"logits": logits, "vision_logits": vision_logits, "text_logits": text_logits, "proj": proj}
+        if self.text_tower is not None and tokens is not None:
+            out["text_emb"] = self.text_tower(tokens, masked)
+        return out
+
+    def pretrained_modules(self, warm_head: bool) -> tuple[str, ...]:
+        pretrained = super().pretrained_modules(warm_head)
+        return pretrained + ("text_tower",) if self.text_tower is not None else pretrained
 
 
 NEW_HEADS = ("proj", "text_head", "fuse")
 
 
 def clipit_loss(outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | None, lam: float) -> dict:
-    """CE on the fused logits (plain CE, not the reference code's double softmax) + lam * (1 - cos(P e, t))."""
+    """CE on the fused logits (plain CE, not the reference code's double softmax) + lam * (1 - cos(P e, t)).
+    t is the text tower's output when the model has one, else the cached embedding from the shards."""
     ce = F.cross_entropy(outputs["logits"].float(), labels)
+    text_emb = outputs.get("text_emb", text_emb)
     if "proj" not in outputs or text_emb is None or lam == 0:
         return {"loss": ce, "ce": ce.detach()}
     kd = (1 - F.cosine_similarity(outputs["proj"].float(), text_emb.float(), dim=1)).mean()

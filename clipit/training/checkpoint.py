@@ -1,7 +1,9 @@
 """Model checkpoints: safetensors weights + a JSON sidecar that says how to rebuild the model.
 
 Only what training changes is stored (LoRA, heads) unless the backbone has no weights file to
-rebuild it from (random init: demo and tests), in which case the full state is stored.
+rebuild it from (random init: demo and tests), in which case the full state is stored. A trainable
+text tower's frozen base weights are never stored: they come from the pairing checkpoint, and
+evaluation and export do not use the tower at all.
 """
 from __future__ import annotations
 
@@ -12,18 +14,23 @@ from safetensors.torch import load_file, save_file
 
 from clipit.io import atomic_path, atomic_write_json, read_json
 
+TEXT_TOWER = "text_tower."  # the training-only text side of CLIP-IT (text_encoder: tower)
+
 
 def save_model(path: str | Path, model: torch.nn.Module, meta: dict, full: bool) -> None:
     path = Path(path)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if full or k in trainable}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k in trainable or (full and not k.startswith(TEXT_TOWER))}
     with atomic_path(path.with_suffix(".safetensors")) as tmp:
         save_file(state, str(tmp))
     atomic_write_json(path.with_suffix(".json"), {**meta, "full_state": full})  # sidecar last: marks completion
 
 
-def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> list[str]:
-    """Load saved tensors into `model` (optionally only keys under `prefixes`); returns loaded keys.
+def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[str, ...] | None = None,
+                     exclude: tuple[str, ...] = ()) -> list[str]:
+    """Load saved tensors into `model` (optionally only keys under `prefixes`, never those under
+    `exclude`); returns loaded keys.
 
     Every saved key must exist in the model with the same shape: silent partial loads hide bugs.
     """
@@ -31,6 +38,8 @@ def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[s
     state = load_file(str(path.with_suffix(".safetensors")))
     if prefixes:
         state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if exclude:
+        state = {k: v for k, v in state.items() if not k.startswith(exclude)}
     own = model.state_dict()
     bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
     if bad:

@@ -9,6 +9,7 @@ Images stay uint8 until they reach the device, where they are resized, augmented
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ def decode_sample(sample: dict, load_size: int | None = None) -> tuple:
             img = _center_crop(img, load_size)
         array = np.asarray(img, dtype=np.uint8)
     emb = decode_embedding(sample["emb.npy"]) if "emb.npy" in sample else np.zeros(0, np.float16)
-    return array, int(sample["cls"]), emb, sample["__key__"]
+    report_index = json.loads(sample["json"]).get("report_index", -1) if "json" in sample else -1
+    return array, int(sample["cls"]), emb, sample["__key__"], report_index
 
 
 def _center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -44,11 +46,12 @@ def _center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def collate(samples: list[tuple]) -> dict:
     """np.stack collation: webdataset's default collation of numpy images is ~100x slower."""
-    images, labels, embs, keys = zip(*samples)
+    images, labels, embs, keys, report_index = zip(*samples)
     return {
         "images": torch.from_numpy(np.stack(images)),  # uint8 [B, H, W, 3]
         "labels": torch.tensor(labels, dtype=torch.long),
         "text_emb": torch.from_numpy(np.stack(embs).astype(np.float32)),
+        "report_index": torch.tensor(report_index, dtype=torch.long),  # row of the shards' texts.jsonl
         "keys": list(keys),
     }
 

@@ -31,11 +31,13 @@ from clipit.training.checkpoint import load_model_state, save_model
 from clipit.training.loader import DevicePreprocess, eval_loader, train_loader
 from clipit.training.signals import GracefulStop
 from clipit.training.state import load_training_state, save_training_state
+from clipit.training.text_side import TextInputs, attach_text_tower
 
 def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
-                warm_start: Path | None = None):
+                warm_start: Path | None = None, text_tower: bool = True):
     """The method's model (backbone weights resolved and loaded, warm start copied in, LoRA/frozen/full
-    fine-tuning set up) and the device preprocessing for its backbone.
+    fine-tuning set up) and the device preprocessing for its backbone. `text_tower=False` leaves out a
+    trainable text tower (text_encoder: tower): evaluation and export run the vision model only.
 
     Backbone weights found through the weights file or the hub are written back to cfg.model.weights,
     so the run's config.yaml records exactly which checkpoint was used (and rebuilds use it again).
@@ -58,6 +60,8 @@ def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text
             if not text_best.with_suffix(".json").exists():
                 raise ConfigError(f"{text_best}.json: text warm start is missing; train {tcfg.text_warm_start} first")
             load_model_state(text_best, model, prefixes=("text_head.",))
+    if text_tower:
+        attach_text_tower(model, cfg, tcfg, text_dim)
     finetune = resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled)
     prepare_finetune(model, finetune, cfg.model.lora, warm_head=tcfg.warm_start is not None)
     preprocess = DevicePreprocess(cfg.model.image_size or spec.input_size, spec.mean, spec.std)
@@ -80,17 +84,18 @@ def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
 
 
 @torch.no_grad()
-def predict(model, preprocess, loader, accelerator: Accelerator, lam: float) -> dict:
+def predict(model, preprocess, loader, accelerator: Accelerator, lam: float, text_inputs: TextInputs | None = None
+            ) -> dict:
     """Logits, labels and keys of every sample (gathered over ranks) and the mean loss terms."""
     model.eval()
     logits, labels, keys, terms = [], [], [], []
     for batch in loader:
         images = preprocess(batch["images"].to(accelerator.device))
-        text_emb = batch["text_emb"].to(accelerator.device)
+        inputs = text_inputs(batch, accelerator.device) if text_inputs else {"text_emb": batch["text_emb"].to(accelerator.device)}
         with accelerator.autocast():
-            out = model(images, text_emb)
+            out = model(images, **inputs)
         target = batch["labels"].to(accelerator.device)
-        losses = clipit_loss(out, target, text_emb, lam)
+        losses = clipit_loss(out, target, inputs["text_emb"], lam)
         n = len(target)
         terms.append({k: float(v) * n for k, v in losses.items()} | {"n": n})
         logits.append(out["logits"].float().cpu().numpy())
@@ -133,6 +138,7 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     params = [p for p in model.parameters() if p.requires_grad]
     preprocess = preprocess.to(accelerator.device)
     generator = torch.Generator().manual_seed(seed)
+    text_inputs = TextInputs(accelerator.unwrap_model(model), tcfg, cfg.shards.dir, manifest, accelerator.device)
     progress = load_training_state(run_dir, accelerator, model, optimizer, scheduler, generator)
     resumed_from = progress["step"] if progress else None
     if progress and progress["batches_per_epoch"] != batches_per_epoch:
@@ -166,10 +172,10 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
             for batch in batches:
                 waited += time.time() - fetch_start
                 images = preprocess(batch["images"].to(accelerator.device), augment=tcfg.augment, generator=generator)
-                text_emb = batch["text_emb"].to(accelerator.device)
+                inputs = text_inputs(batch, accelerator.device, train=True, generator=generator)
                 with accelerator.autocast():
-                    out = model(images, text_emb)
-                losses = clipit_loss(out, batch["labels"].to(accelerator.device), text_emb, tcfg.lam)
+                    out = model(images, **inputs)
+                losses = clipit_loss(out, batch["labels"].to(accelerator.device), inputs["text_emb"], tcfg.lam)
                 accelerator.backward(losses["loss"])
                 if tcfg.grad_clip and accelerator.state.deepspeed_plugin is None:  # DeepSpeed clips itself
                     accelerator.clip_grad_norm_(params, tcfg.grad_clip)
@@ -188,7 +194,7 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
                     writer.add_scalar("perf/data_wait_pct", 100 * waited / max(elapsed, 1e-9), step)
                     waited, window_start, window_images = 0.0, time.time(), 0
                 if step % eval_every == 0 or step == total_steps:
-                    validate(model, preprocess, val_batches, accelerator, tcfg, classes, step, writer, progress,
+                    validate(model, preprocess, val_batches, accelerator, tcfg, classes, step, writer, progress, text_inputs,
                              lambda: save_model(run_dir / "best", accelerator.unwrap_model(model), meta | {"step": step},
                                                 full=cfg.model.weights in (None, "random")))
                 progress["step"] = step
@@ -216,9 +222,9 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
 
 
 def validate(model, preprocess, val_batches, accelerator, tcfg: TrainConfig, classes, step: int, writer,
-             progress: dict, save_best) -> None:
+             progress: dict, text_inputs: TextInputs, save_best) -> None:
     """Evaluate on val, log, and keep the best checkpoint by the configured criterion."""
-    val = predict(model, preprocess, val_batches, accelerator, tcfg.lam)
+    val = predict(model, preprocess, val_batches, accelerator, tcfg.lam, text_inputs)
     metrics = classification_metrics(val["labels"], val["logits"], classes)
     score = {"val_loss": -val["loss"], "val_bacc": metrics["balanced_accuracy"], "last": step}[tcfg.select]
     if writer:

@@ -31,6 +31,18 @@ class TinyClip(torch.nn.Module):
         return self.text(tokens)
 
 
+def shrunk_conch_config() -> dict:
+    """conch-fork's conch_ViT-B-16 CoCa config with the same structure and tiny widths (needs conch-fork)."""
+    from clipit.pairing.models import conch_config
+
+    cfg = json.loads(json.dumps(conch_config()))
+    cfg.update(embed_dim=32, embed_dim_caption=16)
+    cfg["vision_cfg"].update(layers=1, width=32, num_heads=2, n_queries_caption=4, attn_pooler_heads=2)
+    cfg["text_cfg"].update(width=32, heads=2, layers=1)
+    cfg["multimodal_cfg"].update(width=16, heads=2, layers=1)
+    return cfg
+
+
 def tiny_preprocess(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32) / 255).permute(2, 0, 1)
 

@@ -17,15 +17,7 @@ with warnings.catch_warnings():  # conch imports timm.models.layers (deprecated 
 
 from clipit.pairing import models  # noqa: E402
 from clipit.pairing.models import PairingModelError, build_pairing_model, load_conch  # noqa: E402
-
-
-def shrunk_config() -> dict:
-    cfg = json.loads(json.dumps(models.conch_config()))
-    cfg.update(embed_dim=32, embed_dim_caption=16)
-    cfg["vision_cfg"].update(layers=1, width=32, num_heads=2, n_queries_caption=4, attn_pooler_heads=2)
-    cfg["text_cfg"].update(width=32, heads=2, layers=1)
-    cfg["multimodal_cfg"].update(width=16, heads=2, layers=1)
-    return cfg
+from pairing.fakes import shrunk_conch_config as shrunk_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from clipit_testing import ROOT, run_clipit, train_args
 # CLIP-IT without warm start so one cell stands alone; 12 steps, a resume checkpoint every 2.
 CELL = ["methods.clipit.warm_start=null", "methods.clipit.epochs=3", "methods.clipit.checkpoint_every=2",
         "methods.clipit.evals_per_epoch=1"]
+# the trainable text tower with random word drop: LoRA on both sides, and token choices from the run's RNG
+CELLS = {"cached": CELL, "tower": CELL + ["methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3"]}
 
 
 def run_dir(out):
@@ -27,14 +29,22 @@ def outputs(out):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    proc = run_clipit(*train_args(out, tiny_shards, *CELL))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return outputs(out)
+    """Outputs of the uninterrupted run of a variant (each trained once per module)."""
+    done = {}
+
+    def run(variant):
+        if variant not in done:
+            out = tmp_path_factory.mktemp(f"straight-{variant}")
+            proc = run_clipit(*train_args(out, tiny_shards, *CELLS[variant]))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[variant] = outputs(out)
+        return done[variant]
+
+    return run
 
 
-def interrupt_when_checkpointed(out, shards, sig, min_step=2):
-    proc = subprocess.Popen([sys.executable, "-m", "clipit.cli", *train_args(out, shards, *CELL)], cwd=ROOT,
+def interrupt_when_checkpointed(out, shards, sig, cell, min_step=2):
+    proc = subprocess.Popen([sys.executable, "-m", "clipit.cli", *train_args(out, shards, *cell)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     progress = run_dir(out) / "checkpoints" / "latest" / "progress.json"
     deadline = time.time() + 300
@@ -47,17 +57,19 @@ def interrupt_when_checkpointed(out, shards, sig, min_step=2):
     return proc.returncode, stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, tiny_shards, tmp_path, sig):
-    code, stderr = interrupt_when_checkpointed(tmp_path, tiny_shards, sig)
+@pytest.mark.parametrize("variant, sig", [("cached", signal.SIGKILL), ("cached", signal.SIGTERM),
+                                          ("tower", signal.SIGKILL)], ids=["sigkill", "sigterm", "tower-sigkill"])
+def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, tiny_shards, tmp_path, variant, sig):
+    cell = CELLS[variant]
+    code, stderr = interrupt_when_checkpointed(tmp_path, tiny_shards, sig, cell)
     assert code == -signal.SIGKILL if sig == signal.SIGKILL else code == 128 + signal.SIGTERM, stderr[-2000:]
     assert not (run_dir(tmp_path) / "metrics.json").exists()
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, *CELL))
+    proc = run_clipit(*train_args(tmp_path, tiny_shards, *cell))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir(tmp_path) / "train_summary.json").read_text())
     assert summary["resumed_from_step"] and summary["resumed_from_step"] >= 2
     metrics, logits, keys = outputs(tmp_path)
-    want_metrics, want_logits, want_keys = uninterrupted
+    want_metrics, want_logits, want_keys = uninterrupted(variant)
     assert metrics["balanced_accuracy"] == want_metrics["balanced_accuracy"]
     assert (keys == want_keys).all()
     np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-6)

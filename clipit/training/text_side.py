@@ -1,0 +1,61 @@
+"""The text side of a training step (methods.<m>.text_encoder).
+
+cached  the fp16 report embedding stored with each sample in the shards (frozen text side; fast)
+tower   the pairing model's text tower inside the model: each sample's `report_index` selects its
+        tokens from a table tokenized once from the shards' texts.jsonl; in training steps k% of them
+        are corrupted when word_drop is set (the generator is the run's, so a resumed run drops the
+        same tokens an uninterrupted one would)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipit.config import ConfigError, ExperimentConfig, TrainConfig
+from clipit.shards import load_texts
+
+
+def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig, text_dim: int) -> None:
+    """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected)."""
+    if tcfg.text_encoder != "tower":
+        return
+    from clipit.pairing.text_tower import build_text_tower
+    from clipit.weights import resolve_pairing_checkpoint
+
+    if not hasattr(model, "text_tower"):
+        raise ConfigError(f"methods.*.text_encoder: tower needs method clipit, not {tcfg.method!r}")
+    checkpoint = resolve_pairing_checkpoint(cfg.pairing.model, cfg.pairing.checkpoint, cfg.model.weights_file)
+    tower = build_text_tower(cfg.pairing.model, checkpoint)
+    with torch.no_grad():
+        dim = int(tower(tower.tokenize(["x"])).shape[-1])
+    if dim != text_dim:
+        raise ConfigError(f"pairing.model {cfg.pairing.model}: its text tower gives {dim}-d embeddings but the shards "
+                          f"hold {text_dim}-d ones; train with the pairing model that built the shards")
+    model.text_tower = tower
+
+
+class TextInputs:
+    """Keyword inputs of the model for one batch: text_emb, plus tokens (and mask positions) for a tower."""
+
+    def __init__(self, model: nn.Module, tcfg: TrainConfig, shard_dir: str | Path, manifest: dict,
+                 device: torch.device):
+        self.tower = getattr(model, "text_tower", None)
+        self.word_drop, self.mode = tcfg.word_drop, tcfg.word_drop_mode
+        self.tokens = None
+        if self.tower is not None:
+            self.tokens = self.tower.tokenize(load_texts(shard_dir, manifest)).to(device)
+
+    def __call__(self, batch: dict, device: torch.device, train: bool = False,
+                 generator: torch.Generator | None = None) -> dict:
+        inputs = {"text_emb": batch["text_emb"].to(device)}
+        if self.tokens is None:
+            return inputs
+        from clipit.pairing.text_tower import corrupt
+
+        tokens = self.tokens[batch["report_index"].to(device)]
+        masked = None
+        if train:
+            tokens, masked = corrupt(tokens, self.tower, self.word_drop, self.mode, generator)
+        return inputs | {"tokens": tokens, "masked": masked}
