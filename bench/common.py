@@ -43,11 +43,15 @@ def setup(args) -> None:
           f"on Linear+Conv2d+Embedding, {args.clock} clock")
 
 
-def make(args, method: str, finetune: str, warm_head: bool, seed: int = 0) -> torch.nn.Module:
-    """One method's model with the same (seeded) backbone weights for every variant."""
+def make(args, method: str, finetune: str, warm_head: bool, seed: int = 0,
+         text_tower: torch.nn.Module | None = None) -> torch.nn.Module:
+    """One method's model with the same (seeded) backbone weights for every variant (CLIP-IT may get a
+    trainable text tower, attached before LoRA as trainer.build_model does)."""
     torch.manual_seed(seed)
     backbone, _ = build_backbone(args.backbone, weights="random", image_size=args.image_size)
     model = build_classifier(method, backbone, args.classes, args.text_dim, 1)
+    if text_tower is not None:
+        model.text_tower = text_tower
     prepare_finetune(model, finetune, LoraConfig(r=args.lora_r, alpha=args.lora_alpha), warm_head=warm_head)
     return model.to(args.device)
 

@@ -86,6 +86,11 @@ def test_shard_dims_paths_and_pairing(site, capsys):
     # a real pairing model without weights: fatal only while the shards still have to be built
     code, lines, _ = doctor(capsys, path, "--set", "model.text_dim=384", "--set", "pairing.model=conch")
     assert code == 0 and any(line.startswith("· pairing model conch: no weights") for line in lines)
+    # ... or while a method trains its text tower (the pairing model is then needed at training time)
+    code, lines, _ = doctor(capsys, path, "--set", "model.text_dim=384", "--set", "pairing.model=conch",
+                            "--set", "methods.clipit.text_encoder=tower", "--set", "methods.clipit.word_drop=0.3")
+    assert code == 2 and any(line.startswith("✗ pairing model conch (text tower of clipit): no weights") for line in lines)
+    assert "✓ method clipit: clipit, fine-tuning lora, warm start unimodal, text tower with 30% word drop (mask)" in lines
     (shards / "manifest.json").unlink()
     code, lines, _ = doctor(capsys, path, "--set", "pairing.model=conch")
     assert code == 2 and any(line.startswith("✗ pairing model conch: no weights") for line in lines)

@@ -37,7 +37,8 @@ class MaskableEmbedding(nn.Module):
         out = self.base(ids)
         if self.positions is None:
             return out
-        return torch.where(self.positions.unsqueeze(-1), self.mask_vector.to(out.dtype), out)
+        positions = self.positions[:, : ids.shape[1]]  # CoCa drops the last (CLS) slot before embedding
+        return torch.where(positions.unsqueeze(-1), self.mask_vector.to(out.dtype), out)
 
 
 class TextTower(nn.Module):
@@ -62,6 +63,13 @@ class TextTower(nn.Module):
         return self.tokenizer(list(texts))
 
     def forward(self, tokens: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        if masked is None:  # many images share a report (M is small, N large): encode each distinct one once
+            unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+            if len(unique) < len(tokens):
+                return self._encode(unique, None)[inverse]
+        return self._encode(tokens, masked)
+
+    def _encode(self, tokens: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
         embedding = self.clip.get_submodule(self.embedding_path)
         embedding.positions = masked
         try:

@@ -36,6 +36,10 @@ def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig
     model.text_tower = tower
 
 
+def cached_text(batch: dict, device: torch.device, train: bool = False, generator=None) -> dict:
+    return {"text_emb": batch["text_emb"].to(device)}
+
+
 class TextInputs:
     """Keyword inputs of the model for one batch: text_emb, plus tokens (and mask positions) for a tower."""
 
@@ -49,7 +53,7 @@ class TextInputs:
 
     def __call__(self, batch: dict, device: torch.device, train: bool = False,
                  generator: torch.Generator | None = None) -> dict:
-        inputs = {"text_emb": batch["text_emb"].to(device)}
+        inputs = cached_text(batch, device)
         if self.tokens is None:
             return inputs
         from clipit.pairing.text_tower import corrupt

@@ -31,7 +31,7 @@ from clipit.training.checkpoint import load_model_state, save_model
 from clipit.training.loader import DevicePreprocess, eval_loader, train_loader
 from clipit.training.signals import GracefulStop
 from clipit.training.state import load_training_state, save_training_state
-from clipit.training.text_side import TextInputs, attach_text_tower
+from clipit.training.text_side import TextInputs, attach_text_tower, cached_text
 
 def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
                 warm_start: Path | None = None, text_tower: bool = True):
@@ -84,14 +84,14 @@ def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
 
 
 @torch.no_grad()
-def predict(model, preprocess, loader, accelerator: Accelerator, lam: float, text_inputs: TextInputs | None = None
-            ) -> dict:
+def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
+            text_inputs: TextInputs | None = None) -> dict:
     """Logits, labels and keys of every sample (gathered over ranks) and the mean loss terms."""
     model.eval()
     logits, labels, keys, terms = [], [], [], []
     for batch in loader:
         images = preprocess(batch["images"].to(accelerator.device))
-        inputs = text_inputs(batch, accelerator.device) if text_inputs else {"text_emb": batch["text_emb"].to(accelerator.device)}
+        inputs = (text_inputs or cached_text)(batch, accelerator.device)
         with accelerator.autocast():
             out = model(images, **inputs)
         target = batch["labels"].to(accelerator.device)
@@ -159,6 +159,11 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     meta = {"method": method, "seed": seed, "classes": classes, "backbone": cfg.model.backbone,
             "weights": cfg.model.weights, "text_dim": manifest["embedding"]["dim"], "train": vars(tcfg).copy(),
             "lora": vars(cfg.model.lora).copy(), "kd_layers": cfg.model.kd_layers, "image_size": preprocess.size}
+
+    def save_best():  # reads the current step
+        save_model(run_dir / "best", accelerator.unwrap_model(model), meta | {"step": step},
+                   full=cfg.model.weights in (None, "random"))
+
     start = time.time()
     waited, window_start, window_images = 0.0, time.time(), 0
     bar = tqdm(total=total_steps, initial=step, desc=f"{method} seed {seed}", unit="step", disable=not main)
@@ -194,9 +199,8 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
                     writer.add_scalar("perf/data_wait_pct", 100 * waited / max(elapsed, 1e-9), step)
                     waited, window_start, window_images = 0.0, time.time(), 0
                 if step % eval_every == 0 or step == total_steps:
-                    validate(model, preprocess, val_batches, accelerator, tcfg, classes, step, writer, progress, text_inputs,
-                             lambda: save_model(run_dir / "best", accelerator.unwrap_model(model), meta | {"step": step},
-                                                full=cfg.model.weights in (None, "random")))
+                    validate(model, preprocess, val_batches, text_inputs, accelerator, tcfg, classes, step, writer,
+                             progress, save_best)
                 progress["step"] = step
                 stopping = stop.requested(accelerator.device)
                 if step < total_steps and (step % checkpoint_every == 0 or stopping):
@@ -221,8 +225,8 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     return summary
 
 
-def validate(model, preprocess, val_batches, accelerator, tcfg: TrainConfig, classes, step: int, writer,
-             progress: dict, text_inputs: TextInputs, save_best) -> None:
+def validate(model, preprocess, val_batches, text_inputs: TextInputs, accelerator, tcfg: TrainConfig, classes,
+             step: int, writer, progress: dict, save_best) -> None:
     """Evaluate on val, log, and keep the best checkpoint by the configured criterion."""
     val = predict(model, preprocess, val_batches, accelerator, tcfg.lam, text_inputs)
     metrics = classification_metrics(val["labels"], val["logits"], classes)

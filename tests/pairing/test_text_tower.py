@@ -88,8 +88,9 @@ def test_remove_deletes_tokens_and_keeps_order_end_and_padding(demo_pairing):
         assert (out[row] == tower.end_id).sum() == 1
 
 
-def test_mask_replaces_embeddings_without_touching_ids(demo_pairing):
-    tower = text_tower_from(demo_pairing).eval()
+@pytest.mark.parametrize("which", ["demo_pairing", "conch_pairing"])
+def test_mask_replaces_embeddings_without_touching_ids(which, request):
+    tower = text_tower_from(request.getfixturevalue(which)).eval()
     tokens = tower.tokenize(TEXTS)
     gen = torch.Generator().manual_seed(0)
     same, masked = corrupt(tokens, tower, 0.3, "mask", gen)
@@ -101,17 +102,19 @@ def test_mask_replaces_embeddings_without_touching_ids(demo_pairing):
     torch.testing.assert_close(nothing, clean)
     changed = (hit - clean).norm(dim=1) > 1e-4
     assert changed.tolist() == masked.any(1).tolist()  # the empty text has nothing to mask
-    torch.testing.assert_close(tower.clip.token_embedding.mask_vector,  # <mask> starts as the <end> embedding
-                               tower.clip.token_embedding.base.weight[tower.end_id])
+    embedding = tower.clip.get_submodule(tower.embedding_path)
+    torch.testing.assert_close(embedding.mask_vector, embedding.base.weight[tower.end_id])  # <mask> starts as <end>
     assert corrupt(tokens, tower, 0.0, "mask", gen) == (tokens, None)
 
 
+@pytest.mark.parametrize("which", ["demo_pairing", "conch_pairing"])
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_every_trainable_parameter_gets_a_gradient(demo_pairing, finetune):
+def test_every_trainable_parameter_gets_a_gradient(which, finetune, request):
     """One module for both sides; no trainable parameter may sit unused (DDP would fail on it)."""
+    pairing = request.getfixturevalue(which)
     torch.manual_seed(0)
-    model = ClipItModel(create_backbone(get_spec("demo-vit-tiny")), num_classes=4, text_dim=512)
-    model.text_tower = text_tower_from(demo_pairing)
+    model = ClipItModel(create_backbone(get_spec("demo-vit-tiny")), num_classes=4, text_dim=pairing.embed_dim)
+    model.text_tower = text_tower_from(pairing)
     prepare_finetune(model, finetune, LoraConfig(r=4, alpha=4, targets=["Linear", "Conv2d", "Embedding"]),
                      warm_head=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -124,3 +127,16 @@ def test_every_trainable_parameter_gets_a_gradient(demo_pairing, finetune):
     out = model(torch.randn(2, 3, 64, 64), None, tokens=tokens, masked=masked)
     (out["logits"].sum() + (1 - torch.cosine_similarity(out["proj"], out["text_emb"])).sum()).backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_shared_reports_are_encoded_once_with_the_same_result(demo_pairing):
+    tower = text_tower_from(demo_pairing).eval()
+    tokens = tower.tokenize([TEXTS[0], TEXTS[1], TEXTS[0], TEXTS[0]])
+    seen = []
+    hook = tower.clip.transformer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = tower(tokens)
+        separate = torch.cat([tower(row[None]) for row in tokens])
+    hook.remove()
+    assert seen[0] == 2  # two distinct reports in a batch of four
+    torch.testing.assert_close(shared, separate, rtol=0, atol=1e-6)

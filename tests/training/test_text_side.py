@@ -60,6 +60,15 @@ def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path
     assert not [k for k in load_file(str(export / "model.safetensors")) if "text_tower" in k or "lora_" in k]
 
 
+def test_rerunning_the_shard_stage_restores_the_texts_file(tiny_shards):
+    texts = Path(tiny_config(tiny_shards).shards.dir) / "texts.jsonl"
+    before = texts.read_bytes()
+    texts.unlink()
+    proc = run_clipit("shard", "--config", TINY, *[a for s in tiny_shards for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert texts.read_bytes() == before
+
+
 def test_shards_without_their_texts_file_say_how_to_fix(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards)
     copy = tmp_path / "shards"
