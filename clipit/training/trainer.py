@@ -86,8 +86,13 @@ def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
 @torch.no_grad()
 def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
             text_inputs: TextInputs | None = None) -> dict:
-    """Logits, labels and keys of every sample (gathered over ranks) and the mean loss terms."""
-    model.eval()
+    """Logits, labels and keys of every sample (gathered over ranks) and the mean loss terms.
+
+    The bare module runs, not the DDP/DeepSpeed wrapper: ranks hold different numbers of eval batches
+    (none at all with fewer shards than ranks), and DDP's forward broadcasts buffers (the text tower
+    has some), a collective that a rank without batches would never join."""
+    wrapper, model = model, accelerator.unwrap_model(model)
+    wrapper.eval()
     logits, labels, keys, terms = [], [], [], []
     for batch in loader:
         images = preprocess(batch["images"].to(accelerator.device))
@@ -101,7 +106,7 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
         logits.append(out["logits"].float().cpu().numpy())
         labels.append(batch["labels"].numpy())
         keys += batch["keys"]
-    model.train()
+    wrapper.train()
     parts = gather_object([(np.concatenate(logits) if logits else np.zeros((0, 0)),
                             np.concatenate(labels) if labels else np.zeros(0, np.int64), keys, terms)])
     logits = np.concatenate([p[0] for p in parts if len(p[1])])
