@@ -109,6 +109,7 @@ def test_export_matches_unmerged_evaluation(trained, tmp_path, name, capsys):
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(sample["png"])
         files.append(path)
+    capsys.readouterr()  # only predict's own output (the evaluation above may import DeepSpeed, which logs to stdout)
     assert main(["predict", str(out), *map(str, files), "--json"]) == 0
     printed = {row["image"]: row for row in json.loads(capsys.readouterr().out)}
     by_key = {f.stem: printed[str(f)] for f in files}

@@ -91,7 +91,7 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
     The bare module runs, not the DDP/DeepSpeed wrapper: ranks hold different numbers of eval batches
     (none at all with fewer shards than ranks), and DDP's forward broadcasts buffers (the text tower
     has some), a collective that a rank without batches would never join."""
-    wrapper, model = model, accelerator.unwrap_model(model)
+    wrapper, model = model, accelerator.unwrap_model(model) if hasattr(model, "module") else model  # DDP / DeepSpeed
     wrapper.eval()
     logits, labels, keys, terms = [], [], [], []
     for batch in loader:
