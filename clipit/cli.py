@@ -92,6 +92,9 @@ def cmd_train(args) -> None:
             shutil.rmtree(run_dir_for(cfg, args.method, seed), ignore_errors=True)
         metrics = train_and_evaluate(cfg, args.method, seed)
         print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
+    from clipit.training.accel import leave_process_group
+
+    leave_process_group()
 
 
 def cmd_doctor(args) -> int:
