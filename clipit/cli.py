@@ -81,20 +81,24 @@ def cmd_shards_validate(args) -> None:
 def cmd_train(args) -> None:
     from clipit.pipeline import train_and_evaluate
 
-    cfg = _config(args)
-    seeds = [args.seed] if args.seed is not None else cfg.seeds
-    for seed in seeds:
-        if args.resume == "none":  # start over: drop this cell's resume checkpoint and outputs
-            import shutil
-
-            from clipit.pipeline import run_dir_for
-
-            shutil.rmtree(run_dir_for(cfg, args.method, seed), ignore_errors=True)
-        metrics = train_and_evaluate(cfg, args.method, seed)
-        print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
     from clipit.training.accel import leave_process_group
 
-    leave_process_group()
+    cfg = _config(args)
+    seeds = [args.seed] if args.seed is not None else cfg.seeds
+    succeeded = False
+    try:
+        for seed in seeds:
+            if args.resume == "none":  # start over: drop this cell's resume checkpoint and outputs
+                import shutil
+
+                from clipit.pipeline import run_dir_for
+
+                shutil.rmtree(run_dir_for(cfg, args.method, seed), ignore_errors=True)
+            metrics = train_and_evaluate(cfg, args.method, seed)
+            print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
+        succeeded = True
+    finally:
+        leave_process_group(succeeded)
 
 
 def cmd_doctor(args) -> int:

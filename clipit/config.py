@@ -166,6 +166,9 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
         if m.text_encoder == "tower" and m.method != "clipit":
             raise ConfigError(f"{where}: {key}.text_encoder: tower is for method clipit (got {m.method!r}); "
                               "use text_encoder: cached")
+        if m.text_encoder == "tower" and m.lam == 0:
+            raise ConfigError(f"{where}: {key}.text_encoder: tower needs lam > 0 (with lam 0 the tower gets no "
+                              "gradient and DDP fails on its unused parameters); use text_encoder: cached")
         if not 0.0 <= m.word_drop < 1.0:
             raise ConfigError(f"{where}: {key}.word_drop = {m.word_drop} must be in [0, 1)")
         if m.word_drop and m.text_encoder != "tower":

@@ -126,10 +126,10 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
             keep = {k: metrics.get(k) for k in ("balanced_accuracy", "accuracy") if isinstance(metrics, dict)}
             ledger.mark_done(cell.run_dir, job, metrics=keep)
         outcomes[cell.key] = "done"
+    failed = [k for k, v in outcomes.items() if v.startswith("failed")]
     from clipit.training.accel import leave_process_group
 
-    leave_process_group()
-    failed = [k for k, v in outcomes.items() if v.startswith("failed")]
+    leave_process_group(succeeded=not failed)
     if failed:
         raise CellsFailed(f"{len(failed)} of {len(task.cells)} cells failed: {', '.join(failed)} "
                           "(tracebacks in their state.json and in this job's log)")

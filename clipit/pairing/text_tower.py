@@ -8,8 +8,9 @@ never meets an unused parameter.
 
 Word drop (the Fig. 5 ablation) corrupts k% of the tokens strictly between <start> and <end> of each
 report, per step:
-  mask    the reference code: the tokens' embeddings become a <mask> embedding initialised from the
-          <end> token's (token ids are left as they are, so argmax-pooled towers still find <end>)
+  mask    the reference code: the tokens' embeddings become a <mask> embedding, a fixed copy of the
+          <end> token's base embedding (token ids are left as they are, so argmax-pooled towers still
+          find <end>)
   remove  the paper's prose ("words removed"): the tokens are deleted and the rest shifts left
 """
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from clipit.pairing.models import PairingModel
+from clipit.pairing.models import PairingModel, PairingModelError
 
 UNUSED_BY_TEXT = ("visual", "text_decoder", "logit_scale", "logit_bias")
 
 
 class MaskableEmbedding(nn.Module):
-    """A token embedding whose output at flagged positions is replaced by a fixed <mask> vector."""
+    """A token embedding whose output at flagged positions is replaced by a fixed <mask> vector (a buffer:
+    the reference's new <mask> row sat in the frozen base embedding too)."""
 
     def __init__(self, base: nn.Embedding, mask_token_id: int):
         super().__init__()
@@ -83,7 +85,8 @@ def _token_embedding(clip: nn.Module) -> tuple[nn.Module, nn.Embedding]:
     for owner in (clip, getattr(clip, "text", None)):
         if owner is not None and isinstance(getattr(owner, "token_embedding", None), nn.Embedding):
             return owner, owner.token_embedding
-    raise TypeError(f"{type(clip).__name__} has no token_embedding: not an open_clip/CONCH text tower")
+    raise PairingModelError(f"{type(clip).__name__} has no token_embedding (not an open_clip/CONCH text tower, e.g. "
+                            "an HF text model); train with text_encoder: cached")
 
 
 def text_tower_from(pairing: PairingModel, copy: bool = True) -> TextTower:

@@ -70,12 +70,14 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
 
-def leave_process_group() -> None:
+def leave_process_group(succeeded: bool = True) -> None:
     """End a distributed command cleanly: all ranks meet, then the process group is destroyed. A rank
     that exits with the group alive can abort in gloo's threads ("terminate called without an active
-    exception") while its peers are still shutting down."""
+    exception") while its peers are still shutting down. A rank that failed skips the barrier (its
+    peers may be stuck elsewhere) and only destroys the group."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if succeeded:
+            dist.barrier()
         dist.destroy_process_group()

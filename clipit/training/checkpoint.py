@@ -1,9 +1,10 @@
 """Model checkpoints: safetensors weights + a JSON sidecar that says how to rebuild the model.
 
 Only what training changes is stored (LoRA, heads) unless the backbone has no weights file to
-rebuild it from (random init: demo and tests), in which case the full state is stored. A trainable
-text tower's frozen base weights are never stored: they come from the pairing checkpoint, and
-evaluation and export do not use the tower at all.
+rebuild it from (random init: demo and tests), in which case the full state is stored. Of a
+trainable text tower only the LoRA tensors are stored, never its base weights (also not under
+finetune: full): evaluation and export do not use the tower, and its frozen weights come from the
+pairing checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: dict, full: bool)
     path = Path(path)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if k in trainable or (full and not k.startswith(TEXT_TOWER))}
+             if (k in trainable or full) and (not k.startswith(TEXT_TOWER) or "lora_" in k)}
     with atomic_path(path.with_suffix(".safetensors")) as tmp:
         save_file(state, str(tmp))
     atomic_write_json(path.with_suffix(".json"), {**meta, "full_state": full})  # sidecar last: marks completion

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from clipit.config import ConfigError, ExperimentConfig, TrainConfig
-from clipit.shards import load_texts
+from clipit.shards import ShardError, load_texts
 
 
 def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig, text_dim: int) -> None:
@@ -49,7 +49,12 @@ class TextInputs:
         self.word_drop, self.mode = tcfg.word_drop, tcfg.word_drop_mode
         self.tokens = None
         if self.tower is not None:
-            self.tokens = self.tower.tokenize(load_texts(shard_dir, manifest)).to(device)
+            tokens = self.tower.tokenize(load_texts(shard_dir, manifest))
+            if self.word_drop and (self.tower.start_id == self.tower.end_id
+                                   or not (tokens[:, 0] == self.tower.start_id).all()):
+                raise ConfigError(f"{self.tower.name}: its tokenizer marks no start of text, so word_drop cannot tell "
+                                  "words from special tokens; set word_drop: 0 for this pairing model")
+            self.tokens = tokens.to(device)
 
     def __call__(self, batch: dict, device: torch.device, train: bool = False,
                  generator: torch.Generator | None = None) -> dict:
@@ -58,7 +63,11 @@ class TextInputs:
             return inputs
         from clipit.pairing.text_tower import corrupt
 
-        tokens = self.tokens[batch["report_index"].to(device)]
+        index = batch["report_index"]
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self.tokens)):
+            raise ShardError(f"{batch['keys'][0]}: sample without a valid report_index (texts.jsonl holds "
+                             f"{len(self.tokens)}); rebuild the shards with `clipit shard`")
+        tokens = self.tokens[index.to(device)]
         masked = None
         if train:
             tokens, masked = corrupt(tokens, self.tower, self.word_drop, self.mode, generator)

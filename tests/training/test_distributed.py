@@ -51,7 +51,11 @@ def test_ddp_and_zero2_match_one_process(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_text_tower_is_one_engine_under_ddp_and_zero2(tiny_shards, tmp_path):
     """CLIP-IT with the text tower + LoRA and word drop on 2 ranks: DDP finds no unused parameter and
-    ZeRO-2 partitions both sides in one engine; the two agree as for the vision-only model."""
+    ZeRO-2 partitions both sides in one engine; the two agree as for the vision-only model. The val
+    split has one shard, so rank 1 validates nothing: evaluation must not enter DDP's forward (its
+    buffer broadcast would wait for rank 1 forever)."""
+    shard_dir = next(s.split("=", 1)[1] for s in tiny_shards if s.startswith("shards.dir="))
+    assert len(json.loads((Path(shard_dir) / "manifest.json").read_text())["splits"]["val"]["shards"]) == 1
     tower = ["methods.clipit.warm_start=null", "methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3",
              "methods.clipit.batch_size=32"]
     results = {}

@@ -1,5 +1,6 @@
 """CLIP-IT with the pairing model's text tower trained in the same step (text_encoder: tower), on real shards."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,12 @@ def test_tokens_follow_each_samples_report_index(tiny_shards):
         torch.testing.assert_close(model.text_tower.eval()(got["tokens"]), got["text_emb"], rtol=0, atol=2e-3)
     train = inputs(batch, torch.device("cpu"), train=True, generator=torch.Generator().manual_seed(0))
     assert train["masked"].any() and torch.equal(train["tokens"], want)
+    broken = dict(batch, report_index=torch.full_like(batch["report_index"], -1))  # a shard without the field
+    with pytest.raises(ShardError, match="without a valid report_index"):
+        inputs(broken, torch.device("cpu"))
+    model.text_tower.start_id = model.text_tower.end_id  # a tokenizer that marks no start of text
+    with pytest.raises(ConfigError, match="marks no start of text"):
+        TextInputs(model, cfg.methods["clipit"], cfg.shards.dir, manifest, torch.device("cpu"))
 
 
 def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path):
@@ -60,13 +67,18 @@ def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path
     assert not [k for k in load_file(str(export / "model.safetensors")) if "text_tower" in k or "lora_" in k]
 
 
-def test_rerunning_the_shard_stage_restores_the_texts_file(tiny_shards):
-    texts = Path(tiny_config(tiny_shards).shards.dir) / "texts.jsonl"
-    before = texts.read_bytes()
-    texts.unlink()
-    proc = run_clipit("shard", "--config", TINY, *[a for s in tiny_shards for a in ("--set", s)])
+def test_rerunning_the_shard_stage_restores_the_texts_file(tiny_shards, tmp_path):
+    """A shard set from before texts.jsonl existed gets it from `clipit shard`, without a rebuild."""
+    original = Path(tiny_config(tiny_shards).shards.dir)
+    old = tmp_path / "shards"
+    shutil.copytree(original, old)
+    (old / "texts.jsonl").unlink()
+    tars = {p: p.stat().st_mtime_ns for p in old.rglob("*.tar")}
+    sets = [a for s in [*tiny_shards, f"shards.dir={old}"] for a in ("--set", s)]
+    proc = run_clipit("shard", "--config", TINY, *sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert texts.read_bytes() == before
+    assert (old / "texts.jsonl").read_bytes() == (original / "texts.jsonl").read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in old.rglob("*.tar")} == tars  # no shard rewritten
 
 
 def test_shards_without_their_texts_file_say_how_to_fix(tiny_shards, tmp_path):
@@ -85,6 +97,7 @@ def test_shards_without_their_texts_file_say_how_to_fix(tiny_shards, tmp_path):
     (["methods.clipit.text_encoder=cached", "methods.clipit.word_drop=0.3"], "word_drop needs text_encoder: tower"),
     (["methods.unimodal.text_encoder=tower"], "tower is for method clipit"),
     (["methods.clipit.word_drop=1.0"], r"word_drop = 1.0 must be in \[0, 1\)"),
+    (["methods.clipit.text_encoder=tower", "methods.clipit.lam=0"], "tower needs lam > 0"),
 ])
 def test_inconsistent_text_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
