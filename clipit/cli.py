@@ -55,7 +55,8 @@ def cmd_pair(args) -> None:
 
 def cmd_shard(args) -> None:
     from clipit.pipeline import build_image_dataset, load_corpus, run_pairing, run_shards
-    from clipit.shards import ShardError, require_pairs
+    from clipit.shard_stage import require_pairs
+    from clipit.shards import ShardError
 
     if (args.part is None) != (args.num_parts is None):
         raise ShardError("give --part I and --num-parts N together (0 <= I < N)")

@@ -97,7 +97,7 @@ def run_shards(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repor
     """All shards and the manifest, or one part of a compute-node build (clipit/shards.py); returns the
     manifest once the set is complete, None while other parts' shards are still missing."""
     from clipit.pairing.texts import pairing_texts
-    from clipit.shards import run_shard_stage
+    from clipit.shard_stage import run_shard_stage
 
     return run_shard_stage(cfg, dataset, pairing_texts(cfg, dataset, reports), pair_paths, part=part,
                            num_parts=num_parts, finalize=finalize, echo=print)

@@ -2,7 +2,6 @@
 
 Fast tests use the real CoCa class with a shrunk config (same structure, tiny widths) and random weights
 saved here; the full conch_ViT-B-16 round trip (395M parameters, ~30 s) is marked slow."""
-import json
 import sys
 import warnings
 
