@@ -142,7 +142,8 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
     preprocess = preprocess.to(accelerator.device)
-    generator = torch.Generator().manual_seed(seed)
+    # augmentation and word drop: each rank its own draws; rank 0 keeps the seed (1-process runs unchanged)
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * accelerator.process_index)
     text_inputs = TextInputs(accelerator.unwrap_model(model), tcfg, cfg.shards.dir, manifest, accelerator.device)
     progress = load_training_state(run_dir, accelerator, model, optimizer, scheduler, generator)
     resumed_from = progress["step"] if progress else None
