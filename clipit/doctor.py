@@ -169,8 +169,9 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
             mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
             warm = (f", warm start {t.warm_start}" if t.warm_start else "") + \
                    (f", text warm start {t.text_warm_start}" if t.text_warm_start else "")
-            text = f", text tower{f' with {t.word_drop:.0%} word drop ({t.word_drop_mode})' if t.word_drop else ''}" \
-                if t.text_encoder == "tower" else ""
+            text = ""
+            if t.text_encoder == "tower":
+                text = ", text tower" + (f" with {t.word_drop:.0%} word drop ({t.word_drop_mode})" if t.word_drop else "")
             out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}{text}"))
     return out
 

@@ -115,8 +115,7 @@ def droppable(tokens: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
     """Positions strictly after <start> and before the first <end> of each row."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     is_end = tokens == end_id
-    first_end = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full_like(is_end[:, 0], tokens.shape[1],
-                                                                                   dtype=torch.long))
+    first_end = torch.where(is_end.any(1), is_end.int().argmax(1), tokens.shape[1])  # no <end>: up to the last
     return (positions > 0) & (positions < first_end.unsqueeze(1)) & (tokens[:, :1] == start_id)
 
 

@@ -18,14 +18,13 @@ from clipit.shards import ShardError, load_texts
 
 
 def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig, text_dim: int) -> None:
-    """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected)."""
+    """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected); config.check_methods
+    admits text_encoder: tower for method clipit only."""
     if tcfg.text_encoder != "tower":
         return
     from clipit.pairing.text_tower import build_text_tower
     from clipit.weights import resolve_pairing_checkpoint
 
-    if not hasattr(model, "text_tower"):
-        raise ConfigError(f"methods.*.text_encoder: tower needs method clipit, not {tcfg.method!r}")
     checkpoint = resolve_pairing_checkpoint(cfg.pairing.model, cfg.pairing.checkpoint, cfg.model.weights_file)
     tower = build_text_tower(cfg.pairing.model, checkpoint)
     with torch.no_grad():
