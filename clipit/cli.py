@@ -99,7 +99,11 @@ def cmd_train(args) -> None:
             print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
         succeeded = True
     finally:
-        leave_process_group(succeeded)
+        distributed = leave_process_group(succeeded)
+    if distributed:  # outputs are on disk; skip interpreter teardown, where gloo's threads can still abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_doctor(args) -> int:

@@ -70,14 +70,16 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
 
-def leave_process_group(succeeded: bool = True) -> None:
-    """End a distributed command cleanly: all ranks meet, then the process group is destroyed. A rank
-    that exits with the group alive can abort in gloo's threads ("terminate called without an active
-    exception") while its peers are still shutting down. A rank that failed skips the barrier (its
-    peers may be stuck elsewhere) and only destroys the group."""
+def leave_process_group(succeeded: bool = True) -> bool:
+    """End a distributed command cleanly: all ranks meet, then the process group is destroyed; returns
+    whether there was one. A rank that exits with the group alive can abort in gloo's threads
+    ("terminate called without an active exception") while its peers are still shutting down. A rank
+    that failed skips the barrier (its peers may be stuck elsewhere) and only destroys the group."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if succeeded:
-            dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
+    return True
