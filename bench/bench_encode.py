@@ -28,7 +28,7 @@ from clipit.data.base import decode_image  # noqa: E402
 from clipit.data.demo import DEMO_CLASSES, write_demo_images  # noqa: E402
 from clipit.data.folder import ImageFolderDataset  # noqa: E402
 from clipit.pairing.engine import embed_images  # noqa: E402
-from clipit.pairing.models import PairingModel  # noqa: E402
+from clipit.pairing.encoders import PairingModel  # noqa: E402
 from clipit.pairing.search import topk_cosine  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import count, interleaved, make, median, parser, setup
 
-from clipit.export import merge_lora
+from clipit.evaluation.export import merge_lora
 
 
 def flops(model, x) -> int:

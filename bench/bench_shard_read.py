@@ -27,7 +27,7 @@ import webdataset as wds  # noqa: E402
 
 from clipit.data.demo import DEMO_CLASSES, write_demo_images  # noqa: E402
 from clipit.data.folder import ImageFolderDataset  # noqa: E402
-from clipit.shards import write_split_shards  # noqa: E402
+from clipit.shards.format import write_split_shards  # noqa: E402
 from clipit.training.loader import eval_loader, train_loader  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main() -> None:
         urls, write_s = build_shards(root, args.shards, args.per_shard, args.tile)
         size = sum(os.path.getsize(u) for u in urls)
         print(f"{len(urls)} shards x {args.per_shard} samples ({args.tile}-px PNG + cls + 512-d fp16 emb + json), "
-              f"{size / total / 1024:.1f} KiB/sample; written by clipit.shards in one process at "
+              f"{size / total / 1024:.1f} KiB/sample; written by clipit.shards.format in one process at "
               f"{total / write_s:,.0f} samples/s (decode-check + fsync included) | {os.cpu_count()} cpus, "
               f"load average {os.getloadavg()[0]:.1f}")
         rows = []

@@ -46,7 +46,7 @@ def step_fn(model, images, labels, text, tokens=None):
 
 def conch_text_tower():
     """CONCH's text tower with the packaged architecture and random weights, and a batch-sized report."""
-    from clipit.pairing import models as pairing_models
+    from clipit.pairing import encoders as pairing_models
     from clipit.pairing.text_tower import text_tower_from
 
     coca = pairing_models._import_conch().CoCa(**pairing_models.conch_config())

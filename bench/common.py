@@ -1,5 +1,5 @@
 """Shared helpers for the model benchmarks: the models built through clipit's own code paths
-(build_classifier + prepare_finetune, as trainer.build_model does) and an interleaved timer."""
+(build_classifier + prepare_finetune, as models.factory.build_model does) and an interleaved timer."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipit.config import LoraConfig  # noqa: E402
 from clipit.models.backbones import build_backbone  # noqa: E402
-from clipit.models.clipit import build_classifier, prepare_finetune  # noqa: E402
+from clipit.models.clipit import prepare_finetune  # noqa: E402
+from clipit.models.factory import build_classifier  # noqa: E402
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def setup(args) -> None:
 def make(args, method: str, finetune: str, warm_head: bool, seed: int = 0,
          text_tower: torch.nn.Module | None = None) -> torch.nn.Module:
     """One method's model with the same (seeded) backbone weights for every variant (CLIP-IT may get a
-    trainable text tower, attached before LoRA as trainer.build_model does)."""
+    trainable text tower, attached before LoRA as models.factory.build_model does)."""
     torch.manual_seed(seed)
     backbone, _ = build_backbone(args.backbone, weights="random", image_size=args.image_size)
     model = build_classifier(method, backbone, args.classes, args.text_dim, 1)

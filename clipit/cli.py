@@ -1,6 +1,8 @@
-"""`clipit` command line: each subcommand parses its arguments and calls one library function.
+"""`clipit` command line: one subcommand per stage, each parsing its flags and calling one library function.
 
-Errors users can fix (bad config, bad data, missing weights) print one line and exit 2.
+Errors users can fix (every `clipit.errors.ClipitError`) print one line and exit 2; `--debug` shows
+the traceback. The same flag means the same thing everywhere: `--config` (one YAML file), `--set
+KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`.
 """
 from __future__ import annotations
 
@@ -9,26 +11,75 @@ import json
 import os
 import sys
 import time
+import traceback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from clipit import __version__  # noqa: E402
+from clipit.errors import ClipitError, one_line  # noqa: E402
 
-def _user_errors() -> tuple[type, ...]:
-    from clipit.config import ConfigError
-    from clipit.data.base import DatasetError
-    from clipit.export import ExportError
-    from clipit.models.backbones import BackboneError
-    from clipit.pairing.models import PairingModelError
-    from clipit.reports import ReportError
-    from clipit.shards import ShardError
 
-    return ConfigError, DatasetError, BackboneError, ExportError, PairingModelError, ReportError, ShardError
+
+def valid_choices() -> str:
+    """The names a config may use, read from their registries (so --help never goes stale)."""
+    from clipit.config import TrainConfig
+    from clipit.data.registry import DATASETS
+    from clipit.models.backbones import BACKBONES
+    from clipit.models.factory import METHODS
+
+    finetune = TrainConfig.__dataclass_fields__["finetune"].type
+    return (f"method kinds (methods.<name>.method): {', '.join(METHODS)}\n"
+            f"fine-tuning (methods.<name>.finetune): {finetune.replace('Literal', '').strip('[]')}\n"
+            f"backbones (model.backbone): {', '.join(BACKBONES)}, or timm:<name>\n"
+            f"datasets (data.name): demo, {', '.join(DATASETS)}\n"
+            "every config key: docs/config.md")
+
+
+class ChoicesHelpParser(argparse.ArgumentParser):
+    """--help of a config-taking command ends with the valid methods, backbones and datasets (built only
+    when help is shown: reading the registries imports torch)."""
+
+    lists_choices = False
+
+    def format_help(self) -> str:
+        return super().format_help() + ("\n" + valid_choices() + "\n" if self.lists_choices else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared flags: defined once, used by every subcommand that takes them
+
+
+def add_config_flags(parser: argparse.ArgumentParser, required: bool = True, what: str = "experiment config") -> None:
+    parser.add_argument("--config", required=required, metavar="YAML",
+                        help=f"{what} (YAML, e.g. configs/demo.yaml; relative paths in it are relative to the "
+                             "working directory; keys: docs/config.md)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set methods.clipit.lr=1e-4 (repeatable)")
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser, default_profile: str) -> None:
+    parser.add_argument("--profile", help="cluster profile: a name (./slurm/profiles/NAME.yaml, else the shipped "
+                                          f"clipit/hpc/profiles/NAME.yaml) or a path; default: {default_profile}")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print what would run; submit nothing")
+    mode.add_argument("--local", action="store_true", help="run with submitit's local executor on this machine (waits)")
+    parser.add_argument("--wait", action="store_true", help="after submitting to SLURM, wait for the jobs")
+
+
+def add_cell_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True,
+                        help="a method name from the config's `methods` (its kinds are listed below)")
+    parser.add_argument("--seed", type=int, help="one seed (default: every seed of the config)")
 
 
 def _config(args):
     from clipit.config import load_config
 
     return load_config(args.config, args.set)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
 
 
 def cmd_demo(args) -> None:
@@ -39,62 +90,55 @@ def cmd_demo(args) -> None:
     print(f"demo finished in {time.time() - start:.0f} s")
 
 
+def cmd_doctor(args) -> int:
+    from clipit.config import ConfigError, load_config
+    from clipit.doctor import run_doctor
+
+    if bool(args.config_path) == bool(args.config):
+        raise ConfigError("give the config once: clipit doctor CONFIG (or --config CONFIG)")
+    return run_doctor(load_config(args.config_path or args.config, args.set))
+
+
 def cmd_pair(args) -> None:
-    from clipit.pipeline import build_image_dataset, class_agreement, load_corpus, run_pairing
+    from clipit.pipeline import pair_stage
 
-    cfg = _config(args)
-    dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
-    paths = run_pairing(cfg, dataset, reports)
+    paths = pair_stage(_config(args))
     print(json.dumps({s: str(p) for s, p in paths.items()}, indent=2))
-    from clipit.pairing.texts import pairing_texts
-
-    agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), paths)
-    if agreement:
-        print(f"class agreement {100 * agreement['all']:.1f}% (chance {100 * agreement['chance']:.1f}%)")
 
 
-def cmd_shard(args) -> None:
-    from clipit.pipeline import build_image_dataset, load_corpus, run_pairing, run_shards
-    from clipit.shard_stage import require_pairs
-    from clipit.shards import ShardError
+def cmd_shard_build(args) -> None:
+    from clipit.pipeline import shard_stage
 
-    if (args.part is None) != (args.num_parts is None):
-        raise ShardError("give --part I and --num-parts N together (0 <= I < N)")
-    cfg = _config(args)
-    dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
-    if args.part is None and not args.finalize:
-        pairs = run_pairing(cfg, dataset, reports)
-    else:  # parts never pair (N jobs would each pair everything): `clipit pair` runs once before them
-        pairs = require_pairs(cfg, dataset, reports)
-    manifest = run_shards(cfg, dataset, reports, pairs, part=args.part, num_parts=args.num_parts,
-                          finalize=args.finalize)
+    manifest = shard_stage(_config(args), part=args.part, num_parts=args.num_parts, finalize=args.finalize)
     if manifest is not None:
         print(manifest)
 
 
-def cmd_shards_validate(args) -> None:
-    from clipit.shards import validate_shards
+def cmd_shard_validate(args) -> None:
+    from clipit.shards.format import validate_shards
 
     counts = validate_shards(args.dir)
     print("ok: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
 
 
-def cmd_train(args) -> None:
-    from clipit.pipeline import train_and_evaluate
+def _seeds(cfg, args) -> list[int]:
+    return [args.seed] if args.seed is not None else list(cfg.seeds)
 
+
+def cmd_train(args) -> None:
+    from clipit import layout
+    from clipit.pipeline import check_method, train_and_evaluate
     from clipit.training.accel import leave_process_group
 
     cfg = _config(args)
-    seeds = [args.seed] if args.seed is not None else cfg.seeds
+    check_method(cfg, args.method)
     succeeded = False
     try:
-        for seed in seeds:
+        for seed in _seeds(cfg, args):
             if args.resume == "none":  # start over: drop this cell's resume checkpoint and outputs
                 import shutil
 
-                from clipit.pipeline import run_dir_for
-
-                shutil.rmtree(run_dir_for(cfg, args.method, seed), ignore_errors=True)
+                shutil.rmtree(layout.run_dir(cfg.output_dir, args.method, seed), ignore_errors=True)
             metrics = train_and_evaluate(cfg, args.method, seed)
             print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
         succeeded = True
@@ -106,25 +150,25 @@ def cmd_train(args) -> None:
         os._exit(0)
 
 
-def cmd_doctor(args) -> int:
-    from clipit.config import load_config
-    from clipit.doctor import run_doctor
+def cmd_evaluate(args) -> None:
+    from clipit.pipeline import evaluate_cell
 
-    if bool(args.config_path) == bool(args.config):
-        print("clipit: error: give the config once: clipit doctor CONFIG (or --config CONFIG)", file=sys.stderr)
-        return 2
-    return run_doctor(load_config(args.config_path or args.config, args.set))
+    cfg = _config(args)
+    for seed in _seeds(cfg, args):
+        metrics = evaluate_cell(cfg, args.method, seed, split=args.split)
+        print(f"{args.method} seed {seed} {args.split}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
+              f"accuracy {100 * metrics['accuracy']:.2f}%")
 
 
 def cmd_export(args) -> None:
-    from clipit.export import export_run
+    from clipit.evaluation.export import export_run
 
     out = export_run(args.run_dir, args.out_dir)
     print(f"exported {args.run_dir} -> {out} (model.safetensors, config.json)")
 
 
 def cmd_predict(args) -> None:
-    from clipit.export import predict_files
+    from clipit.evaluation.inference import predict_files
 
     classes, probs = predict_files(args.model_dir, args.images, device=args.device, batch_size=args.batch_size)
     if args.json:
@@ -136,77 +180,135 @@ def cmd_predict(args) -> None:
         print("\t".join([str(path), classes[int(p.argmax())], *(f"{x:.6f}" for x in p)]))
 
 
-def cmd_report(args) -> int:
-    from clipit.report import build_report
+def cmd_report(args) -> None:
+    from clipit.results.report import build_report
 
-    try:
-        result = build_report(args.runs_dir, args.out, metric=args.metric, plots=not args.no_plots)
-    except FileNotFoundError as err:
-        print(f"clipit: error: {err}", file=sys.stderr)
-        return 2
+    result = build_report(args.runs_dir, args.out, metric=args.metric, plots=not args.no_plots)
     print(result["markdown"])
     print("wrote " + ", ".join(result["files"]))
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_grid(args) -> int:
+    from clipit.hpc.submit import run_grid
 
-    def with_config(name: str, func, help_: str):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", required=True, help="YAML file under configs/")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set methods.clipit.lr=1e-4 (repeatable)")
+    return run_grid(args)
+
+
+def cmd_prepare_pair(args) -> int:
+    from clipit.hpc.prepare import prepare_pair
+
+    return prepare_pair(args)
+
+
+def cmd_prepare_shards(args) -> int:
+    from clipit.hpc.prepare import prepare_shards
+
+    return prepare_shards(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ChoicesHelpParser(prog="clipit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"clipit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ChoicesHelpParser)
+
+    def command(name: str, func, help_: str, parent=sub, config: bool = True) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_, description=help_, parents=[common])
+        p.lists_choices = config
+        if config:
+            add_config_flags(p)
         p.set_defaults(func=func)
         return p
 
-    with_config("demo", cmd_demo, "run every stage on the embedded demo data")
-    with_config("pair", cmd_pair, "pair every image with its most similar report (Eq. 1)")
-    shard = with_config("shard", cmd_shard, "write WebDataset shards (pairing first if needed)")
-    shard.add_argument("--part", type=int, help="write only part I of --num-parts N (e.g. $SLURM_ARRAY_TASK_ID); "
+    command("demo", cmd_demo, "run every stage on the embedded demo data")
+    doctor = command("doctor", cmd_doctor, "check the weights, paths and dimensions a config needs (exit 2 on a "
+                                           "problem)", config=False)
+    doctor.add_argument("config_path", nargs="?", metavar="CONFIG", help="same as --config")
+    doctor.lists_choices = True
+    add_config_flags(doctor, required=False)
+    command("pair", cmd_pair, "pair every image with its most similar report (Eq. 1)")
+
+    shard = sub.add_parser("shard", help="build or validate WebDataset shards", parents=[common])
+    shard_sub = shard.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ChoicesHelpParser)
+    build = command("build", cmd_shard_build, "write a config's shard set (pairing first if needed)", shard_sub)
+    build.add_argument("--part", type=int, help="write only part I of --num-parts N (e.g. $SLURM_ARRAY_TASK_ID); "
                        "needs the pairs (`clipit pair`) first")
-    shard.add_argument("--num-parts", type=int, help="number of parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
-    shard.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
-    train = with_config("train", cmd_train, "train and evaluate one method (all seeds, or --seed)")
-    train.add_argument("--method", required=True)
-    train.add_argument("--seed", type=int)
+    build.add_argument("--num-parts", type=int, help="number of parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
+    build.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
+    validate = command("validate", cmd_shard_validate, "check a shard set against its manifest", shard_sub,
+                       config=False)
+    validate.add_argument("dir", metavar="SHARD_DIR")
+
+    train = command("train", cmd_train, "train and evaluate one method of the config (all seeds, or --seed)")
+    add_cell_flags(train)
     train.add_argument("--resume", choices=["latest", "none"], default="latest",
                        help="latest (default): continue from the cell's latest checkpoint; none: start over")
-    shards = sub.add_parser("shards", help="shard utilities")
-    shards_sub = shards.add_subparsers(dest="action", required=True)
-    validate = shards_sub.add_parser("validate", help="check shards against their manifest")
-    validate.add_argument("dir")
-    validate.set_defaults(func=cmd_shards_validate)
-    doctor = sub.add_parser("doctor", help="check the weights, paths and dimensions a config needs (exit 2 on a problem)")
-    doctor.add_argument("config_path", nargs="?", metavar="CONFIG", help="YAML file under configs/")
-    doctor.add_argument("--config", help="same as CONFIG")
-    doctor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    doctor.set_defaults(func=cmd_doctor)
-    export = sub.add_parser("export", help="merge LoRA and save a run as a vision-only inference model")
-    export.add_argument("run_dir", help="runs/<method>/seed-<n> of a finished run")
-    export.add_argument("out_dir")
-    export.set_defaults(func=cmd_export)
-    predict = sub.add_parser("predict", help="class probabilities per image from an exported model")
-    predict.add_argument("model_dir", help="a folder written by `clipit export`")
+    evaluate = command("evaluate", cmd_evaluate, "evaluate a trained method on a split (metrics, predictions)")
+    add_cell_flags(evaluate)
+    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+
+    export = command("export", cmd_export, "merge LoRA and save a run as a vision-only inference model", config=False)
+    export.add_argument("run_dir", metavar="RUN_DIR", help="<output_dir>/runs/<method>/seed-<n> of a finished run")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    predict = command("predict", cmd_predict, "class probabilities per image from an exported model", config=False)
+    predict.add_argument("model_dir", metavar="MODEL_DIR", help="a folder written by `clipit export`")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--json", action="store_true", help="one JSON list instead of a table")
-    predict.set_defaults(func=cmd_predict)
-    report = sub.add_parser("report", help="Table 1, ablations, Omega and figures from run directories")
+    report = command("report", cmd_report, "Table 1, ablations, Omega and figures from run directories",
+                     config=False)
     report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for run directories (metrics.json)")
     report.add_argument("--out", help="output folder (default RUNS_DIR/report)")
     report.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy"])
     report.add_argument("--no-plots", action="store_true", help="tables only")
-    report.set_defaults(func=cmd_report)
 
-    args = parser.parse_args(argv)
+    grid = command("grid", cmd_grid, "submit a grid of runs (configs/grids/*.yaml) as SLURM job arrays",
+                   config=False)
+    add_config_flags(grid, what="grid file (configs/grids/*.yaml)")
+    add_cluster_flags(grid, "the grid's `profile`")
+    grid.add_argument("--root", help="replace the grid's root folder (where {root} points)")
+    grid.add_argument("--force-unknown", action="store_true",
+                      help="resubmit cells whose job state cannot be checked (no squeue)")
+    grid.add_argument("--no-preflight", action="store_true", help="submit even if shards or weights are missing")
+
+    prepare = sub.add_parser("prepare", help="pairing and shard building as SLURM array jobs", parents=[common])
+    prepare_sub = prepare.add_subparsers(dest="action", required=True, metavar="STAGE", parser_class=ChoicesHelpParser)
+    for name, func, help_ in (("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
+                              ("shards", cmd_prepare_shards, "`clipit shard build --part I --num-parts N` as "
+                                                            "arrays, then --finalize per shard dir")):
+        p = command(name, func, help_, prepare_sub, config=False)
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--grid", help="grid file: every pairing/shard dir its cells read")
+        source.add_argument("--config", metavar="YAML", help="one experiment config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (with --grid: in every cell)")
+        add_cluster_flags(p, "the grid's profile, else local-cluster")
+        p.add_argument("--resources", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a profile field for these jobs, e.g. partition=cpu, gpus_per_node=0")
+        if name == "shards":
+            p.add_argument("--num-parts", type=int, default=16, help="array tasks per shard directory (default 16)")
+            p.add_argument("--pair", action="store_true", help="submit the pairing first; parts wait for it (afterok)")
+            p.add_argument("--pair-resources", action="append", default=[], metavar="KEY=VALUE",
+                           help="profile overrides for the pairing jobs (they need a GPU on real data)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         status = args.func(args)
-    except _user_errors() as err:
-        print(f"clipit: error: {err}", file=sys.stderr)
-        return 2
+    except ClipitError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"clipit: error: {one_line(err, limit=2000)}", file=sys.stderr)
+        return err.exit_code
     return status if isinstance(status, int) else 0
 
 

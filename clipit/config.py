@@ -14,9 +14,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file is wrong; the message names the file, the key and what to write instead."""
+from clipit.errors import ConfigError  # noqa: F401 - re-exported: config errors are raised everywhere
+from clipit.layout import check_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,13 +26,13 @@ class ConfigError(ValueError):
 class DemoDataConfig:
     """The embedded demo: generated H&E-like patches, an unpaired report corpus, a demo CLIP."""
 
-    counts: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 400, "test": 800})
-    image_size: int = 64
-    n_reports: int = 300
+    counts: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 400, "test": 800})  # images per split
+    image_size: int = 64  # patch side in pixels
+    n_reports: int = 300  # reports in the unpaired corpus
     n_paired: int = 2000  # paired image-caption set that trains the stand-in for CONCH
     clip_steps: int = 150  # demo CLIP training steps (fixed, so the result does not depend on machine load)
     clip_seconds: float = 600.0  # safety cap on its wall time
-    seed: int = 0
+    seed: int = 0  # seed of the generated images, reports and demo CLIP
 
 
 @dataclass
@@ -46,7 +45,7 @@ class DataConfig:
 @dataclass
 class ReportsConfig:
     path: str | None = None  # required for real corpora; the demo writes <output_dir>/data/reports.jsonl
-    format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = "auto"
+    format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = "auto"  # auto: from the file suffix
     organ: str | None = None  # keep reports whose organ contains this word ("breast", "colo")
     projects: list[str] | None = None  # or TCGA projects, e.g. [BRCA] / [COAD, READ]
 
@@ -55,8 +54,8 @@ class ReportsConfig:
 class PairingConfig:
     model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch>
     checkpoint: str | None = None  # local weights; the demo CLIP defaults to <output_dir>/demo-clip/
-    top_k: int = 1
-    batch_size: int = 256
+    top_k: int = 1  # texts kept per image (shards.use_rank picks among them)
+    batch_size: int = 256  # images per encoder batch
     device: str = "auto"  # auto | cpu | cuda
     dir: str | None = None  # text-embedding cache and pair indices; default <output_dir>/pairing
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # encoder autocast (GPU); recorded in the identity
@@ -69,17 +68,18 @@ class PairingConfig:
 @dataclass
 class ShardsConfig:
     dir: str | None = None  # default <output_dir>/shards
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 1000  # samples per tar
     use_rank: int = 1  # which of the top-k texts each image gets (1 = best; 2..5 = the Fig. 5 ablation)
     random_report_seed: int | None = None  # set: a uniformly random text per image instead (seeded control)
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 8
-    dropout: float = 0.0
+    enabled: bool = True  # finetune: auto uses LoRA when enabled
+    r: int = 16  # LoRA rank
+    alpha: int = 8  # LoRA scale alpha (update = alpha / r * B A)
+    dropout: float = 0.0  # dropout on the LoRA input
+    # module types that get adapters, in the backbone and the warm-started head
     targets: list[Literal["Linear", "Conv2d", "Embedding"]] = field(
         default_factory=lambda: ["Linear", "Conv2d", "Embedding"]
     )
@@ -98,24 +98,24 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["unimodal", "clipit", "text", "late_fusion", "early_fusion"] = "clipit"
+    method: Literal["unimodal", "clipit", "text", "late_fusion", "early_fusion"] = "clipit"  # the model kind
     finetune: Literal["auto", "frozen", "lora", "full"] = "auto"  # auto: unimodal frozen, else lora if model.lora.enabled
-    epochs: float = 1.0
-    batch_size: int = 64
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: Literal["none", "cosine"] = "none"
-    min_lr: float = 0.0
-    grad_clip: float = 0.5
+    epochs: float = 1.0  # passes over the train split (fractions allowed)
+    batch_size: int = 64  # per process
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # the optimizer of every trainable parameter
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 1e-4  # decoupled for adamw, L2 for adam and sgd
+    momentum: float = 0.9  # sgd only (Nesterov)
+    schedule: Literal["none", "cosine"] = "none"  # cosine: from lr to min_lr over the run
+    min_lr: float = 0.0  # the cosine schedule's floor
+    grad_clip: float = 0.5  # max gradient norm (0 = off)
     lam: float = 1.0  # weight of the cosine distillation term
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the only precision setting (accelerate + DeepSpeed)
     distributed: Literal["ddp", "zero2"] = "ddp"  # zero2: DeepSpeed ZeRO-2 with a config derived from this one
     checkpoint_every: int = 0  # steps between resume checkpoints; 0 = at every evaluation
-    num_workers: int = 0
-    evals_per_epoch: int = 1
-    select: Literal["val_loss", "val_bacc", "last"] = "val_loss"
+    num_workers: int = 0  # loader worker processes per rank
+    evals_per_epoch: int = 1  # validations per epoch
+    select: Literal["val_loss", "val_bacc", "last"] = "val_loss"  # which validation picks best.safetensors
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
     text_warm_start: str | None = None  # late_fusion: method (text) whose H_t initialises the text branch, same seed
     augment: bool = True  # flips and 90-degree rotations: histology has no canonical orientation
@@ -129,15 +129,15 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
-    name: str = "demo"
-    output_dir: str = "runs/demo"
-    seeds: list[int] = field(default_factory=lambda: [0])
+    name: str = "demo"  # experiment name (labels only)
+    output_dir: str = "runs/demo"  # everything the stages write: pairing/, shards/, runs/<method>/seed-<n>/
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run per method and seed
     data: DataConfig = field(default_factory=DataConfig)
     reports: ReportsConfig = field(default_factory=ReportsConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    methods: dict[str, TrainConfig] = field(default_factory=dict)
+    methods: dict[str, TrainConfig] = field(default_factory=dict)  # method name -> its training settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +155,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
     config = from_dict(cls, raw, str(path))
     if isinstance(config, ExperimentConfig):
         check_methods(config, str(path))
+        method_order(config, str(path))  # unknown warm starts and cycles are load errors
         return resolve_paths(config, str(path))
     return config
 
@@ -163,6 +164,10 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
     """Settings that only make sense together (each error names the key and the fix)."""
     for name, m in cfg.methods.items():
         key = f"methods.{name}"
+        check_name(name, f"{where}: {key}: method name")
+        if m.text_warm_start and not m.warm_start:
+            raise ConfigError(f"{where}: {key}.text_warm_start = {m.text_warm_start!r} needs warm_start too (the text "
+                              "run is found next to the warm-start run of the same seed)")
         if m.text_encoder == "tower" and m.method != "clipit":
             raise ConfigError(f"{where}: {key}.text_encoder: tower is for method clipit (got {m.method!r}); "
                               "use text_encoder: cached")
@@ -174,6 +179,29 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
         if m.word_drop and m.text_encoder != "tower":
             raise ConfigError(f"{where}: {key}.word_drop needs text_encoder: tower (cached embeddings have no words "
                               "to drop)")
+
+
+def method_order(cfg: ExperimentConfig, where: str = "<config>") -> list[str]:
+    """Methods sorted so that each warm start is trained before the method that needs it."""
+    order: list[str] = []
+
+    def visit(name: str, trail: tuple = ()):
+        if name in order:
+            return
+        if name not in cfg.methods:
+            raise ConfigError(f"{where}: methods.{trail[-1]} warm-starts from unknown method {name!r}; "
+                              f"known: {sorted(cfg.methods)}")
+        if name in trail:
+            raise ConfigError(f"{where}: warm_start cycle: {' -> '.join(trail + (name,))}; "
+                              "remove one of these warm_start settings")
+        for dependency in (cfg.methods[name].warm_start, cfg.methods[name].text_warm_start):
+            if dependency:
+                visit(dependency, trail + (name,))
+        order.append(name)
+
+    for name in cfg.methods:
+        visit(name)
+    return order
 
 
 def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentConfig:

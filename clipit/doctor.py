@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from clipit.errors import one_line
 from clipit.config import ExperimentConfig
 
 OK, FAIL, INFO = "✓", "✗", "·"
@@ -28,10 +29,6 @@ class Check:
 
     def line(self) -> str:
         return f"{self.status} {self.what}: {self.detail}"
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def check_paths(cfg: ExperimentConfig) -> list[Check]:
@@ -56,7 +53,7 @@ def check_weights_file(cfg: ExperimentConfig) -> list[Check]:
     try:
         entries = read_weights_file(file, cfg.model.weights_file)
     except WeightsError as err:
-        return [Check(FAIL, "weights file", _one_line(err))]
+        return [Check(FAIL, "weights file", one_line(err))]
     return [Check(OK, "weights file", f"{file} ({len(entries)} entries)")]
 
 
@@ -73,12 +70,12 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
         spec = get_spec(name)
         source = resolve_weights(name, cfg.model.weights, cfg.model.weights_file)
     except (BackboneError, ConfigError) as err:
-        return [Check(FAIL, what, _one_line(err))]
+        return [Check(FAIL, what, one_line(err))]
     checks = [Check(OK, what, f"weights {source}, used by {', '.join(users)}")]
     try:
         model, spec = build_backbone(name, source, cfg.model.image_size, cfg.model.weights_file)
     except (BackboneError, ConfigError) as err:
-        return checks + [Check(FAIL, what, _one_line(err))]
+        return checks + [Check(FAIL, what, one_line(err))]
     if source.kind != "random":
         checks.append(Check(OK, what, "strict load: every tensor of the checkpoint fits"))
     size = cfg.model.image_size or spec.input_size
@@ -86,7 +83,7 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
         try:
             width = int(model.eval()(torch.zeros(1, 3, size, size)).shape[-1])
         except Exception as err:  # a wrong image_size for a fixed-size model, etc.
-            return checks + [Check(FAIL, what, f"forward at {size} px fails: {_one_line(err)}")]
+            return checks + [Check(FAIL, what, f"forward at {size} px fails: {one_line(err)}")]
     declared = spec.dim if spec.dim is not None else model.num_features
     if width != declared or width != model.num_features:
         checks.append(Check(FAIL, what, f"output width {width}, declared {declared} (num_features "
@@ -97,7 +94,7 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
 
 
 def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
-    from clipit.pairing.models import PairingModelError, build_pairing_model
+    from clipit.pairing.encoders import PairingModelError, build_pairing_model
     from clipit.weights import WeightsError, resolve_pairing_checkpoint
 
     name = cfg.pairing.model
@@ -116,7 +113,7 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
     try:
         checkpoint = resolve_pairing_checkpoint(name, cfg.pairing.checkpoint, cfg.model.weights_file)
     except WeightsError as err:
-        return [Check(fail, what, _one_line(err) + after)]
+        return [Check(fail, what, one_line(err) + after)]
     if checkpoint is None:
         return [Check(fail, what, f"no weights: set pairing.checkpoint or add `{name}: /path/to/checkpoint` to a "
                                   f"weights file (model.weights_file or $CLIPIT_WEIGHTS){after}")]
@@ -124,7 +121,7 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
         model = build_pairing_model(name, checkpoint, "cpu")
         dim = model.embed_dim
     except (PairingModelError, OSError, RuntimeError) as err:
-        return [Check(fail, what, _one_line(err) + after)]
+        return [Check(fail, what, one_line(err) + after)]
     checks = [Check(OK, what, f"{checkpoint} loads")]
     if dim != cfg.model.text_dim:
         checks.append(Check(FAIL, what, f"embeds into {dim}-d, model.text_dim is {cfg.model.text_dim}; fix model.text_dim"))
@@ -134,16 +131,16 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
 
 
 def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
-    from clipit.shards import MANIFEST, ShardError, load_manifest
+    from clipit.shards.format import MANIFEST, ShardError, load_manifest
 
     path = Path(cfg.shards.dir) / MANIFEST
     if not path.exists():
-        return [Check(INFO, "shards", f"not built yet ({path}); `clipit shard` builds them")], False
+        return [Check(INFO, "shards", f"not built yet ({path}); `clipit shard build` builds them")], False
     try:
         manifest = load_manifest(cfg.shards.dir)
         dim = int(manifest["embedding"]["dim"])
     except (ShardError, KeyError, ValueError, OSError) as err:
-        return [Check(FAIL, "shards", f"{path}: unreadable manifest ({_one_line(err)})")], True
+        return [Check(FAIL, "shards", f"{path}: unreadable manifest ({one_line(err)})")], True
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest.get("splits", {}).items())
     if dim != cfg.model.text_dim:
         return [Check(FAIL, "shards", f"{path}: report embeddings are {dim}-d but model.text_dim is "
@@ -158,21 +155,14 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
     if not cfg.methods:
         return [Check(FAIL, "methods", "the config defines no methods")]
     out = []
-    for name, t in cfg.methods.items():
-        bad = [f"{key}={ref!r}" for key, ref in [("warm_start", t.warm_start), ("text_warm_start", t.text_warm_start)]
-               if ref and ref not in cfg.methods]
-        if bad:
-            out.append(Check(FAIL, f"method {name}", f"{', '.join(bad)} names no method; known: {sorted(cfg.methods)}"))
-        elif t.text_warm_start and not t.warm_start:
-            out.append(Check(FAIL, f"method {name}", "text_warm_start needs warm_start too"))
-        else:
-            mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
-            warm = (f", warm start {t.warm_start}" if t.warm_start else "") + \
-                   (f", text warm start {t.text_warm_start}" if t.text_warm_start else "")
-            text = ""
-            if t.text_encoder == "tower":
-                text = ", text tower" + (f" with {t.word_drop:.0%} word drop ({t.word_drop_mode})" if t.word_drop else "")
-            out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}{text}"))
+    for name, t in cfg.methods.items():  # warm-start names and cycles were checked when the config loaded
+        mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
+        warm = (f", warm start {t.warm_start}" if t.warm_start else "") + \
+               (f", text warm start {t.text_warm_start}" if t.text_warm_start else "")
+        text = ""
+        if t.text_encoder == "tower":
+            text = ", text tower" + (f" with {t.word_drop:.0%} word drop ({t.word_drop_mode})" if t.word_drop else "")
+        out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}{text}"))
     return out
 
 

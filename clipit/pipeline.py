@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clipit.config import ConfigError, ExperimentConfig
+from clipit import layout
+from clipit.config import ConfigError, ExperimentConfig, method_order
 from clipit.data.base import ImageDataset
 from clipit.io import atomic_write_json, atomic_write_text
-from clipit.reports import Report, load_reports
+from clipit.corpus import Report, load_reports
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
@@ -53,7 +54,7 @@ def load_corpus(cfg: ExperimentConfig) -> list[Report]:
 def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report]) -> dict[str, Path]:
     """Pairs per split; skipped when the files on disk were made for this config (clipit/pairing/engine.py)."""
     from clipit.pairing.engine import current_pairs, pair_dataset, pairing_spec
-    from clipit.pairing.models import build_pairing_model
+    from clipit.pairing.encoders import build_pairing_model
     from clipit.pairing.texts import pairing_texts
     from clipit.weights import resolve_pairing_checkpoint
 
@@ -94,56 +95,84 @@ def class_agreement(dataset: ImageDataset, reports: list[Report], pair_paths: di
 
 def run_shards(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report], pair_paths: dict[str, Path],
                part: int | None = None, num_parts: int | None = None, finalize: bool = False) -> Path | None:
-    """All shards and the manifest, or one part of a compute-node build (clipit/shards.py); returns the
+    """All shards and the manifest, or one part of a compute-node build (clipit/shards/format.py); returns the
     manifest once the set is complete, None while other parts' shards are still missing."""
     from clipit.pairing.texts import pairing_texts
-    from clipit.shard_stage import run_shard_stage
+    from clipit.shards.stage import run_shard_stage
 
     return run_shard_stage(cfg, dataset, pairing_texts(cfg, dataset, reports), pair_paths, part=part,
                            num_parts=num_parts, finalize=finalize, echo=print)
 
 
-def method_order(cfg: ExperimentConfig) -> list[str]:
-    """Methods sorted so that each warm start is trained before the method that needs it."""
-    order: list[str] = []
+def pair_stage(cfg: ExperimentConfig, log=print) -> dict[str, Path]:
+    """`clipit pair`: pairs of every split (skipped when current), and the class agreement where known."""
+    from clipit.pairing.texts import pairing_texts
 
-    def visit(name: str, trail: tuple = ()):
-        if name in order:
-            return
-        if name not in cfg.methods:
-            raise ConfigError(f"warm_start names unknown method {name!r}; known: {sorted(cfg.methods)}")
-        if name in trail:
-            raise ConfigError(f"warm_start cycle: {' -> '.join(trail + (name,))}")
-        for dependency in (cfg.methods[name].warm_start, cfg.methods[name].text_warm_start):
-            if dependency:
-                visit(dependency, trail + (name,))
-        order.append(name)
-
-    for name in cfg.methods:
-        visit(name)
-    return order
+    dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
+    paths = run_pairing(cfg, dataset, reports)
+    agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), paths)
+    if agreement:
+        log(f"class agreement {100 * agreement['all']:.1f}% (chance {100 * agreement['chance']:.1f}%)")
+    return paths
 
 
-def run_dir_for(cfg: ExperimentConfig, method: str, seed: int) -> Path:
-    return Path(cfg.output_dir) / "runs" / method / f"seed-{seed}"
+def shard_stage(cfg: ExperimentConfig, part: int | None = None, num_parts: int | None = None,
+                finalize: bool = False) -> Path | None:
+    """`clipit shard build`: the whole set (pairing first if needed), or one part of it, or only the
+    manifest; returns the manifest once the set is complete."""
+    from clipit.shards.format import ShardError
+    from clipit.shards.stage import require_pairs
+
+    if (part is None) != (num_parts is None):
+        raise ShardError("give --part I and --num-parts N together (0 <= I < N)")
+    dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
+    if part is None and not finalize:
+        pairs = run_pairing(cfg, dataset, reports)
+    else:  # parts never pair (N jobs would each pair everything): `clipit pair` runs once before them
+        pairs = require_pairs(cfg, dataset, reports)
+    return run_shards(cfg, dataset, reports, pairs, part=part, num_parts=num_parts, finalize=finalize)
+
+
+def check_method(cfg: ExperimentConfig, method: str) -> None:
+    if method not in cfg.methods:
+        raise ConfigError(f"--method {method!r} is not in the config's methods; choose one of {sorted(cfg.methods)}")
+
+
+def warm_start_of(cfg: ExperimentConfig, method: str, seed: int) -> Path | None:
+    """The best checkpoint a method starts from (its warm-start method's run of the same seed)."""
+    tcfg = cfg.methods[method]
+    if not tcfg.warm_start:
+        return None
+    warm = layout.warm_start(layout.run_dir(cfg.output_dir, method, seed), tcfg.warm_start)
+    if not warm.with_suffix(".json").exists():
+        raise ConfigError(f"{warm}.json: warm start for {method} seed {seed} is missing; train {tcfg.warm_start} first")
+    return warm
+
+
+def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "test") -> dict:
+    """`clipit evaluate`: metrics of a trained cell on one split (skipped when written already)."""
+    from clipit.evaluation.evaluate import evaluate_run
+
+    check_method(cfg, method)
+    run_dir = layout.run_dir(cfg.output_dir, method, seed)
+    if not layout.is_trained(run_dir):
+        raise ConfigError(f"{layout.train_summary(run_dir)}: {method} seed {seed} is not trained; run "
+                          f"`clipit train --config <config> --method {method} --seed {seed}` first")
+    return evaluate_run(cfg, method, run_dir, split=split, warm_start=warm_start_of(cfg, method, seed))
 
 
 def train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int) -> dict:
-    from clipit.evaluate import evaluate_run
     from clipit.training.trainer import fit
 
-    tcfg = cfg.methods[method]
-    warm = run_dir_for(cfg, tcfg.warm_start, seed) / "best" if tcfg.warm_start else None
-    if warm is not None and not warm.with_suffix(".json").exists():
-        raise ConfigError(f"{warm}.json: warm start for {method} seed {seed} is missing; train {tcfg.warm_start} first")
-    run_dir = run_dir_for(cfg, method, seed)
-    fit(cfg, method, seed, run_dir, warm_start=warm)
-    return evaluate_run(cfg, method, run_dir, warm_start=warm)
+    check_method(cfg, method)
+    run_dir = layout.run_dir(cfg.output_dir, method, seed)
+    fit(cfg, method, seed, run_dir, warm_start=warm_start_of(cfg, method, seed))
+    return evaluate_cell(cfg, method, seed)
 
 
 def run_all(cfg: ExperimentConfig, log=print) -> dict:
     """The whole slice; returns {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}."""
-    from clipit.evaluate import format_table, summarize
+    from clipit.evaluation.evaluate import format_table, summarize
 
     dataset = build_image_dataset(cfg)
     reports = load_corpus(cfg)

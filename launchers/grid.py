@@ -1,16 +1,13 @@
 #!/usr/bin/env python
-"""Submit a grid of CLIP-IT runs (configs/grids/*.yaml) as SLURM job arrays; see clipit/launch.py.
+"""Submit a grid of CLIP-IT runs (configs/grids/*.yaml) as SLURM job arrays: `clipit grid` as a script.
 
     python launchers/grid.py --config configs/grids/paper_table1.yaml --dry-run
     python launchers/grid.py --config configs/grids/paper_table1.yaml --profile mycluster
     python launchers/grid.py --config configs/grids/demo.yaml --local
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from clipit.launch import main  # noqa: E402
+from clipit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["grid", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""Build WebDataset shards on a compute node: `clipit shard` as a script, for SLURM arrays.
+"""Build WebDataset shards on a compute node: `clipit shard build` as a script, for SLURM arrays.
 
     python shards/build.py --config CFG [--set KEY=VALUE ...]                 # everything (pairs first if needed)
     python shards/build.py --config CFG --part I --num-parts N                # part I of N (pairs must exist)
@@ -9,11 +9,8 @@ shards present writes the manifest. Reruns skip finished shards; output is byte-
 Exit status 2 with one line on stderr for errors users can fix (bad config, corrupt image, ...).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from clipit.cli import main  # noqa: E402
+from clipit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["shard", *sys.argv[1:]]))
+    sys.exit(main(["shard", "build", *sys.argv[1:]]))

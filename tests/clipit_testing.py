@@ -10,7 +10,7 @@ TINY = "configs/demo-tiny.yaml"
 
 def run_clipit(*args, timeout=600, **kwargs):
     """The real `clipit` CLI in a fresh process (what users and SLURM jobs run)."""
-    return subprocess.run([sys.executable, "-m", "clipit.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clipit", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
 
 

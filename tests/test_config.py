@@ -1,10 +1,9 @@
-from pathlib import Path
 
 import pytest
 
 from clipit.config import ConfigError, ExperimentConfig, load_config
+from clipit_testing import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("weights."))  # weights files: tests/models/test_weights.py
 
 
@@ -68,3 +67,27 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "a: [1,\n"))
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the dataclasses; regenerate it when a field changes."""
+    from clipit.config_reference import reference
+
+    assert (ROOT / "docs" / "config.md").read_text() == reference() + "\n", \
+        "docs/config.md is stale: python -m clipit.config_reference > docs/config.md"
+
+
+def test_warm_start_graph_is_checked_at_load(tmp_path):
+    cycle = "methods:\n  a: {method: clipit, warm_start: b}\n  b: {method: clipit, warm_start: a}\n"
+    with pytest.raises(ConfigError, match="warm_start cycle: a -> b -> a"):
+        load_config(write(tmp_path, cycle))
+    with pytest.raises(ConfigError, match="methods.a warm-starts from unknown method 'probe'"):
+        load_config(write(tmp_path, "methods:\n  a: {method: clipit, warm_start: probe}\n"))
+    with pytest.raises(ConfigError, match="methods.l.text_warm_start = 't' needs warm_start too"):
+        load_config(write(tmp_path, "methods:\n  t: {method: text}\n  l: {method: late_fusion, text_warm_start: t}\n"))
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "x..y"])
+def test_method_names_cannot_leave_the_runs_folder(tmp_path, name):
+    with pytest.raises(ConfigError, match="cannot name a folder"):
+        load_config(write(tmp_path, f"methods:\n  '{name}': {{method: unimodal}}\n"))

@@ -98,7 +98,7 @@ def test_shard_dims_paths_and_pairing(site, capsys):
 
 def test_unknown_warm_start_and_usage(site, capsys):
     path = write_config(site, "good.ckpt")
-    code, lines, _ = doctor(capsys, path, "--set", "methods.clipit.warm_start=probe")
-    assert code == 2 and any("warm_start='probe' names no method" in line for line in lines)
+    code, _, err = doctor(capsys, path, "--set", "methods.clipit.warm_start=probe")
+    assert code == 2 and "methods.clipit warm-starts from unknown method 'probe'" in err and len(err.splitlines()) == 1
     assert main(["doctor"]) == 2
     assert "give the config once" in capsys.readouterr().err

@@ -2,16 +2,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from clipit_testing import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def clipit(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "clipit.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clipit", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -54,7 +53,7 @@ def test_tensorboard_event_files_are_readable(demo_run):
 
 def test_shards_validate_and_rerun_resumes(demo_run):
     out, _ = demo_run
-    proc = clipit("shards", "validate", str(out / "shards"))
+    proc = clipit("shard", "validate", str(out / "shards"))
     assert proc.returncode == 0 and proc.stdout.startswith("ok: ") and "train 256" in proc.stdout, proc.stderr
     before = (out / "runs" / "clipit" / "seed-0" / "metrics.json").stat().st_mtime_ns
     proc = clipit("demo", "--config", "configs/demo-tiny.yaml", "--set", f"output_dir={out}")

@@ -25,7 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
-from clipit.data.base import DatasetError, ImageDataset, ImageSample
+from clipit.data.base import DatasetError, FileListDataset
 from clipit.data.crc import list_class_files, validate_split
 
 BACH_CLASSES = ("Benign", "InSitu", "Invasive", "Normal")
@@ -59,7 +59,7 @@ def find_photos(root: Path) -> Path:
                        f"ICIAR2018_BACH_Challenge/Photos/{{{','.join(BACH_CLASSES)}}}/*.tif (unzip ICIAR2018_BACH_Challenge.zip)")
 
 
-class BACHDataset(ImageDataset):
+class BACHDataset(FileListDataset):
     """The 400-photo structure is always checked (eva's index ranges only mean something on it);
     ``expected_sizes=None`` disables only the per-split size check."""
 
@@ -71,6 +71,7 @@ class BACHDataset(ImageDataset):
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: BACH folder not found; set data.root to the folder holding ICIAR2018_BACH_Challenge/")
         self.photos = find_photos(self.root)
+        self.file_root = self.photos.parent
         files = list_class_files(self.photos, self.classes)  # names are "Photos/<class>/<file>"
         counts = np.bincount([label for _, label in files], minlength=len(self.classes))
         if counts.tolist() != [BACH_PER_CLASS] * len(self.classes):
@@ -78,25 +79,9 @@ class BACHDataset(ImageDataset):
             raise DatasetError(f"{self.photos}: BACH needs the 100 official .tif photos per class for eva's patient-aware split, "
                                f"found {found}; point data.root at the unmodified ICIAR2018_BACH_Challenge")
         self._files = {split: [files[i] for i in idx] for split, idx in bach_split_indices().items()}
-        self._labels = {s: np.array([label for _, label in f], dtype=np.int64) for s, f in self._files.items()}
         for split in self.splits:
-            validate_split(self.photos, "BACH", split, self._labels[split], self.classes, expected_sizes, "images")
+            validate_split(self.photos, "BACH", split, self.labels(split), self.classes, expected_sizes, "images")
 
-    def split_size(self, split: str) -> int:
-        self.check_split(split)
-        return len(self._files[split])
-
-    def sample(self, split: str, index: int) -> ImageSample:
-        self.check_split(split)
-        rel, label = self._files[split][index]
-        path = self.photos.parent / rel
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot read ({type(err).__name__}); check the file and its permissions") from None
+    def _key(self, name: str) -> str:
         # Keys relative to Photos/, so they do not depend on which folder data.root names.
-        return ImageSample(key=rel.split("/", 1)[1].rsplit(".", 1)[0], data=data, ext="tif", label=label)
-
-    def labels(self, split: str) -> np.ndarray:
-        self.check_split(split)
-        return self._labels[split].copy()
+        return super()._key(name.split("/", 1)[1])

@@ -1,21 +1,30 @@
-"""The image-dataset interface every reader implements.
+"""The image-dataset interface every reader implements, and the base of the readers that list files.
 
 A dataset is random-access by (split, index) so that shard building can be cut into independent
 parts (one per array task) without reading anything twice. Samples carry the image bytes *as stored*
 (PNG/JPEG/TIFF) so shards never re-encode what is already encoded.
+
+`FileListDataset` is the common part of the readers whose samples are image files (CRC, BACH, the
+generic folder): each lists (file name, label) per split once, at construction; sizes, keys, labels
+and reading the bytes follow from that list.
 """
 from __future__ import annotations
 
 import abc
 import io
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
+from clipit.errors import ClipitError
 
-class DatasetError(ValueError):
+IMAGE_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".tif": "tif", ".tiff": "tif"}  # suffix -> field name
+
+
+class DatasetError(ClipitError):
     """A dataset on disk does not look like what its reader expects (one line, names the fix)."""
 
 
@@ -56,6 +65,43 @@ class ImageDataset(abc.ABC):
     def check_split(self, split: str) -> None:
         if split not in self.splits:
             raise DatasetError(f"{self.name}: unknown split {split!r}; choose one of {list(self.splits)}")
+
+
+class FileListDataset(ImageDataset):
+    """A dataset of image files, listed per split when the reader is built.
+
+    Subclasses set `file_root` and fill `_files[split]` with (name, label) pairs in split order; a name
+    is a "/"-separated path under `file_root` whose suffix is one of IMAGE_EXTS. A sample's key is its
+    name without the suffix (`_key` may drop more)."""
+
+    file_root: Path
+    _files: dict[str, list[tuple[str, int]]]
+
+    def _key(self, name: str) -> str:
+        return name.rsplit(".", 1)[0]
+
+    def split_size(self, split: str) -> int:
+        self.check_split(split)
+        return len(self._files[split])
+
+    def sample(self, split: str, index: int) -> ImageSample:
+        self.check_split(split)
+        name, label = self._files[split][index]
+        path = self.file_root / name
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DatasetError(f"{path}: cannot read ({type(err).__name__}); check the file and its permissions") from None
+        return ImageSample(key=self._key(name), data=data, ext=IMAGE_EXTS[PurePosixPath(name).suffix.lower()],
+                           label=label)
+
+    def keys(self, split: str) -> list[str]:
+        self.check_split(split)
+        return [self._key(name) for name, _ in self._files[split]]
+
+    def labels(self, split: str) -> np.ndarray:
+        self.check_split(split)
+        return np.array([label for _, label in self._files[split]], dtype=np.int64)
 
 
 def decode_image(data: bytes) -> Image.Image:

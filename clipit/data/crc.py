@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from clipit.data.base import DatasetError, ImageDataset, ImageSample
+from clipit.data.base import DatasetError, FileListDataset
 
 CRC_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 CRC_SIZES = {"train": 80_000, "val": 20_000, "test": 7_180}
@@ -77,7 +77,7 @@ def validate_split(where: Path, dataset: str, split: str, labels: np.ndarray, cl
         raise DatasetError(f"{where}: {dataset} split {split!r} has no images of class(es) {missing}; expected all {len(classes)} classes; {_FIX}")
 
 
-class CRCDataset(ImageDataset):
+class CRCDataset(FileListDataset):
     name = "crc"
     classes = CRC_CLASSES
 
@@ -87,6 +87,7 @@ class CRCDataset(ImageDataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: CRC folder not found; set data.root to the folder holding {train_dir}/ and {test_dir}/")
+        self.file_root = self.root
         pool = list_class_files(self.root / train_dir, self.classes)
         pool_labels = np.array([label for _, label in pool], dtype=np.int64)
         train_idx, val_idx = stratified_split(pool_labels, val_fraction, seed)
@@ -95,25 +96,6 @@ class CRCDataset(ImageDataset):
             "val": [pool[i] for i in val_idx],
             "test": list_class_files(self.root / test_dir, self.classes),
         }
-        self._labels = {s: np.array([label for _, label in f], dtype=np.int64) for s, f in self._files.items()}
         for split in self.splits:
             where = self.root / (test_dir if split == "test" else train_dir)
-            validate_split(where, "CRC", split, self._labels[split], self.classes, expected_sizes, "patches")
-
-    def split_size(self, split: str) -> int:
-        self.check_split(split)
-        return len(self._files[split])
-
-    def sample(self, split: str, index: int) -> ImageSample:
-        self.check_split(split)
-        rel, label = self._files[split][index]
-        path = self.root / rel
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot read ({type(err).__name__}); check the file and its permissions") from None
-        return ImageSample(key=rel.rsplit(".", 1)[0], data=data, ext="tif", label=label)
-
-    def labels(self, split: str) -> np.ndarray:
-        self.check_split(split)
-        return self._labels[split].copy()
+            validate_split(where, "CRC", split, self.labels(split), self.classes, expected_sizes, "patches")

@@ -7,13 +7,13 @@ ImageFolderDataset (classes = sorted folder names) gives label i == DEMO_CLASSES
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from clipit.io import atomic_dir, atomic_write_text
 
 DEMO_CLASSES: tuple[str, ...] = ("lymphocytes", "normal_mucosa", "stroma", "tumor")
 LYM, MUC, STR, TUM = range(4)
@@ -131,10 +131,7 @@ def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: 
                 return root
         except (OSError, ValueError):
             pass
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(root) as tmp:  # never a half-built tree: the old one or the new one
         for split, n in counts.items():  # per-split stream keyed by name: splits don't depend on each other
             rng = np.random.default_rng([seed, _STREAM_IMAGES, zlib.crc32(split.encode())])
             labels = _balanced_labels(int(n), rng)
@@ -146,15 +143,6 @@ def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: 
                     Image.fromarray(img).save(tmp / split / DEMO_CLASSES[labels[j]] / f"{split}_{j:06d}.png",
                                                 compress_level=1)  # fast; 64-px PNGs are small anyway
         (tmp / "demo_meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completion
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-built tree behind
-        raise
-    # A non-empty dir cannot be os.replace'd onto: move the old one aside first, then drop it.
-    old = root.parent / f".{root.name}.old-{os.getpid()}"
-    if root.exists():
-        os.replace(root, old)
-    os.replace(tmp, root)
-    shutil.rmtree(old, ignore_errors=True)
     return root
 
 
@@ -277,10 +265,7 @@ def make_captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
 
 def write_reports_jsonl(path: Path, reports: list[dict]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in reports))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in reports))
     return path
 
 

@@ -20,6 +20,7 @@ from typing import Iterator, Mapping
 import h5py
 import numpy as np
 
+from clipit.errors import one_line
 from clipit.data.base import DatasetError, ImageDataset, ImageSample, encode_png
 
 PCAM_SIZES = {"train": 262_144, "val": 32_768, "test": 32_768}
@@ -30,11 +31,6 @@ _FIX = "point data.root at the official files or set data.expected_sizes"
 
 def pcam_file(root: str | Path, split: str, xy: str) -> Path:
     return Path(root) / FILE_PATTERN.format(split=FILE_SPLITS[split], xy=xy)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -50,7 +46,7 @@ def _open_h5(path: Path) -> h5py.File:
                 raise
             return h5py.File(path, "r")
     except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: not a readable HDF5 file ({_one_line(err)}); re-download and gunzip it") from None
+        raise DatasetError(f"{path}: not a readable HDF5 file ({one_line(err)}); re-download and gunzip it") from None
 
 
 def _dataset(file: h5py.File, path: Path, name: str) -> h5py.Dataset:
@@ -83,7 +79,7 @@ class PCamDataset(ImageDataset):
             try:
                 labels = np.asarray(y[()]).reshape(-1).astype(np.int64)
             except (OSError, RuntimeError) as err:
-                raise DatasetError(f"{yp}: labels unreadable ({_one_line(err)}); re-download and gunzip it") from None
+                raise DatasetError(f"{yp}: labels unreadable ({one_line(err)}); re-download and gunzip it") from None
         with _open_h5(xp) as f:
             x = _dataset(f, xp, "x")
             if x.ndim != 4 or x.shape[3] != 3 or x.dtype != np.uint8:
@@ -113,7 +109,7 @@ class PCamDataset(ImageDataset):
         try:
             return x[start:stop]
         except (OSError, RuntimeError, ValueError) as err:
-            raise DatasetError(f"{path}: cannot read patches {start}..{stop - 1} ({_one_line(err)}); the file is truncated or corrupt, re-download it") from None
+            raise DatasetError(f"{path}: cannot read patches {start}..{stop - 1} ({one_line(err)}); the file is truncated or corrupt, re-download it") from None
 
     def split_size(self, split: str) -> int:
         self.check_split(split)

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipit.errors import ClipitError
 from clipit import weights as weights_registry
+from clipit.state_dict import load_strict
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # kaiko.ai models' native normalisation
@@ -45,7 +47,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "teacher.", "backbone.", "_model.",
 HEAD_PREFIXES = ("head.", "fc.", "classifier.")
 
 
-class BackboneError(ValueError):
+class BackboneError(ClipitError):
     """A backbone name or its weights are wrong (one line, names the file or key to fix)."""
 
 
@@ -61,10 +63,6 @@ class BackboneSpec:
     dim: int | None = None  # pooled feature width the backbone must produce (checked by `clipit doctor`)
     random_init: bool = False  # no pretrained weights exist (demo, -tiny variants)
     ignore_keys: tuple[str, ...] = ()  # checkpoint key prefixes that belong to unused parts (CONCH caption pooler)
-
-    @property
-    def timm_name(self) -> str:  # older name of `arch`
-        return self.arch
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -287,19 +285,8 @@ def match_keys(state: dict[str, torch.Tensor], model: nn.Module, spec: BackboneS
 
 
 def load_state(model: nn.Module, state: dict, spec: BackboneSpec, where: str | Path) -> None:
-    own_state = model.state_dict()
-    state = match_keys(unwrap_state(state), model, spec)
-    missing = sorted(set(own_state) - set(state))
-    unexpected = sorted(set(state) - set(own_state))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own_state[k].shape)}" for k in sorted(set(state) & set(own_state))
-              if state[k].shape != own_state[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing (e.g. {missing[:2]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})" if unexpected else "",
-                 f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else ""]
-        raise BackboneError(f"{where}: does not fit backbone {spec.name!r} ({'; '.join(p for p in parts if p)}); "
-                            "point model.weights or the weights file at this backbone's checkpoint")
-    model.load_state_dict(state, strict=True)
+    load_strict(model, match_keys(unwrap_state(state), model, spec), where, f"backbone {spec.name!r}",
+                "point model.weights or the weights file at this backbone's checkpoint", BackboneError)
 
 
 def load_weights(model: nn.Module, weights: str | Path, name: str) -> None:

@@ -96,7 +96,6 @@ class ClipItModel(VisionClassifier):
         return pretrained + ("text_tower",) if self.text_tower is not None else pretrained
 
 
-NEW_HEADS = ("proj", "text_head", "fuse")
 
 
 def clipit_loss(outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | None, lam: float) -> dict:
@@ -167,20 +166,3 @@ def prepare_finetune(model: nn.Module, finetune: str, lora: LoraConfig, warm_hea
         apply_lora(model, lora, pretrained)
     set_trainable(model, finetune, pretrained)
     return finetune
-
-
-def build_classifier(method: str, backbone: nn.Module | None, num_classes: int, text_dim: int,
-                     kd_layers: int) -> nn.Module:
-    from clipit.models import baselines
-
-    if method == "unimodal":
-        return VisionClassifier(backbone, num_classes)
-    if method == "clipit":
-        return ClipItModel(backbone, num_classes, text_dim=text_dim, kd_layers=kd_layers)
-    if method == "text":
-        return baselines.TextClassifier(text_dim, num_classes)
-    if method == "late_fusion":
-        return baselines.LateFusionModel(backbone, num_classes, text_dim)
-    if method == "early_fusion":
-        return baselines.EarlyFusionModel(backbone, num_classes, text_dim)
-    raise ValueError(f"unknown method {method!r}; choose unimodal, clipit, text, late_fusion or early_fusion")

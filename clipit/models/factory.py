@@ -1,31 +1,95 @@
-"""One method's model from the config: backbone (weights resolved and loaded) + method head.
+"""Model assembly: the one place that builds every method's model, for training, evaluation and export.
 
-`trainer.build_model` adds the warm start, the fine-tuning mode and the device preprocessing; the
-export path rebuilds the same architecture from an export's JSON without any weights.
+`build_model` gives the trainable model of a (config, method): backbone with its weights resolved and
+loaded, method head, warm start copied in, optional text tower, LoRA/frozen/full fine-tuning, and
+the device preprocessing. `build_classifier` gives the bare architecture, which the export path
+rebuilds from an export's JSON without any weights.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
-from clipit.config import ModelConfig, TrainConfig
-from clipit.models.backbones import BackboneSpec, build_backbone, create_backbone, get_spec, resolve_weights
-from clipit.models.clipit import build_classifier
-from clipit.weights import WeightsSource
+from clipit import layout
+from clipit.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
+from clipit.models import baselines
+from clipit.models.backbones import BackboneSpec, build_backbone, get_spec, resolve_weights
+from clipit.models.checkpoint import load_model_state
+from clipit.models.clipit import ClipItModel, VisionClassifier, prepare_finetune, resolve_finetune
+from clipit.models.preprocess import DevicePreprocess
+from clipit.pairing.text_tower import build_text_tower
+from clipit.weights import WeightsSource, resolve_pairing_checkpoint
 
-VISION_METHODS = ("unimodal", "clipit")  # predict from the image alone (exportable)
+METHODS = ("unimodal", "clipit", "text", "late_fusion", "early_fusion")
 
 
-def build_method_model(mcfg: ModelConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
-                       pretrained: bool = True) -> tuple[nn.Module, BackboneSpec, WeightsSource | None]:
-    """(model, backbone spec, weights source). `pretrained=False` builds the architecture only.
+def build_classifier(method: str, backbone: nn.Module | None, num_classes: int, text_dim: int,
+                     kd_layers: int) -> nn.Module:
+    if method == "unimodal":
+        return VisionClassifier(backbone, num_classes)
+    if method == "clipit":
+        return ClipItModel(backbone, num_classes, text_dim=text_dim, kd_layers=kd_layers)
+    if method == "text":
+        return baselines.TextClassifier(text_dim, num_classes)
+    if method == "late_fusion":
+        return baselines.LateFusionModel(backbone, num_classes, text_dim)
+    if method == "early_fusion":
+        return baselines.EarlyFusionModel(backbone, num_classes, text_dim)
+    raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
-    The text-only classifier has no backbone (and needs no backbone weights)."""
+
+def build_method_model(mcfg: ModelConfig, tcfg: TrainConfig, num_classes: int,
+                       text_dim: int) -> tuple[nn.Module, BackboneSpec, WeightsSource | None]:
+    """(model, backbone spec, weights source). The text-only classifier has no backbone (and needs no
+    backbone weights)."""
     spec = get_spec(mcfg.backbone)
     if tcfg.method == "text":
         return build_classifier("text", None, num_classes, text_dim, mcfg.kd_layers), spec, None
-    if pretrained:
-        source = resolve_weights(mcfg.backbone, mcfg.weights, mcfg.weights_file)
-        backbone, spec = build_backbone(mcfg.backbone, source, mcfg.image_size, mcfg.weights_file)
-    else:
-        source, backbone = None, create_backbone(spec, mcfg.image_size)
+    source = resolve_weights(mcfg.backbone, mcfg.weights, mcfg.weights_file)
+    backbone, spec = build_backbone(mcfg.backbone, source, mcfg.image_size, mcfg.weights_file)
     return build_classifier(tcfg.method, backbone, num_classes, text_dim, mcfg.kd_layers), spec, source
+
+
+def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
+                warm_start: Path | None = None, text_tower: bool = True):
+    """The method's model (backbone weights resolved and loaded, warm start copied in, LoRA/frozen/full
+    fine-tuning set up) and the device preprocessing for its backbone. `text_tower=False` leaves out a
+    trainable text tower (text_encoder: tower): evaluation and export run the vision model only.
+
+    Backbone weights found through the weights file or the hub are written back to cfg.model.weights,
+    so the run's config.yaml records exactly which checkpoint was used (and rebuilds use it again).
+    """
+    model, spec, source = build_method_model(cfg.model, tcfg, num_classes, text_dim)
+    if source is not None and source.kind != "random":
+        cfg.model.weights = source.stored
+    if warm_start is not None:  # CLIP-IT starts from the unimodal probe's backbone and head
+        load_model_state(warm_start, model, prefixes=model.warm_start_prefixes)
+    if tcfg.text_warm_start:  # late fusion: H_t from the text model of the same seed
+        if warm_start is not None:  # training; evaluation reloads H_t from the run's own checkpoint
+            text_best = layout.warm_start(Path(warm_start).parent, tcfg.text_warm_start)
+            if not text_best.with_suffix(".json").exists():
+                raise ConfigError(f"{text_best}.json: text warm start is missing; train {tcfg.text_warm_start} first")
+            load_model_state(text_best, model, prefixes=("text_head.",))
+    if text_tower:
+        attach_text_tower(model, cfg, tcfg, text_dim)
+    finetune = resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled)
+    prepare_finetune(model, finetune, cfg.model.lora, warm_head=tcfg.warm_start is not None)
+    preprocess = DevicePreprocess(cfg.model.image_size or spec.input_size, spec.mean, spec.std)
+    return model, preprocess
+
+
+def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig, text_dim: int) -> None:
+    """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected); config.check_methods
+    admits text_encoder: tower for method clipit only."""
+    if tcfg.text_encoder != "tower":
+        return
+    checkpoint = resolve_pairing_checkpoint(cfg.pairing.model, cfg.pairing.checkpoint, cfg.model.weights_file)
+    tower = build_text_tower(cfg.pairing.model, checkpoint)
+    with torch.no_grad():
+        dim = int(tower(tower.tokenize(["x"])).shape[-1])
+    if dim != text_dim:
+        raise ConfigError(f"pairing.model {cfg.pairing.model}: its text tower gives {dim}-d embeddings but the shards "
+                          f"hold {text_dim}-d ones; train with the pairing model that built the shards")
+    model.text_tower = tower

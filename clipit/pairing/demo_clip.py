@@ -6,15 +6,15 @@ file stem, so the model name is DEMO_CLIP_NAME. 512-d joint space, like CONCH.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from clipit.io import atomic_path, atomic_write_json, sha256_file
 
 DEMO_CLIP_NAME = "clipit-demo-clip"
 CONFIG_PATH = Path(__file__).with_name(f"{DEMO_CLIP_NAME}.json")
@@ -48,14 +48,6 @@ def _forward_trimmed(model, images: torch.Tensor, text: torch.Tensor):
     L = int((text != 0).sum(1).max())
     over = {"positional_embedding": model.positional_embedding[:L], "attn_mask": model.attn_mask[:L, :L]}
     return functional_call(model, over, (images, text[:, :L]))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seconds: float = 60, seed: int = 0,
@@ -126,17 +118,14 @@ def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seco
     bar.close()
     train_s = time.monotonic() - start
     model.eval()
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, ckpt)
+    with atomic_path(ckpt) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     identity = {
-        "name": name, "config": json.loads(CONFIG_PATH.read_text()), "sha256": _sha256(ckpt), "steps": step,
+        "name": name, "config": json.loads(CONFIG_PATH.read_text()), "sha256": sha256_file(ckpt), "steps": step,
         "train_seconds": round(train_s, 2), "seed": seed, "batch_size": batch_size, "lr": lr, "n_pairs": n,
         "final_loss": float(np.mean(losses[-10:])) if losses else None, "open_clip": open_clip.__version__,
     }
-    tmp = ident.with_name(f".{ident.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(identity, indent=1))
-    os.replace(tmp, ident)
+    atomic_write_json(ident, identity, indent=1)
     return ckpt
 
 

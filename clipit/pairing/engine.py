@@ -21,9 +21,10 @@ from tqdm import tqdm
 from clipit.config import ConfigError
 from clipit.data.base import DatasetError, ImageDataset, ImageSample, decode_image
 from clipit.io import atomic_save_npz
-from clipit.pairing.models import PairingModel
+from clipit.pairing.encoders import PairingModel
 from clipit.pairing.search import topk_cosine
-from clipit.reports import Report, corpus_fingerprint, load_text_embeddings, save_text_embeddings
+from clipit.corpus import Report, corpus_fingerprint
+from clipit.pairing.embedding_cache import load_text_embeddings, save_text_embeddings
 
 log = logging.getLogger(__name__)
 

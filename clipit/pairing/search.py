@@ -165,5 +165,7 @@ def _expand_duplicates(queries, unique_keys, inverse, k, chunk_size, device, bac
     expanded = members[u_idx].reshape(len(u_idx), -1)  # [N, k' * width], best unique row first
     scores = np.repeat(u_val, width, axis=1)
     valid = expanded >= 0
-    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # keep valid entries, in order
+    # valid entries first, then by score, then by original index: a member of a later unique row may
+    # have a lower index than the second member of an earlier one with an equal score
+    order = np.lexsort((np.where(valid, expanded, np.iinfo(np.int64).max), -scores, ~valid), axis=1)[:, :k]
     return np.take_along_axis(expanded, order, 1), np.take_along_axis(scores, order, 1)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from clipit.pairing.models import PairingModel, PairingModelError
+from clipit.pairing.encoders import PairingModel, PairingModelError
 
 UNUSED_BY_TEXT = ("visual", "text_decoder", "logit_scale", "logit_bias")
 
@@ -102,7 +102,7 @@ def text_tower_from(pairing: PairingModel, copy: bool = True) -> TextTower:
 
 def build_text_tower(name: str, checkpoint: str | None) -> TextTower:
     """The text tower of a pairing model from the registry (same names and checkpoints as pairing)."""
-    from clipit.pairing.models import build_pairing_model
+    from clipit.pairing.encoders import build_pairing_model
 
     return text_tower_from(build_pairing_model(name, checkpoint, device="cpu"), copy=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from clipit.reports import Report, ReportError
+from clipit.corpus import Report, CorpusError
 
 # CONCH's prompt templates (mahmoodlab/CONCH, prompts/*.json and the zero-shot notebooks).
 CONCH_TEMPLATES = (
@@ -52,7 +52,7 @@ def class_names_for(dataset_name: str, classes: Sequence[str], override: Sequenc
     if override:
         names = [str(n) for n in override]
         if len(names) != len(classes):
-            raise ReportError(f"pairing.class_names has {len(names)} names but dataset {dataset_name!r} has "
+            raise CorpusError(f"pairing.class_names has {len(names)} names but dataset {dataset_name!r} has "
                               f"{len(classes)} classes {list(classes)}; give one name per class, in that order")
         return names
     known = CLASS_NAMES.get(dataset_name)
@@ -65,7 +65,7 @@ def class_prompt_texts(dataset_name: str, classes: Sequence[str], class_names: S
                        templates: Sequence[str] = CONCH_TEMPLATES) -> list[Report]:
     """len(classes) × len(templates) prompts, class-major; ids `prompt-<label>-<template>`."""
     if not classes:
-        raise ReportError(f"dataset {dataset_name!r} has no classes to build class prompts from")
+        raise CorpusError(f"dataset {dataset_name!r} has no classes to build class prompts from")
     names = class_names_for(dataset_name, classes, class_names)
     return [
         Report(id=f"prompt-{label:03d}-{t:02d}", text=template.replace("CLASSNAME", name),
@@ -81,5 +81,5 @@ def pairing_texts(cfg, dataset, reports: list[Report]) -> list[Report]:
     if cfg.pairing.texts == "class_prompts":
         return class_prompt_texts(dataset.name, dataset.classes, cfg.pairing.class_names)
     if not reports:
-        raise ReportError(f"{cfg.reports.path}: the report corpus is empty; check reports.path and its filters")
+        raise CorpusError(f"{cfg.reports.path}: the report corpus is empty; check reports.path and its filters")
     return reports

@@ -8,7 +8,6 @@ checkpoint is used for model and optimizer.
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,12 +17,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from clipit.io import atomic_write_json, read_json
+from clipit import layout
+from clipit.io import atomic_write_json, read_json, replace_dir
 from clipit.training.accel import uses_deepspeed
 
 
 def latest_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "latest"
+    return layout.resume_dir(run_dir)
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -58,12 +58,7 @@ def save_training_state(run_dir: str | Path, accelerator: Accelerator, model, op
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         atomic_write_json(tmp / "progress.json", progress)
-        old = final.parent / ".latest.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
 

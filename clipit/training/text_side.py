@@ -13,26 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipit.config import ConfigError, ExperimentConfig, TrainConfig
-from clipit.shards import ShardError, load_texts
-
-
-def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig, text_dim: int) -> None:
-    """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected); config.check_methods
-    admits text_encoder: tower for method clipit only."""
-    if tcfg.text_encoder != "tower":
-        return
-    from clipit.pairing.text_tower import build_text_tower
-    from clipit.weights import resolve_pairing_checkpoint
-
-    checkpoint = resolve_pairing_checkpoint(cfg.pairing.model, cfg.pairing.checkpoint, cfg.model.weights_file)
-    tower = build_text_tower(cfg.pairing.model, checkpoint)
-    with torch.no_grad():
-        dim = int(tower(tower.tokenize(["x"])).shape[-1])
-    if dim != text_dim:
-        raise ConfigError(f"pairing.model {cfg.pairing.model}: its text tower gives {dim}-d embeddings but the shards "
-                          f"hold {text_dim}-d ones; train with the pairing model that built the shards")
-    model.text_tower = tower
+from clipit.config import ConfigError, TrainConfig
+from clipit.shards.format import ShardError, load_texts
 
 
 def cached_text(batch: dict, device: torch.device, train: bool = False, generator=None) -> dict:
@@ -65,7 +47,7 @@ class TextInputs:
         index = batch["report_index"]
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self.tokens)):
             raise ShardError(f"{batch['keys'][0]}: sample without a valid report_index (texts.jsonl holds "
-                             f"{len(self.tokens)}); rebuild the shards with `clipit shard`")
+                             f"{len(self.tokens)}); rebuild the shards with `clipit shard build`")
         tokens = self.tokens[index.to(device)]
         masked = None
         if train:

@@ -109,7 +109,7 @@ def test_mismatches_are_one_clear_error(tmp_path):
     _, state = _state()
     missing = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
     torch.save(missing, tmp_path / "missing.pt")
-    with pytest.raises(BackboneError, match=r"missing.pt: does not fit backbone 'kaiko-vits16-tiny' \(\d+ missing"):
+    with pytest.raises(BackboneError, match=r"missing.pt: does not fit backbone 'kaiko-vits16-tiny' \(\d+ tensors expected, \d+ missing"):
         build_backbone("kaiko-vits16-tiny", weights=tmp_path / "missing.pt")
     _, other = _state("demo-vit-tiny")  # another width
     torch.save(other, tmp_path / "other.pt")

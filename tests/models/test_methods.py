@@ -1,4 +1,4 @@
-"""Every method's model through trainer.build_model: shapes, which parameters train under each
+"""Every method's model through models.factory.build_model: shapes, which parameters train under each
 fine-tuning mode, warm starts (vision and text), and that one optimiser step moves only those."""
 import pytest
 import torch
@@ -8,8 +8,8 @@ from clipit.config import ExperimentConfig, LoraConfig, ModelConfig, TrainConfig
 from clipit.models.backbones import build_backbone
 from clipit.models.baselines import EarlyFusionModel, LateFusionModel, TextClassifier
 from clipit.models.clipit import clipit_loss, lora_target_names
-from clipit.training.checkpoint import save_model
-from clipit.training.trainer import build_model
+from clipit.models.checkpoint import save_model
+from clipit.models.factory import build_model
 
 C, D = 3, 16  # classes, text dim
 

@@ -1,5 +1,4 @@
 """Weights resolution: explicit setting -> weights file -> hub -> random (demo/tiny only)."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +6,8 @@ import yaml
 
 from clipit.models.backbones import BACKBONES, build_backbone
 from clipit.weights import (RANDOM, WeightsError, read_weights_file, resolve, resolve_pairing_checkpoint)
+from clipit_testing import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 HUB = "hf-hub:MahmoodLab/uni"
 
 

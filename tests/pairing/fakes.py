@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from clipit.pairing.models import PairingModel
+from clipit.pairing.encoders import PairingModel
 
 CLASSES = ("benign", "tumor")
 
@@ -33,7 +33,7 @@ class TinyClip(torch.nn.Module):
 
 def shrunk_conch_config() -> dict:
     """conch-fork's conch_ViT-B-16 CoCa config with the same structure and tiny widths (needs conch-fork)."""
-    from clipit.pairing.models import conch_config
+    from clipit.pairing.encoders import conch_config
 
     cfg = json.loads(json.dumps(conch_config()))
     cfg.update(embed_dim=32, embed_dim_caption=16)
@@ -96,7 +96,7 @@ def write_config(base: Path, images: Path, reports: Path, **sections) -> Path:
 
 def pair_with_tiny_model(config_path: Path, dim: int = 16) -> dict:
     """Run the real pairing engine for a config, with the tiny model standing in for the configured one
-    (the pairs record the config's spec, so `clipit shard` accepts them as current)."""
+    (the pairs record the config's spec, so `clipit shard build` accepts them as current)."""
     from clipit.config import load_config
     from clipit.pairing.engine import pair_dataset, pairing_spec
     from clipit.pairing.texts import pairing_texts

@@ -14,8 +14,8 @@ with warnings.catch_warnings():  # conch imports timm.models.layers (deprecated 
     warnings.simplefilter("ignore", FutureWarning)
     pytest.importorskip("conch.open_clip_custom")
 
-from clipit.pairing import models  # noqa: E402
-from clipit.pairing.models import PairingModelError, build_pairing_model, load_conch  # noqa: E402
+from clipit.pairing import encoders as models  # noqa: E402
+from clipit.pairing.encoders import PairingModelError, build_pairing_model, load_conch  # noqa: E402
 from pairing.fakes import shrunk_conch_config as shrunk_config  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def test_folder_and_safetensors_checkpoints(saved, tmp_path):
 @pytest.mark.parametrize("damage, words", [
     ("drop", "1 missing (e.g. logit_scale)"),
     ("extra", "1 unexpected (e.g. visual.extra.weight)"),
-    ("shape", "with another shape (e.g. logit_scale (2,) vs ())"),
+    ("shape", "of another shape (e.g. logit_scale (2,) vs ())"),
 ])
 def test_strict_load_names_the_file_and_what_does_not_fit(saved, tmp_path, damage, words):
     cfg, _, path = saved
@@ -101,7 +101,7 @@ def test_strict_load_names_the_file_and_what_does_not_fit(saved, tmp_path, damag
     with pytest.raises(PairingModelError) as err:
         load_conch(bad, model_cfg=cfg)
     msg = str(err.value)
-    assert msg.startswith(f"{bad}: not CONCH conch_ViT-B-16 weights") and words in msg and "\n" not in msg
+    assert msg.startswith(f"{bad}: does not fit CONCH conch_ViT-B-16 weights") and words in msg and "\n" not in msg
     assert "set pairing.checkpoint" in msg
 
 

@@ -9,8 +9,8 @@ from clipit.data.folder import ImageFolderDataset
 from clipit.pairing.engine import embed_images, load_pairs, pair_dataset, read_pairs_meta
 from clipit.pairing.search import topk_cosine
 from clipit.pairing.texts import CONCH_TEMPLATES, class_names_for, class_prompt_texts
-from clipit.reports import ReportError, load_reports
-from clipit.shards import ShardError, select_texts
+from clipit.corpus import CorpusError, load_reports
+from clipit.shards.format import ShardError, select_texts
 from pairing.fakes import make_images, make_reports, tiny_model
 
 
@@ -65,7 +65,7 @@ def test_class_prompts_replace_the_corpus(inputs, tmp_path):
     assert prompts[22 + 19].text == "an H&E image of in situ carcinoma." and prompts[22].meta["label"] == 1
     assert class_names_for("crc", tuple("ABCDEFGHI"))[8] == "colorectal adenocarcinoma epithelium"
     assert class_names_for("folder", ("normal_mucosa", "tumor")) == ["normal mucosa", "tumor"]
-    with pytest.raises(ReportError, match="one name per class"):
+    with pytest.raises(CorpusError, match="one name per class"):
         class_names_for("pcam", ("normal", "tumor"), ["only one"])
     texts = class_prompt_texts(dataset.name, dataset.classes)
     paths = pair_dataset(tiny_model(), dataset, texts, tmp_path / "pairing", top_k=1)

@@ -3,11 +3,13 @@ import pytest
 import torch
 from PIL import Image
 
+from clipit.io import sha256_file
+
 open_clip = pytest.importorskip("open_clip")
 
-from clipit.pairing import models  # noqa: E402
+from clipit.pairing import encoders as models  # noqa: E402
 from clipit.pairing.demo_clip import register_demo_clip  # noqa: E402
-from clipit.pairing.models import PairingModelError, build_pairing_model  # noqa: E402
+from clipit.pairing.encoders import PairingModelError, build_pairing_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def weights(tmp_path_factory):
 def test_local_file(weights):
     arch, reference, path = weights
     pm = build_pairing_model(f"open_clip:{arch}", str(path), device="cpu")
-    assert pm.identity == {"model": f"open_clip:{arch}", "checkpoint": str(path), "sha256": models.file_sha256(path)}
+    assert pm.identity == {"model": f"open_clip:{arch}", "checkpoint": str(path), "sha256": sha256_file(path)}
     image = pm.preprocess(Image.new("RGB", (64, 64), (120, 40, 200)))[None]
     with torch.no_grad():
         want = torch.nn.functional.normalize(reference.encode_image(image), dim=-1)

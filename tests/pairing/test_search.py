@@ -5,6 +5,13 @@ import torch
 from clipit.pairing.search import topk_cosine
 
 
+def signs(rng, n, dim=16):
+    """Rows of +-1: normalised entries are +-1/4, so every cosine is a multiple of 1/16 and exact in
+    float32 whatever order a BLAS kernel sums in. Ties in the references are then real ties on every
+    machine (a Gaussian reference breaks them by GEMM rounding, which differs between BLAS kernels)."""
+    return rng.choice([-1.0, 1.0], size=(n, dim)).astype(np.float32)
+
+
 def brute_force(queries, keys, k):
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     c = keys / np.linalg.norm(keys, axis=1, keepdims=True)
@@ -29,9 +36,9 @@ def test_matches_numpy_brute_force(k, chunk):
 @pytest.mark.parametrize("k", [1, 4])
 def test_ties_break_towards_lower_index(k):
     rng = np.random.default_rng(1)
-    base = rng.normal(size=(5, 16))
-    keys = np.concatenate([base, base, base]).astype(np.float32)  # rows i, i+5, i+10 are exact ties
-    queries = np.concatenate([base, rng.normal(size=(20, 16))])
+    base = signs(rng, 5)
+    keys = np.concatenate([base, base, base])  # rows i, i+5, i+10 are exact ties
+    queries = np.concatenate([base, signs(rng, 20)])
     idx, val = topk_cosine(queries, keys, k=k, chunk_size=4)
     ref_idx, _ = brute_force(queries, keys, k)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -73,9 +80,9 @@ def test_faiss_gives_the_same_pairs_as_torch(k):
 @pytest.mark.parametrize("k", [1, 4])
 def test_faiss_breaks_ties_like_torch(k):
     rng = np.random.default_rng(3)
-    base = rng.normal(size=(6, 16))
-    keys = np.concatenate([base, base, base]).astype(np.float32)
-    queries = np.concatenate([base, rng.normal(size=(30, 16))])
+    base = signs(rng, 6)
+    keys = np.concatenate([base, base, base])
+    queries = np.concatenate([base, signs(rng, 30)])
     f_idx, _ = topk_cosine(queries, keys, k=k, backend="faiss")
     np.testing.assert_array_equal(f_idx, topk_cosine(queries, keys, k=k, backend="torch")[0])
     np.testing.assert_array_equal(f_idx, brute_force(queries, keys, k)[0])

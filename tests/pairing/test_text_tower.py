@@ -9,7 +9,7 @@ open_clip = pytest.importorskip("open_clip")
 from clipit.config import LoraConfig  # noqa: E402
 from clipit.models.backbones import create_backbone, get_spec  # noqa: E402
 from clipit.models.clipit import ClipItModel, prepare_finetune  # noqa: E402
-from clipit.pairing import models  # noqa: E402
+from clipit.pairing import encoders as models  # noqa: E402
 from clipit.pairing.demo_clip import register_demo_clip  # noqa: E402
 from clipit.pairing.text_tower import (  # noqa: E402
     UNUSED_BY_TEXT, choose_dropped, corrupt, droppable, remove_tokens, text_tower_from)

@@ -20,7 +20,7 @@ PROBE = ["methods.unimodal.epochs=10"]
 
 def torchrun(out, shards, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clipit.cli", *train_args(out, shards, *PROBE, "methods.unimodal.batch_size=32", *extra,
+           "-m", "clipit", *train_args(out, shards, *PROBE, "methods.unimodal.batch_size=32", *extra,
                                            method="unimodal")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -62,7 +62,7 @@ def test_text_tower_is_one_engine_under_ddp_and_zero2(tiny_shards, tmp_path):
     for name, extra in (("ddp", []), ("zero2", ["methods.clipit.distributed=zero2"])):
         out = tmp_path / name
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "clipit.cli", *train_args(out, tiny_shards, *tower, *extra)]
+               "-m", "clipit", *train_args(out, tiny_shards, *tower, *extra)]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         run = out / "runs" / "clipit" / "seed-0"

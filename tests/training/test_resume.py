@@ -44,7 +44,7 @@ def uninterrupted(tiny_shards, tmp_path_factory):
 
 
 def interrupt_when_checkpointed(out, shards, sig, cell, min_step=2):
-    proc = subprocess.Popen([sys.executable, "-m", "clipit.cli", *train_args(out, shards, *cell)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "clipit", *train_args(out, shards, *cell)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     progress = run_dir(out) / "checkpoints" / "latest" / "progress.json"
     deadline = time.time() + 300

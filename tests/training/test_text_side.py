@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from clipit.config import ConfigError, load_config
-from clipit.shards import ShardError, load_manifest, load_texts, split_urls
+from clipit.shards.format import ShardError, load_manifest, load_texts, split_urls
 from clipit.training.loader import eval_loader
 from clipit.training.text_side import TextInputs
-from clipit.training.trainer import build_model
+from clipit.models.factory import build_model
 from clipit_testing import TINY, run_clipit, train_args
 
 TOWER = ["methods.clipit.warm_start=null", "methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3"]
@@ -68,14 +68,14 @@ def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path
 
 
 def test_rerunning_the_shard_stage_restores_the_texts_file(tiny_shards, tmp_path):
-    """A shard set from before texts.jsonl existed gets it from `clipit shard`, without a rebuild."""
+    """A shard set from before texts.jsonl existed gets it from `clipit shard build`, without a rebuild."""
     original = Path(tiny_config(tiny_shards).shards.dir)
     old = tmp_path / "shards"
     shutil.copytree(original, old)
     (old / "texts.jsonl").unlink()
     tars = {p: p.stat().st_mtime_ns for p in old.rglob("*.tar")}
     sets = [a for s in [*tiny_shards, f"shards.dir={old}"] for a in ("--set", s)]
-    proc = run_clipit("shard", "--config", TINY, *sets)
+    proc = run_clipit("shard", "build", "--config", TINY, *sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (old / "texts.jsonl").read_bytes() == (original / "texts.jsonl").read_bytes()
     assert {p: p.stat().st_mtime_ns for p in old.rglob("*.tar")} == tars  # no shard rewritten

@@ -1,0 +1,6 @@
+"""`python -m clipit ...` is the `clipit` command."""
+import sys
+
+from clipit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""docs/config.md, generated from the config dataclasses: every key, its type, default and comment.
+
+The comments are the ones written next to each field in clipit/config.py, read from its source, so
+the reference cannot drift from the code (tests/test_config.py checks the file is current).
+
+    python -m clipit.config_reference > docs/config.md
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import tokenize
+import typing
+from pathlib import Path
+
+from clipit import config as config_module
+from clipit.config import ExperimentConfig
+
+SOURCE = Path(config_module.__file__)
+
+
+def field_comments() -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the comment on the field's line (or the comment lines just above it)."""
+    comments: dict[tuple[str, str], str] = {}
+    current, pending = None, []
+    lines = SOURCE.read_text().splitlines()
+    tokens = list(tokenize.generate_tokens(io.StringIO(SOURCE.read_text()).readline))
+    by_line: dict[int, str] = {t.start[0]: t.string.lstrip("# ").strip() for t in tokens if t.type == tokenize.COMMENT}
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if line.startswith("class "):
+            current, pending = line.split()[1].split("(")[0].rstrip(":"), []
+        elif current and stripped.startswith("#"):
+            pending.append(by_line.get(number, ""))
+        elif current and line.startswith("    ") and ":" in stripped and not stripped.startswith(('"', "def ", "@")):
+            name = stripped.split(":")[0]
+            if name.isidentifier():
+                text = " ".join(pending + ([by_line[number]] if number in by_line else []))
+                comments[(current, name)] = text
+            pending = []
+        elif not stripped:
+            pending = []
+    return comments
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    if type(None) in args:  # optional: say "or null" instead of a union
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in rest) + " or null"
+    if args:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        return "(section)" if dataclasses.is_dataclass(value) else repr(value)
+    return "required"
+
+
+def reference() -> str:
+    comments = field_comments()
+    out = ["# Config reference", "",
+           "Generated from `clipit/config.py` by `python -m clipit.config_reference > docs/config.md`; do not",
+           "edit by hand. Every experiment config (`configs/*.yaml`) is a mapping of these sections. Unknown",
+           "keys, wrong types and out-of-range values are errors naming the key; `--set KEY=VALUE` overrides",
+           "any key (the value is read as YAML). Relative paths are relative to the working directory.",
+           "Paths left empty are derived from `output_dir` (`pairing.dir`, `shards.dir`, the demo's data).", ""]
+
+    def section(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        rows, nested = [], []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                nested.append((tp, f"{key}."))
+                continue
+            if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+                nested.append((typing.get_args(tp)[1], f"{key}.<name>."))
+                rows.append(f"| `{key}` | mapping of name -> {typing.get_args(tp)[1].__name__} | {_default(f)} | "
+                            f"{comments.get((cls.__name__, f.name), '')} |")
+                continue
+            doc = comments.get((cls.__name__, f.name), "").replace("|", "\\|")
+            default = _default(f).replace("'", "`").replace("None", "null")
+            rows.append(f"| `{key}` | {_type_name(tp)} | {default} | {doc} |")
+        title = prefix.rstrip(".") or "top level"
+        doc = " ".join((cls.__doc__ or "").split()) if cls.__doc__ and not cls.__doc__.startswith(cls.__name__) else ""
+        out.extend([f"## `{title}`", ""] + ([doc, ""] if doc else []))
+        if rows:
+            out.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for tp, p in nested:
+            section(tp, p)
+
+    section(ExperimentConfig, "")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference())

@@ -1,0 +1,345 @@
+"""External report corpora (CLIP-IT Stage 1) and their text-embedding cache.
+
+Formats (``fmt="auto"`` picks by suffix):
+* ``csv`` (or a ``.zip`` holding one csv): TCGA-Reports (Kefeli & Tatonetti 2024, ``TCGA_Reports.csv``,
+  columns ``patient_filename,text``) or any csv with ``id,text[,organ][,project]`` columns.
+  TCGA-Reports carries no cancer type: pass ``project_map`` (a dict patient barcode -> project, or a
+  csv such as the same repository's ``data/tcga_metadata/tcga_patient_to_cancer_type.csv`` with
+  ``patient_id,cancer_type``) to filter by project or organ.
+* ``jsonl``/``parquet``: one record ``{id, text, organ | project, ...}`` per row; other fields go to ``meta``.
+* ``txt``: one report per line, as the reference's ``text_colo.txt``; ids are ``<stem>-<i>`` with ``i`` the
+  0-based line index, i.e. the number the reference's ``*_indexes.npy`` pairing arrays hold.
+
+Texts are whitespace-normalised (runs of spaces/newlines -> one space): CONCH's tokenizer does the same,
+and it keeps every report on one line for the txt format. Empty texts are skipped with a warning (OCR'd
+corpora have blank rows; one blank report should not stop a run); a corpus left empty is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+
+from clipit.errors import ClipitError
+from clipit.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ORGAN_PROJECTS: dict[str, tuple[str, ...]] = {"breast": ("BRCA",), "colon": ("COAD", "READ")}
+FORMATS = ("csv", "jsonl", "parquet", "txt")
+_SUFFIX_FMT = {".csv": "csv", ".zip": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+               ".parquet": "parquet", ".pq": "parquet", ".txt": "txt"}
+# Field names tried in order; the second ones are TCGA-Reports / HF Lab-Rasool/TCGA / GDC names.
+_ID_FIELDS = ("id", "patient_filename")
+_TEXT_FIELDS = ("text", "report_text")
+_ORGAN_FIELDS = ("organ", "tissue_or_organ_of_origin")
+_PROJECT_FIELDS = ("project", "project_id", "cancer_type")
+_MAP_PATIENT = ("patient_id", "case_submitter_id", "bcr_patient_barcode", "submitter_id", "patient")
+_MAP_PROJECT = ("cancer_type", "project_id", "project")
+_BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
+_RESERVED = ("id", "text", "organ", "project", "parent_id")
+
+
+class CorpusError(ClipitError):
+    """A report corpus or embedding cache is unusable (one line: the file and the fix)."""
+
+
+@dataclass(frozen=True)
+class Report:
+    id: str
+    text: str
+    organ: str | None = None
+    project: str | None = None  # TCGA project without the "TCGA-" prefix: BRCA, COAD, READ, ...
+    meta: dict = field(default_factory=dict, hash=False)  # e.g. {"patient": barcode} or a demo's "demo_class"
+    parent_id: str | None = None  # set on passages made by chunk_reports
+
+
+def _norm_project(value: Any) -> str | None:  # "TCGA-BRCA", " brca" -> "BRCA"
+    s = str(value).strip().upper() if value is not None else ""
+    return s.removeprefix("TCGA-") or None
+
+
+def _barcode(s: str) -> str | None:  # "TCGA-BP-5195.25c0..." or a sample barcode -> "TCGA-BP-5195"
+    m = _BARCODE.match(s.strip())
+    return m.group(1).upper() if m else None
+
+
+def _pick(rec: Mapping, names: Iterable[str]) -> tuple[str | None, Any]:
+    """First of `names` with a non-empty value, else the first one present (so "empty" != "missing")."""
+    present = [n for n in names if n in rec]
+    for n in present:
+        if rec[n] not in (None, "", [], ()):
+            return n, rec[n]
+    return (present[0], rec[present[0]]) if present else (None, None)
+
+
+def load_project_map(src: str | os.PathLike | Mapping[str, str] | None) -> dict[str, str]:
+    """patient barcode (TCGA-XX-XXXX) -> project, from a dict, a .json dict, or a csv/tsv with a header."""
+    if src is None:
+        return {}
+    if isinstance(src, Mapping):
+        items = list(src.items())
+    else:
+        p = Path(src)
+        if not p.is_file():
+            raise CorpusError(f"{p}: project map not found; pass a csv with patient_id,cancer_type columns")
+        if p.suffix == ".json":
+            return load_project_map(json.loads(p.read_text(encoding="utf-8")))
+        with open(p, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
+            cols = reader.fieldnames or []
+            pc, jc = (next((c for c in names if c in cols), None) for names in (_MAP_PATIENT, _MAP_PROJECT))
+            if pc is None or jc is None:
+                raise CorpusError(f"{p}: project map needs a patient column {_MAP_PATIENT} and a project "
+                                  f"column {_MAP_PROJECT}; found {cols}")
+            items = [(row[pc], row[jc]) for row in reader]
+    return {(_barcode(str(k)) or str(k).strip().upper()): _norm_project(v) for k, v in items if v}
+
+
+def _records(path: Path, fmt: str) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) pairs; `where` names the row in error messages."""
+    if fmt == "csv":
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # whole reports (up to ~25k chars) sit in one field
+        with contextlib.ExitStack() as stack:
+            if path.suffix == ".zip":
+                zf = stack.enter_context(zipfile.ZipFile(path))
+                names = [n for n in zf.namelist() if n.endswith(".csv") and not n.startswith("__MACOSX")]
+                if len(names) != 1:
+                    raise CorpusError(f"{path}: expected exactly one .csv inside the zip, found {names}; unzip it")
+                f = io.TextIOWrapper(stack.enter_context(zf.open(names[0])), encoding="utf-8-sig", newline="")
+            else:
+                f = stack.enter_context(open(path, encoding="utf-8-sig", newline=""))
+            for i, row in enumerate(csv.DictReader(f)):
+                yield f"row {i + 2}", row  # +2: 1-based and the header line
+    elif fmt == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or drop it") from None
+                if not isinstance(rec, dict):
+                    raise CorpusError(f"{path}: line {i} is not a JSON object; write one {{id, text}} per line")
+                yield f"line {i}", rec
+    elif fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise CorpusError(f"{path}: reading parquet needs pyarrow; pip install pyarrow (or use jsonl)") from None
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"row {i}", rec
+    else:  # txt
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                yield f"line {i + 1}", {"id": f"{path.stem}-{i}", "text": line}
+
+
+def _to_report(rec: dict, where: str, path: Path, text_field: str | None, id_field: str | None,
+               pmap: Mapping[str, str]) -> Report | None:
+    tk, text = (text_field, rec.get(text_field)) if text_field else _pick(rec, _TEXT_FIELDS)
+    if tk is None or tk not in rec:
+        raise CorpusError(f"{path}: {where} has no text field {text_field or _TEXT_FIELDS}; pass text_field=")
+    if isinstance(text, (list, tuple)):  # HF Lab-Rasool/TCGA: report_text is a list; the reference takes [0]
+        text = text[0] if text else None
+    text = " ".join(str(text).split()) if text is not None else ""
+    if not text:
+        return None
+    ik, rid = (id_field, rec.get(id_field)) if id_field else _pick(rec, _ID_FIELDS)
+    if ik is None or rid is None or not str(rid).strip():
+        raise CorpusError(f"{path}: {where} has no id field {id_field or _ID_FIELDS}; add ids or pass id_field=")
+    rid = str(rid).strip()
+    ok, organ = _pick(rec, _ORGAN_FIELDS)
+    jk, project = _pick(rec, _PROJECT_FIELDS)
+    meta = {k: v for k, v in rec.items() if k not in {tk, ik, ok, jk, "parent_id"}}
+    patient = _barcode(rid)
+    if patient:
+        meta.setdefault("patient", patient)
+    project = _norm_project(project) or (pmap.get(patient) if patient else None)
+    organ = str(organ).strip() if organ not in (None, "") else None
+    return Report(rid, text, organ, project, meta, rec.get("parent_id") or None)
+
+
+def _organ_ok(r: Report, kw: str) -> bool:
+    """Reference semantics: case-insensitive substring of the organ; reports with only a TCGA project
+    match through ORGAN_PROJECTS ("colo" -> colon -> COAD/READ)."""
+    if r.organ is not None:
+        return kw in r.organ.lower()
+    return r.project in {p for name, ps in ORGAN_PROJECTS.items() if kw in name for p in ps}
+
+
+def load_reports(path: str | os.PathLike, fmt: str = "auto", organ: str | None = None,
+                 projects: Iterable[str] | str | None = None, text_field: str | None = None,
+                 id_field: str | None = None,
+                 project_map: str | os.PathLike | Mapping[str, str] | None = None) -> list[Report]:
+    """Read a report corpus in file order, optionally keeping only one organ and/or TCGA projects
+    (both filters must match). ``project_map`` fills ``project`` for records with a TCGA barcode id."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: report corpus not found; check the path (TCGA_Reports.csv.zip is in "
+                          "github.com/tatonetti-lab/tcga-path-reports)")
+    if fmt == "auto":
+        fmt = _SUFFIX_FMT.get(path.suffix.lower(), "")
+        if not fmt:
+            raise CorpusError(f"{path}: unknown report format {path.suffix!r}; pass fmt= one of {FORMATS}")
+    elif fmt not in FORMATS:
+        raise CorpusError(f"{path}: unknown report format {fmt!r}; pass fmt= one of {FORMATS}")
+    pmap = load_project_map(project_map)
+    reports, seen, skipped = [], {}, 0
+    for where, rec in _records(path, fmt):
+        r = _to_report(rec, where, path, text_field, id_field, pmap)
+        if r is None:
+            skipped += 1
+            continue
+        if r.id in seen:
+            raise CorpusError(f"{path}: duplicate report id {r.id!r} ({seen[r.id]} and {where}); "
+                              "make ids unique or pass id_field=")
+        seen[r.id] = where
+        reports.append(r)
+    if skipped:
+        log.warning("%s: skipped %d report(s) with empty text", path, skipped)
+    if pmap and (unmapped := sum(r.project is None for r in reports)):
+        log.warning("%s: %d of %d reports have no project in project_map", path, unmapped, len(reports))
+    if not reports:
+        raise CorpusError(f"{path}: no reports ({skipped} empty texts skipped); check the file and text_field=")
+    if organ is None and projects is None:
+        return reports
+    want = None
+    if projects is not None:
+        want = {_norm_project(p) for p in ([projects] if isinstance(projects, str) else projects)}
+    if not any(r.organ or r.project for r in reports):
+        raise CorpusError(f"{path}: no report has an organ or project to filter on; pass project_map= "
+                          "(e.g. tcga_patient_to_cancer_type.csv) or drop organ=/projects=")
+    kw = organ.lower() if organ is not None else None
+    kept = [r for r in reports if (kw is None or _organ_ok(r, kw)) and (want is None or r.project in want)]
+    if not kept:
+        organs = sorted({r.organ for r in reports if r.organ})[:10]
+        projs = sorted({r.project for r in reports if r.project})[:10]
+        raise CorpusError(f"{path}: filter organ={organ!r} projects={sorted(want) if want else None} kept 0 of "
+                          f"{len(reports)} reports (organs: {organs}, projects: {projs}); loosen the filter")
+    log.info("%s: kept %d of %d reports (organ=%r, projects=%s)", path, len(kept), len(reports), organ, want)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- chunking
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _split_chars(s: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:
+    """Last resort for one word longer than the context (OCR runs like '--------...'): binary-search cuts."""
+    out = []
+    while s:
+        lo, hi = 0, len(s)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if count(s[:mid]) <= max_tokens else (lo, mid - 1)
+        if lo == 0:
+            raise ValueError(f"max_tokens={max_tokens} cannot hold a single character of {s[:20]!r}")
+        out.append(s[:lo])
+        s = s[lo:]
+    return out
+
+
+def _pack(units: list[str], max_tokens: int, count: Callable[[str], int], level: int) -> list[str]:
+    """Greedily join units (level 0: sentences, 1: words) with spaces; a unit that alone is too long is
+    split one level down. Every string returned has been checked with count() <= max_tokens."""
+    out: list[str] = []
+    cur: str | None = None
+    for u in units:
+        if cur is not None and count(f"{cur} {u}") <= max_tokens:
+            cur = f"{cur} {u}"
+            continue
+        if cur is not None:
+            out.append(cur)
+        if count(u) <= max_tokens:
+            cur = u
+            continue
+        sub = _pack(u.split(" "), max_tokens, count, 1) if level == 0 else _split_chars(u, max_tokens, count)
+        out.extend(sub[:-1])
+        cur = sub[-1]
+    if cur is not None:
+        out.append(cur)
+    return out
+
+
+def _windows(words: list[str], max_tokens: int, count: Callable[[str], int], stride: int) -> list[str]:
+    """Overlapping word windows: each starts `stride` words after the previous one (never past its end,
+    so no word is skipped) and grows while it fits."""
+    out, start = [], 0
+    while start < len(words):
+        end = start
+        while end < len(words) and count(" ".join(words[start:end + 1])) <= max_tokens:
+            end += 1
+        if end == start:  # one word alone is too long
+            out.extend(_split_chars(words[start], max_tokens, count))
+            start += 1
+            continue
+        out.append(" ".join(words[start:end]))
+        if end == len(words):
+            break
+        start = min(start + stride, end)
+    return out
+
+
+def chunk_reports(reports: Iterable[Report], max_tokens: int, count_tokens: Callable[[str], int],
+                  stride_words: int | None = None) -> list[Report]:
+    """Split reports into passages with count_tokens(passage) <= max_tokens (CONCH: 127).
+
+    Default: pack whole sentences, falling back to words, then characters, for overlong pieces; the
+    passages of a report concatenate back to its words in order. With ``stride_words`` passages are
+    overlapping word windows instead. Passage ids are ``<id>#p<k>`` (k from 0, also for reports that fit
+    in one passage, so every passage maps back through ``parent_id``).
+    count_tokens must not truncate (open_clip tokenizers cut at their context length): a truncating counter
+    with a limit <= max_tokens would call every report a fit."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if stride_words is not None and stride_words < 1:
+        raise ValueError(f"stride_words must be >= 1, got {stride_words}")
+    out = []
+    for r in reports:
+        text = " ".join(r.text.split())
+        if count_tokens(text) <= max_tokens:
+            pieces = [text]
+        elif stride_words is None:
+            pieces = _pack(_SENTENCE_END.split(text), max_tokens, count_tokens, 0)
+        else:
+            pieces = _windows(text.split(" "), max_tokens, count_tokens, stride_words)
+        out += [Report(f"{r.id}#p{k}", p, r.organ, r.project, dict(r.meta), r.id) for k, p in enumerate(pieces)]
+    return out
+
+
+# ------------------------------------------------------------------------------------- persistence/cache
+def corpus_fingerprint(reports: Iterable[Report]) -> str:
+    """sha256 over (id, text) in order; length-prefixed so that no two corpora hash alike by concatenation."""
+    h = hashlib.sha256()
+    for r in reports:
+        for s in (r.id, r.text):
+            b = s.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
+
+
+def save_reports_jsonl(reports: Iterable[Report], path: str | os.PathLike) -> None:
+    """One flat JSON object per report (meta fields at top level), readable again by load_reports."""
+    lines = []
+    for r in reports:
+        clash = set(r.meta) & set(_RESERVED)
+        if clash:
+            raise CorpusError(f"{path}: report {r.id!r} has meta keys {sorted(clash)} shadowing Report fields; "
+                              "rename them")
+        rec = {"id": r.id, "text": r.text, "organ": r.organ, "project": r.project, "parent_id": r.parent_id}
+        rec = {k: v for k, v in rec.items() if v is not None} | r.meta
+        lines.append(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(path, "".join(lines))

@@ -1,0 +1,75 @@
+"""Test evaluation of a trained run: metrics.json (accuracy, balanced accuracy, per class) and
+predictions.npz (keys, labels, logits) for the Omega analysis. Only the vision model runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipit import layout
+from clipit.config import ExperimentConfig
+from clipit.io import atomic_save_npz, atomic_write_json, read_json
+from clipit.metrics import classification_metrics
+from clipit.shards.format import load_manifest, split_urls
+from clipit.models.checkpoint import TEXT_TOWER, load_model_state
+from clipit.training.loader import eval_loader
+from clipit.training.accel import make_accelerator
+from clipit.models.factory import build_model
+from clipit.training.predict import predict
+
+
+def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test",
+                 warm_start: Path | None = None) -> dict:
+    """Rebuild the run's model exactly as training did (same warm start: its frozen base weights are not
+    in the trainable-only checkpoint), load the selected checkpoint, evaluate."""
+    run_dir = Path(run_dir)
+    metrics_path = layout.metrics_file(run_dir, split)
+    if metrics_path.exists():
+        return read_json(metrics_path)
+    tcfg = cfg.methods[method]
+    accelerator = make_accelerator(tcfg)
+    manifest = load_manifest(cfg.shards.dir)
+    classes = manifest["classes"]
+    # the vision model only: a trained text tower shaped the weights but takes no part in the prediction
+    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start, text_tower=False)
+    load_model_state(layout.best(run_dir), model, exclude=(TEXT_TOWER,))
+    model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
+    loader = eval_loader(split_urls(cfg.shards.dir, split, manifest), 2 * tcfg.batch_size,
+                         accelerator.process_index, accelerator.num_processes, tcfg.num_workers, preprocess.size)
+    out = predict(model, preprocess, loader, accelerator, tcfg.lam)
+    metrics = {"split": split, "method": method, **classification_metrics(out["labels"], out["logits"], classes),
+               "loss": out["loss"], "parameters": count_parameters(model)}
+    if accelerator.is_main_process:
+        atomic_save_npz(layout.predictions_file(run_dir, split), keys=np.array(out["keys"]), labels=out["labels"],
+                        logits=out["logits"])
+        atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    # "inference": the exported model, whose LoRA is merged into the base weights
+    return {"total": total, "trainable": trainable, "inference": total - adapters}
+
+
+def summarize(results: dict[str, list[dict]], metric: str = "balanced_accuracy") -> list[dict]:
+    """Mean and std over seeds per method: rows for the printed table."""
+    rows = []
+    for method, runs in results.items():
+        values = np.array([r[metric] for r in runs], dtype=float)
+        rows.append({"method": method, "n": len(values), "mean": float(values.mean()),
+                     "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0})
+    return rows
+
+
+def format_table(rows: list[dict], metrics: dict[str, list[dict]]) -> str:
+    lines = ["| method | seeds | balanced accuracy | accuracy |", "|---|---|---|---|"]
+    for row in rows:
+        acc = np.array([r["accuracy"] for r in metrics[row["method"]]])
+        acc_std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        lines.append(f"| {row['method']} | {row['n']} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} "
+                     f"| {100 * acc.mean():.2f} ± {100 * acc_std:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Export a trained run as a vision-only inference model, and load an export (clipit/evaluation/inference.py
+predicts with it).
+
+`clipit export RUN_DIR OUT_DIR` rebuilds the run's model exactly as evaluation does (backbone weights,
+warm start, best checkpoint), merges every LoRA adapter into its base layer (W <- W + (alpha/r) B A,
+then the adapter is replaced by the plain layer), and writes
+    OUT_DIR/model.safetensors   all weights of backbone + W_v (+ P, H_t, F for CLIP-IT)
+    OUT_DIR/config.json         how to rebuild it: backbone, method, classes, input size, mean/std
+The exported model has no peft, no text branch and no dependency on the training config or on
+pretrained weight files; a CLIP-IT export runs at the unimodal model's cost plus P, H_t and F.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipit import layout
+from clipit.config import load_config
+from clipit.errors import ClipitError
+from clipit.io import atomic_path, atomic_write_json
+from clipit.models.backbones import create_backbone, get_spec
+from clipit.models.checkpoint import TEXT_TOWER, load_model_state, read_meta
+from clipit.models.factory import build_classifier, build_model
+from clipit.models.preprocess import DevicePreprocess
+from clipit.state_dict import load_strict
+
+FORMAT = "clipit-export"
+VERSION = 1
+
+
+class ExportError(ClipitError):
+    """A run cannot be exported, or an export cannot be loaded (one line, names the file)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuilding a trained run
+
+
+def load_trained_run(run_dir: str | Path):
+    """(model, preprocess, cfg, meta) of a finished run, as evaluation sees it (unmerged LoRA).
+
+    A run that stored only its trainable tensors is rebuilt from the backbone weights recorded in
+    its config.yaml plus its warm start (the sibling run of the same seed), then its best checkpoint.
+    """
+    run_dir = Path(run_dir)
+    best = layout.best(run_dir)
+    if not best.with_suffix(".json").exists() or not layout.config_file(run_dir).exists():
+        raise ExportError(f"{run_dir}: not a finished run (needs config.yaml and best.json/best.safetensors)")
+    cfg = load_config(layout.config_file(run_dir))
+    meta = read_meta(best)
+    name = meta["method"]
+    if name not in cfg.methods:
+        raise ExportError(f"{run_dir}/config.yaml: has no method {name!r} (best.json names it)")
+    tcfg = cfg.methods[name]
+    warm = None
+    if tcfg.warm_start and not meta.get("full_state", False):
+        warm = layout.warm_start(run_dir, tcfg.warm_start)
+        if not warm.with_suffix(".json").exists():
+            raise ExportError(f"{warm}.json: warm start of {run_dir} is missing (its frozen base weights are not "
+                              "in the run's checkpoint); keep the runs/ tree together")
+    model, preprocess = build_model(cfg, tcfg, len(meta["classes"]), meta["text_dim"], warm_start=warm, text_tower=False)
+    load_model_state(best, model, exclude=(TEXT_TOWER,))
+    return model.eval(), preprocess, cfg, meta
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every injected LoRA adapter into its base layer and put the plain layer back (in place)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in layers:
+        layer.merge(safe_merge=True)  # raises on NaNs instead of writing them into the weights
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, preprocess, cfg, meta = load_trained_run(run_dir)
+    if getattr(model, "needs_text", False) or not hasattr(model, "backbone"):
+        raise ExportError(f"{run_dir}: method {meta['method']!r} uses the paired report at test time; "
+                          "only vision-only methods (unimodal, clipit) can be exported")
+    merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tcfg = cfg.methods[meta["method"]]
+    config = {
+        "format": FORMAT, "version": VERSION, "method": tcfg.method, "run_method": meta["method"],
+        "backbone": cfg.model.backbone, "model_image_size": cfg.model.image_size, "input_size": preprocess.size,
+        "mean": preprocess.mean.flatten().tolist(), "std": preprocess.std.flatten().tolist(),
+        "classes": list(meta["classes"]), "text_dim": meta["text_dim"], "kd_layers": cfg.model.kd_layers,
+        "num_features": int(model.backbone.num_features), "backbone_weights": cfg.model.weights,
+        "source_run": str(run_dir.resolve()), "seed": meta.get("seed"), "step": meta.get("step"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    atomic_write_json(out_dir / "config.json", config)  # last: marks a complete export
+    return out_dir
+
+
+def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, DevicePreprocess, config) from an export directory."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.exists() or not (model_dir / "model.safetensors").exists():
+        raise ExportError(f"{model_dir}: not a clipit export (needs config.json and model.safetensors; "
+                          "make one with `clipit export RUN_DIR OUT_DIR`)")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT or config.get("version", 0) > VERSION:
+        raise ExportError(f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not "
+                          f"{FORMAT} v<={VERSION}")
+    spec = get_spec(config["backbone"])
+    backbone = create_backbone(spec, config["model_image_size"])
+    model = build_classifier(config["method"], backbone, len(config["classes"]), config["text_dim"],
+                             config["kd_layers"])
+    load_strict(model, load_file(str(model_dir / "model.safetensors")), model_dir / "model.safetensors",
+                f"{config['backbone']}/{config['method']}", "re-export it with `clipit export RUN_DIR OUT_DIR`",
+                ExportError)
+    preprocess = DevicePreprocess(config["input_size"], config["mean"], config["std"])
+    return model.eval().to(device), preprocess.to(device), config

@@ -1,0 +1,266 @@
+"""Run a grid (clipit/hpc/grid.py) as submitit job arrays: plan, pre-flight, submit in chunks, run tasks.
+
+    clipit grid --config configs/grids/demo.yaml [--profile local] [--dry-run | --local]
+    python launchers/grid.py ...   (the same command)
+
+The launcher process only plans and submits. Each array task runs `clipit.hpc.task.run_task` on a
+compute node (see clipit/hpc/task.py): the cells of its chain in order, each exactly
+`clipit train --config CFG --set ... --method M --seed S`, resumable after a requeue.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import time
+from pathlib import Path
+
+from clipit.config import ConfigError
+from clipit.errors import ClipitError
+from clipit.hpc import ledger
+from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
+from clipit.hpc.cluster import ClusterProfile, load_profile
+from clipit.hpc.grid import Cell, Plan, Task, cell_is_done, chunk, expand
+from clipit.hpc.task import CellRunner
+
+
+# ---------------------------------------------------------------------------------------------
+# Submitting
+
+
+class SubmissionError(ClipitError):
+    """sbatch refused a submission (the message is its stderr)."""
+
+    exit_code = 1  # the grid is fine; the scheduler said no (partition, account, controller down)
+
+
+def cell_statuses(plan: Plan, alive=None) -> dict[str, tuple[str, dict | None]]:
+    alive = alive or ledger.JobChecker()
+    return {c.run_dir: ledger.classify(c.run_dir, cell_is_done(c), alive) for c in plan.cells}
+
+
+def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> tuple[list[Task], list[str]]:
+    """Tasks with work left and no cell still in flight; plus notes on what is skipped and why."""
+    todo, notes, skipped = [], [], set()
+    for i, task in enumerate(plan.tasks):
+        states = [statuses[c.run_dir][0] for c in task.cells]
+        if all(s == "done" for s in states):
+            continue
+        busy = [c for c, s in zip(task.cells, states) if s == "in-flight" or (s == "unknown" and not force_unknown)]
+        if busy:
+            status, st = statuses[busy[0].run_dir]
+            why = "still queued or running" if status == "in-flight" else \
+                "state unknown: squeue did not answer (--force-unknown resubmits)"
+            notes.append(f"not resubmitted: {task.label} (job {(st or {}).get('job_id')} {why})")
+            skipped.add(i)
+            continue
+        if any(d in skipped and statuses[plan.tasks[d].cells[0].run_dir][0] != "in-flight" for d in task.after):
+            notes.append(f"not submitted: {task.label} (the task that trains its warm start was not submitted)")
+            skipped.add(i)
+            continue
+        todo.append(task)
+    return todo, notes
+
+
+def dependency_ids(plan: Plan, task: Task, new_jobs: dict[int, str], statuses: dict) -> list[str]:
+    """Job ids this task must wait for: its warm-start tasks submitted now, or still in flight."""
+    ids = []
+    for i in task.after:
+        if i in new_jobs:
+            ids.append(new_jobs[i])
+            continue
+        for cell in plan.tasks[i].cells:  # not resubmitted: finished, or queued/running from before
+            status, state = statuses[cell.run_dir]
+            if status == "in-flight" and state and state.get("job_id"):
+                ids.append(str(state["job_id"]))
+                break
+    return sorted(set(ids))
+
+
+def preflight(cells: list[Cell], grid_path: str = "<grid>") -> tuple[list[str], list[str]]:
+    """(problems, warnings) found before anything is queued: missing shard sets and backbone weights
+    would make every task fail on its node, hub downloads fail on offline nodes."""
+    problems, warnings, seen = [], [], set()
+    for cell in cells:
+        cfg = cell.load()
+        manifest = Path(cfg.shards.dir) / "manifest.json"
+        if manifest not in seen and not manifest.exists():
+            problems.append(f"{manifest}: shards not built; run `python launchers/shards.py --grid {grid_path}` first")
+        seen.add(manifest)
+        if cell.kind == "text":  # the text-only model has no backbone
+            continue
+        key = (cfg.model.backbone, cfg.model.weights, cfg.model.weights_file)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            from clipit.models.backbones import resolve_weights
+
+            source = resolve_weights(*key)
+        except ConfigError as err:
+            problems.append(str(err))
+        except Exception as err:  # noqa: BLE001 - an unknown backbone name, etc.
+            problems.append(f"backbone {cfg.model.backbone!r}: {' '.join(str(err).split())}")
+        else:
+            if source.kind == "hub":
+                warnings.append(f"backbone {cfg.model.backbone!r}: weights will be downloaded from {source.location} "
+                                "on the compute node; offline nodes need a weights file (docs/reproduce.md)")
+    return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
+
+
+def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
+    submit = {id(t) for t in todo}
+    out(f"grid {plan.grid.name}: {len(plan.cells)} cells in {len(plan.tasks)} tasks; root {plan.root}")
+    out("cells: " + ledger.summarize(s for s, _ in statuses.values()))
+    for i, task in enumerate(plan.tasks):
+        mark = "submit" if id(task) in submit else "skip"
+        after = f" (after task {', '.join(map(str, task.after))})" if task.after else ""
+        out(f"task {i} [{mark}] {task.label}{after}")
+        for cell in task.cells:
+            status, state = statuses[cell.run_dir]
+            job = f" job {state.get('job_id')}" if state and state.get("job_id") and status != "done" else ""
+            link = f" (warm start from {cell.warm_start_link})" if cell.warm_start_link else ""
+            out(f"  {cell.method:<12} seed {cell.seed}  {status:<9}{job}  {cell.run_dir}{link}")
+    for note in plan.notes:
+        out(f"note: {note}")
+
+
+def submit(plan: Plan, todo: list[Task], profile: ClusterProfile, cluster: str, log_root: Path,
+           statuses: dict, out=print) -> list:
+    """Submit `todo` as arrays of at most MaxArraySize tasks; record pending + job ids in the ledger.
+
+    Tasks without pending warm starts go first; tasks that wait for one are then submitted as arrays
+    grouped by the job ids they wait for, each with an afterok dependency on exactly those tasks."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = log_root / f"{stamp}-{os.getpid()}"  # fresh: SLURM job ids repeat after a purge
+    size = array_chunk_size(profile, cluster_max_array_size() if cluster == "slurm" else None)
+    index = {id(t): i for i, t in enumerate(plan.tasks)}
+    new_jobs: dict[int, str] = {}
+    first = [t for t in todo if not t.after]
+    groups: dict[tuple, list[Task]] = {(): first} if first else {}
+    waiting = [t for t in todo if t.after]
+    out(f"submitting {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells) to {cluster} in arrays of "
+        f"<= {size}; logs in {folder}")
+    jobs = []
+    runner = CellRunner(executor=cluster)
+    for wave in (0, 1):
+        if wave == 1:
+            groups = {}
+            for task in waiting:
+                groups.setdefault(tuple(dependency_ids(plan, task, new_jobs, statuses)), []).append(task)
+        for deps, tasks in groups.items():
+            dependency = "afterok:" + ":".join(deps) if deps else None
+            executor = make_executor(profile, folder, f"clipit-{plan.grid.name}", cluster, dependency)
+            for part in chunk(tasks, size):
+                for task in part:
+                    for cell in task.cells:
+                        if not cell_is_done(cell):
+                            ledger.mark_submitting(cell.run_dir, cell.to_dict(), cluster, str(folder))
+                try:
+                    part_jobs = executor.map_array(runner, part)
+                except Exception as err:  # sbatch refused (no controller, bad partition/account ...)
+                    message = " ".join(str(err).split())[-500:]
+                    for task in part:
+                        for cell in task.cells:
+                            if not cell_is_done(cell):
+                                ledger.mark_failed(cell.run_dir, f"submission failed: {message}")
+                    raise SubmissionError(f"submitting {len(part)} task(s) failed: {message}") from None
+                for task, job in zip(part, part_jobs):
+                    new_jobs[index[id(task)]] = str(job.job_id)
+                    out(f"job {job.job_id}  {task.label}" + (f"  (after {', '.join(deps)})" if deps else ""))
+                    for cell in task.cells:
+                        if not cell_is_done(cell):
+                            ledger.mark_submitted(cell.run_dir, str(job.job_id))
+                        out(f"  {cell.method:<12} seed {cell.seed}  {cell.run_dir}")
+                jobs += part_jobs
+    return jobs
+
+
+def run_local(plan: Plan, todo: list[Task], profile: ClusterProfile, log_root: Path, out=print) -> int:
+    """`--local`: submitit's local executor, at most `array_parallelism` tasks at a time; waits.
+    A task that waits for a warm start starts once that task succeeded (and is skipped if it failed)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = log_root / f"{stamp}-{os.getpid()}"
+    executor = make_executor(profile, folder, f"clipit-{plan.grid.name}", "local")
+    runner = CellRunner(executor="local")
+    index = {id(t): i for i, t in enumerate(plan.tasks)}
+    submitted = {index[id(t)] for t in todo}
+    width = max(1, profile.array_parallelism)
+    queue, running, finished, failures = list(todo), [], {}, 0
+    out(f"running {len(todo)} tasks locally, {width} at a time; logs in {folder}")
+    while queue or running:
+        for task in list(queue):
+            if len(running) >= width:
+                break
+            deps = [d for d in task.after if d in submitted]
+            if any(finished.get(d) is False for d in deps):
+                queue.remove(task)
+                failures += 1
+                out(f"SKIPPED {task.label}: the task that trains its warm start failed")
+                continue
+            if not all(finished.get(d) for d in deps):
+                continue
+            queue.remove(task)
+            for cell in task.cells:
+                if not cell_is_done(cell):
+                    ledger.mark_submitting(cell.run_dir, cell.to_dict(), "local", str(folder))
+            job = executor.submit(runner, task)
+            for cell in task.cells:
+                if not cell_is_done(cell):
+                    ledger.mark_submitted(cell.run_dir, str(job.job_id))
+            out(f"job {job.job_id}  {task.label}")
+            for cell in task.cells:
+                out(f"  {cell.method:<12} seed {cell.seed}  {cell.run_dir}")
+            running.append((job, task))
+        time.sleep(0.5)
+        for job, task in list(running):
+            if job.done():
+                running.remove((job, task))
+                try:
+                    job.results()
+                    finished[index[id(task)]] = True
+                    out(f"finished {task.label}")
+                except Exception as err:  # noqa: BLE001
+                    finished[index[id(task)]] = False
+                    failures += 1
+                    last = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+                    out(f"FAILED {task.label}: {last} (log: {job.paths.stdout})")
+    return failures
+
+
+def run_grid(args) -> int:
+    """`clipit grid` (and `python launchers/grid.py`): plan, pre-flight, then print, run locally or submit."""
+    plan = expand(args.config, args.set, root=args.root)
+    profile = load_profile(args.profile or plan.grid.profile, plan.grid.resources)
+    cluster = "local" if args.local else profile.executor
+    statuses = cell_statuses(plan)
+    todo, notes = tasks_to_submit(plan, statuses, args.force_unknown)
+    problems, warnings = preflight([c for t in todo for c in t.cells if not cell_is_done(c)], args.config)
+    if args.dry_run:
+        print_plan(plan, statuses, todo)
+        print(f"profile {args.profile or plan.grid.profile}: executor {cluster}, partition {profile.partition}, "
+              f"account {profile.account}, {profile.nodes} node(s) x {profile.tasks_per_node} task(s), "
+              f"{profile.gpus_per_node} GPU(s)/node, {profile.cpus_per_task} CPUs/task, {profile.mem_gb:g} GB, "
+              f"{profile.timeout_min} min, parallelism {profile.array_parallelism}")
+        for line in notes + [f"pre-flight: {p}" for p in problems + warnings]:
+            print(line)
+        print(f"would submit {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells)")
+        return 0
+    for line in notes + [f"warning: {w}" for w in warnings]:
+        print(line)
+    if problems and not args.no_preflight:
+        for problem in problems[:-1]:
+            print(f"clipit: error: {problem}", file=sys.stderr)
+        raise ConfigError(problems[-1] + " (pre-flight; --no-preflight submits anyway)")
+    if not todo:
+        print(f"nothing to submit: cells {ledger.summarize(s for s, _ in statuses.values())}")
+        return 0
+    log_root = Path(plan.root) / "submitit"
+    if cluster == "local":
+        failures = run_local(plan, todo, profile, log_root)
+        print(f"local run finished: {len(todo) - failures} tasks ok, {failures} failed")
+        return 1 if failures else 0
+    jobs = submit(plan, todo, profile, cluster, log_root, statuses)
+    if args.wait:
+        return 1 if wait_for_jobs(jobs) else 0
+    return 0

@@ -1,0 +1,117 @@
+"""The run-directory layout: the one module that builds and parses run paths. Everyone asks it.
+
+An experiment config's `output_dir` holds one directory per trained (method, seed) cell:
+
+    <output_dir>/runs/<method>/seed-<n>/
+        config.yaml               the fully resolved config the run was trained with
+        best.safetensors|.json    the checkpoint selected on validation (+ sidecar: how to rebuild)
+        checkpoints/latest/       resume state; a rerun continues from it
+        tb/                       TensorBoard events
+        train_summary.json        written last by training: the run is trained
+        metrics.json              written last by evaluation: the run is evaluated
+        predictions-<split>.npz   keys, labels, logits (the Omega analysis)
+        state.json                the grid ledger's cell state (grid runs only)
+
+A method's warm start is the sibling cell of the same output_dir and seed (`sibling`), which is why
+grids that reuse another axis value's warm start link it into place at exactly that path.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipit.errors import ConfigError
+
+RUNS = "runs"
+SEED_PREFIX = "seed-"
+BEST = "best"  # checkpoint stem: best.safetensors + best.json
+CONFIG = "config.yaml"
+TRAIN_SUMMARY = "train_summary.json"
+METRICS = "metrics.json"
+STATE = "state.json"
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+# folders inside a run directory (or next to the runs) that hold no runs: not searched for runs
+NOT_RUNS = frozenset({TENSORBOARD, CHECKPOINTS, "submitit", "report"})
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class RunId:
+    output_dir: Path
+    method: str
+    seed: int
+
+
+def check_name(name: str, what: str = "method name") -> str:
+    """A name that becomes a path component: no separators, no `..`, nothing hidden."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ConfigError(f"{what} {name!r} cannot name a folder; use letters, digits and . _ + - only")
+    return name
+
+
+def run_dir(output_dir: str | Path, method: str, seed: int) -> Path:
+    return Path(output_dir) / RUNS / check_name(method) / f"{SEED_PREFIX}{int(seed)}"
+
+
+def parse_run_dir(path: str | Path) -> RunId | None:
+    """(output_dir, method, seed) of `<output_dir>/runs/<method>/seed-<n>`; None for any other path."""
+    path = Path(path)
+    name, method_dir = path.name, path.parent
+    if not name.startswith(SEED_PREFIX) or not name[len(SEED_PREFIX):].isdigit() or method_dir.parent.name != RUNS:
+        return None
+    return RunId(method_dir.parent.parent, method_dir.name, int(name[len(SEED_PREFIX):]))
+
+
+def sibling(run: str | Path, method: str) -> Path:
+    """The run of `method` with the same output_dir and seed as `run` (where warm starts live)."""
+    run = Path(run)
+    return run.parent.parent / check_name(method) / run.name
+
+
+def best(run: str | Path) -> Path:
+    return Path(run) / BEST
+
+
+def warm_start(run: str | Path, method: str) -> Path:
+    """The best checkpoint (stem) of `method`'s sibling run: the warm start of `run`."""
+    return best(sibling(run, method))
+
+
+def config_file(run: str | Path) -> Path:
+    return Path(run) / CONFIG
+
+
+def train_summary(run: str | Path) -> Path:
+    return Path(run) / TRAIN_SUMMARY
+
+
+def metrics_file(run: str | Path, split: str = "test") -> Path:
+    """metrics.json for the test split (what marks a run evaluated); metrics-<split>.json for others."""
+    return Path(run) / (METRICS if split == "test" else f"metrics-{split}.json")
+
+
+def predictions_file(run: str | Path, split: str = "test") -> Path:
+    return Path(run) / f"predictions-{split}.npz"
+
+
+def state_file(run: str | Path) -> Path:
+    return Path(run) / STATE
+
+
+def tensorboard_dir(run: str | Path) -> Path:
+    return Path(run) / TENSORBOARD
+
+
+def resume_dir(run: str | Path) -> Path:
+    return Path(run) / CHECKPOINTS / "latest"
+
+
+def is_trained(run: str | Path) -> bool:
+    return train_summary(run).exists()
+
+
+def is_finished(run: str | Path) -> bool:
+    """Trained and evaluated: the skip contract of the trainer, the pipeline and the grid."""
+    return train_summary(run).exists() and metrics_file(run).exists()

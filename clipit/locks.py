@@ -1,0 +1,80 @@
+"""One writer per directory: an exclusive lock on `<dir>/.clipit.lock` while a process writes there.
+
+POSIX record locks (`fcntl.lockf`) are used rather than `flock`: NFS passes them to the server's lock
+manager, where `flock` may only lock the client; Lustre and GPFS honour them when mounted with lock
+support. The kernel drops the lock when its process dies (kill -9 included), so a lock is never
+stale. The file also records who holds it (host, pid, start), which the refusal message names.
+
+A file system that cannot lock says so (one line naming the directory); `CLIPIT_NO_LOCK=1` then runs
+without a lock, leaving one-writer-per-directory to the user.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from clipit.errors import ClipitError
+
+LOCK_FILE = ".clipit.lock"
+ENV_NO_LOCK = "CLIPIT_NO_LOCK"
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_HELD = {errno.EACCES, errno.EAGAIN}
+
+
+class LockError(ClipitError):
+    """Another process writes this directory, or its file system cannot lock."""
+
+
+def holder(directory: str | Path) -> dict | None:
+    """Who holds (or last held) the lock of `directory`, as recorded in its lock file."""
+    try:
+        return json.loads((Path(directory) / LOCK_FILE).read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path, what: str = "directory", wait_s: float = 0.0, poll_s: float = 0.5):
+    """Hold the lock of `directory` (created if needed) for the block.
+
+    Another holder makes this wait up to `wait_s` seconds, then raise LockError naming it."""
+    directory = Path(directory)
+    if os.environ.get(ENV_NO_LOCK, "").lower() in ("1", "true", "yes"):
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno in _UNSUPPORTED:
+                    raise LockError(f"{directory}: this file system cannot lock files ({os.strerror(err.errno)}), so "
+                                    f"clipit cannot keep a second process out of this {what}; set "
+                                    f"{ENV_NO_LOCK}=1 to run without the lock") from None
+                if err.errno not in _HELD:
+                    raise
+                if time.monotonic() >= deadline:
+                    who = holder(directory) or {}
+                    by = f"pid {who.get('pid')} on {who.get('host')} since {who.get('since')}" if who else "another process"
+                    raise LockError(f"{directory}: this {what} is being written by {by}; wait for it to finish or "
+                                    "stop it (one writer per directory)") from None
+                time.sleep(poll_s)
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

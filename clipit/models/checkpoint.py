@@ -1,0 +1,55 @@
+"""Model checkpoints: safetensors weights + a JSON sidecar that says how to rebuild the model.
+
+Only what training changes is stored (LoRA, heads) unless the backbone has no weights file to
+rebuild it from (random init: demo and tests), in which case the full state is stored. Of a
+trainable text tower only the LoRA tensors are stored, never its base weights (also not under
+finetune: full): evaluation and export do not use the tower, and its frozen weights come from the
+pairing checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipit.errors import ClipitError
+from clipit.io import atomic_path, atomic_write_json, read_json
+from clipit.state_dict import copy_matching
+
+class CheckpointError(ClipitError):
+    """A run's checkpoint does not fit the model rebuilt from its config."""
+
+
+TEXT_TOWER = "text_tower."  # the training-only text side of CLIP-IT (text_encoder: tower)
+
+
+def save_model(path: str | Path, model: torch.nn.Module, meta: dict, full: bool) -> None:
+    path = Path(path)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if (k in trainable or full) and (not k.startswith(TEXT_TOWER) or "lora_" in k)}
+    with atomic_path(path.with_suffix(".safetensors")) as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(path.with_suffix(".json"), {**meta, "full_state": full})  # sidecar last: marks completion
+
+
+def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[str, ...] | None = None,
+                     exclude: tuple[str, ...] = ()) -> list[str]:
+    """Load saved tensors into `model` (optionally only keys under `prefixes`, never those under
+    `exclude`); returns loaded keys.
+
+    Every saved key must exist in the model with the same shape: silent partial loads hide bugs.
+    """
+    path = Path(path)
+    state = load_file(str(path.with_suffix(".safetensors")))
+    if prefixes:
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if exclude:
+        state = {k: v for k, v in state.items() if not k.startswith(exclude)}
+    return copy_matching(model, state, path.with_suffix(".safetensors"),
+                         "was it trained with another backbone or LoRA config?", CheckpointError)
+
+
+def read_meta(path: str | Path) -> dict:
+    return read_json(Path(path).with_suffix(".json"))

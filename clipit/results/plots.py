@@ -1,0 +1,200 @@
+"""Figures of `clipit report` (matplotlib, Agg): Pareto, Ω bars, training curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from clipit import layout  # noqa: E402
+from clipit.results.runs import BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, main_runs, order  # noqa: E402
+
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
+                     "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3})
+MARKERS = {"unimodal": "o", "clipit": "^"}
+STYLES = {"unimodal": "--", "clipit": "-", "text": ":", "late_fusion": "-.", "early_fusion": (0, (5, 1, 1, 1))}
+
+
+def _colors(backbones: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {b: cmap(i % 10) for i, b in enumerate(backbones)}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _count(x, _pos=None) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
+def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
+    """Accuracy vs parameter count per dataset; arrows unimodal -> CLIP-IT; dashed Pareto frontier."""
+    vision = [r for r in runs if r.kind in MARKERS and r.variant in MAIN_VARIANTS and r.params]
+    if not vision:
+        return []
+    datasets = order({r.dataset for r in vision}, DATASET_NAMES)
+    backbones = order({r.backbone for r in vision}, BACKBONE_NAMES)
+    colors = _colors(backbones)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.2), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        points = []
+        for i, b in enumerate(backbones):
+            xy = {}
+            jitter = 1 + 0.06 * (i - (len(backbones) - 1) / 2)  # equal-size backbones would hide each other
+            for kind in MARKERS:
+                group = main_runs(runs, b, d, kind)
+                group = [r for r in group if r.params]
+                if not group:
+                    continue
+                x = float(np.mean([r.params for r in group])) * jitter
+                values = 100 * np.array([r.value(metric) for r in group])
+                y, err = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                ax.errorbar(x, y, yerr=err, fmt=MARKERS[kind], color=colors[b], markersize=7, capsize=3,
+                            markeredgecolor="black", markeredgewidth=0.5, zorder=3)
+                xy[kind] = (x, y)
+                points.append((x, y))
+            if len(xy) == 2:
+                ax.annotate("", xy=xy["clipit"], xytext=xy["unimodal"],
+                            arrowprops=dict(arrowstyle="->", color=colors[b], lw=1.2, alpha=0.8), zorder=2)
+        if points:
+            frontier, best = [], -np.inf
+            for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+                if y > best:
+                    frontier.append((x, y))
+                    best = y
+            fx, fy = zip(*frontier)
+            ax.step(fx, fy, where="post", color="0.4", ls="--", lw=1, zorder=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(_count))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(DATASET_NAMES.get(d, d))
+        ax.set_xlabel("parameters (log scale; equal sizes offset slightly)")
+        ax.set_ylabel(f"test {metric.replace('_', ' ')} (%)")
+        ax.margins(x=0.15, y=0.12)
+    handles = [Line2D([], [], color=colors[b], marker="s", ls="", markersize=8, label=BACKBONE_NAMES.get(b, b))
+               for b in backbones]
+    handles += [Line2D([], [], color="0.3", marker=m, ls="", markersize=7, label=METHOD_NAMES[k])
+                for k, m in MARKERS.items()]
+    handles += [Line2D([], [], color="0.4", ls="--", label="Pareto frontier")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), bbox_to_anchor=(0.5, -0.02 - 0.05 *
+               (len(handles) > 6)), frameon=False)
+    fig.suptitle("Accuracy vs model size: unimodal → CLIP-IT (arrows)")
+    fig.tight_layout(rect=(0, 0.1 if len(handles) > 6 else 0.07, 1, 0.97))
+    return [_save(fig, path)]
+
+
+def omega_bars(records: list[dict], path: Path) -> list[Path]:
+    """Ω × 100 per dataset, one bar per backbone (error bars: std over seeds)."""
+    datasets = order({r["dataset"] for r in records}, DATASET_NAMES)
+    backbones = order({r["backbone"] for r in records}, BACKBONE_NAMES)
+    colors = _colors(backbones)
+    width = 0.8 / max(1, len(backbones))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 1.1 * len(datasets) * max(1, len(backbones)) * 0.45), 3.8))
+    top = 0.0
+    for i, b in enumerate(backbones):
+        xs, ys, es = [], [], []
+        for j, d in enumerate(datasets):
+            rec = next((r for r in records if r["backbone"] == b and r["dataset"] == d), None)
+            if rec is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            ys.append(100 * rec["omega_mean"])
+            es.append(100 * rec["omega_std"])
+        bars = ax.bar(xs, ys, width * 0.92, yerr=es, capsize=2, color=colors[b], edgecolor="black", linewidth=0.4,
+                      label=BACKBONE_NAMES.get(b, b))
+        for bar, y, e in zip(bars, ys, es):
+            ax.text(bar.get_x() + bar.get_width() / 2, y + e + 0.15, f"{y:.1f}", ha="center", va="bottom", fontsize=8)
+            top = max(top, y + e)
+    ax.set_xticks(range(len(datasets)), [DATASET_NAMES.get(d, d) for d in datasets])
+    ax.set_ylabel("Ω × 100 (% of test samples)")
+    ax.set_ylim(0, top * 1.18 + 0.5)
+    ax.set_title("Ω: text-only model right, unimodal vision model wrong")
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return [_save(fig, path)]
+
+
+def read_scalars(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    out = {}
+    for tag in tags:
+        if tag in have:
+            events = acc.Scalars(tag)
+            out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float))
+    return out
+
+
+def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds at the steps every seed logged (the same config logs the same steps)."""
+    common = curves[0][0]
+    for steps, _ in curves[1:]:
+        common = np.intersect1d(common, steps)
+    if len(common) == 0:
+        return curves[0]
+    values = [np.array([dict(zip(s, v))[c] for c in common]) for s, v in curves]
+    return common, np.mean(values, axis=0)
+
+
+def training_curves(runs: list[Run], out: Path) -> list[Path]:
+    """Per dataset: train loss and validation balanced accuracy vs step (mean over seeds per group)."""
+    tags = ("train/loss", "val/balanced_accuracy")
+    main = [r for r in runs if r.variant in MAIN_VARIANTS and layout.tensorboard_dir(r.path).is_dir()]
+    paths = []
+    for d in order({r.dataset for r in main}, DATASET_NAMES):
+        groups: dict[tuple, list] = {}
+        for r in main:
+            if r.dataset != d:
+                continue
+            try:
+                scalars = read_scalars(layout.tensorboard_dir(r.path), tags)
+            except Exception:  # noqa: BLE001 - an unreadable event file must not stop the report
+                continue
+            key = ("text-only" if r.kind == "text" else r.backbone, r.kind)
+            groups.setdefault(key, []).append(scalars)
+        if not groups:
+            continue
+        backbones = order({k[0] for k in groups}, BACKBONE_NAMES | {"text-only": "text-only"})
+        colors = _colors([b for b in backbones if b != "text-only"]) | {"text-only": (0.35, 0.35, 0.35, 1.0)}
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
+        for (b, kind), items in sorted(groups.items(), key=lambda kv: (backbones.index(kv[0][0]), kv[0][1])):
+            for ax, tag, scale in ((axes[0], tags[0], 1.0), (axes[1], tags[1], 100.0)):
+                curves = [s[tag] for s in items if tag in s]
+                if not curves:
+                    continue
+                steps, values = _mean_curve(curves)
+                ax.plot(steps, scale * values, color=colors[b], ls=STYLES.get(kind, "-"), lw=1.6,
+                        marker="." if len(steps) < 30 else None,
+                        label=f"{BACKBONE_NAMES.get(b, b)} {METHOD_NAMES.get(kind, kind)}" if b != "text-only"
+                        else "text-only")
+        axes[0].set_title("training loss")
+        axes[0].set_ylabel("loss (CE + λ·KD for CLIP-IT)")
+        axes[1].set_title("validation balanced accuracy")
+        axes[1].set_ylabel("%")
+        for ax in axes:
+            ax.set_xlabel("optimizer step")
+        handles, labels = axes[1].get_legend_handles_labels() or axes[0].get_legend_handles_labels()
+        if not handles:
+            handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        n_seeds = max(len(v) for v in groups.values())
+        fig.suptitle(f"{DATASET_NAMES.get(d, d)}: training curves (mean over up to {n_seeds} seeds)")
+        fig.tight_layout()
+        paths.append(_save(fig, out / f"curves-{d}.png"))
+    return paths

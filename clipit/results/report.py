@@ -1,0 +1,82 @@
+"""`clipit report RUNS_DIR`: aggregate finished runs into the paper's tables and figures.
+
+Every directory under RUNS_DIR that holds a metrics.json is a run (symlinked warm starts are not
+followed, so a reused unimodal probe counts once). Its labels come from the grid ledger
+(`state.json`: the cell's axes) when present, otherwise from its config.yaml (model.backbone,
+data.name) and its path (`runs/<method>/seed-<n>`). Writes into `--out` (default RUNS_DIR/report):
+
+    report.md        Table 1 (unimodal vs CLIP-IT per backbone x dataset, mean ± std over seeds, Δ),
+                     ablations, Ω, grid status, figure links
+    table1.csv, ablations.csv, omega.csv, runs.csv
+    pareto.png       accuracy vs parameter count per dataset (with the Pareto frontier)
+    omega.png        Ω x 100 per dataset and backbone
+    curves-<dataset>.png   training loss and validation balanced accuracy from the TensorBoard files
+
+Ω (method.md §2) = fraction of test samples the text-only model (method kind `text`, fed the test
+image's retrieved report) gets right and the unimodal vision model gets wrong. Predictions are
+matched by sample key, seed by seed (text run of the same dataset and seed; the text model does
+not depend on the backbone).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipit.errors import ClipitError
+from clipit.io import atomic_write_text
+from clipit.results import plots as P
+from clipit.results.runs import find_runs
+from clipit.results.tables import (ablation_table, markdown_table, omega_table, run_records, status_lines, table1,
+                                   text_table, write_csv)
+
+
+class ReportError(ClipitError):
+    """The runs folder given to `clipit report` cannot be read."""
+
+
+def build_report(root: str | Path, out: str | Path | None = None, metric: str = "balanced_accuracy",
+                 plots: bool = True) -> dict:
+    """Write the report files; returns {"runs": n, "files": [...], "table1": records, ...}."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"{root}: no such directory; give the folder that holds the runs (e.g. runs/grids/NAME)")
+    out = Path(out) if out else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    runs, states = find_runs(root)
+    h1, r1, rec1 = table1(runs, metric)
+    ha, ra, reca = ablation_table(runs, metric)
+    ho, ro, reco = omega_table(runs)
+    files = []
+    for name, records in (("table1.csv", rec1), ("ablations.csv", reca), ("omega.csv", reco),
+                          ("runs.csv", run_records(runs))):
+        write_csv(out / name, records)
+        files.append(out / name)
+    figures = []
+    if plots and runs:
+        figures += P.pareto(runs, metric, out / "pareto.png")
+        if reco:
+            figures += P.omega_bars(reco, out / "omega.png")
+        figures += P.training_curves(runs, out)
+    files += figures
+    metric_name = "balanced accuracy" if metric == "balanced_accuracy" else metric
+    md = [f"# CLIP-IT results: {root}", "",
+          f"{len(runs)} finished runs. Numbers are test {metric_name} in %, mean ± std over seeds (std with ddof=1); "
+          "Δ is CLIP-IT minus unimodal in points.", ""]
+    md += ["## Table 1: unimodal vs CLIP-IT", "", markdown_table(h1, r1) if r1 else "(no unimodal/CLIP-IT runs)", ""]
+    if ra:
+        md += ["## Ablations", "", markdown_table(ha, ra), ""]
+    md += ["## Ω: text right, vision wrong", ""]
+    texts = text_table(runs, metric)
+    if texts:
+        md += ["Text-only model (the paired report's embedding -> MLP; test images use their retrieved report):", "",
+               markdown_table(["Dataset", "Seeds", metric_name], texts), ""]
+    md += [markdown_table(ho, ro) if ro else "(needs text-only runs, method kind `text`, next to the unimodal "
+                                             "runs of the same dataset and seed)", ""]
+    status = status_lines(states)
+    if status:
+        md += ["## Grid status", ""] + status + [""]
+    if figures:
+        md += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    files.insert(0, out / "report.md")
+    return {"runs": len(runs), "files": [str(f) for f in files], "table1": rec1, "ablations": reca, "omega": reco,
+            "markdown": "\n".join(md)}

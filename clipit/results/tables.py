@@ -1,0 +1,196 @@
+"""The paper's tables from finished runs: Table 1, ablations, Omega, the text-only row, run records."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from clipit import layout
+from clipit.io import atomic_write_text
+from clipit.results.runs import BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, main_runs, order
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
+
+
+def _fmt(stat: tuple[float, float, int] | None, scale: float = 100.0, digits: int = 2) -> str:
+    if stat is None:
+        return "–"
+    mean, std, n = stat
+    if n == 1:  # no spread from a single seed
+        return f"{scale * mean:.{digits}f} (1 seed)"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def _delta(a, b, scale=100.0) -> str:
+    if a is None or b is None:
+        return "–"
+    return f"{scale * (b[0] - a[0]):+.2f}"
+
+
+def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
+    vision = [r for r in runs if r.kind in ("unimodal", "clipit")]
+    backbones = order({r.backbone for r in vision}, BACKBONE_NAMES)
+    datasets = order({r.dataset for r in vision}, DATASET_NAMES)
+    header = ["Vision backbone"]
+    for d in datasets:
+        name = DATASET_NAMES.get(d, d)
+        header += [f"{name} Unimodal", f"{name} CLIP-IT", f"{name} Δ"]
+    rows, records = [], []
+    for b in backbones:
+        row = [BACKBONE_NAMES.get(b, b)]
+        for d in datasets:
+            uni = main_runs(runs, b, d, "unimodal")
+            cli = main_runs(runs, b, d, "clipit")
+            su = _stats([r.value(metric) for r in uni]) if uni else None
+            sc = _stats([r.value(metric) for r in cli]) if cli else None
+            row += [_fmt(su), _fmt(sc), _delta(su, sc)]
+            records.append({"backbone": b, "dataset": d,
+                            "unimodal_mean": su and su[0], "unimodal_std": su and su[1], "unimodal_n": su and su[2],
+                            "clipit_mean": sc and sc[0], "clipit_std": sc and sc[1], "clipit_n": sc and sc[2],
+                            "delta": (sc[0] - su[0]) if su and sc else None})
+        rows.append(row)
+    return header, rows, records
+
+
+def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Every variant (and extra method) of each backbone x dataset that has more than Table 1's two."""
+    header = ["Backbone", "Dataset", "Configuration", "Method", "Seeds", "Balanced accuracy" if metric ==
+              "balanced_accuracy" else metric, "Δ vs unimodal", "Δ vs CLIP-IT"]
+    rows, records = [], []
+    groups: dict[tuple, dict[tuple, list[Run]]] = {}
+    for r in runs:
+        groups.setdefault((r.backbone, r.dataset), {}).setdefault((r.variant, r.method, r.kind), []).append(r)
+    for (b, d) in sorted(groups, key=lambda k: (order([k[0]], BACKBONE_NAMES), order([k[1]], DATASET_NAMES), k)):
+        entries = groups[(b, d)]
+        extra = [k for k in entries if not (k[0] in MAIN_VARIANTS and k[2] in ("unimodal", "clipit", "text"))]
+        if not extra:  # Table 1's runs (and the text-only model, reported with Omega) only
+            continue
+        uni = main_runs(runs, b, d, "unimodal")
+        cli = main_runs(runs, b, d, "clipit")
+        su = _stats([r.value(metric) for r in uni]) if uni else None
+        sc = _stats([r.value(metric) for r in cli]) if cli else None
+        main = [k for k in entries if k not in extra and k[2] != "text"]
+        for key in sorted(main, key=lambda k: k[2] != "unimodal") + sorted(extra):
+            variant, method, kind = key
+            s = _stats([r.value(metric) for r in entries[key]])
+            label = variant if variant not in MAIN_VARIANTS else (
+                "unimodal (linear probe)" if kind == "unimodal" else "CLIP-IT (full)" if kind == "clipit"
+                else METHOD_NAMES.get(kind, kind))
+            rows.append([BACKBONE_NAMES.get(b, b), DATASET_NAMES.get(d, d), label, method, str(s[2]), _fmt(s),
+                         _delta(su, s), _delta(sc, s)])
+            records.append({"backbone": b, "dataset": d, "variant": variant, "method": method, "kind": kind,
+                            "mean": s[0], "std": s[1], "n": s[2],
+                            "delta_unimodal": (s[0] - su[0]) if su else None,
+                            "delta_clipit": (s[0] - sc[0]) if sc else None})
+    return header, rows, records
+
+
+def load_predictions(run: Run, split: str = "test") -> dict | None:
+    path = layout.predictions_file(run.path, split)
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return {"keys": np.asarray(data["keys"]).astype(str), "labels": np.asarray(data["labels"]),
+                "pred": np.asarray(data["logits"]).argmax(axis=1)}
+
+
+def omega(text_pred: dict, vision_pred: dict) -> tuple[float, int]:
+    """(Ω, number of matched test samples): text right and vision wrong, matched by key."""
+    common, ti, vi = np.intersect1d(text_pred["keys"], vision_pred["keys"], assume_unique=False, return_indices=True)
+    if len(common) == 0:
+        raise ValueError("text and vision predictions share no sample keys")
+    if not np.array_equal(text_pred["labels"][ti], vision_pred["labels"][vi]):
+        raise ValueError("text and vision predictions disagree on the labels of the same keys")
+    labels = vision_pred["labels"][vi]
+    text_ok = text_pred["pred"][ti] == labels
+    vision_wrong = vision_pred["pred"][vi] != labels
+    return float(np.mean(text_ok & vision_wrong)), int(len(common))
+
+
+def omega_table(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
+    text_runs: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.kind == "text" and r.variant in MAIN_VARIANTS:
+            text_runs.setdefault(r.dataset, []).append(r)
+    header = ["Backbone", "Dataset", "Ω × 100 (mean ± std)", "Seeds", "Matched test samples"]
+    rows, records = [], []
+    vision = [r for r in runs if r.kind == "unimodal" and r.variant in MAIN_VARIANTS]
+    for b in order({r.backbone for r in vision}, BACKBONE_NAMES):
+        for d in order({r.dataset for r in vision if r.backbone == b}, DATASET_NAMES):
+            texts = text_runs.get(d, [])
+            if not texts:
+                continue
+            values, matched, seeds = [], [], []
+            for v in sorted(main_runs(runs, b, d, "unimodal"), key=lambda r: r.seed):
+                same = [t for t in texts if t.seed == v.seed and t.backbone == b] or \
+                       [t for t in texts if t.seed == v.seed]
+                if not same:
+                    continue
+                tp, vp = load_predictions(same[0]), load_predictions(v)
+                if tp is None or vp is None:
+                    continue
+                value, n = omega(tp, vp)
+                values.append(value)
+                matched.append(n)
+                seeds.append(v.seed)
+            if not values:
+                continue
+            s = _stats(values)
+            rows.append([BACKBONE_NAMES.get(b, b), DATASET_NAMES.get(d, d), _fmt(s), str(len(values)),
+                         str(min(matched)) if len(set(matched)) == 1 else f"{min(matched)}–{max(matched)}"])
+            records.append({"backbone": b, "dataset": d, "omega_mean": s[0], "omega_std": s[1], "n_seeds": s[2],
+                            "seeds": " ".join(map(str, seeds)), "matched": min(matched)})
+    return header, rows, records
+
+
+def text_table(runs: list[Run], metric: str) -> list[list[str]]:
+    rows = []
+    texts = [r for r in runs if r.kind == "text" and r.variant in MAIN_VARIANTS]
+    for d in order({r.dataset for r in texts}, DATASET_NAMES):
+        s = _stats([r.value(metric) for r in texts if r.dataset == d])
+        rows.append([DATASET_NAMES.get(d, d), str(s[2]), _fmt(s)])
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in records for k in r)) if records else ["empty"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_records(runs: list[Run]) -> list[dict]:
+    return [{"backbone": r.backbone, "dataset": r.dataset, "variant": r.variant, "method": r.method, "kind": r.kind,
+             "seed": r.seed, "balanced_accuracy": r.metrics.get("balanced_accuracy"),
+             "accuracy": r.metrics.get("accuracy"), "params_total": r.params,
+             "params_trainable": (r.metrics.get("parameters") or {}).get("trainable"), "run_dir": str(r.path)}
+            for r in sorted(runs, key=lambda r: (r.dataset, r.backbone, r.variant, r.method, r.seed))]
+
+
+def status_lines(states: list[dict]) -> list[str]:
+    counts: dict[str, int] = {}
+    failed = []
+    for s in states:
+        counts[s.get("state", "?")] = counts.get(s.get("state", "?"), 0) + 1
+        if s.get("state") == "failed":
+            error = (s.get("error") or "").strip().splitlines()
+            failed.append(f"- failed: `{s['run_dir']}` (job {s.get('job_id')}): {error[-1] if error else '?'}")
+    if not counts:
+        return []
+    return ["cells without results: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), ""] + failed
+
+

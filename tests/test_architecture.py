@@ -1,0 +1,131 @@
+"""The import graph of clipit/ (module-level and function-local imports alike) has no cycle, and no
+import points up a layer: data flows reports -> pairing -> shards -> training -> evaluation ->
+results, with the HPC layer and the command line on top (docs/architecture.md)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from clipit_testing import ROOT
+
+PACKAGE = ROOT / "clipit"
+# Bottom to top. A module may import modules of its own layer or of a layer below it, never above.
+LAYERS = [
+    ("base", ["clipit", "clipit.errors", "clipit.io", "clipit.layout", "clipit.config", "clipit.weights",
+              "clipit.metrics", "clipit.state_dict", "clipit.config_reference", "clipit.locks"]),
+    ("data", ["clipit.data"]),
+    ("corpus", ["clipit.corpus"]),
+    ("pairing", ["clipit.pairing"]),
+    ("shards", ["clipit.shards"]),
+    ("models", ["clipit.models"]),
+    ("training", ["clipit.training"]),
+    ("evaluation", ["clipit.evaluation"]),
+    ("results", ["clipit.results"]),
+    ("stages", ["clipit.pipeline", "clipit.doctor"]),
+    ("hpc", ["clipit.hpc"]),
+    ("cli", ["clipit.cli", "clipit.__main__"]),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def is_module(name: str) -> bool:
+    base = ROOT.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every clipit module `path` imports, wherever the import statement sits (functions included)."""
+    here = module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "clipit"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            if source.split(".")[0] != "clipit":
+                continue
+            for alias in node.names:  # `from clipit.x import y` imports the module clipit.x.y when there is one
+                found.add(f"{source}.{alias.name}" if is_module(f"{source}.{alias.name}") else source)
+    found.discard(here)
+    return found
+
+
+def layer_of(name: str) -> int:
+    best, best_len = None, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len and prefix != "clipit":
+                best, best_len = i, len(prefix)
+    if best is None and name == "clipit":
+        return 0
+    if best is None:
+        raise AssertionError(f"{name} belongs to no layer: add it to LAYERS in tests/test_architecture.py "
+                             "and to docs/architecture.md")
+    return best
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_layer(graph):
+    for name in graph:
+        layer_of(name)
+
+
+def test_no_import_points_up_a_layer(graph):
+    upward = [f"{src} ({LAYERS[layer_of(src)][0]}) imports {dst} ({LAYERS[layer_of(dst)][0]})"
+              for src, targets in graph.items() for dst in sorted(targets) if layer_of(dst) > layer_of(src)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles(graph):
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    cycles = []
+
+    def visit(node: str, stack: list[str]):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, stack + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_graph_sees_function_local_imports(tmp_path):
+    """The checker itself: an import inside a function body counts like one at the top."""
+    graph = {module_name(p): imports_of(p) for p in [PACKAGE / "pipeline.py"]}
+    assert "clipit.training.trainer" in graph["clipit.pipeline"]  # imported inside train_and_evaluate
+
+
+def test_run_layout_is_spelled_out_in_one_module():
+    """`runs/<method>/seed-<n>` and the run's file names live in clipit/layout.py only."""
+    spellings = ['"seed-', "'seed-", 'f"seed-', '"train_summary.json"', '"metrics.json"', '"state.json"',
+                 '"config.yaml"', '/ "runs"', 'parent.parent']
+    offenders = [f"{p.relative_to(ROOT)}: {s}" for p in PACKAGE.rglob("*.py") if p.name != "layout.py"
+                 for s in spellings if s in p.read_text()]
+    assert not offenders, offenders
+
+
+def test_cli_catches_one_error_base_class():
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    handlers = [h for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler)]
+    assert [ast.unparse(h.type) for h in handlers] == ["ClipitError"]
