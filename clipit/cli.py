@@ -117,8 +117,9 @@ def cmd_shard_build(args) -> None:
 def cmd_shard_validate(args) -> None:
     from clipit.shards.format import validate_shards
 
-    counts = validate_shards(args.dir)
-    print("ok: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
+    counts = validate_shards(args.dir, quick=args.quick)
+    print("ok: " + ", ".join(f"{split} {n}" for split, n in counts.items())
+          + (" (quick: checksums and counts only; run without --quick to decode every sample)" if args.quick else ""))
 
 
 def _seeds(cfg, args) -> list[int]:
@@ -128,19 +129,21 @@ def _seeds(cfg, args) -> list[int]:
 def cmd_train(args) -> None:
     from clipit import layout
     from clipit.pipeline import check_method, train_and_evaluate
-    from clipit.training.accel import leave_process_group
+    from clipit.training.accel import leave_process_group, make_accelerator
 
     cfg = _config(args)
     check_method(cfg, args.method)
     succeeded = False
     try:
         for seed in _seeds(cfg, args):
-            if args.resume == "none":  # start over: drop this cell's resume checkpoint and outputs
-                import shutil
-
-                shutil.rmtree(layout.run_dir(cfg.output_dir, args.method, seed), ignore_errors=True)
+            if args.resume == "none":  # start over: rank 0 drops this cell's resume checkpoint and outputs
+                accelerator = make_accelerator(cfg.methods[args.method])
+                if accelerator.is_main_process:
+                    clear_run_dir(layout.run_dir(cfg.output_dir, args.method, seed))
+                accelerator.wait_for_everyone()
             metrics = train_and_evaluate(cfg, args.method, seed)
-            print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
+            if make_accelerator(cfg.methods[args.method]).is_main_process:  # one result line, not one per rank
+                print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
         succeeded = True
     finally:
         distributed = leave_process_group(succeeded)
@@ -148,6 +151,25 @@ def cmd_train(args) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def clear_run_dir(run_dir) -> None:
+    """`--resume none`: empty a run directory, holding its lock (a process still training it keeps it;
+    the lock file itself stays, so a later writer locks the same file)."""
+    import shutil
+
+    from clipit.locks import LOCK_FILE, exclusive
+
+    if not run_dir.is_dir():
+        return
+    with exclusive(run_dir, "run directory"):
+        for entry in run_dir.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def cmd_evaluate(args) -> None:
@@ -241,9 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "needs the pairs (`clipit pair`) first")
     build.add_argument("--num-parts", type=int, help="number of parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
     build.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
-    validate = command("validate", cmd_shard_validate, "check a shard set against its manifest", shard_sub,
+    validate = command("validate", cmd_shard_validate, "check a shard set against its manifest: checksums and "
+                       "counts, then every sample decoded (image, label, embedding, json; keys unique)", shard_sub,
                        config=False)
     validate.add_argument("dir", metavar="SHARD_DIR")
+    validate.add_argument("--quick", action="store_true",
+                          help="only the manifest, the checksums and the counts: reads each tar once (disk speed) "
+                               "instead of decoding every image")
 
     train = command("train", cmd_train, "train and evaluate one method of the config (all seeds, or --seed)")
     add_cell_flags(train)
@@ -275,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_flags(grid, "the grid's `profile`")
     grid.add_argument("--root", help="replace the grid's root folder (where {root} points)")
     grid.add_argument("--force-unknown", action="store_true",
-                      help="resubmit cells whose job state cannot be checked (no squeue)")
+                      help="resubmit cells whose job state cannot be checked (no squeue, or an unreadable state.json)")
     grid.add_argument("--no-preflight", action="store_true", help="submit even if shards or weights are missing")
 
     prepare = sub.add_parser("prepare", help="pairing and shard building as SLURM array jobs", parents=[common])
@@ -301,9 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from clipit.errors import disk_full_is_an_error
+
     args = build_parser().parse_args(argv)
     try:
-        status = args.func(args)
+        with disk_full_is_an_error():  # ENOSPC/EDQUOT from a writer outside clipit/io.py: one line too
+            status = args.func(args)
     except ClipitError as err:
         if args.debug:
             traceback.print_exc()

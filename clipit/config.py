@@ -1,21 +1,86 @@
 """Typed configuration: YAML files in configs/ loaded into dataclasses.
 
-Unknown keys and wrong types are errors naming the key and the file. Every setting has one home:
-precision lives only in `train.precision`, seeds only in `seeds`, paths only in their section.
+Unknown keys, wrong types and out-of-range values are errors naming the key and the file. Every
+setting has one home: precision lives only in `train.precision`, seeds only in `seeds`, paths only
+in their section. A number's valid range is written once, in its field's type (`Annotated[...,
+Range(...)]` below): the loader checks it and docs/config.md lists it.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from clipit.errors import ConfigError  # noqa: F401 - re-exported: config errors are raised everywhere
 from clipit.layout import check_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid ranges: the one home of each key's bounds (the loader checks them, docs/config.md shows them)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number; float keys are also finite (NaN and inf are never valid settings)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, value) -> bool:
+        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+
+    def text(self) -> str:
+        low = (f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None)
+        high = (f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1] if high else "any"
+
+
+@dataclass(frozen=True)
+class Items:
+    """Constraints on a list: at least `min` items, and no repeats when `unique`."""
+
+    min: int = 0
+    unique: bool = False
+
+    def text(self) -> str:
+        parts = (["non-empty"] if self.min == 1 else [f">= {self.min} items"] if self.min else []) + \
+                (["no repeats"] if self.unique else [])
+        return ", ".join(parts)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def rules_of(tp) -> tuple:
+    """The Range/Items rules written on a (possibly optional) field type."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return tuple(r for a in typing.get_args(tp) for r in rules_of(a))
+    if typing.get_origin(tp) is Annotated:
+        return tuple(a for a in typing.get_args(tp)[1:] if isinstance(a, (Range, Items)))
+    return ()
+
+
+Positive = Annotated[int, Range(ge=1)]  # a count of things that must exist (batch size, rank ...)
+Count = Annotated[int, Range(ge=0)]  # 0 allowed (workers, seeds, "off")
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegative = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]
+Side = Annotated[int, Range(ge=8)]  # an image side in pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,19 +91,23 @@ from clipit.layout import check_name
 class DemoDataConfig:
     """The embedded demo: generated H&E-like patches, an unpaired report corpus, a demo CLIP."""
 
-    counts: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 400, "test": 800})  # images per split
-    image_size: int = 64  # patch side in pixels
-    n_reports: int = 300  # reports in the unpaired corpus
-    n_paired: int = 2000  # paired image-caption set that trains the stand-in for CONCH
-    clip_steps: int = 150  # demo CLIP training steps (fixed, so the result does not depend on machine load)
-    clip_seconds: float = 600.0  # safety cap on its wall time
-    seed: int = 0  # seed of the generated images, reports and demo CLIP
+    counts: dict[str, Positive] = field(default_factory=lambda: {"train": 2000, "val": 400, "test": 800})  # images per split
+    image_size: Side = 64  # patch side in pixels
+    n_reports: Positive = 300  # reports in the unpaired corpus
+    n_paired: Annotated[int, Range(ge=2)] = 2000  # paired image-caption set that trains the stand-in for CONCH
+    clip_steps: Positive = 150  # demo CLIP training steps (fixed, so the result does not depend on machine load)
+    clip_seconds: PositiveFloat = 600.0  # safety cap on its wall time
+    seed: Count = 0  # seed of the generated images, reports and demo CLIP
 
 
 @dataclass
 class DataConfig:
     name: str = "demo"  # dataset reader: demo | pcam | crc | bach | folder
     root: str | None = None  # required for real datasets; the demo generates into <output_dir>/data/images
+    # images per split the reader must find (train, val, test). null: the official sizes for pcam, crc and
+    # bach, no check for folder and demo. A mapping, for a subset or re-split: checks the splits it names
+    # ({} checks none); the class checks stay
+    expected_sizes: dict[str, Positive] | None = None
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 
@@ -46,41 +115,47 @@ class DataConfig:
 class ReportsConfig:
     path: str | None = None  # required for real corpora; the demo writes <output_dir>/data/reports.jsonl
     format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = "auto"  # auto: from the file suffix
+    text_field: str | None = None  # column or field holding the report text; null: text, then report_text
+    id_field: str | None = None  # column or field holding the report id; null: id, then patient_filename
+    encoding: str = "utf-8"  # text encoding of csv/jsonl/txt corpora (e.g. latin-1, cp1252); never guessed
     organ: str | None = None  # keep reports whose organ contains this word ("breast", "colo")
-    projects: list[str] | None = None  # or TCGA projects, e.g. [BRCA] / [COAD, READ]
+    projects: Annotated[list[str], Items(min=1)] | None = None  # or TCGA projects, e.g. [BRCA] / [COAD, READ]
+    # csv (patient_id,cancer_type) or json mapping TCGA patient barcodes to projects, for corpora without a
+    # project column (TCGA_Reports.csv): tcga_patient_to_cancer_type.csv of the same repository
+    project_map: str | None = None
 
 
 @dataclass
 class PairingConfig:
     model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch>
     checkpoint: str | None = None  # local weights; the demo CLIP defaults to <output_dir>/demo-clip/
-    top_k: int = 1  # texts kept per image (shards.use_rank picks among them)
-    batch_size: int = 256  # images per encoder batch
+    top_k: Positive = 1  # texts kept per image (shards.use_rank picks among them)
+    batch_size: Positive = 256  # images per encoder batch
     device: str = "auto"  # auto | cpu | cuda
     dir: str | None = None  # text-embedding cache and pair indices; default <output_dir>/pairing
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # encoder autocast (GPU); recorded in the identity
-    num_workers: int = 0  # DataLoader workers that decode + preprocess images
+    num_workers: Count = 0  # DataLoader workers that decode + preprocess images
     search: Literal["auto", "torch", "faiss"] = "auto"  # exact top-k backend; auto = faiss on CPU for many texts
     texts: Literal["reports", "class_prompts"] = "reports"  # class_prompts: 22 CONCH templates x class names
-    class_names: list[str] | None = None  # prompt name per class (label order); default per dataset
+    class_names: Annotated[list[str], Items(min=1)] | None = None  # prompt name per class (label order); default per dataset
 
 
 @dataclass
 class ShardsConfig:
     dir: str | None = None  # default <output_dir>/shards
-    samples_per_shard: int = 1000  # samples per tar
-    use_rank: int = 1  # which of the top-k texts each image gets (1 = best; 2..5 = the Fig. 5 ablation)
-    random_report_seed: int | None = None  # set: a uniformly random text per image instead (seeded control)
+    samples_per_shard: Positive = 1000  # samples per tar
+    use_rank: Positive = 1  # which of the top-k texts each image gets (1 = best, at most pairing.top_k; 2..5 = the Fig. 5 ablation)
+    random_report_seed: Count | None = None  # set: a uniformly random text per image instead (seeded control)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = True  # finetune: auto uses LoRA when enabled
-    r: int = 16  # LoRA rank
-    alpha: int = 8  # LoRA scale alpha (update = alpha / r * B A)
-    dropout: float = 0.0  # dropout on the LoRA input
+    r: Positive = 16  # LoRA rank
+    alpha: Positive = 8  # LoRA scale alpha (update = alpha / r * B A)
+    dropout: Fraction = 0.0  # dropout on the LoRA input
     # module types that get adapters, in the backbone and the warm-started head
-    targets: list[Literal["Linear", "Conv2d", "Embedding"]] = field(
+    targets: Annotated[list[Literal["Linear", "Conv2d", "Embedding"]], Items(min=1, unique=True)] = field(
         default_factory=lambda: ["Linear", "Conv2d", "Embedding"]
     )
 
@@ -90,31 +165,31 @@ class ModelConfig:
     backbone: str = "demo-vit-tiny"  # backbone registry name
     weights: str | None = None  # checkpoint path, hub ID or `random`; None = weights file, then hub (clipit/weights.py)
     weights_file: str | None = None  # YAML name -> checkpoint map (configs/weights.example.yaml); else $CLIPIT_WEIGHTS
-    image_size: int | None = None  # None = the backbone's native input size
+    image_size: Side | None = None  # None = the backbone's native input size
     lora: LoraConfig = field(default_factory=LoraConfig)
-    text_dim: int = 512  # dimension of the report embeddings in the shards
-    kd_layers: int = 1  # P is Linear (1) or Linear-LeakyReLU-Linear (2)
+    text_dim: Positive = 512  # dimension of the report embeddings in the shards
+    kd_layers: Annotated[int, Range(ge=1, le=2)] = 1  # P is Linear (1) or Linear-LeakyReLU-Linear (2)
 
 
 @dataclass
 class TrainConfig:
     method: Literal["unimodal", "clipit", "text", "late_fusion", "early_fusion"] = "clipit"  # the model kind
     finetune: Literal["auto", "frozen", "lora", "full"] = "auto"  # auto: unimodal frozen, else lora if model.lora.enabled
-    epochs: float = 1.0  # passes over the train split (fractions allowed)
-    batch_size: int = 64  # per process
+    epochs: PositiveFloat = 1.0  # passes over the train split (fractions allowed)
+    batch_size: Positive = 64  # per process
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # the optimizer of every trainable parameter
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 1e-4  # decoupled for adamw, L2 for adam and sgd
-    momentum: float = 0.9  # sgd only (Nesterov)
+    lr: PositiveFloat = 1e-3  # peak learning rate
+    weight_decay: NonNegative = 1e-4  # decoupled for adamw, L2 for adam and sgd
+    momentum: Fraction = 0.9  # sgd only (Nesterov, so > 0 with sgd)
     schedule: Literal["none", "cosine"] = "none"  # cosine: from lr to min_lr over the run
-    min_lr: float = 0.0  # the cosine schedule's floor
-    grad_clip: float = 0.5  # max gradient norm (0 = off)
-    lam: float = 1.0  # weight of the cosine distillation term
+    min_lr: NonNegative = 0.0  # the cosine schedule's floor (at most lr)
+    grad_clip: NonNegative = 0.5  # max gradient norm (0 = off)
+    lam: NonNegative = 1.0  # weight of the cosine distillation term
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the only precision setting (accelerate + DeepSpeed)
     distributed: Literal["ddp", "zero2"] = "ddp"  # zero2: DeepSpeed ZeRO-2 with a config derived from this one
-    checkpoint_every: int = 0  # steps between resume checkpoints; 0 = at every evaluation
-    num_workers: int = 0  # loader worker processes per rank
-    evals_per_epoch: int = 1  # validations per epoch
+    checkpoint_every: Count = 0  # steps between resume checkpoints; 0 = at every evaluation
+    num_workers: Count = 0  # loader worker processes per rank
+    evals_per_epoch: Positive = 1  # validations per epoch
     select: Literal["val_loss", "val_bacc", "last"] = "val_loss"  # which validation picks best.safetensors
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
     text_warm_start: str | None = None  # late_fusion: method (text) whose H_t initialises the text branch, same seed
@@ -123,7 +198,7 @@ class TrainConfig:
     # text tower (pairing.model / pairing.checkpoint) encodes the paired report in every step, with LoRA
     # under finetune lora, inside the same nn.Module as the vision side (the paper's default; CLIP-IT only)
     text_encoder: Literal["cached", "tower"] = "cached"
-    word_drop: float = 0.0  # fraction of each report's tokens (between start and end of text) corrupted per step
+    word_drop: Fraction = 0.0  # fraction of each report's tokens (between start and end of text) corrupted per step
     word_drop_mode: Literal["mask", "remove"] = "mask"  # mask: a <mask> embedding (reference code); remove: delete
 
 
@@ -131,7 +206,7 @@ class TrainConfig:
 class ExperimentConfig:
     name: str = "demo"  # experiment name (labels only)
     output_dir: str = "runs/demo"  # everything the stages write: pairing/, shards/, runs/<method>/seed-<n>/
-    seeds: list[int] = field(default_factory=lambda: [0])  # one run per method and seed
+    seeds: Annotated[list[Count], Items(min=1, unique=True)] = field(default_factory=lambda: [0])  # one run per method and seed
     data: DataConfig = field(default_factory=DataConfig)
     reports: ReportsConfig = field(default_factory=ReportsConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
@@ -154,10 +229,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
         apply_override(raw, item, path)
     config = from_dict(cls, raw, str(path))
     if isinstance(config, ExperimentConfig):
+        check_sections(config, str(path))
         check_methods(config, str(path))
         method_order(config, str(path))  # unknown warm starts and cycles are load errors
         return resolve_paths(config, str(path))
     return config
+
+
+def check_sections(cfg: ExperimentConfig, where: str = "<config>") -> None:
+    """Settings of the data, reports, pairing and shards sections that only make sense together."""
+    s, p = cfg.shards, cfg.pairing
+    if s.random_report_seed is None and s.use_rank > p.top_k:
+        raise ConfigError(f"{where}: shards.use_rank = {s.use_rank} needs pairing.top_k >= {s.use_rank} (it is "
+                          f"{p.top_k}); raise pairing.top_k or lower shards.use_rank")
+    try:
+        codecs.lookup(cfg.reports.encoding)
+    except LookupError:
+        raise ConfigError(f"{where}: reports.encoding = {cfg.reports.encoding!r} is not a text encoding Python "
+                          "knows; use e.g. utf-8, latin-1 or cp1252") from None
 
 
 def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
@@ -174,11 +263,15 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
         if m.text_encoder == "tower" and m.lam == 0:
             raise ConfigError(f"{where}: {key}.text_encoder: tower needs lam > 0 (with lam 0 the tower gets no "
                               "gradient and DDP fails on its unused parameters); use text_encoder: cached")
-        if not 0.0 <= m.word_drop < 1.0:
-            raise ConfigError(f"{where}: {key}.word_drop = {m.word_drop} must be in [0, 1)")
         if m.word_drop and m.text_encoder != "tower":
             raise ConfigError(f"{where}: {key}.word_drop needs text_encoder: tower (cached embeddings have no words "
                               "to drop)")
+        if m.optimizer == "sgd" and m.momentum == 0:
+            raise ConfigError(f"{where}: {key}.momentum = 0 with optimizer sgd: Nesterov SGD needs momentum in "
+                              "(0, 1); set momentum (e.g. 0.9) or use optimizer adam")
+        if m.schedule == "cosine" and m.min_lr > m.lr:
+            raise ConfigError(f"{where}: {key}.min_lr = {m.min_lr:g} is above lr = {m.lr:g}; the cosine schedule "
+                              "decays from lr to min_lr, so set min_lr <= lr")
 
 
 def method_order(cfg: ExperimentConfig, where: str = "<config>") -> list[str]:
@@ -212,8 +305,8 @@ def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentC
     if cfg.data.name == "demo":
         cfg.data.root = cfg.data.root or str(out / "data" / "images")
         cfg.reports.path = cfg.reports.path or str(out / "data" / "reports.jsonl")
-        if cfg.pairing.model == "demo-clip":
-            cfg.pairing.checkpoint = cfg.pairing.checkpoint or str(out / "demo-clip" / "model.safetensors")
+    if cfg.pairing.model == "demo-clip":  # trained on first use (clipit/pipeline.py), whatever the dataset
+        cfg.pairing.checkpoint = cfg.pairing.checkpoint or str(out / "demo-clip" / "model.safetensors")
     for key, value in [("data.root", cfg.data.root), ("reports.path", cfg.reports.path)]:
         if value is None:
             raise ConfigError(f"{where}: {key} is required for dataset {cfg.data.name!r}")
@@ -221,32 +314,43 @@ def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentC
 
 
 def read_yaml(path: Path, what: str):
-    """Parsed YAML of `path`; a missing or malformed file is one ConfigError line naming it."""
+    """Parsed YAML of `path`; a missing, unreadable or malformed file is one ConfigError line naming it."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or type(err).__name__})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
 
 
 def apply_override(raw: dict, item: str, path: Path | str = "<overrides>") -> None:
     key, sep, value = item.partition("=")
-    if not sep or not key:
+    if not sep or not key or "" in key.split("."):
         raise ConfigError(f"{path}: override {item!r} must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: override --set {item!r}: the value is not valid YAML ({problem}); write it as "
+                          "YAML, e.g. --set 'seeds=[0, 1]', and quote text that holds : [ ] { } or #") from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{path}: override {key!r} goes through a non-mapping value")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = parsed
 
 
 def from_dict(cls: type, data: Any, where: str, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -270,9 +374,41 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def _float(value, where: str, key: str, valid: str = "") -> float:
+    """A float key's value: a YAML number, or text that reads as one (YAML 1.1 reads `1e-3` as a string);
+    never NaN or inf. `valid` is the key's range, for the message."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: {key} = {value!r} must be a finite number{' ' + valid if valid else ''}")
+    return number
+
+
 def _coerce(tp, value, where: str, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        if args[0] is float:
+            out = _float(value, where, key, " and ".join(r.text() for r in args[1:] if isinstance(r, Range)))
+        else:
+            out = _coerce(args[0], value, where, key)
+        for rule in args[1:]:
+            if isinstance(rule, Range) and not rule.holds(out):
+                raise ConfigError(f"{where}: {key} = {out!r} is out of range; it must be {rule.text()}")
+            if isinstance(rule, Items) and len(out) < rule.min:
+                raise ConfigError(f"{where}: {key} = {out!r} must not be empty" if rule.min == 1 else
+                                  f"{where}: {key} = {out!r} must have at least {rule.min} items")
+            if isinstance(rule, Items) and rule.unique and len(set(out)) != len(out):
+                raise ConfigError(f"{where}: {key} = {out!r} repeats an item; list each once")
+        return out
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -281,7 +417,7 @@ def _coerce(tp, value, where: str, key: str):
             try:
                 return _coerce(arg, value, where, key)
             except ConfigError as err:
-                errors.append(str(err))
+                errors.append(err)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {key} = {value!r} matches none of {tp}")
     if origin is Literal:
         if value not in args:
@@ -297,8 +433,8 @@ def _coerce(tp, value, where: str, key: str):
         return {str(k): _coerce(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, key)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        return _float(value, where, key)
     if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     if tp is Any:

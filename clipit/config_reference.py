@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import tokenize
+import types
 import typing
 from pathlib import Path
 
 from clipit import config as config_module
-from clipit.config import ExperimentConfig
+from clipit.config import ExperimentConfig, Range, rules_of
 
 SOURCE = Path(config_module.__file__)
 
@@ -55,6 +56,20 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _valid(tp) -> str:
+    """The valid range the loader checks (Range/Items in the field's type), as the reference shows it."""
+    rules = [r.text() for r in rules_of(tp)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # optional: the rules of the non-null type
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, dict) and args:
+        inner = [r.text() for r in rules_of(args[-1]) if isinstance(r, Range)]
+        rules += [f"each {r}" for r in inner]
+    return ", ".join(r for r in rules if r)
+
+
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         return repr(f.default)
@@ -71,10 +86,13 @@ def reference() -> str:
            "edit by hand. Every experiment config (`configs/*.yaml`) is a mapping of these sections. Unknown",
            "keys, wrong types and out-of-range values are errors naming the key; `--set KEY=VALUE` overrides",
            "any key (the value is read as YAML). Relative paths are relative to the working directory.",
-           "Paths left empty are derived from `output_dir` (`pairing.dir`, `shards.dir`, the demo's data).", ""]
+           "Paths left empty are derived from `output_dir` (`pairing.dir`, `shards.dir`, the demo's data).",
+           "The `valid` column is what the loader checks; a float is also finite (never NaN or inf) and may be",
+           "written `1e-3` (YAML 1.1 reads that as text, which a float key accepts when it reads as a number).", ""]
 
     def section(cls, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
+        extras = typing.get_type_hints(cls, include_extras=True)
         rows, nested = [], []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
@@ -84,17 +102,17 @@ def reference() -> str:
                 continue
             if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
                 nested.append((typing.get_args(tp)[1], f"{key}.<name>."))
-                rows.append(f"| `{key}` | mapping of name -> {typing.get_args(tp)[1].__name__} | {_default(f)} | "
+                rows.append(f"| `{key}` | mapping of name -> {typing.get_args(tp)[1].__name__} | {_default(f)} | | "
                             f"{comments.get((cls.__name__, f.name), '')} |")
                 continue
             doc = comments.get((cls.__name__, f.name), "").replace("|", "\\|")
             default = _default(f).replace("'", "`").replace("None", "null")
-            rows.append(f"| `{key}` | {_type_name(tp)} | {default} | {doc} |")
+            rows.append(f"| `{key}` | {_type_name(tp)} | {default} | {_valid(extras[f.name])} | {doc} |")
         title = prefix.rstrip(".") or "top level"
         doc = " ".join((cls.__doc__ or "").split()) if cls.__doc__ and not cls.__doc__.startswith(cls.__name__) else ""
         out.extend([f"## `{title}`", ""] + ([doc, ""] if doc else []))
         if rows:
-            out.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+            out.extend(["| key | type | default | valid | meaning |", "|---|---|---|---|---|", *rows, ""])
         for tp, p in nested:
             section(tp, p)
 

@@ -13,9 +13,16 @@ Formats (``fmt="auto"`` picks by suffix):
 Texts are whitespace-normalised (runs of spaces/newlines -> one space): CONCH's tokenizer does the same,
 and it keeps every report on one line for the txt format. Empty texts are skipped with a warning (OCR'd
 corpora have blank rows; one blank report should not stop a run); a corpus left empty is an error.
+
+Text files are read in one declared encoding (``reports.encoding``, default UTF-8), never guessed: a
+wrong guess (latin-1 vs cp1252, say) would silently change texts and with them the corpus
+fingerprint and the pairing. A byte that does not decode is one error naming the file, the line and
+the byte, and the fix (set ``reports.encoding`` or convert the file with iconv). Errors name the
+config keys (``reports.*``) that fix them; the library arguments have the same names.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import hashlib
@@ -31,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 
-from clipit.errors import ClipitError
+from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,8 @@ _MAP_PATIENT = ("patient_id", "case_submitter_id", "bcr_patient_barcode", "submi
 _MAP_PROJECT = ("cancer_type", "project_id", "project")
 _BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
 _RESERVED = ("id", "text", "organ", "project", "parent_id")
+_ENCODING_FIX = ("set reports.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to UTF-8 "
+                 "(iconv -f latin1 -t utf-8)")
 
 
 class CorpusError(ClipitError):
@@ -93,37 +102,91 @@ def load_project_map(src: str | os.PathLike | Mapping[str, str] | None) -> dict[
     else:
         p = Path(src)
         if not p.is_file():
-            raise CorpusError(f"{p}: project map not found; pass a csv with patient_id,cancer_type columns")
-        if p.suffix == ".json":
-            return load_project_map(json.loads(p.read_text(encoding="utf-8")))
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
-            cols = reader.fieldnames or []
-            pc, jc = (next((c for c in names if c in cols), None) for names in (_MAP_PATIENT, _MAP_PROJECT))
-            if pc is None or jc is None:
-                raise CorpusError(f"{p}: project map needs a patient column {_MAP_PATIENT} and a project "
-                                  f"column {_MAP_PROJECT}; found {cols}")
-            items = [(row[pc], row[jc]) for row in reader]
+            raise CorpusError(f"{p}: project map not found; fix reports.project_map (a csv with "
+                              "patient_id,cancer_type columns, or a json mapping)")
+        try:
+            if p.suffix == ".json":
+                try:
+                    data = json.loads(p.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{p}: project map is not valid JSON ({e.msg}, line {e.lineno}); fix "
+                                      "reports.project_map") from None
+                if not isinstance(data, dict):
+                    raise CorpusError(f"{p}: a json project map must be an object of barcode -> project")
+                return load_project_map(data)
+            with open(p, encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
+                cols = reader.fieldnames or []
+                pc, jc = (next((c for c in names if c in cols), None) for names in (_MAP_PATIENT, _MAP_PROJECT))
+                if pc is None or jc is None:
+                    raise CorpusError(f"{p}: project map needs a patient column {_MAP_PATIENT} and a project "
+                                      f"column {_MAP_PROJECT}; found {cols}")
+                items = [(row[pc], row[jc]) for row in reader]
+        except UnicodeDecodeError:
+            raise _decode_error(p, "utf-8", "project map; save it as UTF-8") from None
+        except csv.Error as e:
+            raise CorpusError(f"{p}: project map is not a readable csv ({e})") from None
     return {(_barcode(str(k)) or str(k).strip().upper()): _norm_project(v) for k, v in items if v}
 
 
-def _records(path: Path, fmt: str) -> Iterator[tuple[str, dict]]:
+def _text_encoding(encoding: str) -> str:
+    """UTF-8 also reads a byte-order mark (Excel writes one)."""
+    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
+def _decode_error(path: Path, encoding: str, fix: str, member: str | None = None) -> CorpusError:
+    """One line naming the first line of `path` (or of zip `member`) that does not decode, and the byte."""
+    line_no, detail = None, ""
+    try:
+        with contextlib.ExitStack() as stack:
+            raw = (stack.enter_context(stack.enter_context(zipfile.ZipFile(path)).open(member)) if member
+                   else stack.enter_context(open(path, "rb")))
+            decoder = codecs.getincrementaldecoder(_text_encoding(encoding))()
+            for number, line in enumerate(raw, 1):
+                try:
+                    decoder.decode(line)
+                except UnicodeDecodeError as e:
+                    line_no, detail = number, f"byte 0x{line[e.start]:02x} at column {e.start + 1}"
+                    break
+    except (OSError, zipfile.BadZipFile, LookupError, IndexError):
+        pass
+    where = f"{path}" + (f" ({member})" if member else "")
+    at = f"line {line_no} ({detail})" if line_no else "it"
+    return CorpusError(f"{where}: {at} is not {encoding} text; {fix}")
+
+
+def _records(path: Path, fmt: str, encoding: str = "utf-8") -> Iterator[tuple[str, dict]]:
     """Yield (where, record) pairs; `where` names the row in error messages."""
+    text_encoding = _text_encoding(encoding)
     if fmt == "csv":
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # whole reports (up to ~25k chars) sit in one field
         with contextlib.ExitStack() as stack:
+            member = None
             if path.suffix == ".zip":
-                zf = stack.enter_context(zipfile.ZipFile(path))
+                try:
+                    zf = stack.enter_context(zipfile.ZipFile(path))
+                except zipfile.BadZipFile:
+                    raise CorpusError(f"{path}: not a readable zip file; re-download it, or unzip it and point "
+                                      "reports.path at the csv") from None
                 names = [n for n in zf.namelist() if n.endswith(".csv") and not n.startswith("__MACOSX")]
                 if len(names) != 1:
-                    raise CorpusError(f"{path}: expected exactly one .csv inside the zip, found {names}; unzip it")
-                f = io.TextIOWrapper(stack.enter_context(zf.open(names[0])), encoding="utf-8-sig", newline="")
+                    raise CorpusError(f"{path}: expected exactly one .csv inside the zip, found {names}; unzip it "
+                                      "and point reports.path at the csv")
+                member = names[0]
+                f = io.TextIOWrapper(stack.enter_context(zf.open(member)), encoding=text_encoding, newline="")
             else:
-                f = stack.enter_context(open(path, encoding="utf-8-sig", newline=""))
-            for i, row in enumerate(csv.DictReader(f)):
-                yield f"row {i + 2}", row  # +2: 1-based and the header line
+                f = stack.enter_context(open(path, encoding=text_encoding, newline=""))
+            reader = csv.DictReader(f)
+            try:
+                for i, row in enumerate(reader):
+                    yield f"row {i + 2}", row  # +2: 1-based and the header line
+            except UnicodeDecodeError:
+                raise _decode_error(path, encoding, _ENCODING_FIX, member) from None
+            except csv.Error as e:
+                raise CorpusError(f"{path}: line {reader.line_num} is not readable csv ({e}); fix the file or set "
+                                  "reports.format") from None
     elif fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding) as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -139,19 +202,33 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[str, dict]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise CorpusError(f"{path}: reading parquet needs pyarrow; pip install pyarrow (or use jsonl)") from None
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError ...) share no base
+            raise CorpusError(f"{path}: not a readable parquet file ({one_line(e)}); re-export it or use jsonl"
+                              ) from None
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise CorpusError(f"{path}: row {i} is not a record; write one {{id, text}} per row")
             yield f"row {i}", rec
     else:  # txt
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding) as f:
             for i, line in enumerate(f):
                 yield f"line {i + 1}", {"id": f"{path.stem}-{i}", "text": line}
+
+
+def _fields(rec: dict) -> str:
+    names = [str(k) for k in rec if k is not None]
+    return str(names[:12]) + (" ..." if len(names) > 12 else "")
 
 
 def _to_report(rec: dict, where: str, path: Path, text_field: str | None, id_field: str | None,
                pmap: Mapping[str, str]) -> Report | None:
     tk, text = (text_field, rec.get(text_field)) if text_field else _pick(rec, _TEXT_FIELDS)
     if tk is None or tk not in rec:
-        raise CorpusError(f"{path}: {where} has no text field {text_field or _TEXT_FIELDS}; pass text_field=")
+        which = f"field {text_field!r} (reports.text_field)" if text_field else f"text field {_TEXT_FIELDS}"
+        raise CorpusError(f"{path}: {where} has no {which}; it has {_fields(rec)}; set reports.text_field to "
+                          "the one that holds the report")
     if isinstance(text, (list, tuple)):  # HF Lab-Rasool/TCGA: report_text is a list; the reference takes [0]
         text = text[0] if text else None
     text = " ".join(str(text).split()) if text is not None else ""
@@ -159,7 +236,9 @@ def _to_report(rec: dict, where: str, path: Path, text_field: str | None, id_fie
         return None
     ik, rid = (id_field, rec.get(id_field)) if id_field else _pick(rec, _ID_FIELDS)
     if ik is None or rid is None or not str(rid).strip():
-        raise CorpusError(f"{path}: {where} has no id field {id_field or _ID_FIELDS}; add ids or pass id_field=")
+        which = f"field {id_field!r} (reports.id_field)" if id_field else f"id field {_ID_FIELDS}"
+        raise CorpusError(f"{path}: {where} has no {which}; it has {_fields(rec)}; add ids or set "
+                          "reports.id_field to the one that holds them")
     rid = str(rid).strip()
     ok, organ = _pick(rec, _ORGAN_FIELDS)
     jk, project = _pick(rec, _PROJECT_FIELDS)
@@ -183,52 +262,70 @@ def _organ_ok(r: Report, kw: str) -> bool:
 def load_reports(path: str | os.PathLike, fmt: str = "auto", organ: str | None = None,
                  projects: Iterable[str] | str | None = None, text_field: str | None = None,
                  id_field: str | None = None,
-                 project_map: str | os.PathLike | Mapping[str, str] | None = None) -> list[Report]:
+                 project_map: str | os.PathLike | Mapping[str, str] | None = None,
+                 encoding: str = "utf-8") -> list[Report]:
     """Read a report corpus in file order, optionally keeping only one organ and/or TCGA projects
-    (both filters must match). ``project_map`` fills ``project`` for records with a TCGA barcode id."""
+    (both filters must match). ``project_map`` fills ``project`` for records with a TCGA barcode id.
+    The arguments are the config's ``reports.*`` keys of the same names (``fmt``: ``reports.format``)."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(f"{path}: report corpus not found; check the path (TCGA_Reports.csv.zip is in "
+        raise CorpusError(f"{path}: report corpus not found; check reports.path (TCGA_Reports.csv.zip is in "
                           "github.com/tatonetti-lab/tcga-path-reports)")
     if fmt == "auto":
         fmt = _SUFFIX_FMT.get(path.suffix.lower(), "")
         if not fmt:
-            raise CorpusError(f"{path}: unknown report format {path.suffix!r}; pass fmt= one of {FORMATS}")
+            raise CorpusError(f"{path}: unknown report format {path.suffix!r}; set reports.format to one of {FORMATS}")
     elif fmt not in FORMATS:
-        raise CorpusError(f"{path}: unknown report format {fmt!r}; pass fmt= one of {FORMATS}")
+        raise CorpusError(f"{path}: unknown report format {fmt!r}; set reports.format to one of {FORMATS}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CorpusError(f"{path}: unknown text encoding {encoding!r}; set reports.encoding to e.g. utf-8, "
+                          "latin-1 or cp1252") from None
     pmap = load_project_map(project_map)
     reports, seen, skipped = [], {}, 0
-    for where, rec in _records(path, fmt):
-        r = _to_report(rec, where, path, text_field, id_field, pmap)
-        if r is None:
-            skipped += 1
-            continue
-        if r.id in seen:
-            raise CorpusError(f"{path}: duplicate report id {r.id!r} ({seen[r.id]} and {where}); "
-                              "make ids unique or pass id_field=")
-        seen[r.id] = where
-        reports.append(r)
+    records = _records(path, fmt, encoding)
+    try:
+        for where, rec in records:
+            r = _to_report(rec, where, path, text_field, id_field, pmap)
+            if r is None:
+                skipped += 1
+                continue
+            if r.id in seen:
+                raise CorpusError(f"{path}: duplicate report id {r.id!r} ({seen[r.id]} and {where}); "
+                                  "make ids unique or set reports.id_field to a column of unique ids")
+            seen[r.id] = where
+            reports.append(r)
+    except UnicodeDecodeError:  # jsonl and txt (csv names its zip member itself)
+        raise _decode_error(path, encoding, _ENCODING_FIX) from None
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read the report corpus ({e.strerror or one_line(e)}); check "
+                          "reports.path and its permissions") from None
+    finally:
+        records.close()
     if skipped:
         log.warning("%s: skipped %d report(s) with empty text", path, skipped)
     if pmap and (unmapped := sum(r.project is None for r in reports)):
         log.warning("%s: %d of %d reports have no project in project_map", path, unmapped, len(reports))
     if not reports:
-        raise CorpusError(f"{path}: no reports ({skipped} empty texts skipped); check the file and text_field=")
+        raise CorpusError(f"{path}: no reports ({skipped} empty texts skipped); check the file and "
+                          "reports.text_field")
     if organ is None and projects is None:
         return reports
     want = None
     if projects is not None:
         want = {_norm_project(p) for p in ([projects] if isinstance(projects, str) else projects)}
     if not any(r.organ or r.project for r in reports):
-        raise CorpusError(f"{path}: no report has an organ or project to filter on; pass project_map= "
-                          "(e.g. tcga_patient_to_cancer_type.csv) or drop organ=/projects=")
+        raise CorpusError(f"{path}: no report has an organ or project to filter on; set reports.project_map "
+                          "(e.g. tcga_patient_to_cancer_type.csv) or drop reports.organ / reports.projects")
     kw = organ.lower() if organ is not None else None
     kept = [r for r in reports if (kw is None or _organ_ok(r, kw)) and (want is None or r.project in want)]
     if not kept:
         organs = sorted({r.organ for r in reports if r.organ})[:10]
         projs = sorted({r.project for r in reports if r.project})[:10]
         raise CorpusError(f"{path}: filter organ={organ!r} projects={sorted(want) if want else None} kept 0 of "
-                          f"{len(reports)} reports (organs: {organs}, projects: {projs}); loosen the filter")
+                          f"{len(reports)} reports (organs: {organs}, projects: {projs}); loosen reports.organ / "
+                          "reports.projects")
     log.info("%s: kept %d of %d reports (organ=%r, projects=%s)", path, len(kept), len(reports), organ, want)
     return kept
 

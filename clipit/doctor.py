@@ -1,10 +1,14 @@
 """`clipit doctor CONFIG`: check, before a job is queued, everything the config needs.
 
-One line per check: `✓` passed, `✗` failed (the line says what to fix), `·` informational. The
-checks: input paths (data root, report corpus), the weights file, every backbone weight the
-methods need (found, strict load, output width as declared), the pairing model's weights (found,
-loads, embedding width = model.text_dim), the shard manifest (embedding width = model.text_dim),
-and the methods' warm-start references. Exit status 0 when nothing failed, 2 otherwise.
+One line per check, printed as it finishes: `✓` passed, `✗` failed (the line says what to fix), `·`
+informational. The checks: input paths (data root, report corpus); the inputs exactly as the first
+stages read them (clipit/pipeline.py: the dataset reader with its split sizes and classes, the
+report corpus with its fields, encoding and filters, the texts pairing searches), so a config that
+passes here does not fail at the first step of `clipit pair`, and one that fails gets the same
+message `clipit pair` would print; the weights file, every backbone weight the methods need (found,
+strict load, output width as declared), the pairing model's weights (found, loads, embedding width
+= model.text_dim), the shard manifest (embedding width = model.text_dim), and the methods'
+warm-start references. Exit status 0 when nothing failed, 2 otherwise.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from clipit.errors import one_line
+from clipit.errors import ClipitError, one_line
 from clipit.config import ExperimentConfig
 
 OK, FAIL, INFO = "✓", "✗", "·"
@@ -41,6 +45,55 @@ def check_paths(cfg: ExperimentConfig) -> list[Check]:
         else:
             key = "data.root" if what == "data" else "reports.path"
             out.append(Check(FAIL, what, f"{value} not found; fix {key}"))
+    return out
+
+
+def _sizes(dataset) -> str:
+    return ", ".join(f"{s} {dataset.split_size(s):,}" for s in dataset.splits)
+
+
+def check_inputs(cfg: ExperimentConfig, echo: Callable[[str], None] | None = None) -> list[Check]:
+    """The dataset, the corpus and the pairing texts, built by the functions `clipit pair` calls first.
+
+    The demo generates its data at run time (doctor writes nothing), so only its declared sizes are
+    checked. A missing data.root or reports.path is already a ✗ of check_paths."""
+    from clipit.pipeline import build_image_dataset, check_split_names, check_split_sizes, load_corpus, pairing_inputs
+
+    if cfg.data.name == "demo":
+        counts = cfg.data.demo.counts
+        try:
+            check_split_names(cfg.data.expected_sizes, tuple(counts))
+            check_split_sizes(cfg.data.root, counts, cfg.data.expected_sizes)
+        except ClipitError as err:
+            return [Check(FAIL, "dataset", one_line(err, limit=2000))]
+        return [Check(INFO, "dataset", "demo: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) +
+                      " generated at run time")]
+    if echo:
+        echo(f"· dataset: reading {cfg.data.name} at {cfg.data.root} ...")
+    out: list[Check] = []
+    dataset = reports = None
+    if Path(cfg.data.root).exists():
+        try:
+            dataset = build_image_dataset(cfg)
+            out.append(Check(OK, "dataset", f"{cfg.data.name}: {_sizes(dataset)}; {len(dataset.classes)} classes"))
+        except ClipitError as err:
+            out.append(Check(FAIL, "dataset", one_line(err, limit=2000)))
+    if Path(cfg.reports.path).exists():
+        try:
+            reports = load_corpus(cfg)
+            r = cfg.reports
+            kept = "" if r.organ is None and r.projects is None else \
+                f" after the filters (organ {r.organ!r}, projects {r.projects})"
+            out.append(Check(OK, "corpus", f"{len(reports):,} reports{kept}"))
+        except ClipitError as err:
+            out.append(Check(FAIL, "corpus", one_line(err, limit=2000)))
+    if dataset is not None and reports is not None:
+        try:
+            texts = pairing_inputs(cfg, dataset, reports)
+            kind = "class prompts" if cfg.pairing.texts == "class_prompts" else "reports"
+            out.append(Check(OK, "pairing texts", f"{len(texts):,} {kind}, top {cfg.pairing.top_k} kept per image"))
+        except ClipitError as err:
+            out.append(Check(FAIL, "pairing texts", one_line(err, limit=2000)))
     return out
 
 
@@ -166,11 +219,16 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
     return out
 
 
-def run_doctor(cfg: ExperimentConfig, echo: Callable[[str], None] = print) -> int:
+def _print(line: str) -> None:
+    print(line, flush=True)  # each check shows up as it finishes, also when stdout is a pipe or a log file
+
+
+def run_doctor(cfg: ExperimentConfig, echo: Callable[[str], None] = _print) -> int:
     """Run every check, print one line each; returns the exit status (0 ok, 2 problems)."""
     shard_checks, shards_built = check_shards(cfg)
-    groups = [lambda: check_paths(cfg), lambda: check_weights_file(cfg), lambda: check_methods(cfg),
-              lambda: check_backbone(cfg), lambda: check_pairing(cfg, shards_built), lambda: shard_checks]
+    groups = [lambda: check_paths(cfg), lambda: check_inputs(cfg, echo), lambda: check_weights_file(cfg),
+              lambda: check_methods(cfg), lambda: check_backbone(cfg), lambda: check_pairing(cfg, shards_built),
+              lambda: shard_checks]
     failed = 0
     for group in groups:
         for check in group():

@@ -3,9 +3,17 @@
 Every stage raises a `ClipitError` subclass (bad config, bad data, missing weights, a run that
 cannot be exported ...) whose message names the file or key and the fix. `clipit.cli` catches this
 base class alone: one line on stderr, exit status 2, no traceback (`clipit --debug` shows it).
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback, with one exception: an output that cannot be written
+because its disk is full, over quota or read-only is the user's to fix too. clipit/io.py's atomic
+writers raise `OutputError` for it, and `cli.main` maps an ENOSPC/EDQUOT OSError that escapes any other
+writer (`disk_full_is_an_error`); `write_fault_message` is the one wording of both.
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import errno
+import os
 
 
 class ClipitError(ValueError):
@@ -34,3 +42,63 @@ def one_line(err: BaseException | str, limit: int = 400) -> str:
         lines = [s.strip() for s in str(err).strip().splitlines() if s.strip()]
         text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class OutputError(ClipitError):
+    """An output cannot be written: its disk is full or over quota, or its file system is read-only."""
+
+
+WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a quota, a read-only file system
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # what cli.main maps when it escapes a writer outside clipit/io.py
+# The setting that moves a command's outputs; `clipit report` says --out (output_setting below).
+_ELSEWHERE = contextvars.ContextVar("clipit_output_setting", default="set output_dir elsewhere")
+
+
+@contextlib.contextmanager
+def output_setting(advice: str):
+    """Within the block, a write fault advises `advice` (e.g. "give --out another folder")."""
+    token = _ELSEWHERE.set(advice)
+    try:
+        yield
+    finally:
+        _ELSEWHERE.reset(token)
+
+
+def write_fault_message(code: int) -> str:
+    """What the user reads for a write fault: the one home of the full-disk wording."""
+    elsewhere = _ELSEWHERE.get()
+    if code == errno.EROFS:
+        return f"read-only file system ({elsewhere})"
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded (free space or {elsewhere})"
+    return f"no space left on device (free space or {elsewhere})"
+
+
+def write_fault(err: BaseException, codes=tuple(WRITE_FAULTS)) -> int | None:
+    """The errno in `codes` behind `err`: an OSError's own, one in its cause/context chain, or one named in
+    a library's message (safetensors reports "No space left on device (os error 28)" in its own type)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in codes:
+            return err.errno
+        if not isinstance(err, ClipitError):
+            text = str(err)
+            for code in codes:
+                if os.strerror(code) in text:
+                    return code
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error():
+    """Turn an OSError ENOSPC/EDQUOT that escapes the block (a writer outside clipit/io.py) into one
+    OutputError line; every other OSError stays a bug with its traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        where = err.filename if err.filename is not None else "writing an output"
+        raise OutputError(f"{where}: {write_fault_message(err.errno)}") from err

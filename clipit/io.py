@@ -4,11 +4,14 @@ Every output goes through `atomic_path` (or `atomic_dir` for a directory): writt
 sibling name, fsynced, then renamed over the target, so a killed job leaves either the old file or
 the new one, never half of one, and a rename never publishes bytes that are not on disk. The fsync is
 decided here once, for every writer: outputs are few and large (shards, checkpoints) or tiny (JSON),
-and a cluster node that loses power must not leave a shard that passes its existence check.
+and a cluster node that loses power must not leave a shard that passes its existence check. A full
+disk (ENOSPC, EDQUOT) or a read-only file system (EROFS) on the way is one `OutputError` line naming
+the output; the temporary file goes, the old output stays.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from clipit.errors import ClipitError, OutputError, write_fault, write_fault_message
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs should follow the user's umask
@@ -30,21 +35,64 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_FULL_BELOW = 1 << 20  # a file system with less than 1 MiB left for this user counts as full
+
+
+def _as_write_fault(err: Exception, path: Path, probe: Path) -> OutputError | None:
+    """OutputError naming `path` when `err` is a full disk, a quota or a read-only file system.
+
+    Errors carrying an errno (or naming one) are clear. Some writers report a full disk without one
+    (numpy: "N requested and M written", torch.save: "unexpected pos"), so any other failure of a write
+    whose file system (`probe`, checked before the temporary file is removed) has no room left counts
+    as a full disk too. A clipit error (an inner helper's OutputError included) is left as it is."""
+    if isinstance(err, ClipitError):
+        return None
+    code = write_fault(err)
+    if code is None:
+        with contextlib.suppress(OSError):
+            st = os.statvfs(probe)
+            if st.f_bavail * st.f_frsize < _FULL_BELOW:
+                code = errno.ENOSPC
+    return OutputError(f"{path}: {write_fault_message(code)}") if code is not None else None
+
+
+def make_dirs(path: str | Path) -> Path:
+    """mkdir -p, with a full or read-only file system reported as one OutputError line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if (code := write_fault(err)) is None:
+            raise
+        raise OutputError(f"{path}: {write_fault_message(code)}") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to `path`; it replaces `path` (fsynced first) only if the block succeeds."""
+    """Yield a temporary path next to `path`; it replaces `path` (fsynced first) only if the block succeeds.
+
+    A full disk, a quota or a read-only file system anywhere on the way (the block's own writes
+    included) is an OutputError naming `path`; the temporary file is removed and `path` keeps its old
+    content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        make_dirs(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         _fsync(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)  # readable by the group on shared clusters, like a plain open()
         os.replace(tmp, path)
+    except Exception as err:
+        if (fault := _as_write_fault(err, path, Path(tmp) if tmp else path.parent)) is not None:
+            raise fault from None
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -52,19 +100,26 @@ def atomic_dir(path: str | Path):
     """Yield an empty temporary directory next to `path`; it replaces `path` only if the block succeeds.
 
     A non-empty directory cannot be renamed onto, so an old `path` is first moved aside and removed
-    after the swap: a reader sees the old directory, no directory, or the new one, never a mix."""
+    after the swap: a reader sees the old directory, no directory, or the new one, never a mix. A full
+    disk (or quota, or read-only file system) is an OutputError naming `path`, as in atomic_path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = None
     try:
+        make_dirs(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
                 _fsync(file)
         os.chmod(tmp, 0o777 & ~_UMASK)
         replace_dir(tmp, path)
+    except Exception as err:
+        if (fault := _as_write_fault(err, path, tmp or path.parent)) is not None:
+            raise fault from None
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replace_dir(src: str | Path, dst: str | Path) -> None:
@@ -100,7 +155,7 @@ def atomic_save_npz(path: str | Path, **arrays) -> None:
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+            np.save(fh, np.ascontiguousarray(array))
 
 
 def read_json(path: str | Path):

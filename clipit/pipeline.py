@@ -3,30 +3,61 @@ reports -> pairing -> shards -> training (per method and seed) -> evaluation -> 
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
 
 from clipit import layout
 from clipit.config import ConfigError, ExperimentConfig, method_order
-from clipit.data.base import ImageDataset
+from clipit.data.base import DatasetError, ImageDataset
 from clipit.io import atomic_write_json, atomic_write_text
 from clipit.corpus import Report, load_reports
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
+    """The config's image dataset, its split sizes checked against `data.expected_sizes`: readers with
+    official sizes (pcam, crc, bach) take them in place of their own; for the others (folder, demo)
+    the sizes are checked here once the dataset is listed."""
+    expected = cfg.data.expected_sizes
     if cfg.data.name == "demo":
         from clipit.data import demo
         from clipit.data.folder import ImageFolderDataset
 
         d = cfg.data.demo
+        check_split_names(expected, tuple(d.counts))
         demo.write_demo_images(Path(cfg.data.root), d.counts, d.image_size, d.seed)
         dataset = ImageFolderDataset(cfg.data.root, splits=tuple(d.counts), classes=demo.DEMO_CLASSES)
         dataset.name = "demo"
-        return dataset
-    from clipit.data.registry import build_dataset
+    else:
+        from clipit.data.registry import DATASETS, build_dataset
 
-    return build_dataset(cfg.data.name, cfg.data.root)
+        factory = DATASETS.get(str(cfg.data.name).lower())
+        takes_sizes = factory is not None and "expected_sizes" in inspect.signature(factory).parameters
+        if factory is not None:
+            check_split_names(expected, tuple(getattr(factory, "splits", ImageDataset.splits)))
+        options = {"expected_sizes": expected} if takes_sizes and expected is not None else {}
+        dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
+        if takes_sizes:
+            return dataset
+    check_split_sizes(cfg.data.root, {s: dataset.split_size(s) for s in dataset.splits}, expected)
+    return dataset
+
+
+def check_split_names(expected: dict[str, int] | None, splits: tuple[str, ...]) -> None:
+    """A split that `data.expected_sizes` names but the dataset lacks would go unchecked: an error."""
+    unknown = sorted(set(expected or {}) - set(splits))
+    if unknown:
+        raise ConfigError(f"data.expected_sizes names split(s) {unknown}, but the dataset's splits are "
+                          f"{list(splits)}; use those names")
+
+
+def check_split_sizes(root, sizes: dict[str, int], expected: dict[str, int] | None) -> None:
+    """`data.expected_sizes` for readers without official sizes (folder, demo)."""
+    for split, n in (expected or {}).items():
+        if sizes.get(split) != n:
+            raise DatasetError(f"{root}: split {split!r} has {sizes.get(split, 0):,} images, expected {n:,} "
+                               "(data.expected_sizes); fix data.root or data.expected_sizes")
 
 
 def ensure_demo_clip(cfg: ExperimentConfig) -> None:
@@ -48,18 +79,29 @@ def load_corpus(cfg: ExperimentConfig) -> list[Report]:
         from clipit.data import demo
 
         demo.write_reports_jsonl(Path(r.path), demo.make_reports(cfg.data.demo.n_reports, seed=cfg.data.demo.seed + 1))
-    return load_reports(r.path, fmt=r.format, organ=r.organ, projects=r.projects)
+    return load_reports(r.path, fmt=r.format, organ=r.organ, projects=r.projects, text_field=r.text_field,
+                        id_field=r.id_field, project_map=r.project_map, encoding=r.encoding)
+
+
+def pairing_inputs(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report]) -> list[Report]:
+    """The texts pairing searches (pairing.texts), checked as pairing will use them (top_k of them)."""
+    from clipit.pairing.texts import pairing_texts
+
+    texts = pairing_texts(cfg, dataset, reports)
+    if cfg.pairing.top_k > len(texts):
+        raise ConfigError(f"pairing.top_k={cfg.pairing.top_k} but the corpus has only {len(texts)} texts; lower "
+                          "pairing.top_k")
+    return texts
 
 
 def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report]) -> dict[str, Path]:
     """Pairs per split; skipped when the files on disk were made for this config (clipit/pairing/engine.py)."""
     from clipit.pairing.engine import current_pairs, pair_dataset, pairing_spec
     from clipit.pairing.encoders import build_pairing_model
-    from clipit.pairing.texts import pairing_texts
     from clipit.weights import resolve_pairing_checkpoint
 
     p = cfg.pairing
-    texts = pairing_texts(cfg, dataset, reports)  # the report corpus, or class prompts (pairing.texts)
+    texts = pairing_inputs(cfg, dataset, reports)  # the report corpus, or class prompts (pairing.texts)
     done = current_pairs(cfg, dataset, texts)
     if done is not None:
         return done

@@ -11,7 +11,8 @@ names to local checkpoints once per site (`configs/weights.example.yaml`):
 Resolution order for a model name:
   1. the explicit setting (`model.weights` / `pairing.checkpoint`): a path, a hub ID or `random`;
   2. the weights file named by `model.weights_file`, else `$CLIPIT_WEIGHTS`;
-  3. the registry's hub ID, unless hub access is off (`CLIPIT_OFFLINE=1`);
+  3. the registry's hub ID, unless hub access is off (`CLIPIT_OFFLINE=1`); torch.hub IDs (which run the
+     repository's code) also need `CLIPIT_TRUST_HUB=1`;
   4. random initialisation, only for models that have no pretrained weights (demo and `-tiny` test
      variants).
 Anything else is one error that names the weights file (or the setting) to edit.
@@ -28,6 +29,7 @@ from clipit.config import ConfigError
 
 ENV_WEIGHTS = "CLIPIT_WEIGHTS"
 ENV_OFFLINE = "CLIPIT_OFFLINE"
+ENV_TRUST_HUB = "CLIPIT_TRUST_HUB"  # 1: allow torch.hub, which runs the repository's own code on this machine
 RANDOM = "random"  # model.weights: random -> random initialisation on purpose (tests, benchmarks)
 HUB_PREFIXES = ("hf-hub:", "hf_hub:", "torch.hub:", "timm:")
 EXAMPLE = "configs/weights.example.yaml"
@@ -60,6 +62,17 @@ def offline() -> bool:
     """Hub access is off when CLIPIT_OFFLINE is set (1/true/yes). HF_HUB_OFFLINE alone still lets
     huggingface_hub read its local cache, so it does not turn the hub path off."""
     return os.environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def trust_hub() -> bool:
+    """torch.hub entries (kaiko.ai) run the repository's hubconf.py; only with CLIPIT_TRUST_HUB=1."""
+    return os.environ.get(ENV_TRUST_HUB, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def untrusted_hub(name: str, hub_id: str, weights_file: str | Path | None = None) -> WeightsError:
+    """The one-line refusal of a torch.hub fetch without the opt-in."""
+    return WeightsError(f"{name!r} comes from torch.hub ({hub_id}), which runs that repository's code on this machine; "
+                        f"set {ENV_TRUST_HUB}=1 if you trust it, or {_hint(name, weights_file_path(weights_file))}")
 
 
 def weights_file_path(configured: str | Path | None) -> Path | None:

@@ -129,3 +129,18 @@ def test_cli_catches_one_error_base_class():
     tree = ast.parse((PACKAGE / "cli.py").read_text())
     handlers = [h for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler)]
     assert [ast.unparse(h.type) for h in handlers] == ["ClipitError"]
+
+
+def test_no_code_from_data():
+    """No pickle anywhere in clipit, every torch.load is weights_only=True, every YAML read is safe_load."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for bad in ("weights_only=False", "pickle", "yaml.load(", "yaml.unsafe_load"):
+            if bad in text:
+                offenders.append(f"{path.relative_to(ROOT)}: {bad}")
+        for call in ast.walk(ast.parse(text)):
+            if isinstance(call, ast.Call) and ast.unparse(call.func) == "torch.load":
+                if not any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in call.keywords):
+                    offenders.append(f"{path.relative_to(ROOT)}:{call.lineno}: torch.load without weights_only=True")
+    assert not offenders, offenders

@@ -175,7 +175,7 @@ def test_errors(tmp_path, tcga_csv, map_csv):
     with pytest.raises(CorpusError, match="not found"):
         load_reports(tmp_path / "nope.csv")
     (tmp_path / "r.xml").write_text("x")
-    with pytest.raises(CorpusError, match=r"unknown report format '\.xml'.*fmt="):
+    with pytest.raises(CorpusError, match=r"unknown report format '\.xml'.*reports\.format"):
         load_reports(tmp_path / "r.xml")
     with pytest.raises(CorpusError, match="unknown report format 'xml'"):
         load_reports(tcga_csv, fmt="xml")
@@ -186,15 +186,15 @@ def test_errors(tmp_path, tcga_csv, map_csv):
     with pytest.raises(CorpusError, match="duplicate report id 'a' \\(line 1 and line 2\\)"):
         load_reports(dup)
     noid = write_jsonl(tmp_path / "noid.jsonl", [{"text": "x"}])
-    with pytest.raises(CorpusError, match="no id field.*id_field="):
+    with pytest.raises(CorpusError, match="no id field.*reports.id_field"):
         load_reports(noid)
     notext = write_jsonl(tmp_path / "notext.jsonl", [{"id": "a", "body": "x"}])
-    with pytest.raises(CorpusError, match="no text field.*text_field="):
+    with pytest.raises(CorpusError, match="no text field.*reports.text_field"):
         load_reports(notext)
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "x"}\n{oops\n')
     with pytest.raises(CorpusError, match="line 2 is not valid JSON"):
         load_reports(tmp_path / "bad.jsonl")
-    with pytest.raises(CorpusError, match="no report has an organ or project.*project_map="):
+    with pytest.raises(CorpusError, match="no report has an organ or project.*reports.project_map"):
         load_reports(tcga_csv, organ="breast")
     with pytest.raises(CorpusError, match=r"filter organ='kidney'.*kept 0 of 5.*projects: \['BRCA', 'COAD'"):
         load_reports(tcga_csv, organ="kidney", project_map=map_csv)

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from clipit.cli import main
 from clipit.models.backbones import build_backbone
@@ -18,7 +19,9 @@ def offline(monkeypatch):
 @pytest.fixture()
 def site(tmp_path):
     """A folder dataset, a report corpus, a good checkpoint, a checkpoint of another backbone."""
-    (tmp_path / "images" / "train" / "a").mkdir(parents=True)
+    for split in ("train", "val", "test"):  # doctor lists the dataset as `clipit pair` does: every split, an image each
+        (tmp_path / "images" / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / split / "a" / "x.png")
     (tmp_path / "reports.jsonl").write_text('{"id": "r1", "text": "invasive ductal carcinoma"}\n')
     good, _ = build_backbone("kaiko-vits16-tiny")
     torch.save({"state_dict": {f"backbone._model.{k}": v for k, v in good.state_dict().items()}}, tmp_path / "good.ckpt")

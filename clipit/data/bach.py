@@ -77,7 +77,8 @@ class BACHDataset(FileListDataset):
         if counts.tolist() != [BACH_PER_CLASS] * len(self.classes):
             found = ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts))
             raise DatasetError(f"{self.photos}: BACH needs the 100 official .tif photos per class for eva's patient-aware split, "
-                               f"found {found}; point data.root at the unmodified ICIAR2018_BACH_Challenge")
+                               f"found {found}; point data.root at the unmodified ICIAR2018_BACH_Challenge (for another selection of photos, "
+                               "lay them out as <split>/<class>/<image> and set data.name: folder)")
         self._files = {split: [files[i] for i in idx] for split, idx in bach_split_indices().items()}
         for split in self.splits:
             validate_split(self.photos, "BACH", split, self.labels(split), self.classes, expected_sizes, "images")

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import abc
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from clipit.errors import ClipitError
+from clipit.errors import ClipitError, one_line
 
 IMAGE_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".tif": "tif", ".tiff": "tif"}  # suffix -> field name
 
@@ -104,10 +105,92 @@ class FileListDataset(ImageDataset):
         return np.array([label for _, label in self._files[split]], dtype=np.int64)
 
 
+class ImageDecodeError(DatasetError):
+    """Bytes that are no image clipit can use. The message is the reason alone (callers put the file or
+    the shard and sample in front of it, and the fix after it)."""
+
+
+# Modes PIL converts to RGB exactly (one value per channel, no range to guess): 1-bit, 8-bit gray, CMYK, YCbCr.
+_DIRECT = {"1", "L", "RGB", "RGBX", "CMYK", "YCbCr"}
+_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
+_UINT16 = {"I;16", "I;16L", "I;16B", "I;16N"}  # unsigned 16-bit gray, as a mode or as the raw layout of an "I" image
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Decode stored bytes to an RGB PIL image (TIFF, PNG and JPEG alike)."""
-    with Image.open(io.BytesIO(data)) as img:
+    """Decode stored image bytes fully to an RGB image: the one conversion every stage uses (pairing,
+    the shard build's check, the training/evaluation loader, `clipit predict`), so they all see the same
+    pixels. Raises ImageDecodeError (one line) for bytes that are not an image, a truncated image, an
+    image above PIL's MAX_IMAGE_PIXELS (a decompression bomb is refused, never a warning), and modes
+    whose 8-bit scale would be a guess.
+
+    Conversion, by mode:
+      1, L, RGB, CMYK, YCbCr  PIL's convert (exact; CMYK/YCbCr by PIL's formulas)
+      P                       the palette's colours
+      LA, PA, RGBA, and any image with a transparency key (P, L, RGB with tRNS): composited onto white
+                              (the glass of a slide; what a transparent pixel stores is undefined, often
+                              black), so opaque pixels keep their colour exactly
+      I;16 (16-bit gray), 16-bit RGB/RGBA TIFF or PNG: the high byte (v >> 8), i.e. scaled, never clipped;
+                              PIL itself reads 16-bit colour that way, so gray and colour agree
+      I (32-bit or signed integer), F (float) and other modes: refused, their range is not fixed
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; make it the error it is above
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                rawmode = _rawmode(img)
+                img.load()
+                return _to_rgb(img, rawmode)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(f"too many pixels for PIL ({one_line(str(err))}); a decompression bomb, or an "
+                               "image that must be cut into tiles or downscaled first") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (PIL cannot identify its format)") from None
+    except Exception as err:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, struct.error ...)
+        raise ImageDecodeError(one_line(err)) from None
+
+
+def _rawmode(img: Image.Image) -> str:
+    """How the pixels are laid out in the file (known before load(), which clears the tiles)."""
+    tile = getattr(img, "tile", None)
+    if not tile:
+        return img.mode
+    args = tile[0][3]
+    return args if isinstance(args, str) else str(args[0]) if isinstance(args, tuple) and args else img.mode
+
+
+def _to_rgb(img: Image.Image, rawmode: str) -> Image.Image:
+    mode = img.mode
+    if mode in _ALPHA or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if mode in _DIRECT or mode == "P":
         return img.convert("RGB")
+    if mode in _UINT16 or (mode == "I" and rawmode in _UINT16):
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 65535):  # cannot happen for unsigned 16-bit input
+            raise ImageDecodeError(f"16-bit image with values outside 0..65535 ({mode})")
+        gray = (values.astype(np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+    if mode in ("I", "F"):
+        kind = "floating-point" if mode == "F" else "signed or 32-bit integer"
+        raise ImageDecodeError(f"{kind} gray pixels (PIL mode {mode}, stored as {rawmode}) have no fixed 8-bit "
+                               "scale; save the image as 8-bit or unsigned 16-bit")
+    raise ImageDecodeError(f"PIL mode {mode} is not supported; save the image as RGB")
+
+
+def worker_error(err: Exception) -> Exception:
+    """A DataLoader worker's exception comes back with the worker's traceback in its message (torch
+    rebuilds it as `type(err)(text)`): the same exception with the text's last line, so that the CLI still
+    prints one line. Other exceptions come back unchanged."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return err
+    name = type(err).__name__
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return type(err)(last.split(f"{name}: ", 1)[-1].strip())
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -29,7 +29,8 @@ from clipit.data.base import DatasetError, FileListDataset
 CRC_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 CRC_SIZES = {"train": 80_000, "val": 20_000, "test": 7_180}
 TIF_SUFFIXES = (".tif", ".tiff")
-_FIX = "point data.root at the official files or set data.expected_sizes"
+_FIX = "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: {train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)"
+_CLASS_FIX = "every split needs every class; point data.root at the official files, or, for a subset, keep images of each class in each split (data.expected_sizes only changes the size check)"
 
 
 def list_class_files(folder: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
@@ -74,7 +75,7 @@ def validate_split(where: Path, dataset: str, split: str, labels: np.ndarray, cl
         raise DatasetError(f"{where}: {dataset} split {split!r} has {len(labels):,} {unit}, expected {int(expected):,}; {_FIX}")
     missing = [classes[i] for i in sorted(set(range(len(classes))) - set(np.unique(labels).tolist()))]
     if missing:
-        raise DatasetError(f"{where}: {dataset} split {split!r} has no images of class(es) {missing}; expected all {len(classes)} classes; {_FIX}")
+        raise DatasetError(f"{where}: {dataset} split {split!r} has no images of class(es) {missing}; expected all {len(classes)} classes; {_CLASS_FIX}")
 
 
 class CRCDataset(FileListDataset):

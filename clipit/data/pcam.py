@@ -26,7 +26,12 @@ from clipit.data.base import DatasetError, ImageDataset, ImageSample, encode_png
 PCAM_SIZES = {"train": 262_144, "val": 32_768, "test": 32_768}
 FILE_SPLITS = {"train": "train", "val": "valid", "test": "test"}
 FILE_PATTERN = "camelyonpatch_level_2_split_{split}_{xy}.h5"
-_FIX = "point data.root at the official files or set data.expected_sizes"
+_FIX = "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: {train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)"
+_CLASS_FIX = "every split needs every class; point data.root at the official files, or, for a subset, keep images of each class in each split (data.expected_sizes only changes the size check)"
+
+
+def _key(split: str, index: int) -> str:
+    return f"{split}/{index:06d}"
 
 
 def pcam_file(root: str | Path, split: str, xy: str) -> Path:
@@ -92,7 +97,7 @@ class PCamDataset(ImageDataset):
             raise DatasetError(f"{xp}: PCAM split {split!r} has {n:,} patches, expected {int(expected):,}; {_FIX}")
         found = sorted(int(v) for v in np.unique(labels))
         if found != list(range(len(self.classes))):
-            raise DatasetError(f"{yp}: PCAM split {split!r} has label values {found}, expected [0, 1] ({'/'.join(self.classes)}); {_FIX}")
+            raise DatasetError(f"{yp}: PCAM split {split!r} has label values {found}, expected [0, 1] ({'/'.join(self.classes)}); {_CLASS_FIX}")
         return labels
 
     def _x(self, split: str) -> tuple[Path, h5py.Dataset]:
@@ -116,7 +121,7 @@ class PCamDataset(ImageDataset):
         return len(self._labels[split])
 
     def _sample(self, split: str, index: int, array: np.ndarray) -> ImageSample:
-        return ImageSample(key=f"{split}/{index:06d}", data=encode_png(array), ext="png", label=int(self._labels[split][index]))
+        return ImageSample(key=_key(split, index), data=encode_png(array), ext="png", label=int(self._labels[split][index]))
 
     def sample(self, split: str, index: int) -> ImageSample:
         n = self.split_size(split)
@@ -131,6 +136,9 @@ class PCamDataset(ImageDataset):
             hi = min(lo + self.block, stop)
             for offset, array in enumerate(self._read(split, lo, hi)):
                 yield self._sample(split, lo + offset, array)
+
+    def keys(self, split: str) -> list[str]:
+        return [_key(split, index) for index in range(self.split_size(split))]  # without reading a patch
 
     def labels(self, split: str) -> np.ndarray:
         self.check_split(split)

@@ -11,39 +11,49 @@ from clipit import layout
 from clipit.config import ExperimentConfig
 from clipit.io import atomic_save_npz, atomic_write_json, read_json
 from clipit.metrics import classification_metrics
-from clipit.shards.format import load_manifest, split_urls
+from clipit.shards.format import load_manifest
 from clipit.models.checkpoint import TEXT_TOWER, load_model_state
 from clipit.training.loader import eval_loader
-from clipit.training.accel import make_accelerator
+from clipit.training.accel import main_process_lock, make_accelerator
 from clipit.models.factory import build_model
-from clipit.training.predict import predict
+from clipit.training.predict import ShardSource, predict
 
 
 def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test",
                  warm_start: Path | None = None) -> dict:
     """Rebuild the run's model exactly as training did (same warm start: its frozen base weights are not
-    in the trainable-only checkpoint), load the selected checkpoint, evaluate."""
+    in the trainable-only checkpoint), load the selected checkpoint, evaluate.
+
+    Rank 0 holds the run directory's lock while it evaluates and writes (one writer per run directory).
+    A non-finite prediction or loss, or an unreadable shard, stops with one line and writes nothing."""
     run_dir = Path(run_dir)
     metrics_path = layout.metrics_file(run_dir, split)
     if metrics_path.exists():
         return read_json(metrics_path)
     tcfg = cfg.methods[method]
     accelerator = make_accelerator(tcfg)
-    manifest = load_manifest(cfg.shards.dir)
-    classes = manifest["classes"]
-    # the vision model only: a trained text tower shaped the weights but takes no part in the prediction
-    model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start, text_tower=False)
-    load_model_state(layout.best(run_dir), model, exclude=(TEXT_TOWER,))
-    model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
-    loader = eval_loader(split_urls(cfg.shards.dir, split, manifest), 2 * tcfg.batch_size,
-                         accelerator.process_index, accelerator.num_processes, tcfg.num_workers, preprocess.size)
-    out = predict(model, preprocess, loader, accelerator, tcfg.lam)
-    metrics = {"split": split, "method": method, **classification_metrics(out["labels"], out["logits"], classes),
-               "loss": out["loss"], "parameters": count_parameters(model)}
-    if accelerator.is_main_process:
-        atomic_save_npz(layout.predictions_file(run_dir, split), keys=np.array(out["keys"]), labels=out["labels"],
-                        logits=out["logits"])
-        atomic_write_json(metrics_path, metrics)
+    with main_process_lock(accelerator, run_dir, "run directory"):
+        if metrics_path.exists():  # written by the previous holder of the lock
+            return read_json(metrics_path)
+        manifest = load_manifest(cfg.shards.dir)
+        classes = manifest["classes"]
+        # the vision model only: a trained text tower shaped the weights but takes no part in the prediction
+        model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start,
+                                        text_tower=False)
+        load_model_state(layout.best(run_dir), model, exclude=(TEXT_TOWER,))
+        model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
+        source = ShardSource(Path(cfg.shards.dir), split, manifest)
+        loader = eval_loader(source.urls, 2 * tcfg.batch_size, accelerator.process_index, accelerator.num_processes,
+                             tcfg.num_workers, preprocess.size)
+        out = predict(model, preprocess, loader, accelerator, tcfg.lam, what=f"evaluation of {run_dir} on {split}",
+                      source=source, hint=f"if the shards are fine, the run's best checkpoint is broken: retrain it "
+                                          f"(`clipit train --config <config> --method {method} --resume none`)")
+        metrics = {"split": split, "method": method, **classification_metrics(out["labels"], out["logits"], classes),
+                   "loss": out["loss"], "parameters": count_parameters(model)}
+        if accelerator.is_main_process:
+            atomic_save_npz(layout.predictions_file(run_dir, split), keys=np.array(out["keys"]),
+                            labels=out["labels"], logits=out["logits"])
+            atomic_write_json(metrics_path, metrics)
     return metrics
 
 

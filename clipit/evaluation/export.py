@@ -15,14 +15,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from clipit import layout
 from clipit.config import load_config
-from clipit.errors import ClipitError
-from clipit.io import atomic_path, atomic_write_json
+from clipit.errors import ClipitError, one_line
+from clipit.io import atomic_path, atomic_write_json, make_dirs
 from clipit.models.backbones import create_backbone, get_spec
-from clipit.models.checkpoint import TEXT_TOWER, load_model_state, read_meta
+from clipit.models.checkpoint import TEXT_TOWER, load_model_state, read_meta, read_tensors
 from clipit.models.factory import build_classifier, build_model
 from clipit.models.preprocess import DevicePreprocess
 from clipit.state_dict import load_strict
@@ -49,6 +49,9 @@ def load_trained_run(run_dir: str | Path):
     best = layout.best(run_dir)
     if not best.with_suffix(".json").exists() or not layout.config_file(run_dir).exists():
         raise ExportError(f"{run_dir}: not a finished run (needs config.yaml and best.json/best.safetensors)")
+    if not layout.is_trained(run_dir):  # stopped mid-run (killed, non-finite loss): its best.* is not final
+        raise ExportError(f"{layout.train_summary(run_dir)}: missing, so {run_dir} did not finish training; finish it "
+                          "with `clipit train` (it resumes) before exporting")
     cfg = load_config(layout.config_file(run_dir))
     meta = read_meta(best)
     name = meta["method"]
@@ -101,7 +104,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "source_run": str(run_dir.resolve()), "seed": meta.get("seed"), "step": meta.get("step"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
@@ -116,15 +119,24 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
     if not config_path.exists() or not (model_dir / "model.safetensors").exists():
         raise ExportError(f"{model_dir}: not a clipit export (needs config.json and model.safetensors; "
                           "make one with `clipit export RUN_DIR OUT_DIR`)")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != FORMAT or config.get("version", 0) > VERSION:
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{config_path}: unreadable ({one_line(err)}); re-export with `clipit export RUN_DIR OUT_DIR`") \
+            from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version", 0) > VERSION:
         raise ExportError(f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not "
                           f"{FORMAT} v<={VERSION}")
+    missing = [k for k in ("backbone", "model_image_size", "method", "classes", "text_dim", "kd_layers", "input_size",
+                           "mean", "std") if k not in config]
+    if missing:
+        raise ExportError(f"{config_path}: lacks {', '.join(missing)}; re-export with `clipit export RUN_DIR OUT_DIR`")
     spec = get_spec(config["backbone"])
     backbone = create_backbone(spec, config["model_image_size"])
     model = build_classifier(config["method"], backbone, len(config["classes"]), config["text_dim"],
                              config["kd_layers"])
-    load_strict(model, load_file(str(model_dir / "model.safetensors")), model_dir / "model.safetensors",
+    state = read_tensors(model_dir / "model.safetensors", ExportError)
+    load_strict(model, state, model_dir / "model.safetensors",
                 f"{config['backbone']}/{config['method']}", "re-export it with `clipit export RUN_DIR OUT_DIR`",
                 ExportError)
     preprocess = DevicePreprocess(config["input_size"], config["mean"], config["std"])

@@ -1,8 +1,10 @@
 """`clipit predict MODEL_DIR IMAGE...`: class probabilities per image from an exported model.
 
-Images go through the same steps as evaluation: decode (and shrink large tiles) exactly as the shard
-loader does, keep them uint8 until the device, then DevicePreprocess (resize, normalise; no
-augmentation).
+Images go through the same steps as evaluation: decode (every mode and bit depth) and bring to the
+model's input size exactly as the shard loader does (training.loader.load_image), keep them uint8
+until the device, then DevicePreprocess (normalise; no augmentation). A file that is no usable image
+(not an image, truncated, an unsupported mode, a decompression bomb above PIL's MAX_IMAGE_PIXELS) is
+one line naming it.
 """
 from __future__ import annotations
 
@@ -12,22 +14,21 @@ import numpy as np
 import torch
 
 from clipit.evaluation.export import ExportError, load_exported
-from clipit.training.loader import IMAGE_FIELDS, decode_sample
+from clipit.data.base import ImageDecodeError
+from clipit.training.loader import load_image
 
 
 def read_image(path: str | Path, size: int) -> np.ndarray:
-    """uint8 HWC, decoded exactly as the shard loader decodes a stored image."""
+    """uint8 HWC at size x size, decoded exactly as the shard loader decodes a stored image."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ExportError(f"{path}: cannot read image ({err.strerror})") from None
-    field = path.suffix.lower().lstrip(".")
-    sample = {field if field in IMAGE_FIELDS else "png": data, "cls": b"0", "__key__": str(path)}
+        raise ExportError(f"{path}: cannot read image ({err.strerror or type(err).__name__})") from None
     try:
-        return decode_sample(sample, size)[0]
-    except OSError as err:  # PIL: not an image
-        raise ExportError(f"{path}: not a readable image ({err})") from None
+        return load_image(data, size)
+    except ImageDecodeError as err:
+        raise ExportError(f"{path}: not a usable image ({err}); pass image files (png, jpg, tif)") from None
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from clipit import layout
+from clipit.layout import check_name
 from clipit.config import ConfigError, ExperimentConfig, from_dict, load_config, method_order, read_yaml, to_dict
 
 
@@ -99,6 +100,11 @@ def load_grid(path: str | Path) -> GridConfig:
             if value.warm_start_from is not None and values[value.warm_start_from].warm_start_from is not None:
                 raise ConfigError(f"{path}: axes.{axis}.{name}.warm_start_from names {value.warm_start_from!r}, "
                                   "which itself reuses a warm start; point it at the value that trains it")
+    check_name(grid.name, f"{path}: name: the grid name")  # names are templated into output paths
+    for axis, values in grid.axes.items():
+        check_name(axis, f"{path}: axes: axis name")
+        for name in values:
+            check_name(name, f"{path}: axes.{axis}: value name")
     reserved = {"root", "name"} & set(grid.axes)
     if reserved:
         raise ConfigError(f"{path}: axis name {sorted(reserved)[0]!r} is reserved for templates; rename it")

@@ -43,12 +43,37 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def read_state(run_dir: str | Path) -> dict | None:
+class UnreadableState(Exception):
+    """A state.json that exists but cannot be read (hand-edited, another tool, a disk error)."""
+
+
+def load_state(run_dir: str | Path) -> dict | None:
+    """The state file's content; None when there is none; UnreadableState (saying why) when it exists but
+    is not a JSON object. Written atomically, so never half-written, but it can be edited or damaged."""
+    path = layout.state_file(run_dir)
     try:
-        return json.loads(layout.state_file(run_dir).read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):  # never half-written (atomic), but be robust to edits
+    except UnicodeDecodeError:
+        raise UnreadableState(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise UnreadableState(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UnreadableState(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(state, dict):
+        raise UnreadableState(f"{path}: holds a JSON {type(state).__name__}, not an object")
+    return state
+
+
+def read_state(run_dir: str | Path) -> dict | None:
+    """For writers: the current state, or None when there is none or it is unreadable (the writer then
+    starts a fresh one). A rerun's decision uses `classify`, which calls an unreadable state unknown."""
+    try:
+        return load_state(run_dir)
+    except UnreadableState:
         return None
 
 
@@ -173,8 +198,15 @@ class JobChecker:
 
 
 def classify(run_dir: str | Path, done: bool, alive: Callable[[dict], bool | None]) -> tuple[str, dict | None]:
-    """One of: done, new, failed, in-flight, lost, unknown (+ the state file's content)."""
-    state = read_state(run_dir)
+    """One of: done, new, failed, in-flight, lost, unknown (+ the state file's content).
+
+    A state file that exists but cannot be read, or names no known state, is *unknown*, never *new*:
+    a task of a live job may be running the cell. The returned dict then holds only `unreadable`,
+    the reason."""
+    try:
+        state = load_state(run_dir)
+    except UnreadableState as err:
+        return ("done", None) if done else ("unknown", {"unreadable": str(err)})
     if done:
         return "done", state
     if state is None:
@@ -185,7 +217,9 @@ def classify(run_dir: str | Path, done: bool, alive: Callable[[dict], bool | Non
     if s in ("pending", "running"):
         live = alive(state)
         return ({True: "in-flight", False: "lost", None: "unknown"}[live]), state
-    return "new", state  # "done" without artifacts: deleted outputs, train again
+    if s == "done":
+        return "new", state  # "done" without artifacts: deleted outputs, train again
+    return "unknown", state | {"unreadable": f"{layout.state_file(run_dir)}: unknown state {s!r} (one of {STATES})"}
 
 
 def summarize(statuses: Iterable[str]) -> str:

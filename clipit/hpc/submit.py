@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -49,9 +48,15 @@ def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> 
         busy = [c for c, s in zip(task.cells, states) if s == "in-flight" or (s == "unknown" and not force_unknown)]
         if busy:
             status, st = statuses[busy[0].run_dir]
-            why = "still queued or running" if status == "in-flight" else \
-                "state unknown: squeue did not answer (--force-unknown resubmits)"
-            notes.append(f"not resubmitted: {task.label} (job {(st or {}).get('job_id')} {why})")
+            st = st or {}
+            if status == "in-flight":
+                why = f"job {st.get('job_id')} still queued or running"
+            elif st.get("unreadable"):
+                why = (f"state unknown: {st['unreadable']}; a task may still be running it (--force-unknown "
+                       "resubmits)")
+            else:
+                why = f"job {st.get('job_id')} state unknown: squeue did not answer (--force-unknown resubmits)"
+            notes.append(f"not resubmitted: {task.label} ({why})")
             skipped.add(i)
             continue
         if any(d in skipped and statuses[plan.tasks[d].cells[0].run_dir][0] != "in-flight" for d in task.after):
@@ -85,7 +90,7 @@ def preflight(cells: list[Cell], grid_path: str = "<grid>") -> tuple[list[str], 
         cfg = cell.load()
         manifest = Path(cfg.shards.dir) / "manifest.json"
         if manifest not in seen and not manifest.exists():
-            problems.append(f"{manifest}: shards not built; run `python launchers/shards.py --grid {grid_path}` first")
+            problems.append(f"{manifest}: shards not built; run `clipit prepare shards --grid {grid_path}` first")
         seen.add(manifest)
         if cell.kind == "text":  # the text-only model has no backbone
             continue
@@ -119,6 +124,8 @@ def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
         for cell in task.cells:
             status, state = statuses[cell.run_dir]
             job = f" job {state.get('job_id')}" if state and state.get("job_id") and status != "done" else ""
+            if state and state.get("unreadable"):
+                job += " (state.json unreadable)"
             link = f" (warm start from {cell.warm_start_link})" if cell.warm_start_link else ""
             out(f"  {cell.method:<12} seed {cell.seed}  {status:<9}{job}  {cell.run_dir}{link}")
     for note in plan.notes:
@@ -248,10 +255,11 @@ def run_grid(args) -> int:
         return 0
     for line in notes + [f"warning: {w}" for w in warnings]:
         print(line)
-    if problems and not args.no_preflight:
-        for problem in problems[:-1]:
-            print(f"clipit: error: {problem}", file=sys.stderr)
-        raise ConfigError(problems[-1] + " (pre-flight; --no-preflight submits anyway)")
+    if problems and not args.no_preflight:  # one error line; the full list goes to stdout
+        for problem in problems:
+            print(f"pre-flight: {problem}")
+        more = f" (and {len(problems) - 1} more pre-flight problem(s) listed above)" if len(problems) > 1 else ""
+        raise ConfigError(f"{problems[0]}{more}; fix them or submit anyway with --no-preflight")
     if not todo:
         print(f"nothing to submit: cells {ledger.summarize(s for s, _ in statuses.values())}")
         return 0

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipit.errors import ClipitError
+from clipit.errors import ClipitError, one_line
 from clipit import weights as weights_registry
 from clipit.state_dict import load_strict
 
@@ -210,6 +210,8 @@ def fetch_hub_state(spec: BackboneSpec, hub_id: str, image_size: int | None = No
     position grid of fixed-size models to `image_size` as it loads."""
     if hub_id.startswith("torch.hub:"):  # torch.hub:<owner>/<repo>:<entry>, as eva's kaiko entries
         repo, entry = hub_id[len("torch.hub:"):].rsplit(":", 1)
+        if not weights_registry.trust_hub():  # torch.hub runs the repository's hubconf.py on this machine
+            raise BackboneError(str(weights_registry.untrusted_hub(spec.name, hub_id)))
         return torch.hub.load(repo, entry, trust_repo=True).state_dict()
     if spec.arch == "conch":
         from huggingface_hub import hf_hub_download
@@ -228,16 +230,25 @@ def fetch_hub_state(spec: BackboneSpec, hub_id: str, image_size: int | None = No
 
 
 def _read_checkpoint(path: Path) -> dict:
+    """Tensors of a weights file. Nothing in it is executed: safetensors holds tensors only, and .pt/.pth/
+    .bin files are read with torch.load(weights_only=True), which refuses any object but tensors and
+    plain containers."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BackboneError(f"{path}: not a readable safetensors file ({one_line(err)}); point model.weights "
+                                "or the weights file at an intact checkpoint") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled objects beyond tensors (some Lightning checkpoints)
-        raise BackboneError(f"{path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}); "
-                            "if you trust the file, save its state dict alone: torch.save(torch.load(p, "
-                            "weights_only=False)['state_dict'], out)") from None
+    except Exception as err:  # objects beyond tensors (some Lightning checkpoints), or not a checkpoint at all
+        raise BackboneError(f"{path}: cannot be read as tensors only ({type(err).__name__}); clipit never loads "
+                            "the Python objects a checkpoint may carry (they can run code). Convert it where you "
+                            "trust it: save its tensors alone with safetensors.torch.save_file(state_dict, "
+                            "'weights.safetensors') and point model.weights there") from None
 
 
 def unwrap_state(obj) -> dict[str, torch.Tensor]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipit.errors import ClipitError
+from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_path, atomic_write_json, read_json
 from clipit.state_dict import copy_matching
+
 
 class CheckpointError(ClipitError):
     """A run's checkpoint does not fit the model rebuilt from its config."""
@@ -42,7 +44,7 @@ def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[s
     Every saved key must exist in the model with the same shape: silent partial loads hide bugs.
     """
     path = Path(path)
-    state = load_file(str(path.with_suffix(".safetensors")))
+    state = read_tensors(path.with_suffix(".safetensors"), CheckpointError)
     if prefixes:
         state = {k: v for k, v in state.items() if k.startswith(prefixes)}
     if exclude:
@@ -51,5 +53,28 @@ def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[s
                          "was it trained with another backbone or LoRA config?", CheckpointError)
 
 
+def read_tensors(file: str | Path, error: type[Exception] = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; anything else (a truncated file, a file of another format, a
+    Python object stream) is `error` naming the file. safetensors never executes code from a file."""
+    error = error or CheckpointError
+    file = Path(file)
+    if not file.is_file():
+        raise error(f"{file}: missing; train the run first (or restore the file)")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise error(f"{file}: not a readable safetensors file ({one_line(err)}); restore it, or retrain the run "
+                    "that wrote it") from None
+
+
 def read_meta(path: str | Path) -> dict:
-    return read_json(Path(path).with_suffix(".json"))
+    file = Path(path).with_suffix(".json")
+    try:
+        meta = read_json(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; train the run first (or restore the file)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable ({one_line(err)}); restore it, or retrain the run") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file}: not a checkpoint sidecar (a JSON object); restore it, or retrain the run")
+    return meta

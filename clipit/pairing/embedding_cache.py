@@ -73,7 +73,7 @@ def load_text_embeddings(path_dir: str | os.PathLike, expect_identity: dict | No
         log.info("%s: cache made for another corpus, recomputing", d)
         return None
     try:
-        emb = np.load(d / "embeddings.npy", allow_pickle=False)
+        emb = np.load(d / "embeddings.npy")
         ids = json.loads((d / "ids.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, EOFError) as e:
         raise CorpusError(f"{d}: corrupt text-embedding cache ({e}); {fix}") from None

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipit.config import ConfigError
-from clipit.data.base import DatasetError, ImageDataset, ImageSample, decode_image
+from clipit.data.base import DatasetError, ImageDataset, ImageDecodeError, ImageSample, decode_image, worker_error
+from clipit.errors import one_line
 from clipit.io import atomic_save_npz
 from clipit.pairing.encoders import PairingModel
 from clipit.pairing.search import topk_cosine
@@ -44,9 +45,10 @@ def sample_location(dataset: ImageDataset, item: ImageSample) -> str:
 
 
 def decode_error(dataset: ImageDataset, item: ImageSample, err: BaseException) -> DatasetError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return DatasetError(f"{sample_location(dataset, item)}: cannot decode image ({type(err).__name__}"
-                        f"{': ' + reason if reason else ''}); replace or delete the file and rerun")
+    """One line for a source image that does not decode (decode_image's ImageDecodeError carries the reason)."""
+    reason = str(err) if isinstance(err, ImageDecodeError) else one_line(err)
+    return DatasetError(f"{sample_location(dataset, item)}: cannot decode image ({reason}); replace or delete the "
+                        "file and rerun")
 
 
 class _Preprocessed(Dataset):
@@ -65,17 +67,6 @@ class _Preprocessed(Dataset):
         except Exception as err:  # PIL raises several types for undecodable bytes
             raise decode_error(self.dataset, item, err) from None
         return self.preprocess(image)
-
-
-def _worker_error(err: Exception) -> Exception:
-    """A DataLoader worker's exception comes back with the worker traceback in its message: keep its
-    last line, so the CLI still prints one line."""
-    text = str(err)
-    if "Original Traceback" not in text:
-        return err
-    name = type(err).__name__
-    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-    return type(err)(last.split(f"{name}: ", 1)[-1].strip())
 
 
 def embed_reports(model: PairingModel, reports: list[Report], cache_dir: str | Path,
@@ -104,7 +95,7 @@ def embed_images(model: PairingModel, dataset: ImageDataset, split: str, batch_s
         feats = [model.encode_images(batch) for batch in
                  tqdm(loader, desc=f"embed {split} images", unit="batch", leave=False)]
     except DatasetError as err:
-        raise _worker_error(err) from None
+        raise worker_error(err) from None
     return torch.cat(feats)
 
 
@@ -116,7 +107,7 @@ def pairs_meta(model_identity: dict, texts: list[Report], top_k: int, spec: dict
 def read_pairs_meta(path: str | Path) -> dict | None:
     """The meta of a pairs file; None for files without one (made before meta existed) or unreadable ones."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(path) as data:
             return json.loads(str(data["meta"])) if "meta" in data.files else None
     except (OSError, ValueError, KeyError, EOFError):
         return None
@@ -150,7 +141,7 @@ def pair_dataset(model: PairingModel, dataset: ImageDataset, reports: list[Repor
 
 
 def load_pairs(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(path) as data:
         return {name: data[name] for name in data.files}
 
 

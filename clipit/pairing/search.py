@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from clipit.errors import ConfigError
+
 BACKENDS = ("auto", "torch", "faiss")
 # `auto` uses faiss on CPU from this many keys (rows) on: there faiss-cpu's blocked GEMM + top-1 scan was
 # as fast as torch's or faster in most runs of bench/bench_pairing.py (2-core EPYC, shared and noisy:
@@ -34,12 +36,12 @@ def faiss_available() -> bool:
 def choose_backend(backend: str, num_keys: int, device: torch.device) -> str:
     """Resolve `auto`: faiss on CPU for large key sets when installed, torch otherwise (and on GPU)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown search backend {backend!r}; choose one of {list(BACKENDS)}")
+        raise ConfigError(f"pairing.search = {backend!r} is not a search backend; choose one of {list(BACKENDS)}")
     if backend == "auto":
         use_faiss = device.type == "cpu" and num_keys >= FAISS_MIN_KEYS and faiss_available()
         return "faiss" if use_faiss else "torch"
     if backend == "faiss" and not faiss_available():
-        raise ValueError("search backend 'faiss' needs faiss-cpu: pip install 'clipit[faiss]' (or set it to auto)")
+        raise ConfigError("pairing.search: faiss needs faiss-cpu: pip install 'clipit[faiss]', or set pairing.search: auto")
     return backend
 
 

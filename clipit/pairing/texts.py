@@ -81,5 +81,6 @@ def pairing_texts(cfg, dataset, reports: list[Report]) -> list[Report]:
     if cfg.pairing.texts == "class_prompts":
         return class_prompt_texts(dataset.name, dataset.classes, cfg.pairing.class_names)
     if not reports:
-        raise CorpusError(f"{cfg.reports.path}: the report corpus is empty; check reports.path and its filters")
+        raise CorpusError(f"{cfg.reports.path}: the report corpus is empty; check reports.path and its filters "
+                          "(reports.organ, reports.projects)")
     return reports

@@ -12,6 +12,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from clipit import layout  # noqa: E402
+from clipit.io import atomic_path  # noqa: E402
 from clipit.results.runs import BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, main_runs, order  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
@@ -26,8 +27,12 @@ def _colors(backbones: list[str]) -> dict[str, tuple]:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    """Atomic like every output: a full disk leaves the old figure (or none), never half a PNG."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

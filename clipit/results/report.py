@@ -12,6 +12,10 @@ data.name) and its path (`runs/<method>/seed-<n>`). Writes into `--out` (default
     omega.png        Ω x 100 per dataset and backbone
     curves-<dataset>.png   training loss and validation balanced accuracy from the TensorBoard files
 
+A run whose metrics.json, state.json or config.yaml exists but cannot be read, or an Ω seed whose
+predictions cannot, is left out with a warning naming the file (stderr, and report.md's "Left out"
+section); a folder without runs gives an empty report that says so.
+
 Ω (method.md §2) = fraction of test samples the text-only model (method kind `text`, fed the test
 image's retrieved report) gets right and the unimodal vision model gets wrong. Predictions are
 matched by sample key, seed by seed (text run of the same dataset and seed; the text model does
@@ -19,10 +23,13 @@ not depend on the backbone).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Callable
 
-from clipit.errors import ClipitError
-from clipit.io import atomic_write_text
+from clipit import layout
+from clipit.errors import ClipitError, output_setting
+from clipit.io import atomic_write_text, make_dirs
 from clipit.results import plots as P
 from clipit.results.runs import find_runs
 from clipit.results.tables import (ablation_table, markdown_table, omega_table, run_records, status_lines, table1,
@@ -33,18 +40,39 @@ class ReportError(ClipitError):
     """The runs folder given to `clipit report` cannot be read."""
 
 
+def warn_on_stderr(message: str) -> None:
+    print(f"clipit: warning: {message}", file=sys.stderr, flush=True)
+
+
 def build_report(root: str | Path, out: str | Path | None = None, metric: str = "balanced_accuracy",
-                 plots: bool = True) -> dict:
-    """Write the report files; returns {"runs": n, "files": [...], "table1": records, ...}."""
+                 plots: bool = True, warn: Callable[[str], None] = warn_on_stderr) -> dict:
+    """Write the report files; returns {"runs": n, "files": [...], "table1": records, "warnings": [...], ...}.
+
+    Whatever is left out (a run with broken files, an Ω seed without readable predictions) goes to
+    `warn` (one line each, on stderr by default) and into report.md's "Left out" section; a folder
+    without runs gives an empty report that says so."""
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"{root}: no such directory; give the folder that holds the runs (e.g. runs/grids/NAME)")
     out = Path(out) if out else root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    runs, states = find_runs(root)
+    with output_setting("give `clipit report` another --out folder"):  # advice of a full disk
+        return _write_report(root, out, metric, plots, warn)
+
+
+def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callable[[str], None]) -> dict:
+    make_dirs(out)
+    left_out: list[str] = []
+
+    def note(message: str) -> None:
+        left_out.append(message)
+        warn(message)
+
+    runs, states = find_runs(root, note)
+    if not runs:
+        warn(f"{root}: no finished runs found (no readable {layout.METRICS} below it); the report is empty")
     h1, r1, rec1 = table1(runs, metric)
     ha, ra, reca = ablation_table(runs, metric)
-    ho, ro, reco = omega_table(runs)
+    ho, ro, reco = omega_table(runs, note)
     files = []
     for name, records in (("table1.csv", rec1), ("ablations.csv", reca), ("omega.csv", reco),
                           ("runs.csv", run_records(runs))):
@@ -61,6 +89,10 @@ def build_report(root: str | Path, out: str | Path | None = None, metric: str = 
     md = [f"# CLIP-IT results: {root}", "",
           f"{len(runs)} finished runs. Numbers are test {metric_name} in %, mean ± std over seeds (std with ddof=1); "
           "Δ is CLIP-IT minus unimodal in points.", ""]
+    if not runs:
+        md += [f"No finished runs were found under {root} (a run is a folder with a readable {layout.METRICS}).", ""]
+    if left_out:
+        md += ["## Left out", ""] + [f"- {m}" for m in left_out] + [""]
     md += ["## Table 1: unimodal vs CLIP-IT", "", markdown_table(h1, r1) if r1 else "(no unimodal/CLIP-IT runs)", ""]
     if ra:
         md += ["## Ablations", "", markdown_table(ha, ra), ""]
@@ -79,4 +111,4 @@ def build_report(root: str | Path, out: str | Path | None = None, metric: str = 
     atomic_write_text(out / "report.md", "\n".join(md))
     files.insert(0, out / "report.md")
     return {"runs": len(runs), "files": [str(f) for f in files], "table1": rec1, "ablations": reca, "omega": reco,
-            "markdown": "\n".join(md)}
+            "markdown": "\n".join(md), "warnings": left_out}

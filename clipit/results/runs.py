@@ -2,19 +2,27 @@
 
 Labels come from the grid ledger (`state.json`: the cell's axes) when present, otherwise from the
 run's config.yaml (model.backbone, data.name) and its path (clipit/layout.py). Symlinked warm starts
-are not followed, so a reused unimodal probe counts once.
+are not followed, so a reused unimodal probe counts once. A run whose files exist but cannot be read
+(malformed JSON or YAML, no numeric metrics) is left out with a warning naming the file: its numbers
+or its labels would be guesses.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from clipit import layout
 
+log = logging.getLogger(__name__)
+
+METRICS = ("balanced_accuracy", "accuracy")  # what every table reads from a run's metrics.json
 MAIN_VARIANTS = ("", "full", "baseline", "main")
 BACKBONE_NAMES = {  # paper's names (method.md Table 1), in the paper's row order
     "uni": "UNI", "kaiko-vitl14": "DINO (ViT-L/14)", "kaiko-vitb16": "VITB-16", "kaiko-vits16": "VITS-16",
@@ -51,36 +59,87 @@ def order(values, names: dict) -> list[str]:
     return known + sorted(v for v in values if v not in names)
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (FileNotFoundError, yaml.YAMLError):
-        return {}
+def warn_to_log(message: str) -> None:
+    log.warning("%s", message)
+
+
+class Unreadable(Exception):
+    """A run's file exists but cannot be used; the message names it and says why (the run is left out)."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path = Path(path)
 
 
 def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`; None when the file does not exist; Unreadable when it is not one."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        raise Unreadable(path, "not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise Unreadable(path, f"not valid JSON ({err.msg} at line {err.lineno})") from None
+    except OSError as err:
+        raise Unreadable(path, f"cannot read ({err.strerror or type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise Unreadable(path, f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError:
+        raise Unreadable(path, "not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise Unreadable(path, f"not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    except OSError as err:
+        raise Unreadable(path, f"cannot read ({err.strerror or type(err).__name__})") from None
+    if data is not None and not isinstance(data, dict):
+        raise Unreadable(path, f"holds a YAML {type(data).__name__}, not a mapping of sections")
+    return data or {}
+
+
+def _check_metrics(path: Path, metrics: dict) -> None:
+    for key in METRICS:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Unreadable(path, f"{key} is {value!r}, not a finite number")
+    if not isinstance(metrics.get("parameters") or {}, dict):
+        raise Unreadable(path, f"parameters is {metrics['parameters']!r}, not a mapping")
 
 
 def load_run(run_dir: Path) -> Run | None:
-    metrics = _read_json(layout.metrics_file(run_dir))
+    """The run in `run_dir`; None without a metrics.json; Unreadable (naming the file) when its
+    metrics.json, state.json or config.yaml exists but cannot be used: a report never guesses labels."""
+    metrics_path = layout.metrics_file(run_dir)
+    metrics = _read_json(metrics_path)
     if metrics is None:
         return None
+    _check_metrics(metrics_path, metrics)
     cfg = _read_yaml(layout.config_file(run_dir))
     state = _read_json(layout.state_file(run_dir)) or {}
-    cell = state.get("cell") or {}
-    axes = dict(cell.get("axes") or {})
-    where = layout.parse_run_dir(run_dir)  # None outside <output_dir>/runs/<method>/seed-<n>
-    method = cell.get("method") or metrics.get("method") or (where.method if where else run_dir.parent.name)
-    seed = cell.get("seed")
-    if seed is None:
-        seed = where.seed if where else 0
-    kind = ((cfg.get("methods") or {}).get(method) or {}).get("method") or cell.get("kind") or method
-    backbone = axes.pop("backbone", None) or (cfg.get("model") or {}).get("backbone", "?")
-    dataset = axes.pop("dataset", None) or (cfg.get("data") or {}).get("name", "?")
+    try:
+        cell = state.get("cell") or {}
+        axes = dict(cell.get("axes") or {})
+        where = layout.parse_run_dir(run_dir)  # None outside <output_dir>/runs/<method>/seed-<n>
+        method = cell.get("method") or metrics.get("method") or (where.method if where else run_dir.parent.name)
+        seed = cell.get("seed")
+        if seed is None:
+            seed = where.seed if where else 0
+        seed = int(seed)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise Unreadable(layout.state_file(run_dir), f"unexpected content ({type(err).__name__}: {err})") from None
+    try:
+        kind = ((cfg.get("methods") or {}).get(method) or {}).get("method") or cell.get("kind") or method
+        backbone = axes.pop("backbone", None) or (cfg.get("model") or {}).get("backbone", "?")
+        dataset = axes.pop("dataset", None) or (cfg.get("data") or {}).get("name", "?")
+    except (AttributeError, TypeError) as err:
+        raise Unreadable(layout.config_file(run_dir), f"unexpected content ({type(err).__name__}: {err})") from None
     # Any other axis (ablation, variant, ...) labels the configuration; values such as "full" mark the
     # main runs (Table 1), which get the empty label.
     if all(str(v) in MAIN_VARIANTS for v in axes.values()):
@@ -91,21 +150,39 @@ def load_run(run_dir: Path) -> Run | None:
         variant = ",".join(f"{k}={v}" for k, v in axes.items())
     if not cell and method != kind:  # outside a grid, a renamed method (e.g. clipit_no_text) is a variant
         variant = str(method)
-    return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), int(seed), metrics)
+    return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), seed, metrics)
 
 
-def find_runs(root: str | Path) -> tuple[list[Run], list[dict]]:
-    """(finished runs, ledger states of cells without metrics) under `root` (symlinks not followed)."""
+_FIX = {  # what to do about each of a run's files when it cannot be read
+    layout.METRICS: "fix it, or delete it and rerun `clipit evaluate` for this run",
+    layout.STATE: "fix it, or delete it: the labels then come from config.yaml and the run's path",
+    layout.CONFIG: "fix it: it is the run's resolved config, written by `clipit train`",
+}
+
+
+def find_runs(root: str | Path, warn: Callable[[str], None] = warn_to_log) -> tuple[list[Run], list[dict]]:
+    """(finished runs, ledger states of cells without metrics) under `root` (symlinks not followed).
+
+    A run whose metrics.json, state.json or config.yaml cannot be used is left out, and `warn` gets
+    one line naming the file; so does a cell's unreadable state.json (left out of the grid status)."""
     runs, states = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in layout.NOT_RUNS)
         here = Path(dirpath)
         if layout.METRICS in filenames:
-            run = load_run(here)
+            try:
+                run = load_run(here)
+            except Unreadable as err:
+                warn(f"{err}; run left out of the report ({_FIX.get(err.path.name, 'fix the file')})")
+                continue
             if run is not None:
                 runs.append(run)
         elif layout.STATE in filenames:
-            state = _read_json(layout.state_file(here))
+            try:
+                state = _read_json(layout.state_file(here))
+            except Unreadable as err:
+                warn(f"{err}; cell left out of the grid status (`clipit grid` treats it as unknown)")
+                continue
             if state:
                 states.append(state | {"run_dir": str(here)})
     return runs, states

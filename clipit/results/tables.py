@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import csv
 import io
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from clipit import layout
 from clipit.io import atomic_write_text
-from clipit.results.runs import BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, main_runs, order
+from clipit.results.runs import (BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, Unreadable, main_runs,
+                                 order, warn_to_log)
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -91,12 +94,20 @@ def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[s
 
 
 def load_predictions(run: Run, split: str = "test") -> dict | None:
+    """keys, labels and predicted classes of a run; None without the file; Unreadable when it is broken."""
     path = layout.predictions_file(run.path, split)
     if not path.exists():
         return None
-    with np.load(path) as data:
-        return {"keys": np.asarray(data["keys"]).astype(str), "labels": np.asarray(data["labels"]),
-                "pred": np.asarray(data["logits"]).argmax(axis=1)}
+    try:
+        with np.load(path) as data:
+            out = {"keys": np.asarray(data["keys"]).astype(str), "labels": np.asarray(data["labels"]),
+                   "pred": np.asarray(data["logits"]).argmax(axis=1)}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise Unreadable(path, f"unreadable predictions ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+                         ) from None
+    if not len(out["keys"]) == len(out["labels"]) == len(out["pred"]):
+        raise Unreadable(path, "keys, labels and logits differ in length")
+    return out
 
 
 def omega(text_pred: dict, vision_pred: dict) -> tuple[float, int]:
@@ -112,7 +123,10 @@ def omega(text_pred: dict, vision_pred: dict) -> tuple[float, int]:
     return float(np.mean(text_ok & vision_wrong)), int(len(common))
 
 
-def omega_table(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
+def omega_table(runs: list[Run], warn: Callable[[str], None] = warn_to_log
+                ) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Ω per backbone x dataset over the seeds whose text and vision predictions both load; a seed left
+    out (broken predictions file, no shared keys) is named through `warn`."""
     text_runs: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.kind == "text" and r.variant in MAIN_VARIANTS:
@@ -131,10 +145,15 @@ def omega_table(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]
                        [t for t in texts if t.seed == v.seed]
                 if not same:
                     continue
-                tp, vp = load_predictions(same[0]), load_predictions(v)
-                if tp is None or vp is None:
+                try:
+                    tp, vp = load_predictions(same[0]), load_predictions(v)
+                    if tp is None or vp is None:
+                        continue
+                    value, n = omega(tp, vp)
+                except (Unreadable, ValueError) as err:
+                    warn(f"Ω of {b} on {d}, seed {v.seed} left out: {err} (text run {same[0].path}, vision run "
+                         f"{v.path})")
                     continue
-                value, n = omega(tp, vp)
                 values.append(value)
                 matched.append(n)
                 seeds.append(v.seed)

@@ -1,9 +1,15 @@
 """The shard stage of a config: check that pairing is done and current, plan the shard set, write
 (a part of) it, and write the manifest and texts.jsonl once every shard exists. The format itself
 (one shard, the plan, the manifest, reading and validation) lives in clipit/shards/format.py.
+
+Reruns rebuild exactly what is missing: a deleted shard is written again (byte-identical) and the
+manifest after it. The manifest step lists a shard it did not write itself only after reading it back
+(format.write_manifest), so a manifest deleted and rebuilt never blesses a corrupt shard.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +18,12 @@ from typing import Callable
 import numpy as np
 
 from clipit.data.base import ImageDataset
+from clipit.errors import one_line
 from clipit.io import atomic_write_json, read_json
-from clipit.shards.format import (MANIFEST, PLAN, TEXTS, ShardError, build_plan, check_plan, missing_shards, part_units,
-                           select_texts, shard_units, write_manifest, write_split_shards, write_texts)
+from clipit.locks import LockError, exclusive
+from clipit.shards.format import (MANIFEST, PLAN, TEXTS, ShardError, SplitTexts, build_plan, check_plan, missing_shards,
+                                  part_units, remove_stale_temps, select_texts, shard_units, write_manifest,
+                                  write_split_shards, write_texts)
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +45,89 @@ def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[st
                     echo: Callable[[str], None] = log.info) -> Path | None:
     """Build (a part of) the shard set for a config; returns the manifest once the set is complete.
 
-    Without `part`, all shards are written, then the manifest. With `part`/`num_parts`, only that part's
-    shards; the manifest follows if no shard of any part is missing. `finalize` only writes the manifest
-    (every shard must exist)."""
+    Without `part`, all missing shards are written, then the manifest. With `part`/`num_parts`, only that
+    part's missing shards; the manifest follows if no shard of any part is missing. `finalize` only writes
+    the manifest (every shard must exist). A set whose manifest lists a shard that is gone is not complete:
+    the rerun that owns the shard rebuilds it (byte-identical) and writes the manifest again.
+
+    One writer per directory: a whole build holds the directory's lock (clipit.locks) from start to end,
+    so a second one is refused with one line. Parts of an array build disjoint shards of one directory
+    at the same time: they take the directory only to write build.json and the manifest (waiting for each
+    other there), and each shard is written under its own lock (shards/format.py)."""
     out = Path(cfg.shards.dir)
     cache = _text_cache(cfg, texts)
     pairs = _load_pairs(cfg, dataset, pair_paths, cache)
     plan = _plan(cfg, dataset, cache)
-    if _is_complete(out, plan, texts):
+    per_shard = cfg.shards.samples_per_shard
+    state = _state(out, plan, dataset, per_shard)
+    if state == "complete":
         return out / MANIFEST
-    if finalize:
-        missing = missing_shards(dataset, out, cfg.shards.samples_per_shard)
+    manifest_step = functools.partial(_write_manifest, cfg, dataset, texts, cache, plan, pairs)
+    if part is None and not finalize:
+        with exclusive(out, LOCK_WHAT):
+            if _settle(out, plan, texts, dataset, per_shard):
+                return out / MANIFEST
+            return manifest_step(_write_part(cfg, dataset, pairs, cache, None, None))
+    if state != "planned":  # build.json (or texts.jsonl next to a complete set) still to write
+        with _directory_turn(out, echo):
+            if _settle(out, plan, texts, dataset, per_shard):
+                return out / MANIFEST
+    written: list[Path] = []
+    if not finalize:
+        written = _write_part(cfg, dataset, pairs, cache, part, num_parts)
+        missing = missing_shards(dataset, out, per_shard)
+        if missing:
+            echo(f"part {part}/{num_parts}: {len(written)} shard(s) written; {len(missing)} of other parts still "
+                 "missing (the last part to finish, or `clipit shard build --finalize`, writes the manifest)")
+            return None
+    with _directory_turn(out, echo):
+        if _settle(out, plan, texts, dataset, per_shard):  # another part wrote the manifest meanwhile
+            return out / MANIFEST
+        missing = missing_shards(dataset, out, per_shard)
         if missing:
             raise ShardError(f"{missing[0]}: {len(missing)} shard(s) missing; rerun the parts that wrote them "
                              "(or `clipit shard build` without --part) before --finalize")
-        return _write_manifest(cfg, dataset, texts, cache, plan)
-    done = _write_part(cfg, dataset, pairs, cache, part, num_parts)
-    missing = missing_shards(dataset, out, cfg.shards.samples_per_shard)
-    if missing:
-        echo(f"part {part}/{num_parts}: {done} shard(s) done; {len(missing)} of other parts still missing "
-             "(the last part to finish, or `clipit shard build --finalize`, writes the manifest)")
-        return None
-    return _write_manifest(cfg, dataset, texts, cache, plan)
+        return manifest_step(written)
+
+
+LOCK_WHAT = "shard directory"
+PART_WAIT_S = 1800.0  # a part waits this long for the directory (another part checking shards for the manifest)
+
+
+@contextlib.contextmanager
+def _directory_turn(out: Path, echo: Callable[[str], None], wait_s: float = PART_WAIT_S):
+    """The directory lock for a part or --finalize: taken at once if free, else waited for (with a line)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive(out, LOCK_WHAT))
+        except LockError as err:
+            echo(f"waiting up to {wait_s:.0f} s for the lock: {one_line(err)}")
+            stack.enter_context(exclusive(out, LOCK_WHAT, wait_s=wait_s))
+        yield
+
+
+def _state(out: Path, plan: dict, dataset: ImageDataset, per_shard: int) -> str:
+    """Where the set stands (read only, no lock needed: every file is written atomically): "complete" (a
+    manifest of this plan, every shard it lists and texts.jsonl exist), "texts" (complete but for
+    texts.jsonl), "planned" (build.json of this plan, no complete manifest) or "new". Raises for another plan."""
+    if check_plan(out, plan):
+        if not missing_shards(dataset, out, per_shard):
+            return "complete" if (out / TEXTS).exists() else "texts"
+    return "planned" if (out / PLAN).exists() else "new"
+
+
+def _settle(out: Path, plan: dict, texts: list, dataset: ImageDataset, per_shard: int) -> bool:
+    """Under the directory lock: True when the set is complete (texts.jsonl written if it was missing);
+    else the plan is recorded (by the first part to start) so that parts of another plan fail instead of
+    mixing in. Temporary files of a killed writer of these files are removed (no live one: we hold the lock)."""
+    for name in (PLAN, TEXTS, MANIFEST):
+        remove_stale_temps(out / name)
+    state = _state(out, plan, dataset, per_shard)
+    if state == "texts":  # shard sets built before texts were stored next to them
+        write_texts(out, texts)
+    elif state == "new":
+        atomic_write_json(out / PLAN, plan)
+    return state in ("complete", "texts")
 
 
 @dataclass(frozen=True)
@@ -128,21 +198,9 @@ def _plan(cfg, dataset: ImageDataset, cache: _TextCache) -> dict:
                       {"kind": cfg.pairing.texts, "count": len(cache.ids), "fingerprint": cache.fingerprint}, selection)
 
 
-def _is_complete(out: Path, plan: dict, texts: list) -> bool:
-    """True when the set is built for this plan already; else the plan is recorded (by the first part to start)
-    so that parts of another plan fail instead of mixing in."""
-    if check_plan(out, plan):
-        if not (out / TEXTS).exists():  # shard sets built before texts were stored next to them
-            write_texts(out, texts)
-        return True
-    if not (out / PLAN).exists():
-        atomic_write_json(out / PLAN, plan)
-    return False
-
-
 def _write_part(cfg, dataset: ImageDataset, pairs: dict[str, dict], cache: _TextCache, part: int | None,
-                num_parts: int | None) -> int:
-    """Write this part's shards (all of them without `part`); returns how many shards the part has."""
+                num_parts: int | None) -> list[Path]:
+    """Write this part's missing shards (all missing ones without `part`); returns the shards it wrote."""
     s = cfg.shards
     units = shard_units(dataset, s.samples_per_shard)
     if part is not None:
@@ -150,16 +208,24 @@ def _write_part(cfg, dataset: ImageDataset, pairs: dict[str, dict], cache: _Text
     by_split: dict[str, list[int]] = {}
     for split, index in units:
         by_split.setdefault(split, []).append(index)
+    written = []
     for split, indices in by_split.items():
-        write_split_shards(dataset, split, pairs[split], cache.embeddings, cache.ids, Path(s.dir), s.samples_per_shard,
-                           only=indices, use_rank=s.use_rank, random_seed=s.random_report_seed)
-    return len(units)
+        written += write_split_shards(dataset, split, pairs[split], cache.embeddings, cache.ids, Path(s.dir),
+                                      s.samples_per_shard, only=indices, use_rank=s.use_rank,
+                                      random_seed=s.random_report_seed)
+    return written
 
 
-def _write_manifest(cfg, dataset: ImageDataset, texts: list, cache: _TextCache, plan: dict) -> Path:
-    """texts.jsonl, then the manifest (written last: its presence marks the set complete)."""
-    out = Path(cfg.shards.dir)
+def _write_manifest(cfg, dataset: ImageDataset, texts: list, cache: _TextCache, plan: dict, pairs: dict[str, dict],
+                    written: list[Path]) -> Path:
+    """texts.jsonl, then the manifest (written last: its presence marks the set complete). Shards this
+    process did not write are read back against the pairs first (format.write_manifest)."""
+    s = cfg.shards
+    out = Path(s.dir)
     extra = {k: plan[k] for k in ("texts", "selection")}
     extra.update({"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
+    selected = {split: SplitTexts.select(pairs[split], split, cache.embeddings, cache.ids, s.use_rank,
+                                         s.random_report_seed) for split in dataset.splits}
     write_texts(out, texts)
-    return write_manifest(dataset, out, cfg.shards.samples_per_shard, cache.dim, cache.identity, extra=extra)
+    return write_manifest(dataset, out, s.samples_per_shard, cache.dim, cache.identity, extra=extra, texts=selected,
+                          written=written)

@@ -7,12 +7,16 @@ launch, srun) only start processes; they must not set precision or DeepSpeed the
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 
-from clipit.config import TrainConfig
+from clipit.config import ConfigError, TrainConfig
+from clipit.locks import LockError, exclusive
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's name
 
@@ -48,7 +52,51 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     return _CACHE[key]
 
 
+def requested_processes(parent_cmdline: list[str] | None = None) -> int | None:
+    """How many processes `accelerate launch` was asked for, when it started this process (read from
+    the parent's command line and its --config_file); None when the parent is another launcher."""
+    if parent_cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return None
+        parent_cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    head = [Path(a).name for a in parent_cmdline[:3]]
+    if "accelerate.commands.launch" in head:  # python -m accelerate.commands.launch ...
+        start = head.index("accelerate.commands.launch") + 1
+    elif "accelerate" in head and "launch" in parent_cmdline:  # accelerate launch ...
+        start = parent_cmdline.index("launch") + 1
+    else:
+        return None
+    args = parent_cmdline[start:]
+    args = args[: args.index("-m")] if "-m" in args else args  # the launcher's own flags only
+    values: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("--num_processes", "--config_file") and (eq or i + 1 < len(args)):
+            values[name] = value if eq else args[i + 1]
+    if "--num_processes" in values:
+        return int(values["--num_processes"]) if values["--num_processes"].isdigit() else None
+    if "--config_file" in values:
+        try:
+            return int((yaml.safe_load(Path(values["--config_file"]).read_text()) or {}).get("num_processes") or 1)
+        except (OSError, ValueError, yaml.YAMLError):
+            return None
+    return None
+
+
+def check_launch(world: int) -> None:
+    """Refuse a launch that silently runs fewer processes than asked: `accelerate launch --cpu
+    --num_processes N` without mpirun starts ONE process and would train alone without a word."""
+    asked = requested_processes()
+    if asked is not None and asked > 1 and world == 1:
+        raise ConfigError(f"accelerate launch asked for {asked} processes but started 1 (its --cpu launcher needs "
+                          "mpirun); launch with --config_file configs/accelerate/cpu.yaml on CPUs (or "
+                          f"--multi_gpu --num_processes {asked}), or torchrun --nproc_per_node {asked}")
+
+
 def _build(tcfg: TrainConfig) -> Accelerator:
+    check_launch(int(os.environ.get("WORLD_SIZE", 1)))
     kwargs: dict = {"cpu": not torch.cuda.is_available(), "mixed_precision": PRECISION[tcfg.precision]}
     if tcfg.distributed == "zero2":
         from accelerate.utils import DeepSpeedPlugin
@@ -68,6 +116,35 @@ def _build(tcfg: TrainConfig) -> Accelerator:
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
+
+
+def any_rank(device: torch.device, *flags: bool | torch.Tensor) -> tuple[bool, ...]:
+    """Each flag, true on every rank if it is true on any rank: one all-reduce for all of them (ranks
+    that must stop together, e.g. at a non-finite loss or a stop signal, decide together)."""
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32).reshape(()).to(device) for f in flags])
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in values.tolist())
+
+
+@contextlib.contextmanager
+def main_process_lock(accelerator: Accelerator, directory: str | Path, what: str = "run directory"):
+    """Rank 0 holds the one-writer lock of `directory` (clipit.locks) for the block; the other ranks do not
+    lock. If rank 0 cannot take it, every rank raises LockError (none is left waiting at a collective)."""
+    with contextlib.ExitStack() as held:
+        error = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(exclusive(directory, what))
+            except LockError as err:
+                error = err
+        (failed,) = any_rank(accelerator.device, error is not None) if accelerator.num_processes > 1 \
+            else (error is not None,)
+        if failed:
+            raise error or LockError(f"{directory}: rank 0 could not lock this {what} (see its error line)")
+        yield
 
 
 def leave_process_group(succeeded: bool = True) -> bool:

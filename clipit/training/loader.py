@@ -4,11 +4,17 @@ Training: shards are resampled with a deterministic per-(rank, worker) seed, so 
 the same number of batches and no rank ever hangs at a collective, whatever the shard count.
 The loader is never passed through `accelerator.prepare` (it would shard the data a second time).
 Evaluation: each rank reads a disjoint, ordered subset of the shards exactly once.
-Images stay uint8 until they reach the device, where they are resized, augmented and normalised.
+Images stay uint8 until they reach the device, where they are augmented and normalised; every image
+leaves the loader at the model's input size (`load_image`), whatever its size, shape or mode.
+
+A bad shard met here (a truncated or garbled tar, an image that does not decode, a field missing or
+unreadable) is one ShardError naming the shard and the sample, in a worker process too, never a
+PIL/tarfile traceback and never a quietly shorter shard: tars are read by shards/format.py's strict
+reader, not by webdataset's (whose default handler re-raises the raw exception and whose tar
+iteration stops quietly at a cut).
 """
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -16,26 +22,56 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from clipit.shards.format import decode_embedding
+from clipit.data.base import ImageDecodeError, decode_image, worker_error
+from clipit.errors import one_line
+from clipit.shards.format import IMAGE_FIELDS, REBUILD, ShardError, decode_embedding, tar_samples
 
-IMAGE_FIELDS = ("png", "jpg", "jpeg", "tif", "tiff")
+__all__ = ["IMAGE_FIELDS", "collate", "decode_sample", "eval_loader", "load_image", "train_loader"]
+
+
+def load_image(data: bytes, size: int | None = None) -> np.ndarray:
+    """uint8 HWC RGB from encoded bytes (decode_image: every mode and bit depth, or ImageDecodeError).
+
+    With `size`, exactly size x size: the short side is resized to `size` (big tiles shrink here, in the
+    worker; small ones grow) and the centre is cut out, so a non-square image is cropped like a big one
+    rather than stretched, and images of mixed sizes can share a batch."""
+    img = decode_image(data)
+    if size and img.size != (size, size):
+        scale = size / min(img.size)
+        if scale != 1:
+            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                             Image.BILINEAR, reducing_gap=2.0)
+        img = _center_crop(img, size)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def decode_sample(sample: dict, load_size: int | None = None) -> tuple:
+    """(image uint8 HWC, label, text embedding, key, report_index) of a shard sample; a bad sample is a
+    ShardError naming the shard (`__url__`) and the sample key."""
+    url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+
+    def bad(what: str) -> ShardError:
+        return ShardError(f"{url}: sample {key}: {what}; the shard is corrupt: {REBUILD}")
+
     field = next((f for f in IMAGE_FIELDS if f in sample), None)
     if field is None:
-        raise ValueError(f"{sample.get('__url__')}:{sample.get('__key__')}: sample has no image field {IMAGE_FIELDS}")
-    with Image.open(io.BytesIO(sample[field])) as img:
-        img = img.convert("RGB")
-        if load_size and min(img.size) > load_size:  # shrink big tiles (BACH) in the worker, not on the device
-            scale = load_size / min(img.size)
-            img = img.resize((max(load_size, round(img.width * scale)), max(load_size, round(img.height * scale))),
-                             Image.BILINEAR, reducing_gap=2.0)
-            img = _center_crop(img, load_size)
-        array = np.asarray(img, dtype=np.uint8)
-    emb = decode_embedding(sample["emb.npy"]) if "emb.npy" in sample else np.zeros(0, np.float16)
-    report_index = json.loads(sample["json"]).get("report_index", -1) if "json" in sample else -1
-    return array, int(sample["cls"]), emb, sample["__key__"], report_index
+        raise bad(f"no image field ({'/'.join(IMAGE_FIELDS)})")
+    try:
+        array = load_image(sample[field], load_size)
+    except ImageDecodeError as err:
+        raise bad(f"its {field} image does not decode ({err})") from None
+    for name in ("cls", "emb.npy", "json"):
+        if name not in sample:
+            raise bad(f"no {name}")
+    try:
+        label = int(sample["cls"])
+        emb = decode_embedding(sample["emb.npy"])
+        report_index = json.loads(sample["json"]).get("report_index", -1)
+    except Exception as err:  # int(), np.load and json raise several types for garbage
+        raise bad(f"cls, emb.npy or json unreadable ({one_line(err)})") from None
+    if emb.ndim != 1 or not isinstance(report_index, int):
+        raise bad(f"emb.npy of shape {emb.shape} or report_index {report_index!r} is not what a shard build writes")
+    return array, label, emb, key, report_index
 
 
 def _center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -55,6 +91,22 @@ def collate(samples: list[tuple]) -> dict:
     }
 
 
+class _Loader(wds.WebLoader):
+    """A WebLoader whose ShardError from a worker process keeps its one line (torch re-raises a worker's
+    exception with the worker's traceback in its message)."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except ShardError as err:
+                raise worker_error(err) from None
+            yield batch
+
+
 def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed: int, num_workers: int = 0,
                  load_size: int | None = None, shuffle_buffer: int = 2000, start_epoch: int = 0) -> wds.WebLoader:
     """Deterministic full batches for this rank; each `iter()` starts the next epoch.
@@ -69,12 +121,12 @@ def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed:
     shards.epoch = start_epoch - 1  # incremented on every iter(); workers inherit it
     pipeline = wds.DataPipeline(
         shards,
-        wds.tarfile_to_samples(),
+        tar_samples,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed),
         wds.map(lambda s: decode_sample(s, load_size)),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(per_worker)
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return _Loader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
@@ -86,8 +138,9 @@ def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(mine),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        tar_samples,
         wds.map(lambda s: decode_sample(s, load_size)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(mine)))
+    return _Loader(pipeline, batch_size=None, num_workers=min(num_workers, len(mine)))
+

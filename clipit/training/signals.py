@@ -10,7 +10,8 @@ import signal
 import sys
 
 import torch
-import torch.distributed as dist
+
+from clipit.training.accel import any_rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -34,12 +35,15 @@ class GracefulStop:
 
     def requested(self, device: torch.device) -> bool:
         """True on every rank if any rank got a stop signal (ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.pending else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.pending is None:
+        return self.poll(device)[0]
+
+    def poll(self, device: torch.device, *flags: bool | torch.Tensor) -> tuple[bool, ...]:
+        """(stop requested, *flags), each true on every rank if true on any rank, in one collective: the
+        trainer adds its per-step checks (a non-finite loss) to the stop signal's all-reduce."""
+        stop, *rest = any_rank(device, self.pending is not None, *flags)
+        if stop and self.pending is None:
             self.pending = signal.SIGTERM
-        return bool(flag.item())
+        return (stop, *rest)
 
     def finish(self) -> None:
         """Hand the signal to whoever handled it before us (after our checkpoint is on disk)."""

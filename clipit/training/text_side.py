@@ -34,7 +34,7 @@ class TextInputs:
             if self.word_drop and (self.tower.start_id == self.tower.end_id
                                    or not (tokens[:, 0] == self.tower.start_id).all()):
                 raise ConfigError(f"{self.tower.name}: its tokenizer marks no start of text, so word_drop cannot tell "
-                                  "words from special tokens; set word_drop: 0 for this pairing model")
+                                  "words from special tokens; set methods.<name>.word_drop: 0 for this pairing model")
             self.tokens = tokens.to(device)
 
     def __call__(self, batch: dict, device: torch.device, train: bool = False,

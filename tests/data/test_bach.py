@@ -75,7 +75,8 @@ def test_size_mismatch_message(photos):
     with pytest.raises(DatasetError) as err:
         BACHDataset(photos.parent.parent, expected_sizes={"train": 268, "val": 0, "test": 132})
     assert str(err.value) == (f"{photos}: BACH split 'train' has 254 images, expected 268; "
-                              "point data.root at the official files or set data.expected_sizes")
+                              "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: "
+                              "{train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)")
     BACHDataset(photos.parent.parent, expected_sizes=None)
 
 

@@ -120,7 +120,8 @@ def test_default_sizes_mismatch_message(root):
     with pytest.raises(DatasetError) as err:
         CRCDataset(root)
     assert str(err.value) == (f"{root / 'NCT-CRC-HE-100K'}: CRC split 'train' has 48 patches, expected 80,000; "
-                              "point data.root at the official files or set data.expected_sizes")
+                              "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: "
+                              "{train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)")
     with pytest.raises(DatasetError, match="CRC split 'test' has 18 patches, expected 7,180"):
         CRCDataset(root, expected_sizes={"train": 48, "val": 12, "test": 7_180})
     CRCDataset(root, expected_sizes={"val": 12})  # a partial dict checks only the splits it names

@@ -77,7 +77,7 @@ def test_size_mismatch_error_names_file_and_fix(pcam):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(str(root / "camelyonpatch_level_2_split_train_x.h5"))
-    assert "PCAM split 'train' has 12 patches, expected 262,144; point data.root at the official files or set data.expected_sizes" in msg
+    assert "PCAM split 'train' has 12 patches, expected 262,144; point data.root at the official files, or, for a subset or re-split, set data.expected_sizes" in msg
 
 
 def test_xy_length_mismatch(pcam):

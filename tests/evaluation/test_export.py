@@ -71,6 +71,7 @@ def trained(tmp_path_factory):
         meta = {"method": name, "seed": 0, "classes": CLASSES, "text_dim": D, "image_size": preprocess.size, "step": 7}
         save_model(run / "best", model, meta, full=False)
         dump_config(cfg, run / "config.yaml")
+        (run / "train_summary.json").write_text(json.dumps({"steps": 7}))  # export takes finished runs only
         runs[name] = (run, model.eval(), preprocess)
     mp.undo()
     return tmp, shards, runs

@@ -222,3 +222,17 @@ def test_profile_errors(tmp_path):
     with pytest.raises(ConfigError, match="gpu_per_node"):
         load_profile(str(bad))
     assert yaml.safe_load((PROFILE_DIR / "local-cluster.yaml").read_text())["partition"] == "debug"
+
+
+@pytest.mark.parametrize("field, text", [("name", "name: ../escape"), ("axis", "axes: {'a/b': {x: {}}}"),
+                                          ("value", "axes: {backbone: {'..': {}}}")])
+def test_names_templated_into_paths_cannot_escape(tmp_path, field, text):
+    grid = tmp_path / "g.yaml"
+    body = {"name": "name: g", "axis": "axes: {backbone: {x: {}}}", "value": ""}
+    lines = [f"base: {ROOT / 'configs' / 'demo-tiny.yaml'}", "seeds: [0]", text]
+    lines += [v for k, v in body.items() if k != field and not (k == "axis" and field == "value")]
+    if field != "name":
+        lines.append("name: g")
+    grid.write_text("\n".join(dict.fromkeys(lines)) + "\n")
+    with pytest.raises(ConfigError, match="cannot name a folder"):
+        load_grid(grid)

@@ -150,6 +150,7 @@ def test_hub_ids_reach_the_right_loaders(monkeypatch):
         return tiny
 
     monkeypatch.setattr(torch.hub, "load", fake_hub_load)
+    monkeypatch.setenv("CLIPIT_TRUST_HUB", "1")  # torch.hub runs the repository's code: an explicit opt-in
     state = fetch_hub_state(get_spec("kaiko-vits16"), get_spec("kaiko-vits16").hub_id)
     assert calls == [("kaiko-ai/towards_large_pathology_fms", "vits16", {"trust_repo": True})]
     assert state.keys() == tiny.state_dict().keys()

@@ -10,7 +10,8 @@ from clipit.cli import main
 from clipit.data.base import DatasetError
 from clipit.data.pcam import PCamDataset, pcam_file
 from clipit.pairing.engine import embed_images, load_pairs
-from clipit.shards.format import write_split_shards
+from clipit.locks import LOCK_FILE
+from clipit.shards.format import LOCKS, write_split_shards
 from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_model, write_config
 
 
@@ -30,7 +31,13 @@ def setup(tmp_path):
 
 
 def no_partial_shards(shard_dir):
-    return not [p for p in shard_dir.rglob("*") if p.name.startswith(".") or p.name == "manifest.json"]
+    """No temporary file and no manifest (the writers' lock files are not output: clipit.locks keeps them)."""
+    return not [p for p in shard_dir.rglob("*") if (p.name.startswith(".") and not is_lock(shard_dir, p))
+                or p.name == "manifest.json"]
+
+
+def is_lock(shard_dir, path):
+    return path.name == LOCK_FILE or LOCKS in path.relative_to(shard_dir).parts
 
 
 def test_corrupt_image_fails_the_shard_build(setup, capsys):

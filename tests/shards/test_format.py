@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from clipit.data.folder import ImageFolderDataset
+from clipit.locks import LOCK_FILE
+from clipit.shards.format import LOCKS
 from clipit.shards.format import (ShardError, decode_embedding, iter_samples, load_manifest, split_urls, validate_shards,
                            write_manifest, write_split_shards)
 
@@ -66,7 +68,7 @@ def test_rerun_skips_finished_shards_and_leaves_no_temp_files(dataset, tmp_path)
     first = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
     build(dataset, out)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")} == first
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and not is_lock(out, p)]
 
 
 def test_validate_detects_corruption(dataset, tmp_path):
@@ -89,3 +91,8 @@ def test_manifest_refuses_an_unfinished_build(dataset, tmp_path):
     os.unlink(out / "val" / "val-000000.tar")
     with pytest.raises(ShardError, match="shard missing"):
         write_manifest(dataset, out, 3, 16, {})
+
+
+def is_lock(shard_dir, path):
+    """The writers' lock files (clipit.locks keeps them; they are not output)."""
+    return path.name == LOCK_FILE or LOCKS in path.relative_to(shard_dir).parts

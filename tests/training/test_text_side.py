@@ -96,7 +96,7 @@ def test_shards_without_their_texts_file_say_how_to_fix(tiny_shards, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["methods.clipit.text_encoder=cached", "methods.clipit.word_drop=0.3"], "word_drop needs text_encoder: tower"),
     (["methods.unimodal.text_encoder=tower"], "tower is for method clipit"),
-    (["methods.clipit.word_drop=1.0"], r"word_drop = 1.0 must be in \[0, 1\)"),
+    (["methods.clipit.word_drop=1.0"], r"word_drop = 1.0 is out of range; it must be in \[0, 1\)"),
     (["methods.clipit.text_encoder=tower", "methods.clipit.lam=0"], "tower needs lam > 0"),
 ])
 def test_inconsistent_text_settings_are_config_errors(overrides, message):

@@ -1,0 +1,66 @@
+"""`accelerate launch` as users type it: the shipped CPU config starts 2 real processes, and a launch
+that silently falls back to one process is refused with one line."""
+import json
+from pathlib import Path
+
+import pytest
+
+from clipit.training.accel import requested_processes
+from clipit_testing import ROOT, TINY, run_clipit
+
+PROBE = ["methods.unimodal.epochs=1", "methods.unimodal.batch_size=32"]
+
+
+def accelerate(*args, shards, out, timeout=600):
+    import subprocess
+    import sys
+
+    sets = [a for s in [f"output_dir={out}", *shards, *PROBE] for a in ("--set", s)]
+    launcher = str(Path(sys.executable).parent / "accelerate")  # the console script users type
+    cmd = [launcher, "launch", *args, "-m", "clipit", "train", "--config", TINY,
+           "--method", "unimodal", "--seed", "0", *sets]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_requested_processes_reads_the_launch_line(tmp_path):
+    config = tmp_path / "a.yaml"
+    config.write_text("num_processes: 3\n")
+    launch = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    assert requested_processes([*launch, "--num_processes", "2", "--cpu", "-m", "clipit", "train"]) == 2
+    assert requested_processes([*launch, "--num_processes=4", "x.py"]) == 4
+    assert requested_processes(["python", "-m", "accelerate.commands.launch", "--num_processes", "2", "x.py"]) == 2
+    assert requested_processes([*launch, "--config_file", str(config), "-m", "clipit"]) == 3
+    assert requested_processes(["/usr/bin/python", "-m", "torch.distributed.run", "--nproc_per_node", "2"]) is None
+    # flags after -m belong to clipit, not to the launcher
+    assert requested_processes([*launch, "-m", "clipit", "train", "--num_processes", "5"]) is None
+
+
+@pytest.mark.multiproc
+def test_shipped_cpu_config_runs_two_processes(tmp_path, tiny_shards):
+    out = tmp_path / "out"
+    proc = accelerate("--config_file", "configs/accelerate/cpu.yaml", shards=tiny_shards, out=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "runs" / "unimodal" / "seed-0" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert "world size 2, backend gloo" in proc.stdout
+    assert proc.stdout.count("unimodal seed 0: balanced accuracy") == 1  # rank 0 only
+
+
+@pytest.mark.multiproc
+def test_silent_single_process_fallback_is_refused(tmp_path, tiny_shards):
+    out = tmp_path / "out"
+    proc = accelerate("--num_processes", "2", "--cpu", shards=tiny_shards, out=out)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clipit: error:")]
+    # accelerate itself prints a traceback of its CalledProcessError (exit 2 of its child); clipit none
+    assert proc.returncode != 0 and len(errors) == 1 and f'File "{ROOT / "clipit"}' not in proc.stderr
+    assert "returned non-zero exit status 2" in proc.stderr
+    assert "asked for 2 processes but started 1" in errors[0] and "configs/accelerate/cpu.yaml" in errors[0]
+    assert not (out / "runs" / "unimodal" / "seed-0" / "train_summary.json").exists()
+
+
+def test_one_process_without_a_launcher_is_fine(tmp_path, tiny_shards):
+    out = tmp_path / "out"
+    sets = [a for s in [f"output_dir={out}", *tiny_shards, *PROBE] for a in ("--set", s)]
+    proc = run_clipit("train", "--config", TINY, "--method", "unimodal", "--seed", "0", *sets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world size 1, backend none, device cpu, precision fp32" in proc.stdout
