@@ -30,3 +30,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def assert_refused(proc, run: Path, *needles: str, absent=()) -> str:
+    """The fault contract: exit 2, exactly one `clipit: error:` line (the last one), no traceback, and
+    none of the `absent` outputs (under `run`) that a later stage would accept."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("clipit: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    for name in absent:
+        assert not (run / name).exists(), name
+    return errors[0]

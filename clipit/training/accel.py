@@ -140,11 +140,17 @@ def main_process_lock(accelerator: Accelerator, directory: str | Path, what: str
                 held.enter_context(exclusive(directory, what))
             except LockError as err:
                 error = err
-        (failed,) = any_rank(accelerator.device, error is not None) if accelerator.num_processes > 1 \
-            else (error is not None,)
-        if failed:
-            raise error or LockError(f"{directory}: rank 0 could not lock this {what} (see its error line)")
+        raise_together(accelerator, error, LockError(f"{directory}: rank 0 could not lock this {what} (see its error line)"))
         yield
+
+
+def raise_together(accelerator: Accelerator, error: Exception | None, elsewhere: Exception) -> None:
+    """Raise on every rank when any rank met an error (its own, or `elsewhere` on the ranks that did not):
+    a check run by one rank must not leave the others waiting at the next collective."""
+    (failed,) = any_rank(accelerator.device, error is not None) if accelerator.num_processes > 1 \
+        else (error is not None,)
+    if failed:
+        raise error or elsewhere
 
 
 def leave_process_group(succeeded: bool = True) -> bool:

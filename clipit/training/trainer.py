@@ -32,7 +32,7 @@ from clipit.models.checkpoint import save_model
 from clipit.models.clipit import clipit_loss
 from clipit.models.factory import build_model
 from clipit.shards.format import ShardError, load_manifest, verify_shard_set
-from clipit.training.accel import any_rank, main_process_lock, make_accelerator
+from clipit.training.accel import main_process_lock, make_accelerator, raise_together
 from clipit.training.loader import eval_loader, train_loader
 from clipit.training.predict import NonFiniteError, ShardSource, predict, samples
 from clipit.training.signals import GracefulStop
@@ -119,10 +119,7 @@ def verified_manifest(accelerator, shard_dir: str | Path) -> dict:
             verify_shard_set(shard_dir, manifest)
         except ClipitError as err:
             error = err
-    (failed,) = any_rank(accelerator.device, error is not None) if accelerator.num_processes > 1 \
-        else (error is not None,)
-    if failed:
-        raise error or ShardError(f"{shard_dir}: rank 0 found the shard set damaged (see its error line)")
+    raise_together(accelerator, error, ShardError(f"{shard_dir}: rank 0 found the shard set damaged (see its error line)"))
     return manifest
 
 

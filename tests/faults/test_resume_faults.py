@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import clipit_testing
 from clipit_testing import ROOT, run_clipit, train_args
 
 # CLIP-IT without warm start (one cell stands alone): 12 steps, resume checkpoints every 2 (the last at 10)
@@ -32,19 +33,8 @@ def run_dir(out: Path, method: str = "clipit") -> Path:
     return out / "runs" / method / "seed-0"
 
 
-def assert_refused(proc, run: Path, *needles: str) -> str:
-    """The fault contract: exit 2, exactly one `clipit: error:` line (the last one), no traceback, and
-    none of the outputs a later stage accepts."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("clipit: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    for name in OUTPUTS:
-        assert not (run / name).exists(), name
-    return errors[0]
+def assert_refused(proc, run: Path, *needles: str, absent=OUTPUTS) -> str:
+    return clipit_testing.assert_refused(proc, run, *needles, absent=absent)
 
 
 @pytest.fixture(scope="module")

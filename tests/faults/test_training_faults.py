@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import clipit_testing
 from clipit_testing import ROOT, TINY, run_clipit, train_args
 
 ALONE = ["methods.clipit.warm_start=null"]  # one CLIP-IT cell that needs no unimodal run
@@ -31,18 +32,7 @@ def run_dir(out: Path, method: str = "clipit") -> Path:
 
 
 def assert_refused(proc, run: Path, *needles: str, absent=OUTPUTS) -> str:
-    """The fault contract: exit 2, exactly one `clipit: error:` line (the last one), no traceback, and
-    none of the outputs a later stage accepts."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("clipit: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    for name in absent:
-        assert not (run / name).exists(), name
-    return errors[0]
+    return clipit_testing.assert_refused(proc, run, *needles, absent=absent)
 
 
 def with_shards(overrides: list[str], shard_dir: Path) -> list[str]:
