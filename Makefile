@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all venv clean gpu-check
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,conch,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,conch,test,wsi]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +23,12 @@ test: $(STAMP)
 # Everything, slow end-to-end runs included.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
+
+# One GPU, < 8 min: train-step images/s + MFU, DDP vs ZeRO-2, CONCH encoder, GPU search, loader (bench/gpu_check.py).
+# `clipit grid --dry-run` prices grids with its .json. Without CUDA it runs the tiny CPU dry path.
+GPU_CHECK_OUT ?= runs/gpu-check.md
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,14 +1,15 @@
-"""Shard read + decode throughput of the training loader (clipit/training/loader.py), 96-px tiles.
+"""Shard read throughput of the training loader (clipit/training/loader.py) per image codec, 96-px tiles.
 
-    python bench/bench_shard_read.py                     # 8 shards x 1,000 samples, 8,000 samples per path
+    python bench/bench_shard_read.py                     # 8 shards x 1,000 samples per codec, workers 0 and 2
     python bench/bench_shard_read.py --shards 16 --workers 0 2 4
 
-Shards are written by clipit's own writer from H&E-like 96-px PNG tiles (the demo generator, the size
-of PCAM patches) with a 512-d fp16 embedding per sample, like real shards. Baselines measured in this
-process: raw tar iteration without decoding (an upper bound for any reader), and webdataset's stock
-`.decode("rgb8")` + default batch collation (the naive pipeline). clipit's train loader (resampled,
-shuffled, uint8 batches collated with np.stack) and eval loader are timed with 0..N workers; the
-goal is >= 1,500 samples/s on 2 cores.
+The same H&E-like 96-px tiles (the demo generator, the size of PCAM patches) are written by clipit's own
+writer twice, with shards.codec png (the PNG bytes as stored) and raw (uint8 pixels, `img.u8`), each
+sample with a 512-d fp16 embedding and its json, like real shards. The baseline, measured in this
+process for each set: iterating its tars without decoding anything (webdataset's tar reader, one
+process), an upper bound for any single-process reader. clipit's train loader (resampled, shuffled,
+decoded, uint8 batches collated with np.stack) is timed with each worker count; the goal is a
+loader at >= 70% of the raw tar read.
 """
 from __future__ import annotations
 
@@ -27,20 +28,20 @@ import webdataset as wds  # noqa: E402
 
 from clipit.data.demo import DEMO_CLASSES, write_demo_images  # noqa: E402
 from clipit.data.folder import ImageFolderDataset  # noqa: E402
-from clipit.shards.format import write_split_shards  # noqa: E402
+from clipit.shards.codec import resolve_image  # noqa: E402
+from clipit.shards.writer import write_split_shards  # noqa: E402
 from clipit.training.loader import eval_loader, train_loader  # noqa: E402
 
 
-def build_shards(root: Path, n_shards: int, per_shard: int, tile: int) -> tuple[list[str], float]:
-    """(shard paths, seconds spent writing them: read + decode-check + tar + fsync, one process)."""
-    n = n_shards * per_shard
-    images = write_demo_images(root / "tiles", {"train": n}, size=tile, seed=0)
-    dataset = ImageFolderDataset(images, splits=("train",), classes=DEMO_CLASSES)
+def build_shards(dataset, out: Path, per_shard: int, codec: str) -> tuple[list[str], float]:
+    """(shard paths, seconds spent writing them: read + decode + tar + fsync, one process)."""
+    n = dataset.split_size("train")
     rng = np.random.default_rng(0)
     text = rng.normal(size=(300, 512)).astype(np.float32)
     pairs = {"indices": rng.integers(0, 300, (n, 1)), "scores": rng.random((n, 1)).astype(np.float32)}
     start = time.perf_counter()
-    paths = write_split_shards(dataset, "train", pairs, text, [f"R{i}" for i in range(300)], root / "shards", per_shard)
+    paths = write_split_shards(dataset, "train", pairs, text, [f"R{i}" for i in range(300)], out, per_shard,
+                               image=resolve_image(codec, dataset))
     return [str(p) for p in paths], time.perf_counter() - start
 
 
@@ -65,37 +66,43 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--samples", type=int, help="samples per path (default: all of them)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--codecs", nargs="+", default=["png", "raw"], choices=["png", "raw"])
+    ap.add_argument("--eval", action="store_true", help="time the eval loader too")
     ap.add_argument("--dir", type=Path, help="keep the shards here (default: a temp dir)")
     args = ap.parse_args()
     total = args.shards * args.per_shard
     limit = args.samples or total
     bs = args.batch_size
+    print(f"{args.shards} shards x {args.per_shard} samples of {args.tile}-px tiles (+ cls + 512-d fp16 emb + json) "
+          f"per codec | {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}")
+    rows = []  # (codec, path, samples/s, samples)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp)
-        urls, write_s = build_shards(root, args.shards, args.per_shard, args.tile)
-        size = sum(os.path.getsize(u) for u in urls)
-        print(f"{len(urls)} shards x {args.per_shard} samples ({args.tile}-px PNG + cls + 512-d fp16 emb + json), "
-              f"{size / total / 1024:.1f} KiB/sample; written by clipit.shards.format in one process at "
-              f"{total / write_s:,.0f} samples/s (decode-check + fsync included) | {os.cpu_count()} cpus, "
-              f"load average {os.getloadavg()[0]:.1f}")
-        rows = []
-        raw = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
-        rows.append(("raw tar read, no decode (upper bound)", *rate(raw, limit, lambda s: 1)))
-        naive = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
-                 .decode("rgb8").to_tuple("png", "cls", "emb.npy").batched(bs))
-        naive_limit = min(limit, 8 * bs)  # it is slow: a few batches are enough for its rate
-        rows.append(("webdataset decode('rgb8') + default collation (baseline)", *rate(naive, naive_limit, lambda b: len(b[1]))))
-        for workers in args.workers:
-            batches = -(-limit // bs)
-            loader = train_loader(urls, bs, batches, seed=0, num_workers=workers)
-            rows.append((f"clipit train_loader, {workers} workers", *rate(loader, batches * bs, lambda b: len(b["labels"]))))
-            loader = eval_loader(urls, bs, num_workers=workers)
-            rows.append((f"clipit eval_loader, {workers} workers", *rate(loader, limit, lambda b: len(b["labels"]))))
-    base = rows[1][1]
-    upper = rows[0][1]
-    print(f"{'path':58s} {'samples/s':>10s} {'samples':>8s} {'vs baseline':>11s} {'of raw read':>11s}")
-    for name, per_s, seen in rows:
-        print(f"{name:58s} {per_s:10,.0f} {seen:8,d} {per_s / base:10.1f}x {100 * per_s / upper:10.0f}%")
+        images = write_demo_images(root / "tiles", {"train": total}, size=args.tile, seed=0)
+        dataset = ImageFolderDataset(images, splits=("train",), classes=DEMO_CLASSES)
+        for codec in args.codecs:
+            urls, write_s = build_shards(dataset, root / f"shards-{codec}", args.per_shard, codec)
+            size = sum(os.path.getsize(u) for u in urls)
+            print(f"{codec}: {size / total / 1024:.1f} KiB/sample on disk; written at {total / write_s:,.0f} samples/s "
+                  "(one process, decode check + fsync included)")
+            raw = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
+            rows.append((codec, "raw tar read, no decode (baseline)", *rate(raw, limit, lambda s: 1)))
+            for workers in args.workers:
+                batches = -(-limit // bs)
+                loader = train_loader(urls, bs, batches, seed=0, num_workers=workers)
+                rows.append((codec, f"train_loader, {workers} workers",
+                             *rate(loader, batches * bs, lambda b: len(b["labels"]))))
+                if args.eval:
+                    loader = eval_loader(urls, bs, num_workers=workers)
+                    rows.append((codec, f"eval_loader, {workers} workers",
+                                 *rate(loader, limit, lambda b: len(b["labels"]))))
+    base = {codec: per_s for codec, name, per_s, _ in rows if name.startswith("raw tar read")}
+    first = rows[0][2]
+    print(f"{'codec':6s} {'path':40s} {'samples/s':>10s} {'samples':>8s} {'of its raw read':>15s} "
+          f"{'of ' + rows[0][0] + ' raw read':>16s}")
+    for codec, name, per_s, seen in rows:
+        print(f"{codec:6s} {name:40s} {per_s:10,.0f} {seen:8,d} {100 * per_s / base[codec]:14.0f}% "
+              f"{100 * per_s / first:15.0f}%")
     print(f"load average now {os.getloadavg()[0]:.1f}")
 
 

@@ -52,9 +52,11 @@ class ChoicesHelpParser(argparse.ArgumentParser):
 def add_config_flags(parser: argparse.ArgumentParser, required: bool = True, what: str = "experiment config") -> None:
     parser.add_argument("--config", required=required, metavar="YAML",
                         help=f"{what} (YAML, e.g. configs/demo.yaml; relative paths in it are relative to the "
-                             "working directory; keys: docs/config.md)")
+                             "working directory, ${{VAR}} and ${{CONFIG_DIR}} are expanded; keys: docs/config.md)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set methods.clipit.lr=1e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (overrides applied, paths expanded) as YAML and exit")
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser, default_profile: str) -> None:
@@ -115,7 +117,7 @@ def cmd_shard_build(args) -> None:
 
 
 def cmd_shard_validate(args) -> None:
-    from clipit.shards.format import validate_shards
+    from clipit.shards.validate import validate_shards
 
     counts = validate_shards(args.dir, quick=args.quick)
     print("ok: " + ", ".join(f"{split} {n}" for split, n in counts.items())
@@ -190,16 +192,17 @@ def cmd_export(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from clipit.evaluation.inference import predict_files
+    from clipit.evaluation.inference import run_predict
 
-    classes, probs = predict_files(args.model_dir, args.images, device=args.device, batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps([{"image": str(path), "prediction": classes[int(p.argmax())],
-                           "probabilities": dict(zip(classes, map(float, p)))} for path, p in zip(args.images, probs)]))
-        return
-    print("\t".join(["image", "prediction", *classes]))
-    for path, p in zip(args.images, probs):
-        print("\t".join([str(path), classes[int(p.argmax())], *(f"{x:.6f}" for x in p)]))
+    summary = run_predict(args.model_dir, args.inputs, out=args.out, features=args.features, split=args.split,
+                          device=args.device, batch_size=args.batch_size, mpp=args.mpp, target_mpp=args.target_mpp,
+                          min_tissue=args.min_tissue, tile=args.tile, heatmap_class=args.heatmap_class,
+                          stdout_json=args.json)
+    if args.out:  # without --out the rows themselves are stdout
+        slides = "".join(f"; {path}: {n} tissue tiles" for path, n in summary["slides"].items())
+        print(f"wrote {summary['rows']} rows to {args.out}{slides}"
+              + "".join(f"\nheatmap: {p}" for p in summary["heatmaps"])
+              + (f"\nfeatures: {args.features}" if args.features else ""))
 
 
 def cmd_report(args) -> None:
@@ -282,12 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "merge LoRA and save a run as a vision-only inference model", config=False)
     export.add_argument("run_dir", metavar="RUN_DIR", help="<output_dir>/runs/<method>/seed-<n> of a finished run")
     export.add_argument("out_dir", metavar="OUT_DIR")
-    predict = command("predict", cmd_predict, "class probabilities per image from an exported model", config=False)
+    predict = command("predict", cmd_predict, "class probabilities from an exported model for images, folders, globs, "
+                      "shard sets and whole-slide images (docs/predict.md)", config=False)
     predict.add_argument("model_dir", metavar="MODEL_DIR", help="a folder written by `clipit export`")
-    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder (recursive), glob, shard dir or slide")
+    predict.add_argument("--out", help="FILE.csv or FILE.json: one row per image / tissue tile (slides: heatmap PNG "
+                                       "next to it); default: a table on stdout")
+    predict.add_argument("--features", metavar="FILE.safetensors", help="also save the backbone embedding of every row")
+    predict.add_argument("--split", default="test", help="split of a shard set (default test)")
+    predict.add_argument("--mpp", type=float, help="µm per level-0 pixel of slides that do not record it (and --tile)")
+    predict.add_argument("--target-mpp", type=float, help="µm per model-input pixel (default: the training dataset's)")
+    predict.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a slide tile needs (0.5)")
+    predict.add_argument("--tile", action="store_true", help="predict large plain images tile by tile (needs --mpp)")
+    predict.add_argument("--heatmap-class", help="heatmap of this class's probability (default: predicted class)")
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    predict.add_argument("--json", action="store_true", help="without --out: one JSON list instead of a table")
     report = command("report", cmd_report, "Table 1, ablations, Omega and figures from run directories",
                      config=False)
     report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for run directories (metrics.json)")
@@ -303,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--force-unknown", action="store_true",
                       help="resubmit cells whose job state cannot be checked (no squeue, or an unreadable state.json)")
     grid.add_argument("--no-preflight", action="store_true", help="submit even if shards or weights are missing")
+    grid.add_argument("--throughput", metavar="FILE", help="--dry-run cost at the throughput a `make gpu-check` "
+                      "measured (its .md or .json; default runs/gpu-check.json if present, else assumed)")
 
     prepare = sub.add_parser("prepare", help="pairing and shard building as SLURM array jobs", parents=[common])
     prepare_sub = prepare.add_subparsers(dest="action", required=True, metavar="STAGE", parser_class=ChoicesHelpParser)
@@ -315,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--config", metavar="YAML", help="one experiment config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value (with --grid: in every cell)")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (or grid) as YAML and exit")
         add_cluster_flags(p, "the grid's profile, else local-cluster")
         p.add_argument("--resources", action="append", default=[], metavar="KEY=VALUE",
                        help="override a profile field for these jobs, e.g. partition=cpu, gpus_per_node=0")
@@ -326,13 +343,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_config(args) -> None:
+    """`--print-config`: the experiment config as the command would run it, or a grid file as loaded
+    (its cells' configs: `clipit grid --dry-run`), as YAML on stdout."""
+    import yaml
+
+    from clipit.config import load_config, to_dict
+
+    grid_file = getattr(args, "grid", None) or (args.config if args.command == "grid" else None)
+    if grid_file:
+        from clipit.hpc.grid import load_grid
+
+        data = to_dict(load_grid(grid_file)) | ({"overrides_of_every_cell": list(args.set)} if args.set else {})
+    else:
+        data = to_dict(load_config(getattr(args, "config_path", None) or args.config, args.set))
+    print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     from clipit.errors import disk_full_is_an_error
 
     args = build_parser().parse_args(argv)
     try:
         with disk_full_is_an_error():  # ENOSPC/EDQUOT from a writer outside clipit/io.py: one line too
-            status = args.func(args)
+            status = print_config(args) if getattr(args, "print_config", False) else args.func(args)
     except ClipitError as err:
         if args.debug:
             traceback.print_exc()

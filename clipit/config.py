@@ -10,6 +10,8 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,7 +139,8 @@ class PairingConfig:
     num_workers: Count = 0  # DataLoader workers that decode + preprocess images
     search: Literal["auto", "torch", "faiss"] = "auto"  # exact top-k backend; auto = faiss on CPU for many texts
     texts: Literal["reports", "class_prompts"] = "reports"  # class_prompts: 22 CONCH templates x class names
-    class_names: Annotated[list[str], Items(min=1)] | None = None  # prompt name per class (label order); default per dataset
+    # prompt name per class (label order), for class_prompts and the CLIP baselines' prompts; default per dataset
+    class_names: Annotated[list[str], Items(min=1)] | None = None
 
 
 @dataclass
@@ -146,6 +149,9 @@ class ShardsConfig:
     samples_per_shard: Positive = 1000  # samples per tar
     use_rank: Positive = 1  # which of the top-k texts each image gets (1 = best, at most pairing.top_k; 2..5 = the Fig. 5 ablation)
     random_report_seed: Count | None = None  # set: a uniformly random text per image instead (seeded control)
+    # how images are stored: raw (uint8 pixels, no decoding when loading), png (the dataset's encoded bytes as
+    # stored, any size), auto (raw for one-size datasets: pcam, crc, bach, demo; png for folder; an existing set keeps its codec)
+    codec: Literal["auto", "png", "raw"] = "auto"
 
 
 @dataclass
@@ -161,6 +167,19 @@ class LoraConfig:
 
 
 @dataclass
+class ClipConfig:
+    """The CLIP of the CLIP baselines (methods zero_shot, prompt_ft, clip_probe) and their class prompts;
+    class names: pairing.class_names (clipit/models/clip_baselines.py)."""
+
+    model: str | None = None  # pairing-model registry name (conch | open_clip:<arch> | demo-clip); null = pairing.model
+    checkpoint: str | None = None  # its weights, as pairing.checkpoint; null = pairing.checkpoint for the same model, else the weights file
+    # prompt templates, each with the word CLASSNAME; null = CONCH's 22 (clipit/pairing/texts.py)
+    templates: Annotated[list[str], Items(min=1, unique=True)] | None = None
+    logit_scale: PositiveFloat | None = None  # multiplier of the cosine similarities; null = the CLIP's own (exp of its logit_scale)
+    learn_logit_scale: bool = False  # prompt_ft also trains the scale (log-parametrised, at most 100 as in CLIP)
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "demo-vit-tiny"  # backbone registry name
     weights: str | None = None  # checkpoint path, hub ID or `random`; None = weights file, then hub (clipit/weights.py)
@@ -169,16 +188,26 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     text_dim: Positive = 512  # dimension of the report embeddings in the shards
     kd_layers: Annotated[int, Range(ge=1, le=2)] = 1  # P is Linear (1) or Linear-LeakyReLU-Linear (2)
+    compile: bool = False  # torch.compile the backbone and text tower in place (GPU speed; first steps compile)
+    # torch.compile mode with compile: true (reduce-overhead adds CUDA graphs; max-autotune tunes kernels, slow start)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # recompute each transformer block's activations in backward (backbone and text tower): less memory for a
+    # bigger batch or ViT-L at 448 px, ~30% more compute; an error for a model without block checkpointing
+    gradient_checkpointing: bool = False
 
 
 @dataclass
 class TrainConfig:
-    method: Literal["unimodal", "clipit", "text", "late_fusion", "early_fusion"] = "clipit"  # the model kind
-    finetune: Literal["auto", "frozen", "lora", "full"] = "auto"  # auto: unimodal frozen, else lora if model.lora.enabled
+    # the model kind; zero_shot, prompt_ft and clip_probe are the CLIP baselines (section clip)
+    method: Literal["unimodal", "clipit", "text", "late_fusion", "early_fusion", "zero_shot", "prompt_ft",
+                    "clip_probe"] = "clipit"
+    # auto: unimodal, clip_probe and zero_shot frozen, else lora if model.lora.enabled
+    finetune: Literal["auto", "frozen", "lora", "full"] = "auto"
     epochs: PositiveFloat = 1.0  # passes over the train split (fractions allowed)
     batch_size: Positive = 64  # per process
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # the optimizer of every trainable parameter
     lr: PositiveFloat = 1e-3  # peak learning rate
+    pretrained_lr: PositiveFloat | None = None  # lr of the pretrained weights under finetune full (new heads, LoRA: lr); None = lr
     weight_decay: NonNegative = 1e-4  # decoupled for adamw, L2 for adam and sgd
     momentum: Fraction = 0.9  # sgd only (Nesterov, so > 0 with sgd)
     schedule: Literal["none", "cosine"] = "none"  # cosine: from lr to min_lr over the run
@@ -190,10 +219,16 @@ class TrainConfig:
     checkpoint_every: Count = 0  # steps between resume checkpoints; 0 = at every evaluation
     num_workers: Count = 0  # loader worker processes per rank
     evals_per_epoch: Positive = 1  # validations per epoch
+    log_every: Positive = 50  # steps between progress lines on stdout and in <run>/train.log (rank 0)
     select: Literal["val_loss", "val_bacc", "last"] = "val_loss"  # which validation picks best.safetensors
+    patience: Count = 0  # stop after this many validations without a better selection score (early stopping); 0 = off
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
+    head_from: str | None = None  # unimodal: import this probe checkpoint's linear head (e.g. kaiko eva's) instead of training
     text_warm_start: str | None = None  # late_fusion: method (text) whose H_t initialises the text branch, same seed
     augment: bool = True  # flips and 90-degree rotations: histology has no canonical orientation
+    # true: a frozen backbone on unaugmented images runs once per image into <shards.dir>/features/ (shared by
+    # seeds and methods) and only what follows it trains, on the cached features; false: the backbone runs every step
+    feature_cache: bool = True
     # cached: the report embeddings stored in the shards (frozen text side). tower: the pairing model's
     # text tower (pairing.model / pairing.checkpoint) encodes the paired report in every step, with LoRA
     # under finetune lora, inside the same nn.Module as the vision side (the paper's default; CLIP-IT only)
@@ -212,6 +247,7 @@ class ExperimentConfig:
     pairing: PairingConfig = field(default_factory=PairingConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     methods: dict[str, TrainConfig] = field(default_factory=dict)  # method name -> its training settings
 
 
@@ -229,6 +265,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
         apply_override(raw, item, path)
     config = from_dict(cls, raw, str(path))
     if isinstance(config, ExperimentConfig):
+        expand_paths(config, path)
         check_sections(config, str(path))
         check_methods(config, str(path))
         method_order(config, str(path))  # unknown warm starts and cycles are load errors
@@ -247,6 +284,13 @@ def check_sections(cfg: ExperimentConfig, where: str = "<config>") -> None:
     except LookupError:
         raise ConfigError(f"{where}: reports.encoding = {cfg.reports.encoding!r} is not a text encoding Python "
                           "knows; use e.g. utf-8, latin-1 or cp1252") from None
+    for i, template in enumerate(cfg.clip.templates or ()):
+        if "CLASSNAME" not in template:
+            raise ConfigError(f"{where}: clip.templates[{i}] = {template!r} has no CLASSNAME (where the class name "
+                              "goes); write e.g. 'an H&E image of CLASSNAME.'")
+
+
+CLIP_METHODS = ("zero_shot", "prompt_ft", "clip_probe")  # the CLIP baselines: their model is the `clip` section's CLIP
 
 
 def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
@@ -254,6 +298,15 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
     for name, m in cfg.methods.items():
         key = f"methods.{name}"
         check_name(name, f"{where}: {key}: method name")
+        if m.method in CLIP_METHODS and (m.warm_start or m.text_warm_start):
+            raise ConfigError(f"{where}: {key}: method {m.method} starts from the CLIP (section clip), not from "
+                              "another run; remove warm_start / text_warm_start")
+        if m.method == "zero_shot" and m.finetune not in ("auto", "frozen"):
+            raise ConfigError(f"{where}: {key}.finetune = {m.finetune!r}: zero_shot trains nothing; use finetune: "
+                              "auto, or method prompt_ft to fine-tune the CLIP")
+        if m.method == "prompt_ft" and (m.finetune == "frozen" or (m.finetune == "auto" and not cfg.model.lora.enabled)):
+            raise ConfigError(f"{where}: {key}: prompt_ft with frozen towers trains nothing; set finetune: lora "
+                              "(or full), or model.lora.enabled: true, or use method zero_shot")
         if m.text_warm_start and not m.warm_start:
             raise ConfigError(f"{where}: {key}.text_warm_start = {m.text_warm_start!r} needs warm_start too (the text "
                               "run is found next to the warm-start run of the same seed)")
@@ -266,6 +319,15 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
         if m.word_drop and m.text_encoder != "tower":
             raise ConfigError(f"{where}: {key}.word_drop needs text_encoder: tower (cached embeddings have no words "
                               "to drop)")
+        if m.pretrained_lr is not None and m.finetune != "full":
+            raise ConfigError(f"{where}: {key}.pretrained_lr is for finetune: full (got finetune {m.finetune!r}: the "
+                              "pretrained weights do not train); remove pretrained_lr or set finetune: full")
+        if m.head_from and m.method != "unimodal":
+            raise ConfigError(f"{where}: {key}.head_from imports a linear probe, so it is for method unimodal (got "
+                              f"{m.method!r}); remove it, or warm-start this method from a unimodal method that has it")
+        if m.patience and m.select == "last":
+            raise ConfigError(f"{where}: {key}.patience needs a validation score to watch (select is 'last'); set "
+                              "select: val_bacc or val_loss, or patience: 0")
         if m.optimizer == "sgd" and m.momentum == 0:
             raise ConfigError(f"{where}: {key}.momentum = 0 with optimizer sgd: Nesterov SGD needs momentum in "
                               "(0, 1); set momentum (e.g. 0.9) or use optimizer adam")
@@ -295,6 +357,47 @@ def method_order(cfg: ExperimentConfig, where: str = "<config>") -> list[str]:
     for name in cfg.methods:
         visit(name)
     return order
+
+
+# Keys that hold file system paths: `${VAR}` (an environment variable) and `${CONFIG_DIR}` (the folder
+# of the config file) are expanded in them at load time, and `~` to the home folder. Relative paths
+# stay relative to the working directory of the command (the one rule; docs/config.md).
+PATH_KEYS = ("output_dir", "data.root", "reports.path", "reports.project_map", "pairing.dir", "pairing.checkpoint",
+             "shards.dir", "model.weights", "model.weights_file")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_path(value: str, key: str, where: str, config_dir: Path | None = None) -> str:
+    """`value` with ${VAR} from the environment (${CONFIG_DIR}: the config file's folder) and ~ expanded;
+    an unset variable is a ConfigError naming the key."""
+    def sub(match: re.Match) -> str:
+        name = match.group(1)
+        if name == "CONFIG_DIR" and config_dir is not None:
+            return str(config_dir)
+        if name not in os.environ:
+            raise ConfigError(f"{where}: {key} = {value!r} uses ${{{name}}}, which is not set; export {name}=... "
+                              "before the command (or write the path out)")
+        return os.environ[name]
+
+    out = _VAR.sub(sub, value)
+    if re.search(r"\$[A-Za-z_{]", out):  # $NAME or an unclosed ${: not expanded, would become a literal folder
+        raise ConfigError(f"{where}: {key} = {value!r}: write environment variables as ${{NAME}}")
+    return os.path.expanduser(out)
+
+
+def expand_paths(cfg: ExperimentConfig, path: Path) -> None:
+    config_dir = Path(path).parent.absolute()
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        value = getattr(node, leaf)
+        if isinstance(value, str) and ("$" in value or value.startswith("~")):
+            setattr(node, leaf, expand_path(value, key, str(path), config_dir))
+    for name, m in cfg.methods.items():
+        if m.head_from and ("$" in m.head_from or m.head_from.startswith("~")):
+            m.head_from = expand_path(m.head_from, f"methods.{name}.head_from", str(path), config_dir)
 
 
 def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentConfig:

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from clipit import config as config_module
-from clipit.config import ExperimentConfig, Range, rules_of
+from clipit.config import PATH_KEYS, ExperimentConfig, Range, rules_of
 
 SOURCE = Path(config_module.__file__)
 
@@ -85,7 +85,14 @@ def reference() -> str:
            "Generated from `clipit/config.py` by `python -m clipit.config_reference > docs/config.md`; do not",
            "edit by hand. Every experiment config (`configs/*.yaml`) is a mapping of these sections. Unknown",
            "keys, wrong types and out-of-range values are errors naming the key; `--set KEY=VALUE` overrides",
-           "any key (the value is read as YAML). Relative paths are relative to the working directory.",
+           "any key (the value is read as YAML); `--print-config` prints the resolved config and exits.",
+           "",
+           "**Paths** (one rule): a relative path is relative to the working directory of the command (the",
+           "repository root in the shipped configs), never to the config file. In the path keys",
+           "(" + ", ".join(f"`{k}`" for k in PATH_KEYS) + ")",
+           "`${VAR}` is replaced by the environment variable VAR (unset: an error naming the key),",
+           "`${CONFIG_DIR}` by the config file's folder, and a leading `~` by the home folder; e.g.",
+           "`data.root: ${SCRATCH}/pcam`. Grid files expand `root` and `base` the same way.",
            "Paths left empty are derived from `output_dir` (`pairing.dir`, `shards.dir`, the demo's data).",
            "The `valid` column is what the loader checks; a float is also finite (never NaN or inf) and may be",
            "written `1e-3` (YAML 1.1 reads that as text, which a float key accepts when it reads as a number).", ""]

@@ -8,7 +8,9 @@ passes here does not fail at the first step of `clipit pair`, and one that fails
 message `clipit pair` would print; the weights file, every backbone weight the methods need (found,
 strict load, output width as declared), the pairing model's weights (found, loads, embedding width
 = model.text_dim), the shard manifest (embedding width = model.text_dim), and the methods'
-warm-start references. Exit status 0 when nothing failed, 2 otherwise.
+warm-start references. Exit status 0 when nothing failed, 2 otherwise. Which check runs now is
+shown on stderr (a bar on a terminal, a `[i/n] what` line otherwise: clipit/progress.py), because
+loading a dataset or a backbone can take minutes.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 
 from clipit.errors import ClipitError, one_line
 from clipit.config import ExperimentConfig
+from clipit.progress import Progress
 
 OK, FAIL, INFO = "✓", "✗", "·"
 
@@ -184,7 +187,7 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
 
 
 def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
-    from clipit.shards.format import MANIFEST, ShardError, load_manifest
+    from clipit.shards.manifest import MANIFEST, ShardError, load_manifest
 
     path = Path(cfg.shards.dir) / MANIFEST
     if not path.exists():
@@ -226,14 +229,20 @@ def _print(line: str) -> None:
 def run_doctor(cfg: ExperimentConfig, echo: Callable[[str], None] = _print) -> int:
     """Run every check, print one line each; returns the exit status (0 ok, 2 problems)."""
     shard_checks, shards_built = check_shards(cfg)
-    groups = [lambda: check_paths(cfg), lambda: check_inputs(cfg, echo), lambda: check_weights_file(cfg),
-              lambda: check_methods(cfg), lambda: check_backbone(cfg), lambda: check_pairing(cfg, shards_built),
-              lambda: shard_checks]
+    groups = {"input paths": lambda: check_paths(cfg), "inputs": lambda: check_inputs(cfg, echo),
+              "weights file": lambda: check_weights_file(cfg), "methods": lambda: check_methods(cfg),
+              "backbone": lambda: check_backbone(cfg), "pairing model": lambda: check_pairing(cfg, shards_built),
+              "shards": lambda: shard_checks}
     failed = 0
-    for group in groups:
-        for check in group():
-            echo(check.line())
-            failed += check.status == FAIL
+    with Progress(total=len(groups), desc="clipit doctor", unit="check", every=len(groups)) as bar:
+        if echo is _print:
+            echo = bar.write  # lines above a terminal's bar instead of through it
+        for what, group in groups.items():
+            bar.note(what)
+            for check in group():
+                echo(check.line())
+                failed += check.status == FAIL
+            bar.update()
     if failed:
         print(f"clipit doctor: {failed} problem(s); fix the ✗ lines above", file=sys.stderr)
         return 2

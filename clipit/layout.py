@@ -6,11 +6,16 @@ An experiment config's `output_dir` holds one directory per trained (method, see
         config.yaml               the fully resolved config the run was trained with
         best.safetensors|.json    the checkpoint selected on validation (+ sidecar: how to rebuild)
         checkpoints/latest/       resume state; a rerun continues from it
-        tb/                       TensorBoard events
+        train.log                 plain progress lines of every training attempt (appended, rank 0)
         train_summary.json        written last by training: the run is trained
         metrics.json              written last by evaluation: the run is evaluated
         predictions-<split>.npz   keys, labels, logits (the Omega analysis)
         state.json                the grid ledger's cell state (grid runs only)
+
+TensorBoard events live apart, under one root per output_dir, so that `tensorboard --logdir
+<output_dir>/tb` names each run `<method>/seed-<n>` (and scans no checkpoints):
+
+    <output_dir>/tb/<method>/seed-<n>/events.out.tfevents.*
 
 A method's warm start is the sibling cell of the same output_dir and seed (`sibling`), which is why
 grids that reuse another axis value's warm start link it into place at exactly that path.
@@ -30,7 +35,8 @@ CONFIG = "config.yaml"
 TRAIN_SUMMARY = "train_summary.json"
 METRICS = "metrics.json"
 STATE = "state.json"
-TENSORBOARD = "tb"
+TENSORBOARD = "tb"  # <output_dir>/tb: the TensorBoard root, next to runs/
+TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 # folders inside a run directory (or next to the runs) that hold no runs: not searched for runs
 NOT_RUNS = frozenset({TENSORBOARD, CHECKPOINTS, "submitit", "report"})
@@ -100,8 +106,22 @@ def state_file(run: str | Path) -> Path:
     return Path(run) / STATE
 
 
+def tensorboard_root(output_dir: str | Path) -> Path:
+    """What to give `tensorboard --logdir`: every run of the output_dir, named `<method>/seed-<n>`."""
+    return Path(output_dir) / TENSORBOARD
+
+
 def tensorboard_dir(run: str | Path) -> Path:
-    return Path(run) / TENSORBOARD
+    """The run's TensorBoard events: `<output_dir>/tb/<method>/seed-<n>`; `<run>/tb` for a run
+    directory outside the layout (a library caller's own folder)."""
+    rid = parse_run_dir(run)
+    if rid is None:
+        return Path(run) / TENSORBOARD
+    return tensorboard_root(rid.output_dir) / rid.method / f"{SEED_PREFIX}{rid.seed}"
+
+
+def train_log(run: str | Path) -> Path:
+    return Path(run) / TRAIN_LOG
 
 
 def resume_dir(run: str | Path) -> Path:
@@ -115,3 +135,18 @@ def is_trained(run: str | Path) -> bool:
 def is_finished(run: str | Path) -> bool:
     """Trained and evaluated: the skip contract of the trainer, the pipeline and the grid."""
     return train_summary(run).exists() and metrics_file(run).exists()
+
+
+# Frozen-backbone features, computed once per backbone identity and preprocessing next to the shards they
+# come from and shared by every seed and method (clipit/training/features.py):
+#     <shards_dir>/features/<key>/manifest.json, <split>/<split>-NNNNNN.safetensors
+FEATURES = "features"
+
+
+def feature_cache_dir(shard_dir: str | Path, key: str) -> Path:
+    return Path(shard_dir) / FEATURES / check_name(key, "feature cache key")
+
+
+def feature_part(cache_dir: str | Path, split: str, index: int) -> Path:
+    """Features of shard `index` of `split` (the same samples, in the same order)."""
+    return Path(cache_dir) / split / f"{split}-{int(index):06d}.safetensors"

@@ -32,6 +32,10 @@ class LockError(ClipitError):
     """Another process writes this directory, or its file system cannot lock."""
 
 
+class LockHeld(LockError):
+    """Another process holds the lock (as opposed to a file system that cannot lock): worth waiting for."""
+
+
 def holder(directory: str | Path) -> dict | None:
     """Who holds (or last held) the lock of `directory`, as recorded in its lock file."""
     try:
@@ -68,7 +72,7 @@ def exclusive(directory: str | Path, what: str = "directory", wait_s: float = 0.
                 if time.monotonic() >= deadline:
                     who = holder(directory) or {}
                     by = f"pid {who.get('pid')} on {who.get('host')} since {who.get('since')}" if who else "another process"
-                    raise LockError(f"{directory}: this {what} is being written by {by}; wait for it to finish or "
+                    raise LockHeld(f"{directory}: this {what} is being written by {by}; wait for it to finish or "
                                     "stop it (one writer per directory)") from None
                 time.sleep(poll_s)
         record = {"host": socket.gethostname(), "pid": os.getpid(),

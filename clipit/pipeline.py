@@ -28,7 +28,7 @@ def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
         check_split_names(expected, tuple(d.counts))
         demo.write_demo_images(Path(cfg.data.root), d.counts, d.image_size, d.seed)
         dataset = ImageFolderDataset(cfg.data.root, splits=tuple(d.counts), classes=demo.DEMO_CLASSES)
-        dataset.name = "demo"
+        dataset.name, dataset.fixed_size = "demo", True  # data.demo.image_size square
     else:
         from clipit.data.registry import DATASETS, build_dataset
 
@@ -137,7 +137,7 @@ def class_agreement(dataset: ImageDataset, reports: list[Report], pair_paths: di
 
 def run_shards(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report], pair_paths: dict[str, Path],
                part: int | None = None, num_parts: int | None = None, finalize: bool = False) -> Path | None:
-    """All shards and the manifest, or one part of a compute-node build (clipit/shards/format.py); returns the
+    """All shards and the manifest, or one part of a compute-node build (clipit/shards/stage.py); returns the
     manifest once the set is complete, None while other parts' shards are still missing."""
     from clipit.pairing.texts import pairing_texts
     from clipit.shards.stage import run_shard_stage
@@ -162,7 +162,7 @@ def shard_stage(cfg: ExperimentConfig, part: int | None = None, num_parts: int |
                 finalize: bool = False) -> Path | None:
     """`clipit shard build`: the whole set (pairing first if needed), or one part of it, or only the
     manifest; returns the manifest once the set is complete."""
-    from clipit.shards.format import ShardError
+    from clipit.shards.manifest import ShardError
     from clipit.shards.stage import require_pairs
 
     if (part is None) != (num_parts is None):

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster (slurmctld + slurmd [+ slurmdbd + MariaDB]) for
+# A real SLURM cluster (slurmctld + one or more slurmd [+ slurmdbd + MariaDB]) for
 # tests and CI on a single Debian bookworm machine without systemd or cgroups.
 #
-#   bash slurm/local-cluster.sh start    # install if needed, configure, start, wait until idle
-#   bash slurm/local-cluster.sh stop     # cancel jobs, stop every daemon (no-op if none runs)
-#   bash slurm/local-cluster.sh status   # exit 0 iff the node is usable (and sacct answers)
-#   bash slurm/local-cluster.sh purge    # stop + delete state, database, logs and our config
+#   bash slurm/local-cluster.sh start [--nodes N]   # install if needed, configure, start, wait until idle
+#   bash slurm/local-cluster.sh stop                # cancel jobs, stop every daemon (no-op if none runs)
+#   bash slurm/local-cluster.sh status [--nodes N]  # exit 0 iff every node is usable (and sacct answers)
+#   bash slurm/local-cluster.sh purge               # stop + delete state, database, logs and our config
+#
+# One node (default): node `hostname -s` at 127.0.0.1, slurmd on port 6818.
+# N >= 2 nodes: node1..nodeN at 127.0.0.2..127.0.0.(N+1), one slurmd each (`slurmd -N nodeI`,
+# port 6820+I, own spool/pid/log via %n); their names go into /etc/hosts (tagged lines,
+# removed on stop) so a job's first host resolves to its node's address.
 #
 # Knobs (environment):
+#   SLURM_LOCAL_NODES       number of nodes (--nodes wins)  (default 1)
 #   SLURM_LOCAL_DIR         state/log/db folder            (default /var/tmp/clipit-slurm)
 #   SLURM_LOCAL_ACCOUNTING  1: slurmdbd + MariaDB, 0: none  (default 1; submitit needs sacct)
-#   SLURM_LOCAL_CPUS        CPUs advertised by the node     (default 8)
-#   SLURM_LOCAL_TIMEOUT     seconds to wait for the node    (default 120)
+#   SLURM_LOCAL_CPUS        CPUs advertised by each node    (default 8)
+#   SLURM_LOCAL_TIMEOUT     seconds to wait for the nodes   (default 120)
 #   SLURM_LOCAL_DB_PORT     MariaDB TCP port on 127.0.0.1   (default 33061)
 #
 # See docs/slurm.md for what is configured and why.
@@ -23,6 +29,9 @@ ACCOUNTING=${SLURM_LOCAL_ACCOUNTING:-1}
 CPUS=${SLURM_LOCAL_CPUS:-8}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-120}
 DB_PORT=${SLURM_LOCAL_DB_PORT:-33061}
+NODES=${SLURM_LOCAL_NODES:-1}
+NODES_GIVEN=0
+if [[ -n ${SLURM_LOCAL_NODES:-} ]]; then NODES_GIVEN=1; fi
 CONF_DIR=/etc/slurm
 SLURM_CONF_FILE=$CONF_DIR/slurm.conf
 DBD_CONF_FILE=$CONF_DIR/slurmdbd.conf
@@ -33,6 +42,9 @@ CLUSTER=clipit
 CTLD_PORT=6817
 SLURMD_PORT=6818
 DBD_PORT=6819
+NODE_PORT_BASE=6820   # node I of a multi-node cluster listens on 6820+I
+HOSTS_FILE=/etc/hosts
+HOSTS_TAG="# clipit-local-cluster"
 
 LOG=$DIR/log
 RUN=$DIR/run
@@ -49,7 +61,7 @@ die() { say "ERROR: $*"; dump_logs; exit 1; }
 dump_logs() {
   local f d
   for d in munged mariadb slurmdbd slurmctld slurmd; do
-    for f in "$LOG/$d.log" "$LOG/$d.out"; do
+    for f in "$LOG/$d.log" "$LOG/$d.out" "$LOG/$d"-*.log "$LOG/$d"-*.out; do
       if [[ $d == munged && $f == "$LOG/munged.log" ]]; then f=$MUNGE_LOG; fi
       [[ -s $f ]] || continue
       printf '\n===== tail -n 25 %s =====\n' "$f" >&2
@@ -198,10 +210,49 @@ ensure_packages() {
 # ---------------------------------------------------------------- config
 host_short() { hostname -s 2>/dev/null || hostname; }
 
+# The nodes this invocation works on, in NODE_LIST (name) and NODE_ADDR (address).
+# start: from --nodes / SLURM_LOCAL_NODES.  stop/status: from the written slurm.conf,
+# so they act on the cluster that runs, whatever it was started with.
+NODE_LIST=()
+NODE_ADDR=()
+plan_nodes() { # count
+  local i
+  NODE_LIST=() NODE_ADDR=()
+  if (($1 == 1)); then
+    NODE_LIST=("$(host_short)") NODE_ADDR=(127.0.0.1)
+    return 0
+  fi
+  for ((i = 1; i <= $1; i++)); do
+    NODE_LIST+=("node$i") NODE_ADDR+=("127.0.0.$((i + 1))")
+  done
+  return 0
+}
+
+configured_nodes() {
+  local line name addr
+  NODE_LIST=() NODE_ADDR=()
+  if has_marker "$SLURM_CONF_FILE"; then
+    while read -r line; do
+      name=${line#NodeName=}; name=${name%% *}
+      addr=${line#* NodeAddr=}; addr=${addr%% *}
+      NODE_LIST+=("$name") NODE_ADDR+=("$addr")
+    done < <(grep '^NodeName=' "$SLURM_CONF_FILE" || true)
+  fi
+  if ((${#NODE_LIST[@]} == 0)); then plan_nodes 1; fi
+  return 0
+}
+
+multi_node() { ((${#NODE_LIST[@]} > 1)); }
+
+# One node keeps the historical single-node layout (slurmd.pid, slurmd.log).
+slurmd_pidfile() { # node
+  if multi_node; then printf '%s' "$RUN/slurmd-$1.pid"; else printf '%s' "$RUN/slurmd.pid"; fi
+}
+
 # Node line from `slurmd -C`, with 90% of RealMemory (a node declared with
 # more than it has gets drained, gotcha 9) and SLURM_LOCAL_CPUS CPUs.
-node_line() {
-  local host=$1 line kv key val
+node_line() { # name addr [port]
+  local host=$1 addr=$2 port=${3:+ Port=$3} line kv key val
   local cpus="" boards=1 sockets=1 cores="" threads=1 mem=""
   line=$(slurmd -C 2>/dev/null | head -n 1) || true
   for kv in $line; do
@@ -222,19 +273,23 @@ node_line() {
   if [[ -n $CPUS && $CPUS != "$cpus" ]]; then
     # Advertise CPUS cores (config_overrides makes slurmd report the
     # configured topology instead of the real one).
-    printf 'NodeName=%s NodeAddr=127.0.0.1 CPUs=%s Boards=1 SocketsPerBoard=1 CoresPerSocket=%s ThreadsPerCore=1 RealMemory=%s State=UNKNOWN\n' \
-      "$host" "$CPUS" "$CPUS" "$mem"
+    printf 'NodeName=%s NodeAddr=%s%s CPUs=%s Boards=1 SocketsPerBoard=1 CoresPerSocket=%s ThreadsPerCore=1 RealMemory=%s State=UNKNOWN\n' \
+      "$host" "$addr" "$port" "$CPUS" "$CPUS" "$mem"
   else
-    printf 'NodeName=%s NodeAddr=127.0.0.1 CPUs=%s Boards=%s SocketsPerBoard=%s CoresPerSocket=%s ThreadsPerCore=%s RealMemory=%s State=UNKNOWN\n' \
-      "$host" "$cpus" "$boards" "$sockets" "$cores" "$threads" "$mem"
+    printf 'NodeName=%s NodeAddr=%s%s CPUs=%s Boards=%s SocketsPerBoard=%s CoresPerSocket=%s ThreadsPerCore=%s RealMemory=%s State=UNKNOWN\n' \
+      "$host" "$addr" "$port" "$cpus" "$boards" "$sockets" "$cores" "$threads" "$mem"
   fi
 }
 
 render_slurm_conf() {
-  local host=$1
+  local host=$1 spool=$DIR/spool pidf=$RUN/slurmd.pid logf=$LOG/slurmd.log title="One-node" i
+  if multi_node; then
+    # Several slurmd on one machine: %n (the node name) keeps their files apart.
+    spool=$DIR/spool/%n pidf=$RUN/slurmd-%n.pid logf=$LOG/slurmd-%n.log title="${#NODE_LIST[@]}-node"
+  fi
   cat <<EOF
 $MARKER
-# One-node cluster for clipit tests/CI. See docs/slurm.md.
+# $title cluster for clipit tests/CI. See docs/slurm.md.
 ClusterName=$CLUSTER
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -246,11 +301,11 @@ CredType=cred/munge
 # Requeued jobs wait cred_expire before restarting (default 120 s), gotcha 4.
 AuthInfo=cred_expire=10
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$pidf
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$logf
 SlurmctldDebug=info
 SlurmdDebug=info
 # No systemd/cgroups here: track processes via /proc, no task binding.
@@ -298,7 +353,14 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 EOF
   fi
-  node_line "$host"
+  if multi_node; then
+    # slurmd binds 0.0.0.0 whatever NodeAddr says: one port per node.
+    for i in "${!NODE_LIST[@]}"; do
+      node_line "${NODE_LIST[$i]}" "${NODE_ADDR[$i]}" $((NODE_PORT_BASE + i + 1))
+    done
+  else
+    node_line "$host" 127.0.0.1
+  fi
   printf 'PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n'
 }
 
@@ -360,6 +422,45 @@ write_configs() {
       say "wrote $DBD_CONF_FILE"
     fi
     chmod 600 "$DBD_CONF_FILE"
+  fi
+  return 0
+}
+
+# ---------------------------------------------------------------- /etc/hosts
+# Jobs find their first host by name (MASTER_ADDR, multinode.sbatch's MAIN_ADDR):
+# nodeI must resolve to its 127.0.0.x.  Our lines carry HOSTS_TAG; the file is
+# rewritten in place (it may be a bind mount) and only when it changes.
+set_host_entries() { # [name addr ...]
+  local tmp line
+  tmp=$(mktemp)
+  if [[ -f $HOSTS_FILE ]]; then
+    while IFS= read -r line || [[ -n $line ]]; do
+      if [[ $line != *"$HOSTS_TAG" ]]; then printf '%s\n' "$line"; fi
+    done <"$HOSTS_FILE" >"$tmp"
+  fi
+  while (($#)); do
+    printf '%s %s %s\n' "$2" "$1" "$HOSTS_TAG" >>"$tmp"
+    shift 2
+  done
+  if [[ -f $HOSTS_FILE ]] && cmp -s "$tmp" "$HOSTS_FILE"; then rm -f "$tmp"; return 0; fi
+  cat "$tmp" >"$HOSTS_FILE"
+  rm -f "$tmp"
+  return 0
+}
+
+write_host_entries() {
+  local -a pairs=()
+  local i got
+  if multi_node; then
+    for i in "${!NODE_LIST[@]}"; do pairs+=("${NODE_LIST[$i]}" "${NODE_ADDR[$i]}"); done
+  fi
+  set_host_entries "${pairs[@]}"
+  if multi_node; then
+    for i in "${!NODE_LIST[@]}"; do
+      got=$(getent ahostsv4 "${NODE_LIST[$i]}" 2>/dev/null | awk 'NR == 1 {print $1}' || true)
+      [[ $got == "${NODE_ADDR[$i]}" ]] \
+        || die "${NODE_LIST[$i]} resolves to '${got}', not ${NODE_ADDR[$i]}: remove the other entry for it from $HOSTS_FILE"
+    done
   fi
   return 0
 }
@@ -458,20 +559,44 @@ start_slurmctld() {
   return 0
 }
 
-start_slurmd() {
-  if daemon_alive "$RUN/slurmd.pid" slurmd; then return 0; fi
-  rm -f "$RUN/slurmd.pid"
+any_slurmd_alive() {
+  local f
+  for f in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid; do
+    if daemon_alive "$f" slurmd; then return 0; fi
+  done
+  return 1
+}
+
+start_slurmds() {
+  local node pidf
   # After a full restart every recovered job is cancelled anyway: kill the job
   # processes of the previous incarnation.  If only slurmd died, its steps
   # survive and the new slurmd re-attaches to them.
-  if ((CTLD_STARTED)); then kill_orphan_stepds; fi
-  slurmd </dev/null >>"$LOG/slurmd.out" 2>&1 || die "slurmd failed to start"
+  if ((CTLD_STARTED)) && ! any_slurmd_alive; then kill_orphan_stepds; fi
+  for node in "${NODE_LIST[@]}"; do
+    pidf=$(slurmd_pidfile "$node")
+    if daemon_alive "$pidf" slurmd; then continue; fi
+    rm -f "$pidf"
+    if multi_node; then
+      mkdir -p "$DIR/spool/$node"
+      slurmd -N "$node" </dev/null >>"$LOG/slurmd-$node.out" 2>&1 || die "slurmd for $node failed to start"
+    else
+      slurmd </dev/null >>"$LOG/slurmd.out" 2>&1 || die "slurmd failed to start"
+    fi
+  done
   return 0
 }
 
-# Node state of our node, e.g. "idle", "mixed", "down*", or "" if unknown.
-node_state() {
-  sinfo -h -N -n "$(host_short)" -o '%T' 2>/dev/null | head -n 1 || true
+# State of one node, e.g. "idle", "mixed", "down*", or "" if unknown.
+node_state() { # [node]
+  sinfo -h -N -n "${1:-${NODE_LIST[0]}}" -o '%T' 2>/dev/null | head -n 1 || true
+}
+
+# "node1 idle, node2 mixed"
+node_states() {
+  local node out=""
+  for node in "${NODE_LIST[@]}"; do out+="${out:+, }$node $(node_state "$node")"; done
+  printf '%s' "$out"
 }
 
 ctld_answers() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
@@ -481,17 +606,19 @@ sacct_answers() {
   sacct -n -X -S now-1minutes -o JobID >/dev/null 2>&1
 }
 
-node_usable() { # strict: require idle
-  local st
-  st=$(node_state)
-  if [[ ${1:-} == strict ]]; then
-    [[ $st == idle ]] || return 1
-  else
-    case $st in
-      idle|mixed|allocated|completing) ;;
-      *) return 1 ;;
-    esac
-  fi
+node_usable() { # strict: require idle; every node must be usable
+  local st node
+  for node in "${NODE_LIST[@]}"; do
+    st=$(node_state "$node")
+    if [[ ${1:-} == strict ]]; then
+      [[ $st == idle ]] || return 1
+    else
+      case $st in
+        idle|mixed|allocated|completing) ;;
+        *) return 1 ;;
+      esac
+    fi
+  done
   return 0
 }
 
@@ -499,8 +626,7 @@ node_usable() { # strict: require idle
 # "ghost" running jobs that keep the node busy for ~60 s (gotcha 11).
 # Cancel every recovered job and bounce the node DOWN -> RESUME.
 clean_recovered_state() {
-  local host jobs st i
-  host=$(host_short)
+  local node jobs st i
   for i in $(seq 100); do
     if ctld_answers; then break; fi
     sleep 0.1
@@ -516,33 +642,39 @@ clean_recovered_state() {
     # ("runaway jobs"); close them so sacct does not report stale states.
     sacctmgr -i show runawayjobs >/dev/null 2>&1 || true
   fi
-  st=$(node_state)
-  case $st in
-    ''|idle|unknown*|idle\**) ;;   # fresh node or still registering: nothing to fix
-    *)
-      say "node state '$st' after restart: setting DOWN then RESUME"
-      scontrol update NodeName="$host" State=DOWN Reason="clipit local-cluster restart" >/dev/null 2>&1 || true
-      scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true
-      ;;
-  esac
+  for node in "${NODE_LIST[@]}"; do
+    st=$(node_state "$node")
+    case $st in
+      ''|idle|unknown*|idle\**) ;;   # fresh node or still registering: nothing to fix
+      *)
+        say "node $node state '$st' after restart: setting DOWN then RESUME"
+        scontrol update NodeName="$node" State=DOWN Reason="clipit local-cluster restart" >/dev/null 2>&1 || true
+        scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+        ;;
+    esac
+  done
   return 0
 }
 
 wait_ready() { # deadline strict
-  local deadline=$1 strict=$2 last_fix=$((SECONDS - 10)) st
+  local deadline=$1 strict=$2 last_fix=$((SECONDS - 10)) st node
   while :; do
     if ctld_answers && node_usable "$strict" && sacct_answers; then return 0; fi
     if ((SECONDS >= deadline)); then break; fi
-    st=$(node_state)
     # A node left DOWN/DRAINED (e.g. by a previous kill) is resumed, retried every 10 s.
-    if [[ $st == down* || $st == drain* ]] && ((SECONDS - last_fix >= 10)); then
-      say "node is '$st': RESUME"
-      scontrol update NodeName="$(host_short)" State=RESUME >/dev/null 2>&1 || true
-      last_fix=$SECONDS
+    if ((SECONDS - last_fix >= 10)); then
+      for node in "${NODE_LIST[@]}"; do
+        st=$(node_state "$node")
+        if [[ $st == down* || $st == drain* ]]; then
+          say "node $node is '$st': RESUME"
+          scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+          last_fix=$SECONDS
+        fi
+      done
     fi
     sleep 0.2
   done
-  say "cluster not ready after ${TIMEOUT}s: node state '$(node_state)'"
+  say "cluster not ready after ${TIMEOUT}s: $(node_states)"
   sinfo -N -l >&2 2>&1 || true
   squeue >&2 2>&1 || true
   if [[ $ACCOUNTING == 1 ]]; then sacct -n -X -S now-1minutes >&2 2>&1 || true; fi
@@ -558,26 +690,32 @@ all_running() {
     daemon_alive "$RUN/slurmdbd.pid" slurmdbd || return 1
   fi
   daemon_alive "$RUN/slurmctld.pid" slurmctld || return 1
-  daemon_alive "$RUN/slurmd.pid" slurmd || return 1
+  local node
+  for node in "${NODE_LIST[@]}"; do
+    daemon_alive "$(slurmd_pidfile "$node")" slurmd || return 1
+  done
   return 0
 }
 
 cmd_start() {
   local t0=$SECONDS
+  plan_nodes "$NODES"
   mkdir -p "$DIR" "$LOG" "$RUN" "$DIR/state" "$DIR/spool"
   touch "$DIR_STAMP"
   ensure_packages
   write_configs
+  write_host_entries
   if ((CONFIG_CHANGED || DBD_CONFIG_CHANGED)); then
     # A slurm.conf that differs between running daemons and the file logs
-    # errors (gotcha 8): restart whatever runs with an old config.
-    if daemon_alive "$RUN/slurmctld.pid" slurmctld || daemon_alive "$RUN/slurmd.pid" slurmd \
+    # errors (gotcha 8): restart whatever runs with an old config (also when
+    # the node count changed: the old slurmd are stopped by their pid files).
+    if daemon_alive "$RUN/slurmctld.pid" slurmctld || any_slurmd_alive \
        || daemon_alive "$RUN/slurmdbd.pid" slurmdbd; then
       say "configuration changed: restarting slurm daemons"
       stop_slurm_daemons
     fi
   elif all_running && ctld_answers && node_usable && sacct_answers; then
-    say "already running (node $(node_state))"
+    say "already running ($(node_states))"
     return 0
   fi
   start_munge
@@ -589,14 +727,14 @@ cmd_start() {
     stop_daemons 30 "$DB_PIDFILE" mariadbd
   fi
   start_slurmctld
-  start_slurmd
+  start_slurmds
   if ((CTLD_STARTED)); then clean_recovered_state; fi
   # A freshly started slurmctld has no jobs left (see clean_recovered_state):
   # wait for "idle".  Otherwise jobs may legitimately be running.
   local strict=""
   if ((CTLD_STARTED)); then strict=strict; fi
   wait_ready $((SECONDS + TIMEOUT)) "$strict" || exit 1
-  say "ready in $((SECONDS - t0)) s: node $(host_short) $(node_state), partition debug, SLURM_CONF=$SLURM_CONF_FILE"
+  say "ready in $((SECONDS - t0)) s: ${#NODE_LIST[@]} node(s) ($(node_states)), partition debug, SLURM_CONF=$SLURM_CONF_FILE"
   return 0
 }
 
@@ -617,17 +755,24 @@ cancel_all_jobs() {
 }
 
 stop_slurm_daemons() {
-  stop_daemons 15 "$RUN/slurmd.pid" slurmd "$RUN/slurmctld.pid" slurmctld
+  local -a slurmds=()
+  local f
+  for f in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid; do
+    if [[ -e $f ]]; then slurmds+=("$f" slurmd); fi
+  done
+  stop_daemons 15 "${slurmds[@]}" "$RUN/slurmctld.pid" slurmctld
   kill_orphan_stepds
   stop_daemons 15 "$RUN/slurmdbd.pid" slurmdbd
   return 0
 }
 
 cmd_stop() {
+  configured_nodes
   cancel_all_jobs
   stop_slurm_daemons
   stop_daemons 30 "$DB_PIDFILE" mariadbd
   stop_daemons 10 "$MUNGE_PID" munged
+  set_host_entries   # drop our node names from /etc/hosts
   say "stopped"
   return 0
 }
@@ -635,11 +780,16 @@ cmd_stop() {
 cmd_status() {
   if ! command -v sinfo >/dev/null; then say "slurm is not installed"; return 1; fi
   if [[ ! -f $SLURM_CONF_FILE ]]; then say "no $SLURM_CONF_FILE"; return 1; fi
+  configured_nodes
+  if ((NODES_GIVEN)) && ((${#NODE_LIST[@]} != NODES)); then
+    say "configured with ${#NODE_LIST[@]} node(s), not $NODES (bash $0 start --nodes $NODES)"
+    return 1
+  fi
   if ! all_running; then say "not running"; return 1; fi
   if ! ctld_answers; then say "slurmctld does not answer"; return 1; fi
-  if ! node_usable; then say "node state '$(node_state)' is not usable"; return 1; fi
+  if ! node_usable; then say "not every node is usable: $(node_states)"; return 1; fi
   if ! sacct_answers; then say "sacct does not answer"; return 1; fi
-  say "running: node $(host_short) $(node_state)"
+  say "running: ${#NODE_LIST[@]} node(s) ($(node_states))"
   return 0
 }
 
@@ -673,15 +823,28 @@ check_knobs() {
   [[ $TIMEOUT =~ ^[0-9]+$ ]] || { say "SLURM_LOCAL_TIMEOUT must be a number of seconds"; exit 2; }
   [[ $DB_PORT =~ ^[0-9]+$ ]] || { say "SLURM_LOCAL_DB_PORT must be a port number"; exit 2; }
   [[ $DIR == /* && $DIR != / ]] || { say "SLURM_LOCAL_DIR must be an absolute path other than /"; exit 2; }
+  [[ $NODES =~ ^[1-9][0-9]*$ ]] && ((NODES <= 64)) \
+    || { say "the node count (--nodes / SLURM_LOCAL_NODES) must be 1..64, got '$NODES'"; exit 2; }
   return 0
 }
+
+USAGE="usage: $0 start [--nodes N] | stop | status [--nodes N] | purge"
+COMMAND=${1:-}
+if (($#)); then shift; fi
+while (($#)); do
+  case $1 in
+    --nodes) [[ $# -ge 2 ]] || { echo "$USAGE" >&2; exit 2; }; NODES=$2; NODES_GIVEN=1; shift 2 ;;
+    --nodes=*) NODES=${1#--nodes=}; NODES_GIVEN=1; shift ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
+  esac
+done
 check_knobs
 
-case ${1:-} in
+case $COMMAND in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) if cmd_status; then exit 0; else exit 1; fi ;;
   purge) cmd_purge ;;
-  *) echo "usage: $0 start|stop|status|purge" >&2; exit 2 ;;
+  *) echo "$USAGE" >&2; exit 2 ;;
 esac
 exit 0

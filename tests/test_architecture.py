@@ -12,7 +12,8 @@ PACKAGE = ROOT / "clipit"
 # Bottom to top. A module may import modules of its own layer or of a layer below it, never above.
 LAYERS = [
     ("base", ["clipit", "clipit.errors", "clipit.io", "clipit.layout", "clipit.config", "clipit.weights",
-              "clipit.metrics", "clipit.state_dict", "clipit.config_reference", "clipit.locks"]),
+              "clipit.metrics", "clipit.state_dict", "clipit.config_reference", "clipit.locks",
+              "clipit.progress"]),
     ("data", ["clipit.data"]),
     ("corpus", ["clipit.corpus"]),
     ("pairing", ["clipit.pairing"]),

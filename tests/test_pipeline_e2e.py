@@ -44,7 +44,7 @@ def test_metrics_and_predictions_per_run(demo_run):
 
 def test_tensorboard_event_files_are_readable(demo_run):
     out, _ = demo_run
-    acc = EventAccumulator(str(out / "runs" / "clipit" / "seed-0" / "tb"))
+    acc = EventAccumulator(str(out / "tb" / "clipit" / "seed-0"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/ce", "train/kd", "train/lr", "val/balanced_accuracy", "perf/images_per_s"} <= tags

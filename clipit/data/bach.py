@@ -64,6 +64,7 @@ class BACHDataset(FileListDataset):
     ``expected_sizes=None`` disables only the per-split size check."""
 
     name = "bach"
+    fixed_size = True  # 2048 x 1536
     classes = BACH_CLASSES
 
     def __init__(self, root: str | Path, expected_sizes: Mapping[str, int] | None = BACH_SIZES):

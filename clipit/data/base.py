@@ -43,6 +43,7 @@ class ImageDataset(abc.ABC):
     name: str = "dataset"
     classes: tuple[str, ...] = ()
     splits: tuple[str, ...] = ("train", "val", "test")
+    fixed_size: bool = False  # every image has one size (shards.codec auto stores such sets raw)
 
     @abc.abstractmethod
     def split_size(self, split: str) -> int: ...

@@ -80,6 +80,7 @@ def validate_split(where: Path, dataset: str, split: str, labels: np.ndarray, cl
 
 class CRCDataset(FileListDataset):
     name = "crc"
+    fixed_size = True  # 224 x 224
     classes = CRC_CLASSES
 
     def __init__(self, root: str | Path, expected_sizes: Mapping[str, int] | None = CRC_SIZES,

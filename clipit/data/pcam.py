@@ -63,6 +63,7 @@ def _dataset(file: h5py.File, path: Path, name: str) -> h5py.Dataset:
 
 class PCamDataset(ImageDataset):
     name = "pcam"
+    fixed_size = True  # 96 x 96
     classes = ("normal", "tumor")
 
     def __init__(self, root: str | Path, expected_sizes: Mapping[str, int] | None = PCAM_SIZES, block: int = 256):

@@ -1,7 +1,9 @@
 """Test evaluation of a trained run: metrics.json (accuracy, balanced accuracy, per class) and
-predictions.npz (keys, labels, logits) for the Omega analysis. Only the vision model runs."""
+predictions.npz (keys, labels, logits) for the Omega analysis. Only the vision model runs. The test
+metrics also go to the run's TensorBoard events (test/*, at the final training step: clipit/training/tb.py)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +13,14 @@ from clipit import layout
 from clipit.config import ExperimentConfig
 from clipit.io import atomic_save_npz, atomic_write_json, read_json
 from clipit.metrics import classification_metrics
-from clipit.shards.format import load_manifest
+from clipit.progress import progress
+from clipit.shards.manifest import load_manifest
 from clipit.models.checkpoint import TEXT_TOWER, load_model_state
 from clipit.training.loader import eval_loader
 from clipit.training.accel import main_process_lock, make_accelerator
 from clipit.models.factory import build_model
 from clipit.training.predict import ShardSource, predict
+from clipit.training.tb import log_evaluation
 
 
 def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test",
@@ -43,18 +47,38 @@ def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split:
         load_model_state(layout.best(run_dir), model, exclude=(TEXT_TOWER,))
         model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
         source = ShardSource(Path(cfg.shards.dir), split, manifest)
-        loader = eval_loader(source.urls, 2 * tcfg.batch_size, accelerator.process_index, accelerator.num_processes,
-                             tcfg.num_workers, preprocess.size)
+        batch_size, world = 2 * tcfg.batch_size, accelerator.num_processes
+        loader = eval_loader(source.urls, batch_size, accelerator.process_index, world, tcfg.num_workers,
+                             preprocess.size)
+        # rank 0's share of the batches is only known for one process
+        total = math.ceil(manifest["splits"][split]["count"] / batch_size) if world == 1 else None
+        loader = progress(loader, total=total, desc=f"evaluate {method} on {split}", unit="batch",
+                          enabled=accelerator.is_main_process)
         out = predict(model, preprocess, loader, accelerator, tcfg.lam, what=f"evaluation of {run_dir} on {split}",
                       source=source, hint=f"if the shards are fine, the run's best checkpoint is broken: retrain it "
                                           f"(`clipit train --config <config> --method {method} --resume none`)")
         metrics = {"split": split, "method": method, **classification_metrics(out["labels"], out["logits"], classes),
-                   "loss": out["loss"], "parameters": count_parameters(model)}
+                   "loss": out["loss"], "parameters": count_parameters(model) | extra_inference(cfg, model)}
         if accelerator.is_main_process:
             atomic_save_npz(layout.predictions_file(run_dir, split), keys=np.array(out["keys"]),
                             labels=out["labels"], logits=out["logits"])
+            log_evaluation(run_dir, split, metrics)
             atomic_write_json(metrics_path, metrics)
     return metrics
+
+
+def extra_inference(cfg: ExperimentConfig, model: torch.nn.Module) -> dict:
+    """What else runs at test time: a method fed the retrieved report needs the pairing CLIP's image
+    encoder for every test image (the corpus' text embeddings are computed once and cached)."""
+    if not getattr(model, "needs_text", False):
+        return {}
+    from clipit.pairing.engine import ENCODER_FILE
+
+    path = Path(cfg.pairing.dir) / ENCODER_FILE
+    try:
+        return {"extra_inference": int(read_json(path)["image_encoder_parameters"]), "extra_inference_from": str(path)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"extra_inference": None}  # pairs made before the file existed: unknown, not zero
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
@@ -62,7 +86,9 @@ def count_parameters(model: torch.nn.Module) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     # "inference": the exported model, whose LoRA is merged into the base weights
-    return {"total": total, "trainable": trainable, "inference": total - adapters}
+    counts = {"total": total, "trainable": trainable, "inference": total - adapters}
+    cost = getattr(model, "inference_cost", None)  # CLIP baselines: + cached class embeddings, text tower run once
+    return counts | cost(counts) if callable(cost) else counts
 
 
 def summarize(results: dict[str, list[dict]], metric: str = "balanced_accuracy") -> list[dict]:

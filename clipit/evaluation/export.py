@@ -18,13 +18,15 @@ import torch
 from safetensors.torch import save_file
 
 from clipit import layout
-from clipit.config import load_config
+from clipit.config import CLIP_METHODS, load_config
 from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_path, atomic_write_json, make_dirs
 from clipit.models.backbones import create_backbone, get_spec
 from clipit.models.checkpoint import TEXT_TOWER, load_model_state, read_meta, read_tensors
+from clipit.models import clip_baselines
 from clipit.models.factory import build_classifier, build_model
 from clipit.models.preprocess import DevicePreprocess
+from clipit.progress import Progress, progress
 from clipit.state_dict import load_strict
 
 FORMAT = "clipit-export"
@@ -69,12 +71,12 @@ def load_trained_run(run_dir: str | Path):
     return model.eval(), preprocess, cfg, meta
 
 
-def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+def merge_lora(model: torch.nn.Module, show: bool = False) -> torch.nn.Module:
     """Fold every injected LoRA adapter into its base layer and put the plain layer back (in place)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, layer in layers:
+    for name, layer in progress(layers, desc="clipit export: merge LoRA", unit="layer", enabled=show):
         layer.merge(safe_merge=True)  # raises on NaNs instead of writing them into the weights
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
@@ -86,12 +88,22 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    """Export `run_dir` into `out_dir`; its stages show on stderr (clipit/progress.py)."""
+    with Progress(total=3, desc="clipit export", unit="stage", every=3) as stages:
+        return _export_run(Path(run_dir), Path(out_dir), stages)
+
+
+def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
+    stages.note(f"rebuilding {run_dir}")
     model, preprocess, cfg, meta = load_trained_run(run_dir)
     if getattr(model, "needs_text", False) or not hasattr(model, "backbone"):
         raise ExportError(f"{run_dir}: method {meta['method']!r} uses the paired report at test time; "
                           "only vision-only methods (unimodal, clipit) can be exported")
-    merge_lora(model)
+    stages.update()
+    stages.note("merging LoRA into the base weights")
+    merge_lora(model, show=True)
+    stages.update()
+    stages.note(f"writing {out_dir}")
     for p in model.parameters():
         p.requires_grad_(False)
     tcfg = cfg.methods[meta["method"]]
@@ -104,11 +116,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "source_run": str(run_dir.resolve()), "seed": meta.get("seed"), "step": meta.get("step"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if tcfg.method in CLIP_METHODS:  # the CLIP's vision tower: its architecture, and the cost record
+        config |= clip_baselines.export_fields(model, run_dir)
     make_dirs(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
     atomic_write_json(out_dir / "config.json", config)  # last: marks a complete export
+    stages.update()
     return out_dir
 
 
@@ -131,8 +146,10 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
                            "mean", "std") if k not in config]
     if missing:
         raise ExportError(f"{config_path}: lacks {', '.join(missing)}; re-export with `clipit export RUN_DIR OUT_DIR`")
-    spec = get_spec(config["backbone"])
-    backbone = create_backbone(spec, config["model_image_size"])
+    if "clip_architecture" in config:  # a CLIP baseline: the CLIP's vision tower, not a registry backbone
+        backbone = clip_baselines.vision_from_architecture(config["clip_architecture"])
+    else:
+        backbone = create_backbone(get_spec(config["backbone"]), config["model_image_size"])
     model = build_classifier(config["method"], backbone, len(config["classes"]), config["text_dim"],
                              config["kd_layers"])
     state = read_tensors(model_dir / "model.safetensors", ExportError)

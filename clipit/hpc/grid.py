@@ -46,7 +46,8 @@ import yaml
 
 from clipit import layout
 from clipit.layout import check_name
-from clipit.config import ConfigError, ExperimentConfig, from_dict, load_config, method_order, read_yaml, to_dict
+from clipit.config import (ConfigError, ExperimentConfig, expand_path, from_dict, load_config, method_order, read_yaml,
+                           to_dict)
 
 
 
@@ -60,6 +61,8 @@ class AxisValue:
     config: str | None = None  # replaces the grid's base experiment config for this value
     methods: list[str] | None = None  # only these methods for this value (default: the grid's)
     warm_start_from: str | None = None  # value of the same axis whose warm-start runs these cells reuse
+    label: str | None = None  # the row label in `clipit report` (default: the value's name)
+    compare_to: str | None = None  # value of the same axis this one varies: its report delta is taken against it
 
 
 @dataclass
@@ -88,6 +91,8 @@ def load_grid(path: str | Path) -> GridConfig:
         elif isinstance(values, list):  # shorthand: a list of names without overrides
             raw["axes"][axis] = {str(k): {} for k in values}
     grid = from_dict(GridConfig, raw, str(path))
+    grid.root = expand_path(grid.root, "root", str(path), path.parent.absolute())  # ${SCRATCH}/clipit, ...
+    grid.base = expand_path(grid.base, "base", str(path), path.parent.absolute())
     for axis, values in grid.axes.items():
         if not values:
             raise ConfigError(f"{path}: axis {axis!r} has no values")
@@ -95,6 +100,9 @@ def load_grid(path: str | Path) -> GridConfig:
             if value.warm_start_from is not None and value.warm_start_from not in values:
                 raise ConfigError(f"{path}: axes.{axis}.{name}.warm_start_from = {value.warm_start_from!r} "
                                   f"is not a value of axis {axis!r} ({sorted(values)})")
+            if value.compare_to is not None and value.compare_to not in values:
+                raise ConfigError(f"{path}: axes.{axis}.{name}.compare_to = {value.compare_to!r} is not a value of "
+                                  f"axis {axis!r} ({sorted(values)})")
             if value.warm_start_from == name:
                 raise ConfigError(f"{path}: axes.{axis}.{name} cannot reuse its own warm start")
             if value.warm_start_from is not None and values[value.warm_start_from].warm_start_from is not None:
@@ -131,6 +139,9 @@ class Cell:
     run_dir: str  # absolute
     warm_start: str | None = None  # method trained first (same output_dir), if any
     warm_start_link: str | None = None  # another value's run dir used as this cell's warm start
+    axis_labels: tuple[tuple[str, str], ...] = ()  # ((axis, report label), ...) of values that set `label`
+    compare_to: tuple[tuple[str, str], ...] = ()  # ((axis, value), ...) of the values this cell's varies
+    detail: str = ""  # what the cell trains, for the dry-run listing (e.g. "clipit, text tower + LoRA")
 
     @property
     def key(self) -> str:
@@ -157,6 +168,8 @@ class Cell:
         d = dataclasses.asdict(self)
         d["axes"] = dict(self.axes)
         d["overrides"] = list(self.overrides)
+        d["axis_labels"] = dict(self.axis_labels)
+        d["compare_to"] = dict(self.compare_to)
         d["key"] = self.key
         return d
 
@@ -286,13 +299,29 @@ def _expand_combo(grid: GridConfig, axes: list[tuple[str, dict[str, AxisValue]]]
         raise ConfigError(f"{where}: cell {label}: method {zero2[0]!r} uses DeepSpeed (distributed: zero2), which "
                           "needs a process of its own; run it in an axis value of its own (methods: "
                           f"[{zero2[0]}], warm_start_from: <the value that trains its warm start>)")
+    axis_labels = tuple((axis, value.label) for (axis, _), (_, value) in zip(axes, combo) if value.label)
+    compare_to = tuple((axis, value.compare_to) for (axis, _), (_, value) in zip(axes, combo) if value.compare_to)
     chains = {seed: [Cell(grid=grid.name, axes=combo_key, method=m, kind=cfg.methods[m].method, seed=seed,
-                          config=config_path, overrides=tuple(overrides),
+                          config=config_path, overrides=tuple(overrides), axis_labels=axis_labels,
+                          compare_to=compare_to, detail=describe_method(cfg, m),
                           run_dir=str(layout.run_dir(cfg.output_dir, m, seed).absolute()),
                           warm_start=cfg.methods[m].warm_start)
                      for m in chosen]
               for seed in grid.seeds}
     return _Combo(key=combo_key, config=cfg, chains=chains, link=link)
+
+
+def describe_method(cfg: ExperimentConfig, method: str) -> str:
+    """A method's kind, fine-tuning and text side in a few words (dry-run listings)."""
+    from clipit.models.clipit import resolve_finetune
+
+    m = cfg.methods[method]
+    if m.method == "text":
+        return "text (report embedding -> MLP)"
+    parts = [m.method, resolve_finetune(m.method, m.finetune, cfg.model.lora.enabled)]
+    if m.method == "clipit":
+        parts.append("text tower" if m.text_encoder == "tower" else "cached teacher")
+    return ", ".join(parts)
 
 
 def _index_run_dirs(combos: list[_Combo], axes: list, where: str) -> dict[str, Cell]:

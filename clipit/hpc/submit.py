@@ -127,7 +127,7 @@ def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
             if state and state.get("unreadable"):
                 job += " (state.json unreadable)"
             link = f" (warm start from {cell.warm_start_link})" if cell.warm_start_link else ""
-            out(f"  {cell.method:<12} seed {cell.seed}  {status:<9}{job}  {cell.run_dir}{link}")
+            out(f"  {cell.method:<12} seed {cell.seed}  {status:<9}{job}  {cell.detail:<32} {cell.run_dir}{link}")
     for note in plan.notes:
         out(f"note: {note}")
 
@@ -235,6 +235,22 @@ def run_local(plan: Plan, todo: list[Task], profile: ClusterProfile, log_root: P
     return failures
 
 
+def print_cost(plan: Plan, profile: ClusterProfile, throughput_file=None, out=print) -> None:
+    """The grid's samples per stage and GPU-hours, with and without the feature cache (clipit/hpc/cost.py)."""
+    from clipit.hpc.cost import cost_lines, grid_cost
+    from clipit.hpc.throughput import load_throughput
+
+    world = max(1, profile.nodes * profile.tasks_per_node)
+    throughput = load_throughput(throughput_file, profile.cpus_per_task)  # a bad --throughput file: the error
+    try:
+        stages = grid_cost(plan, world)
+    except ConfigError as err:  # e.g. split sizes not known yet: the plan above still stands
+        out(f"cost: not estimated ({err})")
+        return
+    for line in cost_lines(stages, throughput):
+        out(line)
+
+
 def run_grid(args) -> int:
     """`clipit grid` (and `python launchers/grid.py`): plan, pre-flight, then print, run locally or submit."""
     plan = expand(args.config, args.set, root=args.root)
@@ -252,6 +268,7 @@ def run_grid(args) -> int:
         for line in notes + [f"pre-flight: {p}" for p in problems + warnings]:
             print(line)
         print(f"would submit {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells)")
+        print_cost(plan, profile, getattr(args, "throughput", None))
         return 0
     for line in notes + [f"warning: {w}" for w in warnings]:
         print(line)

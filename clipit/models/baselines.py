@@ -51,8 +51,11 @@ class LateFusionModel(VisionClassifier):
         self.fuse = nn.Linear(2 * num_classes, num_classes)
 
     def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.from_features(self.features(images), text_emb)
+
+    def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         text_emb = _require_text(text_emb, "late fusion")
-        vision_logits = self.head(self.features(images))
+        vision_logits = self.head(feats)
         text_logits = self.text_head(text_emb.to(vision_logits.dtype))
         logits = self.fuse(torch.cat([vision_logits, text_logits], dim=1))
         return {"logits": logits, "vision_logits": vision_logits, "text_logits": text_logits}
@@ -68,6 +71,8 @@ class EarlyFusionModel(BackboneModel):
                                         nn.Linear(text_dim, num_classes))
 
     def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.from_features(self.features(images), text_emb)
+
+    def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         text_emb = _require_text(text_emb, "early fusion")
-        feats = self.features(images)
         return {"logits": self.classifier(torch.cat([feats, text_emb.to(feats.dtype)], dim=1))}

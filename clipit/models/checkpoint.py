@@ -28,7 +28,10 @@ TEXT_TOWER = "text_tower."  # the training-only text side of CLIP-IT (text_encod
 
 def save_model(path: str | Path, model: torch.nn.Module, meta: dict, full: bool) -> None:
     path = Path(path)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # CLIP baselines: the CLIP's checkpoint rebuilds the towers (clipit/models/clip_baselines.py)
+    full = full and not getattr(getattr(model, "backbone", None), "weights_from_clip", False)
+    # what training changed, plus buffers a model must keep (a CLIP baseline's cached class embeddings)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad} | set(getattr(model, "always_saved", ()))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if (k in trainable or full) and (not k.startswith(TEXT_TOWER) or "lora_" in k)}
     with atomic_path(path.with_suffix(".safetensors")) as tmp:

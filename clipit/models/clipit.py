@@ -11,7 +11,7 @@ head W_v when it is warm-started from another run (CLIP-IT from the unimodal pro
   frozen  pretrained modules frozen, the rest trained (unimodal = linear probe; "no LoRA" ablation)
   lora    LoRA adapters on every Linear/Conv2d/Embedding of the pretrained modules, base weights frozen
   full    every parameter trained ("full fine-tuning" ablation)
-  auto    frozen for `unimodal`, else lora if model.lora.enabled, else frozen
+  auto    frozen for `unimodal`, `clip_probe`, `zero_shot`, else lora if model.lora.enabled, else frozen
 New modules (P, H_t, F, a fresh head, baseline classifiers) are always trained in full.
 """
 from __future__ import annotations
@@ -26,6 +26,9 @@ from clipit.config import LoraConfig
 
 LORA_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 FINETUNE_MODES = ("frozen", "lora", "full")
+# images run through a backbone in this process (feature cache builds and online steps alike): benchmarks
+# and tests read it to count backbone forwards
+BACKBONE_FORWARDS = {"images": 0}
 
 
 class BackboneModel(nn.Module):
@@ -40,6 +43,7 @@ class BackboneModel(nn.Module):
         self.backbone = backbone
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        BACKBONE_FORWARDS["images"] += int(images.shape[0])
         if any(p.requires_grad for p in self.backbone.parameters()):
             return self.backbone(images)
         with torch.no_grad():  # frozen backbone (linear probe): no activations kept for backward
@@ -57,7 +61,12 @@ class VisionClassifier(BackboneModel):
 
     def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every model takes (images, text_emb); vision-only models ignore the text."""
-        return {"logits": self.head(self.features(images))}
+        return self.from_features(self.features(images), text_emb)
+
+    def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Everything after the backbone: forward == from_features(features(images)). A frozen backbone's
+        features can then be cached once and only this part trained (training/features.py)."""
+        return {"logits": self.head(feats)}
 
 
 def text_mlp(text_dim: int, num_classes: int) -> nn.Sequential:
@@ -81,15 +90,17 @@ class ClipItModel(VisionClassifier):
 
     def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                 masked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        feats = self.features(images)
+        out = self.from_features(self.features(images), text_emb)
+        if self.text_tower is not None and tokens is not None:
+            out["text_emb"] = self.text_tower(tokens, masked)
+        return out
+
+    def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         vision_logits = self.head(feats)
         proj = self.proj(feats)
         text_logits = self.text_head(proj)
         logits = self.fuse(torch.cat([vision_logits, text_logits], dim=1))
-        out = {"logits": logits, "vision_logits": vision_logits, "text_logits": text_logits, "proj": proj}
-        if self.text_tower is not None and tokens is not None:
-            out["text_emb"] = self.text_tower(tokens, masked)
-        return out
+        return {"logits": logits, "vision_logits": vision_logits, "text_logits": text_logits, "proj": proj}
 
     def pretrained_modules(self, warm_head: bool) -> tuple[str, ...]:
         pretrained = super().pretrained_modules(warm_head)
@@ -151,10 +162,23 @@ def set_trainable(model: nn.Module, finetune: str, pretrained: tuple[str, ...]) 
             param.requires_grad = finetune == "lora" and "lora_" in name
 
 
+def param_groups(model: nn.Module, lr: float, pretrained_lr: float | None, warm_head: bool) -> list[dict]:
+    """The optimizer's parameter groups: trainable pretrained weights (full fine-tuning) at `pretrained_lr`,
+    everything fresh (P, H_t, F, LoRA adapters) at `lr`. One group when pretrained_lr is None or equal."""
+    pretrained = model.pretrained_modules(warm_head) if hasattr(model, "pretrained_modules") else ()
+    base, fresh = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            is_base = name.split(".")[0] in pretrained and "lora_" not in name
+            (base if is_base and pretrained_lr not in (None, lr) else fresh).append(param)
+    groups = [{"params": fresh, "lr": lr}] if fresh else []
+    return groups + ([{"params": base, "lr": pretrained_lr}] if base else [])
+
+
 def resolve_finetune(method: str, finetune: str, lora_enabled: bool) -> str:
     if finetune != "auto":
         return finetune
-    if method == "unimodal":
+    if method in ("unimodal", "clip_probe", "zero_shot"):  # linear probes, and nothing to train
         return "frozen"
     return "lora" if lora_enabled else "frozen"
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from clipit import layout
-from clipit.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
-from clipit.models import baselines
+from clipit.config import CLIP_METHODS, ConfigError, ExperimentConfig, ModelConfig, TrainConfig
+from clipit.models import baselines, clip_baselines
 from clipit.models.backbones import BackboneSpec, build_backbone, get_spec, resolve_weights
 from clipit.models.checkpoint import load_model_state
 from clipit.models.clipit import ClipItModel, VisionClassifier, prepare_finetune, resolve_finetune
@@ -22,7 +22,7 @@ from clipit.models.preprocess import DevicePreprocess
 from clipit.pairing.text_tower import build_text_tower
 from clipit.weights import WeightsSource, resolve_pairing_checkpoint
 
-METHODS = ("unimodal", "clipit", "text", "late_fusion", "early_fusion")
+METHODS = ("unimodal", "clipit", "text", "late_fusion", "early_fusion") + CLIP_METHODS
 
 
 def build_classifier(method: str, backbone: nn.Module | None, num_classes: int, text_dim: int,
@@ -37,6 +37,10 @@ def build_classifier(method: str, backbone: nn.Module | None, num_classes: int, 
         return baselines.LateFusionModel(backbone, num_classes, text_dim)
     if method == "early_fusion":
         return baselines.EarlyFusionModel(backbone, num_classes, text_dim)
+    if method == "clip_probe":  # backbone: a CLIP's vision tower (clip_baselines.vision_from_architecture)
+        return VisionClassifier(backbone, num_classes)
+    if method in ("zero_shot", "prompt_ft"):
+        return clip_baselines.PromptClassifier(backbone, num_classes)
     raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -61,6 +65,11 @@ def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text
     Backbone weights found through the weights file or the hub are written back to cfg.model.weights,
     so the run's config.yaml records exactly which checkpoint was used (and rebuilds use it again).
     """
+    if tcfg.method in CLIP_METHODS:  # the CLIP's own towers, not model.backbone
+        model, preprocess = clip_baselines.build_clip_model(cfg, tcfg, num_classes, text_tower)
+        prepare_finetune(model, resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled), cfg.model.lora,
+                         warm_head=False)
+        return model, preprocess
     model, spec, source = build_method_model(cfg.model, tcfg, num_classes, text_dim)
     if source is not None and source.kind != "random":
         cfg.model.weights = source.stored

@@ -57,7 +57,8 @@ def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seco
     Writes out_dir/model.safetensors (atomic) then out_dir/identity.json; skips if both exist."""
     import open_clip
     from safetensors.torch import save_file
-    from tqdm import tqdm
+
+    from clipit.progress import Progress
 
     out_dir = Path(out_dir)
     ckpt, ident = out_dir / CHECKPOINT_NAME, out_dir / "identity.json"
@@ -83,7 +84,7 @@ def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seco
     warmup, step, losses = 20, 0, []
     model.train()
     start = time.monotonic()
-    bar = tqdm(total=max_steps, desc="demo CLIP", unit="step", leave=False)
+    bar = Progress(total=max_steps, desc="demo CLIP", unit="step")
     perm, pos = torch.randperm(n, generator=gen), 0
     while True:
         elapsed = time.monotonic() - start
@@ -113,8 +114,7 @@ def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seco
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
         losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1, info=f"loss {losses[-1]:.3f}")
     bar.close()
     train_s = time.monotonic() - start
     model.eval()

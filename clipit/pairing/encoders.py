@@ -60,6 +60,11 @@ class PairingModel:
         # so fp32 caches made before the option existed stay valid)
         self.identity = dict(identity, **({"precision": precision} if precision != "fp32" else {}))
 
+    def image_encoder_parameters(self) -> int:
+        """Parameters that run to embed one image (the `visual` tower of open_clip-style models)."""
+        tower = getattr(self.model, "visual", None) or getattr(self.model, "vision_model", None) or self.model
+        return sum(p.numel() for p in tower.parameters())
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from clipit.config import ConfigError
 from clipit.data.base import DatasetError, ImageDataset, ImageDecodeError, ImageSample, decode_image, worker_error
 from clipit.errors import one_line
-from clipit.io import atomic_save_npz
+from clipit.io import atomic_save_npz, atomic_write_json
+from clipit.progress import progress
 from clipit.pairing.encoders import PairingModel
 from clipit.pairing.search import topk_cosine
 from clipit.corpus import Report, corpus_fingerprint
@@ -77,7 +77,7 @@ def embed_reports(model: PairingModel, reports: list[Report], cache_dir: str | P
     if cached is not None:
         return cached[0]
     chunks = []
-    for start in tqdm(range(0, len(reports), batch_size), desc="embed texts", unit="batch", leave=False):
+    for start in progress(range(0, len(reports), batch_size), desc="embed texts", unit="batch"):
         chunks.append(model.encode_texts([r.text for r in reports[start : start + batch_size]]))
     embeddings = torch.cat(chunks).cpu().numpy().astype(np.float32)  # one host copy for the whole corpus
     save_text_embeddings(cache_dir, embeddings, reports, model.identity)
@@ -93,10 +93,13 @@ def embed_images(model: PairingModel, dataset: ImageDataset, split: str, batch_s
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
     try:
         feats = [model.encode_images(batch) for batch in
-                 tqdm(loader, desc=f"embed {split} images", unit="batch", leave=False)]
+                 progress(loader, desc=f"embed {split} images", unit="batch")]
     except DatasetError as err:
         raise worker_error(err) from None
     return torch.cat(feats)
+
+
+ENCODER_FILE = "encoder.json"  # in the pairing dir: the pairing model's image-encoder size
 
 
 def pairs_meta(model_identity: dict, texts: list[Report], top_k: int, spec: dict | None) -> dict:
@@ -123,6 +126,9 @@ def pair_dataset(model: PairingModel, dataset: ImageDataset, reports: list[Repor
     if top_k > len(reports):
         raise ConfigError(f"pairing.top_k={top_k} but the corpus has only {len(reports)} texts; lower pairing.top_k")
     text = torch.from_numpy(embed_reports(model, reports, out_dir / "text-embeddings", batch_size))
+    # what a method that needs the retrieved report at test time runs besides itself (the report's cost)
+    atomic_write_json(out_dir / ENCODER_FILE, {"model": model.name,
+                                               "image_encoder_parameters": model.image_encoder_parameters()})
     meta = pairs_meta(model.identity, reports, top_k, spec)
     paths = {}
     for split in dataset.splits:

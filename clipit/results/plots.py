@@ -13,11 +13,15 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from clipit import layout  # noqa: E402
 from clipit.io import atomic_path  # noqa: E402
-from clipit.results.runs import BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, main_runs, order  # noqa: E402
+from clipit.results.runs import (BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, main_runs,  # noqa: E402
+                                 method_label, order)
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
                      "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3})
 MARKERS = {"unimodal": "o", "clipit": "^"}
+# multimodal points (the report or a CLIP's towers at test time): one marker per kind, hollow
+MULTIMODAL_MARKERS = {"text": "x", "late_fusion": "D", "early_fusion": "P", "zero_shot": "*", "prompt_ft": "v",
+                      "clip_probe": "h"}
 STYLES = {"unimodal": "--", "clipit": "-", "text": ":", "late_fusion": "-.", "early_fusion": (0, (5, 1, 1, 1))}
 
 
@@ -46,10 +50,11 @@ def _count(x, _pos=None) -> str:
 def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
     """Accuracy vs parameter count per dataset; arrows unimodal -> CLIP-IT; dashed Pareto frontier."""
     vision = [r for r in runs if r.kind in MARKERS and r.variant in MAIN_VARIANTS and r.params]
-    if not vision:
+    multimodal = [r for r in runs if r.kind not in MARKERS and r.variant in MAIN_VARIANTS and r.params]
+    if not vision and not multimodal:
         return []
-    datasets = order({r.dataset for r in vision}, DATASET_NAMES)
-    backbones = order({r.backbone for r in vision}, BACKBONE_NAMES)
+    datasets = order({r.dataset for r in vision + multimodal}, DATASET_NAMES)
+    backbones = order({r.backbone for r in vision + multimodal if r.kind != "text"}, BACKBONE_NAMES)
     colors = _colors(backbones)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets):
@@ -72,6 +77,17 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
             if len(xy) == 2:
                 ax.annotate("", xy=xy["clipit"], xytext=xy["unimodal"],
                             arrowprops=dict(arrowstyle="->", color=colors[b], lw=1.2, alpha=0.8), zorder=2)
+        kinds = order({r.kind for r in multimodal if r.dataset == d}, MULTIMODAL_MARKERS)
+        for kind in kinds:
+            for b in order({r.backbone for r in multimodal if r.dataset == d and r.kind == kind}, BACKBONE_NAMES):
+                group = [r for r in multimodal if r.dataset == d and r.kind == kind and (r.backbone == b)]
+                x = float(np.mean([r.params for r in group]))
+                values = 100 * np.array([r.value(metric) for r in group])
+                y, err = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                color = colors.get(b, (0.35, 0.35, 0.35, 1.0)) if kind != "text" else (0.35, 0.35, 0.35, 1.0)
+                ax.errorbar(x, y, yerr=err, fmt=MULTIMODAL_MARKERS.get(kind, "s"), color=color, markersize=7,
+                            capsize=3, markerfacecolor="none", markeredgewidth=1.3, zorder=3)
+                points.append((x, y))
         if points:
             frontier, best = [], -np.inf
             for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
@@ -85,17 +101,20 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
         ax.xaxis.set_major_formatter(FuncFormatter(_count))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(DATASET_NAMES.get(d, d))
-        ax.set_xlabel("parameters (log scale; equal sizes offset slightly)")
+        ax.set_xlabel("parameters at inference (log scale; equal sizes offset slightly)")
         ax.set_ylabel(f"test {metric.replace('_', ' ')} (%)")
         ax.margins(x=0.15, y=0.12)
     handles = [Line2D([], [], color=colors[b], marker="s", ls="", markersize=8, label=BACKBONE_NAMES.get(b, b))
                for b in backbones]
     handles += [Line2D([], [], color="0.3", marker=m, ls="", markersize=7, label=METHOD_NAMES[k])
                 for k, m in MARKERS.items()]
+    handles += [Line2D([], [], color="0.3", marker=MULTIMODAL_MARKERS.get(k, "s"), ls="", markersize=7,
+                       markerfacecolor="none", label=f"{method_label(k)} (multimodal)")
+                for k in order({r.kind for r in multimodal}, MULTIMODAL_MARKERS)]
     handles += [Line2D([], [], color="0.4", ls="--", label="Pareto frontier")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), bbox_to_anchor=(0.5, -0.02 - 0.05 *
                (len(handles) > 6)), frameon=False)
-    fig.suptitle("Accuracy vs model size: unimodal → CLIP-IT (arrows)")
+    fig.suptitle("Accuracy vs model size: unimodal → CLIP-IT (arrows); hollow: multimodal at test time")
     fig.tight_layout(rect=(0, 0.1 if len(handles) > 6 else 0.07, 1, 0.97))
     return [_save(fig, path)]
 
@@ -146,15 +165,16 @@ def read_scalars(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, tuple[np.ndar
     return out
 
 
-def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds at the steps every seed logged (the same config logs the same steps)."""
+def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std) over seeds at the steps every seed logged (the same config logs the same steps);
+    std is 0 for a single seed."""
     common = curves[0][0]
     for steps, _ in curves[1:]:
         common = np.intersect1d(common, steps)
     if len(common) == 0:
-        return curves[0]
-    values = [np.array([dict(zip(s, v))[c] for c in common]) for s, v in curves]
-    return common, np.mean(values, axis=0)
+        return curves[0][0], curves[0][1], np.zeros_like(curves[0][1])
+    values = np.array([[dict(zip(s, v))[c] for c in common] for s, v in curves])
+    return common, values.mean(axis=0), values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(common))
 
 
 def training_curves(runs: list[Run], out: Path) -> list[Path]:
@@ -183,10 +203,13 @@ def training_curves(runs: list[Run], out: Path) -> list[Path]:
                 curves = [s[tag] for s in items if tag in s]
                 if not curves:
                     continue
-                steps, values = _mean_curve(curves)
+                steps, values, spread = _mean_curve(curves)
+                if len(curves) > 1:  # the seed band: mean ± std
+                    ax.fill_between(steps, scale * (values - spread), scale * (values + spread), color=colors[b],
+                                    alpha=0.15, lw=0)
                 ax.plot(steps, scale * values, color=colors[b], ls=STYLES.get(kind, "-"), lw=1.6,
                         marker="." if len(steps) < 30 else None,
-                        label=f"{BACKBONE_NAMES.get(b, b)} {METHOD_NAMES.get(kind, kind)}" if b != "text-only"
+                        label=f"{BACKBONE_NAMES.get(b, b)} {method_label(kind)}" if b != "text-only"
                         else "text-only")
         axes[0].set_title("training loss")
         axes[0].set_ylabel("loss (CE + λ·KD for CLIP-IT)")
@@ -199,7 +222,7 @@ def training_curves(runs: list[Run], out: Path) -> list[Path]:
             handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         n_seeds = max(len(v) for v in groups.values())
-        fig.suptitle(f"{DATASET_NAMES.get(d, d)}: training curves (mean over up to {n_seeds} seeds)")
+        fig.suptitle(f"{DATASET_NAMES.get(d, d)}: training curves (mean over up to {n_seeds} seeds, band ± std)")
         fig.tight_layout()
         paths.append(_save(fig, out / f"curves-{d}.png"))
     return paths

@@ -7,7 +7,8 @@ data.name) and its path (`runs/<method>/seed-<n>`). Writes into `--out` (default
 
     report.md        Table 1 (unimodal vs CLIP-IT per backbone x dataset, mean ± std over seeds, Δ),
                      ablations, Ω, grid status, figure links
-    table1.csv, ablations.csv, omega.csv, runs.csv
+    table1.csv, ablations.csv, omega.csv, multimodal.csv, lora_search.csv, runs.csv  (fractions in
+                     percent, columns `*_pct`; a table without rows is a file with its header only)
     pareto.png       accuracy vs parameter count per dataset (with the Pareto frontier)
     omega.png        Ω x 100 per dataset and backbone
     curves-<dataset>.png   training loss and validation balanced accuracy from the TensorBoard files
@@ -32,8 +33,8 @@ from clipit.errors import ClipitError, output_setting
 from clipit.io import atomic_write_text, make_dirs
 from clipit.results import plots as P
 from clipit.results.runs import find_runs
-from clipit.results.tables import (ablation_table, markdown_table, omega_table, run_records, status_lines, table1,
-                                   text_table, write_csv)
+from clipit.results.tables import (ablation_table, lora_table, markdown_table, multimodal_table, omega_table,
+                                   run_records, status_lines, table1, text_table, write_csv)
 
 
 class ReportError(ClipitError):
@@ -73,10 +74,22 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
     h1, r1, rec1 = table1(runs, metric)
     ha, ra, reca = ablation_table(runs, metric)
     ho, ro, reco = omega_table(runs, note)
+    hm, rm, recm = multimodal_table(runs, metric)
+    hl, rl, recl = lora_table(runs, metric)
     files = []
-    for name, records in (("table1.csv", rec1), ("ablations.csv", reca), ("omega.csv", reco),
-                          ("runs.csv", run_records(runs))):
-        write_csv(out / name, records)
+    for name, records, empty_header in (
+            ("table1.csv", rec1, ["backbone", "dataset", "unimodal_mean", "unimodal_std", "unimodal_n", "clipit_mean",
+                                  "clipit_std", "clipit_n", "delta"]),
+            ("ablations.csv", reca, ["backbone", "dataset", "variant", "label", "method", "kind", "mean", "std", "n",
+                                     "compared_to", "delta_unimodal", "delta_clipit"]),
+            ("omega.csv", reco, ["backbone", "dataset", "omega_mean", "omega_std", "n_seeds", "seeds", "matched"]),
+            ("multimodal.csv", recm, ["dataset", "model", "kind", "mean", "std", "n", "params_inference"]),
+            ("lora_search.csv", recl, ["backbone", "dataset", "chosen", "label", "settings", "val_mean", "mean", "std",
+                                       "n", "table1_mean"]),
+            ("runs.csv", run_records(runs), ["backbone", "dataset", "variant", "method", "kind", "seed",
+                                             "balanced_accuracy", "accuracy", "params_total", "params_trainable",
+                                             "run_dir"])):
+        write_csv(out / name, records, empty_header)
         files.append(out / name)
     figures = []
     if plots and runs:
@@ -94,8 +107,16 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
     if left_out:
         md += ["## Left out", ""] + [f"- {m}" for m in left_out] + [""]
     md += ["## Table 1: unimodal vs CLIP-IT", "", markdown_table(h1, r1) if r1 else "(no unimodal/CLIP-IT runs)", ""]
+    if rm:
+        md += ["## Multimodal and CLIP-based baselines", "",
+               "These need more than the vision model at test time (the retrieved report, or a CLIP's towers); "
+               "their parameters at inference include what runs for it.", "", markdown_table(hm, rm), ""]
     if ra:
-        md += ["## Ablations", "", markdown_table(ha, ra), ""]
+        md += ["## Ablations", "", "Δ vs the run it varies: the grid's `compare_to` row, else CLIP-IT (full).", "",
+               markdown_table(ha, ra), ""]
+    if rl:
+        md += ["## LoRA search", "", "Chosen per backbone and dataset by the mean validation balanced accuracy of "
+               "the selected checkpoints; the test column is the chosen setting's.", "", markdown_table(hl, rl), ""]
     md += ["## Ω: text right, vision wrong", ""]
     texts = text_table(runs, metric)
     if texts:
@@ -111,4 +132,5 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
     atomic_write_text(out / "report.md", "\n".join(md))
     files.insert(0, out / "report.md")
     return {"runs": len(runs), "files": [str(f) for f in files], "table1": rec1, "ablations": reca, "omega": reco,
+            "multimodal": recm, "lora": recl,
             "markdown": "\n".join(md), "warnings": left_out}

@@ -30,7 +30,20 @@ BACKBONE_NAMES = {  # paper's names (method.md Table 1), in the paper's row orde
 }
 DATASET_NAMES = {"pcam": "PCAM", "bach": "BACH", "crc": "CRC"}
 METHOD_NAMES = {"unimodal": "Unimodal", "clipit": "CLIP-IT", "text": "text-only", "late_fusion": "late fusion",
-                "early_fusion": "early fusion"}
+                "early_fusion": "early fusion", "zero_shot": "CLIP zero-shot", "prompt_ft": "CLIP prompt fine-tuning",
+                "clip_probe": "CLIP vision tower + linear head"}
+CLIP_KINDS = ("zero_shot", "prompt_ft", "clip_probe")  # model = the CLIP (grid axis `clip`, else clip.model)
+VISION_KINDS = ("unimodal", "clipit")  # Table 1: the vision model alone at test time
+
+
+def method_label(kind: str) -> str:
+    """A readable name for a method kind (the kind itself, spaced, when it has no paper name)."""
+    return METHOD_NAMES.get(kind, kind.replace("_", " "))
+
+
+def variant_label(variant: str) -> str:
+    """A readable row label for a variant name without a grid `label` (e.g. report-rank-2 -> report rank 2)."""
+    return variant.replace("-", " ").replace("_", " ")
 
 
 @dataclass
@@ -43,14 +56,22 @@ class Run:
     kind: str  # unimodal | clipit | text | late_fusion | early_fusion
     seed: int
     metrics: dict
+    label: str = ""  # the variant's row label (grid `label`, else derived from its name)
+    compare_to: str = ""  # the variant this one varies (grid `compare_to`); "" = the main runs
+    axes: dict | None = None  # the grid axes other than backbone and dataset
+    best_val: dict | None = None  # val metrics of the selected checkpoint (train_summary.json)
 
     def value(self, metric: str) -> float:
         return float(self.metrics[metric])
 
     @property
     def params(self) -> int | None:
+        """Parameters that run at test time: the merged model, plus whatever else must run for its input
+        (the pairing CLIP's image encoder that retrieves the report of a multimodal baseline, a text
+        tower that encodes class prompts) as recorded by evaluation under `parameters.extra_inference`."""
         p = self.metrics.get("parameters") or {}
-        return p.get("inference", p.get("total"))  # merged LoRA adds no parameters at inference
+        base = p.get("inference", p.get("total"))  # merged LoRA adds no parameters at inference
+        return None if base is None else int(base) + int(p.get("extra_inference") or 0)
 
 
 def order(values, names: dict) -> list[str]:
@@ -126,6 +147,8 @@ def load_run(run_dir: Path) -> Run | None:
     try:
         cell = state.get("cell") or {}
         axes = dict(cell.get("axes") or {})
+        labels = dict(cell.get("axis_labels") or {})
+        compare = dict(cell.get("compare_to") or {})
         where = layout.parse_run_dir(run_dir)  # None outside <output_dir>/runs/<method>/seed-<n>
         method = cell.get("method") or metrics.get("method") or (where.method if where else run_dir.parent.name)
         seed = cell.get("seed")
@@ -136,7 +159,12 @@ def load_run(run_dir: Path) -> Run | None:
         raise Unreadable(layout.state_file(run_dir), f"unexpected content ({type(err).__name__}: {err})") from None
     try:
         kind = ((cfg.get("methods") or {}).get(method) or {}).get("method") or cell.get("kind") or method
-        backbone = axes.pop("backbone", None) or (cfg.get("model") or {}).get("backbone", "?")
+        clip = axes.pop("clip", None)  # the CLIP-based baselines: the CLIP is the model
+        if kind in CLIP_KINDS:
+            axes.pop("backbone", None)  # model.backbone takes no part in them
+            backbone = clip or (cfg.get("clip") or {}).get("model") or (cfg.get("pairing") or {}).get("model", "?")
+        else:
+            backbone = axes.pop("backbone", None) or (cfg.get("model") or {}).get("backbone", "?")
         dataset = axes.pop("dataset", None) or (cfg.get("data") or {}).get("name", "?")
     except (AttributeError, TypeError) as err:
         raise Unreadable(layout.config_file(run_dir), f"unexpected content ({type(err).__name__}: {err})") from None
@@ -150,7 +178,17 @@ def load_run(run_dir: Path) -> Run | None:
         variant = ",".join(f"{k}={v}" for k, v in axes.items())
     if not cell and method != kind:  # outside a grid, a renamed method (e.g. clipit_no_text) is a variant
         variant = str(method)
-    return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), seed, metrics)
+    label = ", ".join(str(labels.get(k) or variant_label(str(v))) for k, v in axes.items()
+                      if str(v) not in MAIN_VARIANTS) if variant and cell else variant_label(variant)
+    compare_to = ""
+    if compare:  # the same combination with the compared value(s) swapped in
+        swapped = {k: compare.get(k, v) for k, v in axes.items()}
+        compare_to = "" if all(str(v) in MAIN_VARIANTS for v in swapped.values()) else (
+            str(next(iter(swapped.values()))) if len(swapped) == 1 else ",".join(f"{k}={v}" for k, v in swapped.items()))
+    summary = _read_json(layout.train_summary(run_dir)) or {}
+    best_val = summary.get("best_val") if isinstance(summary.get("best_val"), dict) else None
+    return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), seed, metrics, label=label,
+               compare_to=compare_to, axes=axes, best_val=best_val)
 
 
 _FIX = {  # what to do about each of a run's files when it cannot be read

@@ -11,8 +11,8 @@ import numpy as np
 
 from clipit import layout
 from clipit.io import atomic_write_text
-from clipit.results.runs import (BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, Unreadable, main_runs,
-                                 order, warn_to_log)
+from clipit.results.runs import (BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, VISION_KINDS, Run, Unreadable,
+                                 main_runs, method_label, order, warn_to_log)
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -57,39 +57,111 @@ def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], li
                             "clipit_mean": sc and sc[0], "clipit_std": sc and sc[1], "clipit_n": sc and sc[2],
                             "delta": (sc[0] - su[0]) if su and sc else None})
         rows.append(row)
+    if len(backbones) > 1 or rows:  # the paper's per-dataset average gain under Table 1
+        gain = ["Mean gain over backbones"]
+        for d in datasets:
+            deltas = [r["delta"] for r in records if r["dataset"] == d and r["delta"] is not None]
+            gain += ["", "", f"{100 * float(np.mean(deltas)):+.2f} ({len(deltas)} backbones)" if deltas else "–"]
+            records.append({"backbone": "mean gain", "dataset": d, "delta": float(np.mean(deltas)) if deltas else None,
+                            "n_backbones": len(deltas)})
+        rows.append(gain)
     return header, rows, records
 
 
 def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
     """Every variant (and extra method) of each backbone x dataset that has more than Table 1's two."""
     header = ["Backbone", "Dataset", "Configuration", "Method", "Seeds", "Balanced accuracy" if metric ==
-              "balanced_accuracy" else metric, "Δ vs unimodal", "Δ vs CLIP-IT"]
+              "balanced_accuracy" else metric, "Δ vs unimodal", "Δ vs the run it varies"]
     rows, records = [], []
     groups: dict[tuple, dict[tuple, list[Run]]] = {}
     for r in runs:
         groups.setdefault((r.backbone, r.dataset), {}).setdefault((r.variant, r.method, r.kind), []).append(r)
     for (b, d) in sorted(groups, key=lambda k: (order([k[0]], BACKBONE_NAMES), order([k[1]], DATASET_NAMES), k)):
         entries = groups[(b, d)]
-        extra = [k for k in entries if not (k[0] in MAIN_VARIANTS and k[2] in ("unimodal", "clipit", "text"))]
+        extra = [k for k in entries if k[0] not in MAIN_VARIANTS and not any(
+            "lora" in (r.axes or {}) for r in entries[k])]  # the LoRA search has a section of its own
         if not extra:  # Table 1's runs (and the text-only model, reported with Omega) only
             continue
         uni = main_runs(runs, b, d, "unimodal")
         cli = main_runs(runs, b, d, "clipit")
         su = _stats([r.value(metric) for r in uni]) if uni else None
         sc = _stats([r.value(metric) for r in cli]) if cli else None
-        main = [k for k in entries if k not in extra and k[2] != "text"]
+        main = [k for k in entries if k[0] in MAIN_VARIANTS and k[2] in VISION_KINDS]
         for key in sorted(main, key=lambda k: k[2] != "unimodal") + sorted(extra):
             variant, method, kind = key
             s = _stats([r.value(metric) for r in entries[key]])
-            label = variant if variant not in MAIN_VARIANTS else (
+            first = entries[key][0]
+            label = (first.label or variant) if variant not in MAIN_VARIANTS else (
                 "unimodal (linear probe)" if kind == "unimodal" else "CLIP-IT (full)" if kind == "clipit"
-                else METHOD_NAMES.get(kind, kind))
+                else method_label(kind))
+            # Δ against the run this one varies: its grid `compare_to` row, else the main run of its kind
+            # (CLIP-IT for the CLIP-IT variants); the main runs themselves have none
+            base = None
+            if variant not in MAIN_VARIANTS:
+                ref = [r for r in runs if r.backbone == b and r.dataset == d and r.variant == first.compare_to
+                       and (r.kind == kind or first.compare_to == "" and r.kind == "clipit")]
+                ref = [r for r in ref if r.method == method] or ref
+                base = _stats([r.value(metric) for r in ref]) if ref else sc
             rows.append([BACKBONE_NAMES.get(b, b), DATASET_NAMES.get(d, d), label, method, str(s[2]), _fmt(s),
-                         _delta(su, s), _delta(sc, s)])
-            records.append({"backbone": b, "dataset": d, "variant": variant, "method": method, "kind": kind,
-                            "mean": s[0], "std": s[1], "n": s[2],
+                         _delta(su, s), _delta(base, s)])
+            records.append({"backbone": b, "dataset": d, "variant": variant, "label": label, "method": method,
+                            "kind": kind, "mean": s[0], "std": s[1], "n": s[2],
+                            "compared_to": (first.compare_to or "full") if variant not in MAIN_VARIANTS else "",
                             "delta_unimodal": (s[0] - su[0]) if su else None,
-                            "delta_clipit": (s[0] - sc[0]) if sc else None})
+                            "delta_clipit": (s[0] - base[0]) if base else None})
+    return header, rows, records
+
+
+def multimodal_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
+    """The main runs of every method beyond Table 1's vision models (text-only, late fusion, CLIP-based
+    baselines) with the parameters that run at test time."""
+    header = ["Dataset", "Model", "Method", "Seeds", "Balanced accuracy" if metric == "balanced_accuracy" else metric,
+              "Parameters at inference"]
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.kind not in VISION_KINDS and r.variant in MAIN_VARIANTS:
+            groups.setdefault((r.dataset, "–" if r.kind == "text" else r.backbone, r.kind), []).append(r)
+    rows, records = [], []
+    for key in sorted(groups, key=lambda k: (order([k[0]], DATASET_NAMES), order([k[1]], BACKBONE_NAMES), k)):
+        d, b, kind = key
+        group = groups[key]
+        s = _stats([r.value(metric) for r in group])
+        params = [r.params for r in group if r.params]
+        p = int(np.mean(params)) if params else None
+        rows.append([DATASET_NAMES.get(d, d), BACKBONE_NAMES.get(b, b), method_label(kind), str(s[2]), _fmt(s),
+                     f"{p / 1e6:.1f}M" if p else "–"])
+        records.append({"dataset": d, "model": b, "kind": kind, "mean": s[0], "std": s[1], "n": s[2],
+                        "params_inference": p})
+    return header, rows, records
+
+
+def lora_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
+    """The LoRA search (grid axis `lora`): per backbone x dataset the setting whose selected checkpoints
+    have the best mean validation balanced accuracy, with its test numbers."""
+    header = ["Backbone", "Dataset", "Chosen LoRA setting", "Settings searched", "Val balanced accuracy",
+              f"Test {'balanced accuracy' if metric == 'balanced_accuracy' else metric}", "Table 1 setting (test)"]
+    rows, records = [], []
+    searched = {(r.backbone, r.dataset) for r in runs if "lora" in (r.axes or {})}
+    for b, d in sorted(searched, key=lambda k: (order([k[0]], BACKBONE_NAMES), order([k[1]], DATASET_NAMES))):
+        cands: dict[str, list[Run]] = {}
+        for r in runs:
+            if r.backbone == b and r.dataset == d and r.kind == "clipit" and ("lora" in (r.axes or {})
+                                                                                or r.variant in MAIN_VARIANTS):
+                cands.setdefault(r.variant, []).append(r)
+        scored = {v: [r.best_val["balanced_accuracy"] for r in rs if r.best_val] for v, rs in cands.items()}
+        scored = {v: float(np.mean(x)) for v, x in scored.items() if x}
+        if not scored:
+            continue
+        chosen = max(scored, key=lambda v: (scored[v], v in MAIN_VARIANTS))
+        s = _stats([r.value(metric) for r in cands[chosen]])
+        main = cands.get("") or next((cands[v] for v in MAIN_VARIANTS if v in cands), None)
+        sm = _stats([r.value(metric) for r in main]) if main else None
+        label = "Table 1 setting" if chosen in MAIN_VARIANTS else (cands[chosen][0].label or chosen)
+        rows.append([BACKBONE_NAMES.get(b, b), DATASET_NAMES.get(d, d), label, str(len(scored)),
+                     f"{100 * scored[chosen]:.2f}", _fmt(s), _fmt(sm)])
+        records.append({"backbone": b, "dataset": d, "chosen": chosen or "full", "label": label,
+                        "settings": len(scored), "val_mean": scored[chosen], "mean": s[0], "std": s[1], "n": s[2],
+                        "table1_mean": sm and sm[0]})
     return header, rows, records
 
 
@@ -182,13 +254,27 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, records: list[dict]) -> None:
+# record keys that hold a fraction of samples: the CSVs give them in percent, named with the unit
+PERCENT_KEYS = ("mean", "std", "delta", "val_mean", "table1_mean", "balanced_accuracy", "accuracy", "omega_std")
+
+
+def _is_percent(key: str) -> bool:
+    return key in PERCENT_KEYS or key.endswith(("_mean", "_std")) or key.startswith("delta")
+
+
+def write_csv(path: Path, records: list[dict], fields: list[str] | None = None) -> None:
+    """Records as CSV: fractions in percent (column suffix `_pct`), empty cells for missing values; no
+    records gives a file with the header only (`fields`)."""
+    names = list(dict.fromkeys(k for r in records for k in r)) if records else list(fields or [])
+    if not names:
+        raise ValueError(f"{path}: no records and no column names")
+    column = {k: f"{k}_pct" if _is_percent(k) and not k.endswith("_n") else k for k in names}
     buf = io.StringIO()
-    fields = list(dict.fromkeys(k for r in records for k in r)) if records else ["empty"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer = csv.DictWriter(buf, fieldnames=[column[k] for k in names])
     writer.writeheader()
     for r in records:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        writer.writerow({column[k]: ("" if v is None else 100 * v if _is_percent(k) and isinstance(v, (int, float))
+                                     and not isinstance(v, bool) else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
 
 

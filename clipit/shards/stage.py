@@ -1,10 +1,11 @@
 """The shard stage of a config: check that pairing is done and current, plan the shard set, write
 (a part of) it, and write the manifest and texts.jsonl once every shard exists. The format itself
-(one shard, the plan, the manifest, reading and validation) lives in clipit/shards/format.py.
+(names and plan: manifest.py, image codecs: codec.py, writing: writer.py, reading: reader.py, checking:
+validate.py) lives next to it in clipit/shards/.
 
 Reruns rebuild exactly what is missing: a deleted shard is written again (byte-identical) and the
 manifest after it. The manifest step lists a shard it did not write itself only after reading it back
-(format.write_manifest), so a manifest deleted and rebuilt never blesses a corrupt shard.
+(writer.write_manifest), so a manifest deleted and rebuilt never blesses a corrupt shard.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from typing import Callable
 
 import numpy as np
 
-from clipit.data.base import ImageDataset
+from clipit.data.base import ImageDataset, ImageDecodeError
 from clipit.errors import one_line
 from clipit.io import atomic_write_json, read_json
 from clipit.locks import LockError, exclusive
-from clipit.shards.format import (MANIFEST, PLAN, TEXTS, ShardError, SplitTexts, build_plan, check_plan, missing_shards,
-                                  part_units, remove_stale_temps, select_texts, shard_units, write_manifest,
-                                  write_split_shards, write_texts)
+from clipit.shards.codec import resolve_image
+from clipit.shards.manifest import (MANIFEST, PLAN, TEXTS, ShardError, build_plan, check_plan, existing_codec,
+                                    write_texts)
+from clipit.shards.writer import (SplitTexts, missing_shards, part_units, remove_stale_temps, select_texts, shard_units,
+                                  write_manifest, write_split_shards)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[st
     One writer per directory: a whole build holds the directory's lock (clipit.locks) from start to end,
     so a second one is refused with one line. Parts of an array build disjoint shards of one directory
     at the same time: they take the directory only to write build.json and the manifest (waiting for each
-    other there), and each shard is written under its own lock (shards/format.py)."""
+    other there), and each shard is written under its own lock (shards/writer.py)."""
     out = Path(cfg.shards.dir)
     cache = _text_cache(cfg, texts)
     pairs = _load_pairs(cfg, dataset, pair_paths, cache)
@@ -67,14 +70,14 @@ def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[st
         with exclusive(out, LOCK_WHAT):
             if _settle(out, plan, texts, dataset, per_shard):
                 return out / MANIFEST
-            return manifest_step(_write_part(cfg, dataset, pairs, cache, None, None))
+            return manifest_step(_write_part(cfg, dataset, pairs, cache, plan, None, None))
     if state != "planned":  # build.json (or texts.jsonl next to a complete set) still to write
         with _directory_turn(out, echo):
             if _settle(out, plan, texts, dataset, per_shard):
                 return out / MANIFEST
     written: list[Path] = []
     if not finalize:
-        written = _write_part(cfg, dataset, pairs, cache, part, num_parts)
+        written = _write_part(cfg, dataset, pairs, cache, plan, part, num_parts)
         missing = missing_shards(dataset, out, per_shard)
         if missing:
             echo(f"part {part}/{num_parts}: {len(written)} shard(s) written; {len(missing)} of other parts still "
@@ -194,11 +197,17 @@ def _plan(cfg, dataset: ImageDataset, cache: _TextCache) -> dict:
     s = cfg.shards
     selection = ({"mode": "random", "seed": int(s.random_report_seed)} if s.random_report_seed is not None
                  else {"mode": "rank", "rank": int(s.use_rank)})
+    try:
+        image = resolve_image(s.codec, dataset, existing_codec(Path(s.dir)))
+    except ImageDecodeError as err:
+        raise ShardError(f"{dataset.name}: its first image does not decode ({err}); fix the dataset or set "
+                         "shards.codec: png") from None
     return build_plan(dataset, s.samples_per_shard, cache.dim, cache.identity,
-                      {"kind": cfg.pairing.texts, "count": len(cache.ids), "fingerprint": cache.fingerprint}, selection)
+                      {"kind": cfg.pairing.texts, "count": len(cache.ids), "fingerprint": cache.fingerprint}, selection,
+                      image)
 
 
-def _write_part(cfg, dataset: ImageDataset, pairs: dict[str, dict], cache: _TextCache, part: int | None,
+def _write_part(cfg, dataset: ImageDataset, pairs: dict[str, dict], cache: _TextCache, plan: dict, part: int | None,
                 num_parts: int | None) -> list[Path]:
     """Write this part's missing shards (all missing ones without `part`); returns the shards it wrote."""
     s = cfg.shards
@@ -212,17 +221,17 @@ def _write_part(cfg, dataset: ImageDataset, pairs: dict[str, dict], cache: _Text
     for split, indices in by_split.items():
         written += write_split_shards(dataset, split, pairs[split], cache.embeddings, cache.ids, Path(s.dir),
                                       s.samples_per_shard, only=indices, use_rank=s.use_rank,
-                                      random_seed=s.random_report_seed)
+                                      random_seed=s.random_report_seed, image=plan["image"])
     return written
 
 
 def _write_manifest(cfg, dataset: ImageDataset, texts: list, cache: _TextCache, plan: dict, pairs: dict[str, dict],
                     written: list[Path]) -> Path:
     """texts.jsonl, then the manifest (written last: its presence marks the set complete). Shards this
-    process did not write are read back against the pairs first (format.write_manifest)."""
+    process did not write are read back against the pairs first (writer.write_manifest)."""
     s = cfg.shards
     out = Path(s.dir)
-    extra = {k: plan[k] for k in ("texts", "selection")}
+    extra = {k: plan[k] for k in ("texts", "selection", "image")}
     extra.update({"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
     selected = {split: SplitTexts.select(pairs[split], split, cache.embeddings, cache.ids, s.use_rank,
                                          s.random_report_seed) for split in dataset.splits}

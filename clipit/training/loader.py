@@ -9,7 +9,7 @@ leaves the loader at the model's input size (`load_image`), whatever its size, s
 
 A bad shard met here (a truncated or garbled tar, an image that does not decode, a field missing or
 unreadable) is one ShardError naming the shard and the sample, in a worker process too, never a
-PIL/tarfile traceback and never a quietly shorter shard: tars are read by shards/format.py's strict
+PIL/tarfile traceback and never a quietly shorter shard: tars are read by shards/reader.py's strict
 reader, not by webdataset's (whose default handler re-raises the raw exception and whose tar
 iteration stops quietly at a cut).
 """
@@ -24,18 +24,26 @@ from PIL import Image
 
 from clipit.data.base import ImageDecodeError, decode_image, worker_error
 from clipit.errors import one_line
-from clipit.shards.format import IMAGE_FIELDS, REBUILD, ShardError, decode_embedding, tar_samples
+from clipit.shards.codec import IMAGE_FIELDS, decode_embedding, image_field, sample_pixels
+from clipit.shards.manifest import REBUILD, ShardError
+from clipit.shards.reader import tar_samples
 
-__all__ = ["IMAGE_FIELDS", "collate", "decode_sample", "eval_loader", "load_image", "train_loader"]
+__all__ = ["IMAGE_FIELDS", "collate", "decode_sample", "eval_loader", "load_image", "train_loader", "train_stream"]
 
 
-def load_image(data: bytes, size: int | None = None) -> np.ndarray:
-    """uint8 HWC RGB from encoded bytes (decode_image: every mode and bit depth, or ImageDecodeError).
+def load_image(data: bytes | np.ndarray, size: int | None = None) -> np.ndarray:
+    """uint8 HWC RGB from encoded bytes (decode_image: every mode and bit depth, or ImageDecodeError) or
+    from uint8 HWC RGB pixels (a raw shard's: returned as they are when they have the size already).
 
     With `size`, exactly size x size: the short side is resized to `size` (big tiles shrink here, in the
     worker; small ones grow) and the centre is cut out, so a non-square image is cropped like a big one
     rather than stretched, and images of mixed sizes can share a batch."""
-    img = decode_image(data)
+    if isinstance(data, np.ndarray):
+        if not size or data.shape[:2] == (size, size):
+            return data
+        img = Image.fromarray(data)
+    else:
+        img = decode_image(data)
     if size and img.size != (size, size):
         scale = size / min(img.size)
         if scale != 1:
@@ -53,22 +61,23 @@ def decode_sample(sample: dict, load_size: int | None = None) -> tuple:
     def bad(what: str) -> ShardError:
         return ShardError(f"{url}: sample {key}: {what}; the shard is corrupt: {REBUILD}")
 
-    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+    field = image_field(sample)
     if field is None:
         raise bad(f"no image field ({'/'.join(IMAGE_FIELDS)})")
-    try:
-        array = load_image(sample[field], load_size)
-    except ImageDecodeError as err:
-        raise bad(f"its {field} image does not decode ({err})") from None
     for name in ("cls", "emb.npy", "json"):
         if name not in sample:
             raise bad(f"no {name}")
     try:
         label = int(sample["cls"])
         emb = decode_embedding(sample["emb.npy"])
-        report_index = json.loads(sample["json"]).get("report_index", -1)
+        meta = json.loads(sample["json"])
+        report_index = meta.get("report_index", -1)
     except Exception as err:  # int(), np.load and json raise several types for garbage
         raise bad(f"cls, emb.npy or json unreadable ({one_line(err)})") from None
+    try:
+        array = load_image(sample_pixels(sample, meta), load_size)
+    except ImageDecodeError as err:
+        raise bad(f"its {field} image does not decode ({err})") from None
     if emb.ndim != 1 or not isinstance(report_index, int):
         raise bad(f"emb.npy of shape {emb.shape} or report_index {report_index!r} is not what a shard build writes")
     return array, label, emb, key, report_index
@@ -81,19 +90,25 @@ def _center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def collate(samples: list[tuple]) -> dict:
     """np.stack collation: webdataset's default collation of numpy images is ~100x slower."""
-    images, labels, embs, keys, report_index = zip(*samples)
-    return {
+    images, labels, embs, keys, report_index, *url = zip(*samples)
+    batch = {
         "images": torch.from_numpy(np.stack(images)),  # uint8 [B, H, W, 3]
         "labels": torch.tensor(labels, dtype=torch.long),
         "text_emb": torch.from_numpy(np.stack(embs).astype(np.float32)),
         "report_index": torch.tensor(report_index, dtype=torch.long),  # row of the shards' texts.jsonl
         "keys": list(keys),
     }
+    return batch | ({"urls": list(url[0])} if url else {})
 
 
 class _Loader(wds.WebLoader):
     """A WebLoader whose ShardError from a worker process keeps its one line (torch re-raises a worker's
-    exception with the worker's traceback in its message)."""
+    exception with the worker's traceback in its message). On a CUDA machine batches come in pinned
+    memory, so the trainer's `.to(device, non_blocking=True)` copies overlap with compute."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("pin_memory", torch.cuda.is_available())
+        super().__init__(*args, **kwargs)
 
     def __iter__(self):
         batches = super().__iter__()
@@ -115,23 +130,32 @@ def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed:
     resumed run see the data an uninterrupted one would. With several workers each has its own
     stream and yields at least its share; the trainer takes exactly `batches_per_epoch` per epoch.
     """
-    workers = max(1, num_workers)
-    per_worker = -(-batches_per_epoch // workers)
-    shards = wds.ResampledShards(urls, seed=seed, deterministic=True)
-    shards.epoch = start_epoch - 1  # incremented on every iter(); workers inherit it
-    pipeline = wds.DataPipeline(
-        shards,
-        tar_samples,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed),
-        wds.map(lambda s: decode_sample(s, load_size)),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
-    ).with_epoch(per_worker)
+    per_worker = -(-batches_per_epoch // max(1, num_workers))
+    pipeline = train_stream(urls, tar_samples, [wds.map(lambda s: decode_sample(s, load_size))], collate,
+                            batch_size, per_worker, seed, shuffle_buffer, start_epoch)
     return _Loader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
+def train_stream(urls: list[str], expand, stages: list, collation_fn, batch_size: int, per_worker: int, seed: int,
+                 shuffle_buffer: int = 2000, start_epoch: int = 0, worker_seed=None) -> wds.DataPipeline:
+    """The training order, in one place: resampled shards -> `expand` (shard dicts -> samples) -> seeded
+    shuffle -> `stages` -> full batches. The cached-feature probe (training/probe.py) expands shards into
+    cached rows instead of tar samples and so replays exactly the batches `train_loader` gives."""
+    shards = wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=worker_seed)
+    shards.epoch = start_epoch - 1  # incremented on every iter(); workers inherit it
+    return wds.DataPipeline(
+        shards,
+        expand,
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed),
+        *stages,
+        wds.batched(batch_size, collation_fn=collation_fn, partial=False),
+    ).with_epoch(per_worker)
+
+
 def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                load_size: int | None = None) -> wds.WebLoader | list:
-    """Each sample once across all ranks: rank r reads shards r, r + world, ... in order."""
+                load_size: int | None = None, with_urls: bool = False) -> wds.WebLoader | list:
+    """Each sample once across all ranks: rank r reads shards r, r + world, ... in order. `with_urls`: each
+    batch also names every sample's shard ("urls"), for the feature cache's per-shard files."""
     mine = urls[rank::world_size]
     if not mine:  # fewer shards than ranks: this rank contributes nothing, the gather still lines up
         return []
@@ -139,7 +163,7 @@ def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int
         wds.SimpleShardList(mine),
         wds.split_by_worker,
         tar_samples,
-        wds.map(lambda s: decode_sample(s, load_size)),
+        wds.map(lambda s: decode_sample(s, load_size) + ((s.get("__url__"),) if with_urls else ())),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     return _Loader(pipeline, batch_size=None, num_workers=min(num_workers, len(mine)))

@@ -23,12 +23,12 @@ from accelerate.utils import gather_object
 from clipit.errors import ClipitError, one_line
 from clipit.io import sha256_file
 from clipit.models.clipit import clipit_loss
-from clipit.shards.format import ShardError, shard_path, split_urls
+from clipit.shards.manifest import ShardError, shard_path, split_urls
 from clipit.training.text_side import TextInputs, cached_text
 
 # what a damaged shard raises while it is read and decoded (tar, PNG/JPEG/TIFF, npy, JSON, the label)
 DATA_ERRORS = (OSError, EOFError, ValueError, KeyError, SyntaxError, tarfile.TarError, zlib.error)
-_KEY = re.compile(r"^([A-Za-z]+)_(\d+)$")  # shards/format.py names sample i of a split `<split>_<i:08d>`
+_KEY = re.compile(r"^([A-Za-z]+)_(\d+)$")  # shards/manifest.py names sample i of a split `<split>_<i:08d>`
 _SCAN_LIMIT = 4 << 30  # bytes of shards hashed to find the damaged one when an error does not name it
 
 
@@ -117,11 +117,11 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
     wrapper.eval()
     logits, labels, keys, terms, bad_text = [], [], [], [], []
     for batch in (source.batches(loader, what) if source is not None else loader):
-        images = preprocess(batch["images"].to(accelerator.device))
+        images = preprocess(batch["images"].to(accelerator.device, non_blocking=True))
         inputs = (text_inputs or cached_text)(batch, accelerator.device)
         with accelerator.autocast():
             out = model(images, **inputs)
-        target = batch["labels"].to(accelerator.device)
+        target = batch["labels"].to(accelerator.device, non_blocking=True)
         losses = clipit_loss(out, target, inputs["text_emb"], lam)
         n = len(target)
         terms.append({k: float(v) * n for k, v in losses.items()} | {"n": n})

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from clipit.config import ConfigError, TrainConfig
-from clipit.shards.format import ShardError, load_texts
+from clipit.shards.manifest import ShardError, load_texts
 
 
 def cached_text(batch: dict, device: torch.device, train: bool = False, generator=None) -> dict:
-    return {"text_emb": batch["text_emb"].to(device)}
+    return {"text_emb": batch["text_emb"].to(device, non_blocking=True)}
 
 
 class TextInputs:
@@ -26,7 +26,8 @@ class TextInputs:
 
     def __init__(self, model: nn.Module, tcfg: TrainConfig, shard_dir: str | Path, manifest: dict,
                  device: torch.device):
-        self.tower = getattr(model, "text_tower", None)
+        # prompt_ft's tower encodes class prompts itself: report tokens only for text_encoder: tower
+        self.tower = getattr(model, "text_tower", None) if tcfg.text_encoder == "tower" else None
         self.word_drop, self.mode = tcfg.word_drop, tcfg.word_drop_mode
         self.tokens = None
         if self.tower is not None:

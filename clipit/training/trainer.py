@@ -2,9 +2,10 @@
 
 `fit` trains one (method, seed) cell from the shards and leaves in its run directory:
     best.safetensors / best.json   the checkpoint selected on validation
-    tb/                            TensorBoard scalars (loss terms, lr, val metrics, images/s, data wait %)
+    train.log                      plain progress lines, appended (clipit/training/logs.py)
     checkpoints/latest/            resume state (see state.py); a rerun continues from it
     train_summary.json             steps, best step, wall time (its presence marks the run as trained)
+and its TensorBoard scalars + HParams in <output_dir>/tb/<method>/seed-<n> (clipit/training/tb.py).
 SIGTERM/SIGUSR2 save a resume checkpoint at the next step boundary, then stop (or requeue under submitit).
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from clipit import layout
 from clipit.config import ExperimentConfig, TrainConfig, dump_config
@@ -29,15 +27,22 @@ from clipit.errors import ClipitError
 from clipit.io import atomic_write_json, read_json, sha256_file
 from clipit.metrics import classification_metrics
 from clipit.models.checkpoint import save_model
-from clipit.models.clipit import clipit_loss
+from clipit.models.clipit import clipit_loss, param_groups
 from clipit.models.factory import build_model
-from clipit.shards.format import ShardError, load_manifest, verify_shard_set
+from clipit.models.speed import apply_speed_settings
+from clipit.shards.manifest import ShardError, load_manifest
+from clipit.shards.validate import verify_shard_set
 from clipit.training.accel import main_process_lock, make_accelerator, raise_together
 from clipit.training.loader import eval_loader, train_loader
+from clipit.training.logs import TrainLog
 from clipit.training.predict import NonFiniteError, ShardSource, predict, samples
+from clipit.training.probe import cached_inputs
 from clipit.training.signals import GracefulStop
 from clipit.training.state import ResumeError, load_training_state, save_training_state
+from clipit.training.tb import open_writer, run_hparams, write_hparams
 from clipit.training.text_side import TextInputs
+from clipit.training.imported import import_probe_head
+from clipit.training.zero_shot import save_zero_shot
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,16 @@ def make_optimizer(tcfg: TrainConfig, params) -> torch.optim.Optimizer:
     if tcfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True)
     cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return cls(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=use_fused(tensors) or None)
+
+
+def use_fused(params) -> bool:
+    """Fused Adam/AdamW (one kernel for all parameters) when every parameter is a float tensor on CUDA;
+    elsewhere torch's default (foreach on CPU)."""
+    params = list(params)
+    return bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
 
 
 def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
@@ -76,12 +90,12 @@ def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
 def run_identity(cfg: ExperimentConfig, method: str, seed: int, manifest: dict, world: int,
                  warm_start: Path | None) -> dict:
     """What a run's trajectory depends on, keyed as the config spells it: a resume checkpoint is only
-    continued by a launch with the same identity (checkpoint_every changes no result and is left out)."""
+    continued by a launch with the same identity (checkpoint_every and log_every change no result: left out)."""
     tcfg, mcfg = cfg.methods[method], cfg.model
     shards = hashlib.sha256(json.dumps({k: manifest.get(k) for k in ("splits", "embedding", "texts", "classes")},
                                        sort_keys=True).encode()).hexdigest()
     identity = {
-        "methods": {method: {k: v for k, v in vars(tcfg).items() if k != "checkpoint_every"}},
+        "methods": {method: {k: v for k, v in vars(tcfg).items() if k not in ("checkpoint_every", "log_every")}},
         "model": {"backbone": mcfg.backbone, "weights": mcfg.weights, "image_size": mcfg.image_size,
                   "lora": vars(mcfg.lora).copy(), "kd_layers": mcfg.kd_layers},
         "seed": seed, "processes": world, "shards": {"manifest_sha256": shards},
@@ -111,7 +125,7 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
 
 def verified_manifest(accelerator, shard_dir: str | Path) -> dict:
     """The shard set's manifest, once rank 0 has checked the set against it (every tar present, counts,
-    sha256; clipit/shards/format.py caches the hashes per unchanged tar). All ranks stop together."""
+    sha256; clipit/shards/validate.py caches the hashes per unchanged tar). All ranks stop together."""
     manifest = load_manifest(shard_dir)
     error = None
     if accelerator.is_main_process:
@@ -130,15 +144,25 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
     manifest = verified_manifest(accelerator, cfg.shards.dir)
     classes = manifest["classes"]
     model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if tcfg.method == "zero_shot":  # nothing trains: the prompt-ensemble classifier is saved as it is built
+        return save_zero_shot(cfg, method, seed, run_dir, model, preprocess, manifest, accelerator)
+    if tcfg.head_from:  # an existing probe (e.g. kaiko eva's) instead of training one
+        return import_probe_head(cfg, method, seed, run_dir, model, preprocess, manifest, accelerator)
+    apply_speed_settings(model, cfg.model)  # gradient checkpointing, torch.compile: training only
+    model.to(accelerator.device)  # before the optimizer, which is fused when its parameters are on a GPU
+    groups = param_groups(model, tcfg.lr, tcfg.pretrained_lr, warm_head=tcfg.warm_start is not None)
     world = accelerator.num_processes
     if accelerator.is_main_process:  # what actually runs, once, before the first step
         backend = accelerator.state.backend or "none"
         print(f"[clipit train] {method} seed {seed}: world size {world}, backend {backend}, device "
               f"{accelerator.device}, precision {tcfg.precision}, distributed {tcfg.distributed}", flush=True)
     plan = step_plan(manifest, tcfg, world)
-    optimizer = make_optimizer(tcfg, params)
+    optimizer = make_optimizer(tcfg, groups)
     scheduler = make_scheduler(tcfg, optimizer, plan.total_steps)
+    # a frozen backbone on unaugmented images: its features once (shared by seeds), then only what follows it
+    cached = cached_inputs(cfg, method, accelerator, manifest, model, preprocess)
+    if cached:
+        model, preprocess = cached.model, cached.preprocess
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
     preprocess = preprocess.to(accelerator.device)
@@ -160,21 +184,23 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
     epoch, skip = divmod(step, plan.batches_per_epoch)
     train_source = ShardSource(Path(cfg.shards.dir), "train", manifest)
     val_source = ShardSource(Path(cfg.shards.dir), "val", manifest)
-    train_batches = train_loader(train_source.urls, tcfg.batch_size,
-                                 plan.batches_per_epoch, seed=seed, num_workers=tcfg.num_workers,
-                                 load_size=preprocess.size, start_epoch=epoch)
-    val_batches = eval_loader(val_source.urls, 2 * tcfg.batch_size,
-                              accelerator.process_index, world, tcfg.num_workers, preprocess.size)
+    if cached:  # the same batches as the loaders below would give, from the cached features
+        train_batches = cached.train_batches(tcfg.batch_size, plan.batches_per_epoch, seed, tcfg.num_workers, epoch)
+        val_batches = cached.val_batches(2 * tcfg.batch_size, accelerator.process_index, world)
+    else:
+        train_batches = train_loader(train_source.urls, tcfg.batch_size,
+                                     plan.batches_per_epoch, seed=seed, num_workers=tcfg.num_workers,
+                                     load_size=preprocess.size, start_epoch=epoch)
+        val_batches = eval_loader(val_source.urls, 2 * tcfg.batch_size,
+                                  accelerator.process_index, world, tcfg.num_workers, preprocess.size)
     main = accelerator.is_main_process
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, layout.config_file(run_dir))
-        tb = layout.tensorboard_dir(run_dir)
-        if resumed_from is None:  # a fresh start: events of an earlier, uncheckpointed attempt would mix in
-            shutil.rmtree(tb, ignore_errors=True)
-        # on resume, TensorBoard drops the events an interrupted attempt wrote after its last checkpoint
-        writer = SummaryWriter(str(tb), purge_step=None if resumed_from is None else resumed_from + 1)
+        writer = open_writer(run_dir, resumed_from)
+        if resumed_from is None:
+            write_hparams(writer, run_hparams(cfg, method, seed, world))
     meta = {"method": method, "seed": seed, "classes": classes, "backbone": cfg.model.backbone,
             "weights": cfg.model.weights, "text_dim": manifest["embedding"]["dim"], "train": vars(tcfg).copy(),
             "lora": vars(cfg.model.lora).copy(), "kd_layers": cfg.model.kd_layers, "image_size": preprocess.size}
@@ -194,21 +220,25 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
 
     start = time.time()
     window = _Window()
-    bar = tqdm(total=plan.total_steps, initial=step, desc=f"{method} seed {seed}", unit="step", disable=not main)
+    log = TrainLog(run_dir, f"{method} seed {seed}", plan.total_steps, plan.batches_per_epoch, tcfg.log_every, step,
+                   main)
+    log.start(resumed_from, world, plan.eval_every)
     stop = GracefulStop()
+    stopped_early = None  # step at which `patience` validations without improvement ended the run
     model.train()
     try:
-        while step < plan.total_steps:
+        while step < plan.total_steps and stopped_early is None:
             batches = islice(iter(train_batches), skip, plan.batches_per_epoch)  # one epoch; skip = resume offset
             skip = 0
             fetch_start = time.time()
             for batch in train_source.batches(batches, f"training of {method} seed {seed}"):
-                window.waited += time.time() - fetch_start
-                images = preprocess(batch["images"].to(accelerator.device), augment=tcfg.augment, generator=generator)
+                waited = time.time() - fetch_start
+                window.waited += waited
+                images = preprocess(batch["images"].to(accelerator.device, non_blocking=True), augment=tcfg.augment, generator=generator)
                 inputs = text_inputs(batch, accelerator.device, train=True, generator=generator)
                 with accelerator.autocast():
                     out = model(images, **inputs)
-                losses = clipit_loss(out, batch["labels"].to(accelerator.device), inputs["text_emb"], tcfg.lam)
+                losses = clipit_loss(out, batch["labels"].to(accelerator.device, non_blocking=True), inputs["text_emb"], tcfg.lam)
                 local_bad = ~torch.isfinite(losses["loss"].detach())
                 # one collective per step: a stop signal or a non-finite loss on any rank stops every rank here
                 stopping, nonfinite = stop.poll(accelerator.device, local_bad)
@@ -227,14 +257,19 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window.images += len(images) * world
-                bar.update(1)
+                log.step(step, losses["loss"], scheduler.get_last_lr()[0], len(images) * world, waited)
                 if writer and (step % 10 == 0 or step == plan.total_steps):
                     window = _log_train_step(writer, step, losses, scheduler, window)
                 if step % plan.eval_every == 0 or step == plan.total_steps:
-                    validate(model, preprocess, val_batches, text_inputs, accelerator, tcfg, classes, step, writer,
-                             progress, save_best, source=val_source, what=f"validation at step {step} of {method} "
-                             f"seed {seed}", hint=hint, check_weights=check_weights)
+                    val = validate(model, preprocess, val_batches, text_inputs, accelerator, tcfg, classes, step,
+                                   writer, progress, save_best, source=val_source, what=f"validation at step {step} "
+                                   f"of {method} seed {seed}", hint=hint, check_weights=check_weights)
+                    log.validation(step, val, progress["best_score"], progress["best_step"], tcfg.select)
+                    if tcfg.patience and step - progress["best_step"] >= tcfg.patience * plan.eval_every:
+                        stopped_early = step  # the same on every rank: validation metrics are global
                 progress["step"] = step
+                if stopped_early is not None:
+                    break
                 if step < plan.total_steps and (step % plan.checkpoint_every == 0 or stopping):
                     check_weights("saving a resume checkpoint")
                     if writer:
@@ -247,14 +282,17 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
                 fetch_start = time.time()
     finally:
         stop.restore()
-        bar.close()
+        log.close()
         if writer:
             writer.close()
     summary = {"steps": plan.total_steps, "best_step": progress["best_step"], "select": tcfg.select,
                "world_size": world, "batches_per_epoch": plan.batches_per_epoch, "resumed_from_step": resumed_from,
-               "wall_s": round(time.time() - start, 2)}
+               "stopped_early_at_step": stopped_early,
+               "best_val": progress.get("best_val"),  # val metrics of the selected checkpoint (LoRA search)
+               "wall_s": round(time.time() - start, 2), **(cached.summary if cached else {})}
     if main:
         atomic_write_json(summary_path, summary)
+    log.finish(summary)
     accelerator.wait_for_everyone()
     return summary
 
@@ -307,9 +345,10 @@ def _log_train_step(writer, step: int, losses: dict, scheduler, window: _Window)
 
 def validate(model, preprocess, val_batches, text_inputs: TextInputs, accelerator, tcfg: TrainConfig, classes,
              step: int, writer, progress: dict, save_best, source: ShardSource | None = None,
-             what: str = "validation", hint: str = "", check_weights=None) -> None:
-    """Evaluate on val, log, and keep the best checkpoint by the configured criterion. A non-finite
-    validation loss, logit or score stops training (NonFiniteError) before anything is saved."""
+             what: str = "validation", hint: str = "", check_weights=None) -> dict:
+    """Evaluate on val, log, and keep the best checkpoint by the configured criterion; returns the val
+    metrics (+ `loss`). A non-finite validation loss, logit or score stops training (NonFiniteError)
+    before anything is saved."""
     val = predict(model, preprocess, val_batches, accelerator, tcfg.lam, text_inputs, what=what, source=source,
                   hint=hint)
     metrics = classification_metrics(val["labels"], val["logits"], classes)
@@ -325,6 +364,9 @@ def validate(model, preprocess, val_batches, text_inputs: TextInputs, accelerato
         if check_weights is not None:  # on every rank (same weights everywhere), so all ranks stop together
             check_weights("saving the best checkpoint")
         progress["best_score"], progress["best_step"] = score, step
+        progress["best_val"] = {"loss": val["loss"], "balanced_accuracy": metrics["balanced_accuracy"],
+                                "accuracy": metrics["accuracy"]}
         if accelerator.is_main_process:
             save_best()
     accelerator.wait_for_everyone()
+    return metrics | {"loss": val["loss"]}

@@ -13,7 +13,9 @@ from clipit.config import ExperimentConfig, LoraConfig, ModelConfig, ShardsConfi
 from clipit.data.folder import ImageFolderDataset
 from clipit.evaluation.export import ExportError, export_run, load_exported, load_trained_run, merge_lora
 from clipit.models.backbones import build_backbone
-from clipit.shards.format import iter_samples, split_urls, write_manifest, write_split_shards
+from clipit.shards.manifest import split_urls
+from clipit.shards.reader import iter_samples
+from clipit.shards.writer import write_manifest, write_split_shards
 from clipit.models.checkpoint import save_model
 from clipit.training.loader import eval_loader
 from clipit.models.factory import build_model

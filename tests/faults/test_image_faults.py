@@ -21,8 +21,10 @@ import clipit.pairing.encoders
 from clipit.cli import main
 from clipit.data.base import ImageDecodeError, decode_image
 from clipit.data.folder import ImageFolderDataset
-from clipit.shards.format import (ShardError, iter_samples, split_urls, validate_shards, write_manifest,
-                                  write_split_shards)
+from clipit.shards.manifest import ShardError, split_urls
+from clipit.shards.reader import iter_samples
+from clipit.shards.validate import validate_shards
+from clipit.shards.writer import write_manifest, write_split_shards
 from clipit.training.loader import eval_loader, load_image, train_loader
 from clipit_testing import run_clipit
 from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_model, write_config
@@ -375,5 +377,5 @@ def test_predict_refuses_a_file_that_is_no_image(exported, tmp_path, content):
     one_line(predict(exported, path), f"{path}: not a usable image (not an image")
 
 
-def test_predict_refuses_a_folder_given_as_an_image(exported, tmp_path):
-    one_line(predict(exported, tmp_path), f"{tmp_path}: cannot read image")
+def test_predict_refuses_a_folder_without_images(exported, tmp_path):  # a folder is an input (docs/predict.md)
+    one_line(predict(exported, tmp_path), f"{tmp_path}: a folder with no image or slide files")

@@ -333,13 +333,12 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
     The kill is made exact with SIGSTOP: the stopped process cannot move on, so the condition (events
     past the checkpoint on disk) is checked on a frozen state before SIGKILL."""
     cell = CELL[:2] + ["methods.clipit.checkpoint_every=4", "methods.clipit.evals_per_epoch=2"]  # val every 2 steps
-    run = run_dir(tmp_path)
+    run, tb = run_dir(tmp_path), tmp_path / "tb" / "clipit" / "seed-0"
     proc = subprocess.Popen([sys.executable, "-m", "clipit", *train_args(tmp_path, tiny_shards, *cell)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = False
     try:
         while proc.poll() is None and not killed:
-            tb = run / "tb"
             if _checkpoint_step(run) >= 4 and tb.exists() and max(_raw_steps(tb), default=0) > _checkpoint_step(run):
                 os.kill(proc.pid, signal.SIGSTOP)
                 if max(_raw_steps(tb), default=0) > _checkpoint_step(run):
@@ -354,14 +353,14 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
         proc.wait(timeout=60)
     assert killed, "training finished before events past a checkpoint reached the disk"
     ckpt = _checkpoint_step(run)
-    assert max(_raw_steps(run / "tb")) > ckpt  # the killed attempt did write events past its checkpoint
+    assert max(_raw_steps(tb)) > ckpt  # the killed attempt did write events past its checkpoint
     assert not (run / "train_summary.json").exists()
     done = run_clipit(*train_args(tmp_path, tiny_shards, *cell))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "train_summary.json").read_text())["resumed_from_step"] == ckpt
-    raw = _raw_steps(run / "tb")
+    raw = _raw_steps(tb)
     assert len(raw) > len(set(raw))  # both attempts wrote the steps after the checkpoint ...
-    events = _events(run / "tb")
+    events = _events(tb)
     assert events["val/loss"] == [2, 4, 6, 8, 10, 12]  # ... and TensorBoard shows each once, in order
     assert events["train/loss"] == [10, 12]
     for tag, steps in events.items():

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import clipit.shards.format as fmt
+import clipit.shards.validate as validation
 from clipit.cli import main
 from clipit.locks import LOCK_FILE
-from clipit.shards.format import LOCKS, MANIFEST, ShardError, encode_embedding, load_manifest, verify_shard_set
+from clipit.shards.codec import encode_embedding
+from clipit.shards.manifest import LOCKS, MANIFEST, VERIFIED, ShardError, load_manifest
+from clipit.shards.validate import verify_shard_set
 from clipit_testing import ROOT, TINY, run_clipit
 
 REBUILD = "delete this shard and rerun `clipit shard build --config <config>`"
@@ -33,8 +35,25 @@ def copy(tiny_shards, tmp_path):
     """A private copy of the session's tiny shard set; returns (shard dir, overrides that build into it)."""
     source = Path(tiny_shards[0].split("=", 1)[1])
     out = tmp_path / "shards"
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns(LOCK_FILE, LOCKS, fmt.VERIFIED))
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns(LOCK_FILE, LOCKS, VERIFIED))
     return out, [f"shards.dir={out}", *tiny_shards[1:]]
+
+
+@pytest.fixture(scope="module")
+def tiny_png(tiny_shards, tmp_path_factory) -> list[str]:
+    """The tiny demo's set stored as png (the session's is raw: the demo has one image size); only the
+    shards are built again (the pairing is the session's)."""
+    overrides = [f"shards.dir={tmp_path_factory.mktemp('png') / 'shards'}", *tiny_shards[1:], "shards.codec=png"]
+    proc = build(overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return overrides
+
+
+@pytest.fixture()
+def copy_png(tiny_png, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(original(tiny_png), out, ignore=shutil.ignore_patterns(LOCK_FILE, LOCKS, VERIFIED))
+    return out, [f"shards.dir={out}", *tiny_png[1:]]
 
 
 def original(tiny_shards) -> Path:
@@ -109,11 +128,12 @@ def digests(shard_dir: Path) -> dict[str, str]:
 
 def stray(shard_dir: Path) -> list[Path]:
     """Temporary files: what a killed or racing writer could leave (lock files are not output)."""
-    return [p for p in shard_dir.rglob("*") if p.name.startswith(".") and p.name not in (LOCK_FILE, fmt.VERIFIED)
+    return [p for p in shard_dir.rglob("*") if p.name.startswith(".") and p.name not in (LOCK_FILE, VERIFIED)
             and LOCKS not in p.relative_to(shard_dir).parts]
 
 
 SHARD = "train/train-000001.tar"
+RAW = "img.u8"  # the raw codec's field (the tiny demo's set is raw)
 KEY = "train_00000070"  # a sample of that shard (64 per shard)
 
 
@@ -145,8 +165,8 @@ def test_missing_shard_names_the_rebuild(copy):
             "rerun `clipit shard build --config <config>`")
 
 
-def test_undecodable_image_behind_a_rehashed_manifest(copy, validate):
-    out, _ = copy
+def test_undecodable_image_behind_a_rehashed_manifest(copy_png, validate):
+    out, _ = copy_png
     png = dict(members(out / SHARD))[f"{KEY}.png"]
     edit(out / SHARD, f"{KEY}.png", png[:40] + b"\x00" * (len(png) - 40))  # header intact, pixel data zeroed
     rehash(out)
@@ -154,11 +174,79 @@ def test_undecodable_image_behind_a_rehashed_manifest(copy, validate):
     assert validate(out, "--quick").returncode == 0  # quick mode trusts the (re-hashed) checksums: its documented cost
 
 
-def test_image_field_holding_another_type(copy, validate):
-    out, _ = copy
+def test_image_field_holding_another_type(copy_png, validate):
+    out, _ = copy_png
     edit(out / SHARD, f"{KEY}.png", json.dumps({"not": "an image"}).encode())
     rehash(out)
     refused(validate(out), f"sample {KEY}: its png image does not decode (not an image")
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (lambda raw, png: raw[:-100], "12,188 bytes where 64x64x3 uint8 needs 12,288 (truncated or garbled)"),
+    (lambda raw, png: raw + b"\x00" * 7, "12,295 bytes where 64x64x3"),
+    (lambda raw, png: png, "bytes where 64x64x3 uint8 needs 12,288"),  # an encoded image under the raw field
+    (lambda raw, png: b"", "0 bytes where 64x64x3"),
+], ids=["truncated", "padded", "png-bytes", "empty"])
+def test_raw_payload_of_the_wrong_size(copy, tiny_png, payload, fragment, validate):
+    out, _ = copy
+    raw = dict(members(out / SHARD))[f"{KEY}.{RAW}"]
+    png = dict(members(original(tiny_png) / SHARD))[f"{KEY}.png"]
+    edit(out / SHARD, f"{KEY}.{RAW}", payload(raw, png))
+    rehash(out)
+    refused(validate(out), f"{out / SHARD}: sample {KEY}: its {RAW} image does not decode (", fragment, REBUILD)
+
+
+def test_raw_shape_in_the_json_differs_from_the_manifest(copy, validate):
+    out, _ = copy
+    meta = json.loads(dict(members(out / SHARD))[f"{KEY}.json"])
+    assert meta["image_shape"] == [64, 64, 3] == load_manifest(out)["image"]["shape"]
+    meta["image_shape"] = [32, 128, 3]  # the same number of bytes, another shape
+    edit(out / SHARD, f"{KEY}.json", json.dumps(meta).encode())
+    rehash(out)
+    refused(validate(out), f"sample {KEY}: json image_shape [32, 128, 3] where the manifest's raw codec has [64, 64, 3]")
+
+
+def test_codec_mismatch_between_a_sample_and_the_manifest(copy, tiny_png, validate):
+    out, _ = copy
+    png = dict(members(original(tiny_png) / SHARD))[f"{KEY}.png"]
+    items = [(f"{KEY}.png", png) if n == f"{KEY}.{RAW}" else (n, d) for n, d in members(out / SHARD)]
+    write_members(out / SHARD, sorted(items))  # one sample stored as png in a raw set
+    rehash(out)
+    refused(validate(out), f"sample {KEY}: its image is stored as png, but the manifest's image codec is raw", REBUILD)
+
+
+@pytest.mark.parametrize("image, fragment", [
+    ({"codec": "png"}, "_00000000: its image is stored as img.u8, but the manifest's image codec is png"),
+    ({"codec": "jpeg"}, "manifest.json: image {'codec': 'jpeg'} is neither"),
+    ({"codec": "raw", "shape": [64, 64], "dtype": "uint8"}, "manifest.json: image {'codec': 'raw', 'shape': [64, 64]"),
+], ids=["other-codec", "unknown-codec", "bad-shape"])
+def test_manifest_with_another_codec_than_its_shards(copy, image, fragment, validate):
+    out, _ = copy
+    manifest = load_manifest(out)
+    manifest["image"] = image
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    refused(validate(out), fragment)
+    if image["codec"] != "png":  # a malformed codec is the manifest's own fault: quick mode sees it too
+        refused(validate(out, "--quick"), fragment, "rerun `clipit shard build --config <config>`")
+
+
+def test_loader_refuses_a_truncated_raw_payload(copy):
+    from clipit.shards.manifest import split_urls
+    from clipit.training.loader import eval_loader
+
+    out, _ = copy
+    raw = dict(members(out / SHARD))[f"{KEY}.{RAW}"]
+    edit(out / SHARD, f"{KEY}.{RAW}", raw[:1000])
+    with pytest.raises(ShardError) as err:
+        list(eval_loader(split_urls(out, "train"), batch_size=64))
+    assert str(err.value).startswith(f"{out / SHARD}: sample {KEY}: its {RAW} image does not decode (1,000 bytes")
+    assert REBUILD in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_rebuild_with_another_codec_is_refused(copy):
+    out, overrides = copy
+    refused(build([*overrides, "shards.codec=png"]), f"{out / MANIFEST}: the shards in {out} were built with another "
+            "image", "set shards.codec: raw")
 
 
 def test_tar_cut_at_a_member_boundary(copy, validate):
@@ -329,17 +417,21 @@ def test_a_part_rerun_rebuilds_its_deleted_shard(copy, tiny_shards, validate):
     assert digests(out) == want and validate(out).returncode == 0
 
 
-def test_deleted_manifest_does_not_rebless_a_corrupt_shard(copy, tiny_shards):
-    out, overrides = copy
-    png = dict(members(out / SHARD))[f"{KEY}.png"]
-    edit(out / SHARD, f"{KEY}.png", png[:40] + b"\x00" * (len(png) - 40))  # still a tar; the image is broken
+@pytest.mark.parametrize("codec", ["png", "raw"])
+def test_deleted_manifest_does_not_rebless_a_corrupt_shard(codec, request):
+    out, overrides = request.getfixturevalue("copy_png" if codec == "png" else "copy")
+    want = digests(out)  # the copy's: the original's bytes
+    field = "png" if codec == "png" else RAW
+    image = dict(members(out / SHARD))[f"{KEY}.{field}"]
+    broken = image[:40] + b"\x00" * (len(image) - 40) if codec == "png" else image[:-64]  # still a tar
+    edit(out / SHARD, f"{KEY}.{field}", broken)
     (out / MANIFEST).unlink()
-    refused(build(overrides), f"{out / SHARD}: sample {KEY}: its png image does not decode", REBUILD)
+    refused(build(overrides), f"{out / SHARD}: sample {KEY}: its {field} image does not decode", REBUILD)
     assert not (out / MANIFEST).exists()  # nothing a trainer would accept
     (out / SHARD).unlink()  # the advice
     proc = build(overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert digests(out) == digests(original(tiny_shards))
+    assert digests(out) == want
 
 
 def test_deleted_manifest_refuses_a_decodable_shard_of_other_content(copy):
@@ -369,11 +461,11 @@ def test_verify_shard_set_hashes_once_and_sees_changes(copy, monkeypatch):
     for path in tars:  # a known, old mtime: any later write changes it
         os.utime(path, ns=(10**18, 10**18))
     hashed = []
-    real = fmt.sha256_file
-    monkeypatch.setattr(fmt, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
+    real = validation.sha256_file
+    monkeypatch.setattr(validation, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
     manifest = load_manifest(out)
     verify_shard_set(out, manifest)
-    assert sorted(hashed) == tars and (out / fmt.VERIFIED).exists()
+    assert sorted(hashed) == tars and (out / VERIFIED).exists()
     hashed.clear()
     verify_shard_set(out, manifest)
     assert hashed == []  # unchanged tars: not hashed again

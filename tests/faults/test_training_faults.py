@@ -72,7 +72,7 @@ def rehash(shard_dir: Path, *tars: Path) -> None:
 
 def nan_embedding(shard_dir: Path, split: str, indices: list[int], per_shard: int = 64) -> list[str]:
     """Set the report embedding of samples `indices` of `split` to NaN (re-hashed); returns their keys."""
-    from clipit.shards.format import encode_embedding
+    from clipit.shards.codec import encode_embedding
 
     dim = json.loads((shard_dir / "manifest.json").read_text())["embedding"]["dim"]
     keys, tars = [], []
@@ -288,7 +288,7 @@ def test_train_is_refused_while_another_process_writes_the_run(tiny_shards, tmp_
     holder_proc = locked(run)
     proc = run_clipit(*train_args(tmp_path, tiny_shards, *ALONE))
     assert_refused(proc, run, f"pid {holder_proc.pid}", "being written by")
-    assert not (run / "config.yaml").exists() and not (run / "tb").exists()  # nothing written before the lock
+    assert not (run / "config.yaml").exists() and not (tmp_path / "tb").exists()  # nothing written before the lock
 
 
 def test_evaluate_is_refused_while_another_process_writes_the_run(unevaluated, tiny_shards, locked):

@@ -40,7 +40,7 @@ def test_every_shipped_grid_expands_and_every_cell_config_loads(path):
 
 
 def test_shipped_grids_exist():
-    assert {p.stem for p in GRIDS} >= {"paper_table1", "paper_ablations", "demo"}
+    assert {p.stem for p in GRIDS} >= {"paper_table1", "paper_ablations", "paper_lora", "paper_eva_probe", "demo"}
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
@@ -48,27 +48,31 @@ def test_every_profile_loads(path):
     assert isinstance(load_profile(str(path)), ClusterProfile)
 
 
-def test_paper_table1_is_108_cells_in_54_chains():
+def test_paper_table1_is_216_cells_in_54_chains():
     plan = expand(ROOT / "configs/grids/paper_table1.yaml")
-    assert len(plan.cells) == 108 and len(plan.tasks) == 54
+    assert len(plan.cells) == 216 and len(plan.tasks) == 54
     combos = {(c.labels["backbone"], c.labels["dataset"], c.method, c.seed) for c in plan.cells}
-    assert len(combos) == 108
+    assert len(combos) == 216
     assert {c.labels["backbone"] for c in plan.cells} == PAPER_BACKBONES
     assert {c.labels["dataset"] for c in plan.cells} == {"pcam", "bach", "crc"}
     assert {c.seed for c in plan.cells} == {0, 1, 2}
     for task in plan.tasks:
-        assert [c.method for c in task.cells] == ["unimodal", "clipit"] and not task.after
+        assert [c.method for c in task.cells] == ["unimodal", "clipit", "text", "late_fusion"] and not task.after
         assert len({c.seed for c in task.cells}) == 1
     for cell in plan.cells:
         cfg = cell.load()
         assert cfg.model.backbone == cell.labels["backbone"] and cfg.data.name == cell.labels["dataset"]
         assert cfg.shards.dir.endswith(f"/{cell.labels['dataset']}/shards")  # shared by all backbones
-        assert cfg.reports.projects == (["COAD", "READ"] if cell.labels["dataset"] == "crc" else ["BRCA"])
+        assert cfg.reports.projects == (["COAD"] if cell.labels["dataset"] == "crc" else ["BRCA"])
+        assert cfg.pairing.precision == "fp32"  # as the reference code
+        # the paper's method: the pairing model's text tower + LoRA, in the same step
+        assert cfg.methods["clipit"].text_encoder == "tower" and cfg.model.lora.enabled
+        assert cfg.methods["late_fusion"].text_warm_start == "text"
 
 
 def test_paper_ablations_reuse_table1_uni_pcam_runs():
     table1 = {c.run_dir for c in expand(ROOT / "configs/grids/paper_table1.yaml").cells
-              if c.labels["backbone"] == "uni" and c.labels["dataset"] == "pcam"}
+              if c.labels["backbone"] == "uni" and c.labels["dataset"] == "pcam" and c.method in ("unimodal", "clipit")}
     plan = expand(ROOT / "configs/grids/paper_ablations.yaml")
     full = [c for c in plan.cells if c.labels["ablation"] == "full"]
     assert {c.run_dir for c in full} == table1  # nothing retrained when Table 1 ran
@@ -86,20 +90,53 @@ def test_paper_ablations_reuse_table1_uni_pcam_runs():
     done = expand(ROOT / "configs/grids/paper_ablations.yaml", check_done=lambda c: True)
     assert not any(t.after for t in done.tasks)
     overrides = {c.labels["ablation"]: load_config(c.config, list(c.overrides)) for c in variants if c.seed == 0}
+    assert overrides["frozen-teacher"].methods["clipit"].text_encoder == "cached"
+    assert overrides["word-drop-30"].methods["clipit"].text_encoder == "tower"  # varies the tower-based full run
     assert overrides["no-lora"].model.lora.enabled is False
     assert overrides["no-text"].methods["clipit"].lam == 0.0
     assert overrides["report-rank-3"].shards.use_rank == 3 and overrides["report-rank-3"].pairing.top_k >= 3
     assert overrides["early-fusion"].methods["clipit"].method == "early_fusion"
     assert overrides["full-finetune"].methods["clipit"].finetune == "full"
+    assert overrides["full-finetune"].methods["clipit"].pretrained_lr == 1e-5  # P, H_t, F keep lr 1e-3
+    assert overrides["full-finetune"].methods["clipit"].lr == 1e-3
+    remove = next(c for c in variants if c.labels["ablation"] == "word-drop-30-remove")
+    assert dict(remove.compare_to) == {"ablation": "word-drop-30"} and dict(remove.axis_labels)
 
 
-def test_dry_run_lists_the_108_cells_of_table1():
+def test_paper_lora_search_shares_table1_runs_and_varies_lora():
+    table1 = {c.run_dir for c in expand(ROOT / "configs/grids/paper_table1.yaml").cells if c.method == "clipit"}
+    plan = expand(ROOT / "configs/grids/paper_lora.yaml")
+    full = {c.run_dir for c in plan.cells if c.labels["lora"] == "full" and c.method == "clipit"}
+    assert full and full <= table1
+    settings = {(cfg.model.lora.r, cfg.model.lora.alpha, tuple(cfg.model.lora.targets))
+                for cfg in (c.load() for c in plan.cells if c.seed == 0 and c.labels["dataset"] == "pcam"
+                            and c.labels["backbone"] == "uni")}
+    assert len(settings) == 8 and (16, 8, ("Linear", "Conv2d", "Embedding")) in settings
+
+
+def test_paper_eva_probe_runs_12500_steps_with_early_stopping():
+    from clipit.training.trainer import step_plan
+
+    plan = expand(ROOT / "configs/grids/paper_eva_probe.yaml")
+    sizes = {"pcam": 262_144, "bach": 254, "crc": 80_000}
+    for cell in plan.cells:
+        cfg = cell.load()
+        tcfg = cfg.methods["unimodal"]
+        assert (tcfg.batch_size, tcfg.lr, tcfg.weight_decay, tcfg.patience) == (4096, 0.01, 0.0, 9)
+        manifest = {"splits": {"train": {"count": sizes[cell.labels["dataset"]]}}}
+        assert step_plan(manifest, tcfg, 1).total_steps == 12_500
+
+
+def test_dry_run_lists_the_216_cells_of_table1():
     proc = subprocess.run([sys.executable, "launchers/grid.py", "--config", "configs/grids/paper_table1.yaml",
                            "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cell_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ") and "/runs/" in line]
-    assert len(cell_lines) == 108
-    assert "would submit 54 tasks (108 cells)" in proc.stdout
+    assert len(cell_lines) == 216
+    assert "would submit 54 tasks (216 cells)" in proc.stdout
+    assert sum("clipit, lora, text tower" in line for line in cell_lines) == 54
+    methods = [line.split()[0] for line in cell_lines]
+    assert methods.count("late_fusion") == 54 and methods.count("text") == 54
     assert "pre-flight:" in proc.stdout  # no shards or weights here: reported, not fatal in a dry run
 
 

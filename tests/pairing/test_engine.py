@@ -10,7 +10,8 @@ from clipit.pairing.engine import embed_images, load_pairs, pair_dataset, read_p
 from clipit.pairing.search import topk_cosine
 from clipit.pairing.texts import CONCH_TEMPLATES, class_names_for, class_prompt_texts
 from clipit.corpus import CorpusError, load_reports
-from clipit.shards.format import ShardError, select_texts
+from clipit.shards.manifest import ShardError
+from clipit.shards.writer import select_texts
 from pairing.fakes import make_images, make_reports, tiny_model
 
 

@@ -48,7 +48,7 @@ def make_run(root: Path, backbone: str, dataset: str, method: str, kind: str, se
     if tb:
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(run / "tb")) as writer:
+        with SummaryWriter(str(out / "tb" / method / f"seed-{seed}")) as writer:
             for step in range(10, 110, 10):
                 writer.add_scalar("train/loss", 2.0 / (1 + step / 30) + 0.05 * seed, step)
                 writer.add_scalar("val/balanced_accuracy", acc - 0.2 / (1 + step / 20), step)
@@ -89,7 +89,7 @@ def test_runs_are_found_once(paper_runs):
 
 def test_table1_mean_std_delta(paper_runs):
     root, result = paper_runs
-    rows = {(r["backbone"], r["dataset"]): r for r in result["table1"]}
+    rows = {(r["backbone"], r["dataset"]): r for r in result["table1"] if r["backbone"] != "mean gain"}
     assert len(rows) == 18
     uni = rows[("uni", "pcam")]
     assert uni["unimodal_mean"] == pytest.approx(np.mean([0.88, 0.883, 0.886]))
@@ -103,7 +103,13 @@ def test_table1_mean_std_delta(paper_runs):
     assert [line.split(" | ")[0] for line in lines[1:7]] == ["| UNI", "| DINO (ViT-L/14)", "| VITB-16", "| VITS-16",
                                                              "| VITB-8", "| VITS-8"]
     with open(root / "report" / "table1.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 18
+        table = list(csv.DictReader(fh))
+    assert len(table) == 18 + 3  # + the mean-gain row per dataset
+    uni_pcam = next(r for r in table if r["backbone"] == "uni" and r["dataset"] == "pcam")
+    assert float(uni_pcam["delta_pct"]) == pytest.approx(2.1)  # percent, and the column says so
+    gain = {r["dataset"]: r for r in result["table1"] if r["backbone"] == "mean gain"}
+    assert gain["pcam"]["delta"] == pytest.approx(0.021) and gain["pcam"]["n_backbones"] == 6
+    assert "| Mean gain over backbones |  |  | +2.10 (6 backbones) |" in md
 
 
 def test_ablation_table(paper_runs):

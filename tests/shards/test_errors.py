@@ -11,7 +11,8 @@ from clipit.data.base import DatasetError
 from clipit.data.pcam import PCamDataset, pcam_file
 from clipit.pairing.engine import embed_images, load_pairs
 from clipit.locks import LOCK_FILE
-from clipit.shards.format import LOCKS, write_split_shards
+from clipit.shards.manifest import LOCKS
+from clipit.shards.writer import write_split_shards
 from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_model, write_config
 
 

@@ -9,9 +9,12 @@ from PIL import Image
 
 from clipit.data.folder import ImageFolderDataset
 from clipit.locks import LOCK_FILE
-from clipit.shards.format import LOCKS
-from clipit.shards.format import (ShardError, decode_embedding, iter_samples, load_manifest, split_urls, validate_shards,
-                           write_manifest, write_split_shards)
+from clipit.shards.manifest import LOCKS
+from clipit.shards.codec import decode_embedding
+from clipit.shards.manifest import ShardError, load_manifest, split_urls
+from clipit.shards.reader import iter_samples
+from clipit.shards.validate import validate_shards
+from clipit.shards.writer import write_manifest, write_split_shards
 
 
 @pytest.fixture()

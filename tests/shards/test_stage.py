@@ -15,8 +15,10 @@ from clipit.cli import main
 from clipit.config import load_config
 from clipit.pipeline import build_image_dataset
 from clipit.locks import LOCK_FILE
-from clipit.shards.format import LOCKS
-from clipit.shards.format import MANIFEST, PLAN, ShardError, part_units, shard_units, validate_shards
+from clipit.shards.manifest import LOCKS
+from clipit.shards.manifest import MANIFEST, PLAN, ShardError
+from clipit.shards.validate import validate_shards
+from clipit.shards.writer import part_units, shard_units
 from pairing.fakes import make_images, make_reports, pair_with_tiny_model, write_config
 from clipit_testing import ROOT
 
@@ -130,7 +132,9 @@ def test_ablation_selections_reach_the_shards(setup, sets, rank):
 
     from clipit.pairing.engine import load_pairs
     from clipit.pairing.embedding_cache import load_text_embeddings
-    from clipit.shards.format import decode_embedding, iter_samples, load_manifest, split_urls
+    from clipit.shards.codec import decode_embedding
+    from clipit.shards.manifest import load_manifest, split_urls
+    from clipit.shards.reader import iter_samples
 
     base, config = setup
     out = base / "variant"
@@ -174,7 +178,7 @@ def test_embedding_bytes_round_trip_fast_and_foreign():
 
     import numpy as np
 
-    from clipit.shards.format import decode_embedding, encode_embedding
+    from clipit.shards.codec import decode_embedding, encode_embedding
 
     for dim in (1, 16, 512, 768, 4096):
         v = np.random.default_rng(dim).normal(size=dim).astype(np.float16)

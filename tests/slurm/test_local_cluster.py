@@ -15,6 +15,7 @@ Rules these tests follow (see the gotchas in docs/slurm.md):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,3 +193,22 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path: Path) -> None:
         20, f"sacct to report job {job.job_id} COMPLETED", 0.5,
     )
     assert time.monotonic() - t0 < TEST_TIMEOUT_S
+
+
+def test_two_nodes_each_run_a_task_at_their_own_address() -> None:
+    """`start --nodes 2`: one task per node, SLURM_NODEID follows the node list, and every node name
+    resolves (the /etc/hosts lines the script writes) to the node's NodeAddr, not to 127.0.0.1."""
+    show = subprocess.run(["scontrol", "-o", "show", "node"], capture_output=True, text=True, timeout=30).stdout
+    addrs = dict(re.findall(r"NodeName=(\S+) .*?NodeAddr=(\S+)", show))
+    if len(addrs) < 2:
+        pytest.skip("one-node cluster (bash slurm/local-cluster.sh start --nodes 2 runs this test)")
+    first, second = sorted(addrs)[:2]
+    out = subprocess.run(
+        ["srun", "--partition=debug", "--nodes=2", "--ntasks-per-node=1", f"--nodelist={first},{second}",
+         "bash", "-c", 'echo "$SLURMD_NODENAME $SLURM_NODEID $(getent ahostsv4 "$SLURMD_NODENAME" | head -n 1)"'],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = sorted(line.split()[:3] for line in out.stdout.splitlines())
+    assert rows == [[first, "0", addrs[first]], [second, "1", addrs[second]]], out.stdout
+    assert "127.0.0.1" not in (addrs[first], addrs[second])

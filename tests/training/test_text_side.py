@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from clipit.config import ConfigError, load_config
-from clipit.shards.format import ShardError, load_manifest, load_texts, split_urls
+from clipit.shards.manifest import ShardError, load_manifest, load_texts, split_urls
 from clipit.training.loader import eval_loader
 from clipit.training.text_side import TextInputs
 from clipit.models.factory import build_model
@@ -58,7 +58,7 @@ def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path
     vision_only, _ = build_model(cfg, cfg.methods["clipit"], 4, 512, text_tower=False)
     assert metrics["n"] == 128  # evaluation runs (and counts) the vision model only
     assert metrics["parameters"]["total"] == sum(p.numel() for p in vision_only.parameters())
-    events = EventAccumulator(str(run / "tb")).Reload()
+    events = EventAccumulator(str(tmp_path / "tb" / "clipit" / "seed-0")).Reload()
     assert {"train/kd", "train/ce", "val/loss"} <= set(events.Tags()["scalars"])
     assert json.loads((run / "best.json").read_text())["train"]["text_encoder"] == "tower"
     export = tmp_path / "export"
