@@ -29,8 +29,12 @@ import webdataset as wds  # noqa: E402
 from clipit.data.demo import DEMO_CLASSES, write_demo_images  # noqa: E402
 from clipit.data.folder import ImageFolderDataset  # noqa: E402
 from clipit.shards.codec import resolve_image  # noqa: E402
+from clipit.shards.reader import iter_samples  # noqa: E402
 from clipit.shards.writer import write_split_shards  # noqa: E402
 from clipit.training.loader import eval_loader, train_loader  # noqa: E402
+
+
+SHUFFLE_BUFFER = 2000  # the train loader's default
 
 
 def build_shards(dataset, out: Path, per_shard: int, codec: str) -> tuple[list[str], float]:
@@ -45,17 +49,20 @@ def build_shards(dataset, out: Path, per_shard: int, codec: str) -> tuple[list[s
     return [str(p) for p in paths], time.perf_counter() - start
 
 
-def rate(iterable, limit: int, count) -> tuple[float, int]:
-    """Steady-state samples per second: the clock starts after the first item (worker start-up and
-    shuffle-buffer fill excluded) and runs until `limit` samples in all (batches counted by `count`)."""
+def rate(iterable, limit: int, count, warmup: int = 0) -> tuple[float, int]:
+    """Steady-state samples per second over `limit` samples (items counted by `count`): the clock starts
+    after the first item and `warmup` more samples (worker start-up, and the shuffle buffers filling: a
+    train loader reads 2,000 samples per worker ahead before it is in step, once per epoch)."""
     it = iter(iterable)
     seen = count(next(it))
+    while seen < warmup:
+        seen += count(next(it))
     start, timed = time.perf_counter(), 0
     for item in it:
         timed += count(item)
-        if seen + timed >= limit:
+        if timed >= limit:
             break
-    return timed / (time.perf_counter() - start), seen + timed
+    return timed / (time.perf_counter() - start), timed
 
 
 def main() -> None:
@@ -64,7 +71,7 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=1000)
     ap.add_argument("--tile", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--samples", type=int, help="samples per path (default: all of them)")
+    ap.add_argument("--samples", type=int, help="samples timed per path (default: as many as the set holds)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--codecs", nargs="+", default=["png", "raw"], choices=["png", "raw"])
     ap.add_argument("--eval", action="store_true", help="time the eval loader too")
@@ -87,11 +94,13 @@ def main() -> None:
                   "(one process, decode check + fsync included)")
             raw = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
             rows.append((codec, "raw tar read, no decode (baseline)", *rate(raw, limit, lambda s: 1)))
+            rows.append((codec, "clipit strict tar read, no decode", *rate(iter_samples(urls), limit, lambda s: 1)))
             for workers in args.workers:
-                batches = -(-limit // bs)
-                loader = train_loader(urls, bs, batches, seed=0, num_workers=workers)
+                warmup = SHUFFLE_BUFFER * max(1, workers)
+                batches = -(-(limit + warmup) // bs) + 2
+                loader = train_loader(urls, bs, batches, seed=0, num_workers=workers, shuffle_buffer=SHUFFLE_BUFFER)
                 rows.append((codec, f"train_loader, {workers} workers",
-                             *rate(loader, batches * bs, lambda b: len(b["labels"]))))
+                             *rate(loader, limit, lambda b: len(b["labels"]), warmup)))
                 if args.eval:
                     loader = eval_loader(urls, bs, num_workers=workers)
                     rows.append((codec, f"eval_loader, {workers} workers",

@@ -83,7 +83,7 @@ class TrainLog:
     def finish(self, summary: dict) -> None:
         stopped = summary.get("stopped_early_at_step")
         end = f"stopped early at step {stopped}" if stopped else f"finished {summary['steps']} steps"
-        self.line(f"{end} in {format_duration(time.monotonic() - self._start)}; best checkpoint: step "
+        self.line(f"{end} in {format_duration(time.monotonic() - self._start)}; best checkpoint at step "
                   f"{summary['best_step']} ({summary['select']})")
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ precision. One process vs two differ by design (each rank resamples its own shar
 test balanced accuracy must agree within 5 points on the tiny demo's converged linear probe.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,21 @@ PROBE = ["methods.unimodal.epochs=10"]
 
 def torchrun(out, shards, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clipit", *train_args(out, shards, *PROBE, "methods.unimodal.batch_size=32", *extra,
-                                           method="unimodal")]
+           "-m", "clipit", *train_args(out, shards, *PROBE, "methods.unimodal.batch_size=32",
+                                       "methods.unimodal.log_every=10", *extra, method="unimodal")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_rank_zero_logs(proc.stdout, out / "runs" / "unimodal" / "seed-0" / "train.log")
     return load(out)
+
+
+def assert_rank_zero_logs(stdout: str, train_log: Path):
+    """Both ranks share the job's stdout: every progress line appears once, as in train.log (rank 0)."""
+    lines = [line for line in stdout.splitlines() if re.match(r"^\d{4}-\d\d-\d\d .* unimodal seed 0: ", line)]
+    assert lines == train_log.read_text().splitlines()
+    steps = [m.group(1) for line in lines if (m := re.search(r": step (\d+/\d+) ", line))]
+    assert steps == [f"{s}/40" for s in range(10, 41, 10)]  # 10 epochs x 4 steps, a line every 10, once each
+    assert sum(": validation at step " in line for line in lines) == 10
 
 
 def load(out: Path):
