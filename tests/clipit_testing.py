@@ -1,4 +1,5 @@
 """Shared helpers for tests that run the real CLI."""
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,17 @@ def run_clipit(*args, timeout=600, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def shard_copy(tiny_shards: list[str], tmp_path: Path) -> Path:
+    """A private copy of the tiny demo's shard set (the session's own set is shared: never write into it)."""
+    src = Path(next(o.split("=", 1)[1] for o in tiny_shards if o.startswith("shards.dir=")))
+    dst = tmp_path / "shards"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("features"))
+    return dst
+
+
+def with_shards(overrides: list[str], shard_dir: Path) -> list[str]:
+    """`overrides` with shards.dir pointing at `shard_dir`."""
+    return [o for o in overrides if not o.startswith("shards.dir=")] + [f"shards.dir={shard_dir}"]
 
 
 def train_args(out: Path, shards: list[str], *extra: str, method: str = "clipit", seed: int = 0) -> list[str]:

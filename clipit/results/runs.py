@@ -19,6 +19,7 @@ from typing import Callable
 import yaml
 
 from clipit import layout
+from clipit.config import CLIP_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ DATASET_NAMES = {"pcam": "PCAM", "bach": "BACH", "crc": "CRC"}
 METHOD_NAMES = {"unimodal": "Unimodal", "clipit": "CLIP-IT", "text": "text-only", "late_fusion": "late fusion",
                 "early_fusion": "early fusion", "zero_shot": "CLIP zero-shot", "prompt_ft": "CLIP prompt fine-tuning",
                 "clip_probe": "CLIP vision tower + linear head"}
-CLIP_KINDS = ("zero_shot", "prompt_ft", "clip_probe")  # model = the CLIP (grid axis `clip`, else clip.model)
 VISION_KINDS = ("unimodal", "clipit")  # Table 1: the vision model alone at test time
 
 
@@ -134,6 +134,16 @@ def _check_metrics(path: Path, metrics: dict) -> None:
         raise Unreadable(path, f"parameters is {metrics['parameters']!r}, not a mapping")
 
 
+def variant_name(axes: dict) -> str:
+    """The configuration label of a cell's axes other than backbone and dataset: "" for the main runs
+    (every value in MAIN_VARIANTS), the value for one axis, else axis=value pairs."""
+    if all(str(v) in MAIN_VARIANTS for v in axes.values()):
+        return ""
+    if len(axes) == 1:
+        return str(next(iter(axes.values())))
+    return ",".join(f"{k}={v}" for k, v in axes.items())
+
+
 def load_run(run_dir: Path) -> Run | None:
     """The run in `run_dir`; None without a metrics.json; Unreadable (naming the file) when its
     metrics.json, state.json or config.yaml exists but cannot be used: a report never guesses labels."""
@@ -160,7 +170,7 @@ def load_run(run_dir: Path) -> Run | None:
     try:
         kind = ((cfg.get("methods") or {}).get(method) or {}).get("method") or cell.get("kind") or method
         clip = axes.pop("clip", None)  # the CLIP-based baselines: the CLIP is the model
-        if kind in CLIP_KINDS:
+        if kind in CLIP_METHODS:  # their model is the CLIP (grid axis `clip`, else clip.model)
             axes.pop("backbone", None)  # model.backbone takes no part in them
             backbone = clip or (cfg.get("clip") or {}).get("model") or (cfg.get("pairing") or {}).get("model", "?")
         else:
@@ -170,21 +180,13 @@ def load_run(run_dir: Path) -> Run | None:
         raise Unreadable(layout.config_file(run_dir), f"unexpected content ({type(err).__name__}: {err})") from None
     # Any other axis (ablation, variant, ...) labels the configuration; values such as "full" mark the
     # main runs (Table 1), which get the empty label.
-    if all(str(v) in MAIN_VARIANTS for v in axes.values()):
-        variant = ""
-    elif len(axes) == 1:
-        variant = str(next(iter(axes.values())))
-    else:
-        variant = ",".join(f"{k}={v}" for k, v in axes.items())
+    variant = variant_name(axes)
     if not cell and method != kind:  # outside a grid, a renamed method (e.g. clipit_no_text) is a variant
         variant = str(method)
     label = ", ".join(str(labels.get(k) or variant_label(str(v))) for k, v in axes.items()
                       if str(v) not in MAIN_VARIANTS) if variant and cell else variant_label(variant)
-    compare_to = ""
-    if compare:  # the same combination with the compared value(s) swapped in
-        swapped = {k: compare.get(k, v) for k, v in axes.items()}
-        compare_to = "" if all(str(v) in MAIN_VARIANTS for v in swapped.values()) else (
-            str(next(iter(swapped.values()))) if len(swapped) == 1 else ",".join(f"{k}={v}" for k, v in swapped.items()))
+    # the variant this one varies: the same combination with the compared value(s) swapped in
+    compare_to = variant_name({k: compare.get(k, v) for k, v in axes.items()}) if compare else ""
     summary = _read_json(layout.train_summary(run_dir)) or {}
     best_val = summary.get("best_val") if isinstance(summary.get("best_val"), dict) else None
     return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), seed, metrics, label=label,

@@ -9,16 +9,15 @@ softmax probabilities [1 - sigmoid(z), sigmoid(z)].
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from clipit import layout
-from clipit.config import ExperimentConfig, dump_config
+from clipit.config import ExperimentConfig
 from clipit.errors import ClipitError, one_line
-from clipit.io import atomic_write_json, sha256_file
-from clipit.models.checkpoint import read_tensors, save_model
+from clipit.io import sha256_file
+from clipit.models.checkpoint import read_tensors
+from clipit.training.run_files import save_as_built
 
 
 class HeadImportError(ClipitError):
@@ -76,22 +75,8 @@ def import_probe_head(cfg: ExperimentConfig, method: str, seed: int, run_dir: Pa
         head.weight.copy_(weight.to(head.weight.dtype))
         head.bias.copy_(bias.to(head.bias.dtype))
     source = {"head_from": str(path.absolute()), "sha256": sha256_file(path)}
-    summary = {"steps": 0, "best_step": 0, "select": tcfg.select, "world_size": accelerator.num_processes,
-               "batches_per_epoch": 0, "resumed_from_step": None, "stopped_early_at_step": None,
-               "imported": source, "wall_s": 0.0}
-    if accelerator.is_main_process:
-        start = time.time()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, layout.config_file(run_dir))
-        meta = {"method": method, "seed": seed, "classes": classes, "backbone": cfg.model.backbone,
-                "weights": cfg.model.weights, "text_dim": manifest["embedding"]["dim"], "train": vars(tcfg).copy(),
-                "lora": vars(cfg.model.lora).copy(), "kd_layers": cfg.model.kd_layers, "image_size": preprocess.size,
-                "step": 0, "imported": source}
-        for p in head.parameters():  # saved like a trained probe's head (only trainable tensors are stored)
-            p.requires_grad_(True)
-        save_model(layout.best(run_dir), model, meta, full=cfg.model.weights in (None, "random"))
-        summary["wall_s"] = round(time.time() - start, 2)
-        atomic_write_json(layout.train_summary(run_dir), summary)
-        print(f"[clipit train] {method} seed {seed}: head imported from {path} (nothing to train)", flush=True)
-    accelerator.wait_for_everyone()
-    return summary
+    for p in head.parameters():  # saved like a trained probe's head (only trainable tensors are stored)
+        p.requires_grad_(True)
+    return save_as_built(cfg, method, seed, run_dir, model, preprocess, manifest, accelerator,
+                         summary_extra={"imported": source}, meta_extra={"imported": source},
+                         full=cfg.model.weights in (None, "random"), message=f"head imported from {path}")

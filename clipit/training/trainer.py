@@ -35,6 +35,7 @@ from clipit.shards.validate import verify_shard_set
 from clipit.training.accel import main_process_lock, make_accelerator, raise_together
 from clipit.training.loader import eval_loader, train_loader
 from clipit.training.logs import TrainLog
+from clipit.training.run_files import checkpoint_meta
 from clipit.training.predict import NonFiniteError, ShardSource, predict, samples
 from clipit.training.probe import cached_inputs
 from clipit.training.signals import GracefulStop
@@ -201,9 +202,7 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
         writer = open_writer(run_dir, resumed_from)
         if resumed_from is None:
             write_hparams(writer, run_hparams(cfg, method, seed, world))
-    meta = {"method": method, "seed": seed, "classes": classes, "backbone": cfg.model.backbone,
-            "weights": cfg.model.weights, "text_dim": manifest["embedding"]["dim"], "train": vars(tcfg).copy(),
-            "lora": vars(cfg.model.lora).copy(), "kd_layers": cfg.model.kd_layers, "image_size": preprocess.size}
+    meta = checkpoint_meta(cfg, method, seed, manifest, preprocess.size)
     hint = (f"lower methods.{method}.lr (or fix methods.{method}.lam / the shards), then start over with "
             f"`{restart}`")
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import clipit_testing
-from clipit_testing import ROOT, TINY, run_clipit, train_args
+from clipit_testing import ROOT, TINY, run_clipit, shard_copy, train_args, with_shards
 
 ALONE = ["methods.clipit.warm_start=null"]  # one CLIP-IT cell that needs no unimodal run
 OUTPUTS = ("train_summary.json", "metrics.json", "predictions-test.npz", "best.safetensors", "best.json")
@@ -33,17 +33,6 @@ def run_dir(out: Path, method: str = "clipit") -> Path:
 
 def assert_refused(proc, run: Path, *needles: str, absent=OUTPUTS) -> str:
     return clipit_testing.assert_refused(proc, run, *needles, absent=absent)
-
-
-def with_shards(overrides: list[str], shard_dir: Path) -> list[str]:
-    return [o for o in overrides if not o.startswith("shards.dir=")] + [f"shards.dir={shard_dir}"]
-
-
-def shard_copy(tiny_shards, tmp_path: Path) -> Path:
-    src = Path(next(o.split("=", 1)[1] for o in tiny_shards if o.startswith("shards.dir=")))
-    dst = tmp_path / "shards"
-    shutil.copytree(src, dst)
-    return dst
 
 
 def rewrite_member(tar_path: Path, member: str, data: bytes) -> None:
@@ -87,11 +76,17 @@ def nan_embedding(shard_dir: Path, split: str, indices: list[int], per_shard: in
 
 
 def corrupt_image(shard_dir: Path, split: str, indices: list[int], per_shard: int = 64) -> list[Path]:
-    """Garble the PNG of samples `indices` (manifest untouched: a shard damaged on disk)."""
+    """Garble the image of samples `indices`, whichever codec stores it (a PNG that does not decode, raw
+    pixels cut short); the manifest is untouched: a shard damaged on disk."""
+    from clipit.shards.codec import IMAGE_FIELDS
+
     tars = []
     for index in indices:
         tar = shard_dir / split / f"{split}-{index // per_shard:06d}.tar"
-        rewrite_member(tar, f"{split}_{index:08d}.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+        key = f"{split}_{index:08d}"
+        with tarfile.open(tar) as src:
+            member = next(n for n in src.getnames() if n.startswith(key + ".") and n[len(key) + 1:] in IMAGE_FIELDS)
+        rewrite_member(tar, member, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
         tars.append(tar)
     return tars
 

@@ -21,7 +21,7 @@ from clipit.shards.reader import iter_samples
 from clipit.training.features import uses_feature_cache
 from clipit.training.loader import train_loader
 from clipit.training.probe import train_order
-from clipit_testing import ROOT, TINY, assert_refused, run_clipit, train_args
+from clipit_testing import ROOT, TINY, assert_refused, run_clipit, shard_copy, train_args, with_shards
 
 PROBE = ["methods.unimodal.epochs=10", "methods.unimodal.evals_per_epoch=2"]
 
@@ -51,9 +51,15 @@ def weights_file(path: Path, seed: int) -> str:
     return str(path)
 
 
-def test_cached_probe_matches_the_online_probe(tiny_shards, tmp_path):
-    online = train(tmp_path / "online", tiny_shards, "methods.unimodal.feature_cache=false")
-    cached = train(tmp_path / "cached", tiny_shards)
+@pytest.fixture
+def own_shards(tiny_shards, tmp_path):
+    """The tiny overrides on a private shard copy: each test builds its caches there, none sees another's."""
+    return with_shards(tiny_shards, shard_copy(tiny_shards, tmp_path))
+
+
+def test_cached_probe_matches_the_online_probe(own_shards, tmp_path):
+    online = train(tmp_path / "online", own_shards, "methods.unimodal.feature_cache=false")
+    cached = train(tmp_path / "cached", own_shards)
     assert "feature_cache" not in online["summary"] and cached["summary"]["backbone_forwards"] == 256 + 64
     assert cached["summary"]["best_step"] == online["summary"]["best_step"]
     assert cached["metrics"]["balanced_accuracy"] == online["metrics"]["balanced_accuracy"]
@@ -65,24 +71,24 @@ def test_cached_probe_matches_the_online_probe(tiny_shards, tmp_path):
     assert cached["best"] == online["best"]
 
 
-def test_cache_is_shared_by_seeds_and_follows_the_weights(tiny_shards, tmp_path):
+def test_cache_is_shared_by_seeds_and_follows_the_weights(own_shards, tmp_path):
     first = weights_file(tmp_path / "a.safetensors", 0)
-    runs = [train(tmp_path / "out", tiny_shards, f"model.weights={first}", seed=seed)["summary"] for seed in (0, 1)]
+    runs = [train(tmp_path / "out", own_shards, f"model.weights={first}", seed=seed)["summary"] for seed in (0, 1)]
     assert runs[0]["backbone_forwards"] == 256 + 64  # one pass over train + val
     assert runs[1]["backbone_forwards"] == 0 and runs[1]["feature_cache"] == runs[0]["feature_cache"]
     other = weights_file(tmp_path / "b.safetensors", 1)  # other weights: another key, built anew
-    changed = train(tmp_path / "out-b", tiny_shards, f"model.weights={other}")["summary"]
+    changed = train(tmp_path / "out-b", own_shards, f"model.weights={other}")["summary"]
     assert changed["feature_cache"] != runs[0]["feature_cache"] and changed["backbone_forwards"] == 320
 
 
-def test_a_damaged_cache_is_one_line_naming_the_file(tiny_shards, tmp_path):
+def test_a_damaged_cache_is_one_line_naming_the_file(own_shards, tmp_path):
     first = weights_file(tmp_path / "a.safetensors", 0)
-    cache = Path(train(tmp_path / "out", tiny_shards, f"model.weights={first}")["summary"]["feature_cache"])
+    cache = Path(train(tmp_path / "out", own_shards, f"model.weights={first}")["summary"]["feature_cache"])
     part = cache / "train" / "train-000001.safetensors"
     data = bytearray(part.read_bytes())
     data[-5] ^= 0xFF
     part.write_bytes(bytes(data))
-    proc = run_clipit(*train_args(tmp_path / "out", tiny_shards, *PROBE, f"model.weights={first}",
+    proc = run_clipit(*train_args(tmp_path / "out", own_shards, *PROBE, f"model.weights={first}",
                                   method="unimodal", seed=1))
     assert_refused(proc, run_dir(tmp_path / "out", 1), str(part), "sha256", f"delete {cache}",
                    absent=["train_summary.json", "best.safetensors"])
@@ -123,14 +129,14 @@ def test_which_methods_use_the_cache():
 
 
 @pytest.mark.multiproc
-def test_two_ranks_build_one_cache_and_match_online(tiny_shards, tmp_path):
+def test_two_ranks_build_one_cache_and_match_online(own_shards, tmp_path):
     """torchrun, 2 processes: the ranks encode disjoint shards, rank 0 writes the manifest, and the cached
     run reproduces the online 2-process run (same per-rank batches) within the stated tolerance."""
     results = {}
     for name, extra in (("online", ["methods.unimodal.feature_cache=false"]), ("cached", [])):
         out = tmp_path / name
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipit",
-               *train_args(out, tiny_shards, *PROBE, "methods.unimodal.batch_size=32", *extra, method="unimodal")]
+               *train_args(out, own_shards, *PROBE, "methods.unimodal.batch_size=32", *extra, method="unimodal")]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         run = run_dir(out)
