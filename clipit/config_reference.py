@@ -15,7 +15,8 @@ import typing
 from pathlib import Path
 
 from clipit import config as config_module
-from clipit.config import PATH_KEYS, ExperimentConfig, Range, rules_of
+from clipit.config import PATH_KEYS, ExperimentConfig
+from clipit.typed_yaml import Range, rules_of
 
 SOURCE = Path(config_module.__file__)
 

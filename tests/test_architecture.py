@@ -11,7 +11,7 @@ from clipit_testing import ROOT
 PACKAGE = ROOT / "clipit"
 # Bottom to top. A module may import modules of its own layer or of a layer below it, never above.
 LAYERS = [
-    ("base", ["clipit", "clipit.errors", "clipit.io", "clipit.layout", "clipit.config", "clipit.weights",
+    ("base", ["clipit", "clipit.errors", "clipit.io", "clipit.layout", "clipit.typed_yaml", "clipit.config", "clipit.weights",
               "clipit.metrics", "clipit.state_dict", "clipit.config_reference", "clipit.locks",
               "clipit.progress"]),
     ("data", ["clipit.data"]),

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from clipit.config import ConfigError, from_dict, read_yaml
+from clipit.config import ConfigError
+from clipit.typed_yaml import from_dict, read_yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"  # shipped profiles: package data
 SITE_PROFILE_DIR = Path("slurm") / "profiles"  # a site's own profiles, under the working directory

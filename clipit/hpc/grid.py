@@ -46,8 +46,8 @@ import yaml
 
 from clipit import layout
 from clipit.layout import check_name
-from clipit.config import (ConfigError, ExperimentConfig, expand_path, from_dict, load_config, method_order, read_yaml,
-                           to_dict)
+from clipit.config import ConfigError, ExperimentConfig, load_config, method_order, to_dict
+from clipit.typed_yaml import expand_path, from_dict, read_yaml
 
 
 

@@ -115,7 +115,6 @@ class CachedInputs:
     model: FeatureHead
     preprocess: Features
     cache_dir: Path
-    backbone_forwards: int  # what building the cache cost this launch (0: reused)
     train: FeatureSplit = field(repr=False)
     val: FeatureSplit = field(repr=False)
     urls: list[str] = field(repr=False)
@@ -131,10 +130,6 @@ class CachedInputs:
         return [_batch(self.val, torch.tensor(rows[i:i + batch_size], dtype=torch.long))
                 for i in range(0, len(rows), batch_size)]
 
-    @property
-    def summary(self) -> dict:
-        return {"feature_cache": str(self.cache_dir), "backbone_forwards": self.backbone_forwards}
-
 
 def cached_inputs(cfg: ExperimentConfig, method: str, accelerator, manifest: dict, model: nn.Module, preprocess,
                   log=print) -> CachedInputs | None:
@@ -148,7 +143,7 @@ def cached_inputs(cfg: ExperimentConfig, method: str, accelerator, manifest: dic
         log(f"[clipit train] {method}: training on cached features {cache_dir} "
             f"({f'built: {forwards} backbone forwards' if forwards else 'reused: no backbone forwards'})", flush=True)
     device = accelerator.device
-    return CachedInputs(FeatureHead(model), Features(preprocess.size), cache_dir, forwards,
+    return CachedInputs(FeatureHead(model), Features(preprocess.size), cache_dir,
                         load_split(cache_dir, cache_manifest, "train", device),
                         load_split(cache_dir, cache_manifest, "val", device),
                         ShardSource(Path(cfg.shards.dir), "train", manifest).urls)

@@ -33,16 +33,17 @@ from clipit.models.speed import apply_speed_settings
 from clipit.shards.manifest import ShardError, load_manifest
 from clipit.shards.validate import verify_shard_set
 from clipit.training.accel import main_process_lock, make_accelerator, raise_together
+from clipit.training.features import backbone_forwards_so_far
+from clipit.training.imported import import_probe_head
 from clipit.training.loader import eval_loader, train_loader
 from clipit.training.logs import TrainLog
-from clipit.training.run_files import checkpoint_meta
 from clipit.training.predict import NonFiniteError, ShardSource, predict, samples
 from clipit.training.probe import cached_inputs
+from clipit.training.run_files import checkpoint_meta
 from clipit.training.signals import GracefulStop
 from clipit.training.state import ResumeError, load_training_state, save_training_state
 from clipit.training.tb import open_writer, run_hparams, write_hparams
 from clipit.training.text_side import TextInputs
-from clipit.training.imported import import_probe_head
 from clipit.training.zero_shot import save_zero_shot
 
 
@@ -141,6 +142,7 @@ def verified_manifest(accelerator, shard_dir: str | Path) -> dict:
 def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_start: Path | None, accelerator) -> dict:
     summary_path = layout.train_summary(run_dir)
     tcfg = cfg.methods[method]
+    forwards_before = backbone_forwards_so_far()
     set_seed(seed)
     manifest = verified_manifest(accelerator, cfg.shards.dir)
     classes = manifest["classes"]
@@ -288,7 +290,9 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
                "world_size": world, "batches_per_epoch": plan.batches_per_epoch, "resumed_from_step": resumed_from,
                "stopped_early_at_step": stopped_early,
                "best_val": progress.get("best_val"),  # val metrics of the selected checkpoint (LoRA search)
-               "wall_s": round(time.time() - start, 2), **(cached.summary if cached else {})}
+               # images this process ran through the backbone (a feature-cache build included)
+               "backbone_forwards": backbone_forwards_so_far() - forwards_before,
+               "wall_s": round(time.time() - start, 2), **({"feature_cache": str(cached.cache_dir)} if cached else {})}
     if main:
         atomic_write_json(summary_path, summary)
     log.finish(summary)

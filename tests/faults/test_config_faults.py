@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from clipit import config as C
+from clipit import typed_yaml
 from clipit_testing import ROOT, TINY, run_clipit
 
 
@@ -167,8 +168,8 @@ def _ranged_fields():
             if dataclasses.is_dataclass(base):
                 walk(base, f"{prefix}{f.name}.")
                 continue
-            for rule in C.rules_of(tp):
-                if isinstance(rule, C.Range):
+            for rule in typed_yaml.rules_of(tp):
+                if isinstance(rule, typed_yaml.Range):
                     bad = rule.ge - 1 if rule.ge is not None else rule.gt if rule.gt is not None else \
                         rule.le + 1 if rule.le is not None else rule.lt
                     out.append((f"{prefix}{f.name}", rule, bad))

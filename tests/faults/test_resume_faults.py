@@ -326,6 +326,7 @@ def _checkpoint_step(run: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards, tmp_path):
     """kill -9 while events past the last checkpoint are on disk (validation flushes them), then resume:
     TensorBoard (purge_step) drops the killed attempt's later events, so every step appears once.
@@ -378,6 +379,7 @@ def _torchrun(out: Path, shards, *extra: str):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_zero2_resumes_exactly_and_refuses_code_in_its_files(tiny_shards, tmp_path, payload):
     """ZeRO-2 on 2 ranks: DeepSpeed's checkpoint goes through the data-only engine (no .pt pickles), a

@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from clipit.config import ConfigError, apply_override, load_config
+from clipit.config import ConfigError, load_config
+from clipit.typed_yaml import apply_override
 from clipit.hpc.cluster import PROFILE_DIR, ClusterProfile, load_profile
 from clipit.hpc.grid import chunk, expand, format_override, load_grid
 from clipit.hpc.executor import array_chunk_size, make_executor

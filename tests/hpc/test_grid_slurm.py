@@ -102,6 +102,7 @@ def test_grid_is_one_array_with_a_task_per_seed(grid_run):
             assert s.get("job_id") == job and s.get("state") in ("pending", "running", "done"), s
 
 
+@pytest.mark.slow
 def test_requeued_task_resumes_from_its_checkpoint(grid_run):
     t0 = time.monotonic()
     folder, (job, _) = grid_run["folder"], grid_run["jobs"][0]

@@ -154,6 +154,7 @@ def test_submitit_map_array_honours_parallelism(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < TEST_TIMEOUT_S
 
 
+@pytest.mark.slow
 def test_checkpointable_job_is_requeued_and_resumes(tmp_path: Path) -> None:
     t0 = time.monotonic()
     executor = _executor(tmp_path)

@@ -45,6 +45,7 @@ def load(out: Path):
                 pred["logits"])
 
 
+@pytest.mark.slow
 def test_ddp_and_zero2_match_one_process(tiny_shards, tmp_path):
     proc = run_clipit(*train_args(tmp_path / "one", tiny_shards, *PROBE, method="unimodal"))
     assert proc.returncode == 0, proc.stderr[-3000:]

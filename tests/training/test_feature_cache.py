@@ -61,6 +61,9 @@ def test_cached_probe_matches_the_online_probe(own_shards, tmp_path):
     online = train(tmp_path / "online", own_shards, "methods.unimodal.feature_cache=false")
     cached = train(tmp_path / "cached", own_shards)
     assert "feature_cache" not in online["summary"] and cached["summary"]["backbone_forwards"] == 256 + 64
+    # online: every step's batch and every validation (10 epochs x 2) through the frozen backbone
+    steps = online["summary"]["steps"]
+    assert online["summary"]["backbone_forwards"] == steps * 256 // online["summary"]["batches_per_epoch"] + 20 * 64
     assert cached["summary"]["best_step"] == online["summary"]["best_step"]
     assert cached["metrics"]["balanced_accuracy"] == online["metrics"]["balanced_accuracy"]
     assert abs(cached["metrics"]["loss"] - online["metrics"]["loss"]) <= 1e-4
@@ -128,6 +131,7 @@ def test_which_methods_use_the_cache():
     assert not uses_feature_cache(cfg, "unimodal")
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_two_ranks_build_one_cache_and_match_online(own_shards, tmp_path):
     """torchrun, 2 processes: the ranks encode disjoint shards, rank 0 writes the manifest, and the cached

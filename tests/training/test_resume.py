@@ -57,8 +57,10 @@ def interrupt_when_checkpointed(out, shards, sig, cell, min_step=2):
     return proc.returncode, stderr
 
 
-@pytest.mark.parametrize("variant, sig", [("cached", signal.SIGKILL), ("cached", signal.SIGTERM),
-                                          ("tower", signal.SIGKILL)], ids=["sigkill", "sigterm", "tower-sigkill"])
+@pytest.mark.parametrize("variant, sig", [
+    pytest.param("cached", signal.SIGKILL, id="sigkill"),
+    pytest.param("cached", signal.SIGTERM, id="sigterm", marks=pytest.mark.slow),
+    pytest.param("tower", signal.SIGKILL, id="tower-sigkill", marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, tiny_shards, tmp_path, variant, sig):
     cell = CELLS[variant]
     code, stderr = interrupt_when_checkpointed(tmp_path, tiny_shards, sig, cell)

@@ -45,6 +45,7 @@ def test_tokens_follow_each_samples_report_index(tiny_shards):
         TextInputs(model, cfg.methods["clipit"], cfg.shards.dir, manifest, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path):
     proc = run_clipit(*train_args(tmp_path, tiny_shards, *TOWER))
     assert proc.returncode == 0, proc.stderr[-3000:]
