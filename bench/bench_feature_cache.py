@@ -10,7 +10,8 @@ with `feature_cache: false` (every step and every validation runs the frozen bac
 
 Part 2 (measured, the baseline in the same run): the probe stage of the tiny demo (demo-vit-tiny, its
 own shards built here into a temporary folder) trained for every seed online and then cached, through the
-real `clipit train` CLI. Each run's train_summary.json records the images its process ran through a
+real `clipit train` CLI. The backbone's weights come from a file (`model.weights`), as pretrained ones do,
+so every seed runs the same backbone (a random init would differ per seed, and so would its cache). Each run's train_summary.json records the images its process ran through a
 backbone (`backbone_forwards`); the wall time is the whole stage (all seeds, process start included).
 The test metrics of each seed are compared (the stated tolerance of tests/training/test_feature_cache.py:
 balanced accuracy equal, test loss within 1e-4).
@@ -40,6 +41,19 @@ def warm_start_forwards(grid: Path) -> tuple[int, int, int]:
     plan = expand(grid, [])
     stages = [s for s in grid_cost(plan) if "method=unimodal," in s.label]  # cell keys: axis=value,...
     return len(stages), sum(s.images(False) for s in stages), sum(s.images(True) for s in stages)
+
+
+def backbone_weights(path: Path) -> Path:
+    """A demo-vit-tiny backbone's random weights as a file (what a pretrained checkpoint is to a real run)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clipit.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("demo-vit-tiny", weights="random")
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
+    return path
 
 
 def clipit(*args: str) -> None:
@@ -82,7 +96,8 @@ def main() -> None:
         clipit("pair", "--config", TINY, *setup)
         clipit("shard", "build", "--config", TINY, *setup)
         shared = [s for s in shared if not s.startswith("output_dir=")] + [
-            f"shards.dir={base / 'shards'}", f"pairing.dir={base / 'pairing'}"]
+            f"shards.dir={base / 'shards'}", f"pairing.dir={base / 'pairing'}",
+            f"model.weights={backbone_weights(Path(tmp) / 'backbone.safetensors')}"]
         online_s, online_runs = probe_stage(Path(tmp) / "online", shared, seeds, cache=False)
         cached_s, cached_runs = probe_stage(Path(tmp) / "cached", shared, seeds, cache=True)
 
