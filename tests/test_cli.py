@@ -63,6 +63,7 @@ def test_evaluate_names_the_command_that_trains_first(tmp_path, capsys):
     assert "unimodal seed 0 is not trained; run `clipit train --config <config> --method unimodal --seed 0`" in err
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_evaluate_a_trained_run_on_val(tmp_path, tiny_shards):
     out = tmp_path / "out"
     sets = [a for s in [f"output_dir={out}", *tiny_shards] for a in ("--set", s)]

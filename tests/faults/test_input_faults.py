@@ -115,6 +115,7 @@ def test_corpus_that_is_not_utf8_is_one_line_naming_file_line_and_fix(tmp_path, 
     assert not (tmp_path / "out" / "pairing").exists()
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_declared_encoding_reads_a_latin1_corpus(tmp_path):
     """The fallback is declared, never guessed: reports.encoding."""
     path = tmp_path / "reports.csv"
@@ -150,6 +151,7 @@ def test_doctor_fails_with_the_message_pair_gives(tmp_path, case):
     assert not (tmp_path / "out" / "pairing").exists()
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_dataset_size_error_names_the_key_that_declares_a_subset(tmp_path):
     root = pcam_subset(tmp_path / "pcam")
     config = experiment(tmp_path, jsonl(tmp_path / "r.jsonl", [{"id": "r1", "text": "x"}]),

@@ -129,8 +129,8 @@ def dry_run(root: Path, *extra: str):
 
 @pytest.mark.parametrize("content,why", [
     ('{"state": "running", "job_id": "41_0", "exec', "not valid JSON (Unterminated string"),
-    ("[1, 2]", "holds a JSON list, not an object"),
-    ('{"state": "queued?", "job_id": "41_0"}', "unknown state 'queued?'"),
+    pytest.param("[1, 2]", "holds a JSON list, not an object", marks=pytest.mark.slow),
+    pytest.param('{"state": "queued?", "job_id": "41_0"}', "unknown state 'queued?'", marks=pytest.mark.slow),
 ])
 def test_unreadable_state_is_unknown_not_new(tmp_path, content, why):
     """A live task whose state.json cannot be read must not be submitted a second time."""

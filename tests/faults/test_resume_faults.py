@@ -88,6 +88,7 @@ def test_intact_checkpoint_resumes_to_the_same_result(checkpointed, interrupted,
 # ---------------------------------------------------------------------------------------------- damaged files
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_truncated_tensor_file_is_refused(interrupted, tiny_shards):
     out, run, latest = interrupted
     data = (latest / "trainable.safetensors").read_bytes()
@@ -109,6 +110,7 @@ def test_garbage_progress_json_is_refused(interrupted, tiny_shards):
     assert_refused(resume(out, tiny_shards), run, "progress.json", "unreadable", "--resume none")
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_garbage_state_file_with_a_matching_checksum_is_refused(interrupted, tiny_shards):
     out, run, latest = interrupted
     (latest / "scheduler.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
@@ -116,18 +118,21 @@ def test_garbage_state_file_with_a_matching_checksum_is_refused(interrupted, tin
     assert_refused(resume(out, tiny_shards), run, "scheduler.safetensors", "--resume none")
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_missing_rank_file_is_refused(interrupted, tiny_shards):
     out, run, latest = interrupted
     (latest / "rng-0.safetensors").unlink()
     assert_refused(resume(out, tiny_shards), run, "rng-0.safetensors", "missing", "--resume none")
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_latest_without_its_marker_is_refused(interrupted, tiny_shards):
     out, run, latest = interrupted
     (latest / "progress.json").unlink()
     assert_refused(resume(out, tiny_shards), run, "progress.json", "missing although", "--resume none")
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_interrupted_swap_is_refused_not_restarted(interrupted, tiny_shards):
     """Killed between replace_dir's two renames: latest/ is gone, the new checkpoint sits in its temporary
     folder. Treating that as "no checkpoint" would silently start over."""
@@ -137,6 +142,7 @@ def test_interrupted_swap_is_refused_not_restarted(interrupted, tiny_shards):
     assert_refused(resume(out, tiny_shards), run, ".latest.tmp-10", "rename", "--resume none")
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_checkpoint_of_an_older_clipit_is_refused(interrupted, tiny_shards):
     out, run, latest = interrupted
     progress = json.loads((latest / "progress.json").read_text())
@@ -157,6 +163,7 @@ def test_checkpoint_of_another_config_is_refused(interrupted, tiny_shards, chang
     assert "then" in line and "now" in line
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_resume_none_starts_over(interrupted, tiny_shards):
     """The advice works: the damaged checkpoint is dropped and the cell trains from step 0."""
     out, run, latest = interrupted

@@ -88,7 +88,8 @@ def exported_matches_evaluated(run, out):
     return config
 
 
-@pytest.mark.parametrize("method", ["zero_shot", "prompt_ft", "clip_probe"])
+@pytest.mark.parametrize("method", ["zero_shot", pytest.param("prompt_ft", marks=pytest.mark.slow),
+                                    pytest.param("clip_probe", marks=pytest.mark.slow)])
 def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tmp_path):
     proc = run_clipit(*method_args(tmp_path, tiny_shards, method))
     assert proc.returncode == 0, proc.stderr[-3000:]

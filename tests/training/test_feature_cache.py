@@ -74,6 +74,7 @@ def test_cached_probe_matches_the_online_probe(own_shards, tmp_path):
     assert cached["best"] == online["best"]
 
 
+@pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_cache_is_shared_by_seeds_and_follows_the_weights(own_shards, tmp_path):
     first = weights_file(tmp_path / "a.safetensors", 0)
     runs = [train(tmp_path / "out", own_shards, f"model.weights={first}", seed=seed)["summary"] for seed in (0, 1)]
