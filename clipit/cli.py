@@ -135,9 +135,14 @@ def cmd_train(args) -> None:
 
     cfg = _config(args)
     check_method(cfg, args.method)
+    seeds = _seeds(cfg, args)
+    if cfg.methods[args.method].distributed == "zero2" and len(seeds) > 1:
+        from clipit.training.accel import ONE_DEEPSPEED_RUN
+
+        raise ClipitError(f"{args.config}: seeds {seeds} in one launch; {ONE_DEEPSPEED_RUN}")
     succeeded = False
     try:
-        for seed in _seeds(cfg, args):
+        for seed in seeds:
             if args.resume == "none":  # start over: rank 0 drops this cell's resume checkpoint and outputs
                 accelerator = make_accelerator(cfg.methods[args.method])
                 if accelerator.is_main_process:

@@ -38,6 +38,20 @@ def deepspeed_config(tcfg: TrainConfig, world_size: int = 1) -> dict:
 
 
 _CACHE: dict = {}
+_DEEPSPEED_RUNS: list[str] = []  # the run this process trained under DeepSpeed (at most one)
+ONE_DEEPSPEED_RUN = ("accelerate ties one DeepSpeed engine to a process, so a ZeRO-2 run (methods.<m>.distributed: "
+                     "zero2) needs a launch of its own: pass --seed N and launch once per seed and method")
+
+
+def claim_deepspeed_run(accelerator: Accelerator, run: str) -> None:
+    """Refuse (one line) a second DeepSpeed run in this process, before its model is prepared: accelerate
+    would keep driving the first run's engine, and its backward fails deep inside DeepSpeed."""
+    if accelerator.state.deepspeed_plugin is None:
+        return
+    if _DEEPSPEED_RUNS:
+        raise ConfigError(f"{run}: this process already trained {_DEEPSPEED_RUNS[0]} under DeepSpeed; {ONE_DEEPSPEED_RUN}")
+    _DEEPSPEED_RUNS.append(run)
+
 
 
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:

@@ -32,7 +32,7 @@ from clipit.models.factory import build_model
 from clipit.models.speed import apply_speed_settings
 from clipit.shards.manifest import ShardError, load_manifest
 from clipit.shards.validate import verify_shard_set
-from clipit.training.accel import main_process_lock, make_accelerator, raise_together
+from clipit.training.accel import claim_deepspeed_run, main_process_lock, make_accelerator, raise_together
 from clipit.training.features import backbone_forwards_so_far
 from clipit.training.imported import import_probe_head
 from clipit.training.loader import eval_loader, train_loader
@@ -166,6 +166,7 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
     cached = cached_inputs(cfg, method, accelerator, manifest, model, preprocess)
     if cached:
         model, preprocess = cached.model, cached.preprocess
+    claim_deepspeed_run(accelerator, str(run_dir))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
     preprocess = preprocess.to(accelerator.device)
