@@ -53,7 +53,6 @@ def claim_deepspeed_run(accelerator: Accelerator, run: str) -> None:
     _DEEPSPEED_RUNS.append(run)
 
 
-
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     """One Accelerator per process and setting: accelerate allows a single DeepSpeed instance."""
     key = (tcfg.precision, tcfg.distributed)
