@@ -10,6 +10,7 @@ batches, one encode per batch, embeddings stay on the device) + one exact top-1 
 the top-1 report per image; the script checks they agree. Also reported: the encoder alone on
 pre-decoded tensors (per-image calls vs batches), which isolates the batching gain from decoding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipit.data.base import decode_image  # noqa: E402
-from clipit.data.demo import DEMO_CLASSES, write_demo_images  # noqa: E402
-from clipit.data.folder import ImageFolderDataset  # noqa: E402
-from clipit.pairing.engine import embed_images  # noqa: E402
-from clipit.pairing.encoders import PairingModel  # noqa: E402
-from clipit.pairing.search import topk_cosine  # noqa: E402
+from clipit.data.base import decode_image
+from clipit.data.demo import DEMO_CLASSES, write_demo_images
+from clipit.data.folder import ImageFolderDataset
+from clipit.pairing.encoders import PairingModel
+from clipit.pairing.engine import embed_images
+from clipit.pairing.search import topk_cosine
 
 
 def sync(device: torch.device) -> None:
@@ -88,9 +89,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_demo_images(args.data or Path(tmp) / "tiles", {"train": args.n}, size=args.tile, seed=0)
         dataset = ImageFolderDataset(root, splits=("train",), classes=DEMO_CLASSES)
-        print(f"{args.n} x {args.tile}-px PNG tiles -> {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-              f"params, 64-px input), M={args.m} reports | device {device}, {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"{args.n} x {args.tile}-px PNG tiles -> {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            f"params, 64-px input), M={args.m} reports | device {device}, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}"
+        )
 
         def batched(workers):
             images = embed_images(pm, dataset, "train", batch_size=args.batch_size, num_workers=workers)
@@ -123,22 +126,34 @@ def main() -> None:
         # the encoder alone, on pre-decoded tensors
         x = torch.stack([preprocess(decode_image(dataset.sample("train", i).data)) for i in range(args.n)]).to(device)
         with torch.no_grad():
-            per_s, _ = timed(lambda: [model.encode_image(x[i:i + 1]).norm().item() for i in range(args.n)], device)
-            bat_s, _ = timed(lambda: torch.cat([model.encode_image(x[i:i + args.batch_size])
-                                                for i in range(0, args.n, args.batch_size)]).norm().item(), device)
-        rows += [(f"encoder only: per-image calls with .item(), {threads} threads (baseline)", per_s, per_s),
-                 (f"encoder only: batches of {args.batch_size}", bat_s, per_s)]
+            per_s, _ = timed(lambda: [model.encode_image(x[i : i + 1]).norm().item() for i in range(args.n)], device)
+            bat_s, _ = timed(
+                lambda: (
+                    torch.cat(
+                        [model.encode_image(x[i : i + args.batch_size]) for i in range(0, args.n, args.batch_size)]
+                    )
+                    .norm()
+                    .item()
+                ),
+                device,
+            )
+        rows += [
+            (f"encoder only: per-image calls with .item(), {threads} threads (baseline)", per_s, per_s),
+            (f"encoder only: batches of {args.batch_size}", bat_s, per_s),
+        ]
     print(f"{'path':66s} {'seconds':>8s} {'images/s':>9s} {'vs baseline':>11s}")
     for name, seconds, base in rows:
         print(f"{name:66s} {seconds:8.2f} {args.n / seconds:9.0f} {base / seconds:10.1f}x")
-    print(f"same top-1 report as the reference loop: {', '.join(f'{100 * a:.2f}%' for a in agree)} of images; "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"same top-1 report as the reference loop: {', '.join(f'{100 * a:.2f}%' for a in agree)} of images; "
+        f"load average now {os.getloadavg()[0]:.1f}"
+    )
 
 
 class ImageSubset(ImageFolderDataset):
     """The first n images of a folder dataset (for warm-up)."""
 
-    def __init__(self, base: ImageFolderDataset, n: int):  # noqa: D107 - shares the parent's file list
+    def __init__(self, base: ImageFolderDataset, n: int):
         self.__dict__.update(base.__dict__)
         self._files = {s: f[:n] for s, f in base._files.items()}
 

@@ -16,6 +16,7 @@ backbone (`backbone_forwards`); the wall time is the whole stage (all seeds, pro
 The test metrics of each seed are compared (the stated tolerance of tests/training/test_feature_cache.py:
 balanced accuracy equal, test loss within 1e-4).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,14 +68,26 @@ def probe_stage(out: Path, shared: list[str], seeds: list[int], cache: bool) -> 
     sets = [*shared, f"output_dir={out}", f"methods.unimodal.feature_cache={str(cache).lower()}"]
     start = time.perf_counter()
     for seed in seeds:
-        clipit("train", "--config", TINY, "--method", "unimodal", "--seed", str(seed),
-               *[a for s in sets for a in ("--set", s)])
+        clipit(
+            "train",
+            "--config",
+            TINY,
+            "--method",
+            "unimodal",
+            "--seed",
+            str(seed),
+            *[a for s in sets for a in ("--set", s)],
+        )
     wall = time.perf_counter() - start
     runs = []
     for seed in seeds:
         run = out / "runs" / "unimodal" / f"seed-{seed}"
-        runs.append({"summary": json.loads((run / "train_summary.json").read_text()),
-                     "metrics": json.loads((run / "metrics.json").read_text())})
+        runs.append(
+            {
+                "summary": json.loads((run / "train_summary.json").read_text()),
+                "metrics": json.loads((run / "metrics.json").read_text()),
+            }
+        )
     return wall, runs
 
 
@@ -85,8 +98,10 @@ def main() -> None:
     args = parser.parse_args()
 
     cells, online, cached = warm_start_forwards(GRID)
-    print(f"paper_table1 warm-start stage ({cells} unimodal cells): {online:,} images through a backbone without "
-          f"the cache, {cached:,} with it: {online / cached:.1f}x fewer")
+    print(
+        f"paper_table1 warm-start stage ({cells} unimodal cells): {online:,} images through a backbone without "
+        f"the cache, {cached:,} with it: {online / cached:.1f}x fewer"
+    )
 
     seeds = list(range(args.seeds))
     with tempfile.TemporaryDirectory(prefix="clipit-bench-cache-") as tmp:
@@ -96,13 +111,17 @@ def main() -> None:
         clipit("pair", "--config", TINY, *setup)
         clipit("shard", "build", "--config", TINY, *setup)
         shared = [s for s in shared if not s.startswith("output_dir=")] + [
-            f"shards.dir={base / 'shards'}", f"pairing.dir={base / 'pairing'}",
-            f"model.weights={backbone_weights(Path(tmp) / 'backbone.safetensors')}"]
+            f"shards.dir={base / 'shards'}",
+            f"pairing.dir={base / 'pairing'}",
+            f"model.weights={backbone_weights(Path(tmp) / 'backbone.safetensors')}",
+        ]
         online_s, online_runs = probe_stage(Path(tmp) / "online", shared, seeds, cache=False)
         cached_s, cached_runs = probe_stage(Path(tmp) / "cached", shared, seeds, cache=True)
 
-    print(f"\ndemo-tiny probe stage, {len(seeds)} seeds x {args.epochs} epochs, through `clipit train` "
-          "(wall time includes process start):")
+    print(
+        f"\ndemo-tiny probe stage, {len(seeds)} seeds x {args.epochs} epochs, through `clipit train` "
+        "(wall time includes process start):"
+    )
     print(f"{'':<10} {'backbone forwards':>18} {'wall s':>8} {'test bal. acc (per seed)':>30}")
     for name, wall, runs in (("online", online_s, online_runs), ("cached", cached_s, cached_runs)):
         forwards = sum(r["summary"]["backbone_forwards"] for r in runs)
@@ -110,10 +129,15 @@ def main() -> None:
         print(f"{name:<10} {forwards:>18,} {wall:>8.1f} {accs:>30}")
     online_f = sum(r["summary"]["backbone_forwards"] for r in online_runs)
     cached_f = sum(r["summary"]["backbone_forwards"] for r in cached_runs)
-    same = all(a["metrics"]["balanced_accuracy"] == b["metrics"]["balanced_accuracy"]
-               and abs(a["metrics"]["loss"] - b["metrics"]["loss"]) <= 1e-4 for a, b in zip(online_runs, cached_runs))
-    print(f"forwards: {online_f / cached_f:.1f}x fewer; stage time: {online_s / cached_s:.2f}x faster; "
-          f"test metrics within tolerance for every seed: {same}")
+    same = all(
+        a["metrics"]["balanced_accuracy"] == b["metrics"]["balanced_accuracy"]
+        and abs(a["metrics"]["loss"] - b["metrics"]["loss"]) <= 1e-4
+        for a, b in zip(online_runs, cached_runs)
+    )
+    print(
+        f"forwards: {online_f / cached_f:.1f}x fewer; stage time: {online_s / cached_s:.2f}x faster; "
+        f"test metrics within tolerance for every seed: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ P, H_t and F next to the backbone's (torch.utils.flop_counter, batch 1).
 
     .venv/bin/python bench/bench_inference.py             # ViT-S/16, 224 px, batch 32, CPU
 """
+
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from common import count, interleaved, make, median, parser, setup
+from torch.utils.flop_counter import FlopCounterMode
 
 from clipit.evaluation.export import merge_lora
 
@@ -46,6 +46,7 @@ def main() -> None:
         def run():
             with torch.no_grad():
                 model(x)
+
         return run
 
     variants = {"unimodal": unimodal, "clipit-merged": merged, "clipit-unmerged": unmerged}
@@ -54,8 +55,10 @@ def main() -> None:
     print("| variant | parameters | forward (median s) | images/s | min..max s |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
-        print(f"| {name} | {count(variants[name]):,} | {median(ts):.4f} | {args.batch_size / median(ts):.1f} "
-              f"| {min(ts):.4f}..{max(ts):.4f} |")
+        print(
+            f"| {name} | {count(variants[name]):,} | {median(ts):.4f} | {args.batch_size / median(ts):.1f} "
+            f"| {min(ts):.4f}..{max(ts):.4f} |"
+        )
     one = x[:1]
     f_uni, f_clip = flops(unimodal, one), flops(merged, one)
     extra = count(merged) - base_params
@@ -65,8 +68,10 @@ def main() -> None:
         print(f"[{label}] clipit-unmerged / unimodal = {stat(times['clipit-unmerged']) / base:.3f}")
     print()
     print(f"parameter overhead (P, H_t, F): +{extra:,} ({100 * extra / base_params:.2f}% of {base_params:,})")
-    print(f"FLOPs per image: unimodal {f_uni / 1e9:.3f} G, clipit-merged {f_clip / 1e9:.3f} G "
-          f"(+{100 * (f_clip - f_uni) / f_uni:.3f}%)")
+    print(
+        f"FLOPs per image: unimodal {f_uni / 1e9:.3f} G, clipit-merged {f_clip / 1e9:.3f} G "
+        f"(+{100 * (f_clip - f_uni) / f_uni:.3f}%)"
+    )
 
 
 if __name__ == "__main__":

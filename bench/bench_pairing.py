@@ -7,6 +7,7 @@ Both sides get L2-normalised fp32 embeddings and must return the same top-1 indi
 seconds (best of --repeats, interleaved), queries/s, GFLOP/s (2·N·M·D), and each path's throughput as a ratio of
 the faiss baseline. `auto` is what the pairing engine runs (pairing.search: auto).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipit.pairing.search import choose_backend, topk_cosine  # noqa: E402
+from clipit.pairing.search import choose_backend, topk_cosine
 
 
 def best_of(repeats: int, fn):
@@ -47,9 +48,11 @@ def main() -> None:
     keys = torch.nn.functional.normalize(torch.randn(args.m, args.d, generator=gen), dim=1)
     q_np, k_np = queries.numpy(), keys.numpy()
     flops = 2 * args.n * args.m * args.d
-    print(f"N={args.n:,} x M={args.m:,} x D={args.d}, top-1, fp32 | torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
-          f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"N={args.n:,} x M={args.m:,} x D={args.d}, top-1, fp32 | torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
+        f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}"
+    )
 
     def faiss_baseline():
         index = faiss.IndexFlatIP(args.d)
@@ -60,8 +63,9 @@ def main() -> None:
         "faiss IndexFlatIP (baseline)": faiss_baseline,
         "clipit torch (chunked GEMM + max)": lambda: topk_cosine(queries, keys, k=1, backend="torch")[0][:, 0],
         "clipit faiss backend": lambda: topk_cosine(queries, keys, k=1, backend="faiss")[0][:, 0],
-        f"clipit auto (-> {choose_backend('auto', args.m, torch.device('cpu'))})":
-            lambda: topk_cosine(queries, keys, k=1, backend="auto")[0][:, 0],
+        f"clipit auto (-> {choose_backend('auto', args.m, torch.device('cpu'))})": lambda: topk_cosine(
+            queries, keys, k=1, backend="auto"
+        )[0][:, 0],
     }
     results = {}
     for _ in range(args.repeats):  # interleaved, so a change in machine load hits every path alike
@@ -73,8 +77,10 @@ def main() -> None:
     print(f"{'path':40s} {'seconds':>8s} {'queries/s':>10s} {'GFLOP/s':>8s} {'vs faiss':>9s}  same top-1")
     for name, (seconds, idx) in results.items():
         same = "yes" if np.array_equal(idx, base_idx) else f"NO ({int((idx != base_idx).sum())} differ)"
-        print(f"{name:40s} {seconds:8.2f} {args.n / seconds:10,.0f} {flops / seconds / 1e9:8.1f} "
-              f"{base_s / seconds:8.2f}x  {same}")
+        print(
+            f"{name:40s} {seconds:8.2f} {args.n / seconds:10,.0f} {flops / seconds / 1e9:8.1f} "
+            f"{base_s / seconds:8.2f}x  {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ process), an upper bound for any single-process reader. clipit's train loader (r
 decoded, uint8 batches collated with np.stack) is timed with each worker count; the goal is a
 loader at >= 70% of the raw tar read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,15 +25,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import webdataset as wds  # noqa: E402
+import webdataset as wds
 
-from clipit.data.demo import DEMO_CLASSES, write_demo_images  # noqa: E402
-from clipit.data.folder import ImageFolderDataset  # noqa: E402
-from clipit.shards.codec import resolve_image  # noqa: E402
-from clipit.shards.reader import iter_samples  # noqa: E402
-from clipit.shards.writer import write_split_shards  # noqa: E402
-from clipit.training.loader import eval_loader, train_loader  # noqa: E402
-
+from clipit.data.demo import DEMO_CLASSES, write_demo_images
+from clipit.data.folder import ImageFolderDataset
+from clipit.shards.codec import resolve_image
+from clipit.shards.reader import iter_samples
+from clipit.shards.writer import write_split_shards
+from clipit.training.loader import eval_loader, train_loader
 
 SHUFFLE_BUFFER = 2000  # the train loader's default
 
@@ -44,8 +44,16 @@ def build_shards(dataset, out: Path, per_shard: int, codec: str) -> tuple[list[s
     text = rng.normal(size=(300, 512)).astype(np.float32)
     pairs = {"indices": rng.integers(0, 300, (n, 1)), "scores": rng.random((n, 1)).astype(np.float32)}
     start = time.perf_counter()
-    paths = write_split_shards(dataset, "train", pairs, text, [f"R{i}" for i in range(300)], out, per_shard,
-                               image=resolve_image(codec, dataset))
+    paths = write_split_shards(
+        dataset,
+        "train",
+        pairs,
+        text,
+        [f"R{i}" for i in range(300)],
+        out,
+        per_shard,
+        image=resolve_image(codec, dataset),
+    )
     return [str(p) for p in paths], time.perf_counter() - start
 
 
@@ -80,8 +88,10 @@ def main() -> None:
     total = args.shards * args.per_shard
     limit = args.samples or total
     bs = args.batch_size
-    print(f"{args.shards} shards x {args.per_shard} samples of {args.tile}-px tiles (+ cls + 512-d fp16 emb + json) "
-          f"per codec | {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.shards} shards x {args.per_shard} samples of {args.tile}-px tiles (+ cls + 512-d fp16 emb + json) "
+        f"per codec | {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}"
+    )
     rows = []  # (codec, path, samples/s, samples)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp)
@@ -90,8 +100,10 @@ def main() -> None:
         for codec in args.codecs:
             urls, write_s = build_shards(dataset, root / f"shards-{codec}", args.per_shard, codec)
             size = sum(os.path.getsize(u) for u in urls)
-            print(f"{codec}: {size / total / 1024:.1f} KiB/sample on disk; written at {total / write_s:,.0f} samples/s "
-                  "(one process, decode check + fsync included)")
+            print(
+                f"{codec}: {size / total / 1024:.1f} KiB/sample on disk; written at {total / write_s:,.0f} samples/s "
+                "(one process, decode check + fsync included)"
+            )
             raw = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
             rows.append((codec, "raw tar read, no decode (baseline)", *rate(raw, limit, lambda s: 1)))
             rows.append((codec, "clipit strict tar read, no decode", *rate(iter_samples(urls), limit, lambda s: 1)))
@@ -99,19 +111,29 @@ def main() -> None:
                 warmup = SHUFFLE_BUFFER * max(1, workers)
                 batches = -(-(limit + warmup) // bs) + 2
                 loader = train_loader(urls, bs, batches, seed=0, num_workers=workers, shuffle_buffer=SHUFFLE_BUFFER)
-                rows.append((codec, f"train_loader, {workers} workers",
-                             *rate(loader, limit, lambda b: len(b["labels"]), warmup)))
+                rows.append(
+                    (
+                        codec,
+                        f"train_loader, {workers} workers",
+                        *rate(loader, limit, lambda b: len(b["labels"]), warmup),
+                    )
+                )
                 if args.eval:
                     loader = eval_loader(urls, bs, num_workers=workers)
-                    rows.append((codec, f"eval_loader, {workers} workers",
-                                 *rate(loader, limit, lambda b: len(b["labels"]))))
+                    rows.append(
+                        (codec, f"eval_loader, {workers} workers", *rate(loader, limit, lambda b: len(b["labels"])))
+                    )
     base = {codec: per_s for codec, name, per_s, _ in rows if name.startswith("raw tar read")}
     first = rows[0][2]
-    print(f"{'codec':6s} {'path':40s} {'samples/s':>10s} {'samples':>8s} {'of its raw read':>15s} "
-          f"{'of ' + rows[0][0] + ' raw read':>16s}")
+    print(
+        f"{'codec':6s} {'path':40s} {'samples/s':>10s} {'samples':>8s} {'of its raw read':>15s} "
+        f"{'of ' + rows[0][0] + ' raw read':>16s}"
+    )
     for codec, name, per_s, seen in rows:
-        print(f"{codec:6s} {name:40s} {per_s:10,.0f} {seen:8,d} {100 * per_s / base[codec]:14.0f}% "
-              f"{100 * per_s / first:15.0f}%")
+        print(
+            f"{codec:6s} {name:40s} {per_s:10,.0f} {seen:8,d} {100 * per_s / base[codec]:14.0f}% "
+            f"{100 * per_s / first:15.0f}%"
+        )
     print(f"load average now {os.getloadavg()[0]:.1f}")
 
 

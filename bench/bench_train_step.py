@@ -18,11 +18,11 @@ printed: it measures LoRA fine-tuning itself (backward through the whole backbon
     .venv/bin/python bench/bench_train_step.py            # ViT-S/16, 224 px, batch 32, CPU
     .venv/bin/python bench/bench_train_step.py --text-tower conch
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from common import count, interleaved, make, median, parser, setup
 
 from clipit.models.clipit import clipit_loss
@@ -56,17 +56,23 @@ def conch_text_tower():
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--text-tower", choices=["none", "conch"], default="none",
-                   help="conch: also time CLIP-IT with CONCH's text tower + LoRA in the step (needs conch-fork)")
+    p.add_argument(
+        "--text-tower",
+        choices=["none", "conch"],
+        default="none",
+        help="conch: also time CLIP-IT with CONCH's text tower + LoRA in the step (needs conch-fork)",
+    )
     args = p.parse_args()
     setup(args)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(args.device)
     labels = torch.randint(0, args.classes, (args.batch_size,), generator=g).to(args.device)
     text = F.normalize(torch.randn(args.batch_size, args.text_dim, generator=g), dim=1).to(args.device)
-    models = {"probe": make(args, "unimodal", "frozen", warm_head=False),
-              "lora-vision": make(args, "unimodal", "lora", warm_head=False),
-              "clipit": make(args, "clipit", "lora", warm_head=True)}
+    models = {
+        "probe": make(args, "unimodal", "frozen", warm_head=False),
+        "lora-vision": make(args, "unimodal", "lora", warm_head=False),
+        "clipit": make(args, "clipit", "lora", warm_head=True),
+    }
     tokens = {}
     if args.text_tower == "conch":
         tower = conch_text_tower()
@@ -76,20 +82,31 @@ def main() -> None:
         models["clipit-tower"] = make(args, "clipit", "lora", warm_head=True, text_tower=tower)
     for m in models.values():
         m.train()
-    times = interleaved({k: step_fn(m, images, labels, text, tokens.get(k)) for k, m in models.items()},
-                        args.repeats, args.warmup, args.device, args.clock)
+    times = interleaved(
+        {k: step_fn(m, images, labels, text, tokens.get(k)) for k, m in models.items()},
+        args.repeats,
+        args.warmup,
+        args.device,
+        args.clock,
+    )
     print("| variant | trainable params | step (median s) | images/s | min..max s |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
-        print(f"| {name} | {count(models[name], True):,} | {median(ts):.3f} | {args.batch_size / median(ts):.1f} "
-              f"| {min(ts):.3f}..{max(ts):.3f} |")
+        print(
+            f"| {name} | {count(models[name], True):,} | {median(ts):.3f} | {args.batch_size / median(ts):.1f} "
+            f"| {min(ts):.3f}..{max(ts):.3f} |"
+        )
     for label, stat in (("min", min), ("median", median)):  # min: least disturbed by other processes
         clip, lora, probe = (stat(times[k]) for k in ("clipit", "lora-vision", "probe"))
-        print(f"\n[{label}] clipit / lora-vision = {clip / lora:.3f}  (goal <= 1.05: the text side's cost, cached embeddings)")
+        print(
+            f"\n[{label}] clipit / lora-vision = {clip / lora:.3f}  (goal <= 1.05: the text side's cost, cached embeddings)"
+        )
         print(f"[{label}] clipit / probe       = {clip / probe:.3f}  (LoRA fine-tuning vs a frozen linear probe)")
         if "clipit-tower" in times:
-            print(f"[{label}] clipit-tower / clipit = {stat(times['clipit-tower']) / clip:.3f}  (CONCH text tower + "
-                  "LoRA in the step vs cached report embeddings)")
+            print(
+                f"[{label}] clipit-tower / clipit = {stat(times['clipit-tower']) / clip:.3f}  (CONCH text tower + "
+                "LoRA in the step vs cached report embeddings)"
+            )
 
 
 if __name__ == "__main__":

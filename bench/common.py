@@ -1,5 +1,6 @@
 """Shared helpers for the model benchmarks: the models built through clipit's own code paths
 (build_classifier + prepare_finetune, as models.factory.build_model does) and an interleaved timer."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipit.config import LoraConfig  # noqa: E402
-from clipit.models.backbones import build_backbone  # noqa: E402
-from clipit.models.clipit import prepare_finetune  # noqa: E402
-from clipit.models.factory import build_classifier  # noqa: E402
+from clipit.config import LoraConfig
+from clipit.models.backbones import build_backbone
+from clipit.models.clipit import prepare_finetune
+from clipit.models.factory import build_classifier
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -31,21 +32,28 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=8)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: process CPU time (with --threads 1 it ignores time spent descheduled on a busy machine)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time (with --threads 1 it ignores time spent descheduled on a busy machine)",
+    )
     return p
 
 
 def setup(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, backbone "
-          f"{args.backbone} (random init), batch {args.batch_size}, {args.image_size} px, LoRA r{args.lora_r} "
-          f"on Linear+Conv2d+Embedding, {args.clock} clock")
+    print(
+        f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, backbone "
+        f"{args.backbone} (random init), batch {args.batch_size}, {args.image_size} px, LoRA r{args.lora_r} "
+        f"on Linear+Conv2d+Embedding, {args.clock} clock"
+    )
 
 
-def make(args, method: str, finetune: str, warm_head: bool, seed: int = 0,
-         text_tower: torch.nn.Module | None = None) -> torch.nn.Module:
+def make(
+    args, method: str, finetune: str, warm_head: bool, seed: int = 0, text_tower: torch.nn.Module | None = None
+) -> torch.nn.Module:
     """One method's model with the same (seeded) backbone weights for every variant (CLIP-IT may get a
     trainable text tower, attached before LoRA as models.factory.build_model does)."""
     torch.manual_seed(seed)

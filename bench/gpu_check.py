@@ -20,6 +20,7 @@ Without CUDA (or with --dry-run) every section runs at tiny sizes on the CPU, so
 (tests/bench/test_gpu_check.py). --out FILE.md writes the table; FILE.json next to it holds the numbers
 that `clipit grid --dry-run` uses for its cost (clipit/hpc/throughput.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import make, sync
 
-from common import make, sync  # noqa: E402 - bench/common.py puts the repository on sys.path
-
-from clipit.models.clipit import clipit_loss  # noqa: E402
+from clipit.models.clipit import clipit_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 # dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets); the first name contained in
 # torch.cuda.get_device_name() wins, so the more specific names come first
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.4), ("H100", 989.4), ("GH200", 989.4),
-               ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0)]
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+]
 BACKBONES = [("ViT-S/16", "kaiko-vits16"), ("ViT-B/16", "kaiko-vitb16"), ("ViT-L/16 (UNI)", "uni")]
 SECTIONS = ("train", "ddp", "conch", "search", "loader")
 
@@ -115,8 +123,9 @@ def section_train(args, peak) -> list[dict]:
     for label, name in BACKBONES:
         name = name + "-tiny" if args.tiny else name
         for tower_on in (False, True):
-            opts = argparse.Namespace(backbone=name, image_size=None, classes=2, text_dim=512, lora_r=16,
-                                      lora_alpha=8, device=args.device)
+            opts = argparse.Namespace(
+                backbone=name, image_size=None, classes=2, text_dim=512, lora_r=16, lora_alpha=8, device=args.device
+            )
             tower = conch_tower(args.tiny) if tower_on else None
             model = make(opts, "clipit", "lora", warm_head=True, text_tower=tower).train()
             size = model.backbone.patch_embed.img_size[0] if hasattr(model.backbone, "patch_embed") else 224
@@ -126,7 +135,9 @@ def section_train(args, peak) -> list[dict]:
             text = F.normalize(torch.randn(args.batch_size, 512, generator=g), dim=1).to(args.device)
             extra = {}
             if tower is not None:  # a distinct report per sample: the worst case
-                extra["tokens"] = tower.tokenize([f"Case {i}. {report}" for i in range(args.batch_size)]).to(args.device)
+                extra["tokens"] = tower.tokenize([f"Case {i}. {report}" for i in range(args.batch_size)]).to(
+                    args.device
+                )
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device.startswith("cuda") or None)
 
@@ -140,9 +151,16 @@ def section_train(args, peak) -> list[dict]:
 
             flops = counted_flops(step)
             seconds = timed(step, args.steps, args.warmup, args.device)
-            row = {"backbone": name, "label": label, "text_tower": tower_on, "batch": args.batch_size, "px": size,
-                   "images_per_s": args.batch_size / seconds, "step_flops": flops,
-                   "mfu": flops / seconds / peak if peak else None}
+            row = {
+                "backbone": name,
+                "label": label,
+                "text_tower": tower_on,
+                "batch": args.batch_size,
+                "px": size,
+                "images_per_s": args.batch_size / seconds,
+                "step_flops": flops,
+                "mfu": flops / seconds / peak if peak else None,
+            }
             if not tower_on:
                 model.eval()
 
@@ -153,11 +171,15 @@ def section_train(args, peak) -> list[dict]:
 
                 fwd_flops = counted_flops(forward)
                 fwd_s = timed(forward, args.steps, args.warmup, args.device)
-                row |= {"forward_images_per_s": args.batch_size / fwd_s,
-                        "forward_mfu": fwd_flops / fwd_s / peak if peak else None}
+                row |= {
+                    "forward_images_per_s": args.batch_size / fwd_s,
+                    "forward_mfu": fwd_flops / fwd_s / peak if peak else None,
+                }
             rows.append(row)
-            print(f"[train] {label} tower {'on' if tower_on else 'off'}: {row['images_per_s']:,.1f} images/s", flush=True)
-            del model, tower, opt
+            print(
+                f"[train] {label} tower {'on' if tower_on else 'off'}: {row['images_per_s']:,.1f} images/s", flush=True
+            )
+            model = tower = opt = None  # free the GPU memory before the next backbone
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
     return rows
@@ -167,24 +189,51 @@ def section_ddp(args) -> dict:
     """The tiny demo's LoRA probe under torchrun (1 process) with DDP and ZeRO-2; same metrics expected."""
     work = Path(tempfile.mkdtemp(prefix="gpu-check-ddp-"))
     base = ["--config", "configs/demo-tiny.yaml", "--set", f"output_dir={work}"]
-    subprocess.run([sys.executable, "-m", "clipit", "shard", "build", *base], cwd=ROOT, check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "clipit", "shard", "build", *base], cwd=ROOT, check=True, capture_output=True, text=True
+    )
     results = {}
     for name in ("ddp", "zero2"):
         out = work / name
-        sets = [f"output_dir={out}", f"shards.dir={work / 'shards'}", f"pairing.dir={work / 'pairing'}",
-                f"data.root={work / 'data' / 'images'}", f"reports.path={work / 'data' / 'reports.jsonl'}",
-                f"pairing.checkpoint={work / 'demo-clip' / 'model.safetensors'}", "methods.unimodal.finetune=lora",
-                "methods.unimodal.epochs=1", "methods.unimodal.precision=fp32", f"methods.unimodal.distributed={name}"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "clipit",
-               "train", "--config", "configs/demo-tiny.yaml", "--method", "unimodal", "--seed", "0"]
+        sets = [
+            f"output_dir={out}",
+            f"shards.dir={work / 'shards'}",
+            f"pairing.dir={work / 'pairing'}",
+            f"data.root={work / 'data' / 'images'}",
+            f"reports.path={work / 'data' / 'reports.jsonl'}",
+            f"pairing.checkpoint={work / 'demo-clip' / 'model.safetensors'}",
+            "methods.unimodal.finetune=lora",
+            "methods.unimodal.epochs=1",
+            "methods.unimodal.precision=fp32",
+            f"methods.unimodal.distributed={name}",
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            "-m",
+            "clipit",
+            "train",
+            "--config",
+            "configs/demo-tiny.yaml",
+            "--method",
+            "unimodal",
+            "--seed",
+            "0",
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"gpu-check ddp section: {name} run failed:\n{proc.stderr[-3000:]}")
         metrics = json.loads((out / "runs" / "unimodal" / "seed-0" / "metrics.json").read_text())
-        results[name] = {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
-                         "wall_s": time.perf_counter() - start}
+        results[name] = {
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "accuracy": metrics["accuracy"],
+            "wall_s": time.perf_counter() - start,
+        }
     diff = abs(results["ddp"]["balanced_accuracy"] - results["zero2"]["balanced_accuracy"])
     # one process, same data and seed: equal up to float order (GPU atomics); 0.01 = one test sample of 128
     return results | {"same_metrics": diff <= 0.01, "balanced_accuracy_diff": diff}
@@ -195,12 +244,15 @@ def section_conch(args) -> dict:
 
     coca = conch_coca(args.tiny)
     size = coca.visual.trunk.patch_embed.img_size[0]
-    model = encoders.ConchPairingModel("conch", coca, None, encoders.conch_tokenizer(), {}, args.device,
-                                       precision="bf16")
+    model = encoders.ConchPairingModel(
+        "conch", coca, None, encoders.conch_tokenizer(), {}, args.device, precision="bf16"
+    )
     batch = args.batch_size
     images = torch.randn(batch, 3, size, size, device=args.device)
     image_s = timed(lambda: model.encode_images(images), args.steps, args.warmup, args.device)
-    tokens = model.tokenize([f"Report {i}: invasive carcinoma with stroma. " * 12 for i in range(batch)]).to(args.device)
+    tokens = model.tokenize([f"Report {i}: invasive carcinoma with stroma. " * 12 for i in range(batch)]).to(
+        args.device
+    )
     text_s = timed(lambda: model.model.encode_text(tokens), args.steps, args.warmup, args.device)
     return {"px": size, "batch": batch, "images_per_s": batch / image_s, "texts_per_s": batch / text_s}
 
@@ -253,39 +305,62 @@ def section_loader(args) -> dict:
 
 
 def table(results: dict) -> list[str]:
-    lines = [f"# gpu-check: {results['device']}{' (dry run, tiny sizes: not a measurement)' if results['dry_run'] else ''}",
-             "", f"`{results['command']}`; torch {torch.__version__}; peak "
-             f"{results['peak_flops'] / 1e12:.1f} TFLOP/s dense bf16" if results["peak_flops"] else
-             f"`{results['command']}`; torch {torch.__version__}; no peak FLOP/s known (MFU n/a)", "",
-             "| section | configuration | result |", "|---|---|---|"]
+    lines = [
+        f"# gpu-check: {results['device']}{' (dry run, tiny sizes: not a measurement)' if results['dry_run'] else ''}",
+        "",
+        f"`{results['command']}`; torch {torch.__version__}; peak {results['peak_flops'] / 1e12:.1f} TFLOP/s dense bf16"
+        if results["peak_flops"]
+        else f"`{results['command']}`; torch {torch.__version__}; no peak FLOP/s known (MFU n/a)",
+        "",
+        "| section | configuration | result |",
+        "|---|---|---|",
+    ]
     pct = lambda x: f"{100 * x:.1f}%" if x else "n/a"  # noqa: E731
     for r in results.get("train_step", []):
-        conf = f"{r['label']} ({r['backbone']}), {r['px']} px, batch {r['batch']}, bf16, LoRA, text tower " \
-               f"{'on (CONCH + LoRA)' if r['text_tower'] else 'off (cached)'}"
+        conf = (
+            f"{r['label']} ({r['backbone']}), {r['px']} px, batch {r['batch']}, bf16, LoRA, text tower "
+            f"{'on (CONCH + LoRA)' if r['text_tower'] else 'off (cached)'}"
+        )
         lines.append(f"| train step | {conf} | {r['images_per_s']:,.1f} images/s, MFU {pct(r['mfu'])} |")
         if "forward_images_per_s" in r:
-            lines.append(f"| frozen forward | {r['label']}, bf16, inference | {r['forward_images_per_s']:,.1f} "
-                         f"images/s, MFU {pct(r['forward_mfu'])} |")
+            lines.append(
+                f"| frozen forward | {r['label']}, bf16, inference | {r['forward_images_per_s']:,.1f} "
+                f"images/s, MFU {pct(r['forward_mfu'])} |"
+            )
     if "ddp_zero2" in results:
         d = results["ddp_zero2"]
-        lines.append(f"| torchrun 1 process | demo-tiny LoRA probe, fp32: DDP vs DeepSpeed ZeRO-2 | balanced accuracy "
-                     f"{d['ddp']['balanced_accuracy']:.4f} vs {d['zero2']['balanced_accuracy']:.4f}: "
-                     f"{'same' if d['same_metrics'] else 'DIFFERENT'} ({d['ddp']['wall_s']:.0f} s / "
-                     f"{d['zero2']['wall_s']:.0f} s) |")
+        lines.append(
+            f"| torchrun 1 process | demo-tiny LoRA probe, fp32: DDP vs DeepSpeed ZeRO-2 | balanced accuracy "
+            f"{d['ddp']['balanced_accuracy']:.4f} vs {d['zero2']['balanced_accuracy']:.4f}: "
+            f"{'same' if d['same_metrics'] else 'DIFFERENT'} ({d['ddp']['wall_s']:.0f} s / "
+            f"{d['zero2']['wall_s']:.0f} s) |"
+        )
     if "conch" in results:
         c = results["conch"]
-        lines.append(f"| pairing encoder | CONCH image encoder, {c['px']} px, batch {c['batch']}, bf16 | "
-                     f"{c['images_per_s']:,.1f} images/s; text encoder {c['texts_per_s']:,.1f} reports/s |")
+        lines.append(
+            f"| pairing encoder | CONCH image encoder, {c['px']} px, batch {c['batch']}, bf16 | "
+            f"{c['images_per_s']:,.1f} images/s; text encoder {c['texts_per_s']:,.1f} reports/s |"
+        )
     if "search" in results:
         s = results["search"]
-        faiss = (f"; faiss-cpu {s['faiss_cpu_s']:.2f} s ({s['faiss_cpu_s'] / s['torch_s']:.1f}x), top-1 agreement "
-                 f"{100 * s['top1_agreement']:.1f}%") if "faiss_cpu_s" in s else "; faiss-cpu not installed"
-        lines.append(f"| top-k search | {s['images']:,} x {s['texts']:,} x 512, k {s['k']} | torch on "
-                     f"{s['torch_device']} {s['torch_s']:.2f} s{faiss} |")
+        faiss = (
+            (
+                f"; faiss-cpu {s['faiss_cpu_s']:.2f} s ({s['faiss_cpu_s'] / s['torch_s']:.1f}x), top-1 agreement "
+                f"{100 * s['top1_agreement']:.1f}%"
+            )
+            if "faiss_cpu_s" in s
+            else "; faiss-cpu not installed"
+        )
+        lines.append(
+            f"| top-k search | {s['images']:,} x {s['texts']:,} x 512, k {s['k']} | torch on "
+            f"{s['torch_device']} {s['torch_s']:.2f} s{faiss} |"
+        )
     if "loader" in results:
         lo = results["loader"]
-        lines.append(f"| shard loader | 96-px tiles, {lo['workers']} workers | raw {lo['raw']:,.0f} samples/s, png "
-                     f"{lo['png']:,.0f} samples/s |")
+        lines.append(
+            f"| shard loader | 96-px tiles, {lo['workers']} workers | raw {lo['raw']:,.0f} samples/s, png "
+            f"{lo['png']:,.0f} samples/s |"
+        )
     return lines
 
 
@@ -309,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 parts (heads, loss) as a launch would run them
     peak = peak_flops(args.device, args.peak_tflops)
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
-    results = {"device": device_name, "dry_run": not cuda, "peak_flops": peak,
-               "command": " ".join(["python bench/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])}
+    results = {
+        "device": device_name,
+        "dry_run": not cuda,
+        "peak_flops": peak,
+        "command": " ".join(["python bench/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
     start = time.perf_counter()
     if "train" in args.sections:
         results["train_step"] = section_train(args, peak)

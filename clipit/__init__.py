@@ -1,2 +1,3 @@
 """clipit: CLIP-IT training suite for computational pathology."""
+
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """`python -m clipit ...` is the `clipit` command."""
+
 import sys
 
 from clipit.cli import main

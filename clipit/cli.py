@@ -4,6 +4,7 @@ Errors users can fix (every `clipit.errors.ClipitError`) print one line and exit
 the traceback. The same flag means the same thing everywhere: `--config` (one YAML file), `--set
 KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,8 @@ import traceback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from clipit import __version__  # noqa: E402
-from clipit.errors import ClipitError, one_line  # noqa: E402
-
+from clipit import __version__
+from clipit.errors import ClipitError, one_line
 
 
 def valid_choices() -> str:
@@ -28,11 +28,13 @@ def valid_choices() -> str:
     from clipit.models.factory import METHODS
 
     finetune = TrainConfig.__dataclass_fields__["finetune"].type
-    return (f"method kinds (methods.<name>.method): {', '.join(METHODS)}\n"
-            f"fine-tuning (methods.<name>.finetune): {finetune.replace('Literal', '').strip('[]')}\n"
-            f"backbones (model.backbone): {', '.join(BACKBONES)}, or timm:<name>\n"
-            f"datasets (data.name): demo, {', '.join(DATASETS)}\n"
-            "every config key: docs/config.md")
+    return (
+        f"method kinds (methods.<name>.method): {', '.join(METHODS)}\n"
+        f"fine-tuning (methods.<name>.finetune): {finetune.replace('Literal', '').strip('[]')}\n"
+        f"backbones (model.backbone): {', '.join(BACKBONES)}, or timm:<name>\n"
+        f"datasets (data.name): demo, {', '.join(DATASETS)}\n"
+        "every config key: docs/config.md"
+    )
 
 
 class ChoicesHelpParser(argparse.ArgumentParser):
@@ -50,18 +52,33 @@ class ChoicesHelpParser(argparse.ArgumentParser):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, required: bool = True, what: str = "experiment config") -> None:
-    parser.add_argument("--config", required=required, metavar="YAML",
-                        help=f"{what} (YAML, e.g. configs/demo.yaml; relative paths in it are relative to the "
-                             "working directory, ${{VAR}} and ${{CONFIG_DIR}} are expanded; keys: docs/config.md)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set methods.clipit.lr=1e-4 (repeatable)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (overrides applied, paths expanded) as YAML and exit")
+    parser.add_argument(
+        "--config",
+        required=required,
+        metavar="YAML",
+        help=f"{what} (YAML, e.g. configs/demo.yaml; relative paths in it are relative to the "
+        "working directory, ${{VAR}} and ${{CONFIG_DIR}} are expanded; keys: docs/config.md)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set methods.clipit.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (overrides applied, paths expanded) as YAML and exit",
+    )
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser, default_profile: str) -> None:
-    parser.add_argument("--profile", help="cluster profile: a name (./slurm/profiles/NAME.yaml, else the shipped "
-                                          f"clipit/hpc/profiles/NAME.yaml) or a path; default: {default_profile}")
+    parser.add_argument(
+        "--profile",
+        help="cluster profile: a name (./slurm/profiles/NAME.yaml, else the shipped "
+        f"clipit/hpc/profiles/NAME.yaml) or a path; default: {default_profile}",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print what would run; submit nothing")
     mode.add_argument("--local", action="store_true", help="run with submitit's local executor on this machine (waits)")
@@ -69,8 +86,9 @@ def add_cluster_flags(parser: argparse.ArgumentParser, default_profile: str) -> 
 
 
 def add_cell_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True,
-                        help="a method name from the config's `methods` (its kinds are listed below)")
+    parser.add_argument(
+        "--method", required=True, help="a method name from the config's `methods` (its kinds are listed below)"
+    )
     parser.add_argument("--seed", type=int, help="one seed (default: every seed of the config)")
 
 
@@ -120,8 +138,11 @@ def cmd_shard_validate(args) -> None:
     from clipit.shards.validate import validate_shards
 
     counts = validate_shards(args.dir, quick=args.quick)
-    print("ok: " + ", ".join(f"{split} {n}" for split, n in counts.items())
-          + (" (quick: checksums and counts only; run without --quick to decode every sample)" if args.quick else ""))
+    print(
+        "ok: "
+        + ", ".join(f"{split} {n}" for split, n in counts.items())
+        + (" (quick: checksums and counts only; run without --quick to decode every sample)" if args.quick else "")
+    )
 
 
 def _seeds(cfg, args) -> list[int]:
@@ -185,8 +206,10 @@ def cmd_evaluate(args) -> None:
     cfg = _config(args)
     for seed in _seeds(cfg, args):
         metrics = evaluate_cell(cfg, args.method, seed, split=args.split)
-        print(f"{args.method} seed {seed} {args.split}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
-              f"accuracy {100 * metrics['accuracy']:.2f}%")
+        print(
+            f"{args.method} seed {seed} {args.split}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
+            f"accuracy {100 * metrics['accuracy']:.2f}%"
+        )
 
 
 def cmd_export(args) -> None:
@@ -199,15 +222,28 @@ def cmd_export(args) -> None:
 def cmd_predict(args) -> None:
     from clipit.evaluation.inference import run_predict
 
-    summary = run_predict(args.model_dir, args.inputs, out=args.out, features=args.features, split=args.split,
-                          device=args.device, batch_size=args.batch_size, mpp=args.mpp, target_mpp=args.target_mpp,
-                          min_tissue=args.min_tissue, tile=args.tile, heatmap_class=args.heatmap_class,
-                          stdout_json=args.json)
+    summary = run_predict(
+        args.model_dir,
+        args.inputs,
+        out=args.out,
+        features=args.features,
+        split=args.split,
+        device=args.device,
+        batch_size=args.batch_size,
+        mpp=args.mpp,
+        target_mpp=args.target_mpp,
+        min_tissue=args.min_tissue,
+        tile=args.tile,
+        heatmap_class=args.heatmap_class,
+        stdout_json=args.json,
+    )
     if args.out:  # without --out the rows themselves are stdout
         slides = "".join(f"; {path}: {n} tissue tiles" for path, n in summary["slides"].items())
-        print(f"wrote {summary['rows']} rows to {args.out}{slides}"
-              + "".join(f"\nheatmap: {p}" for p in summary["heatmaps"])
-              + (f"\nfeatures: {args.features}" if args.features else ""))
+        print(
+            f"wrote {summary['rows']} rows to {args.out}{slides}"
+            + "".join(f"\nheatmap: {p}" for p in summary["heatmaps"])
+            + (f"\nfeatures: {args.features}" if args.features else "")
+        )
 
 
 def cmd_report(args) -> None:
@@ -257,8 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("demo", cmd_demo, "run every stage on the embedded demo data")
-    doctor = command("doctor", cmd_doctor, "check the weights, paths and dimensions a config needs (exit 2 on a "
-                                           "problem)", config=False)
+    doctor = command(
+        "doctor",
+        cmd_doctor,
+        "check the weights, paths and dimensions a config needs (exit 2 on a problem)",
+        config=False,
+    )
     doctor.add_argument("config_path", nargs="?", metavar="CONFIG", help="same as --config")
     doctor.lists_choices = True
     add_config_flags(doctor, required=False)
@@ -267,22 +307,37 @@ def build_parser() -> argparse.ArgumentParser:
     shard = sub.add_parser("shard", help="build or validate WebDataset shards", parents=[common])
     shard_sub = shard.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ChoicesHelpParser)
     build = command("build", cmd_shard_build, "write a config's shard set (pairing first if needed)", shard_sub)
-    build.add_argument("--part", type=int, help="write only part I of --num-parts N (e.g. $SLURM_ARRAY_TASK_ID); "
-                       "needs the pairs (`clipit pair`) first")
+    build.add_argument(
+        "--part",
+        type=int,
+        help="write only part I of --num-parts N (e.g. $SLURM_ARRAY_TASK_ID); needs the pairs (`clipit pair`) first",
+    )
     build.add_argument("--num-parts", type=int, help="number of parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
     build.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
-    validate = command("validate", cmd_shard_validate, "check a shard set against its manifest: checksums and "
-                       "counts, then every sample decoded (image, label, embedding, json; keys unique)", shard_sub,
-                       config=False)
+    validate = command(
+        "validate",
+        cmd_shard_validate,
+        "check a shard set against its manifest: checksums and "
+        "counts, then every sample decoded (image, label, embedding, json; keys unique)",
+        shard_sub,
+        config=False,
+    )
     validate.add_argument("dir", metavar="SHARD_DIR")
-    validate.add_argument("--quick", action="store_true",
-                          help="only the manifest, the checksums and the counts: reads each tar once (disk speed) "
-                               "instead of decoding every image")
+    validate.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the manifest, the checksums and the counts: reads each tar once (disk speed) "
+        "instead of decoding every image",
+    )
 
     train = command("train", cmd_train, "train and evaluate one method of the config (all seeds, or --seed)")
     add_cell_flags(train)
-    train.add_argument("--resume", choices=["latest", "none"], default="latest",
-                       help="latest (default): continue from the cell's latest checkpoint; none: start over")
+    train.add_argument(
+        "--resume",
+        choices=["latest", "none"],
+        default="latest",
+        help="latest (default): continue from the cell's latest checkpoint; none: start over",
+    )
     evaluate = command("evaluate", cmd_evaluate, "evaluate a trained method on a split (metrics, predictions)")
     add_cell_flags(evaluate)
     evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
@@ -290,12 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "merge LoRA and save a run as a vision-only inference model", config=False)
     export.add_argument("run_dir", metavar="RUN_DIR", help="<output_dir>/runs/<method>/seed-<n> of a finished run")
     export.add_argument("out_dir", metavar="OUT_DIR")
-    predict = command("predict", cmd_predict, "class probabilities from an exported model for images, folders, globs, "
-                      "shard sets and whole-slide images (docs/predict.md)", config=False)
+    predict = command(
+        "predict",
+        cmd_predict,
+        "class probabilities from an exported model for images, folders, globs, "
+        "shard sets and whole-slide images (docs/predict.md)",
+        config=False,
+    )
     predict.add_argument("model_dir", metavar="MODEL_DIR", help="a folder written by `clipit export`")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder (recursive), glob, shard dir or slide")
-    predict.add_argument("--out", help="FILE.csv or FILE.json: one row per image / tissue tile (slides: heatmap PNG "
-                                       "next to it); default: a table on stdout")
+    predict.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image, folder (recursive), glob, shard dir or slide"
+    )
+    predict.add_argument(
+        "--out",
+        help="FILE.csv or FILE.json: one row per image / tissue tile (slides: heatmap PNG "
+        "next to it); default: a table on stdout",
+    )
     predict.add_argument("--features", metavar="FILE.safetensors", help="also save the backbone embedding of every row")
     predict.add_argument("--split", default="test", help="split of a shard set (default test)")
     predict.add_argument("--mpp", type=float, help="µm per level-0 pixel of slides that do not record it (and --tile)")
@@ -306,45 +371,71 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--json", action="store_true", help="without --out: one JSON list instead of a table")
-    report = command("report", cmd_report, "Table 1, ablations, Omega and figures from run directories",
-                     config=False)
+    report = command("report", cmd_report, "Table 1, ablations, Omega and figures from run directories", config=False)
     report.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for run directories (metrics.json)")
     report.add_argument("--out", help="output folder (default RUNS_DIR/report)")
     report.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy"])
     report.add_argument("--no-plots", action="store_true", help="tables only")
 
-    grid = command("grid", cmd_grid, "submit a grid of runs (configs/grids/*.yaml) as SLURM job arrays",
-                   config=False)
+    grid = command("grid", cmd_grid, "submit a grid of runs (configs/grids/*.yaml) as SLURM job arrays", config=False)
     add_config_flags(grid, what="grid file (configs/grids/*.yaml)")
     add_cluster_flags(grid, "the grid's `profile`")
     grid.add_argument("--root", help="replace the grid's root folder (where {root} points)")
-    grid.add_argument("--force-unknown", action="store_true",
-                      help="resubmit cells whose job state cannot be checked (no squeue, or an unreadable state.json)")
+    grid.add_argument(
+        "--force-unknown",
+        action="store_true",
+        help="resubmit cells whose job state cannot be checked (no squeue, or an unreadable state.json)",
+    )
     grid.add_argument("--no-preflight", action="store_true", help="submit even if shards or weights are missing")
-    grid.add_argument("--throughput", metavar="FILE", help="--dry-run cost at the throughput a `make gpu-check` "
-                      "measured (its .md or .json; default runs/gpu-check.json if present, else assumed)")
+    grid.add_argument(
+        "--throughput",
+        metavar="FILE",
+        help="--dry-run cost at the throughput a `make gpu-check` "
+        "measured (its .md or .json; default runs/gpu-check.json if present, else assumed)",
+    )
 
     prepare = sub.add_parser("prepare", help="pairing and shard building as SLURM array jobs", parents=[common])
     prepare_sub = prepare.add_subparsers(dest="action", required=True, metavar="STAGE", parser_class=ChoicesHelpParser)
-    for name, func, help_ in (("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
-                              ("shards", cmd_prepare_shards, "`clipit shard build --part I --num-parts N` as "
-                                                            "arrays, then --finalize per shard dir")):
+    for name, func, help_ in (
+        ("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
+        (
+            "shards",
+            cmd_prepare_shards,
+            "`clipit shard build --part I --num-parts N` as arrays, then --finalize per shard dir",
+        ),
+    ):
         p = command(name, func, help_, prepare_sub, config=False)
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--grid", help="grid file: every pairing/shard dir its cells read")
         source.add_argument("--config", metavar="YAML", help="one experiment config")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value (with --grid: in every cell)")
-        p.add_argument("--print-config", action="store_true",
-                       help="print the resolved config (or grid) as YAML and exit")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value (with --grid: in every cell)",
+        )
+        p.add_argument(
+            "--print-config", action="store_true", help="print the resolved config (or grid) as YAML and exit"
+        )
         add_cluster_flags(p, "the grid's profile, else local-cluster")
-        p.add_argument("--resources", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a profile field for these jobs, e.g. partition=cpu, gpus_per_node=0")
+        p.add_argument(
+            "--resources",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a profile field for these jobs, e.g. partition=cpu, gpus_per_node=0",
+        )
         if name == "shards":
             p.add_argument("--num-parts", type=int, default=16, help="array tasks per shard directory (default 16)")
             p.add_argument("--pair", action="store_true", help="submit the pairing first; parts wait for it (afterok)")
-            p.add_argument("--pair-resources", action="append", default=[], metavar="KEY=VALUE",
-                           help="profile overrides for the pairing jobs (they need a GPU on real data)")
+            p.add_argument(
+                "--pair-resources",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="profile overrides for the pairing jobs (they need a GPU on real data)",
+            )
     return parser
 
 

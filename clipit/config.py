@@ -5,6 +5,7 @@ setting has one home: precision lives only in `train.precision`, seeds only in `
 in their section. A number's valid range is written once, in its field's type (`Annotated[...,
 Range(...)]` below): the loader checks it and docs/config.md lists it.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -15,10 +16,9 @@ from typing import Annotated, Literal
 
 import yaml
 
-from clipit.errors import ConfigError  # noqa: F401 - re-exported: config errors are raised everywhere
+from clipit.errors import ConfigError
 from clipit.layout import check_name
 from clipit.typed_yaml import Items, Range, apply_override, expand_path, from_dict, read_yaml
-
 
 # ---------------------------------------------------------------------------------------------
 # Valid ranges: the one home of each key's bounds (the loader checks them, docs/config.md shows them)
@@ -40,7 +40,9 @@ Side = Annotated[int, Range(ge=8)]  # an image side in pixels
 class DemoDataConfig:
     """The embedded demo: generated H&E-like patches, an unpaired report corpus, a demo CLIP."""
 
-    counts: dict[str, Positive] = field(default_factory=lambda: {"train": 2000, "val": 400, "test": 800})  # images per split
+    counts: dict[str, Positive] = field(
+        default_factory=lambda: {"train": 2000, "val": 400, "test": 800}
+    )  # images per split
     image_size: Side = 64  # patch side in pixels
     n_reports: Positive = 300  # reports in the unpaired corpus
     n_paired: Annotated[int, Range(ge=2)] = 2000  # paired image-caption set that trains the stand-in for CONCH
@@ -94,7 +96,9 @@ class PairingConfig:
 class ShardsConfig:
     dir: str | None = None  # default <output_dir>/shards
     samples_per_shard: Positive = 1000  # samples per tar
-    use_rank: Positive = 1  # which of the top-k texts each image gets (1 = best, at most pairing.top_k; 2..5 = the Fig. 5 ablation)
+    use_rank: Positive = (
+        1  # which of the top-k texts each image gets (1 = best, at most pairing.top_k; 2..5 = the Fig. 5 ablation)
+    )
     random_report_seed: Count | None = None  # set: a uniformly random text per image instead (seeded control)
     # how images are stored: raw (uint8 pixels, no decoding when loading), png (the dataset's encoded bytes as
     # stored, any size), auto (raw for one-size datasets: pcam, crc, bach, demo; png for folder; an existing set keeps its codec)
@@ -119,10 +123,14 @@ class ClipConfig:
     class names: pairing.class_names (clipit/models/clip_baselines.py)."""
 
     model: str | None = None  # pairing-model registry name (conch | open_clip:<arch> | demo-clip); null = pairing.model
-    checkpoint: str | None = None  # its weights, as pairing.checkpoint; null = pairing.checkpoint for the same model, else the weights file
+    checkpoint: str | None = (
+        None  # its weights, as pairing.checkpoint; null = pairing.checkpoint for the same model, else the weights file
+    )
     # prompt templates, each with the word CLASSNAME; null = CONCH's 22 (clipit/pairing/texts.py)
     templates: Annotated[list[str], Items(min=1, unique=True)] | None = None
-    logit_scale: PositiveFloat | None = None  # multiplier of the cosine similarities; null = the CLIP's own (exp of its logit_scale)
+    logit_scale: PositiveFloat | None = (
+        None  # multiplier of the cosine similarities; null = the CLIP's own (exp of its logit_scale)
+    )
     learn_logit_scale: bool = False  # prompt_ft also trains the scale (log-parametrised, at most 100 as in CLIP)
 
 
@@ -146,15 +154,18 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     # the model kind; zero_shot, prompt_ft and clip_probe are the CLIP baselines (section clip)
-    method: Literal["unimodal", "clipit", "text", "late_fusion", "early_fusion", "zero_shot", "prompt_ft",
-                    "clip_probe"] = "clipit"
+    method: Literal[
+        "unimodal", "clipit", "text", "late_fusion", "early_fusion", "zero_shot", "prompt_ft", "clip_probe"
+    ] = "clipit"
     # auto: unimodal, clip_probe and zero_shot frozen, else lora if model.lora.enabled
     finetune: Literal["auto", "frozen", "lora", "full"] = "auto"
     epochs: PositiveFloat = 1.0  # passes over the train split (fractions allowed)
     batch_size: Positive = 64  # per process
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # the optimizer of every trainable parameter
     lr: PositiveFloat = 1e-3  # peak learning rate
-    pretrained_lr: PositiveFloat | None = None  # lr of the pretrained weights under finetune full (new heads, LoRA: lr); None = lr
+    pretrained_lr: PositiveFloat | None = (
+        None  # lr of the pretrained weights under finetune full (new heads, LoRA: lr); None = lr
+    )
     weight_decay: NonNegative = 1e-4  # decoupled for adamw, L2 for adam and sgd
     momentum: Fraction = 0.9  # sgd only (Nesterov, so > 0 with sgd)
     schedule: Literal["none", "cosine"] = "none"  # cosine: from lr to min_lr over the run
@@ -170,7 +181,9 @@ class TrainConfig:
     select: Literal["val_loss", "val_bacc", "last"] = "val_loss"  # which validation picks best.safetensors
     patience: Count = 0  # stop after this many validations without a better selection score (early stopping); 0 = off
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
-    head_from: str | None = None  # unimodal: import this probe checkpoint's linear head (e.g. kaiko eva's) instead of training
+    head_from: str | None = (
+        None  # unimodal: import this probe checkpoint's linear head (e.g. kaiko eva's) instead of training
+    )
     text_warm_start: str | None = None  # late_fusion: method (text) whose H_t initialises the text branch, same seed
     augment: bool = True  # flips and 90-degree rotations: histology has no canonical orientation
     # true: a frozen backbone on unaugmented images runs once per image into <shards.dir>/features/ (shared by
@@ -188,7 +201,9 @@ class TrainConfig:
 class ExperimentConfig:
     name: str = "demo"  # experiment name (labels only)
     output_dir: str = "runs/demo"  # everything the stages write: pairing/, shards/, runs/<method>/seed-<n>/
-    seeds: Annotated[list[Count], Items(min=1, unique=True)] = field(default_factory=lambda: [0])  # one run per method and seed
+    seeds: Annotated[list[Count], Items(min=1, unique=True)] = field(
+        default_factory=lambda: [0]
+    )  # one run per method and seed
     data: DataConfig = field(default_factory=DataConfig)
     reports: ReportsConfig = field(default_factory=ReportsConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
@@ -224,17 +239,23 @@ def check_sections(cfg: ExperimentConfig, where: str = "<config>") -> None:
     """Settings of the data, reports, pairing and shards sections that only make sense together."""
     s, p = cfg.shards, cfg.pairing
     if s.random_report_seed is None and s.use_rank > p.top_k:
-        raise ConfigError(f"{where}: shards.use_rank = {s.use_rank} needs pairing.top_k >= {s.use_rank} (it is "
-                          f"{p.top_k}); raise pairing.top_k or lower shards.use_rank")
+        raise ConfigError(
+            f"{where}: shards.use_rank = {s.use_rank} needs pairing.top_k >= {s.use_rank} (it is "
+            f"{p.top_k}); raise pairing.top_k or lower shards.use_rank"
+        )
     try:
         codecs.lookup(cfg.reports.encoding)
     except LookupError:
-        raise ConfigError(f"{where}: reports.encoding = {cfg.reports.encoding!r} is not a text encoding Python "
-                          "knows; use e.g. utf-8, latin-1 or cp1252") from None
+        raise ConfigError(
+            f"{where}: reports.encoding = {cfg.reports.encoding!r} is not a text encoding Python "
+            "knows; use e.g. utf-8, latin-1 or cp1252"
+        ) from None
     for i, template in enumerate(cfg.clip.templates or ()):
         if "CLASSNAME" not in template:
-            raise ConfigError(f"{where}: clip.templates[{i}] = {template!r} has no CLASSNAME (where the class name "
-                              "goes); write e.g. 'an H&E image of CLASSNAME.'")
+            raise ConfigError(
+                f"{where}: clip.templates[{i}] = {template!r} has no CLASSNAME (where the class name "
+                "goes); write e.g. 'an H&E image of CLASSNAME.'"
+            )
 
 
 CLIP_METHODS = ("zero_shot", "prompt_ft", "clip_probe")  # the CLIP baselines: their model is the `clip` section's CLIP
@@ -246,41 +267,65 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
         key = f"methods.{name}"
         check_name(name, f"{where}: {key}: method name")
         if m.method in CLIP_METHODS and (m.warm_start or m.text_warm_start):
-            raise ConfigError(f"{where}: {key}: method {m.method} starts from the CLIP (section clip), not from "
-                              "another run; remove warm_start / text_warm_start")
+            raise ConfigError(
+                f"{where}: {key}: method {m.method} starts from the CLIP (section clip), not from "
+                "another run; remove warm_start / text_warm_start"
+            )
         if m.method == "zero_shot" and m.finetune not in ("auto", "frozen"):
-            raise ConfigError(f"{where}: {key}.finetune = {m.finetune!r}: zero_shot trains nothing; use finetune: "
-                              "auto, or method prompt_ft to fine-tune the CLIP")
-        if m.method == "prompt_ft" and (m.finetune == "frozen" or (m.finetune == "auto" and not cfg.model.lora.enabled)):
-            raise ConfigError(f"{where}: {key}: prompt_ft with frozen towers trains nothing; set finetune: lora "
-                              "(or full), or model.lora.enabled: true, or use method zero_shot")
+            raise ConfigError(
+                f"{where}: {key}.finetune = {m.finetune!r}: zero_shot trains nothing; use finetune: "
+                "auto, or method prompt_ft to fine-tune the CLIP"
+            )
+        if m.method == "prompt_ft" and (
+            m.finetune == "frozen" or (m.finetune == "auto" and not cfg.model.lora.enabled)
+        ):
+            raise ConfigError(
+                f"{where}: {key}: prompt_ft with frozen towers trains nothing; set finetune: lora "
+                "(or full), or model.lora.enabled: true, or use method zero_shot"
+            )
         if m.text_warm_start and not m.warm_start:
-            raise ConfigError(f"{where}: {key}.text_warm_start = {m.text_warm_start!r} needs warm_start too (the text "
-                              "run is found next to the warm-start run of the same seed)")
+            raise ConfigError(
+                f"{where}: {key}.text_warm_start = {m.text_warm_start!r} needs warm_start too (the text "
+                "run is found next to the warm-start run of the same seed)"
+            )
         if m.text_encoder == "tower" and m.method != "clipit":
-            raise ConfigError(f"{where}: {key}.text_encoder: tower is for method clipit (got {m.method!r}); "
-                              "use text_encoder: cached")
+            raise ConfigError(
+                f"{where}: {key}.text_encoder: tower is for method clipit (got {m.method!r}); use text_encoder: cached"
+            )
         if m.text_encoder == "tower" and m.lam == 0:
-            raise ConfigError(f"{where}: {key}.text_encoder: tower needs lam > 0 (with lam 0 the tower gets no "
-                              "gradient and DDP fails on its unused parameters); use text_encoder: cached")
+            raise ConfigError(
+                f"{where}: {key}.text_encoder: tower needs lam > 0 (with lam 0 the tower gets no "
+                "gradient and DDP fails on its unused parameters); use text_encoder: cached"
+            )
         if m.word_drop and m.text_encoder != "tower":
-            raise ConfigError(f"{where}: {key}.word_drop needs text_encoder: tower (cached embeddings have no words "
-                              "to drop)")
+            raise ConfigError(
+                f"{where}: {key}.word_drop needs text_encoder: tower (cached embeddings have no words to drop)"
+            )
         if m.pretrained_lr is not None and m.finetune != "full":
-            raise ConfigError(f"{where}: {key}.pretrained_lr is for finetune: full (got finetune {m.finetune!r}: the "
-                              "pretrained weights do not train); remove pretrained_lr or set finetune: full")
+            raise ConfigError(
+                f"{where}: {key}.pretrained_lr is for finetune: full (got finetune {m.finetune!r}: the "
+                "pretrained weights do not train); remove pretrained_lr or set finetune: full"
+            )
         if m.head_from and m.method != "unimodal":
-            raise ConfigError(f"{where}: {key}.head_from imports a linear probe, so it is for method unimodal (got "
-                              f"{m.method!r}); remove it, or warm-start this method from a unimodal method that has it")
+            raise ConfigError(
+                f"{where}: {key}.head_from imports a linear probe, so it is for method unimodal (got "
+                f"{m.method!r}); remove it, or warm-start this method from a unimodal method that has it"
+            )
         if m.patience and m.select == "last":
-            raise ConfigError(f"{where}: {key}.patience needs a validation score to watch (select is 'last'); set "
-                              "select: val_bacc or val_loss, or patience: 0")
+            raise ConfigError(
+                f"{where}: {key}.patience needs a validation score to watch (select is 'last'); set "
+                "select: val_bacc or val_loss, or patience: 0"
+            )
         if m.optimizer == "sgd" and m.momentum == 0:
-            raise ConfigError(f"{where}: {key}.momentum = 0 with optimizer sgd: Nesterov SGD needs momentum in "
-                              "(0, 1); set momentum (e.g. 0.9) or use optimizer adam")
+            raise ConfigError(
+                f"{where}: {key}.momentum = 0 with optimizer sgd: Nesterov SGD needs momentum in "
+                "(0, 1); set momentum (e.g. 0.9) or use optimizer adam"
+            )
         if m.schedule == "cosine" and m.min_lr > m.lr:
-            raise ConfigError(f"{where}: {key}.min_lr = {m.min_lr:g} is above lr = {m.lr:g}; the cosine schedule "
-                              "decays from lr to min_lr, so set min_lr <= lr")
+            raise ConfigError(
+                f"{where}: {key}.min_lr = {m.min_lr:g} is above lr = {m.lr:g}; the cosine schedule "
+                "decays from lr to min_lr, so set min_lr <= lr"
+            )
 
 
 def method_order(cfg: ExperimentConfig, where: str = "<config>") -> list[str]:
@@ -291,11 +336,13 @@ def method_order(cfg: ExperimentConfig, where: str = "<config>") -> list[str]:
         if name in order:
             return
         if name not in cfg.methods:
-            raise ConfigError(f"{where}: methods.{trail[-1]} warm-starts from unknown method {name!r}; "
-                              f"known: {sorted(cfg.methods)}")
+            raise ConfigError(
+                f"{where}: methods.{trail[-1]} warm-starts from unknown method {name!r}; known: {sorted(cfg.methods)}"
+            )
         if name in trail:
-            raise ConfigError(f"{where}: warm_start cycle: {' -> '.join(trail + (name,))}; "
-                              "remove one of these warm_start settings")
+            raise ConfigError(
+                f"{where}: warm_start cycle: {' -> '.join(trail + (name,))}; remove one of these warm_start settings"
+            )
         for dependency in (cfg.methods[name].warm_start, cfg.methods[name].text_warm_start):
             if dependency:
                 visit(dependency, trail + (name,))
@@ -309,8 +356,19 @@ def method_order(cfg: ExperimentConfig, where: str = "<config>") -> list[str]:
 # Keys that hold file system paths: `${VAR}` (an environment variable) and `${CONFIG_DIR}` (the folder
 # of the config file) are expanded in them at load time, and `~` to the home folder. Relative paths
 # stay relative to the working directory of the command (the one rule; docs/config.md).
-PATH_KEYS = ("output_dir", "data.root", "reports.path", "reports.project_map", "pairing.dir", "pairing.checkpoint",
-             "shards.dir", "model.weights", "model.weights_file")
+PATH_KEYS = (
+    "output_dir",
+    "data.root",
+    "reports.path",
+    "reports.project_map",
+    "pairing.dir",
+    "pairing.checkpoint",
+    "shards.dir",
+    "model.weights",
+    "model.weights_file",
+)
+
+
 def expand_paths(cfg: ExperimentConfig, path: Path) -> None:
     config_dir = Path(path).parent.absolute()
     for key in PATH_KEYS:
@@ -351,5 +409,3 @@ def dump_config(config, path: str | Path) -> None:
     from clipit.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
-
-

@@ -5,8 +5,10 @@ the reference cannot drift from the code (tests/test_config.py checks the file i
 
     python -m clipit.config_reference > docs/config.md
 """
+
 from __future__ import annotations
 
+import ast
 import dataclasses
 import io
 import tokenize
@@ -22,26 +24,25 @@ SOURCE = Path(config_module.__file__)
 
 
 def field_comments() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the comment on the field's line (or the comment lines just above it)."""
+    """(class name, field name) -> the comments on the field's lines (a field the formatter split over several
+    lines keeps its comment on the last one) or the comment lines just above it."""
+    text = SOURCE.read_text()
+    lines = text.splitlines()
+    tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+    by_line = {t.start[0]: t.string.lstrip("# ").strip() for t in tokens if t.type == tokenize.COMMENT}
     comments: dict[tuple[str, str], str] = {}
-    current, pending = None, []
-    lines = SOURCE.read_text().splitlines()
-    tokens = list(tokenize.generate_tokens(io.StringIO(SOURCE.read_text()).readline))
-    by_line: dict[int, str] = {t.start[0]: t.string.lstrip("# ").strip() for t in tokens if t.type == tokenize.COMMENT}
-    for number, line in enumerate(lines, 1):
-        stripped = line.strip()
-        if line.startswith("class "):
-            current, pending = line.split()[1].split("(")[0].rstrip(":"), []
-        elif current and stripped.startswith("#"):
-            pending.append(by_line.get(number, ""))
-        elif current and line.startswith("    ") and ":" in stripped and not stripped.startswith(('"', "def ", "@")):
-            name = stripped.split(":")[0]
-            if name.isidentifier():
-                text = " ".join(pending + ([by_line[number]] if number in by_line else []))
-                comments[(current, name)] = text
-            pending = []
-        elif not stripped:
-            pending = []
+    for cls in ast.parse(text).body:
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        for node in cls.body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above, number = [], node.lineno - 1
+            while number >= 1 and lines[number - 1].strip().startswith("#"):
+                above.insert(0, by_line.get(number, ""))
+                number -= 1
+            own = [by_line[n] for n in range(node.lineno, node.end_lineno + 1) if n in by_line]
+            comments[(cls.name, node.target.id)] = " ".join(above + own)
     return comments
 
 
@@ -82,21 +83,25 @@ def _default(f: dataclasses.Field) -> str:
 
 def reference() -> str:
     comments = field_comments()
-    out = ["# Config reference", "",
-           "Generated from `clipit/config.py` by `python -m clipit.config_reference > docs/config.md`; do not",
-           "edit by hand. Every experiment config (`configs/*.yaml`) is a mapping of these sections. Unknown",
-           "keys, wrong types and out-of-range values are errors naming the key; `--set KEY=VALUE` overrides",
-           "any key (the value is read as YAML); `--print-config` prints the resolved config and exits.",
-           "",
-           "**Paths** (one rule): a relative path is relative to the working directory of the command (the",
-           "repository root in the shipped configs), never to the config file. In the path keys",
-           "(" + ", ".join(f"`{k}`" for k in PATH_KEYS) + ")",
-           "`${VAR}` is replaced by the environment variable VAR (unset: an error naming the key),",
-           "`${CONFIG_DIR}` by the config file's folder, and a leading `~` by the home folder; e.g.",
-           "`data.root: ${SCRATCH}/pcam`. Grid files expand `root` and `base` the same way.",
-           "Paths left empty are derived from `output_dir` (`pairing.dir`, `shards.dir`, the demo's data).",
-           "The `valid` column is what the loader checks; a float is also finite (never NaN or inf) and may be",
-           "written `1e-3` (YAML 1.1 reads that as text, which a float key accepts when it reads as a number).", ""]
+    out = [
+        "# Config reference",
+        "",
+        "Generated from `clipit/config.py` by `python -m clipit.config_reference > docs/config.md`; do not",
+        "edit by hand. Every experiment config (`configs/*.yaml`) is a mapping of these sections. Unknown",
+        "keys, wrong types and out-of-range values are errors naming the key; `--set KEY=VALUE` overrides",
+        "any key (the value is read as YAML); `--print-config` prints the resolved config and exits.",
+        "",
+        "**Paths** (one rule): a relative path is relative to the working directory of the command (the",
+        "repository root in the shipped configs), never to the config file. In the path keys",
+        "(" + ", ".join(f"`{k}`" for k in PATH_KEYS) + ")",
+        "`${VAR}` is replaced by the environment variable VAR (unset: an error naming the key),",
+        "`${CONFIG_DIR}` by the config file's folder, and a leading `~` by the home folder; e.g.",
+        "`data.root: ${SCRATCH}/pcam`. Grid files expand `root` and `base` the same way.",
+        "Paths left empty are derived from `output_dir` (`pairing.dir`, `shards.dir`, the demo's data).",
+        "The `valid` column is what the loader checks; a float is also finite (never NaN or inf) and may be",
+        "written `1e-3` (YAML 1.1 reads that as text, which a float key accepts when it reads as a number).",
+        "",
+    ]
 
     def section(cls, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -110,8 +115,10 @@ def reference() -> str:
                 continue
             if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
                 nested.append((typing.get_args(tp)[1], f"{key}.<name>."))
-                rows.append(f"| `{key}` | mapping of name -> {typing.get_args(tp)[1].__name__} | {_default(f)} | | "
-                            f"{comments.get((cls.__name__, f.name), '')} |")
+                rows.append(
+                    f"| `{key}` | mapping of name -> {typing.get_args(tp)[1].__name__} | {_default(f)} | | "
+                    f"{comments.get((cls.__name__, f.name), '')} |"
+                )
                 continue
             doc = comments.get((cls.__name__, f.name), "").replace("|", "\\|")
             default = _default(f).replace("'", "`").replace("None", "null")

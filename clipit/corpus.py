@@ -20,6 +20,7 @@ fingerprint and the pairing. A byte that does not decode is one error naming the
 the byte, and the fix (set ``reports.encoding`` or convert the file with iconv). Errors name the
 config keys (``reports.*``) that fix them; the library arguments have the same names.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -33,10 +34,10 @@ import os
 import re
 import sys
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
-
+from typing import Any
 
 from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_write_text
@@ -45,8 +46,15 @@ log = logging.getLogger(__name__)
 
 ORGAN_PROJECTS: dict[str, tuple[str, ...]] = {"breast": ("BRCA",), "colon": ("COAD", "READ")}
 FORMATS = ("csv", "jsonl", "parquet", "txt")
-_SUFFIX_FMT = {".csv": "csv", ".zip": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-               ".parquet": "parquet", ".pq": "parquet", ".txt": "txt"}
+_SUFFIX_FMT = {
+    ".csv": "csv",
+    ".zip": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "txt",
+}
 # Field names tried in order; the second ones are TCGA-Reports / HF Lab-Rasool/TCGA / GDC names.
 _ID_FIELDS = ("id", "patient_filename")
 _TEXT_FIELDS = ("text", "report_text")
@@ -56,8 +64,10 @@ _MAP_PATIENT = ("patient_id", "case_submitter_id", "bcr_patient_barcode", "submi
 _MAP_PROJECT = ("cancer_type", "project_id", "project")
 _BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
 _RESERVED = ("id", "text", "organ", "project", "parent_id")
-_ENCODING_FIX = ("set reports.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to UTF-8 "
-                 "(iconv -f latin1 -t utf-8)")
+_ENCODING_FIX = (
+    "set reports.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to UTF-8 "
+    "(iconv -f latin1 -t utf-8)"
+)
 
 
 class CorpusError(ClipitError):
@@ -102,15 +112,18 @@ def load_project_map(src: str | os.PathLike | Mapping[str, str] | None) -> dict[
     else:
         p = Path(src)
         if not p.is_file():
-            raise CorpusError(f"{p}: project map not found; fix reports.project_map (a csv with "
-                              "patient_id,cancer_type columns, or a json mapping)")
+            raise CorpusError(
+                f"{p}: project map not found; fix reports.project_map (a csv with "
+                "patient_id,cancer_type columns, or a json mapping)"
+            )
         try:
             if p.suffix == ".json":
                 try:
                     data = json.loads(p.read_text(encoding="utf-8"))
                 except json.JSONDecodeError as e:
-                    raise CorpusError(f"{p}: project map is not valid JSON ({e.msg}, line {e.lineno}); fix "
-                                      "reports.project_map") from None
+                    raise CorpusError(
+                        f"{p}: project map is not valid JSON ({e.msg}, line {e.lineno}); fix reports.project_map"
+                    ) from None
                 if not isinstance(data, dict):
                     raise CorpusError(f"{p}: a json project map must be an object of barcode -> project")
                 return load_project_map(data)
@@ -119,8 +132,10 @@ def load_project_map(src: str | os.PathLike | Mapping[str, str] | None) -> dict[
                 cols = reader.fieldnames or []
                 pc, jc = (next((c for c in names if c in cols), None) for names in (_MAP_PATIENT, _MAP_PROJECT))
                 if pc is None or jc is None:
-                    raise CorpusError(f"{p}: project map needs a patient column {_MAP_PATIENT} and a project "
-                                      f"column {_MAP_PROJECT}; found {cols}")
+                    raise CorpusError(
+                        f"{p}: project map needs a patient column {_MAP_PATIENT} and a project "
+                        f"column {_MAP_PROJECT}; found {cols}"
+                    )
                 items = [(row[pc], row[jc]) for row in reader]
         except UnicodeDecodeError:
             raise _decode_error(p, "utf-8", "project map; save it as UTF-8") from None
@@ -139,8 +154,11 @@ def _decode_error(path: Path, encoding: str, fix: str, member: str | None = None
     line_no, detail = None, ""
     try:
         with contextlib.ExitStack() as stack:
-            raw = (stack.enter_context(stack.enter_context(zipfile.ZipFile(path)).open(member)) if member
-                   else stack.enter_context(open(path, "rb")))
+            raw = (
+                stack.enter_context(stack.enter_context(zipfile.ZipFile(path)).open(member))
+                if member
+                else stack.enter_context(open(path, "rb"))
+            )
             decoder = codecs.getincrementaldecoder(_text_encoding(encoding))()
             for number, line in enumerate(raw, 1):
                 try:
@@ -166,12 +184,16 @@ def _records(path: Path, fmt: str, encoding: str = "utf-8") -> Iterator[tuple[st
                 try:
                     zf = stack.enter_context(zipfile.ZipFile(path))
                 except zipfile.BadZipFile:
-                    raise CorpusError(f"{path}: not a readable zip file; re-download it, or unzip it and point "
-                                      "reports.path at the csv") from None
+                    raise CorpusError(
+                        f"{path}: not a readable zip file; re-download it, or unzip it and point "
+                        "reports.path at the csv"
+                    ) from None
                 names = [n for n in zf.namelist() if n.endswith(".csv") and not n.startswith("__MACOSX")]
                 if len(names) != 1:
-                    raise CorpusError(f"{path}: expected exactly one .csv inside the zip, found {names}; unzip it "
-                                      "and point reports.path at the csv")
+                    raise CorpusError(
+                        f"{path}: expected exactly one .csv inside the zip, found {names}; unzip it "
+                        "and point reports.path at the csv"
+                    )
                 member = names[0]
                 f = io.TextIOWrapper(stack.enter_context(zf.open(member)), encoding=text_encoding, newline="")
             else:
@@ -183,8 +205,9 @@ def _records(path: Path, fmt: str, encoding: str = "utf-8") -> Iterator[tuple[st
             except UnicodeDecodeError:
                 raise _decode_error(path, encoding, _ENCODING_FIX, member) from None
             except csv.Error as e:
-                raise CorpusError(f"{path}: line {reader.line_num} is not readable csv ({e}); fix the file or set "
-                                  "reports.format") from None
+                raise CorpusError(
+                    f"{path}: line {reader.line_num} is not readable csv ({e}); fix the file or set reports.format"
+                ) from None
     elif fmt == "jsonl":
         with open(path, encoding=text_encoding) as f:
             for i, line in enumerate(f, 1):
@@ -204,9 +227,10 @@ def _records(path: Path, fmt: str, encoding: str = "utf-8") -> Iterator[tuple[st
             raise CorpusError(f"{path}: reading parquet needs pyarrow; pip install pyarrow (or use jsonl)") from None
         try:
             records = pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError ...) share no base
-            raise CorpusError(f"{path}: not a readable parquet file ({one_line(e)}); re-export it or use jsonl"
-                              ) from None
+        except Exception as e:
+            raise CorpusError(
+                f"{path}: not a readable parquet file ({one_line(e)}); re-export it or use jsonl"
+            ) from None
         for i, rec in enumerate(records):
             if not isinstance(rec, dict):
                 raise CorpusError(f"{path}: row {i} is not a record; write one {{id, text}} per row")
@@ -222,13 +246,16 @@ def _fields(rec: dict) -> str:
     return str(names[:12]) + (" ..." if len(names) > 12 else "")
 
 
-def _to_report(rec: dict, where: str, path: Path, text_field: str | None, id_field: str | None,
-               pmap: Mapping[str, str]) -> Report | None:
+def _to_report(
+    rec: dict, where: str, path: Path, text_field: str | None, id_field: str | None, pmap: Mapping[str, str]
+) -> Report | None:
     tk, text = (text_field, rec.get(text_field)) if text_field else _pick(rec, _TEXT_FIELDS)
     if tk is None or tk not in rec:
         which = f"field {text_field!r} (reports.text_field)" if text_field else f"text field {_TEXT_FIELDS}"
-        raise CorpusError(f"{path}: {where} has no {which}; it has {_fields(rec)}; set reports.text_field to "
-                          "the one that holds the report")
+        raise CorpusError(
+            f"{path}: {where} has no {which}; it has {_fields(rec)}; set reports.text_field to "
+            "the one that holds the report"
+        )
     if isinstance(text, (list, tuple)):  # HF Lab-Rasool/TCGA: report_text is a list; the reference takes [0]
         text = text[0] if text else None
     text = " ".join(str(text).split()) if text is not None else ""
@@ -237,8 +264,10 @@ def _to_report(rec: dict, where: str, path: Path, text_field: str | None, id_fie
     ik, rid = (id_field, rec.get(id_field)) if id_field else _pick(rec, _ID_FIELDS)
     if ik is None or rid is None or not str(rid).strip():
         which = f"field {id_field!r} (reports.id_field)" if id_field else f"id field {_ID_FIELDS}"
-        raise CorpusError(f"{path}: {where} has no {which}; it has {_fields(rec)}; add ids or set "
-                          "reports.id_field to the one that holds them")
+        raise CorpusError(
+            f"{path}: {where} has no {which}; it has {_fields(rec)}; add ids or set "
+            "reports.id_field to the one that holds them"
+        )
     rid = str(rid).strip()
     ok, organ = _pick(rec, _ORGAN_FIELDS)
     jk, project = _pick(rec, _PROJECT_FIELDS)
@@ -259,18 +288,25 @@ def _organ_ok(r: Report, kw: str) -> bool:
     return r.project in {p for name, ps in ORGAN_PROJECTS.items() if kw in name for p in ps}
 
 
-def load_reports(path: str | os.PathLike, fmt: str = "auto", organ: str | None = None,
-                 projects: Iterable[str] | str | None = None, text_field: str | None = None,
-                 id_field: str | None = None,
-                 project_map: str | os.PathLike | Mapping[str, str] | None = None,
-                 encoding: str = "utf-8") -> list[Report]:
+def load_reports(
+    path: str | os.PathLike,
+    fmt: str = "auto",
+    organ: str | None = None,
+    projects: Iterable[str] | str | None = None,
+    text_field: str | None = None,
+    id_field: str | None = None,
+    project_map: str | os.PathLike | Mapping[str, str] | None = None,
+    encoding: str = "utf-8",
+) -> list[Report]:
     """Read a report corpus in file order, optionally keeping only one organ and/or TCGA projects
     (both filters must match). ``project_map`` fills ``project`` for records with a TCGA barcode id.
     The arguments are the config's ``reports.*`` keys of the same names (``fmt``: ``reports.format``)."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(f"{path}: report corpus not found; check reports.path (TCGA_Reports.csv.zip is in "
-                          "github.com/tatonetti-lab/tcga-path-reports)")
+        raise CorpusError(
+            f"{path}: report corpus not found; check reports.path (TCGA_Reports.csv.zip is in "
+            "github.com/tatonetti-lab/tcga-path-reports)"
+        )
     if fmt == "auto":
         fmt = _SUFFIX_FMT.get(path.suffix.lower(), "")
         if not fmt:
@@ -280,8 +316,9 @@ def load_reports(path: str | os.PathLike, fmt: str = "auto", organ: str | None =
     try:
         codecs.lookup(encoding)
     except LookupError:
-        raise CorpusError(f"{path}: unknown text encoding {encoding!r}; set reports.encoding to e.g. utf-8, "
-                          "latin-1 or cp1252") from None
+        raise CorpusError(
+            f"{path}: unknown text encoding {encoding!r}; set reports.encoding to e.g. utf-8, latin-1 or cp1252"
+        ) from None
     pmap = load_project_map(project_map)
     reports, seen, skipped = [], {}, 0
     records = _records(path, fmt, encoding)
@@ -292,15 +329,19 @@ def load_reports(path: str | os.PathLike, fmt: str = "auto", organ: str | None =
                 skipped += 1
                 continue
             if r.id in seen:
-                raise CorpusError(f"{path}: duplicate report id {r.id!r} ({seen[r.id]} and {where}); "
-                                  "make ids unique or set reports.id_field to a column of unique ids")
+                raise CorpusError(
+                    f"{path}: duplicate report id {r.id!r} ({seen[r.id]} and {where}); "
+                    "make ids unique or set reports.id_field to a column of unique ids"
+                )
             seen[r.id] = where
             reports.append(r)
     except UnicodeDecodeError:  # jsonl and txt (csv names its zip member itself)
         raise _decode_error(path, encoding, _ENCODING_FIX) from None
     except OSError as e:
-        raise CorpusError(f"{path}: cannot read the report corpus ({e.strerror or one_line(e)}); check "
-                          "reports.path and its permissions") from None
+        raise CorpusError(
+            f"{path}: cannot read the report corpus ({e.strerror or one_line(e)}); check "
+            "reports.path and its permissions"
+        ) from None
     finally:
         records.close()
     if skipped:
@@ -308,24 +349,27 @@ def load_reports(path: str | os.PathLike, fmt: str = "auto", organ: str | None =
     if pmap and (unmapped := sum(r.project is None for r in reports)):
         log.warning("%s: %d of %d reports have no project in project_map", path, unmapped, len(reports))
     if not reports:
-        raise CorpusError(f"{path}: no reports ({skipped} empty texts skipped); check the file and "
-                          "reports.text_field")
+        raise CorpusError(f"{path}: no reports ({skipped} empty texts skipped); check the file and reports.text_field")
     if organ is None and projects is None:
         return reports
     want = None
     if projects is not None:
         want = {_norm_project(p) for p in ([projects] if isinstance(projects, str) else projects)}
     if not any(r.organ or r.project for r in reports):
-        raise CorpusError(f"{path}: no report has an organ or project to filter on; set reports.project_map "
-                          "(e.g. tcga_patient_to_cancer_type.csv) or drop reports.organ / reports.projects")
+        raise CorpusError(
+            f"{path}: no report has an organ or project to filter on; set reports.project_map "
+            "(e.g. tcga_patient_to_cancer_type.csv) or drop reports.organ / reports.projects"
+        )
     kw = organ.lower() if organ is not None else None
     kept = [r for r in reports if (kw is None or _organ_ok(r, kw)) and (want is None or r.project in want)]
     if not kept:
         organs = sorted({r.organ for r in reports if r.organ})[:10]
         projs = sorted({r.project for r in reports if r.project})[:10]
-        raise CorpusError(f"{path}: filter organ={organ!r} projects={sorted(want) if want else None} kept 0 of "
-                          f"{len(reports)} reports (organs: {organs}, projects: {projs}); loosen reports.organ / "
-                          "reports.projects")
+        raise CorpusError(
+            f"{path}: filter organ={organ!r} projects={sorted(want) if want else None} kept 0 of "
+            f"{len(reports)} reports (organs: {organs}, projects: {projs}); loosen reports.organ / "
+            "reports.projects"
+        )
     log.info("%s: kept %d of %d reports (organ=%r, projects=%s)", path, len(kept), len(reports), organ, want)
     return kept
 
@@ -377,7 +421,7 @@ def _windows(words: list[str], max_tokens: int, count: Callable[[str], int], str
     out, start = [], 0
     while start < len(words):
         end = start
-        while end < len(words) and count(" ".join(words[start:end + 1])) <= max_tokens:
+        while end < len(words) and count(" ".join(words[start : end + 1])) <= max_tokens:
             end += 1
         if end == start:  # one word alone is too long
             out.extend(_split_chars(words[start], max_tokens, count))
@@ -390,8 +434,9 @@ def _windows(words: list[str], max_tokens: int, count: Callable[[str], int], str
     return out
 
 
-def chunk_reports(reports: Iterable[Report], max_tokens: int, count_tokens: Callable[[str], int],
-                  stride_words: int | None = None) -> list[Report]:
+def chunk_reports(
+    reports: Iterable[Report], max_tokens: int, count_tokens: Callable[[str], int], stride_words: int | None = None
+) -> list[Report]:
     """Split reports into passages with count_tokens(passage) <= max_tokens (CONCH: 127).
 
     Default: pack whole sentences, falling back to words, then characters, for overlong pieces; the
@@ -434,8 +479,9 @@ def save_reports_jsonl(reports: Iterable[Report], path: str | os.PathLike) -> No
     for r in reports:
         clash = set(r.meta) & set(_RESERVED)
         if clash:
-            raise CorpusError(f"{path}: report {r.id!r} has meta keys {sorted(clash)} shadowing Report fields; "
-                              "rename them")
+            raise CorpusError(
+                f"{path}: report {r.id!r} has meta keys {sorted(clash)} shadowing Report fields; rename them"
+            )
         rec = {"id": r.id, "text": r.text, "organ": r.organ, "project": r.project, "parent_id": r.parent_id}
         rec = {k: v for k, v in rec.items() if v is not None} | r.meta
         lines.append(json.dumps(rec, ensure_ascii=False, default=str) + "\n")

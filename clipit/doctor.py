@@ -12,17 +12,18 @@ warm-start references. Exit status 0 when nothing failed, 2 otherwise. Which che
 shown on stderr (a bar on a terminal, a `[i/n] what` line otherwise: clipit/progress.py), because
 loading a dataset or a backbone can take minutes.
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from clipit.errors import ClipitError, one_line
 from clipit.config import ExperimentConfig
+from clipit.errors import ClipitError, one_line
 from clipit.progress import Progress
 
 OK, FAIL, INFO = "✓", "✗", "·"
@@ -69,8 +70,13 @@ def check_inputs(cfg: ExperimentConfig, echo: Callable[[str], None] | None = Non
             check_split_sizes(cfg.data.root, counts, cfg.data.expected_sizes)
         except ClipitError as err:
             return [Check(FAIL, "dataset", one_line(err, limit=2000))]
-        return [Check(INFO, "dataset", "demo: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) +
-                      " generated at run time")]
+        return [
+            Check(
+                INFO,
+                "dataset",
+                "demo: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " generated at run time",
+            )
+        ]
     if echo:
         echo(f"· dataset: reading {cfg.data.name} at {cfg.data.root} ...")
     out: list[Check] = []
@@ -85,8 +91,11 @@ def check_inputs(cfg: ExperimentConfig, echo: Callable[[str], None] | None = Non
         try:
             reports = load_corpus(cfg)
             r = cfg.reports
-            kept = "" if r.organ is None and r.projects is None else \
-                f" after the filters (organ {r.organ!r}, projects {r.projects})"
+            kept = (
+                ""
+                if r.organ is None and r.projects is None
+                else f" after the filters (organ {r.organ!r}, projects {r.projects})"
+            )
             out.append(Check(OK, "corpus", f"{len(reports):,} reports{kept}"))
         except ClipitError as err:
             out.append(Check(FAIL, "corpus", one_line(err, limit=2000)))
@@ -142,8 +151,14 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
             return checks + [Check(FAIL, what, f"forward at {size} px fails: {one_line(err)}")]
     declared = spec.dim if spec.dim is not None else model.num_features
     if width != declared or width != model.num_features:
-        checks.append(Check(FAIL, what, f"output width {width}, declared {declared} (num_features "
-                                        f"{model.num_features}); the checkpoint or registry entry is wrong"))
+        checks.append(
+            Check(
+                FAIL,
+                what,
+                f"output width {width}, declared {declared} (num_features "
+                f"{model.num_features}); the checkpoint or registry entry is wrong",
+            )
+        )
     else:
         checks.append(Check(OK, what, f"output width {width} at {size} px, as declared"))
     return checks
@@ -171,8 +186,14 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
     except WeightsError as err:
         return [Check(fail, what, one_line(err) + after)]
     if checkpoint is None:
-        return [Check(fail, what, f"no weights: set pairing.checkpoint or add `{name}: /path/to/checkpoint` to a "
-                                  f"weights file (model.weights_file or $CLIPIT_WEIGHTS){after}")]
+        return [
+            Check(
+                fail,
+                what,
+                f"no weights: set pairing.checkpoint or add `{name}: /path/to/checkpoint` to a "
+                f"weights file (model.weights_file or $CLIPIT_WEIGHTS){after}",
+            )
+        ]
     try:
         model = build_pairing_model(name, checkpoint, "cpu")
         dim = model.embed_dim
@@ -180,7 +201,9 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
         return [Check(fail, what, one_line(err) + after)]
     checks = [Check(OK, what, f"{checkpoint} loads")]
     if dim != cfg.model.text_dim:
-        checks.append(Check(FAIL, what, f"embeds into {dim}-d, model.text_dim is {cfg.model.text_dim}; fix model.text_dim"))
+        checks.append(
+            Check(FAIL, what, f"embeds into {dim}-d, model.text_dim is {cfg.model.text_dim}; fix model.text_dim")
+        )
     else:
         checks.append(Check(OK, what, f"embedding width {dim} = model.text_dim"))
     return checks
@@ -199,10 +222,19 @@ def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
         return [Check(FAIL, "shards", f"{path}: unreadable manifest ({one_line(err)})")], True
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest.get("splits", {}).items())
     if dim != cfg.model.text_dim:
-        return [Check(FAIL, "shards", f"{path}: report embeddings are {dim}-d but model.text_dim is "
-                                      f"{cfg.model.text_dim}; fix model.text_dim or rebuild the shards")], True
-    return [Check(OK, "shards", f"{len(manifest.get('classes', []))} classes, {counts}; embeddings {dim}-d "
-                                f"= model.text_dim")], True
+        return [
+            Check(
+                FAIL,
+                "shards",
+                f"{path}: report embeddings are {dim}-d but model.text_dim is "
+                f"{cfg.model.text_dim}; fix model.text_dim or rebuild the shards",
+            )
+        ], True
+    return [
+        Check(
+            OK, "shards", f"{len(manifest.get('classes', []))} classes, {counts}; embeddings {dim}-d = model.text_dim"
+        )
+    ], True
 
 
 def check_methods(cfg: ExperimentConfig) -> list[Check]:
@@ -213,8 +245,9 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
     out = []
     for name, t in cfg.methods.items():  # warm-start names and cycles were checked when the config loaded
         mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
-        warm = (f", warm start {t.warm_start}" if t.warm_start else "") + \
-               (f", text warm start {t.text_warm_start}" if t.text_warm_start else "")
+        warm = (f", warm start {t.warm_start}" if t.warm_start else "") + (
+            f", text warm start {t.text_warm_start}" if t.text_warm_start else ""
+        )
         text = ""
         if t.text_encoder == "tower":
             text = ", text tower" + (f" with {t.word_drop:.0%} word drop ({t.word_drop_mode})" if t.word_drop else "")
@@ -229,10 +262,15 @@ def _print(line: str) -> None:
 def run_doctor(cfg: ExperimentConfig, echo: Callable[[str], None] = _print) -> int:
     """Run every check, print one line each; returns the exit status (0 ok, 2 problems)."""
     shard_checks, shards_built = check_shards(cfg)
-    groups = {"input paths": lambda: check_paths(cfg), "inputs": lambda: check_inputs(cfg, echo),
-              "weights file": lambda: check_weights_file(cfg), "methods": lambda: check_methods(cfg),
-              "backbone": lambda: check_backbone(cfg), "pairing model": lambda: check_pairing(cfg, shards_built),
-              "shards": lambda: shard_checks}
+    groups = {
+        "input paths": lambda: check_paths(cfg),
+        "inputs": lambda: check_inputs(cfg, echo),
+        "weights file": lambda: check_weights_file(cfg),
+        "methods": lambda: check_methods(cfg),
+        "backbone": lambda: check_backbone(cfg),
+        "pairing model": lambda: check_pairing(cfg, shards_built),
+        "shards": lambda: shard_checks,
+    }
     failed = 0
     with Progress(total=len(groups), desc="clipit doctor", unit="check", every=len(groups)) as bar:
         if echo is _print:

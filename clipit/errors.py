@@ -8,6 +8,7 @@ because its disk is full, over quota or read-only is the user's to fix too. clip
 writers raise `OutputError` for it, and `cli.main` maps an ENOSPC/EDQUOT OSError that escapes any other
 writer (`disk_full_is_an_error`); `write_fault_message` is the one wording of both.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -8,6 +8,7 @@ and a cluster node that loses power must not leave a shard that passes its exist
 disk (ENOSPC, EDQUOT) or a read-only file system (EROFS) on the way is one `OutputError` line naming
 the output; the temporary file goes, the old output stays.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -20,6 +20,7 @@ TensorBoard events live apart, under one root per output_dir, so that `tensorboa
 A method's warm start is the sibling cell of the same output_dir and seed (`sibling`), which is why
 grids that reuse another axis value's warm start link it into place at exactly that path.
 """
+
 from __future__ import annotations
 
 import re
@@ -65,9 +66,9 @@ def parse_run_dir(path: str | Path) -> RunId | None:
     """(output_dir, method, seed) of `<output_dir>/runs/<method>/seed-<n>`; None for any other path."""
     path = Path(path)
     name, method_dir = path.name, path.parent
-    if not name.startswith(SEED_PREFIX) or not name[len(SEED_PREFIX):].isdigit() or method_dir.parent.name != RUNS:
+    if not name.startswith(SEED_PREFIX) or not name[len(SEED_PREFIX) :].isdigit() or method_dir.parent.name != RUNS:
         return None
-    return RunId(method_dir.parent.parent, method_dir.name, int(name[len(SEED_PREFIX):]))
+    return RunId(method_dir.parent.parent, method_dir.name, int(name[len(SEED_PREFIX) :]))
 
 
 def sibling(run: str | Path, method: str) -> Path:

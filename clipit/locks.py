@@ -8,6 +8,7 @@ stale. The file also records who holds it (host, pid, start), which the refusal 
 A file system that cannot lock says so (one line naming the directory); `CLIPIT_NO_LOCK=1` then runs
 without a lock, leaving one-writer-per-directory to the user.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,19 +65,30 @@ def exclusive(directory: str | Path, what: str = "directory", wait_s: float = 0.
                 break
             except OSError as err:
                 if err.errno in _UNSUPPORTED:
-                    raise LockError(f"{directory}: this file system cannot lock files ({os.strerror(err.errno)}), so "
-                                    f"clipit cannot keep a second process out of this {what}; set "
-                                    f"{ENV_NO_LOCK}=1 to run without the lock") from None
+                    raise LockError(
+                        f"{directory}: this file system cannot lock files ({os.strerror(err.errno)}), so "
+                        f"clipit cannot keep a second process out of this {what}; set "
+                        f"{ENV_NO_LOCK}=1 to run without the lock"
+                    ) from None
                 if err.errno not in _HELD:
                     raise
                 if time.monotonic() >= deadline:
                     who = holder(directory) or {}
-                    by = f"pid {who.get('pid')} on {who.get('host')} since {who.get('since')}" if who else "another process"
-                    raise LockHeld(f"{directory}: this {what} is being written by {by}; wait for it to finish or "
-                                    "stop it (one writer per directory)") from None
+                    by = (
+                        f"pid {who.get('pid')} on {who.get('host')} since {who.get('since')}"
+                        if who
+                        else "another process"
+                    )
+                    raise LockHeld(
+                        f"{directory}: this {what} is being written by {by}; wait for it to finish or "
+                        "stop it (one writer per directory)"
+                    ) from None
                 time.sleep(poll_s)
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         yield

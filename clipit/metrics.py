@@ -1,4 +1,5 @@
 """Classification metrics. "Accuracy" in the paper's tables is balanced accuracy (macro recall)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """The stages in order, each skipping work whose output already exists:
 reports -> pairing -> shards -> training (per method and seed) -> evaluation -> summary table.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -10,9 +11,9 @@ import numpy as np
 
 from clipit import layout
 from clipit.config import ConfigError, ExperimentConfig, method_order
+from clipit.corpus import Report, load_reports
 from clipit.data.base import DatasetError, ImageDataset
 from clipit.io import atomic_write_json, atomic_write_text
-from clipit.corpus import Report, load_reports
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
@@ -48,16 +49,20 @@ def check_split_names(expected: dict[str, int] | None, splits: tuple[str, ...]) 
     """A split that `data.expected_sizes` names but the dataset lacks would go unchecked: an error."""
     unknown = sorted(set(expected or {}) - set(splits))
     if unknown:
-        raise ConfigError(f"data.expected_sizes names split(s) {unknown}, but the dataset's splits are "
-                          f"{list(splits)}; use those names")
+        raise ConfigError(
+            f"data.expected_sizes names split(s) {unknown}, but the dataset's splits are "
+            f"{list(splits)}; use those names"
+        )
 
 
 def check_split_sizes(root, sizes: dict[str, int], expected: dict[str, int] | None) -> None:
     """`data.expected_sizes` for readers without official sizes (folder, demo)."""
     for split, n in (expected or {}).items():
         if sizes.get(split) != n:
-            raise DatasetError(f"{root}: split {split!r} has {sizes.get(split, 0):,} images, expected {n:,} "
-                               "(data.expected_sizes); fix data.root or data.expected_sizes")
+            raise DatasetError(
+                f"{root}: split {split!r} has {sizes.get(split, 0):,} images, expected {n:,} "
+                "(data.expected_sizes); fix data.root or data.expected_sizes"
+            )
 
 
 def ensure_demo_clip(cfg: ExperimentConfig) -> None:
@@ -69,8 +74,14 @@ def ensure_demo_clip(cfg: ExperimentConfig) -> None:
         return
     d = cfg.data.demo
     images, _, captions = demo.make_paired_set(d.n_paired, d.image_size, seed=d.seed + 2)
-    demo_clip.train_demo_clip(images, captions, Path(cfg.pairing.checkpoint).parent, seconds=d.clip_seconds,
-                              seed=d.seed, max_steps=d.clip_steps)
+    demo_clip.train_demo_clip(
+        images,
+        captions,
+        Path(cfg.pairing.checkpoint).parent,
+        seconds=d.clip_seconds,
+        seed=d.seed,
+        max_steps=d.clip_steps,
+    )
 
 
 def load_corpus(cfg: ExperimentConfig) -> list[Report]:
@@ -79,8 +90,16 @@ def load_corpus(cfg: ExperimentConfig) -> list[Report]:
         from clipit.data import demo
 
         demo.write_reports_jsonl(Path(r.path), demo.make_reports(cfg.data.demo.n_reports, seed=cfg.data.demo.seed + 1))
-    return load_reports(r.path, fmt=r.format, organ=r.organ, projects=r.projects, text_field=r.text_field,
-                        id_field=r.id_field, project_map=r.project_map, encoding=r.encoding)
+    return load_reports(
+        r.path,
+        fmt=r.format,
+        organ=r.organ,
+        projects=r.projects,
+        text_field=r.text_field,
+        id_field=r.id_field,
+        project_map=r.project_map,
+        encoding=r.encoding,
+    )
 
 
 def pairing_inputs(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report]) -> list[Report]:
@@ -89,15 +108,16 @@ def pairing_inputs(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[R
 
     texts = pairing_texts(cfg, dataset, reports)
     if cfg.pairing.top_k > len(texts):
-        raise ConfigError(f"pairing.top_k={cfg.pairing.top_k} but the corpus has only {len(texts)} texts; lower "
-                          "pairing.top_k")
+        raise ConfigError(
+            f"pairing.top_k={cfg.pairing.top_k} but the corpus has only {len(texts)} texts; lower pairing.top_k"
+        )
     return texts
 
 
 def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report]) -> dict[str, Path]:
     """Pairs per split; skipped when the files on disk were made for this config (clipit/pairing/engine.py)."""
-    from clipit.pairing.engine import current_pairs, pair_dataset, pairing_spec
     from clipit.pairing.encoders import build_pairing_model
+    from clipit.pairing.engine import current_pairs, pair_dataset, pairing_spec
     from clipit.weights import resolve_pairing_checkpoint
 
     p = cfg.pairing
@@ -108,8 +128,17 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
     ensure_demo_clip(cfg)
     checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
     model = build_pairing_model(p.model, checkpoint, p.device, p.precision)
-    return pair_dataset(model, dataset, texts, Path(p.dir), top_k=p.top_k, batch_size=p.batch_size,
-                        num_workers=p.num_workers, search=p.search, spec=pairing_spec(cfg))
+    return pair_dataset(
+        model,
+        dataset,
+        texts,
+        Path(p.dir),
+        top_k=p.top_k,
+        batch_size=p.batch_size,
+        num_workers=p.num_workers,
+        search=p.search,
+        spec=pairing_spec(cfg),
+    )
 
 
 def class_agreement(dataset: ImageDataset, reports: list[Report], pair_paths: dict[str, Path]) -> dict | None:
@@ -135,15 +164,30 @@ def class_agreement(dataset: ImageDataset, reports: list[Report], pair_paths: di
     return result
 
 
-def run_shards(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report], pair_paths: dict[str, Path],
-               part: int | None = None, num_parts: int | None = None, finalize: bool = False) -> Path | None:
+def run_shards(
+    cfg: ExperimentConfig,
+    dataset: ImageDataset,
+    reports: list[Report],
+    pair_paths: dict[str, Path],
+    part: int | None = None,
+    num_parts: int | None = None,
+    finalize: bool = False,
+) -> Path | None:
     """All shards and the manifest, or one part of a compute-node build (clipit/shards/stage.py); returns the
     manifest once the set is complete, None while other parts' shards are still missing."""
     from clipit.pairing.texts import pairing_texts
     from clipit.shards.stage import run_shard_stage
 
-    return run_shard_stage(cfg, dataset, pairing_texts(cfg, dataset, reports), pair_paths, part=part,
-                           num_parts=num_parts, finalize=finalize, echo=print)
+    return run_shard_stage(
+        cfg,
+        dataset,
+        pairing_texts(cfg, dataset, reports),
+        pair_paths,
+        part=part,
+        num_parts=num_parts,
+        finalize=finalize,
+        echo=print,
+    )
 
 
 def pair_stage(cfg: ExperimentConfig, log=print) -> dict[str, Path]:
@@ -158,8 +202,9 @@ def pair_stage(cfg: ExperimentConfig, log=print) -> dict[str, Path]:
     return paths
 
 
-def shard_stage(cfg: ExperimentConfig, part: int | None = None, num_parts: int | None = None,
-                finalize: bool = False) -> Path | None:
+def shard_stage(
+    cfg: ExperimentConfig, part: int | None = None, num_parts: int | None = None, finalize: bool = False
+) -> Path | None:
     """`clipit shard build`: the whole set (pairing first if needed), or one part of it, or only the
     manifest; returns the manifest once the set is complete."""
     from clipit.shards.manifest import ShardError
@@ -198,8 +243,10 @@ def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "t
     check_method(cfg, method)
     run_dir = layout.run_dir(cfg.output_dir, method, seed)
     if not layout.is_trained(run_dir):
-        raise ConfigError(f"{layout.train_summary(run_dir)}: {method} seed {seed} is not trained; run "
-                          f"`clipit train --config <config> --method {method} --seed {seed}` first")
+        raise ConfigError(
+            f"{layout.train_summary(run_dir)}: {method} seed {seed} is not trained; run "
+            f"`clipit train --config <config> --method {method} --seed {seed}` first"
+        )
     return evaluate_run(cfg, method, run_dir, split=split, warm_start=warm_start_of(cfg, method, seed))
 
 
@@ -218,16 +265,21 @@ def run_all(cfg: ExperimentConfig, log=print) -> dict:
 
     dataset = build_image_dataset(cfg)
     reports = load_corpus(cfg)
-    log(f"[1/4] corpus: {len(reports)} reports; images: " +
-        ", ".join(f"{s} {dataset.split_size(s)}" for s in dataset.splits))
+    log(
+        f"[1/4] corpus: {len(reports)} reports; images: "
+        + ", ".join(f"{s} {dataset.split_size(s)}" for s in dataset.splits)
+    )
     pair_paths = run_pairing(cfg, dataset, reports)
     from clipit.pairing.texts import pairing_texts
 
     agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), pair_paths)
     if agreement:
-        log(f"[2/4] pairing class agreement: {100 * agreement['all']:.1f}% "
-            f"(chance {100 * agreement['chance']:.1f}%; " +
-            ", ".join(f"{s} {100 * agreement[s]:.1f}%" for s in dataset.splits) + ")")
+        log(
+            f"[2/4] pairing class agreement: {100 * agreement['all']:.1f}% "
+            f"(chance {100 * agreement['chance']:.1f}%; "
+            + ", ".join(f"{s} {100 * agreement[s]:.1f}%" for s in dataset.splits)
+            + ")"
+        )
     manifest = run_shards(cfg, dataset, reports, pair_paths)
     log(f"[3/4] shards: {manifest.parent}")
     results: dict[str, list[dict]] = {}

@@ -8,12 +8,14 @@ Lines go to stderr so that stdout stays the command's output (JSON of `clipit pa
     for batch in progress(loader, total=len(loader), desc="embed train images", unit="batch"):
         ...
 """
+
 from __future__ import annotations
 
 import math
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 PLAIN_LINES = 10  # with a known total and no `every`: about this many lines per loop
@@ -41,8 +43,17 @@ class Progress:
     `enabled=False` shows nothing (ranks other than 0). `note(text)` says what runs now (a bar's
     postfix, or one line at once); `write(line)` prints a line to stdout without breaking a bar."""
 
-    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", every: int | None = None,
-                 enabled: bool = True, initial: int = 0, leave: bool = False, bar: bool | None = None):
+    def __init__(
+        self,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        every: int | None = None,
+        enabled: bool = True,
+        initial: int = 0,
+        leave: bool = False,
+        bar: bool | None = None,
+    ):
         self.total, self.desc, self.unit, self.n, self.enabled = total, desc, unit, initial, enabled
         self.every = every or (max(1, math.ceil(total / PLAIN_LINES)) if total else UNKNOWN_EVERY)
         self._start, self._start_n = time.monotonic(), initial
@@ -59,8 +70,9 @@ class Progress:
             if info:
                 self._bar.set_postfix_str(info, refresh=False)
             self._bar.update(n)
-        elif self.enabled and (self.n // self.every > before // self.every or
-                               (self.total is not None and before < self.total <= self.n)):
+        elif self.enabled and (
+            self.n // self.every > before // self.every or (self.total is not None and before < self.total <= self.n)
+        ):
             self._line(self.status() + (f", {info}" if info else ""))
 
     def status(self) -> str:
@@ -93,15 +105,22 @@ class Progress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", every: int | None = None,
-             unit: str = "it", enabled: bool = True, leave: bool = False) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T],
+    total: int | None = None,
+    desc: str = "",
+    every: int | None = None,
+    unit: str = "it",
+    enabled: bool = True,
+    leave: bool = False,
+) -> Iterator[T]:
     """Yield the items of `iterable`, showing progress (see the module docstring)."""
     if total is None and hasattr(iterable, "__len__"):
         try:

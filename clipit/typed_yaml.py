@@ -5,6 +5,7 @@ field's type (dataclasses, Optional/Union, Literal, list, dict, finite floats), 
 on a field's type (`Annotated[int, Range(ge=1)]`, `Items(...)`: checked here, listed in docs/config.md)
 and `${VAR}` expansion in path values. Knows nothing of clipit's sections.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,12 +33,16 @@ class Range:
     lt: float | None = None
 
     def holds(self, value) -> bool:
-        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
-                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
 
     def text(self) -> str:
-        low = (f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None)
-        high = (f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None)
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
         if low and high:
             return f"in {low}, {high}"
         if low:
@@ -53,8 +58,9 @@ class Items:
     unique: bool = False
 
     def text(self) -> str:
-        parts = (["non-empty"] if self.min == 1 else [f">= {self.min} items"] if self.min else []) + \
-                (["no repeats"] if self.unique else [])
+        parts = (["non-empty"] if self.min == 1 else [f">= {self.min} items"] if self.min else []) + (
+            ["no repeats"] if self.unique else []
+        )
         return ", ".join(parts)
 
 
@@ -77,13 +83,16 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def expand_path(value: str, key: str, where: str, config_dir: Path | None = None) -> str:
     """`value` with ${VAR} from the environment (${CONFIG_DIR}: the config file's folder) and ~ expanded;
     an unset variable is a ConfigError naming the key."""
+
     def sub(match: re.Match) -> str:
         name = match.group(1)
         if name == "CONFIG_DIR" and config_dir is not None:
             return str(config_dir)
         if name not in os.environ:
-            raise ConfigError(f"{where}: {key} = {value!r} uses ${{{name}}}, which is not set; export {name}=... "
-                              "before the command (or write the path out)")
+            raise ConfigError(
+                f"{where}: {key} = {value!r} uses ${{{name}}}, which is not set; export {name}=... "
+                "before the command (or write the path out)"
+            )
         return os.environ[name]
 
     out = _VAR.sub(sub, value)
@@ -99,8 +108,10 @@ def read_yaml(path: Path, what: str):
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
-                          f"{err.start}); save it as UTF-8") from None
+        raise ConfigError(
+            f"{path}: {what} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or type(err).__name__})") from None
     except yaml.YAMLError as err:
@@ -115,8 +126,10 @@ def apply_override(raw: dict, item: str, path: Path | str = "<overrides>") -> No
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: override --set {item!r}: the value is not valid YAML ({problem}); write it as "
-                          "YAML, e.g. --set 'seeds=[0, 1]', and quote text that holds : [ ] { } or #") from None
+        raise ConfigError(
+            f"{path}: override --set {item!r}: the value is not valid YAML ({problem}); write it as "
+            "YAML, e.g. --set 'seeds=[0, 1]', and quote text that holds : [ ] { } or #"
+        ) from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -172,8 +185,11 @@ def _coerce(tp, value, where: str, key: str):
             if isinstance(rule, Range) and not rule.holds(out):
                 raise ConfigError(f"{where}: {key} = {out!r} is out of range; it must be {rule.text()}")
             if isinstance(rule, Items) and len(out) < rule.min:
-                raise ConfigError(f"{where}: {key} = {out!r} must not be empty" if rule.min == 1 else
-                                  f"{where}: {key} = {out!r} must have at least {rule.min} items")
+                raise ConfigError(
+                    f"{where}: {key} = {out!r} must not be empty"
+                    if rule.min == 1
+                    else f"{where}: {key} = {out!r} must have at least {rule.min} items"
+                )
             if isinstance(rule, Items) and rule.unique and len(set(out)) != len(out):
                 raise ConfigError(f"{where}: {key} = {out!r} repeats an item; list each once")
         return out

@@ -17,6 +17,7 @@ Resolution order for a model name:
      variants).
 Anything else is one error that names the weights file (or the setting) to edit.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,8 +72,10 @@ def trust_hub() -> bool:
 
 def untrusted_hub(name: str, hub_id: str, weights_file: str | Path | None = None) -> WeightsError:
     """The one-line refusal of a torch.hub fetch without the opt-in."""
-    return WeightsError(f"{name!r} comes from torch.hub ({hub_id}), which runs that repository's code on this machine; "
-                        f"set {ENV_TRUST_HUB}=1 if you trust it, or {_hint(name, weights_file_path(weights_file))}")
+    return WeightsError(
+        f"{name!r} comes from torch.hub ({hub_id}), which runs that repository's code on this machine; "
+        f"set {ENV_TRUST_HUB}=1 if you trust it, or {_hint(name, weights_file_path(weights_file))}"
+    )
 
 
 def weights_file_path(configured: str | Path | None) -> Path | None:
@@ -87,8 +90,10 @@ def _origin_of_file(configured: str | Path | None) -> str:
 def read_weights_file(path: Path, configured: str | Path | None = None) -> dict[str, str]:
     """name -> path or hub ID; relative paths are taken relative to the weights file."""
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found (set by {_origin_of_file(configured)}); "
-                           f"copy {EXAMPLE} there and fill in your checkpoint paths")
+        raise WeightsError(
+            f"{path}: weights file not found (set by {_origin_of_file(configured)}); "
+            f"copy {EXAMPLE} there and fill in your checkpoint paths"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -108,12 +113,20 @@ def read_weights_file(path: Path, configured: str | Path | None = None) -> dict[
 def _hint(name: str, file: Path | None) -> str:
     if file is not None:
         return f"add `{name}: /path/to/checkpoint` to the weights file {file}"
-    return (f"set model.weights, or list `{name}: /path/to/checkpoint` in a weights file "
-            f"(model.weights_file or ${ENV_WEIGHTS}; see {EXAMPLE})")
+    return (
+        f"set model.weights, or list `{name}: /path/to/checkpoint` in a weights file "
+        f"(model.weights_file or ${ENV_WEIGHTS}; see {EXAMPLE})"
+    )
 
 
-def resolve(name: str, explicit: str | Path | None = None, weights_file: str | Path | None = None,
-            hub_id: str | None = None, random_ok: bool = False, setting: str = "model.weights") -> WeightsSource:
+def resolve(
+    name: str,
+    explicit: str | Path | None = None,
+    weights_file: str | Path | None = None,
+    hub_id: str | None = None,
+    random_ok: bool = False,
+    setting: str = "model.weights",
+) -> WeightsSource:
     """Pick the weights for model `name` (see the module docstring for the order)."""
     file = weights_file_path(weights_file)
     if explicit is not None:
@@ -136,7 +149,9 @@ def resolve(name: str, explicit: str | Path | None = None, weights_file: str | P
             if is_hub_id(value):
                 return _hub(name, value, origin, file)
             if not Path(value).is_file():
-                raise WeightsError(f"{value}: checkpoint for {name!r} not found; fix its line in the weights file {file}")
+                raise WeightsError(
+                    f"{value}: checkpoint for {name!r} not found; fix its line in the weights file {file}"
+                )
             return WeightsSource("file", value, origin)
     if hub_id is not None and not offline():
         return WeightsSource("hub", hub_id, "registry default")
@@ -148,20 +163,25 @@ def resolve(name: str, explicit: str | Path | None = None, weights_file: str | P
 
 def _hub(name: str, hub_id: str, origin: str, file: Path | None) -> WeightsSource:
     if offline():
-        raise WeightsError(f"{name!r} points at the hub ({hub_id}, from {origin}) but hub download is off "
-                           f"({ENV_OFFLINE}=1); {_hint(name, file)}")
+        raise WeightsError(
+            f"{name!r} points at the hub ({hub_id}, from {origin}) but hub download is off "
+            f"({ENV_OFFLINE}=1); {_hint(name, file)}"
+        )
     return WeightsSource("hub", hub_id, origin)
 
 
 def hub_failure(name: str, hub_id: str, err: BaseException, weights_file: str | Path | None = None) -> WeightsError:
     """The one-line error for a hub fetch that failed (no network, gated repo, no token)."""
     detail = " ".join(str(err).split())[:200] or type(err).__name__
-    return WeightsError(f"could not fetch {name!r} from {hub_id} ({type(err).__name__}: {detail}); on a machine "
-                        f"with network access download it, then {_hint(name, weights_file_path(weights_file))}")
+    return WeightsError(
+        f"could not fetch {name!r} from {hub_id} ({type(err).__name__}: {detail}); on a machine "
+        f"with network access download it, then {_hint(name, weights_file_path(weights_file))}"
+    )
 
 
-def resolve_pairing_checkpoint(model: str, checkpoint: str | Path | None,
-                               weights_file: str | Path | None = None) -> str | None:
+def resolve_pairing_checkpoint(
+    model: str, checkpoint: str | Path | None, weights_file: str | Path | None = None
+) -> str | None:
     """pairing.checkpoint if set (a file, a folder or a hub ID: the pairing loader checks it), else the
     weights file's entry for the pairing model's name (e.g. `conch:`), else None."""
     if checkpoint:

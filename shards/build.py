@@ -8,6 +8,7 @@ Part I writes every N-th shard of the fixed (split, index) order and exits; the 
 shards present writes the manifest. Reruns skip finished shards; output is byte-identical.
 Exit status 2 with one line on stderr for errors users can fix (bad config, corrupt image, ...).
 """
+
 import sys
 
 from clipit.cli import main

@@ -1,4 +1,5 @@
 """Shared helpers for tests that run the real CLI."""
+
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,9 @@ TINY = "configs/demo-tiny.yaml"
 
 def run_clipit(*args, timeout=600, **kwargs):
     """The real `clipit` CLI in a fresh process (what users and SLURM jobs run)."""
-    return subprocess.run([sys.executable, "-m", "clipit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "clipit", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 def shard_copy(tiny_shards: list[str], tmp_path: Path) -> Path:
@@ -30,7 +32,9 @@ def with_shards(overrides: list[str], shard_dir: Path) -> list[str]:
 
 def train_args(out: Path, shards: list[str], *extra: str, method: str = "clipit", seed: int = 0) -> list[str]:
     sets = [f"output_dir={out}", *shards, *extra]
-    return ["train", "--config", TINY, "--method", method, "--seed", str(seed)] + [a for s in sets for a in ("--set", s)]
+    return ["train", "--config", TINY, "--method", method, "--seed", str(seed)] + [
+        a for s in sets for a in ("--set", s)
+    ]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):

@@ -9,6 +9,10 @@ def tiny_shards(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny")
     proc = run_clipit("shard", "build", "--config", TINY, "--set", f"output_dir={base}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [f"shards.dir={base / 'shards'}", f"pairing.dir={base / 'pairing'}", f"data.root={base / 'data' / 'images'}",
-            f"reports.path={base / 'data' / 'reports.jsonl'}", f"pairing.checkpoint={base / 'demo-clip' / 'model.safetensors'}"]
-
+    return [
+        f"shards.dir={base / 'shards'}",
+        f"pairing.dir={base / 'pairing'}",
+        f"data.root={base / 'data' / 'images'}",
+        f"reports.path={base / 'data' / 'reports.jsonl'}",
+        f"pairing.checkpoint={base / 'demo-clip' / 'model.safetensors'}",
+    ]

@@ -1,6 +1,7 @@
 """The import graph of clipit/ (module-level and function-local imports alike) has no cycle, and no
 import points up a layer: data flows reports -> pairing -> shards -> training -> evaluation ->
 results, with the HPC layer and the command line on top (docs/architecture.md)."""
+
 import ast
 from pathlib import Path
 
@@ -11,9 +12,23 @@ from clipit_testing import ROOT
 PACKAGE = ROOT / "clipit"
 # Bottom to top. A module may import modules of its own layer or of a layer below it, never above.
 LAYERS = [
-    ("base", ["clipit", "clipit.errors", "clipit.io", "clipit.layout", "clipit.typed_yaml", "clipit.config", "clipit.weights",
-              "clipit.metrics", "clipit.state_dict", "clipit.config_reference", "clipit.locks",
-              "clipit.progress"]),
+    (
+        "base",
+        [
+            "clipit",
+            "clipit.errors",
+            "clipit.io",
+            "clipit.layout",
+            "clipit.typed_yaml",
+            "clipit.config",
+            "clipit.weights",
+            "clipit.metrics",
+            "clipit.state_dict",
+            "clipit.config_reference",
+            "clipit.locks",
+            "clipit.progress",
+        ],
+    ),
     ("data", ["clipit.data"]),
     ("corpus", ["clipit.corpus"]),
     ("pairing", ["clipit.pairing"]),
@@ -71,8 +86,9 @@ def layer_of(name: str) -> int:
     if best is None and name == "clipit":
         return 0
     if best is None:
-        raise AssertionError(f"{name} belongs to no layer: add it to LAYERS in tests/test_architecture.py "
-                             "and to docs/architecture.md")
+        raise AssertionError(
+            f"{name} belongs to no layer: add it to LAYERS in tests/test_architecture.py and to docs/architecture.md"
+        )
     return best
 
 
@@ -87,8 +103,12 @@ def test_every_module_has_a_layer(graph):
 
 
 def test_no_import_points_up_a_layer(graph):
-    upward = [f"{src} ({LAYERS[layer_of(src)][0]}) imports {dst} ({LAYERS[layer_of(dst)][0]})"
-              for src, targets in graph.items() for dst in sorted(targets) if layer_of(dst) > layer_of(src)]
+    upward = [
+        f"{src} ({LAYERS[layer_of(src)][0]}) imports {dst} ({LAYERS[layer_of(dst)][0]})"
+        for src, targets in graph.items()
+        for dst in sorted(targets)
+        if layer_of(dst) > layer_of(src)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -100,7 +120,9 @@ def test_no_import_cycles(graph):
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(nxt) :] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}"
+                )
             elif nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = 2
@@ -119,10 +141,24 @@ def test_the_graph_sees_function_local_imports(tmp_path):
 
 def test_run_layout_is_spelled_out_in_one_module():
     """`runs/<method>/seed-<n>` and the run's file names live in clipit/layout.py only."""
-    spellings = ['"seed-', "'seed-", 'f"seed-', '"train_summary.json"', '"metrics.json"', '"state.json"',
-                 '"config.yaml"', '/ "runs"', 'parent.parent']
-    offenders = [f"{p.relative_to(ROOT)}: {s}" for p in PACKAGE.rglob("*.py") if p.name != "layout.py"
-                 for s in spellings if s in p.read_text()]
+    spellings = [
+        '"seed-',
+        "'seed-",
+        'f"seed-',
+        '"train_summary.json"',
+        '"metrics.json"',
+        '"state.json"',
+        '"config.yaml"',
+        '/ "runs"',
+        "parent.parent",
+    ]
+    offenders = [
+        f"{p.relative_to(ROOT)}: {s}"
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "layout.py"
+        for s in spellings
+        if s in p.read_text()
+    ]
     assert not offenders, offenders
 
 

@@ -1,4 +1,5 @@
 """The one command line: `clipit` and `python -m clipit`, the shared flags, one-line errors with --debug."""
+
 import subprocess
 import sys
 
@@ -14,10 +15,15 @@ def test_python_m_clipit_and_version():
     assert proc.returncode == 0 and proc.stdout.strip() == f"clipit {__version__}"
 
 
-@pytest.mark.parametrize("wrapper, command", [("launchers/grid.py", "clipit grid"),
-                                              ("launchers/pair.py", "clipit prepare pair"),
-                                              ("launchers/shards.py", "clipit prepare shards"),
-                                              ("shards/build.py", "clipit shard build")])
+@pytest.mark.parametrize(
+    "wrapper, command",
+    [
+        ("launchers/grid.py", "clipit grid"),
+        ("launchers/pair.py", "clipit prepare pair"),
+        ("launchers/shards.py", "clipit prepare shards"),
+        ("shards/build.py", "clipit shard build"),
+    ],
+)
 def test_scripts_are_the_subcommands(wrapper, command):
     """The scripts users run by path are the subcommands (same flags, same help), with no sys.path hack."""
     proc = subprocess.run([sys.executable, wrapper, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -27,12 +33,22 @@ def test_scripts_are_the_subcommands(wrapper, command):
 
 def test_config_flags_are_the_same_everywhere():
     parser = build_parser()
-    for argv in (["demo"], ["pair"], ["shard", "build"], ["train", "--method", "m"], ["evaluate", "--method", "m"],
-                 ["grid"], ["doctor"]):
+    for argv in (
+        ["demo"],
+        ["pair"],
+        ["shard", "build"],
+        ["train", "--method", "m"],
+        ["evaluate", "--method", "m"],
+        ["grid"],
+        ["doctor"],
+    ):
         args = parser.parse_args([*argv, "--config", "c.yaml", "--set", "a=1", "--set", "b=2"])
         assert args.config == "c.yaml" and args.set == ["a=1", "b=2"], argv
-    for argv in (["grid", "--config", "g.yaml"], ["prepare", "pair", "--grid", "g.yaml"],
-                 ["prepare", "shards", "--config", "c.yaml"]):
+    for argv in (
+        ["grid", "--config", "g.yaml"],
+        ["prepare", "pair", "--grid", "g.yaml"],
+        ["prepare", "shards", "--config", "c.yaml"],
+    ):
         args = parser.parse_args([*argv, "--profile", "p", "--dry-run"])
         assert args.profile == "p" and args.dry_run and not args.local, argv
 
@@ -57,8 +73,10 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys
 
 
 def test_evaluate_names_the_command_that_trains_first(tmp_path, capsys):
-    assert main(["evaluate", "--config", TINY, "--method", "unimodal", "--seed", "0",
-                 "--set", f"output_dir={tmp_path}"]) == 2
+    assert (
+        main(["evaluate", "--config", TINY, "--method", "unimodal", "--seed", "0", "--set", f"output_dir={tmp_path}"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unimodal seed 0 is not trained; run `clipit train --config <config> --method unimodal --seed 0`" in err
 

@@ -1,10 +1,11 @@
-
 import pytest
 
 from clipit.config import ConfigError, ExperimentConfig, load_config
 from clipit_testing import ROOT
 
-EXPERIMENT_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("weights."))  # weights files: tests/models/test_weights.py
+EXPERIMENT_CONFIGS = sorted(
+    p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("weights.")
+)  # weights files: tests/models/test_weights.py
 
 
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
@@ -39,14 +40,17 @@ def test_unknown_key_names_key_and_file(tmp_path):
     assert str(path) in str(err.value) and "model.lora.rank" in str(err.value)
 
 
-@pytest.mark.parametrize("text,key", [
-    ("seeds: 3\n", "seeds"),
-    ("methods:\n  m: {epochs: many}\n", "methods.m.epochs"),
-    ("model: {lora: {enabled: 'yes'}}\n", "model.lora.enabled"),
-    ("methods:\n  m: {optimizer: lion}\n", "methods.m.optimizer"),
-    ("model: {lora: {targets: [Linear, MLP]}}\n", "model.lora.targets[1]"),
-    ("shards: [1]\n", "shards"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("seeds: 3\n", "seeds"),
+        ("methods:\n  m: {epochs: many}\n", "methods.m.epochs"),
+        ("model: {lora: {enabled: 'yes'}}\n", "model.lora.enabled"),
+        ("methods:\n  m: {optimizer: lion}\n", "methods.m.optimizer"),
+        ("model: {lora: {targets: [Linear, MLP]}}\n", "model.lora.targets[1]"),
+        ("shards: [1]\n", "shards"),
+    ],
+)
 def test_wrong_types_name_the_key(tmp_path, text, key):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
@@ -73,8 +77,9 @@ def test_config_reference_is_current():
     """docs/config.md is generated from the dataclasses; regenerate it when a field changes."""
     from clipit.config_reference import reference
 
-    assert (ROOT / "docs" / "config.md").read_text() == reference() + "\n", \
+    assert (ROOT / "docs" / "config.md").read_text() == reference() + "\n", (
         "docs/config.md is stale: python -m clipit.config_reference > docs/config.md"
+    )
 
 
 def test_warm_start_graph_is_checked_at_load(tmp_path):

@@ -1,4 +1,5 @@
 """Path keys in configs: ${VAR} and ${CONFIG_DIR} expansion, the one relative-path rule, --print-config."""
+
 import subprocess
 import sys
 
@@ -19,8 +20,11 @@ def write(tmp_path, text):
 
 def test_env_vars_and_config_dir_expand_in_path_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPIT_TEST_SCRATCH", "/scratch/me")
-    path = write(tmp_path, "output_dir: ${CLIPIT_TEST_SCRATCH}/runs\nshards:\n  dir: ${CONFIG_DIR}/shards\n"
-                           "model:\n  weights_file: ~/weights.yaml\nname: ${CLIPIT_TEST_SCRATCH}\n")
+    path = write(
+        tmp_path,
+        "output_dir: ${CLIPIT_TEST_SCRATCH}/runs\nshards:\n  dir: ${CONFIG_DIR}/shards\n"
+        "model:\n  weights_file: ~/weights.yaml\nname: ${CLIPIT_TEST_SCRATCH}\n",
+    )
     cfg = load_config(path)
     assert cfg.output_dir == "/scratch/me/runs"
     assert cfg.shards.dir == str(path.parent.absolute() / "shards")
@@ -44,14 +48,22 @@ def test_grid_root_expands(tmp_path, monkeypatch):
     assert load_grid(grid).root == str(tmp_path / "scratch" / "grids")
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "--config", "configs/demo-tiny.yaml", "--method", "clipit"],
-    ["doctor", "configs/demo-tiny.yaml"],
-    ["shard", "build", "--config", "configs/demo-tiny.yaml"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--config", "configs/demo-tiny.yaml", "--method", "clipit"],
+        ["doctor", "configs/demo-tiny.yaml"],
+        ["shard", "build", "--config", "configs/demo-tiny.yaml"],
+    ],
+)
 def test_print_config_shows_the_resolved_config(argv):
-    proc = subprocess.run([sys.executable, "-m", "clipit", *argv, "--set", "methods.clipit.lr=0.5", "--print-config"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipit", *argv, "--set", "methods.clipit.lr=0.5", "--print-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     assert printed["methods"]["clipit"]["lr"] == 0.5 and printed["shards"]["dir"]  # resolved: defaults filled
@@ -59,7 +71,12 @@ def test_print_config_shows_the_resolved_config(argv):
 
 
 def test_print_config_of_a_grid():
-    proc = subprocess.run([sys.executable, "-m", "clipit", "grid", "--config", "configs/grids/demo.yaml",
-                           "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipit", "grid", "--config", "configs/grids/demo.yaml", "--print-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["name"] == "demo"

@@ -1,4 +1,5 @@
 """Report corpora: every format, filters, error messages, chunking and the embedding cache."""
+
 from __future__ import annotations
 
 import csv
@@ -9,20 +10,29 @@ import zipfile
 import pytest
 
 from clipit.corpus import (
-    ORGAN_PROJECTS, CorpusError, Report, chunk_reports, load_project_map, load_reports,
+    ORGAN_PROJECTS,
+    CorpusError,
+    Report,
+    chunk_reports,
+    load_project_map,
+    load_reports,
     save_reports_jsonl,
 )
 
 # OCR-ish TCGA-Reports rows: redaction leftovers, odd spacing, embedded newlines, very long fields.
-BREAST = ("SURGICAL PATHOLOGY REPORT Patient Name: Accession #: S12-3456 Specimen: A. Left breast, "
-          "modified radical mastectomy. FINAL DIAGNOSIS: Invasive ductal carcinoma, Nottingham grade 3 "
-          "(tubules 3, nuclei 3, mitoses 3). Tumor size 2.4 cm in greatest dimension.\nMargins: negative; "
-          "closest margin deep, 0.3 cm. Lymph nodes: 2/14 positive for metastatic carcinoma (2/14). "
-          "ER positive (95%), PR positive (40%), HER2 negative (1+). pT2 pN1a. ")
-COLON = ("DIAGNOSIS: Colon, sigmoid, resection: Adenocarcinoma, moderately differentiated, invading "
-         "through the muscularis propria into pericolorectal tissue. Lymphovascular invasion: present. "
-         "Twelve lymph nodes negative for carcinoma (0/12). Proximal and distal margins free of tumor. "
-         "Microsatellite instability: MSI-stable.   Gross: received fresh labeled sigmoid colon. ")
+BREAST = (
+    "SURGICAL PATHOLOGY REPORT Patient Name: Accession #: S12-3456 Specimen: A. Left breast, "
+    "modified radical mastectomy. FINAL DIAGNOSIS: Invasive ductal carcinoma, Nottingham grade 3 "
+    "(tubules 3, nuclei 3, mitoses 3). Tumor size 2.4 cm in greatest dimension.\nMargins: negative; "
+    "closest margin deep, 0.3 cm. Lymph nodes: 2/14 positive for metastatic carcinoma (2/14). "
+    "ER positive (95%), PR positive (40%), HER2 negative (1+). pT2 pN1a. "
+)
+COLON = (
+    "DIAGNOSIS: Colon, sigmoid, resection: Adenocarcinoma, moderately differentiated, invading "
+    "through the muscularis propria into pericolorectal tissue. Lymphovascular invasion: present. "
+    "Twelve lymph nodes negative for carcinoma (0/12). Proximal and distal margins free of tumor. "
+    "Microsatellite instability: MSI-stable.   Gross: received fresh labeled sigmoid colon. "
+)
 RECTUM = "Rectum, low anterior resection: adenocarcinoma, well differentiated, ypT3 N0. " * 3
 LUNG = "Right upper lobe lobectomy: squamous cell carcinoma, keratinizing, 3.1 cm. pT2a N0. " * 2
 
@@ -34,8 +44,13 @@ TCGA_ROWS = [
     ("TCGA-05-4244.5f0e7c8d-1234-5678-9abc-def012345678", LUNG),
     ("TCGA-ZZ-0000.00000000-0000-0000-0000-000000000000", "   \n "),  # blank OCR output
 ]
-PROJECTS = {"TCGA-BP-5195": "BRCA", "TCGA-A2-A0CM": "BRCA", "TCGA-AA-3514": "COAD",
-            "TCGA-AG-3581": "READ", "TCGA-05-4244": "LUAD"}
+PROJECTS = {
+    "TCGA-BP-5195": "BRCA",
+    "TCGA-A2-A0CM": "BRCA",
+    "TCGA-AA-3514": "COAD",
+    "TCGA-AG-3581": "READ",
+    "TCGA-05-4244": "LUAD",
+}
 
 
 def words(s: str) -> int:
@@ -98,11 +113,14 @@ def test_project_map_sources(map_csv, tmp_path):
 
 
 def test_jsonl_fields_meta_and_overrides(tmp_path):
-    p = write_jsonl(tmp_path / "demo.jsonl", [
-        {"id": "d0", "text": "Benign breast tissue.", "organ": "Breast", "demo_class": "Normal"},
-        {"id": "d1", "text": "Colon adenoma.", "project": "TCGA-COAD"},
-        {"id": "d2", "text": ""},
-    ])
+    p = write_jsonl(
+        tmp_path / "demo.jsonl",
+        [
+            {"id": "d0", "text": "Benign breast tissue.", "organ": "Breast", "demo_class": "Normal"},
+            {"id": "d1", "text": "Colon adenoma.", "project": "TCGA-COAD"},
+            {"id": "d2", "text": ""},
+        ],
+    )
     reps = load_reports(p)
     assert reps[0] == Report("d0", "Benign breast tissue.", "Breast", None, {"demo_class": "Normal"})
     assert reps[1].project == "COAD" and len(reps) == 2
@@ -164,9 +182,15 @@ def test_partial_project_map_warns(tcga_csv, caplog):
 
 
 def test_filter_by_organ_field_substring(tmp_path):
-    p = write_jsonl(tmp_path / "c.jsonl", [
-        {"id": "a", "text": "t", "organ": "Colon, NOS"}, {"id": "b", "text": "t", "organ": "Sigmoid colon"},
-        {"id": "c", "text": "t", "organ": "Breast, NOS"}, {"id": "d", "text": "t", "organ": "Rectum, NOS"}])
+    p = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"id": "a", "text": "t", "organ": "Colon, NOS"},
+            {"id": "b", "text": "t", "organ": "Sigmoid colon"},
+            {"id": "c", "text": "t", "organ": "Breast, NOS"},
+            {"id": "d", "text": "t", "organ": "Rectum, NOS"},
+        ],
+    )
     assert [r.id for r in load_reports(p, organ="colo")] == ["a", "b"]  # the reference's keyword semantics
 
 

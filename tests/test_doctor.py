@@ -1,4 +1,5 @@
 """`clipit doctor CONFIG`: one ✓/✗ line per check, exit 2 on a missing or mismatched checkpoint."""
+
 import json
 
 import pytest
@@ -24,7 +25,9 @@ def site(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "images" / split / "a" / "x.png")
     (tmp_path / "reports.jsonl").write_text('{"id": "r1", "text": "invasive ductal carcinoma"}\n')
     good, _ = build_backbone("kaiko-vits16-tiny")
-    torch.save({"state_dict": {f"backbone._model.{k}": v for k, v in good.state_dict().items()}}, tmp_path / "good.ckpt")
+    torch.save(
+        {"state_dict": {f"backbone._model.{k}": v for k, v in good.state_dict().items()}}, tmp_path / "good.ckpt"
+    )
     other, _ = build_backbone("demo-vit-tiny")
     torch.save(other.state_dict(), tmp_path / "other.pt")
     return tmp_path
@@ -32,12 +35,19 @@ def site(tmp_path):
 
 def write_config(site, weights: str, text_dim: int = 512, **model):
     (site / "weights.yaml").write_text(f"kaiko-vits16-tiny: {weights}\n")
-    cfg = {"output_dir": str(site / "out"), "data": {"name": "folder", "root": str(site / "images")},
-           "reports": {"path": str(site / "reports.jsonl")},
-           "pairing": {"model": "demo-clip"},
-           "model": {"backbone": "kaiko-vits16-tiny", "weights_file": str(site / "weights.yaml"), "text_dim": text_dim,
-                     **model},
-           "methods": {"unimodal": {"method": "unimodal"}, "clipit": {"method": "clipit", "warm_start": "unimodal"}}}
+    cfg = {
+        "output_dir": str(site / "out"),
+        "data": {"name": "folder", "root": str(site / "images")},
+        "reports": {"path": str(site / "reports.jsonl")},
+        "pairing": {"model": "demo-clip"},
+        "model": {
+            "backbone": "kaiko-vits16-tiny",
+            "weights_file": str(site / "weights.yaml"),
+            "text_dim": text_dim,
+            **model,
+        },
+        "methods": {"unimodal": {"method": "unimodal"}, "clipit": {"method": "clipit", "warm_start": "unimodal"}},
+    }
     path = site / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -79,8 +89,9 @@ def test_mismatched_shapes_exit_2(site, capsys):
 def test_shard_dims_paths_and_pairing(site, capsys):
     shards = site / "out" / "shards"
     shards.mkdir(parents=True)
-    (shards / "manifest.json").write_text(json.dumps({"classes": ["a", "b"], "embedding": {"dim": 384},
-                                                      "splits": {"train": {"count": 5}}}))
+    (shards / "manifest.json").write_text(
+        json.dumps({"classes": ["a", "b"], "embedding": {"dim": 384}, "splits": {"train": {"count": 5}}})
+    )
     path = write_config(site, "good.ckpt")
     code, lines, _ = doctor(capsys, path, "--set", "data.root=/no/such/dir")
     assert code == 2
@@ -90,10 +101,24 @@ def test_shard_dims_paths_and_pairing(site, capsys):
     code, lines, _ = doctor(capsys, path, "--set", "model.text_dim=384", "--set", "pairing.model=conch")
     assert code == 0 and any(line.startswith("· pairing model conch: no weights") for line in lines)
     # ... or while a method trains its text tower (the pairing model is then needed at training time)
-    code, lines, _ = doctor(capsys, path, "--set", "model.text_dim=384", "--set", "pairing.model=conch",
-                            "--set", "methods.clipit.text_encoder=tower", "--set", "methods.clipit.word_drop=0.3")
-    assert code == 2 and any(line.startswith("✗ pairing model conch (text tower of clipit): no weights") for line in lines)
-    assert "✓ method clipit: clipit, fine-tuning lora, warm start unimodal, text tower with 30% word drop (mask)" in lines
+    code, lines, _ = doctor(
+        capsys,
+        path,
+        "--set",
+        "model.text_dim=384",
+        "--set",
+        "pairing.model=conch",
+        "--set",
+        "methods.clipit.text_encoder=tower",
+        "--set",
+        "methods.clipit.word_drop=0.3",
+    )
+    assert code == 2 and any(
+        line.startswith("✗ pairing model conch (text tower of clipit): no weights") for line in lines
+    )
+    assert (
+        "✓ method clipit: clipit, fine-tuning lora, warm start unimodal, text tower with 30% word drop (mask)" in lines
+    )
     (shards / "manifest.json").unlink()
     code, lines, _ = doctor(capsys, path, "--set", "pairing.model=conch")
     assert code == 2 and any(line.startswith("✗ pairing model conch: no weights") for line in lines)

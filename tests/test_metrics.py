@@ -1,4 +1,5 @@
 """Balanced accuracy (clipit/metrics.py) by hand: unbalanced classes and a class absent from the labels."""
+
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """A non-editable install carries what clipit reads at run time: cluster profiles, the demo CLIP config,
 and the `python -m clipit` entry point."""
+
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,23 @@ def test_wheel_ships_profiles_and_package_data(tmp_path):
     shutil.copytree(ROOT / "clipit", src / "clipit", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
-                           "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("clipit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

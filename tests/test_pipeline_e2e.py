@@ -1,17 +1,17 @@
 """The whole slice on a tiny demo, as a user runs it: the real CLI in a real process."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from clipit_testing import ROOT
 
 
-
 def clipit(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "clipit", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "clipit", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

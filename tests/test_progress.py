@@ -1,4 +1,5 @@
 """clipit/progress.py in a real child process: a bar only on a terminal (a pty), plain lines otherwise."""
+
 import fcntl
 import os
 import pty
@@ -9,10 +10,12 @@ import termios
 
 from clipit_testing import ROOT
 
-LOOP = ("from clipit.progress import progress\n"
-        "for _ in progress(range(25), desc='encode', unit='batch', every=10): pass\n"
-        "for _ in progress(iter(range(250)), desc='stream', unit='batch'): pass\n"
-        "print('done', flush=True)\n")
+LOOP = (
+    "from clipit.progress import progress\n"
+    "for _ in progress(range(25), desc='encode', unit='batch', every=10): pass\n"
+    "for _ in progress(iter(range(250)), desc='stream', unit='batch'): pass\n"
+    "print('done', flush=True)\n"
+)
 
 
 def test_batch_job_gets_plain_lines_on_stderr_and_no_bar():
@@ -22,8 +25,12 @@ def test_batch_job_gets_plain_lines_on_stderr_and_no_bar():
     assert "\r" not in proc.stderr
     lines = proc.stderr.splitlines()
     assert [line.split(",")[0] for line in lines] == [
-        "encode: 10/25 batches (40%)", "encode: 20/25 batches (80%)", "encode: 25/25 batches (100%)",
-        "stream: 100 batches", "stream: 200 batches"]  # no total: every 100 items, nothing at the end
+        "encode: 10/25 batches (40%)",
+        "encode: 20/25 batches (80%)",
+        "encode: 25/25 batches (100%)",
+        "stream: 100 batches",
+        "stream: 200 batches",
+    ]  # no total: every 100 items, nothing at the end
 
 
 def test_terminal_gets_a_bar():

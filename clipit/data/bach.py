@@ -18,10 +18,11 @@ train -> 254 train / 14 val / 132 test. (The reference code then indexed val int
 subset train list, which overlaps train and runs past its end; we keep the evident intent: disjoint.)
 Note that val is therefore not patient-disjoint from train; test is.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -55,8 +56,10 @@ def find_photos(root: Path) -> Path:
     for candidate in (root / "ICIAR2018_BACH_Challenge" / "Photos", root / "Photos", root):
         if all((candidate / cls).is_dir() for cls in BACH_CLASSES):
             return candidate
-    raise DatasetError(f"{root}: BACH photos not found; set data.root to the folder holding "
-                       f"ICIAR2018_BACH_Challenge/Photos/{{{','.join(BACH_CLASSES)}}}/*.tif (unzip ICIAR2018_BACH_Challenge.zip)")
+    raise DatasetError(
+        f"{root}: BACH photos not found; set data.root to the folder holding "
+        f"ICIAR2018_BACH_Challenge/Photos/{{{','.join(BACH_CLASSES)}}}/*.tif (unzip ICIAR2018_BACH_Challenge.zip)"
+    )
 
 
 class BACHDataset(FileListDataset):
@@ -70,16 +73,20 @@ class BACHDataset(FileListDataset):
     def __init__(self, root: str | Path, expected_sizes: Mapping[str, int] | None = BACH_SIZES):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: BACH folder not found; set data.root to the folder holding ICIAR2018_BACH_Challenge/")
+            raise DatasetError(
+                f"{self.root}: BACH folder not found; set data.root to the folder holding ICIAR2018_BACH_Challenge/"
+            )
         self.photos = find_photos(self.root)
         self.file_root = self.photos.parent
         files = list_class_files(self.photos, self.classes)  # names are "Photos/<class>/<file>"
         counts = np.bincount([label for _, label in files], minlength=len(self.classes))
         if counts.tolist() != [BACH_PER_CLASS] * len(self.classes):
             found = ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts))
-            raise DatasetError(f"{self.photos}: BACH needs the 100 official .tif photos per class for eva's patient-aware split, "
-                               f"found {found}; point data.root at the unmodified ICIAR2018_BACH_Challenge (for another selection of photos, "
-                               "lay them out as <split>/<class>/<image> and set data.name: folder)")
+            raise DatasetError(
+                f"{self.photos}: BACH needs the 100 official .tif photos per class for eva's patient-aware split, "
+                f"found {found}; point data.root at the unmodified ICIAR2018_BACH_Challenge (for another selection of photos, "
+                "lay them out as <split>/<class>/<image> and set data.name: folder)"
+            )
         self._files = {split: [files[i] for i in idx] for split, idx in bach_split_indices().items()}
         for split in self.splits:
             validate_split(self.photos, "BACH", split, self.labels(split), self.classes, expected_sizes, "images")

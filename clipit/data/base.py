@@ -8,14 +8,15 @@ parts (one per array task) without reading anything twice. Samples carry the ima
 generic folder): each lists (file name, label) per split once, at construction; sizes, keys, labels
 and reading the bytes follow from that list.
 """
+
 from __future__ import annotations
 
 import abc
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -93,9 +94,12 @@ class FileListDataset(ImageDataset):
         try:
             data = path.read_bytes()
         except OSError as err:
-            raise DatasetError(f"{path}: cannot read ({type(err).__name__}); check the file and its permissions") from None
-        return ImageSample(key=self._key(name), data=data, ext=IMAGE_EXTS[PurePosixPath(name).suffix.lower()],
-                           label=label)
+            raise DatasetError(
+                f"{path}: cannot read ({type(err).__name__}); check the file and its permissions"
+            ) from None
+        return ImageSample(
+            key=self._key(name), data=data, ext=IMAGE_EXTS[PurePosixPath(name).suffix.lower()], label=label
+        )
 
     def keys(self, split: str) -> list[str]:
         self.check_split(split)
@@ -145,8 +149,10 @@ def decode_image(data: bytes) -> Image.Image:
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(f"too many pixels for PIL ({one_line(str(err))}); a decompression bomb, or an "
-                               "image that must be cut into tiles or downscaled first") from None
+        raise ImageDecodeError(
+            f"too many pixels for PIL ({one_line(str(err))}); a decompression bomb, or an "
+            "image that must be cut into tiles or downscaled first"
+        ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (PIL cannot identify its format)") from None
     except Exception as err:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, struct.error ...)
@@ -177,8 +183,10 @@ def _to_rgb(img: Image.Image, rawmode: str) -> Image.Image:
         return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
     if mode in ("I", "F"):
         kind = "floating-point" if mode == "F" else "signed or 32-bit integer"
-        raise ImageDecodeError(f"{kind} gray pixels (PIL mode {mode}, stored as {rawmode}) have no fixed 8-bit "
-                               "scale; save the image as 8-bit or unsigned 16-bit")
+        raise ImageDecodeError(
+            f"{kind} gray pixels (PIL mode {mode}, stored as {rawmode}) have no fixed 8-bit "
+            "scale; save the image as 8-bit or unsigned 16-bit"
+        )
     raise ImageDecodeError(f"PIL mode {mode} is not supported; save the image as RGB")
 
 

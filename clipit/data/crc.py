@@ -16,11 +16,12 @@ sorted files are permuted by a generator seeded with (seed, label), and the per-
 allotted by largest remainder so they sum to exactly round(0.2 * N) (ties go to the lower label).
 Files and keys keep that sorted order. Images are kept as stored (TIFF).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -36,16 +37,23 @@ _CLASS_FIX = "every split needs every class; point data.root at the official fil
 def list_class_files(folder: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     """Sorted (name relative to folder's parent, label) pairs of the TIFFs in folder/<class>/."""
     if not folder.is_dir():
-        raise DatasetError(f"{folder}: folder not found; unzip the official archive so that data.root/{folder.name}/<class>/*.tif exists")
+        raise DatasetError(
+            f"{folder}: folder not found; unzip the official archive so that data.root/{folder.name}/<class>/*.tif exists"
+        )
     files = []
     for label, cls in enumerate(classes):
         cls_dir = folder / cls
         if not cls_dir.is_dir():
-            raise DatasetError(f"{cls_dir}: class folder missing; {folder.name} must hold the folders {', '.join(classes)}")
+            raise DatasetError(
+                f"{cls_dir}: class folder missing; {folder.name} must hold the folders {', '.join(classes)}"
+            )
         # scandir + d_type: no stat() per file, which matters for 100k files on network storage
         with os.scandir(cls_dir) as entries:
-            names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith(".")
-                           and e.name.lower().endswith(TIF_SUFFIXES))
+            names = sorted(
+                e.name
+                for e in entries
+                if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(TIF_SUFFIXES)
+            )
         files += [(f"{folder.name}/{cls}/{name}", label) for name in names]
     return files
 
@@ -61,21 +69,34 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     take = share // n
     extra = n_val - int(take.sum())
     take[np.argsort(-(share % n), kind="stable")[:extra]] += 1
-    val = [np.random.default_rng([seed, int(c)]).permutation(np.flatnonzero(labels == c))[:k]
-           for c, k in zip(classes, take)]
+    val = [
+        np.random.default_rng([seed, int(c)]).permutation(np.flatnonzero(labels == c))[:k]
+        for c, k in zip(classes, take)
+    ]
     val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     return np.setdiff1d(np.arange(n), val_idx), val_idx
 
 
-def validate_split(where: Path, dataset: str, split: str, labels: np.ndarray, classes: Sequence[str],
-                expected_sizes: Mapping[str, int] | None, unit: str) -> None:
+def validate_split(
+    where: Path,
+    dataset: str,
+    split: str,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    expected_sizes: Mapping[str, int] | None,
+    unit: str,
+) -> None:
     """Size (unless disabled) and class-set checks shared by the folder-based readers."""
     expected = None if expected_sizes is None else expected_sizes.get(split)
     if expected is not None and len(labels) != int(expected):
-        raise DatasetError(f"{where}: {dataset} split {split!r} has {len(labels):,} {unit}, expected {int(expected):,}; {_FIX}")
+        raise DatasetError(
+            f"{where}: {dataset} split {split!r} has {len(labels):,} {unit}, expected {int(expected):,}; {_FIX}"
+        )
     missing = [classes[i] for i in sorted(set(range(len(classes))) - set(np.unique(labels).tolist()))]
     if missing:
-        raise DatasetError(f"{where}: {dataset} split {split!r} has no images of class(es) {missing}; expected all {len(classes)} classes; {_CLASS_FIX}")
+        raise DatasetError(
+            f"{where}: {dataset} split {split!r} has no images of class(es) {missing}; expected all {len(classes)} classes; {_CLASS_FIX}"
+        )
 
 
 class CRCDataset(FileListDataset):
@@ -83,12 +104,20 @@ class CRCDataset(FileListDataset):
     fixed_size = True  # 224 x 224
     classes = CRC_CLASSES
 
-    def __init__(self, root: str | Path, expected_sizes: Mapping[str, int] | None = CRC_SIZES,
-                 val_fraction: float = 0.2, seed: int = 42,
-                 train_dir: str = "NCT-CRC-HE-100K", test_dir: str = "CRC-VAL-HE-7K"):
+    def __init__(
+        self,
+        root: str | Path,
+        expected_sizes: Mapping[str, int] | None = CRC_SIZES,
+        val_fraction: float = 0.2,
+        seed: int = 42,
+        train_dir: str = "NCT-CRC-HE-100K",
+        test_dir: str = "CRC-VAL-HE-7K",
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: CRC folder not found; set data.root to the folder holding {train_dir}/ and {test_dir}/")
+            raise DatasetError(
+                f"{self.root}: CRC folder not found; set data.root to the folder holding {train_dir}/ and {test_dir}/"
+            )
         self.file_root = self.root
         pool = list_class_files(self.root / train_dir, self.classes)
         pool_labels = np.array([label for _, label in pool], dtype=np.int64)

@@ -11,17 +11,18 @@ are encoded losslessly to PNG. h5py handles are opened lazily and per process: a
 through fork() is not safe to read from, so a process that finds handles opened by another pid
 drops them and reopens its own.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import h5py
 import numpy as np
 
-from clipit.errors import one_line
 from clipit.data.base import DatasetError, ImageDataset, ImageSample, encode_png
+from clipit.errors import one_line
 
 PCAM_SIZES = {"train": 262_144, "val": 32_768, "test": 32_768}
 FILE_SPLITS = {"train": "train", "val": "valid", "test": "test"}
@@ -40,8 +41,13 @@ def pcam_file(root: str | Path, split: str, xy: str) -> Path:
 
 def _open_h5(path: Path) -> h5py.File:
     if not path.is_file():
-        hint = f"gunzip {path.name}.gz first" if Path(f"{path}.gz").is_file() else (
-            "PCAM needs the six official camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 files under data.root")
+        hint = (
+            f"gunzip {path.name}.gz first"
+            if Path(f"{path}.gz").is_file()
+            else (
+                "PCAM needs the six official camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 files under data.root"
+            )
+        )
         raise DatasetError(f"{path}: file not found; {hint}")
     try:
         try:  # no flock: read-only, and flock fails on some cluster file systems (Lustre, NFS)
@@ -57,7 +63,9 @@ def _open_h5(path: Path) -> h5py.File:
 def _dataset(file: h5py.File, path: Path, name: str) -> h5py.Dataset:
     obj = file.get(name)
     if not isinstance(obj, h5py.Dataset):
-        raise DatasetError(f"{path}: no HDF5 dataset {name!r} (found {sorted(file.keys())}); is this an official PCAM file?")
+        raise DatasetError(
+            f"{path}: no HDF5 dataset {name!r} (found {sorted(file.keys())}); is this an official PCAM file?"
+        )
     return obj
 
 
@@ -69,7 +77,9 @@ class PCamDataset(ImageDataset):
     def __init__(self, root: str | Path, expected_sizes: Mapping[str, int] | None = PCAM_SIZES, block: int = 256):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: PCAM folder not found; set data.root to the folder holding the official camelyonpatch_level_2_split_*.h5 files")
+            raise DatasetError(
+                f"{self.root}: PCAM folder not found; set data.root to the folder holding the official camelyonpatch_level_2_split_*.h5 files"
+            )
         self.block = block  # rows read per h5 call when iterating: one read per patch is slow on chunked files
         self._labels = {split: self._validate(split, expected_sizes) for split in self.splits}
         self._pid: int | None = None
@@ -92,13 +102,17 @@ class PCamDataset(ImageDataset):
                 raise DatasetError(f"{xp}: 'x' is {x.dtype} {x.shape}, expected uint8 N x 96 x 96 x 3 patches")
             n = x.shape[0]
         if n != len(labels):
-            raise DatasetError(f"{xp}: {n:,} patches but {yp.name} has {len(labels):,} labels; x and y must come from the same split")
+            raise DatasetError(
+                f"{xp}: {n:,} patches but {yp.name} has {len(labels):,} labels; x and y must come from the same split"
+            )
         expected = None if expected_sizes is None else expected_sizes.get(split)
         if expected is not None and n != int(expected):
             raise DatasetError(f"{xp}: PCAM split {split!r} has {n:,} patches, expected {int(expected):,}; {_FIX}")
         found = sorted(int(v) for v in np.unique(labels))
         if found != list(range(len(self.classes))):
-            raise DatasetError(f"{yp}: PCAM split {split!r} has label values {found}, expected [0, 1] ({'/'.join(self.classes)}); {_CLASS_FIX}")
+            raise DatasetError(
+                f"{yp}: PCAM split {split!r} has label values {found}, expected [0, 1] ({'/'.join(self.classes)}); {_CLASS_FIX}"
+            )
         return labels
 
     def _x(self, split: str) -> tuple[Path, h5py.Dataset]:
@@ -115,14 +129,18 @@ class PCamDataset(ImageDataset):
         try:
             return x[start:stop]
         except (OSError, RuntimeError, ValueError) as err:
-            raise DatasetError(f"{path}: cannot read patches {start}..{stop - 1} ({one_line(err)}); the file is truncated or corrupt, re-download it") from None
+            raise DatasetError(
+                f"{path}: cannot read patches {start}..{stop - 1} ({one_line(err)}); the file is truncated or corrupt, re-download it"
+            ) from None
 
     def split_size(self, split: str) -> int:
         self.check_split(split)
         return len(self._labels[split])
 
     def _sample(self, split: str, index: int, array: np.ndarray) -> ImageSample:
-        return ImageSample(key=_key(split, index), data=encode_png(array), ext="png", label=int(self._labels[split][index]))
+        return ImageSample(
+            key=_key(split, index), data=encode_png(array), ext="png", label=int(self._labels[split][index])
+        )
 
     def sample(self, split: str, index: int) -> ImageSample:
         n = self.split_size(split)

@@ -1,9 +1,11 @@
 """Dataset names (config ``data.name``) -> reader classes. Extend DATASETS to add one."""
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from clipit.data.bach import BACHDataset
 from clipit.data.base import DatasetError, ImageDataset

@@ -1,6 +1,7 @@
 """Test evaluation of a trained run: metrics.json (accuracy, balanced accuracy, per class) and
 predictions.npz (keys, labels, logits) for the Omega analysis. Only the vision model runs. The test
 metrics also go to the run's TensorBoard events (test/*, at the final training step: clipit/training/tb.py)."""
+
 from __future__ import annotations
 
 import math
@@ -13,18 +14,19 @@ from clipit import layout
 from clipit.config import ExperimentConfig
 from clipit.io import atomic_save_npz, atomic_write_json, read_json
 from clipit.metrics import classification_metrics
+from clipit.models.checkpoint import TEXT_TOWER, load_model_state
+from clipit.models.factory import build_model
 from clipit.progress import progress
 from clipit.shards.manifest import load_manifest
-from clipit.models.checkpoint import TEXT_TOWER, load_model_state
-from clipit.training.loader import eval_loader
 from clipit.training.accel import main_process_lock, make_accelerator
-from clipit.models.factory import build_model
+from clipit.training.loader import eval_loader
 from clipit.training.predict import ShardSource, predict
 from clipit.training.tb import log_evaluation
 
 
-def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test",
-                 warm_start: Path | None = None) -> dict:
+def evaluate_run(
+    cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test", warm_start: Path | None = None
+) -> dict:
     """Rebuild the run's model exactly as training did (same warm start: its frozen base weights are not
     in the trainable-only checkpoint), load the selected checkpoint, evaluate.
 
@@ -42,26 +44,46 @@ def evaluate_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, split:
         manifest = load_manifest(cfg.shards.dir)
         classes = manifest["classes"]
         # the vision model only: a trained text tower shaped the weights but takes no part in the prediction
-        model, preprocess = build_model(cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start,
-                                        text_tower=False)
+        model, preprocess = build_model(
+            cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start, text_tower=False
+        )
         load_model_state(layout.best(run_dir), model, exclude=(TEXT_TOWER,))
         model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
         source = ShardSource(Path(cfg.shards.dir), split, manifest)
         batch_size, world = 2 * tcfg.batch_size, accelerator.num_processes
-        loader = eval_loader(source.urls, batch_size, accelerator.process_index, world, tcfg.num_workers,
-                             preprocess.size)
+        loader = eval_loader(
+            source.urls, batch_size, accelerator.process_index, world, tcfg.num_workers, preprocess.size
+        )
         # rank 0's share of the batches is only known for one process
         total = math.ceil(manifest["splits"][split]["count"] / batch_size) if world == 1 else None
-        loader = progress(loader, total=total, desc=f"evaluate {method} on {split}", unit="batch",
-                          enabled=accelerator.is_main_process)
-        out = predict(model, preprocess, loader, accelerator, tcfg.lam, what=f"evaluation of {run_dir} on {split}",
-                      source=source, hint=f"if the shards are fine, the run's best checkpoint is broken: retrain it "
-                                          f"(`clipit train --config <config> --method {method} --resume none`)")
-        metrics = {"split": split, "method": method, **classification_metrics(out["labels"], out["logits"], classes),
-                   "loss": out["loss"], "parameters": count_parameters(model) | extra_inference(cfg, model)}
+        loader = progress(
+            loader, total=total, desc=f"evaluate {method} on {split}", unit="batch", enabled=accelerator.is_main_process
+        )
+        out = predict(
+            model,
+            preprocess,
+            loader,
+            accelerator,
+            tcfg.lam,
+            what=f"evaluation of {run_dir} on {split}",
+            source=source,
+            hint=f"if the shards are fine, the run's best checkpoint is broken: retrain it "
+            f"(`clipit train --config <config> --method {method} --resume none`)",
+        )
+        metrics = {
+            "split": split,
+            "method": method,
+            **classification_metrics(out["labels"], out["logits"], classes),
+            "loss": out["loss"],
+            "parameters": count_parameters(model) | extra_inference(cfg, model),
+        }
         if accelerator.is_main_process:
-            atomic_save_npz(layout.predictions_file(run_dir, split), keys=np.array(out["keys"]),
-                            labels=out["labels"], logits=out["logits"])
+            atomic_save_npz(
+                layout.predictions_file(run_dir, split),
+                keys=np.array(out["keys"]),
+                labels=out["labels"],
+                logits=out["logits"],
+            )
             log_evaluation(run_dir, split, metrics)
             atomic_write_json(metrics_path, metrics)
     return metrics
@@ -96,8 +118,14 @@ def summarize(results: dict[str, list[dict]], metric: str = "balanced_accuracy")
     rows = []
     for method, runs in results.items():
         values = np.array([r[metric] for r in runs], dtype=float)
-        rows.append({"method": method, "n": len(values), "mean": float(values.mean()),
-                     "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0})
+        rows.append(
+            {
+                "method": method,
+                "n": len(values),
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            }
+        )
     return rows
 
 
@@ -106,6 +134,8 @@ def format_table(rows: list[dict], metrics: dict[str, list[dict]]) -> str:
     for row in rows:
         acc = np.array([r["accuracy"] for r in metrics[row["method"]]])
         acc_std = acc.std(ddof=1) if len(acc) > 1 else 0.0
-        lines.append(f"| {row['method']} | {row['n']} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} "
-                     f"| {100 * acc.mean():.2f} ± {100 * acc_std:.2f} |")
+        lines.append(
+            f"| {row['method']} | {row['n']} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} "
+            f"| {100 * acc.mean():.2f} ± {100 * acc_std:.2f} |"
+        )
     return "\n".join(lines)

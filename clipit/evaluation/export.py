@@ -9,6 +9,7 @@ then the adapter is replaced by the plain layer), and writes
 The exported model has no peft, no text branch and no dependency on the training config or on
 pretrained weight files; a CLIP-IT export runs at the unimodal model's cost plus P, H_t and F.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ from clipit import layout
 from clipit.config import CLIP_METHODS, load_config
 from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_path, atomic_write_json, make_dirs
+from clipit.models import clip_baselines
 from clipit.models.backbones import create_backbone, get_spec
 from clipit.models.checkpoint import TEXT_TOWER, load_model_state, read_meta, read_tensors
-from clipit.models import clip_baselines
 from clipit.models.factory import build_classifier, build_model
 from clipit.models.preprocess import DevicePreprocess
 from clipit.progress import Progress, progress
@@ -52,8 +53,10 @@ def load_trained_run(run_dir: str | Path):
     if not best.with_suffix(".json").exists() or not layout.config_file(run_dir).exists():
         raise ExportError(f"{run_dir}: not a finished run (needs config.yaml and best.json/best.safetensors)")
     if not layout.is_trained(run_dir):  # stopped mid-run (killed, non-finite loss): its best.* is not final
-        raise ExportError(f"{layout.train_summary(run_dir)}: missing, so {run_dir} did not finish training; finish it "
-                          "with `clipit train` (it resumes) before exporting")
+        raise ExportError(
+            f"{layout.train_summary(run_dir)}: missing, so {run_dir} did not finish training; finish it "
+            "with `clipit train` (it resumes) before exporting"
+        )
     cfg = load_config(layout.config_file(run_dir))
     meta = read_meta(best)
     name = meta["method"]
@@ -64,9 +67,13 @@ def load_trained_run(run_dir: str | Path):
     if tcfg.warm_start and not meta.get("full_state", False):
         warm = layout.warm_start(run_dir, tcfg.warm_start)
         if not warm.with_suffix(".json").exists():
-            raise ExportError(f"{warm}.json: warm start of {run_dir} is missing (its frozen base weights are not "
-                              "in the run's checkpoint); keep the runs/ tree together")
-    model, preprocess = build_model(cfg, tcfg, len(meta["classes"]), meta["text_dim"], warm_start=warm, text_tower=False)
+            raise ExportError(
+                f"{warm}.json: warm start of {run_dir} is missing (its frozen base weights are not "
+                "in the run's checkpoint); keep the runs/ tree together"
+            )
+    model, preprocess = build_model(
+        cfg, tcfg, len(meta["classes"]), meta["text_dim"], warm_start=warm, text_tower=False
+    )
     load_model_state(best, model, exclude=(TEXT_TOWER,))
     return model.eval(), preprocess, cfg, meta
 
@@ -97,8 +104,10 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
     stages.note(f"rebuilding {run_dir}")
     model, preprocess, cfg, meta = load_trained_run(run_dir)
     if getattr(model, "needs_text", False) or not hasattr(model, "backbone"):
-        raise ExportError(f"{run_dir}: method {meta['method']!r} uses the paired report at test time; "
-                          "only vision-only methods (unimodal, clipit) can be exported")
+        raise ExportError(
+            f"{run_dir}: method {meta['method']!r} uses the paired report at test time; "
+            "only vision-only methods (unimodal, clipit) can be exported"
+        )
     stages.update()
     stages.note("merging LoRA into the base weights")
     merge_lora(model, show=True)
@@ -108,12 +117,23 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
         p.requires_grad_(False)
     tcfg = cfg.methods[meta["method"]]
     config = {
-        "format": FORMAT, "version": VERSION, "method": tcfg.method, "run_method": meta["method"],
-        "backbone": cfg.model.backbone, "model_image_size": cfg.model.image_size, "input_size": preprocess.size,
-        "mean": preprocess.mean.flatten().tolist(), "std": preprocess.std.flatten().tolist(),
-        "classes": list(meta["classes"]), "text_dim": meta["text_dim"], "kd_layers": cfg.model.kd_layers,
-        "num_features": int(model.backbone.num_features), "backbone_weights": cfg.model.weights,
-        "source_run": str(run_dir.resolve()), "seed": meta.get("seed"), "step": meta.get("step"),
+        "format": FORMAT,
+        "version": VERSION,
+        "method": tcfg.method,
+        "run_method": meta["method"],
+        "backbone": cfg.model.backbone,
+        "model_image_size": cfg.model.image_size,
+        "input_size": preprocess.size,
+        "mean": preprocess.mean.flatten().tolist(),
+        "std": preprocess.std.flatten().tolist(),
+        "classes": list(meta["classes"]),
+        "text_dim": meta["text_dim"],
+        "kd_layers": cfg.model.kd_layers,
+        "num_features": int(model.backbone.num_features),
+        "backbone_weights": cfg.model.weights,
+        "source_run": str(run_dir.resolve()),
+        "seed": meta.get("seed"),
+        "step": meta.get("step"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if tcfg.method in CLIP_METHODS:  # the CLIP's vision tower: its architecture, and the cost record
@@ -132,29 +152,52 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists() or not (model_dir / "model.safetensors").exists():
-        raise ExportError(f"{model_dir}: not a clipit export (needs config.json and model.safetensors; "
-                          "make one with `clipit export RUN_DIR OUT_DIR`)")
+        raise ExportError(
+            f"{model_dir}: not a clipit export (needs config.json and model.safetensors; "
+            "make one with `clipit export RUN_DIR OUT_DIR`)"
+        )
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:
-        raise ExportError(f"{config_path}: unreadable ({one_line(err)}); re-export with `clipit export RUN_DIR OUT_DIR`") \
-            from None
+        raise ExportError(
+            f"{config_path}: unreadable ({one_line(err)}); re-export with `clipit export RUN_DIR OUT_DIR`"
+        ) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version", 0) > VERSION:
-        raise ExportError(f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not "
-                          f"{FORMAT} v<={VERSION}")
-    missing = [k for k in ("backbone", "model_image_size", "method", "classes", "text_dim", "kd_layers", "input_size",
-                           "mean", "std") if k not in config]
+        raise ExportError(
+            f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not {FORMAT} v<={VERSION}"
+        )
+    missing = [
+        k
+        for k in (
+            "backbone",
+            "model_image_size",
+            "method",
+            "classes",
+            "text_dim",
+            "kd_layers",
+            "input_size",
+            "mean",
+            "std",
+        )
+        if k not in config
+    ]
     if missing:
         raise ExportError(f"{config_path}: lacks {', '.join(missing)}; re-export with `clipit export RUN_DIR OUT_DIR`")
     if "clip_architecture" in config:  # a CLIP baseline: the CLIP's vision tower, not a registry backbone
         backbone = clip_baselines.vision_from_architecture(config["clip_architecture"])
     else:
         backbone = create_backbone(get_spec(config["backbone"]), config["model_image_size"])
-    model = build_classifier(config["method"], backbone, len(config["classes"]), config["text_dim"],
-                             config["kd_layers"])
+    model = build_classifier(
+        config["method"], backbone, len(config["classes"]), config["text_dim"], config["kd_layers"]
+    )
     state = read_tensors(model_dir / "model.safetensors", ExportError)
-    load_strict(model, state, model_dir / "model.safetensors",
-                f"{config['backbone']}/{config['method']}", "re-export it with `clipit export RUN_DIR OUT_DIR`",
-                ExportError)
+    load_strict(
+        model,
+        state,
+        model_dir / "model.safetensors",
+        f"{config['backbone']}/{config['method']}",
+        "re-export it with `clipit export RUN_DIR OUT_DIR`",
+        ExportError,
+    )
     preprocess = DevicePreprocess(config["input_size"], config["mean"], config["std"])
     return model.eval().to(device), preprocess.to(device), config

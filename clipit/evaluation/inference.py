@@ -7,6 +7,7 @@ then streamed in batches of uint8 tiles at the model's input size, exactly as ev
 normalised on the device by DevicePreprocess (no augmentation), scored, and written row by row
 (predict_output). Non-finite outputs stop the run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,7 @@ def training_dataset(config: dict) -> str | None:
     try:
         run_config = yaml.safe_load(layout.config_file(Path(config["source_run"])).read_text())
         return str(run_config["data"]["name"]).lower()
-    except Exception:  # noqa: BLE001 - the run moved or is elsewhere: the resolution is then unknown
+    except Exception:
         return None
 
 
@@ -40,8 +41,10 @@ def resolution(model_dir: Path, config: dict, target_mpp: float | None) -> Resol
     size = int(config["input_size"])
     dataset = training_dataset(config)
     field = target_mpp * size if target_mpp else TRAINING_FIELD_UM.get(dataset)
-    advice = (f"the resolution {model_dir} was trained at is unknown (dataset {dataset or 'not recorded'}); pass "
-              f"--target-mpp MICRONS_PER_INPUT_PIXEL (the training images' µm/px x their side in px / {size})")
+    advice = (
+        f"the resolution {model_dir} was trained at is unknown (dataset {dataset or 'not recorded'}); pass "
+        f"--target-mpp MICRONS_PER_INPUT_PIXEL (the training images' µm/px x their side in px / {size})"
+    )
     return Resolution(size, field, TOO_BIG * max(size, TRAINING_SIDE_PX.get(dataset, size)), advice)
 
 
@@ -70,10 +73,21 @@ def heatmap_path(out: Path, slide: Path, taken: set[Path]) -> Path:
     return path
 
 
-def run_predict(model_dir: str | Path, inputs: list[str], out: str | Path | None = None,
-                features: str | Path | None = None, split: str = "test", device: str = "cpu", batch_size: int = 32,
-                mpp: float | None = None, target_mpp: float | None = None, min_tissue: float = 0.5,
-                tile: bool = False, heatmap_class: str | None = None, stdout_json: bool = False) -> dict:
+def run_predict(
+    model_dir: str | Path,
+    inputs: list[str],
+    out: str | Path | None = None,
+    features: str | Path | None = None,
+    split: str = "test",
+    device: str = "cpu",
+    batch_size: int = 32,
+    mpp: float | None = None,
+    target_mpp: float | None = None,
+    min_tissue: float = 0.5,
+    tile: bool = False,
+    heatmap_class: str | None = None,
+    stdout_json: bool = False,
+) -> dict:
     """Predict every input; returns {"rows": n, "heatmaps": [paths], "slides": {path: tissue tiles}}."""
     model_dir = Path(model_dir)
     out, features = (Path(out) if out else None), (Path(features) if features else None)
@@ -92,8 +106,10 @@ def run_predict(model_dir: str | Path, inputs: list[str], out: str | Path | None
     sources = discover(inputs, res, split=split, mpp=mpp, tile=tile, min_tissue=min_tissue)
     slides = [s for s in sources if s.kind == "slide"]
     if slides and out is None:
-        raise PredictError(f"{slides[0].path}: a slide gives one row per tissue tile; pass --out FILE.csv (or .json); "
-                           "its heatmap is written next to it")
+        raise PredictError(
+            f"{slides[0].path}: a slide gives one row per tissue tile; pass --out FILE.csv (or .json); "
+            "its heatmap is written next to it"
+        )
     scorer = Scorer(model, preprocess, features is not None)
     summary = {"rows": 0, "heatmaps": [], "slides": {}}
     taken: set[Path] = set()
@@ -101,8 +117,12 @@ def run_predict(model_dir: str | Path, inputs: list[str], out: str | Path | None
         rows = RowWriter(out, classes, stack, stdout_json)
         feats = None
         if features is not None:
-            meta = {"format": "clipit-features", "classes": json.dumps(classes), "model": str(model_dir),
-                    "rows": f"row i = row i of {out.name if out else 'the printed table'}"}
+            meta = {
+                "format": "clipit-features",
+                "classes": json.dumps(classes),
+                "model": str(model_dir),
+                "rows": f"row i = row i of {out.name if out else 'the printed table'}",
+            }
             feats = FeatureWriter(features, config["num_features"], meta, stack)
         for source in sources:
             source.prepare(res)  # a slide's tissue grid: its tile count
@@ -113,8 +133,10 @@ def run_predict(model_dir: str | Path, inputs: list[str], out: str | Path | None
                     probs, embeddings = scorer(images)
                     if not np.isfinite(probs).all():
                         bad = batch_rows[int(np.flatnonzero(~np.isfinite(probs).all(1))[0])].image
-                        raise PredictError(f"{model_dir}: the model gives non-finite outputs (on {bad}); re-export it "
-                                           "from a run whose training finished with finite losses")
+                        raise PredictError(
+                            f"{model_dir}: the model gives non-finite outputs (on {bad}); re-export it "
+                            "from a run whose training finished with finite losses"
+                        )
                     rows.write(batch_rows, probs)
                     if feats is not None:
                         feats.write(embeddings)
@@ -125,8 +147,16 @@ def run_predict(model_dir: str | Path, inputs: list[str], out: str | Path | None
             if source.kind == "slide":
                 probs = np.concatenate(source_probs) if source_probs else np.zeros((0, len(classes)), np.float32)
                 summary["slides"][str(source.path)] = len(probs)
-                summary["heatmaps"].append(save_heatmap(heatmap_path(out, source.path, taken), source.grid, probs,
-                                                        classes, source.path.name, heatmap_class))
+                summary["heatmaps"].append(
+                    save_heatmap(
+                        heatmap_path(out, source.path, taken),
+                        source.grid,
+                        probs,
+                        classes,
+                        source.path.name,
+                        heatmap_class,
+                    )
+                )
                 source.grid = None  # its thumbnail: one slide's at a time
         rows.close()
         if feats is not None:

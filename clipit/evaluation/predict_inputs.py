@@ -7,23 +7,33 @@ resized, centre crop). An image much larger than a training image (short side ov
 its detail in that resize, so it is never predicted whole: it is a slide when openslide can read it, a
 grid of tiles with --tile, and otherwise refused with that advice (docs/predict.md).
 """
+
 from __future__ import annotations
 
 import glob
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from clipit.data.base import ImageDecodeError, decode_image
 from clipit.errors import one_line
-from clipit.evaluation.slide import (SLIDE_EXTS, PlainSlide, PredictError, iter_tiles, open_slide, openslide_format,
-                                     slide_mpp, tile_side, tissue_grid)
+from clipit.evaluation.slide import (
+    SLIDE_EXTS,
+    PlainSlide,
+    PredictError,
+    iter_tiles,
+    open_slide,
+    openslide_format,
+    slide_mpp,
+    tile_side,
+    tissue_grid,
+)
 from clipit.shards.codec import image_field, sample_pixels
 from clipit.shards.manifest import load_manifest, split_urls
 from clipit.shards.reader import iter_samples
@@ -37,6 +47,7 @@ TOO_BIG = 4
 @dataclass
 class Row:
     """One prediction row: an image, or one tile of a slide (x, y, width, height in level-0 px)."""
+
     image: str
     x: int
     y: int
@@ -48,6 +59,7 @@ class Row:
 class Resolution:
     """What a tile must be: `input_size` px covering `field_um` µm; `image_limit`: the largest plain image side
     predicted whole. `field_um` is None when the model's training resolution is unknown."""
+
     input_size: int
     field_um: float | None
     image_limit: int
@@ -101,8 +113,9 @@ class ShardSet:
             try:
                 pixels = sample_pixels(sample)  # png or raw (clipit/shards/codec.py)
             except ImageDecodeError as err:
-                raise PredictError(f"{where}: its image does not decode ({err}); check the set with "
-                                   f"`clipit shard validate {self.dir}`") from None
+                raise PredictError(
+                    f"{where}: its image does not decode ({err}); check the set with `clipit shard validate {self.dir}`"
+                ) from None
             array = load_image(pixels, res.input_size)
             height, width = pixels.shape[:2]
             yield Row(f"{self.dir}#{sample['__key__']}", 0, 0, width, height), array
@@ -111,13 +124,16 @@ class ShardSet:
 class Slide:
     """A whole-slide image (openslide) or, with --tile, a large plain image: opened and its pixel size
     read at discovery; the tissue grid is found when it is streamed."""
+
     kind = "slide"
 
     def __init__(self, path: Path, mpp_override: float | None, plain: bool, min_tissue: float):
         self.path, self.name, self.plain, self.min_tissue = path, str(path), plain, min_tissue
         if plain and mpp_override is None:
-            raise PredictError(f"{path}: a plain image records no reliable pixel size; with --tile pass --mpp "
-                               "MICRONS_PER_PIXEL (e.g. 0.5 for a 20x image)")
+            raise PredictError(
+                f"{path}: a plain image records no reliable pixel size; with --tile pass --mpp "
+                "MICRONS_PER_PIXEL (e.g. 0.5 for a 20x image)"
+            )
         slide = self._open()
         try:
             self.mpp = slide_mpp(slide, path, mpp_override)
@@ -164,7 +180,7 @@ def _size(data: bytes, where) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only
             return img.size
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
+    except Exception as err:
         raise PredictError(f"{where}: not a usable image ({one_line(err)}); pass image files (png, jpg, tif)") from None
 
 
@@ -174,10 +190,17 @@ def _expand(arg: str) -> list[Path]:
     if path.is_dir():
         if (path / "manifest.json").exists():
             return [path]
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS | SLIDE_EXTS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTS | SLIDE_EXTS
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not found:
-            raise PredictError(f"{path}: a folder with no image or slide files ({', '.join(sorted(IMAGE_EXTS | SLIDE_EXTS))})")
+            raise PredictError(
+                f"{path}: a folder with no image or slide files ({', '.join(sorted(IMAGE_EXTS | SLIDE_EXTS))})"
+            )
         return [p for p in found if not _inside_mrxs(p)]
     if path.exists():
         return [path]
@@ -194,8 +217,14 @@ def _inside_mrxs(path: Path) -> bool:
     return path.parent.with_suffix(".mrxs").exists()
 
 
-def discover(inputs: list[str], res: Resolution, split: str = "test", mpp: float | None = None, tile: bool = False,
-             min_tissue: float = 0.5) -> list:
+def discover(
+    inputs: list[str],
+    res: Resolution,
+    split: str = "test",
+    mpp: float | None = None,
+    tile: bool = False,
+    min_tissue: float = 0.5,
+) -> list:
     """The sources to predict, in argument order; consecutive plain images form one source (batched together)."""
     sources: list = []
     images: list[Path] = []
@@ -228,14 +257,16 @@ def classify(path: Path, image_limit: int, tile: bool) -> str:
     if suffix in WHOLE_SLIDE_ONLY:
         return "slide"
     if suffix not in IMAGE_EXTS:
-        raise PredictError(f"{path}: unknown file type {suffix or '(none)'}; pass images ({', '.join(sorted(IMAGE_EXTS))})"
-                           f" or slides ({', '.join(sorted(WHOLE_SLIDE_ONLY))})")
+        raise PredictError(
+            f"{path}: unknown file type {suffix or '(none)'}; pass images ({', '.join(sorted(IMAGE_EXTS))})"
+            f" or slides ({', '.join(sorted(WHOLE_SLIDE_ONLY))})"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image refuses those in one line
             with Image.open(path) as img:  # header only: the size decides
                 width, height = img.size
-    except Exception:  # noqa: BLE001 - not an image PIL knows: maybe a slide (a tiled BigTIFF), else refused
+    except Exception:
         return "slide" if openslide_format(path) else "image"  # the decode while streaming names the problem
     if min(width, height) <= image_limit:
         return "image"
@@ -245,9 +276,11 @@ def classify(path: Path, image_limit: int, tile: bool) -> str:
         return "plain-slide"
     if width * height > Image.MAX_IMAGE_PIXELS:
         return "image"  # decode_image refuses it as a decompression bomb, with its own advice
-    raise PredictError(f"{path}: {width}x{height} px is over {TOO_BIG}x the size the model was trained on; resized "
-                       "into one input it would lose its detail. Pass --tile (with --mpp) to predict it tile by tile, "
-                       "or a whole-slide file openslide can read (a tif becomes a slide when openslide opens it)")
+    raise PredictError(
+        f"{path}: {width}x{height} px is over {TOO_BIG}x the size the model was trained on; resized "
+        "into one input it would lose its detail. Pass --tile (with --mpp) to predict it tile by tile, "
+        "or a whole-slide file openslide can read (a tif becomes a slide when openslide opens it)"
+    )
 
 
 def batches(source, res: Resolution, batch_size: int) -> Iterator[tuple[list[Row], np.ndarray]]:

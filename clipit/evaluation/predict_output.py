@@ -7,6 +7,7 @@
 
 Files appear only complete (clipit.io.atomic_path): a run that stops leaves none of them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,12 +49,21 @@ class RowWriter:
         for row, p in zip(rows, probs):
             prediction = self.classes[int(p.argmax())]
             if self.mode == "csv":
-                self.csv.writerow([row.image, row.x, row.y, row.width, row.height, prediction, *(f"{v:.6f}" for v in p)])
+                self.csv.writerow(
+                    [row.image, row.x, row.y, row.width, row.height, prediction, *(f"{v:.6f}" for v in p)]
+                )
             elif self.mode == "table":
                 print("\t".join([row.image, prediction, *(f"{v:.6f}" for v in p)]))
             else:
-                record = {"image": row.image, "x": row.x, "y": row.y, "width": row.width, "height": row.height,
-                          "prediction": prediction, "probabilities": dict(zip(self.classes, map(float, p)))}
+                record = {
+                    "image": row.image,
+                    "x": row.x,
+                    "y": row.y,
+                    "width": row.width,
+                    "height": row.height,
+                    "prediction": prediction,
+                    "probabilities": dict(zip(self.classes, map(float, p))),
+                }
                 if self.mode == "stdout-json":
                     record = {k: record[k] for k in ("image", "prediction", "probabilities")}
                 text = ("[" if self.first else ",\n") + json.dumps(record)
@@ -83,15 +93,19 @@ class FeatureWriter:
     def write(self, features: np.ndarray) -> None:
         features = np.ascontiguousarray(features, dtype="<f4")
         if features.ndim != 2 or features.shape[1] != self.dim:
-            raise PredictError(f"--features: the backbone gave features of shape {features.shape[1:]}, the export's "
-                               f"config.json says {self.dim}; re-export the model")
+            raise PredictError(
+                f"--features: the backbone gave features of shape {features.shape[1:]}, the export's "
+                f"config.json says {self.dim}; re-export the model"
+            )
         self.scratch.write(features.tobytes())
         self.rows += len(features)
 
     def close(self) -> None:
         nbytes = self.rows * self.dim * 4
-        header = {FEATURES: {"dtype": "F32", "shape": [self.rows, self.dim], "data_offsets": [0, nbytes]},
-                  "__metadata__": self.metadata}
+        header = {
+            FEATURES: {"dtype": "F32", "shape": [self.rows, self.dim], "data_offsets": [0, nbytes]},
+            "__metadata__": self.metadata,
+        }
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.scratch.flush()

@@ -11,12 +11,13 @@ Tissue. Saturation of the thumbnail, Otsu threshold (bounded, so a slide that is
 split in two, and empty glass finds nothing); a tile is tissue when at least `min_tissue` of its
 thumbnail pixels are. Partial tiles at the right and bottom edge are skipped.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -27,9 +28,9 @@ from clipit.io import atomic_path
 # Field of view (µm) of one training image as the model saw it (the loader's centre square).
 TRAINING_FIELD_UM = {
     "pcam": 96 * 0.243 * 4,  # 96 px at 10x: Camelyon16's 40x (0.243 µm/px) downsampled 4x -> 93.3 µm
-    "crc": 224 * 0.5,        # NCT-CRC-HE-100K: 224 px at 0.5 µm/px -> 112 µm
-    "bach": 1536 * 0.42,     # BACH photos 2048x1536 at 0.42 µm/px; the centre 1536 square -> 645 µm
-    "demo": 112.0,           # synthetic, drawn at the CRC tile's field (lymphocyte nuclei ~4 of 64 px)
+    "crc": 224 * 0.5,  # NCT-CRC-HE-100K: 224 px at 0.5 µm/px -> 112 µm
+    "bach": 1536 * 0.42,  # BACH photos 2048x1536 at 0.42 µm/px; the centre 1536 square -> 645 µm
+    "demo": 112.0,  # synthetic, drawn at the CRC tile's field (lymphocyte nuclei ~4 of 64 px)
 }
 # Short side (px) of a training image (the side the loader resizes to the input size): a plain image whose
 # short side is up to 4x this is predicted whole, as training did.
@@ -60,7 +61,7 @@ def openslide_format(path: Path) -> str | None:
         return None
     try:
         return openslide.OpenSlide.detect_format(str(path))
-    except Exception:  # noqa: BLE001 - unreadable is "not a slide"; the image path reports it
+    except Exception:
         return None
 
 
@@ -93,9 +94,11 @@ def open_slide(path: Path):
     openslide = openslide_module()
     try:
         return openslide.OpenSlide(str(path))
-    except Exception as err:  # noqa: BLE001 - OpenSlideError, OpenSlideUnsupportedFormatError, OSError
-        raise PredictError(f"{path}: openslide cannot read it ({one_line(err)}); pass a slide openslide supports "
-                           "(svs, ndpi, mrxs, scn, tiled tif, ...) or export a region as png") from None
+    except Exception as err:
+        raise PredictError(
+            f"{path}: openslide cannot read it ({one_line(err)}); pass a slide openslide supports "
+            "(svs, ndpi, mrxs, scn, tiled tif, ...) or export a region as png"
+        ) from None
 
 
 def slide_mpp(slide, path: Path, override: float | None) -> float:
@@ -118,8 +121,9 @@ def slide_mpp(slide, path: Path, override: float | None) -> float:
     mpp = float(np.mean(values)) if values else math.nan
     if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
         found = f"it records {mpp:g} µm/px" if values else "it records no pixel size (openslide.mpp-x, TIFF resolution)"
-        raise PredictError(f"{path}: {found}; pass --mpp MICRONS_PER_PIXEL of its level 0 (e.g. 0.25 for a 40x "
-                           "scan, 0.5 for 20x)")
+        raise PredictError(
+            f"{path}: {found}; pass --mpp MICRONS_PER_PIXEL of its level 0 (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+        )
     return mpp
 
 
@@ -144,13 +148,13 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
 
 @dataclass
 class TileGrid:
-    side: int                 # tile side in level-0 px
-    width: int                # level-0 size of the slide
+    side: int  # tile side in level-0 px
+    width: int  # level-0 size of the slide
     height: int
     cols: int
     rows: int
-    cells: np.ndarray         # [n, 2] int (col, row) of the tissue tiles, row-major order
-    thumbnail: Image.Image    # for the heatmap
+    cells: np.ndarray  # [n, 2] int (col, row) of the tissue tiles, row-major order
+    thumbnail: Image.Image  # for the heatmap
 
     def origin(self, i: int) -> tuple[int, int]:
         col, row = self.cells[i]
@@ -165,8 +169,10 @@ def tissue_grid(slide, path: Path, side: int, min_tissue: float) -> TileGrid:
     width, height = slide.dimensions
     cols, rows = width // side, height // side
     if cols == 0 or rows == 0:
-        raise PredictError(f"{path}: {width}x{height} px is smaller than one tile ({side} px at the model's "
-                           "resolution); predict it as an image, or check --mpp / --target-mpp")
+        raise PredictError(
+            f"{path}: {width}x{height} px is smaller than one tile ({side} px at the model's "
+            "resolution); predict it as an image, or check --mpp / --target-mpp"
+        )
     limit = min(4096, max(1024, 8 * max(cols, rows)))  # >= ~8 thumbnail px per tile, bounded memory
     thumb = slide.get_thumbnail((limit, limit)).convert("RGB")
     mask = tissue_mask(np.asarray(thumb))
@@ -203,8 +209,9 @@ def iter_tiles(slide, grid: TileGrid, size: int) -> Iterator[tuple[tuple[int, in
         yield (x, y), read_tile(slide, x, y, grid.side, size)
 
 
-def save_heatmap(path: Path, grid: TileGrid, probs: np.ndarray, classes: list[str], title: str,
-                 heatmap_class: str | None = None) -> Path:
+def save_heatmap(
+    path: Path, grid: TileGrid, probs: np.ndarray, classes: list[str], title: str, heatmap_class: str | None = None
+) -> Path:
     """PNG of the thumbnail with one coloured cell per tissue tile: the predicted class (opacity grows with
     its probability), or with `heatmap_class` that class's probability on a colour scale."""
     from matplotlib import colormaps
@@ -233,8 +240,13 @@ def save_heatmap(path: Path, grid: TileGrid, probs: np.ndarray, classes: list[st
             overlay[rows, cols] = palette(probs.argmax(1) % palette.N)
             overlay[rows, cols, 3] = 0.2 + 0.6 * probs.max(1)
         ax.imshow(overlay, extent=(0, right, bottom, 0), interpolation="nearest")
-        ax.legend(handles=[Patch(color=palette(i % palette.N), label=c) for i, c in enumerate(classes)],
-                  loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="prediction")
+        ax.legend(
+            handles=[Patch(color=palette(i % palette.N), label=c) for i, c in enumerate(classes)],
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1),
+            fontsize=8,
+            title="prediction",
+        )
     ax.set_xlim(0, grid.thumbnail.width)
     ax.set_ylim(grid.thumbnail.height, 0)
     ax.set_axis_off()

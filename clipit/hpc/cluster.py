@@ -5,6 +5,7 @@ clipit/hpc/profiles/ (`slurm/profiles` links there), so a non-editable install h
 keeps its own in ./slurm/profiles/ under the working directory, which wins over a shipped one of the
 same name. A path to a YAML file works too.
 """
+
 from __future__ import annotations
 
 import os

@@ -18,6 +18,7 @@ Split sizes: data.expected_sizes, else the dataset's official sizes (the data re
 manifest, else data.demo.counts for the demo. Seconds per sample: clipit/hpc/throughput.py. Early
 stopping (patience) is not foreseen: the numbers are upper bounds.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -54,8 +55,13 @@ class StageCost:
         return sum(p.samples for p in (self.cached if cached else self.online) if not p.images)
 
     def gpu_hours(self, throughput: Throughput, cached: bool) -> float:
-        return sum(p.samples * throughput.seconds(p.key, p.flops, p.kind, p.precision, p.images)
-                   for p in (self.cached if cached else self.online)) / 3600
+        return (
+            sum(
+                p.samples * throughput.seconds(p.key, p.flops, p.kind, p.precision, p.images)
+                for p in (self.cached if cached else self.online)
+            )
+            / 3600
+        )
 
 
 def split_counts(cfg: ExperimentConfig) -> dict[str, int]:
@@ -77,8 +83,10 @@ def split_counts(cfg: ExperimentConfig) -> dict[str, int]:
             pass
     missing = [s for s in ("train", "val", "test") if s not in counts]
     if missing:
-        raise ConfigError(f"data.expected_sizes: the cost of dataset {cfg.data.name!r} needs the size of split(s) "
-                          f"{missing}; set data.expected_sizes: {{train: N, val: N, test: N}} or build the shards first")
+        raise ConfigError(
+            f"data.expected_sizes: the cost of dataset {cfg.data.name!r} needs the size of split(s) "
+            f"{missing}; set data.expected_sizes: {{train: N, val: N, test: N}} or build the shards first"
+        )
     return counts
 
 
@@ -92,20 +100,23 @@ def report_count(cfg: ExperimentConfig) -> int:
         from clipit.pipeline import load_corpus
 
         return len(load_corpus(cfg))
-    except Exception:  # noqa: BLE001 - not there yet on the submit host: the cost is an estimate anyway
+    except Exception:
         return ASSUMED_REPORTS
 
 
 def pairing_stage(cfg: ExperimentConfig, counts: dict[str, int]) -> StageCost:
     image_flops, text_flops = pairing_flops(cfg.pairing.model)
     model, precision = cfg.pairing.model, cfg.pairing.precision
-    passes = [Pass(f"pairing:{model}", sum(counts.values()), "forward", precision, image_flops),
-              Pass(f"tower:{model}", report_count(cfg), "forward", precision, text_flops, images=False)]
+    passes = [
+        Pass(f"pairing:{model}", sum(counts.values()), "forward", precision, image_flops),
+        Pass(f"tower:{model}", report_count(cfg), "forward", precision, text_flops, images=False),
+    ]
     return StageCost(f"pairing {cfg.pairing.dir} ({model})", passes, passes)
 
 
-def method_stage(cfg: ExperimentConfig, method: str, counts: dict[str, int], world: int,
-                 label: str) -> tuple[StageCost, tuple | None, list[Pass]]:
+def method_stage(
+    cfg: ExperimentConfig, method: str, counts: dict[str, int], world: int, label: str
+) -> tuple[StageCost, tuple | None, list[Pass]]:
     """The cell's cost, the key of the feature cache it trains on (None: online) and that cache's build."""
     from clipit.models.clipit import resolve_finetune
     from clipit.training.features import SPLITS, uses_feature_cache
@@ -131,13 +142,18 @@ def method_stage(cfg: ExperimentConfig, method: str, counts: dict[str, int], wor
     trained = plan.total_steps * tcfg.batch_size * world
     finetune = resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled)
     kind = {"frozen": "forward", "lora": "lora", "full": "full"}[finetune]
-    stage.online = [Pass(key, trained, kind, precision, flops),
-                    Pass(key, validations * counts["val"], "forward", precision, flops), test]
+    stage.online = [
+        Pass(key, trained, kind, precision, flops),
+        Pass(key, validations * counts["val"], "forward", precision, flops),
+        test,
+    ]
     if tcfg.text_encoder == "tower":
         text_flops = pairing_flops(cfg.pairing.model)[1]
         tower = f"tower:{cfg.pairing.model}"
-        stage.online += [Pass(tower, trained, kind, precision, text_flops, images=False),
-                         Pass(tower, validations * counts["val"], "forward", precision, text_flops, images=False)]
+        stage.online += [
+            Pass(tower, trained, kind, precision, text_flops, images=False),
+            Pass(tower, validations * counts["val"], "forward", precision, text_flops, images=False),
+        ]
     if not uses_feature_cache(cfg, method):
         stage.cached = list(stage.online)
         return stage, None, []
@@ -172,12 +188,17 @@ def grid_cost(plan, world: int = 1) -> list[StageCost]:
 def cost_lines(stages: list[StageCost], throughput: Throughput) -> list[str]:
     """The dry-run's cost table: per stage and in total, images and texts through the models and GPU-hours,
     without and with the feature cache."""
-    head = (f"{'stage':<64} {'images':>13} {'images+cache':>13} {'texts':>11} {'GPU-h':>9} {'GPU-h+cache':>11}")
+    head = f"{'stage':<64} {'images':>13} {'images+cache':>13} {'texts':>11} {'GPU-h':>9} {'GPU-h+cache':>11}"
     lines = [f"cost before launch (throughput {throughput.source})", head]
     total = [0, 0, 0, 0.0, 0.0]
     for s in stages:
-        row = [s.images(False), s.images(True), s.texts(False), s.gpu_hours(throughput, False),
-               s.gpu_hours(throughput, True)]
+        row = [
+            s.images(False),
+            s.images(True),
+            s.texts(False),
+            s.gpu_hours(throughput, False),
+            s.gpu_hours(throughput, True),
+        ]
         total = [a + b for a, b in zip(total, row)]
         lines.append(_row(s.label, row))
     lines.append(_row(f"total ({len(stages)} stages)", total))

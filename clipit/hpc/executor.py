@@ -1,5 +1,6 @@
 """submitit executors from a cluster profile, array sizes under MaxArraySize, and waiting for jobs:
 shared by grid submission (clipit/hpc/submit.py) and the pairing/shard arrays (clipit/hpc/prepare.py)."""
+
 from __future__ import annotations
 
 import re
@@ -33,19 +34,26 @@ def array_chunk_size(profile: ClusterProfile, cluster_value: int | None) -> int:
 def make_executor(profile: ClusterProfile, folder: Path, name: str, cluster: str, dependency: str | None = None):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster,
-                                     slurm_max_num_timeout=profile.max_num_timeout,
-                                     local_max_num_timeout=profile.max_num_timeout,
-                                     **({"slurm_python": profile.python, "local_python": profile.python}
-                                        if profile.python else {}))
-    params = dict(name=name, timeout_min=profile.timeout_min, nodes=profile.nodes,
-                  tasks_per_node=profile.tasks_per_node, cpus_per_task=profile.cpus_per_task,
-                  mem_gb=float(profile.mem_gb), stderr_to_stdout=True)
+    executor = submitit.AutoExecutor(
+        folder=folder / "%j",
+        cluster=cluster,
+        slurm_max_num_timeout=profile.max_num_timeout,
+        local_max_num_timeout=profile.max_num_timeout,
+        **({"slurm_python": profile.python, "local_python": profile.python} if profile.python else {}),
+    )
+    params = dict(
+        name=name,
+        timeout_min=profile.timeout_min,
+        nodes=profile.nodes,
+        tasks_per_node=profile.tasks_per_node,
+        cpus_per_task=profile.cpus_per_task,
+        mem_gb=float(profile.mem_gb),
+        stderr_to_stdout=True,
+    )
     if profile.gpus_per_node:
         params["gpus_per_node"] = profile.gpus_per_node
     if cluster == "slurm":
-        params |= {"slurm_array_parallelism": profile.array_parallelism,
-                   "slurm_signal_delay_s": profile.signal_delay_s}
+        params |= {"slurm_array_parallelism": profile.array_parallelism, "slurm_signal_delay_s": profile.signal_delay_s}
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(profile, key):
                 params[f"slurm_{key}"] = getattr(profile, key)
@@ -72,7 +80,7 @@ def wait_for_jobs(jobs, out=print) -> int:
     for job in jobs:
         try:
             job.results()
-        except Exception as err:  # noqa: BLE001 - any job failure is reported, not raised
+        except Exception as err:
             failures += 1
             lines = str(err).strip().splitlines()
             out(f"FAILED job {job.job_id}: {lines[-1] if lines else repr(err)} (log: {job.paths.stdout})")

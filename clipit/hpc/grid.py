@@ -32,6 +32,7 @@ task (docs/reproduce.md, "How cells become jobs").
 This module only plans; clipit/hpc/submit.py submits, clipit/hpc/task.py runs a task on its node and
 clipit/hpc/ledger.py tracks the cells.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,11 +46,9 @@ from typing import Any
 import yaml
 
 from clipit import layout
-from clipit.layout import check_name
 from clipit.config import ConfigError, ExperimentConfig, load_config, method_order, to_dict
+from clipit.layout import check_name
 from clipit.typed_yaml import expand_path, from_dict, read_yaml
-
-
 
 # ---------------------------------------------------------------------------------------------
 # Config files
@@ -98,16 +97,22 @@ def load_grid(path: str | Path) -> GridConfig:
             raise ConfigError(f"{path}: axis {axis!r} has no values")
         for name, value in values.items():
             if value.warm_start_from is not None and value.warm_start_from not in values:
-                raise ConfigError(f"{path}: axes.{axis}.{name}.warm_start_from = {value.warm_start_from!r} "
-                                  f"is not a value of axis {axis!r} ({sorted(values)})")
+                raise ConfigError(
+                    f"{path}: axes.{axis}.{name}.warm_start_from = {value.warm_start_from!r} "
+                    f"is not a value of axis {axis!r} ({sorted(values)})"
+                )
             if value.compare_to is not None and value.compare_to not in values:
-                raise ConfigError(f"{path}: axes.{axis}.{name}.compare_to = {value.compare_to!r} is not a value of "
-                                  f"axis {axis!r} ({sorted(values)})")
+                raise ConfigError(
+                    f"{path}: axes.{axis}.{name}.compare_to = {value.compare_to!r} is not a value of "
+                    f"axis {axis!r} ({sorted(values)})"
+                )
             if value.warm_start_from == name:
                 raise ConfigError(f"{path}: axes.{axis}.{name} cannot reuse its own warm start")
             if value.warm_start_from is not None and values[value.warm_start_from].warm_start_from is not None:
-                raise ConfigError(f"{path}: axes.{axis}.{name}.warm_start_from names {value.warm_start_from!r}, "
-                                  "which itself reuses a warm start; point it at the value that trains it")
+                raise ConfigError(
+                    f"{path}: axes.{axis}.{name}.warm_start_from names {value.warm_start_from!r}, "
+                    "which itself reuses a warm start; point it at the value that trains it"
+                )
     check_name(grid.name, f"{path}: name: the grid name")  # names are templated into output paths
     for axis, values in grid.axes.items():
         check_name(axis, f"{path}: axes: axis name")
@@ -204,7 +209,7 @@ def format_override(key: str, value: Any) -> str:
     if text.endswith("\n..."):
         text = text[: -len("\n...")]
     elif text.endswith("..."):  # yaml's document end marker after plain scalars
-        text = text[: -3].rstrip()
+        text = text[:-3].rstrip()
     return f"{key}={text}"
 
 
@@ -213,8 +218,9 @@ def _template(value: Any, names: dict[str, str], where: str) -> Any:
         fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
         missing = sorted({f for f in fields if f not in names})
         if missing:
-            raise ConfigError(f"{where}: unknown template field {{{missing[0]}}} in {value!r}; "
-                              f"available: {sorted(names)}")
+            raise ConfigError(
+                f"{where}: unknown template field {{{missing[0]}}} in {value!r}; available: {sorted(names)}"
+            )
         return value.format_map(names) if fields else value
     if isinstance(value, list):
         return [_template(v, names, where) for v in value]
@@ -223,8 +229,9 @@ def _template(value: Any, names: dict[str, str], where: str) -> Any:
     return value
 
 
-def expand(grid_path: str | Path, extra_overrides: list[str] | None = None, check_done=None,
-           root: str | None = None) -> Plan:
+def expand(
+    grid_path: str | Path, extra_overrides: list[str] | None = None, check_done=None, root: str | None = None
+) -> Plan:
     """Expand a grid file into cells and tasks; every cell's config is loaded (errors name the cell).
 
     `check_done(cell) -> bool` says whether a warm start is already trained (default: its
@@ -256,8 +263,14 @@ class _Combo:
     link: tuple[tuple[str, str], ...] | None = None  # the combination whose warm start this one reuses
 
 
-def _expand_combo(grid: GridConfig, axes: list[tuple[str, dict[str, AxisValue]]], combo: tuple, root: str,
-                  where: str, extra_overrides: list[str] | None) -> _Combo:
+def _expand_combo(
+    grid: GridConfig,
+    axes: list[tuple[str, dict[str, AxisValue]]],
+    combo: tuple,
+    root: str,
+    where: str,
+    extra_overrides: list[str] | None,
+) -> _Combo:
     """Overrides, config and methods of one axis combination; its config is loaded and its method chain checked."""
     combo_key = tuple((axis, value_name) for (axis, _), (value_name, _) in zip(axes, combo))
     names = {"name": grid.name, "root": root} | dict(combo_key)
@@ -266,8 +279,9 @@ def _expand_combo(grid: GridConfig, axes: list[tuple[str, dict[str, AxisValue]]]
     overrides.append(format_override("seeds", list(grid.seeds)))
     config, methods, link = grid.base, grid.methods, None
     for (axis, _), (value_name, value) in zip(axes, combo):
-        overrides += [format_override(k, v) for k, v in
-                      _template(value.set, names, f"{where}: axes.{axis}.{value_name}").items()]
+        overrides += [
+            format_override(k, v) for k, v in _template(value.set, names, f"{where}: axes.{axis}.{value_name}").items()
+        ]
         config = value.config or config
         if value.methods is not None:
             methods = value.methods
@@ -284,30 +298,48 @@ def _expand_combo(grid: GridConfig, axes: list[tuple[str, dict[str, AxisValue]]]
     order = method_order(cfg)
     unknown = [m for m in (methods or []) if m not in cfg.methods]
     if unknown:
-        raise ConfigError(f"{where}: cell {label}: method {unknown[0]!r} is not in {config} "
-                          f"(methods: {sorted(cfg.methods)})")
+        raise ConfigError(
+            f"{where}: cell {label}: method {unknown[0]!r} is not in {config} (methods: {sorted(cfg.methods)})"
+        )
     chosen = [m for m in order if methods is None or m in methods]
     if not chosen:
         raise ConfigError(f"{where}: cell {label}: no methods to run")
     for m in chosen:
         warm = cfg.methods[m].warm_start
         if warm and warm not in chosen and link is None:
-            raise ConfigError(f"{where}: cell {label}: method {m!r} warm-starts from {warm!r}; add {warm!r} "
-                              "to methods, or set warm_start_from to a value that trains it")
+            raise ConfigError(
+                f"{where}: cell {label}: method {m!r} warm-starts from {warm!r}; add {warm!r} "
+                "to methods, or set warm_start_from to a value that trains it"
+            )
     zero2 = [m for m in chosen if getattr(cfg.methods[m], "distributed", "ddp") == "zero2"]
     if zero2 and len(chosen) > 1:
-        raise ConfigError(f"{where}: cell {label}: method {zero2[0]!r} uses DeepSpeed (distributed: zero2), which "
-                          "needs a process of its own; run it in an axis value of its own (methods: "
-                          f"[{zero2[0]}], warm_start_from: <the value that trains its warm start>)")
+        raise ConfigError(
+            f"{where}: cell {label}: method {zero2[0]!r} uses DeepSpeed (distributed: zero2), which "
+            "needs a process of its own; run it in an axis value of its own (methods: "
+            f"[{zero2[0]}], warm_start_from: <the value that trains its warm start>)"
+        )
     axis_labels = tuple((axis, value.label) for (axis, _), (_, value) in zip(axes, combo) if value.label)
     compare_to = tuple((axis, value.compare_to) for (axis, _), (_, value) in zip(axes, combo) if value.compare_to)
-    chains = {seed: [Cell(grid=grid.name, axes=combo_key, method=m, kind=cfg.methods[m].method, seed=seed,
-                          config=config_path, overrides=tuple(overrides), axis_labels=axis_labels,
-                          compare_to=compare_to, detail=describe_method(cfg, m),
-                          run_dir=str(layout.run_dir(cfg.output_dir, m, seed).absolute()),
-                          warm_start=cfg.methods[m].warm_start)
-                     for m in chosen]
-              for seed in grid.seeds}
+    chains = {
+        seed: [
+            Cell(
+                grid=grid.name,
+                axes=combo_key,
+                method=m,
+                kind=cfg.methods[m].method,
+                seed=seed,
+                config=config_path,
+                overrides=tuple(overrides),
+                axis_labels=axis_labels,
+                compare_to=compare_to,
+                detail=describe_method(cfg, m),
+                run_dir=str(layout.run_dir(cfg.output_dir, m, seed).absolute()),
+                warm_start=cfg.methods[m].warm_start,
+            )
+            for m in chosen
+        ]
+        for seed in grid.seeds
+    }
     return _Combo(key=combo_key, config=cfg, chains=chains, link=link)
 
 
@@ -332,14 +364,17 @@ def _index_run_dirs(combos: list[_Combo], axes: list, where: str) -> dict[str, C
             for cell in chain:
                 if cell.run_dir in by_run_dir:
                     hint = f' (e.g. output_dir: "{{root}}/{"/".join("{" + a + "}" for a, _ in axes)}")' if axes else ""
-                    raise ConfigError(f"{where}: cells {by_run_dir[cell.run_dir].key} and {cell.key} write the same "
-                                      f"run directory {cell.run_dir}; make output_dir depend on every axis{hint}")
+                    raise ConfigError(
+                        f"{where}: cells {by_run_dir[cell.run_dir].key} and {cell.key} write the same "
+                        f"run directory {cell.run_dir}; make output_dir depend on every axis{hint}"
+                    )
                 by_run_dir[cell.run_dir] = cell
     return by_run_dir
 
 
-def _make_tasks(combos: list[_Combo], by_run_dir: dict[str, Cell], check_done, workdir: str,
-                where: str) -> tuple[list[Task], list[str]]:
+def _make_tasks(
+    combos: list[_Combo], by_run_dir: dict[str, Cell], check_done, workdir: str, where: str
+) -> tuple[list[Task], list[str]]:
     """Tasks (chains that train their own warm starts first, then the reusing ones) and notes on waits.
 
     A chain that reuses another value's warm start is a task too; while that warm start is not trained,
@@ -358,18 +393,35 @@ def _make_tasks(combos: list[_Combo], by_run_dir: dict[str, Cell], check_done, w
         if combo.link is None:
             continue
         for seed, chain in combo.chains.items():
-            linked, after = _link_warm_starts(chain, seed, configs[combo.link], combo.config,
-                                              chain_task[(combo.link, seed)], by_run_dir, check_done, where)
+            linked, after = _link_warm_starts(
+                chain,
+                seed,
+                configs[combo.link],
+                combo.config,
+                chain_task[(combo.link, seed)],
+                by_run_dir,
+                check_done,
+                where,
+            )
             tasks.append(Task(cells=linked, workdir=workdir, after=after))
             if after:
-                notes.append(f"{tasks[-1].label}: waits for task {after[0]} ({tasks[after[0]].label}), "
-                             "which trains its warm start")
+                notes.append(
+                    f"{tasks[-1].label}: waits for task {after[0]} ({tasks[after[0]].label}), "
+                    "which trains its warm start"
+                )
     return tasks, notes
 
 
-def _link_warm_starts(chain: list[Cell], seed: int, source: ExperimentConfig, cfg: ExperimentConfig,
-                      source_task: int, by_run_dir: dict[str, Cell], check_done,
-                      where: str) -> tuple[list[Cell], list[int]]:
+def _link_warm_starts(
+    chain: list[Cell],
+    seed: int,
+    source: ExperimentConfig,
+    cfg: ExperimentConfig,
+    source_task: int,
+    by_run_dir: dict[str, Cell],
+    check_done,
+    where: str,
+) -> tuple[list[Cell], list[int]]:
     """The chain with each warm start it does not train pointed at the source value's run, and the tasks
     to wait for (`source_task` trains the source value's chain of this seed)."""
     after, linked = [], []
@@ -382,8 +434,10 @@ def _link_warm_starts(chain: list[Cell], seed: int, source: ExperimentConfig, cf
         source_cell = by_run_dir.get(source_dir)
         if source_cell is None:
             if not layout.is_trained(source_dir):
-                raise ConfigError(f"{where}: cell {cell.key} reuses the warm start {source_dir}, which this "
-                                  "grid does not train and which does not exist yet")
+                raise ConfigError(
+                    f"{where}: cell {cell.key} reuses the warm start {source_dir}, which this "
+                    "grid does not train and which does not exist yet"
+                )
         elif not check_done(source_cell) and source_task not in after:
             after.append(source_task)
         linked.append(dataclasses.replace(cell, warm_start_link=source_dir))
@@ -399,8 +453,11 @@ def _check_reusable(source: ExperimentConfig, cfg: ExperimentConfig, warm: str, 
         # What the warm-start run reads: its own method settings, the images (the shards' images do not
         # depend on which report each image got, so shards.dir itself may differ) and the backbone.
         d = to_dict(c)
-        out = {"methods." + warm: d["methods"][warm], "data": d["data"],
-               "shards.samples_per_shard": d["shards"]["samples_per_shard"]}
+        out = {
+            "methods." + warm: d["methods"][warm],
+            "data": d["data"],
+            "shards.samples_per_shard": d["shards"]["samples_per_shard"],
+        }
         out |= {f"model.{k}": d["model"][k] for k in ("backbone", "weights", "weights_file", "image_size", "text_dim")}
         if c.methods[warm].method != "unimodal" or c.methods[warm].finetune == "lora":
             out |= {"model.lora": d["model"]["lora"], "model.kd_layers": d["model"]["kd_layers"]}
@@ -411,8 +468,10 @@ def _check_reusable(source: ExperimentConfig, cfg: ExperimentConfig, warm: str, 
     a, b = deps(source), deps(cfg)
     differ = [k for k in a if a[k] != b[k]]
     if differ:
-        raise ConfigError(f"{where}: cannot reuse warm start {warm!r}: {differ[0]} differs from the source config; "
-                          "drop warm_start_from (train it here) or keep that setting equal")
+        raise ConfigError(
+            f"{where}: cannot reuse warm start {warm!r}: {differ[0]} differs from the source config; "
+            "drop warm_start_from (train it here) or keep that setting equal"
+        )
 
 
 def cell_is_done(cell: Cell) -> bool:
@@ -424,4 +483,4 @@ def chunk(items: list, size: int) -> list[list]:
     """Split into consecutive chunks of at most `size` (an array may hold at most MaxArraySize tasks)."""
     if size < 1:
         raise ValueError(f"chunk size must be >= 1, got {size}")
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]

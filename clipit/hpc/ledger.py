@@ -17,6 +17,7 @@ start before the launcher has recorded its job id, so every update is a read-mod
 advisory lock (flock on `<run_dir>/.state.lock`), and the launcher never turns a state that a task
 of the same job already advanced back into `pending`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,12 +28,11 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from clipit import layout
 from clipit.io import atomic_write_json
-
 
 LOCK_FILE = ".state.lock"
 STATES = ("pending", "running", "done", "failed")
@@ -93,8 +93,9 @@ def _locked(run_dir: Path):
         os.close(fd)
 
 
-def update(run_dir: str | Path, state: str, *, only_if: Callable[[dict | None], bool] | None = None,
-           **fields) -> dict | None:
+def update(
+    run_dir: str | Path, state: str, *, only_if: Callable[[dict | None], bool] | None = None, **fields
+) -> dict | None:
     """Set `state` (and `fields`) atomically; with `only_if`, only when it accepts the current state."""
     if state not in STATES:
         raise ValueError(f"unknown cell state {state!r}; one of {STATES}")
@@ -104,8 +105,9 @@ def update(run_dir: str | Path, state: str, *, only_if: Callable[[dict | None], 
         if only_if is not None and not only_if(current):
             return current
         now = _now()
-        entry = {"state": state, "time": now} | {k: v for k, v in fields.items()
-                                                  if k in ("job_id", "host", "restart", "error", "note")}
+        entry = {"state": state, "time": now} | {
+            k: v for k, v in fields.items() if k in ("job_id", "host", "restart", "error", "note")
+        }
         history = ((current or {}).get("history") or []) + [entry]
         new = (current or {}) | fields | {"state": state, "updated": now, "history": history[-HISTORY:]}
         if state != "failed":
@@ -120,8 +122,16 @@ def update(run_dir: str | Path, state: str, *, only_if: Callable[[dict | None], 
 
 def mark_submitting(run_dir: str | Path, cell: dict, executor: str, log_dir: str) -> dict | None:
     """Before submission: pending without a job id yet (a crash between here and the id is 'lost')."""
-    return update(run_dir, "pending", cell=cell, executor=executor, log_dir=log_dir, job_id=None,
-                  submitted=_now(), note="submitting")
+    return update(
+        run_dir,
+        "pending",
+        cell=cell,
+        executor=executor,
+        log_dir=log_dir,
+        job_id=None,
+        submitted=_now(),
+        note="submitting",
+    )
 
 
 def mark_submitted(run_dir: str | Path, job_id: str) -> dict | None:
@@ -157,8 +167,9 @@ def live_slurm_jobs(user: str | None = None) -> set[str] | None:
         return None
     user = user or getpass.getuser()
     try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-u", user, "-o", "%i"], capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            ["squeue", "-h", "-r", "-u", user, "-o", "%i"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:

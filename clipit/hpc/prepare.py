@@ -17,6 +17,7 @@ Parts skip shards that exist, and the last part to finish writes the manifest, s
 requeue after a timeout: the jobs are Checkpointable) only does the missing work. With `--pair`
 the parts of a shard set wait (afterok) for the pairing task of their pairing dir.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -29,8 +30,8 @@ import submitit
 import yaml
 
 from clipit.config import ConfigError, load_config, to_dict
-from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 from clipit.hpc.cluster import ClusterProfile, load_profile
+from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 from clipit.hpc.grid import chunk, expand, load_grid
 
 
@@ -69,8 +70,12 @@ class StageCall(submitit.helpers.Checkpointable):
         if stage == "pair":
             pair_stage(cfg)
         else:
-            shard_stage(cfg, part=options.get("part"), num_parts=options.get("num_parts"),
-                        finalize=bool(options.get("finalize")))
+            shard_stage(
+                cfg,
+                part=options.get("part"),
+                num_parts=options.get("num_parts"),
+                finalize=bool(options.get("finalize")),
+            )
         return "ok"
 
 
@@ -113,8 +118,10 @@ def units_from(args) -> tuple[list[Unit], list[Unit]]:
         for table, key, directory in ((pairing, pkey, pdir), (shards, skey, sdir)):
             if directory in table:
                 if table[directory][1] != key:
-                    raise ConfigError(f"{directory}: cells {table[directory][0].label} and {label} use this directory "
-                                      "with different data/reports/pairing/shards settings; give them separate dirs")
+                    raise ConfigError(
+                        f"{directory}: cells {table[directory][0].label} and {label} use this directory "
+                        "with different data/reports/pairing/shards settings; give them separate dirs"
+                    )
                 continue
             table[directory] = (Unit(config, overrides, directory, pdir, label), key)
     return [u for u, _ in pairing.values()], [u for u, _ in shards.values()]
@@ -130,16 +137,27 @@ def _print_units(title: str, units: list[Unit], out=print) -> None:
         out(f"  {u.dir}  (config {u.config}{' + ' + str(len(u.overrides)) + ' overrides' if u.overrides else ''})")
 
 
-def run_jobs(profile: ClusterProfile, cluster: str, folder: Path, name: str, argvs: list[list[str]],
-             labels: list[str], dependency: str | None = None, out=print) -> list:
+def run_jobs(
+    profile: ClusterProfile,
+    cluster: str,
+    folder: Path,
+    name: str,
+    argvs: list[list[str]],
+    labels: list[str],
+    dependency: str | None = None,
+    out=print,
+) -> list:
     """Submit stage calls (`clipit pair|shard build` argvs) as arrays (chunked under MaxArraySize); returns the jobs."""
     executor = make_executor(profile, folder, name, cluster, dependency)
     size = array_chunk_size(profile, cluster_max_array_size() if cluster == "slurm" else None)
     call = StageCall(os.getcwd())
     jobs = []
     for part_argvs, part_labels in zip(chunk(argvs, size), chunk(labels, size)):
-        part_jobs = executor.map_array(call, part_argvs) if cluster == "slurm" else \
-            [executor.submit(call, a) for a in part_argvs]
+        part_jobs = (
+            executor.map_array(call, part_argvs)
+            if cluster == "slurm"
+            else [executor.submit(call, a) for a in part_argvs]
+        )
         for job, label in zip(part_jobs, part_labels):
             out(f"job {job.job_id}  {label}" + (f"  (after {dependency.split(':', 1)[1]})" if dependency else ""))
         jobs += part_jobs
@@ -177,8 +195,9 @@ def prepare_pair(args) -> int:
         return 0
     folder = _folder(Path(pairing[0].dir).parent / "submitit-pair")
     print(f"submitting {len(pairing)} pairing task(s) to {cluster}; logs in {folder}")
-    jobs = run_jobs(profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing],
-                    [u.dir for u in pairing])
+    jobs = run_jobs(
+        profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing], [u.dir for u in pairing]
+    )
     return 1 if (args.local or args.wait) and wait_for_jobs(jobs) else 0
 
 
@@ -206,8 +225,9 @@ def prepare_shards(args) -> int:
     jobs_all, pair_job = [], {}
     if args.pair:
         print(f"pairing: {len(pairing)} task(s)")
-        pair_jobs = run_jobs(pair_profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing],
-                             [u.dir for u in pairing])
+        pair_jobs = run_jobs(
+            pair_profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing], [u.dir for u in pairing]
+        )
         if cluster != "slurm" and wait_for_jobs(pair_jobs):  # local: run the stages in order
             return 1
         pair_job = {u.dir: j.job_id for u, j in zip(pairing, pair_jobs)}
@@ -216,8 +236,15 @@ def prepare_shards(args) -> int:
         dep = pair_job.get(unit.pairing_dir) if cluster == "slurm" else None
         print(f"shards {unit.dir}: {n} part(s)")
         argvs = [unit.argv("shard build") + ["--part", str(i), "--num-parts", str(n)] for i in range(n)]
-        parts = run_jobs(profile, cluster, folder, "clipit-shards", argvs, [f"part {i}/{n}" for i in range(n)],
-                         dependency=f"afterok:{dep}" if dep else None)
+        parts = run_jobs(
+            profile,
+            cluster,
+            folder,
+            "clipit-shards",
+            argvs,
+            [f"part {i}/{n}" for i in range(n)],
+            dependency=f"afterok:{dep}" if dep else None,
+        )
         if cluster != "slurm":
             if wait_for_jobs(parts):
                 return 1
@@ -225,6 +252,13 @@ def prepare_shards(args) -> int:
         else:
             final_dep = "afterok:" + ":".join(str(j.job_id) for j in parts)
         jobs_all += parts
-        jobs_all += run_jobs(profile, cluster, folder, "clipit-shards", [unit.argv("shard build") + ["--finalize"]],
-                             ["finalize (manifest)"], dependency=final_dep)
+        jobs_all += run_jobs(
+            profile,
+            cluster,
+            folder,
+            "clipit-shards",
+            [unit.argv("shard build") + ["--finalize"]],
+            ["finalize (manifest)"],
+            dependency=final_dep,
+        )
     return 1 if (args.local or args.wait) and wait_for_jobs(jobs_all) else 0

@@ -7,6 +7,7 @@ The launcher process only plans and submits. Each array task runs `clipit.hpc.ta
 compute node (see clipit/hpc/task.py): the cells of its chain in order, each exactly
 `clipit train --config CFG --set ... --method M --seed S`, resumable after a requeue.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -17,11 +18,10 @@ from pathlib import Path
 from clipit.config import ConfigError
 from clipit.errors import ClipitError
 from clipit.hpc import ledger
-from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 from clipit.hpc.cluster import ClusterProfile, load_profile
+from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 from clipit.hpc.grid import Cell, Plan, Task, cell_is_done, chunk, expand
 from clipit.hpc.task import CellRunner
-
 
 # ---------------------------------------------------------------------------------------------
 # Submitting
@@ -52,8 +52,7 @@ def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> 
             if status == "in-flight":
                 why = f"job {st.get('job_id')} still queued or running"
             elif st.get("unreadable"):
-                why = (f"state unknown: {st['unreadable']}; a task may still be running it (--force-unknown "
-                       "resubmits)")
+                why = f"state unknown: {st['unreadable']}; a task may still be running it (--force-unknown resubmits)"
             else:
                 why = f"job {st.get('job_id')} state unknown: squeue did not answer (--force-unknown resubmits)"
             notes.append(f"not resubmitted: {task.label} ({why})")
@@ -104,12 +103,14 @@ def preflight(cells: list[Cell], grid_path: str = "<grid>") -> tuple[list[str], 
             source = resolve_weights(*key)
         except ConfigError as err:
             problems.append(str(err))
-        except Exception as err:  # noqa: BLE001 - an unknown backbone name, etc.
+        except Exception as err:
             problems.append(f"backbone {cfg.model.backbone!r}: {' '.join(str(err).split())}")
         else:
             if source.kind == "hub":
-                warnings.append(f"backbone {cfg.model.backbone!r}: weights will be downloaded from {source.location} "
-                                "on the compute node; offline nodes need a weights file (docs/reproduce.md)")
+                warnings.append(
+                    f"backbone {cfg.model.backbone!r}: weights will be downloaded from {source.location} "
+                    "on the compute node; offline nodes need a weights file (docs/reproduce.md)"
+                )
     return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
 
 
@@ -132,8 +133,9 @@ def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
         out(f"note: {note}")
 
 
-def submit(plan: Plan, todo: list[Task], profile: ClusterProfile, cluster: str, log_root: Path,
-           statuses: dict, out=print) -> list:
+def submit(
+    plan: Plan, todo: list[Task], profile: ClusterProfile, cluster: str, log_root: Path, statuses: dict, out=print
+) -> list:
     """Submit `todo` as arrays of at most MaxArraySize tasks; record pending + job ids in the ledger.
 
     Tasks without pending warm starts go first; tasks that wait for one are then submitted as arrays
@@ -146,8 +148,10 @@ def submit(plan: Plan, todo: list[Task], profile: ClusterProfile, cluster: str, 
     first = [t for t in todo if not t.after]
     groups: dict[tuple, list[Task]] = {(): first} if first else {}
     waiting = [t for t in todo if t.after]
-    out(f"submitting {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells) to {cluster} in arrays of "
-        f"<= {size}; logs in {folder}")
+    out(
+        f"submitting {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells) to {cluster} in arrays of "
+        f"<= {size}; logs in {folder}"
+    )
     jobs = []
     runner = CellRunner(executor=cluster)
     for wave in (0, 1):
@@ -227,7 +231,7 @@ def run_local(plan: Plan, todo: list[Task], profile: ClusterProfile, log_root: P
                     job.results()
                     finished[index[id(task)]] = True
                     out(f"finished {task.label}")
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     finished[index[id(task)]] = False
                     failures += 1
                     last = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
@@ -261,10 +265,12 @@ def run_grid(args) -> int:
     problems, warnings = preflight([c for t in todo for c in t.cells if not cell_is_done(c)], args.config)
     if args.dry_run:
         print_plan(plan, statuses, todo)
-        print(f"profile {args.profile or plan.grid.profile}: executor {cluster}, partition {profile.partition}, "
-              f"account {profile.account}, {profile.nodes} node(s) x {profile.tasks_per_node} task(s), "
-              f"{profile.gpus_per_node} GPU(s)/node, {profile.cpus_per_task} CPUs/task, {profile.mem_gb:g} GB, "
-              f"{profile.timeout_min} min, parallelism {profile.array_parallelism}")
+        print(
+            f"profile {args.profile or plan.grid.profile}: executor {cluster}, partition {profile.partition}, "
+            f"account {profile.account}, {profile.nodes} node(s) x {profile.tasks_per_node} task(s), "
+            f"{profile.gpus_per_node} GPU(s)/node, {profile.cpus_per_task} CPUs/task, {profile.mem_gb:g} GB, "
+            f"{profile.timeout_min} min, parallelism {profile.array_parallelism}"
+        )
         for line in notes + [f"pre-flight: {p}" for p in problems + warnings]:
             print(line)
         print(f"would submit {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells)")

@@ -5,6 +5,7 @@ each through `pipeline.train_and_evaluate`, with the cell states recorded in the
 requeues the same call, which skips finished cells and resumes the interrupted one from the trainer's
 `checkpoints/latest/`. Planning and submitting live in clipit/hpc/submit.py (login node).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,22 @@ from clipit.hpc.grid import Cell, Task, cell_is_done
 
 def job_info(executor: str = "slurm") -> dict:
     """Who runs this task: job id (`<array>_<task>` on SLURM), host, restart count, rank."""
-    info = {"host": socket.gethostname(), "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-            "executor": executor}
+    info = {
+        "host": socket.gethostname(),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "executor": executor,
+    }
     try:
         env = submitit.JobEnvironment()
         info |= {"job_id": str(env.job_id), "rank": env.global_rank, "world": env.num_tasks}
     except Exception:  # not inside a submitit job (tests, direct calls)
         array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
         job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID") or str(os.getpid())
-        info |= {"job_id": job, "rank": int(os.environ.get("RANK", "0")), "world": int(os.environ.get("WORLD_SIZE", "1"))}
+        info |= {
+            "job_id": job,
+            "rank": int(os.environ.get("RANK", "0")),
+            "world": int(os.environ.get("WORLD_SIZE", "1")),
+        }
     return info
 
 
@@ -112,7 +120,7 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
         print(f"[clipit grid] {cell.key}: {cell.command()}", flush=True)
         try:
             metrics = train(cell)
-        except Exception:  # noqa: BLE001 - one failed cell must not stop its independent siblings
+        except Exception:
             text = traceback.format_exc()
             print(text, file=sys.stderr, flush=True)
             if rank0:
@@ -129,8 +137,10 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
 
     leave_process_group(succeeded=not failed)
     if failed:
-        raise CellsFailed(f"{len(failed)} of {len(task.cells)} cells failed: {', '.join(failed)} "
-                          "(tracebacks in their state.json and in this job's log)")
+        raise CellsFailed(
+            f"{len(failed)} of {len(task.cells)} cells failed: {', '.join(failed)} "
+            "(tracebacks in their state.json and in this job's log)"
+        )
     return outcomes
 
 
@@ -145,6 +155,9 @@ class CellRunner(submitit.helpers.Checkpointable):
         return run_task(task, executor=self.executor)
 
     def checkpoint(self, *args, **kwargs):
-        print(f"[clipit grid] checkpoint: requeueing {args[0].label if args else ''} "
-              f"(restart {os.environ.get('SLURM_RESTART_COUNT', '0')})", flush=True)
+        print(
+            f"[clipit grid] checkpoint: requeueing {args[0].label if args else ''} "
+            f"(restart {os.environ.get('SLURM_RESTART_COUNT', '0')})",
+            flush=True,
+        )
         return super().checkpoint(*args, **kwargs)

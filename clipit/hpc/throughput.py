@@ -8,6 +8,7 @@ fine-tuning step 3. ASSUMED holds the peak, MFU and loader rate used when nothin
 --throughput FILE`, default runs/gpu-check.json when it exists) replaces them: its measured images/s for
 the backbones it ran, its median MFU for the others, its peak and its loader rate.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,30 +18,39 @@ from pathlib import Path
 
 from clipit.config import ConfigError
 
-
 DEFAULT_MEASUREMENTS = Path("runs/gpu-check.json")
 # Used when no gpu-check file is given: an H100 SXM / H200 (dense bf16 989 TFLOP/s, fp32 without TF32 67),
 # MFU typical of timm ViTs at batch 64-256 (forward 25%, LoRA step 20%), and the shard loader's PNG decode
 # rate measured by bench/bench_shard_read.py (~900 samples/s per core) times the profile's CPUs per task.
-ASSUMED = {"device": "H100/H200-class (assumed)", "peak_flops": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-           "mfu": {"forward": 0.25, "train": 0.20}, "loader_per_core": 900.0}
+ASSUMED = {
+    "device": "H100/H200-class (assumed)",
+    "peak_flops": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "mfu": {"forward": 0.25, "train": 0.20},
+    "loader_per_core": 900.0,
+}
 PASS_FORWARDS = {"forward": 1, "lora": 2, "full": 3}  # forward-equivalents of one sample's pass
 # (depth, width, patch, prefix tokens) of the timm architectures in the backbone registry
-VIT_ARCHS = {"vit_tiny_patch16_224": (12, 192, 16, 1), "vit_small_patch16_224": (12, 384, 16, 1),
-             "vit_small_patch8_224": (12, 384, 8, 1), "vit_base_patch16_224": (12, 768, 16, 1),
-             "vit_base_patch8_224": (12, 768, 8, 1), "vit_large_patch16_224": (24, 1024, 16, 1),
-             "vit_large_patch14_reg4_dinov2": (24, 1024, 14, 5)}
+VIT_ARCHS = {
+    "vit_tiny_patch16_224": (12, 192, 16, 1),
+    "vit_small_patch16_224": (12, 384, 16, 1),
+    "vit_small_patch8_224": (12, 384, 8, 1),
+    "vit_base_patch16_224": (12, 768, 16, 1),
+    "vit_base_patch8_224": (12, 768, 8, 1),
+    "vit_large_patch16_224": (24, 1024, 16, 1),
+    "vit_large_patch14_reg4_dinov2": (24, 1024, 14, 5),
+}
 CONCH_VISION = (12, 768, 16, 1)  # CoCa ViT-B/16 trunk
 CONCH_TEXT = (12, 768, 128)  # layers, width, tokens
 ASSUMED_REPORTS = 9523  # TCGA-Reports, when the corpus file is not readable at planning time
 
 
-def vit_flops(depth: int, width: int, tokens: int, patch_pixels: int = 0, prefix: int = 0,
-              mlp_ratio: float = 4.0) -> float:
+def vit_flops(
+    depth: int, width: int, tokens: int, patch_pixels: int = 0, prefix: int = 0, mlp_ratio: float = 4.0
+) -> float:
     """Forward FLOPs of one sample of `tokens` tokens (`prefix` of them class/register tokens): per block
     QKV + out projection (4 n d^2), MLP (2 r n d^2) and the two attention matmuls (2 n^2 d), as
     multiply-adds x 2; plus the patch embedding of the other tokens (3 x patch_pixels inputs each)."""
-    per_block = (4 + 2 * mlp_ratio) * tokens * width ** 2 + 2 * tokens ** 2 * width
+    per_block = (4 + 2 * mlp_ratio) * tokens * width**2 + 2 * tokens**2 * width
     return 2.0 * (depth * per_block + (tokens - prefix) * 3 * patch_pixels * width)
 
 
@@ -83,7 +93,9 @@ def pairing_flops(name: str) -> tuple[float, float]:
     if name == "conch":
         depth, width, patch, prefix = CONCH_VISION
         layers, twidth, tokens = CONCH_TEXT
-        return vit_flops(depth, width, (448 // patch) ** 2 + prefix, patch * patch, prefix), vit_flops(layers, twidth, tokens)
+        return vit_flops(depth, width, (448 // patch) ** 2 + prefix, patch * patch, prefix), vit_flops(
+            layers, twidth, tokens
+        )
     if name == "demo-clip":
         from clipit.pairing.demo_clip import CONFIG_PATH
 
@@ -101,8 +113,10 @@ def pairing_flops(name: str) -> tuple[float, float]:
     if not v or not isinstance(v.get("layers"), int):  # unknown encoder: the CONCH-sized assumption
         return pairing_flops("conch")
     patch, size = v.get("patch_size", 16), v.get("image_size", 224)
-    return (vit_flops(v["layers"], v.get("width", 768), (size // patch) ** 2 + 1, patch * patch, 1),
-            vit_flops(t.get("layers", 12), t.get("width", 512), t.get("context_length", 77)))
+    return (
+        vit_flops(v["layers"], v.get("width", 768), (size // patch) ** 2 + 1, patch * patch, 1),
+        vit_flops(t.get("layers", 12), t.get("width", 512), t.get("context_length", 77)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +137,13 @@ class Throughput:
         """One sample's pass `kind` (forward | lora | full) through `key` (a backbone name, `tower:<pairing
         model>` or `pairing:<pairing model>`); image passes take at least the loader's decode time."""
         rate = self.measured.get(key, {}).get(kind) if precision != "fp32" else None
-        gpu = 1.0 / rate if rate else flops * PASS_FORWARDS[kind] / (
-            self.peak[precision] * self.mfu["forward" if kind == "forward" else "train"])
+        gpu = (
+            1.0 / rate
+            if rate
+            else flops
+            * PASS_FORWARDS[kind]
+            / (self.peak[precision] * self.mfu["forward" if kind == "forward" else "train"])
+        )
         return max(gpu, 1.0 / self.loader_per_s) if images else gpu
 
 
@@ -134,8 +153,10 @@ def load_throughput(path: str | Path | None = None, cpus: int = 8) -> Throughput
     candidate = Path(path) if path else DEFAULT_MEASUREMENTS
     candidate = candidate.with_suffix(".json") if candidate.suffix == ".md" else candidate
     if path and not candidate.is_file():
-        raise ConfigError(f"{candidate}: gpu-check results not found; run `make gpu-check` (it writes the .md "
-                          "and this .json) or drop --throughput to use the assumed throughput")
+        raise ConfigError(
+            f"{candidate}: gpu-check results not found; run `make gpu-check` (it writes the .md "
+            "and this .json) or drop --throughput to use the assumed throughput"
+        )
     loader = ASSUMED["loader_per_core"] * cpus
     if not candidate.is_file():
         return _assumed(cpus)
@@ -143,11 +164,15 @@ def load_throughput(path: str | Path | None = None, cpus: int = 8) -> Throughput
         data = json.loads(candidate.read_text())
         rows = list(data.get("train_step", []))
     except (OSError, ValueError, AttributeError) as err:
-        raise ConfigError(f"{candidate}: not a gpu-check result ({type(err).__name__}); rerun `make gpu-check`") from None
+        raise ConfigError(
+            f"{candidate}: not a gpu-check result ({type(err).__name__}); rerun `make gpu-check`"
+        ) from None
     if data.get("dry_run"):  # tiny CPU sizes: they say nothing about a GPU
         if path:
-            raise ConfigError(f"{candidate}: a gpu-check --dry-run (tiny sizes on CPU), not a measurement; run "
-                              "`make gpu-check` on a GPU node")
+            raise ConfigError(
+                f"{candidate}: a gpu-check --dry-run (tiny sizes on CPU), not a measurement; run "
+                "`make gpu-check` on a GPU node"
+            )
         return _assumed(cpus)
     measured: dict = {}
     tower_s = []  # the text tower's share of a step: 1/(step with tower) - 1/(step without), per backbone
@@ -171,14 +196,23 @@ def load_throughput(path: str | Path | None = None, cpus: int = 8) -> Throughput
     peak = dict(ASSUMED["peak_flops"])
     peak["bf16"] = peak["fp16"] = float(data.get("peak_flops") or peak["bf16"])
     loader = float(data.get("loader_samples_per_s") or loader)
-    return Throughput(f"measured: {candidate} ({data.get('device', '?')}; median MFU {mfu['train']:.0%} train, "
-                      f"{mfu['forward']:.0%} forward for unmeasured backbones; loader {loader:,.0f} samples/s)",
-                      peak, mfu, loader, measured)
+    return Throughput(
+        f"measured: {candidate} ({data.get('device', '?')}; median MFU {mfu['train']:.0%} train, "
+        f"{mfu['forward']:.0%} forward for unmeasured backbones; loader {loader:,.0f} samples/s)",
+        peak,
+        mfu,
+        loader,
+        measured,
+    )
 
 
 def _assumed(cpus: int) -> Throughput:
     loader = ASSUMED["loader_per_core"] * cpus
-    return Throughput(f"assumed: {ASSUMED['device']}, dense bf16 {ASSUMED['peak_flops']['bf16'] / 1e12:.0f} TFLOP/s, "
-                      f"MFU {ASSUMED['mfu']['forward']:.0%} forward / {ASSUMED['mfu']['train']:.0%} train; loader "
-                      f"{loader:,.0f} samples/s ({cpus} CPUs); `make gpu-check` measures them",
-                      ASSUMED["peak_flops"], ASSUMED["mfu"], loader)
+    return Throughput(
+        f"assumed: {ASSUMED['device']}, dense bf16 {ASSUMED['peak_flops']['bf16'] / 1e12:.0f} TFLOP/s, "
+        f"MFU {ASSUMED['mfu']['forward']:.0%} forward / {ASSUMED['mfu']['train']:.0%} train; loader "
+        f"{loader:,.0f} samples/s ({cpus} CPUs); `make gpu-check` measures them",
+        ASSUMED["peak_flops"],
+        ASSUMED["mfu"],
+        loader,
+    )

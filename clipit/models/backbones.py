@@ -22,6 +22,7 @@ strictly: common wrappers (`state_dict`, `model`, `teacher`) and prefixes (`modu
 dropped, raw DINOv2-format checkpoints (kaiko ViT-L/14) are converted, and then every remaining key
 must match the model with its shape.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipit.errors import ClipitError, one_line
 from clipit import weights as weights_registry
+from clipit.errors import ClipitError, one_line
 from clipit.state_dict import load_strict
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -43,7 +44,17 @@ OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.275777
 KAIKO_REPO = "kaiko-ai/towards_large_pathology_fms"
 CONCH_PIP = "pip install conch-fork==0.1.0"
 # wrapper prefixes a checkpoint may put in front of the backbone's own keys
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "teacher.", "backbone.", "_model.", "model.", "encoder.", "visual.", "trunk.")
+WRAPPER_PREFIXES = (
+    "module.",
+    "_orig_mod.",
+    "teacher.",
+    "backbone.",
+    "_model.",
+    "model.",
+    "encoder.",
+    "visual.",
+    "trunk.",
+)
 HEAD_PREFIXES = ("head.", "fc.", "classifier.")
 
 
@@ -73,17 +84,57 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-register(BackboneSpec("demo-vit-tiny", "vit_tiny_patch16_224", 64, *HALF, dim=96, random_init=True,
-                      kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3)))
-register(BackboneSpec("uni", "vit_large_patch16_224", 224, *IMAGENET, "hf-hub:MahmoodLab/uni",
-                      dict(init_values=1e-5, dynamic_img_size=True), dim=1024))
-for _name, _arch, _dim in [("vits16", "vit_small_patch16_224", 384), ("vits8", "vit_small_patch8_224", 384),
-                           ("vitb16", "vit_base_patch16_224", 768), ("vitb8", "vit_base_patch8_224", 768),
-                           ("vitl14", "vit_large_patch14_reg4_dinov2", 1024)]:
-    register(BackboneSpec(f"kaiko-{_name}", _arch, 224, *HALF, f"torch.hub:{KAIKO_REPO}:{_name}",
-                          dict(dynamic_img_size=True), dim=_dim))
-register(BackboneSpec("conch", "conch", 448, *OPENAI, "hf-hub:MahmoodLab/conch", dim=512,
-                      ignore_keys=("attn_pool_caption.", "ln_caption.")))
+register(
+    BackboneSpec(
+        "demo-vit-tiny",
+        "vit_tiny_patch16_224",
+        64,
+        *HALF,
+        dim=96,
+        random_init=True,
+        kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3),
+    )
+)
+register(
+    BackboneSpec(
+        "uni",
+        "vit_large_patch16_224",
+        224,
+        *IMAGENET,
+        "hf-hub:MahmoodLab/uni",
+        dict(init_values=1e-5, dynamic_img_size=True),
+        dim=1024,
+    )
+)
+for _name, _arch, _dim in [
+    ("vits16", "vit_small_patch16_224", 384),
+    ("vits8", "vit_small_patch8_224", 384),
+    ("vitb16", "vit_base_patch16_224", 768),
+    ("vitb8", "vit_base_patch8_224", 768),
+    ("vitl14", "vit_large_patch14_reg4_dinov2", 1024),
+]:
+    register(
+        BackboneSpec(
+            f"kaiko-{_name}",
+            _arch,
+            224,
+            *HALF,
+            f"torch.hub:{KAIKO_REPO}:{_name}",
+            dict(dynamic_img_size=True),
+            dim=_dim,
+        )
+    )
+register(
+    BackboneSpec(
+        "conch",
+        "conch",
+        448,
+        *OPENAI,
+        "hf-hub:MahmoodLab/conch",
+        dim=512,
+        ignore_keys=("attn_pool_caption.", "ln_caption."),
+    )
+)
 
 _TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
 
@@ -91,14 +142,29 @@ _TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
 def _tiny(spec: BackboneSpec) -> BackboneSpec:
     """Same architecture family and normalisation, a few layers, random init: for tests."""
     if spec.arch == "conch":
-        return replace(spec, name=spec.name + "-tiny", input_size=32, hub_id=None, random_init=True, kwargs=dict(
-            vision_cfg=dict(image_size=32, patch_size=16, layers=2, width=64, num_heads=2, n_queries_caption=4),
-            embed_dim_caption=64))
+        return replace(
+            spec,
+            name=spec.name + "-tiny",
+            input_size=32,
+            hub_id=None,
+            random_init=True,
+            kwargs=dict(
+                vision_cfg=dict(image_size=32, patch_size=16, layers=2, width=64, num_heads=2, n_queries_caption=4),
+                embed_dim_caption=64,
+            ),
+        )
     patch = timm.create_model(spec.arch, pretrained=False, num_classes=0, **_TINY_VIT).patch_embed.patch_size[0]
     size = 4 * patch
     kwargs = {k: v for k, v in spec.kwargs.items() if k == "dynamic_img_size"} | _TINY_VIT | {"img_size": size}
-    return replace(spec, name=spec.name + "-tiny", input_size=size, hub_id=None, random_init=True, kwargs=kwargs,
-                   dim=_TINY_VIT["embed_dim"])
+    return replace(
+        spec,
+        name=spec.name + "-tiny",
+        input_size=size,
+        hub_id=None,
+        random_init=True,
+        kwargs=kwargs,
+        dim=_TINY_VIT["embed_dim"],
+    )
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -153,8 +219,9 @@ def _create_conch(spec: BackboneSpec) -> nn.Module:
     coca_model = _conch_module()
     cfg = json.loads((Path(coca_model.__file__).parent / "model_configs" / "conch_ViT-B-16.json").read_text())
     vision_cfg = cfg["vision_cfg"] | spec.kwargs.get("vision_cfg", {})
-    visual = coca_model._build_vision_tower(cfg["embed_dim"], vision_cfg,
-                                            spec.kwargs.get("embed_dim_caption", cfg["embed_dim_caption"]))
+    visual = coca_model._build_vision_tower(
+        cfg["embed_dim"], vision_cfg, spec.kwargs.get("embed_dim_caption", cfg["embed_dim_caption"])
+    )
     return ConchVision(visual)
 
 
@@ -181,14 +248,18 @@ def resolve_weights(name: str, weights: str | Path | None = None, weights_file: 
     return weights_registry.resolve(name, weights, weights_file, spec.hub_id, spec.random_init)
 
 
-def build_backbone(name: str, weights=None, image_size: int | None = None,
-                   weights_file: str | Path | None = None) -> tuple[nn.Module, BackboneSpec]:
+def build_backbone(
+    name: str, weights=None, image_size: int | None = None, weights_file: str | Path | None = None
+) -> tuple[nn.Module, BackboneSpec]:
     """A headless backbone with its weights loaded. `weights` is a path, a hub ID, `random`, a
     resolved `WeightsSource`, or None (weights file, then hub, then random for demo/tiny models)."""
     spec = get_spec(name)
     try:
-        source = weights if isinstance(weights, weights_registry.WeightsSource) else \
-            resolve_weights(name, weights, weights_file)
+        source = (
+            weights
+            if isinstance(weights, weights_registry.WeightsSource)
+            else resolve_weights(name, weights, weights_file)
+        )
     except weights_registry.WeightsError as err:
         raise BackboneError(str(err)) from None
     model = create_backbone(spec, image_size)
@@ -209,7 +280,7 @@ def fetch_hub_state(spec: BackboneSpec, hub_id: str, image_size: int | None = No
     """Download (or read from the local hub cache) the backbone's state dict. timm resamples the
     position grid of fixed-size models to `image_size` as it loads."""
     if hub_id.startswith("torch.hub:"):  # torch.hub:<owner>/<repo>:<entry>, as eva's kaiko entries
-        repo, entry = hub_id[len("torch.hub:"):].rsplit(":", 1)
+        repo, entry = hub_id[len("torch.hub:") :].rsplit(":", 1)
         if not weights_registry.trust_hub():  # torch.hub runs the repository's hubconf.py on this machine
             raise BackboneError(str(weights_registry.untrusted_hub(spec.name, hub_id)))
         return torch.hub.load(repo, entry, trust_repo=True).state_dict()
@@ -240,15 +311,19 @@ def _read_checkpoint(path: Path) -> dict:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise BackboneError(f"{path}: not a readable safetensors file ({one_line(err)}); point model.weights "
-                                "or the weights file at an intact checkpoint") from None
+            raise BackboneError(
+                f"{path}: not a readable safetensors file ({one_line(err)}); point model.weights "
+                "or the weights file at an intact checkpoint"
+            ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # objects beyond tensors (some Lightning checkpoints), or not a checkpoint at all
-        raise BackboneError(f"{path}: cannot be read as tensors only ({type(err).__name__}); clipit never loads "
-                            "the Python objects a checkpoint may carry (they can run code). Convert it where you "
-                            "trust it: save its tensors alone with safetensors.torch.save_file(state_dict, "
-                            "'weights.safetensors') and point model.weights there") from None
+        raise BackboneError(
+            f"{path}: cannot be read as tensors only ({type(err).__name__}); clipit never loads "
+            "the Python objects a checkpoint may carry (they can run code). Convert it where you "
+            "trust it: save its tensors alone with safetensors.torch.save_file(state_dict, "
+            "'weights.safetensors') and point model.weights there"
+        ) from None
 
 
 def unwrap_state(obj) -> dict[str, torch.Tensor]:
@@ -256,8 +331,9 @@ def unwrap_state(obj) -> dict[str, torch.Tensor]:
     for _ in range(4):
         if not isinstance(obj, dict):
             break
-        inner = next((obj[k] for k in ("state_dict", "model", "teacher", "module")
-                      if isinstance(obj.get(k), dict)), None)
+        inner = next(
+            (obj[k] for k in ("state_dict", "model", "teacher", "module") if isinstance(obj.get(k), dict)), None
+        )
         if inner is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
             break
         obj = inner
@@ -281,23 +357,32 @@ def match_keys(state: dict[str, torch.Tensor], model: nn.Module, spec: BackboneS
             candidates.add(".".join(parts[:i]) + ".")
     best, best_hits = None, sum(k in own for k in state)
     for prefix in sorted(candidates):
-        hits = sum(k[len(prefix):] in own for k in state if k.startswith(prefix))
+        hits = sum(k[len(prefix) :] in own for k in state if k.startswith(prefix))
         if hits > best_hits:
             best, best_hits = prefix, hits
     if best is not None:
-        state = {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+        state = {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
     if "mask_token" in state and "mask_token" not in own:  # raw DINOv2 format (kaiko ViT-L/14)
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = checkpoint_filter_fn(state, model)  # timm's own conversion (+ position-grid resampling)
     ignore = tuple(spec.ignore_keys) if spec else ()
-    return {k: v for k, v in state.items()
-            if k in own or not (k.startswith(HEAD_PREFIXES) or (ignore and k.startswith(ignore)))}
+    return {
+        k: v
+        for k, v in state.items()
+        if k in own or not (k.startswith(HEAD_PREFIXES) or (ignore and k.startswith(ignore)))
+    }
 
 
 def load_state(model: nn.Module, state: dict, spec: BackboneSpec, where: str | Path) -> None:
-    load_strict(model, match_keys(unwrap_state(state), model, spec), where, f"backbone {spec.name!r}",
-                "point model.weights or the weights file at this backbone's checkpoint", BackboneError)
+    load_strict(
+        model,
+        match_keys(unwrap_state(state), model, spec),
+        where,
+        f"backbone {spec.name!r}",
+        "point model.weights or the weights file at this backbone's checkpoint",
+        BackboneError,
+    )
 
 
 def load_weights(model: nn.Module, weights: str | Path, name: str) -> None:

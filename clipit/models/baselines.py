@@ -16,6 +16,7 @@ EarlyFusionModel (method `early_fusion`): concat(e, t) -> Linear(d_v+512, 512) -
 All three use the paired report at test time (`needs_text`): their test numbers rely on the test
 images' retrieved reports, unlike CLIP-IT, and they cannot be exported as vision-only models.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,9 @@ class EarlyFusionModel(BackboneModel):
 
     def __init__(self, backbone: nn.Module, num_classes: int, text_dim: int = 512):
         super().__init__(backbone)
-        self.classifier = nn.Sequential(nn.Linear(backbone.num_features + text_dim, text_dim), nn.LeakyReLU(0.1),
-                                        nn.Linear(text_dim, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(backbone.num_features + text_dim, text_dim), nn.LeakyReLU(0.1), nn.Linear(text_dim, num_classes)
+        )
 
     def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return self.from_features(self.features(images), text_emb)

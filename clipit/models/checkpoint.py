@@ -6,6 +6,7 @@ trainable text tower only the LoRA tensors are stored, never its base weights (a
 finetune: full): evaluation and export do not use the tower, and its frozen weights come from the
 pairing checkpoint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,15 +33,19 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: dict, full: bool)
     full = full and not getattr(getattr(model, "backbone", None), "weights_from_clip", False)
     # what training changed, plus buffers a model must keep (a CLIP baseline's cached class embeddings)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad} | set(getattr(model, "always_saved", ()))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if (k in trainable or full) and (not k.startswith(TEXT_TOWER) or "lora_" in k)}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if (k in trainable or full) and (not k.startswith(TEXT_TOWER) or "lora_" in k)
+    }
     with atomic_path(path.with_suffix(".safetensors")) as tmp:
         save_file(state, str(tmp))
     atomic_write_json(path.with_suffix(".json"), {**meta, "full_state": full})  # sidecar last: marks completion
 
 
-def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[str, ...] | None = None,
-                     exclude: tuple[str, ...] = ()) -> list[str]:
+def load_model_state(
+    path: str | Path, model: torch.nn.Module, prefixes: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()
+) -> list[str]:
     """Load saved tensors into `model` (optionally only keys under `prefixes`, never those under
     `exclude`); returns loaded keys.
 
@@ -52,8 +57,13 @@ def load_model_state(path: str | Path, model: torch.nn.Module, prefixes: tuple[s
         state = {k: v for k, v in state.items() if k.startswith(prefixes)}
     if exclude:
         state = {k: v for k, v in state.items() if not k.startswith(exclude)}
-    return copy_matching(model, state, path.with_suffix(".safetensors"),
-                         "was it trained with another backbone or LoRA config?", CheckpointError)
+    return copy_matching(
+        model,
+        state,
+        path.with_suffix(".safetensors"),
+        "was it trained with another backbone or LoRA config?",
+        CheckpointError,
+    )
 
 
 def read_tensors(file: str | Path, error: type[Exception] = None) -> dict[str, torch.Tensor]:
@@ -66,8 +76,9 @@ def read_tensors(file: str | Path, error: type[Exception] = None) -> dict[str, t
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
-        raise error(f"{file}: not a readable safetensors file ({one_line(err)}); restore it, or retrain the run "
-                    "that wrote it") from None
+        raise error(
+            f"{file}: not a readable safetensors file ({one_line(err)}); restore it, or retrain the run that wrote it"
+        ) from None
 
 
 def read_meta(path: str | Path) -> dict:

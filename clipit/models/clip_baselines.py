@@ -17,6 +17,7 @@ s is the CLIP's own exp(logit_scale) unless clip.logit_scale sets it (1/0.07 = 1
 tau = 0.07); clip.learn_logit_scale trains it under prompt_ft. The towers' weights always come from the
 CLIP checkpoint, so checkpoints hold only what training changed plus the cached class embeddings.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,9 @@ class PromptClassifier(BackboneModel):
     warm_start_prefixes = ()
     always_saved = ("class_emb", "log_scale")  # cached prompts and the scale, also when they do not train
 
-    def __init__(self, backbone: nn.Module, num_classes: int, logit_scale: float = MAX_LOGIT_SCALE,
-                 learn_scale: bool = False):
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, logit_scale: float = MAX_LOGIT_SCALE, learn_scale: bool = False
+    ):
         super().__init__(backbone)
         self.register_buffer("class_emb", torch.zeros(num_classes, backbone.num_features))
         log_scale = torch.tensor(math.log(logit_scale))
@@ -114,8 +116,12 @@ class PromptClassifier(BackboneModel):
     def inference_cost(self, counts: dict) -> dict:
         """Test time runs the vision tower only; the text tower ran once to cache the C x D class embeddings."""
         cached = int(self.class_emb.numel())
-        return {"inference": counts["inference"] + cached, "cached_class_embeddings": cached,
-                "text_tower_once": int(self.text_parameters), "text_tower_at_test": False}
+        return {
+            "inference": counts["inference"] + cached,
+            "cached_class_embeddings": cached,
+            "text_tower_once": int(self.text_parameters),
+            "text_tower_at_test": False,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +139,10 @@ def class_prompts(cfg: ExperimentConfig, classes: list[str]) -> tuple[list[str],
     """(C x T prompts, class-major; T): the templates filled with one name per class."""
     names = cfg.pairing.class_names
     if names is not None and len(names) != len(classes):
-        raise ConfigError(f"pairing.class_names has {len(names)} names but the shards in {cfg.shards.dir} hold "
-                          f"{len(classes)} classes {list(classes)}; give one prompt name per class, in that order")
+        raise ConfigError(
+            f"pairing.class_names has {len(names)} names but the shards in {cfg.shards.dir} hold "
+            f"{len(classes)} classes {list(classes)}; give one prompt name per class, in that order"
+        )
     templates = list(cfg.clip.templates or CONCH_TEMPLATES)
     names = class_names_for(cfg.data.name, classes, names)
     return [t.replace("CLASSNAME", n) for n in names for t in templates], len(templates)
@@ -146,8 +154,10 @@ def vision_tower(pairing: PairingModel) -> nn.Module:
         return ConchVision(clip.visual)
     visual = getattr(clip, "visual", None)
     if not isinstance(visual, nn.Module) or not hasattr(visual, "output_dim"):
-        raise PairingModelError(f"{pairing.name}: {type(clip).__name__} has no open_clip image tower (`visual`); "
-                                "the CLIP baselines take conch, open_clip:<arch> or demo-clip")
+        raise PairingModelError(
+            f"{pairing.name}: {type(clip).__name__} has no open_clip image tower (`visual`); "
+            "the CLIP baselines take conch, open_clip:<arch> or demo-clip"
+        )
     return ClipVision(visual, int(visual.output_dim))
 
 
@@ -168,8 +178,12 @@ def architecture(pairing: PairingModel, vision: nn.Module) -> dict | None:
             from clipit.pairing.encoders import conch_config
 
             cfg = pairing.identity.get("config") or conch_config()
-            return {"family": "conch", "embed_dim": cfg["embed_dim"], "embed_dim_caption": cfg["embed_dim_caption"],
-                    "vision_cfg": cfg["vision_cfg"]}
+            return {
+                "family": "conch",
+                "embed_dim": cfg["embed_dim"],
+                "embed_dim_caption": cfg["embed_dim_caption"],
+                "vision_cfg": cfg["vision_cfg"],
+            }
         import open_clip
         from open_clip.transformer import QuickGELU
 
@@ -178,7 +192,12 @@ def architecture(pairing: PairingModel, vision: nn.Module) -> dict | None:
         arch = register_demo_clip() if pairing.name == "demo-clip" else pairing.name.split(":", 1)[1]
         cfg = open_clip.get_model_config(arch)
         quick = any(isinstance(m, QuickGELU) for m in vision.modules())
-        return {"family": "open_clip", "embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"], "quick_gelu": quick}
+        return {
+            "family": "open_clip",
+            "embed_dim": cfg["embed_dim"],
+            "vision_cfg": cfg["vision_cfg"],
+            "quick_gelu": quick,
+        }
     except Exception:  # an architecture open_clip cannot describe offline: training works, export says why not
         return None
 
@@ -188,11 +207,14 @@ def vision_from_architecture(arch: dict) -> nn.Module:
     if arch["family"] == "conch":
         from conch.open_clip_custom import coca_model
 
-        return ConchVision(coca_model._build_vision_tower(arch["embed_dim"], arch["vision_cfg"], arch["embed_dim_caption"]))
+        return ConchVision(
+            coca_model._build_vision_tower(arch["embed_dim"], arch["vision_cfg"], arch["embed_dim_caption"])
+        )
     from open_clip.model import _build_vision_tower
 
-    return ClipVision(_build_vision_tower(arch["embed_dim"], dict(arch["vision_cfg"]), arch["quick_gelu"]),
-                      int(arch["embed_dim"]))
+    return ClipVision(
+        _build_vision_tower(arch["embed_dim"], dict(arch["vision_cfg"]), arch["quick_gelu"]), int(arch["embed_dim"])
+    )
 
 
 def text_parameters(clip: nn.Module) -> int:
@@ -202,8 +224,9 @@ def text_parameters(clip: nn.Module) -> int:
     return sum(p.numel() for n, p in clip.named_parameters() if n.split(".")[0] not in UNUSED_BY_TEXT)
 
 
-def build_clip_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int,
-                     text_tower: bool = True) -> tuple[nn.Module, DevicePreprocess]:
+def build_clip_model(
+    cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_tower: bool = True
+) -> tuple[nn.Module, DevicePreprocess]:
     """The method's model before fine-tuning is set up. `text_tower` (training) encodes the class prompts:
     zero_shot once here, prompt_ft every step; without it (evaluation, export) the checkpoint's cached
     class embeddings are loaded afterwards."""
@@ -216,9 +239,15 @@ def build_clip_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int,
         model = VisionClassifier(vision, num_classes)
     else:
         own = getattr(pairing.model, "logit_scale", None)
-        scale = cfg.clip.logit_scale or (float(own.detach().exp()) if isinstance(own, torch.Tensor) else MAX_LOGIT_SCALE)
-        model = PromptClassifier(vision, num_classes, min(scale, MAX_LOGIT_SCALE),
-                                 learn_scale=cfg.clip.learn_logit_scale and tcfg.method == "prompt_ft")
+        scale = cfg.clip.logit_scale or (
+            float(own.detach().exp()) if isinstance(own, torch.Tensor) else MAX_LOGIT_SCALE
+        )
+        model = PromptClassifier(
+            vision,
+            num_classes,
+            min(scale, MAX_LOGIT_SCALE),
+            learn_scale=cfg.clip.learn_logit_scale and tcfg.method == "prompt_ft",
+        )
         model.text_parameters = text_parameters(pairing.model)
         if text_tower:
             from clipit.shards.manifest import load_manifest
@@ -240,9 +269,11 @@ def export_fields(model: nn.Module, where: Path | str) -> dict:
     """What an export's config.json adds for a CLIP baseline (rebuilt by `vision_from_architecture`)."""
     arch = getattr(model, "clip_architecture", None)
     if arch is None:
-        raise PairingModelError(f"{where}: the architecture of its CLIP ({getattr(model, 'clip_identity', {})}) cannot "
-                                "be described offline, so the export could not be rebuilt; export needs conch, "
-                                "demo-clip or an open_clip architecture")
+        raise PairingModelError(
+            f"{where}: the architecture of its CLIP ({getattr(model, 'clip_identity', {})}) cannot "
+            "be described offline, so the export could not be rebuilt; export needs conch, "
+            "demo-clip or an open_clip architecture"
+        )
     fields = {"clip_architecture": arch, "clip": model.clip_identity}
     if isinstance(model, PromptClassifier):  # test time: vision tower + cached class embeddings
         fields["inference_cost"] = model.inference_cost({"inference": sum(p.numel() for p in model.parameters())})

@@ -14,6 +14,7 @@ head W_v when it is warm-started from another run (CLIP-IT from the unimodal pro
   auto    frozen for `unimodal`, `clip_probe`, `zero_shot`, else lora if model.lora.enabled, else frozen
 New modules (P, H_t, F, a fresh head, baseline classifiers) are always trained in full.
 """
+
 from __future__ import annotations
 
 import re
@@ -82,14 +83,22 @@ class ClipItModel(VisionClassifier):
     def __init__(self, backbone: nn.Module, num_classes: int, text_dim: int = 512, kd_layers: int = 1):
         super().__init__(backbone, num_classes)
         dim = backbone.num_features
-        self.proj = (nn.Linear(dim, text_dim) if kd_layers == 1 else
-                     nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.1), nn.Linear(dim, text_dim)))
+        self.proj = (
+            nn.Linear(dim, text_dim)
+            if kd_layers == 1
+            else nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.1), nn.Linear(dim, text_dim))
+        )
         self.text_head = text_mlp(text_dim, num_classes)
         self.fuse = nn.Linear(2 * num_classes, num_classes)
         self.text_tower: nn.Module | None = None
 
-    def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                masked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_emb: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         out = self.from_features(self.features(images), text_emb)
         if self.text_tower is not None and tokens is not None:
             out["text_emb"] = self.text_tower(tokens, masked)
@@ -105,8 +114,6 @@ class ClipItModel(VisionClassifier):
     def pretrained_modules(self, warm_head: bool) -> tuple[str, ...]:
         pretrained = super().pretrained_modules(warm_head)
         return pretrained + ("text_tower",) if self.text_tower is not None else pretrained
-
-
 
 
 def clipit_loss(outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | None, lam: float) -> dict:
@@ -131,23 +138,33 @@ def lora_target_names(model: nn.Module, types: list[str], modules: tuple[str, ..
     directly, so an adapter there would never run (and would leave unused parameters under DDP).
     """
     classes = tuple(LORA_TYPES[t] for t in types)
-    inside_mha = {f"{name}.{child}" if name else child for name, m in model.named_modules()
-                  if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_children()}
-    return [name for name, module in model.named_modules()
-            if isinstance(module, classes) and name not in inside_mha
-            and any(name == m or name.startswith(m + ".") for m in modules)]
+    inside_mha = {
+        f"{name}.{child}" if name else child
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_children()
+    }
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, classes)
+        and name not in inside_mha
+        and any(name == m or name.startswith(m + ".") for m in modules)
+    ]
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, modules: tuple[str, ...] = ("backbone", "head")) -> nn.Module:
-    from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
 
     names = lora_target_names(model, cfg.targets, modules)
     if not names:
         return model
     # a regex that matches exactly these names: peft's list form matches suffixes ("head" would hit backbone.head)
     pattern = "|".join(re.escape(n) for n in names)
-    inject_adapter_in_model(PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                           target_modules=pattern), model)
+    inject_adapter_in_model(
+        PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern), model
+    )
     return model
 
 

@@ -5,6 +5,7 @@ loaded, method head, warm start copied in, optional text tower, LoRA/frozen/full
 the device preprocessing. `build_classifier` gives the bare architecture, which the export path
 rebuilds from an export's JSON without any weights.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,9 @@ from clipit.weights import WeightsSource, resolve_pairing_checkpoint
 METHODS = ("unimodal", "clipit", "text", "late_fusion", "early_fusion") + CLIP_METHODS
 
 
-def build_classifier(method: str, backbone: nn.Module | None, num_classes: int, text_dim: int,
-                     kd_layers: int) -> nn.Module:
+def build_classifier(
+    method: str, backbone: nn.Module | None, num_classes: int, text_dim: int, kd_layers: int
+) -> nn.Module:
     if method == "unimodal":
         return VisionClassifier(backbone, num_classes)
     if method == "clipit":
@@ -44,8 +46,9 @@ def build_classifier(method: str, backbone: nn.Module | None, num_classes: int, 
     raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def build_method_model(mcfg: ModelConfig, tcfg: TrainConfig, num_classes: int,
-                       text_dim: int) -> tuple[nn.Module, BackboneSpec, WeightsSource | None]:
+def build_method_model(
+    mcfg: ModelConfig, tcfg: TrainConfig, num_classes: int, text_dim: int
+) -> tuple[nn.Module, BackboneSpec, WeightsSource | None]:
     """(model, backbone spec, weights source). The text-only classifier has no backbone (and needs no
     backbone weights)."""
     spec = get_spec(mcfg.backbone)
@@ -56,8 +59,14 @@ def build_method_model(mcfg: ModelConfig, tcfg: TrainConfig, num_classes: int,
     return build_classifier(tcfg.method, backbone, num_classes, text_dim, mcfg.kd_layers), spec, source
 
 
-def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_dim: int,
-                warm_start: Path | None = None, text_tower: bool = True):
+def build_model(
+    cfg: ExperimentConfig,
+    tcfg: TrainConfig,
+    num_classes: int,
+    text_dim: int,
+    warm_start: Path | None = None,
+    text_tower: bool = True,
+):
     """The method's model (backbone weights resolved and loaded, warm start copied in, LoRA/frozen/full
     fine-tuning set up) and the device preprocessing for its backbone. `text_tower=False` leaves out a
     trainable text tower (text_encoder: tower): evaluation and export run the vision model only.
@@ -67,8 +76,9 @@ def build_model(cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text
     """
     if tcfg.method in CLIP_METHODS:  # the CLIP's own towers, not model.backbone
         model, preprocess = clip_baselines.build_clip_model(cfg, tcfg, num_classes, text_tower)
-        prepare_finetune(model, resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled), cfg.model.lora,
-                         warm_head=False)
+        prepare_finetune(
+            model, resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled), cfg.model.lora, warm_head=False
+        )
         return model, preprocess
     model, spec, source = build_method_model(cfg.model, tcfg, num_classes, text_dim)
     if source is not None and source.kind != "random":
@@ -99,6 +109,8 @@ def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig
     with torch.no_grad():
         dim = int(tower(tower.tokenize(["x"])).shape[-1])
     if dim != text_dim:
-        raise ConfigError(f"pairing.model {cfg.pairing.model}: its text tower gives {dim}-d embeddings but the shards "
-                          f"hold {text_dim}-d ones; train with the pairing model that built the shards")
+        raise ConfigError(
+            f"pairing.model {cfg.pairing.model}: its text tower gives {dim}-d embeddings but the shards "
+            f"hold {text_dim}-d ones; train with the pairing model that built the shards"
+        )
     model.text_tower = tower

@@ -1,6 +1,7 @@
 """Device-side input preprocessing of every model: uint8 NHWC tiles -> normalised float NCHW at the
 backbone's input size, with the 8 dihedral symmetries as training augmentation (histology has no
 canonical orientation). Images stay uint8 until they reach the device."""
+
 from __future__ import annotations
 
 import torch

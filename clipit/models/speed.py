@@ -10,6 +10,7 @@ keys and exports do not depend on them:
   * compile: `nn.Module.compile` in place (the module's own forward stays, state_dict keys get no
     `_orig_mod.` prefix).
 """
+
 from __future__ import annotations
 
 import types
@@ -33,7 +34,10 @@ def apply_speed_settings(model: nn.Module, mcfg: ModelConfig) -> nn.Module:
     parts = heavy_parts(model)
     if mcfg.gradient_checkpointing:
         for name, part in parts.items():
-            enable_gradient_checkpointing(part, f"model.gradient_checkpointing: the {name} ({mcfg.backbone if name == 'backbone' else 'pairing model text tower'})")
+            enable_gradient_checkpointing(
+                part,
+                f"model.gradient_checkpointing: the {name} ({mcfg.backbone if name == 'backbone' else 'pairing model text tower'})",
+            )
     if mcfg.compile:
         for part in parts.values():
             part.compile(mode=None if mcfg.compile_mode == "default" else mcfg.compile_mode)
@@ -43,14 +47,19 @@ def apply_speed_settings(model: nn.Module, mcfg: ModelConfig) -> nn.Module:
 def enable_gradient_checkpointing(module: nn.Module, what: str = "this model") -> None:
     """Turn on per-block activation recomputation, or raise a one-line ConfigError."""
     for candidate in (module, getattr(module, "trunk", None)):  # ConchVision holds a timm ViT as `trunk`
-        if candidate is not None and callable(getattr(candidate, "set_grad_checkpointing", None)) \
-                and hasattr(candidate, "blocks"):
+        if (
+            candidate is not None
+            and callable(getattr(candidate, "set_grad_checkpointing", None))
+            and hasattr(candidate, "blocks")
+        ):
             candidate.set_grad_checkpointing(True)
             return
     blocks = _text_blocks(module)
     if blocks is None:
-        raise ConfigError(f"{what}: {type(module).__name__} has no transformer blocks to checkpoint; set "
-                          "model.gradient_checkpointing: false")
+        raise ConfigError(
+            f"{what}: {type(module).__name__} has no transformer blocks to checkpoint; set "
+            "model.gradient_checkpointing: false"
+        )
     for block in blocks:
         checkpoint_forward(block)
 

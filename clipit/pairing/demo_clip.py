@@ -4,6 +4,7 @@ image-caption set (clipit.data.demo.make_paired_set), then used frozen to pair i
 The architecture lives in the package file `clipit-demo-clip.json`; open_clip names registered configs by
 file stem, so the model name is DEMO_CLIP_NAME. 512-d joint space, like CONCH.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,16 @@ def _forward_trimmed(model, images: torch.Tensor, text: torch.Tensor):
     return functional_call(model, over, (images, text[:, :L]))
 
 
-def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seconds: float = 60, seed: int = 0,
-                    batch_size: int = 64, lr: float = 2e-3, max_steps: int | None = None) -> Path:
+def train_demo_clip(
+    images: np.ndarray,
+    captions: list[str],
+    out_dir: Path,
+    seconds: float = 60,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    max_steps: int | None = None,
+) -> Path:
     """Contrastive training (open_clip ClipLoss, AdamW, warmup + cosine) for at most `seconds` wall time
     and at most `max_steps` steps (set it for a bit-reproducible run; wall time alone is machine-dependent).
     Writes out_dir/model.safetensors (atomic) then out_dir/identity.json; skips if both exist."""
@@ -78,8 +87,12 @@ def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seco
     # No weight decay on gains/biases/embeddings/logit_scale (standard CLIP recipe).
     decay = [p for nm, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in nm]
     rest = [p for nm, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in nm)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     gen = torch.Generator().manual_seed(seed)
     warmup, step, losses = 20, 0, []
     model.train()
@@ -97,7 +110,7 @@ def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seco
             g["lr"] = lr * scale
         if pos + batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + batch_size]
+        idx = perm[pos : pos + batch_size]
         pos += batch_size
         x = x_all[idx]
         # Light augmentation: H&E is orientation-free, so random 90-degree rotations and flips.
@@ -121,9 +134,17 @@ def train_demo_clip(images: np.ndarray, captions: list[str], out_dir: Path, seco
     with atomic_path(ckpt) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     identity = {
-        "name": name, "config": json.loads(CONFIG_PATH.read_text()), "sha256": sha256_file(ckpt), "steps": step,
-        "train_seconds": round(train_s, 2), "seed": seed, "batch_size": batch_size, "lr": lr, "n_pairs": n,
-        "final_loss": float(np.mean(losses[-10:])) if losses else None, "open_clip": open_clip.__version__,
+        "name": name,
+        "config": json.loads(CONFIG_PATH.read_text()),
+        "sha256": sha256_file(ckpt),
+        "steps": step,
+        "train_seconds": round(train_s, 2),
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "n_pairs": n,
+        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "open_clip": open_clip.__version__,
     }
     atomic_write_json(ident, identity, indent=1)
     return ckpt

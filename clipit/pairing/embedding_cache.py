@@ -1,6 +1,7 @@
 """The text-embedding cache of a pairing directory: embeddings.npy [M, D], ids.json and identity.json
 (pairing-model identity, corpus fingerprint, dims). identity.json is written last and marks the cache
 complete; a cache made by another model or for another corpus reads as absent, so it is recomputed."""
+
 from __future__ import annotations
 
 import json
@@ -27,22 +28,29 @@ def _jsonable(obj: Any, where: Path) -> Any:
         raise CorpusError(f"{where}: model identity must be JSON-serialisable ({e}); use plain values") from None
 
 
-def save_text_embeddings(path_dir: str | os.PathLike, embeddings: np.ndarray, reports: list[Report],
-                         model_identity: dict) -> dict:
+def save_text_embeddings(
+    path_dir: str | os.PathLike, embeddings: np.ndarray, reports: list[Report], model_identity: dict
+) -> dict:
     """Write embeddings.npy, ids.json, then identity.json last: identity.json is the commit marker,
     removed first so that an interrupted rewrite reads as "absent" (recompute), never as valid."""
     d = Path(path_dir)
     emb = np.asarray(embeddings)
     if emb.ndim != 2 or emb.shape[0] != len(reports):
-        raise CorpusError(f"{d}: embeddings of shape {emb.shape} do not match {len(reports)} reports; "
-                          "pass one row per report")
+        raise CorpusError(
+            f"{d}: embeddings of shape {emb.shape} do not match {len(reports)} reports; pass one row per report"
+        )
     if emb.dtype not in (np.float16, np.float32):
         raise CorpusError(f"{d}: embeddings dtype {emb.dtype} not supported; cast to float32 or float16")
     if not np.isfinite(emb).all():
         raise CorpusError(f"{d}: embeddings contain NaN/inf; check the text encoder (fp16 overflow?)")
-    identity = {"version": _CACHE_VERSION, "model": _jsonable(model_identity, d),
-                "fingerprint": corpus_fingerprint(reports), "count": int(emb.shape[0]),
-                "dim": int(emb.shape[1]), "dtype": str(emb.dtype)}
+    identity = {
+        "version": _CACHE_VERSION,
+        "model": _jsonable(model_identity, d),
+        "fingerprint": corpus_fingerprint(reports),
+        "count": int(emb.shape[0]),
+        "dim": int(emb.shape[1]),
+        "dtype": str(emb.dtype),
+    }
     d.mkdir(parents=True, exist_ok=True)
     (d / "identity.json").unlink(missing_ok=True)
     atomic_save_npy(d / "embeddings.npy", emb)
@@ -51,8 +59,9 @@ def save_text_embeddings(path_dir: str | os.PathLike, embeddings: np.ndarray, re
     return identity
 
 
-def load_text_embeddings(path_dir: str | os.PathLike, expect_identity: dict | None = None,
-                         expect_fingerprint: str | None = None) -> tuple[np.ndarray, list[str]] | None:
+def load_text_embeddings(
+    path_dir: str | os.PathLike, expect_identity: dict | None = None, expect_fingerprint: str | None = None
+) -> tuple[np.ndarray, list[str]] | None:
     """(embeddings M x D, ids) from a cache; None when absent or stale (other model/corpus/version)."""
     d = Path(path_dir)
     marker = d / "identity.json"
@@ -80,6 +89,5 @@ def load_text_embeddings(path_dir: str | os.PathLike, expect_identity: dict | No
     if emb.ndim != 2 or not isinstance(ids, list) or len(ids) != emb.shape[0]:
         raise CorpusError(f"{d}: corrupt cache: embeddings {emb.shape} vs {len(ids)} ids; {fix}")
     if (emb.shape[0], emb.shape[1], str(emb.dtype)) != (ident.get("count"), ident.get("dim"), ident.get("dtype")):
-        raise CorpusError(f"{d}: corrupt cache: embeddings {emb.shape} {emb.dtype} disagree with identity.json; "
-                          f"{fix}")
+        raise CorpusError(f"{d}: corrupt cache: embeddings {emb.shape} {emb.dtype} disagree with identity.json; {fix}")
     return emb, ids

@@ -14,26 +14,29 @@ names (config `pairing.model`):
   ``open_clip:hf-hub:<repo>`` / ``open_clip:local-dir:<dir>``: config and weights both from there.
 * ``demo-clip``: the small CLIP that `clipit demo` trains (clipit/pairing/demo_clip.py).
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from clipit.errors import ClipitError, one_line
 from clipit.io import sha256_file
-from clipit.state_dict import load_strict
 from clipit.pairing.search import l2_normalize
+from clipit.state_dict import load_strict
 
 CONCH_ARCH = "conch_ViT-B-16"
 CONCH_HUB_FILE = "pytorch_model.bin"
 CONCH_CONTEXT = 128  # tokens: 127 from the tokenizer + 1 pad that the CLS embedding replaces
-CONCH_HINT = ("download pytorch_model.bin from https://huggingface.co/MahmoodLab/conch (gated: accept the terms) "
-              "and set pairing.checkpoint in your config to its path")
+CONCH_HINT = (
+    "download pytorch_model.bin from https://huggingface.co/MahmoodLab/conch (gated: accept the terms) "
+    "and set pairing.checkpoint in your config to its path"
+)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Non-persistent buffers that older checkpoints may carry; they are rebuilt by the model, never loaded.
 _IGNORED_UNEXPECTED = ("text.attn_mask", "text_decoder.attn_mask")
@@ -46,8 +49,16 @@ class PairingModelError(ClipitError):
 class PairingModel:
     """An open_clip-style CLIP: `model.encode_image` / `model.encode_text` plus a tokenizer."""
 
-    def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
-                 identity: dict, device: str | torch.device = "cpu", precision: str = "fp32"):
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        preprocess: Callable,
+        tokenizer: Callable,
+        identity: dict,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ):
         if precision not in PRECISIONS:
             raise PairingModelError(f"pairing.precision {precision!r} is not one of {sorted(PRECISIONS)}")
         self.name = name
@@ -117,8 +128,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 # ------------------------------------------------------------------------------------------------ demo
 
 
-def load_demo_clip(checkpoint: str | Path | None, device: str | torch.device = "cpu",
-                   precision: str = "fp32") -> PairingModel:
+def load_demo_clip(
+    checkpoint: str | Path | None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> PairingModel:
     from clipit.pairing import demo_clip
 
     if checkpoint is None or not Path(checkpoint).is_file():
@@ -144,8 +156,9 @@ def _hub_download(repo_id: str, filename: str | None = None) -> str:
     return hf_hub_download(repo_id, filename=filename)
 
 
-def load_open_clip(arch: str, checkpoint: str | Path | None, device: str | torch.device = "cpu",
-                   precision: str = "fp32") -> PairingModel:
+def load_open_clip(
+    arch: str, checkpoint: str | Path | None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> PairingModel:
     """Any open_clip model (QuiltNet, PLIP-style); see the module docstring for the accepted forms."""
     import open_clip
 
@@ -157,17 +170,21 @@ def load_open_clip(arch: str, checkpoint: str | Path | None, device: str | torch
         model_name, weights, source = arch, None, arch
     else:
         if arch not in open_clip.list_models():
-            raise PairingModelError(f"unknown open_clip architecture {arch!r}; set pairing.model to open_clip:<one of "
-                                    f"open_clip.list_models()> or open_clip:hf-hub:<repo>")
+            raise PairingModelError(
+                f"unknown open_clip architecture {arch!r}; set pairing.model to open_clip:<one of "
+                f"open_clip.list_models()> or open_clip:hf-hub:<repo>"
+            )
         if not checkpoint:
             raise PairingModelError(f"{name} needs pairing.checkpoint: a local weights file or hf-hub:<repo>")
         source = str(checkpoint)
         if source.startswith("hf-hub:"):
             try:
-                weights = _hub_download(source[len("hf-hub:"):])
+                weights = _hub_download(source[len("hf-hub:") :])
             except Exception as err:  # offline, gated, no such repo: all end the same way for the user
-                raise PairingModelError(f"{source}: cannot download weights for {name} ({one_line(err)}); download "
-                                        "them and set pairing.checkpoint to the local file") from None
+                raise PairingModelError(
+                    f"{source}: cannot download weights for {name} ({one_line(err)}); download "
+                    "them and set pairing.checkpoint to the local file"
+                ) from None
         else:
             weights = source
             if not Path(weights).is_file():
@@ -177,11 +194,13 @@ def load_open_clip(arch: str, checkpoint: str | Path | None, device: str | torch
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
         tokenizer = open_clip.get_tokenizer(model_name)
     except (RuntimeError, ValueError, KeyError, OSError) as err:  # strict load: missing/unexpected keys, shapes
-        raise PairingModelError(f"{weights or source}: does not fit {name} ({one_line(err)}); "
-                                "fix pairing.checkpoint or pairing.model") from None
+        raise PairingModelError(
+            f"{weights or source}: does not fit {name} ({one_line(err)}); fix pairing.checkpoint or pairing.model"
+        ) from None
     except Exception as err:  # hub errors for the schema forms
-        raise PairingModelError(f"{source}: cannot load {name} ({one_line(err)}); check the name and your network"
-                                ) from None
+        raise PairingModelError(
+            f"{source}: cannot load {name} ({one_line(err)}); check the name and your network"
+        ) from None
     identity = {"model": name, "checkpoint": source}
     if weights and Path(weights).is_file():
         identity["sha256"] = sha256_file(weights)
@@ -197,8 +216,9 @@ def _import_conch():
             warnings.simplefilter("ignore", FutureWarning)
             import conch.open_clip_custom as conch
     except ImportError as err:
-        raise PairingModelError(f"pairing.model conch needs the conch-fork package ({one_line(err)}); "
-                                "pip install 'clipit[conch]'") from None
+        raise PairingModelError(
+            f"pairing.model conch needs the conch-fork package ({one_line(err)}); pip install 'clipit[conch]'"
+        ) from None
     return conch
 
 
@@ -217,8 +237,15 @@ def conch_tokenizer(hf_tokenizer=None) -> Callable[[list[str]], torch.Tensor]:
     tok = hf_tokenizer or _import_conch().get_tokenizer()
 
     def tokenize(texts: list[str]) -> torch.Tensor:
-        ids = tok(list(texts), max_length=CONCH_CONTEXT - 1, add_special_tokens=True, return_token_type_ids=False,
-                  truncation=True, padding="max_length", return_tensors="pt")["input_ids"]
+        ids = tok(
+            list(texts),
+            max_length=CONCH_CONTEXT - 1,
+            add_special_tokens=True,
+            return_token_type_ids=False,
+            truncation=True,
+            padding="max_length",
+            return_tensors="pt",
+        )["input_ids"]
         return torch.nn.functional.pad(ids, (0, 1), value=tok.pad_token_id)
 
     return tokenize
@@ -235,16 +262,18 @@ def conch_preprocess(image_size: int = 448):
 def resolve_conch_weights(checkpoint: str | Path | None) -> Path:
     """A local CONCH weights file from pairing.checkpoint (a file, a folder, or hf_hub:/hf-hub:<repo>)."""
     if not checkpoint:
-        raise PairingModelError(f"pairing.model conch needs pairing.checkpoint; {CONCH_HINT} "
-                                "(or write hf_hub:MahmoodLab/conch)")
+        raise PairingModelError(
+            f"pairing.model conch needs pairing.checkpoint; {CONCH_HINT} (or write hf_hub:MahmoodLab/conch)"
+        )
     source = str(checkpoint)
     for prefix in ("hf_hub:", "hf-hub:"):
         if source.startswith(prefix):
             try:
-                return Path(_hub_download(source[len(prefix):], CONCH_HUB_FILE))
+                return Path(_hub_download(source[len(prefix) :], CONCH_HUB_FILE))
             except Exception as err:  # offline, gated or missing repo
-                raise PairingModelError(f"{source}: cannot download {CONCH_HUB_FILE} ({one_line(err)}); "
-                                        f"{CONCH_HINT}") from None
+                raise PairingModelError(
+                    f"{source}: cannot download {CONCH_HUB_FILE} ({one_line(err)}); {CONCH_HINT}"
+                ) from None
     path = Path(source).expanduser()
     if path.is_dir():
         found = [path / n for n in (CONCH_HUB_FILE, "model.safetensors", "pytorch_model.pt") if (path / n).is_file()]
@@ -276,12 +305,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state:
         raise PairingModelError(f"{path}: holds no state dict of tensors; {CONCH_HINT}")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
-def load_conch(checkpoint: str | Path | None, device: str | torch.device = "cpu", precision: str = "fp32",
-               model_cfg: dict | None = None) -> ConchPairingModel:
+def load_conch(
+    checkpoint: str | Path | None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    model_cfg: dict | None = None,
+) -> ConchPairingModel:
     """CONCH from conch-fork's CoCa and strictly loaded weights. `model_cfg` replaces the packaged
     conch_ViT-B-16 config (tests use a shrunk one; the identity then records it)."""
     conch = _import_conch()
@@ -301,8 +334,9 @@ def load_conch(checkpoint: str | Path | None, device: str | torch.device = "cpu"
 # -------------------------------------------------------------------------------------------- registry
 
 
-def build_pairing_model(name: str, checkpoint: str | Path | None = None, device: str = "auto",
-                        precision: str = "fp32") -> PairingModel:
+def build_pairing_model(
+    name: str, checkpoint: str | Path | None = None, device: str = "auto", precision: str = "fp32"
+) -> PairingModel:
     dev = resolve_device(device)
     if name == "demo-clip":
         return load_demo_clip(checkpoint, dev, precision)
@@ -310,5 +344,6 @@ def build_pairing_model(name: str, checkpoint: str | Path | None = None, device:
         return load_conch(checkpoint, dev, precision)
     if name.startswith("open_clip:") and len(name) > len("open_clip:"):
         return load_open_clip(name.split(":", 1)[1], checkpoint, dev, precision)
-    raise PairingModelError(f"unknown pairing model {name!r}; set pairing.model to conch, demo-clip or "
-                            "open_clip:<arch>")
+    raise PairingModelError(
+        f"unknown pairing model {name!r}; set pairing.model to conch, demo-clip or open_clip:<arch>"
+    )

@@ -6,6 +6,7 @@ the config spec that made it), written atomically. A rerun skips a split whose f
 whose meta matches; a file made by another model, corpus or k is recomputed, so switching an
 ablation (class prompts, top-k) never reuses stale pairs.
 """
+
 from __future__ import annotations
 
 import glob
@@ -18,14 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipit.config import ConfigError
+from clipit.corpus import Report, corpus_fingerprint
 from clipit.data.base import DatasetError, ImageDataset, ImageDecodeError, ImageSample, decode_image, worker_error
 from clipit.errors import one_line
 from clipit.io import atomic_save_npz, atomic_write_json
-from clipit.progress import progress
+from clipit.pairing.embedding_cache import load_text_embeddings, save_text_embeddings
 from clipit.pairing.encoders import PairingModel
 from clipit.pairing.search import topk_cosine
-from clipit.corpus import Report, corpus_fingerprint
-from clipit.pairing.embedding_cache import load_text_embeddings, save_text_embeddings
+from clipit.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ def sample_location(dataset: ImageDataset, item: ImageSample) -> str:
 def decode_error(dataset: ImageDataset, item: ImageSample, err: BaseException) -> DatasetError:
     """One line for a source image that does not decode (decode_image's ImageDecodeError carries the reason)."""
     reason = str(err) if isinstance(err, ImageDecodeError) else one_line(err)
-    return DatasetError(f"{sample_location(dataset, item)}: cannot decode image ({reason}); replace or delete the "
-                        "file and rerun")
+    return DatasetError(
+        f"{sample_location(dataset, item)}: cannot decode image ({reason}); replace or delete the file and rerun"
+    )
 
 
 class _Preprocessed(Dataset):
@@ -69,8 +71,9 @@ class _Preprocessed(Dataset):
         return self.preprocess(image)
 
 
-def embed_reports(model: PairingModel, reports: list[Report], cache_dir: str | Path,
-                  batch_size: int = 256) -> np.ndarray:
+def embed_reports(
+    model: PairingModel, reports: list[Report], cache_dir: str | Path, batch_size: int = 256
+) -> np.ndarray:
     """Text embeddings of the corpus, computed once per (model identity, corpus) and cached."""
     fingerprint = corpus_fingerprint(reports)
     cached = load_text_embeddings(cache_dir, expect_identity=model.identity, expect_fingerprint=fingerprint)
@@ -85,15 +88,20 @@ def embed_reports(model: PairingModel, reports: list[Report], cache_dir: str | P
 
 
 @torch.no_grad()
-def embed_images(model: PairingModel, dataset: ImageDataset, split: str, batch_size: int = 256,
-                 num_workers: int = 0) -> torch.Tensor:
+def embed_images(
+    model: PairingModel, dataset: ImageDataset, split: str, batch_size: int = 256, num_workers: int = 0
+) -> torch.Tensor:
     """All images of a split, encoded in batches; results stay on the model's device (no per-image sync)."""
-    loader = DataLoader(_Preprocessed(dataset, split, model.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=model.device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    loader = DataLoader(
+        _Preprocessed(dataset, split, model.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=model.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
     try:
-        feats = [model.encode_images(batch) for batch in
-                 progress(loader, desc=f"embed {split} images", unit="batch")]
+        feats = [model.encode_images(batch) for batch in progress(loader, desc=f"embed {split} images", unit="batch")]
     except DatasetError as err:
         raise worker_error(err) from None
     return torch.cat(feats)
@@ -103,8 +111,13 @@ ENCODER_FILE = "encoder.json"  # in the pairing dir: the pairing model's image-e
 
 
 def pairs_meta(model_identity: dict, texts: list[Report], top_k: int, spec: dict | None) -> dict:
-    return {"model": model_identity, "fingerprint": corpus_fingerprint(texts), "num_texts": len(texts),
-            "top_k": int(top_k), "spec": spec or {}}
+    return {
+        "model": model_identity,
+        "fingerprint": corpus_fingerprint(texts),
+        "num_texts": len(texts),
+        "top_k": int(top_k),
+        "spec": spec or {},
+    }
 
 
 def read_pairs_meta(path: str | Path) -> dict | None:
@@ -116,9 +129,17 @@ def read_pairs_meta(path: str | Path) -> dict | None:
         return None
 
 
-def pair_dataset(model: PairingModel, dataset: ImageDataset, reports: list[Report], out_dir: str | Path,
-                 top_k: int = 1, batch_size: int = 256, num_workers: int = 0, search: str = "auto",
-                 spec: dict | None = None) -> dict[str, Path]:
+def pair_dataset(
+    model: PairingModel,
+    dataset: ImageDataset,
+    reports: list[Report],
+    out_dir: str | Path,
+    top_k: int = 1,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    search: str = "auto",
+    spec: dict | None = None,
+) -> dict[str, Path]:
     """Pair every split of `dataset` with its top-k texts; returns split -> pairs file."""
     out_dir = Path(out_dir)
     if not reports:
@@ -127,8 +148,9 @@ def pair_dataset(model: PairingModel, dataset: ImageDataset, reports: list[Repor
         raise ConfigError(f"pairing.top_k={top_k} but the corpus has only {len(reports)} texts; lower pairing.top_k")
     text = torch.from_numpy(embed_reports(model, reports, out_dir / "text-embeddings", batch_size))
     # what a method that needs the retrieved report at test time runs besides itself (the report's cost)
-    atomic_write_json(out_dir / ENCODER_FILE, {"model": model.name,
-                                               "image_encoder_parameters": model.image_encoder_parameters()})
+    atomic_write_json(
+        out_dir / ENCODER_FILE, {"model": model.name, "image_encoder_parameters": model.image_encoder_parameters()}
+    )
     meta = pairs_meta(model.identity, reports, top_k, spec)
     paths = {}
     for split in dataset.splits:
@@ -141,8 +163,14 @@ def pair_dataset(model: PairingModel, dataset: ImageDataset, reports: list[Repor
         images = embed_images(model, dataset, split, batch_size, num_workers)
         indices, scores = topk_cosine(images, text.to(images.device), k=top_k, backend=search)
         keys = np.array(dataset.keys(split))
-        atomic_save_npz(path, indices=indices, scores=scores, keys=keys, labels=dataset.labels(split),
-                        meta=np.array(json.dumps(meta, sort_keys=True)))
+        atomic_save_npz(
+            path,
+            indices=indices,
+            scores=scores,
+            keys=keys,
+            labels=dataset.labels(split),
+            meta=np.array(json.dumps(meta, sort_keys=True)),
+        )
     return paths
 
 
@@ -170,7 +198,11 @@ def current_pairs(cfg, dataset: ImageDataset, texts: list[Report]) -> dict[str, 
     fingerprint = corpus_fingerprint(texts)
     for path in paths.values():
         meta = read_pairs_meta(path) if path.exists() else None
-        if (meta is None or meta.get("fingerprint") != fingerprint or meta.get("top_k") != cfg.pairing.top_k
-                or meta.get("spec") != json.loads(json.dumps(pairing_spec(cfg)))):
+        if (
+            meta is None
+            or meta.get("fingerprint") != fingerprint
+            or meta.get("top_k") != cfg.pairing.top_k
+            or meta.get("spec") != json.loads(json.dumps(pairing_spec(cfg)))
+        ):
             return None
     return paths

@@ -6,6 +6,7 @@ always goes to the lower report index: a GEMM may give identical rows scores tha
 bit, which would otherwise make the winner depend on the row's position in the block (or, for faiss,
 on its heap order). Both backends therefore return the same indices; scores agree to float rounding.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,7 +42,9 @@ def choose_backend(backend: str, num_keys: int, device: torch.device) -> str:
         use_faiss = device.type == "cpu" and num_keys >= FAISS_MIN_KEYS and faiss_available()
         return "faiss" if use_faiss else "torch"
     if backend == "faiss" and not faiss_available():
-        raise ConfigError("pairing.search: faiss needs faiss-cpu: pip install 'clipit[faiss]', or set pairing.search: auto")
+        raise ConfigError(
+            "pairing.search: faiss needs faiss-cpu: pip install 'clipit[faiss]', or set pairing.search: auto"
+        )
     return backend
 
 
@@ -162,8 +165,9 @@ def _expand_duplicates(queries, unique_keys, inverse, k, chunk_size, device, bac
     members = np.full((len(groups), width), -1, dtype=np.int64)  # unique row -> original indices, padded
     for u, g in enumerate(groups):
         members[u, : len(g)] = g
-    u_idx, u_val = topk_cosine(queries, unique_keys, k=min(k, len(groups)), chunk_size=chunk_size, device=device,
-                               backend=backend)
+    u_idx, u_val = topk_cosine(
+        queries, unique_keys, k=min(k, len(groups)), chunk_size=chunk_size, device=device, backend=backend
+    )
     expanded = members[u_idx].reshape(len(u_idx), -1)  # [N, k' * width], best unique row first
     scores = np.repeat(u_val, width, axis=1)
     valid = expanded >= 0

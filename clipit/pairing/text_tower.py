@@ -13,9 +13,10 @@ report, per step:
           find <end>)
   remove  the paper's prose ("words removed"): the tokens are deleted and the rest shifts left
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -85,8 +86,10 @@ def _token_embedding(clip: nn.Module) -> tuple[nn.Module, nn.Embedding]:
     for owner in (clip, getattr(clip, "text", None)):
         if owner is not None and isinstance(getattr(owner, "token_embedding", None), nn.Embedding):
             return owner, owner.token_embedding
-    raise PairingModelError(f"{type(clip).__name__} has no token_embedding (not an open_clip/CONCH text tower, e.g. "
-                            "an HF text model); train with text_encoder: cached")
+    raise PairingModelError(
+        f"{type(clip).__name__} has no token_embedding (not an open_clip/CONCH text tower, e.g. "
+        "an HF text model); train with text_encoder: cached"
+    )
 
 
 def text_tower_from(pairing: PairingModel, copy: bool = True) -> TextTower:
@@ -119,8 +122,9 @@ def droppable(tokens: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
     return (positions > 0) & (positions < first_end.unsqueeze(1)) & (tokens[:, :1] == start_id)
 
 
-def choose_dropped(tokens: torch.Tensor, fraction: float, start_id: int, end_id: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def choose_dropped(
+    tokens: torch.Tensor, fraction: float, start_id: int, end_id: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """round(fraction * n) positions per row, uniformly among its n droppable tokens (bool [B, L])."""
     allowed = droppable(tokens, start_id, end_id)
     count = torch.round(allowed.sum(1).float() * fraction).long()
@@ -139,8 +143,9 @@ def remove_tokens(tokens: torch.Tensor, dropped: torch.Tensor, pad_id: int) -> t
     return out.masked_fill(tail, pad_id)
 
 
-def corrupt(tokens: torch.Tensor, tower: TextTower, fraction: float, mode: str,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def corrupt(
+    tokens: torch.Tensor, tower: TextTower, fraction: float, mode: str, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tokens, mask positions) for one training step of the word-drop ablation."""
     if fraction <= 0:
         return tokens, None

@@ -5,11 +5,12 @@ per class, each prompt one "text" in the pairing corpus. The class names are tho
 CLIP baselines (method.md §4), listed here in OUR label order (BACH: eva's Benign, InSitu, Invasive,
 Normal; the reference's own list is ordered differently, method.md §8.7).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from clipit.corpus import Report, CorpusError
+from clipit.corpus import CorpusError, Report
 
 # CONCH's prompt templates (mahmoodlab/CONCH, prompts/*.json and the zero-shot notebooks).
 CONCH_TEMPLATES = (
@@ -41,9 +42,17 @@ CONCH_TEMPLATES = (
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "pcam": ("normal", "tumor"),
     "bach": ("benign", "in situ carcinoma", "invasive carcinoma", "normal"),
-    "crc": ("adipose tissue", "background", "debris (necrosis, mucus, hemorrhage)", "lymphocytes", "mucus",
-            "smooth muscle", "normal colon mucosa", "cancer-associated stroma",
-            "colorectal adenocarcinoma epithelium"),
+    "crc": (
+        "adipose tissue",
+        "background",
+        "debris (necrosis, mucus, hemorrhage)",
+        "lymphocytes",
+        "mucus",
+        "smooth muscle",
+        "normal colon mucosa",
+        "cancer-associated stroma",
+        "colorectal adenocarcinoma epithelium",
+    ),
 }
 
 
@@ -52,8 +61,10 @@ def class_names_for(dataset_name: str, classes: Sequence[str], override: Sequenc
     if override:
         names = [str(n) for n in override]
         if len(names) != len(classes):
-            raise CorpusError(f"pairing.class_names has {len(names)} names but dataset {dataset_name!r} has "
-                              f"{len(classes)} classes {list(classes)}; give one name per class, in that order")
+            raise CorpusError(
+                f"pairing.class_names has {len(names)} names but dataset {dataset_name!r} has "
+                f"{len(classes)} classes {list(classes)}; give one name per class, in that order"
+            )
         return names
     known = CLASS_NAMES.get(dataset_name)
     if known is not None and len(known) == len(classes):
@@ -61,16 +72,23 @@ def class_names_for(dataset_name: str, classes: Sequence[str], override: Sequenc
     return [str(c).replace("_", " ") for c in classes]
 
 
-def class_prompt_texts(dataset_name: str, classes: Sequence[str], class_names: Sequence[str] | None = None,
-                       templates: Sequence[str] = CONCH_TEMPLATES) -> list[Report]:
+def class_prompt_texts(
+    dataset_name: str,
+    classes: Sequence[str],
+    class_names: Sequence[str] | None = None,
+    templates: Sequence[str] = CONCH_TEMPLATES,
+) -> list[Report]:
     """len(classes) × len(templates) prompts, class-major; ids `prompt-<label>-<template>`."""
     if not classes:
         raise CorpusError(f"dataset {dataset_name!r} has no classes to build class prompts from")
     names = class_names_for(dataset_name, classes, class_names)
     return [
-        Report(id=f"prompt-{label:03d}-{t:02d}", text=template.replace("CLASSNAME", name),
-               # demo_class: the key pipeline.class_agreement reads (the text's class id, any dataset)
-               meta={"label": label, "class": str(classes[label]), "demo_class": str(classes[label]), "template": t})
+        Report(
+            id=f"prompt-{label:03d}-{t:02d}",
+            text=template.replace("CLASSNAME", name),
+            # demo_class: the key pipeline.class_agreement reads (the text's class id, any dataset)
+            meta={"label": label, "class": str(classes[label]), "demo_class": str(classes[label]), "template": t},
+        )
         for label, name in enumerate(names)
         for t, template in enumerate(templates)
     ]
@@ -81,6 +99,8 @@ def pairing_texts(cfg, dataset, reports: list[Report]) -> list[Report]:
     if cfg.pairing.texts == "class_prompts":
         return class_prompt_texts(dataset.name, dataset.classes, cfg.pairing.class_names)
     if not reports:
-        raise CorpusError(f"{cfg.reports.path}: the report corpus is empty; check reports.path and its filters "
-                          "(reports.organ, reports.projects)")
+        raise CorpusError(
+            f"{cfg.reports.path}: the report corpus is empty; check reports.path and its filters "
+            "(reports.organ, reports.projects)"
+        )
     return reports

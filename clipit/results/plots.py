@@ -1,4 +1,5 @@
 """Figures of `clipit report` (matplotlib, Agg): Pareto, Ω bars, training curves."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,22 +7,46 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from clipit import layout  # noqa: E402
-from clipit.io import atomic_path  # noqa: E402
-from clipit.results.runs import (BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, METHOD_NAMES, Run, main_runs,  # noqa: E402
-                                 method_label, order)
+from clipit import layout
+from clipit.io import atomic_path
+from clipit.results.runs import (
+    BACKBONE_NAMES,
+    DATASET_NAMES,
+    MAIN_VARIANTS,
+    METHOD_NAMES,
+    Run,
+    main_runs,
+    method_label,
+    order,
+)
 
-plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-                     "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3})
+plt.rcParams.update(
+    {
+        "font.size": 10,
+        "axes.titlesize": 11,
+        "axes.labelsize": 10,
+        "legend.fontsize": 9,
+        "figure.dpi": 110,
+        "savefig.dpi": 150,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+    }
+)
 MARKERS = {"unimodal": "o", "clipit": "^"}
 # multimodal points (the report or a CLIP's towers at test time): one marker per kind, hollow
-MULTIMODAL_MARKERS = {"text": "x", "late_fusion": "D", "early_fusion": "P", "zero_shot": "*", "prompt_ft": "v",
-                      "clip_probe": "h"}
+MULTIMODAL_MARKERS = {
+    "text": "x",
+    "late_fusion": "D",
+    "early_fusion": "P",
+    "zero_shot": "*",
+    "prompt_ft": "v",
+    "clip_probe": "h",
+}
 STYLES = {"unimodal": "--", "clipit": "-", "text": ":", "late_fusion": "-.", "early_fusion": (0, (5, 1, 1, 1))}
 
 
@@ -70,13 +95,28 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
                 x = float(np.mean([r.params for r in group])) * jitter
                 values = 100 * np.array([r.value(metric) for r in group])
                 y, err = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-                ax.errorbar(x, y, yerr=err, fmt=MARKERS[kind], color=colors[b], markersize=7, capsize=3,
-                            markeredgecolor="black", markeredgewidth=0.5, zorder=3)
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=err,
+                    fmt=MARKERS[kind],
+                    color=colors[b],
+                    markersize=7,
+                    capsize=3,
+                    markeredgecolor="black",
+                    markeredgewidth=0.5,
+                    zorder=3,
+                )
                 xy[kind] = (x, y)
                 points.append((x, y))
             if len(xy) == 2:
-                ax.annotate("", xy=xy["clipit"], xytext=xy["unimodal"],
-                            arrowprops=dict(arrowstyle="->", color=colors[b], lw=1.2, alpha=0.8), zorder=2)
+                ax.annotate(
+                    "",
+                    xy=xy["clipit"],
+                    xytext=xy["unimodal"],
+                    arrowprops=dict(arrowstyle="->", color=colors[b], lw=1.2, alpha=0.8),
+                    zorder=2,
+                )
         kinds = order({r.kind for r in multimodal if r.dataset == d}, MULTIMODAL_MARKERS)
         for kind in kinds:
             for b in order({r.backbone for r in multimodal if r.dataset == d and r.kind == kind}, BACKBONE_NAMES):
@@ -85,8 +125,18 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
                 values = 100 * np.array([r.value(metric) for r in group])
                 y, err = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
                 color = colors.get(b, (0.35, 0.35, 0.35, 1.0)) if kind != "text" else (0.35, 0.35, 0.35, 1.0)
-                ax.errorbar(x, y, yerr=err, fmt=MULTIMODAL_MARKERS.get(kind, "s"), color=color, markersize=7,
-                            capsize=3, markerfacecolor="none", markeredgewidth=1.3, zorder=3)
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=err,
+                    fmt=MULTIMODAL_MARKERS.get(kind, "s"),
+                    color=color,
+                    markersize=7,
+                    capsize=3,
+                    markerfacecolor="none",
+                    markeredgewidth=1.3,
+                    zorder=3,
+                )
                 points.append((x, y))
         if points:
             frontier, best = [], -np.inf
@@ -104,16 +154,34 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
         ax.set_xlabel("parameters at inference (log scale; equal sizes offset slightly)")
         ax.set_ylabel(f"test {metric.replace('_', ' ')} (%)")
         ax.margins(x=0.15, y=0.12)
-    handles = [Line2D([], [], color=colors[b], marker="s", ls="", markersize=8, label=BACKBONE_NAMES.get(b, b))
-               for b in backbones]
-    handles += [Line2D([], [], color="0.3", marker=m, ls="", markersize=7, label=METHOD_NAMES[k])
-                for k, m in MARKERS.items()]
-    handles += [Line2D([], [], color="0.3", marker=MULTIMODAL_MARKERS.get(k, "s"), ls="", markersize=7,
-                       markerfacecolor="none", label=f"{method_label(k)} (multimodal)")
-                for k in order({r.kind for r in multimodal}, MULTIMODAL_MARKERS)]
+    handles = [
+        Line2D([], [], color=colors[b], marker="s", ls="", markersize=8, label=BACKBONE_NAMES.get(b, b))
+        for b in backbones
+    ]
+    handles += [
+        Line2D([], [], color="0.3", marker=m, ls="", markersize=7, label=METHOD_NAMES[k]) for k, m in MARKERS.items()
+    ]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="0.3",
+            marker=MULTIMODAL_MARKERS.get(k, "s"),
+            ls="",
+            markersize=7,
+            markerfacecolor="none",
+            label=f"{method_label(k)} (multimodal)",
+        )
+        for k in order({r.kind for r in multimodal}, MULTIMODAL_MARKERS)
+    ]
     handles += [Line2D([], [], color="0.4", ls="--", label="Pareto frontier")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), bbox_to_anchor=(0.5, -0.02 - 0.05 *
-               (len(handles) > 6)), frameon=False)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), 6),
+        bbox_to_anchor=(0.5, -0.02 - 0.05 * (len(handles) > 6)),
+        frameon=False,
+    )
     fig.suptitle("Accuracy vs model size: unimodal → CLIP-IT (arrows); hollow: multimodal at test time")
     fig.tight_layout(rect=(0, 0.1 if len(handles) > 6 else 0.07, 1, 0.97))
     return [_save(fig, path)]
@@ -136,8 +204,17 @@ def omega_bars(records: list[dict], path: Path) -> list[Path]:
             xs.append(j - 0.4 + width * (i + 0.5))
             ys.append(100 * rec["omega_mean"])
             es.append(100 * rec["omega_std"])
-        bars = ax.bar(xs, ys, width * 0.92, yerr=es, capsize=2, color=colors[b], edgecolor="black", linewidth=0.4,
-                      label=BACKBONE_NAMES.get(b, b))
+        bars = ax.bar(
+            xs,
+            ys,
+            width * 0.92,
+            yerr=es,
+            capsize=2,
+            color=colors[b],
+            edgecolor="black",
+            linewidth=0.4,
+            label=BACKBONE_NAMES.get(b, b),
+        )
         for bar, y, e in zip(bars, ys, es):
             ax.text(bar.get_x() + bar.get_width() / 2, y + e + 0.15, f"{y:.1f}", ha="center", va="bottom", fontsize=8)
             top = max(top, y + e)
@@ -189,7 +266,7 @@ def training_curves(runs: list[Run], out: Path) -> list[Path]:
                 continue
             try:
                 scalars = read_scalars(layout.tensorboard_dir(r.path), tags)
-            except Exception:  # noqa: BLE001 - an unreadable event file must not stop the report
+            except Exception:
                 continue
             key = ("text-only" if r.kind == "text" else r.backbone, r.kind)
             groups.setdefault(key, []).append(scalars)
@@ -205,12 +282,18 @@ def training_curves(runs: list[Run], out: Path) -> list[Path]:
                     continue
                 steps, values, spread = _mean_curve(curves)
                 if len(curves) > 1:  # the seed band: mean ± std
-                    ax.fill_between(steps, scale * (values - spread), scale * (values + spread), color=colors[b],
-                                    alpha=0.15, lw=0)
-                ax.plot(steps, scale * values, color=colors[b], ls=STYLES.get(kind, "-"), lw=1.6,
-                        marker="." if len(steps) < 30 else None,
-                        label=f"{BACKBONE_NAMES.get(b, b)} {method_label(kind)}" if b != "text-only"
-                        else "text-only")
+                    ax.fill_between(
+                        steps, scale * (values - spread), scale * (values + spread), color=colors[b], alpha=0.15, lw=0
+                    )
+                ax.plot(
+                    steps,
+                    scale * values,
+                    color=colors[b],
+                    ls=STYLES.get(kind, "-"),
+                    lw=1.6,
+                    marker="." if len(steps) < 30 else None,
+                    label=f"{BACKBONE_NAMES.get(b, b)} {method_label(kind)}" if b != "text-only" else "text-only",
+                )
         axes[0].set_title("training loss")
         axes[0].set_ylabel("loss (CE + λ·KD for CLIP-IT)")
         axes[1].set_title("validation balanced accuracy")

@@ -22,19 +22,30 @@ image's retrieved report) gets right and the unimodal vision model gets wrong. P
 matched by sample key, seed by seed (text run of the same dataset and seed; the text model does
 not depend on the backbone).
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from clipit import layout
 from clipit.errors import ClipitError, output_setting
 from clipit.io import atomic_write_text, make_dirs
 from clipit.results import plots as P
 from clipit.results.runs import find_runs
-from clipit.results.tables import (ablation_table, lora_table, markdown_table, multimodal_table, omega_table,
-                                   run_records, status_lines, table1, text_table, write_csv)
+from clipit.results.tables import (
+    ablation_table,
+    lora_table,
+    markdown_table,
+    multimodal_table,
+    omega_table,
+    run_records,
+    status_lines,
+    table1,
+    text_table,
+    write_csv,
+)
 
 
 class ReportError(ClipitError):
@@ -45,8 +56,13 @@ def warn_on_stderr(message: str) -> None:
     print(f"clipit: warning: {message}", file=sys.stderr, flush=True)
 
 
-def build_report(root: str | Path, out: str | Path | None = None, metric: str = "balanced_accuracy",
-                 plots: bool = True, warn: Callable[[str], None] = warn_on_stderr) -> dict:
+def build_report(
+    root: str | Path,
+    out: str | Path | None = None,
+    metric: str = "balanced_accuracy",
+    plots: bool = True,
+    warn: Callable[[str], None] = warn_on_stderr,
+) -> dict:
     """Write the report files; returns {"runs": n, "files": [...], "table1": records, "warnings": [...], ...}.
 
     Whatever is left out (a run with broken files, an Ω seed without readable predictions) goes to
@@ -78,17 +94,64 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
     hl, rl, recl = lora_table(runs, metric)
     files = []
     for name, records, empty_header in (
-            ("table1.csv", rec1, ["backbone", "dataset", "unimodal_mean", "unimodal_std", "unimodal_n", "clipit_mean",
-                                  "clipit_std", "clipit_n", "delta"]),
-            ("ablations.csv", reca, ["backbone", "dataset", "variant", "label", "method", "kind", "mean", "std", "n",
-                                     "compared_to", "delta_unimodal", "delta_clipit"]),
-            ("omega.csv", reco, ["backbone", "dataset", "omega_mean", "omega_std", "n_seeds", "seeds", "matched"]),
-            ("multimodal.csv", recm, ["dataset", "model", "kind", "mean", "std", "n", "params_inference"]),
-            ("lora_search.csv", recl, ["backbone", "dataset", "chosen", "label", "settings", "val_mean", "mean", "std",
-                                       "n", "table1_mean"]),
-            ("runs.csv", run_records(runs), ["backbone", "dataset", "variant", "method", "kind", "seed",
-                                             "balanced_accuracy", "accuracy", "params_total", "params_trainable",
-                                             "run_dir"])):
+        (
+            "table1.csv",
+            rec1,
+            [
+                "backbone",
+                "dataset",
+                "unimodal_mean",
+                "unimodal_std",
+                "unimodal_n",
+                "clipit_mean",
+                "clipit_std",
+                "clipit_n",
+                "delta",
+            ],
+        ),
+        (
+            "ablations.csv",
+            reca,
+            [
+                "backbone",
+                "dataset",
+                "variant",
+                "label",
+                "method",
+                "kind",
+                "mean",
+                "std",
+                "n",
+                "compared_to",
+                "delta_unimodal",
+                "delta_clipit",
+            ],
+        ),
+        ("omega.csv", reco, ["backbone", "dataset", "omega_mean", "omega_std", "n_seeds", "seeds", "matched"]),
+        ("multimodal.csv", recm, ["dataset", "model", "kind", "mean", "std", "n", "params_inference"]),
+        (
+            "lora_search.csv",
+            recl,
+            ["backbone", "dataset", "chosen", "label", "settings", "val_mean", "mean", "std", "n", "table1_mean"],
+        ),
+        (
+            "runs.csv",
+            run_records(runs),
+            [
+                "backbone",
+                "dataset",
+                "variant",
+                "method",
+                "kind",
+                "seed",
+                "balanced_accuracy",
+                "accuracy",
+                "params_total",
+                "params_trainable",
+                "run_dir",
+            ],
+        ),
+    ):
         write_csv(out / name, records, empty_header)
         files.append(out / name)
     figures = []
@@ -99,31 +162,62 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
         figures += P.training_curves(runs, out)
     files += figures
     metric_name = "balanced accuracy" if metric == "balanced_accuracy" else metric
-    md = [f"# CLIP-IT results: {root}", "",
-          f"{len(runs)} finished runs. Numbers are test {metric_name} in %, mean ± std over seeds (std with ddof=1); "
-          "Δ is CLIP-IT minus unimodal in points.", ""]
+    md = [
+        f"# CLIP-IT results: {root}",
+        "",
+        f"{len(runs)} finished runs. Numbers are test {metric_name} in %, mean ± std over seeds (std with ddof=1); "
+        "Δ is CLIP-IT minus unimodal in points.",
+        "",
+    ]
     if not runs:
         md += [f"No finished runs were found under {root} (a run is a folder with a readable {layout.METRICS}).", ""]
     if left_out:
         md += ["## Left out", ""] + [f"- {m}" for m in left_out] + [""]
     md += ["## Table 1: unimodal vs CLIP-IT", "", markdown_table(h1, r1) if r1 else "(no unimodal/CLIP-IT runs)", ""]
     if rm:
-        md += ["## Multimodal and CLIP-based baselines", "",
-               "These need more than the vision model at test time (the retrieved report, or a CLIP's towers); "
-               "their parameters at inference include what runs for it.", "", markdown_table(hm, rm), ""]
+        md += [
+            "## Multimodal and CLIP-based baselines",
+            "",
+            "These need more than the vision model at test time (the retrieved report, or a CLIP's towers); "
+            "their parameters at inference include what runs for it.",
+            "",
+            markdown_table(hm, rm),
+            "",
+        ]
     if ra:
-        md += ["## Ablations", "", "Δ vs the run it varies: the grid's `compare_to` row, else CLIP-IT (full).", "",
-               markdown_table(ha, ra), ""]
+        md += [
+            "## Ablations",
+            "",
+            "Δ vs the run it varies: the grid's `compare_to` row, else CLIP-IT (full).",
+            "",
+            markdown_table(ha, ra),
+            "",
+        ]
     if rl:
-        md += ["## LoRA search", "", "Chosen per backbone and dataset by the mean validation balanced accuracy of "
-               "the selected checkpoints; the test column is the chosen setting's.", "", markdown_table(hl, rl), ""]
+        md += [
+            "## LoRA search",
+            "",
+            "Chosen per backbone and dataset by the mean validation balanced accuracy of "
+            "the selected checkpoints; the test column is the chosen setting's.",
+            "",
+            markdown_table(hl, rl),
+            "",
+        ]
     md += ["## Ω: text right, vision wrong", ""]
     texts = text_table(runs, metric)
     if texts:
-        md += ["Text-only model (the paired report's embedding -> MLP; test images use their retrieved report):", "",
-               markdown_table(["Dataset", "Seeds", metric_name], texts), ""]
-    md += [markdown_table(ho, ro) if ro else "(needs text-only runs, method kind `text`, next to the unimodal "
-                                             "runs of the same dataset and seed)", ""]
+        md += [
+            "Text-only model (the paired report's embedding -> MLP; test images use their retrieved report):",
+            "",
+            markdown_table(["Dataset", "Seeds", metric_name], texts),
+            "",
+        ]
+    md += [
+        markdown_table(ho, ro)
+        if ro
+        else "(needs text-only runs, method kind `text`, next to the unimodal runs of the same dataset and seed)",
+        "",
+    ]
     status = status_lines(states)
     if status:
         md += ["## Grid status", ""] + status + [""]
@@ -131,6 +225,14 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
         md += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     atomic_write_text(out / "report.md", "\n".join(md))
     files.insert(0, out / "report.md")
-    return {"runs": len(runs), "files": [str(f) for f in files], "table1": rec1, "ablations": reca, "omega": reco,
-            "multimodal": recm, "lora": recl,
-            "markdown": "\n".join(md), "warnings": left_out}
+    return {
+        "runs": len(runs),
+        "files": [str(f) for f in files],
+        "table1": rec1,
+        "ablations": reca,
+        "omega": reco,
+        "multimodal": recm,
+        "lora": recl,
+        "markdown": "\n".join(md),
+        "warnings": left_out,
+    }

@@ -6,15 +6,16 @@ are not followed, so a reused unimodal probe counts once. A run whose files exis
 (malformed JSON or YAML, no numeric metrics) is left out with a warning naming the file: its numbers
 or its labels would be guesses.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -26,13 +27,24 @@ log = logging.getLogger(__name__)
 METRICS = ("balanced_accuracy", "accuracy")  # what every table reads from a run's metrics.json
 MAIN_VARIANTS = ("", "full", "baseline", "main")
 BACKBONE_NAMES = {  # paper's names (method.md Table 1), in the paper's row order
-    "uni": "UNI", "kaiko-vitl14": "DINO (ViT-L/14)", "kaiko-vitb16": "VITB-16", "kaiko-vits16": "VITS-16",
-    "kaiko-vitb8": "VITB-8", "kaiko-vits8": "VITS-8",
+    "uni": "UNI",
+    "kaiko-vitl14": "DINO (ViT-L/14)",
+    "kaiko-vitb16": "VITB-16",
+    "kaiko-vits16": "VITS-16",
+    "kaiko-vitb8": "VITB-8",
+    "kaiko-vits8": "VITS-8",
 }
 DATASET_NAMES = {"pcam": "PCAM", "bach": "BACH", "crc": "CRC"}
-METHOD_NAMES = {"unimodal": "Unimodal", "clipit": "CLIP-IT", "text": "text-only", "late_fusion": "late fusion",
-                "early_fusion": "early fusion", "zero_shot": "CLIP zero-shot", "prompt_ft": "CLIP prompt fine-tuning",
-                "clip_probe": "CLIP vision tower + linear head"}
+METHOD_NAMES = {
+    "unimodal": "Unimodal",
+    "clipit": "CLIP-IT",
+    "text": "text-only",
+    "late_fusion": "late fusion",
+    "early_fusion": "early fusion",
+    "zero_shot": "CLIP zero-shot",
+    "prompt_ft": "CLIP prompt fine-tuning",
+    "clip_probe": "CLIP vision tower + linear head",
+}
 VISION_KINDS = ("unimodal", "clipit")  # Table 1: the vision model alone at test time
 
 
@@ -183,14 +195,29 @@ def load_run(run_dir: Path) -> Run | None:
     variant = variant_name(axes)
     if not cell and method != kind:  # outside a grid, a renamed method (e.g. clipit_no_text) is a variant
         variant = str(method)
-    label = ", ".join(str(labels.get(k) or variant_label(str(v))) for k, v in axes.items()
-                      if str(v) not in MAIN_VARIANTS) if variant and cell else variant_label(variant)
+    label = (
+        ", ".join(str(labels.get(k) or variant_label(str(v))) for k, v in axes.items() if str(v) not in MAIN_VARIANTS)
+        if variant and cell
+        else variant_label(variant)
+    )
     # the variant this one varies: the same combination with the compared value(s) swapped in
     compare_to = variant_name({k: compare.get(k, v) for k, v in axes.items()}) if compare else ""
     summary = _read_json(layout.train_summary(run_dir)) or {}
     best_val = summary.get("best_val") if isinstance(summary.get("best_val"), dict) else None
-    return Run(run_dir, str(backbone), str(dataset), variant, str(method), str(kind), seed, metrics, label=label,
-               compare_to=compare_to, axes=axes, best_val=best_val)
+    return Run(
+        run_dir,
+        str(backbone),
+        str(dataset),
+        variant,
+        str(method),
+        str(kind),
+        seed,
+        metrics,
+        label=label,
+        compare_to=compare_to,
+        axes=axes,
+        best_val=best_val,
+    )
 
 
 _FIX = {  # what to do about each of a run's files when it cannot be read
@@ -230,7 +257,10 @@ def find_runs(root: str | Path, warn: Callable[[str], None] = warn_to_log) -> tu
 
 def main_runs(runs: list[Run], backbone: str, dataset: str, which: str) -> list[Run]:
     """Table 1's unimodal or CLIP-IT runs of one backbone and dataset (main variant only)."""
-    pick = [r for r in runs if r.backbone == backbone and r.dataset == dataset and r.variant in MAIN_VARIANTS
-            and r.kind == which]
+    pick = [
+        r
+        for r in runs
+        if r.backbone == backbone and r.dataset == dataset and r.variant in MAIN_VARIANTS and r.kind == which
+    ]
     named = [r for r in pick if r.method == which]
     return named or pick

@@ -1,18 +1,29 @@
 """The paper's tables from finished runs: Table 1, ablations, Omega, the text-only row, run records."""
+
 from __future__ import annotations
 
 import csv
 import io
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from clipit import layout
 from clipit.io import atomic_write_text
-from clipit.results.runs import (BACKBONE_NAMES, DATASET_NAMES, MAIN_VARIANTS, VISION_KINDS, Run, Unreadable,
-                                 main_runs, method_label, order, warn_to_log)
+from clipit.results.runs import (
+    BACKBONE_NAMES,
+    DATASET_NAMES,
+    MAIN_VARIANTS,
+    VISION_KINDS,
+    Run,
+    Unreadable,
+    main_runs,
+    method_label,
+    order,
+    warn_to_log,
+)
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -52,34 +63,58 @@ def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], li
             su = _stats([r.value(metric) for r in uni]) if uni else None
             sc = _stats([r.value(metric) for r in cli]) if cli else None
             row += [_fmt(su), _fmt(sc), _delta(su, sc)]
-            records.append({"backbone": b, "dataset": d,
-                            "unimodal_mean": su and su[0], "unimodal_std": su and su[1], "unimodal_n": su and su[2],
-                            "clipit_mean": sc and sc[0], "clipit_std": sc and sc[1], "clipit_n": sc and sc[2],
-                            "delta": (sc[0] - su[0]) if su and sc else None})
+            records.append(
+                {
+                    "backbone": b,
+                    "dataset": d,
+                    "unimodal_mean": su and su[0],
+                    "unimodal_std": su and su[1],
+                    "unimodal_n": su and su[2],
+                    "clipit_mean": sc and sc[0],
+                    "clipit_std": sc and sc[1],
+                    "clipit_n": sc and sc[2],
+                    "delta": (sc[0] - su[0]) if su and sc else None,
+                }
+            )
         rows.append(row)
     if len(backbones) > 1 or rows:  # the paper's per-dataset average gain under Table 1
         gain = ["Mean gain over backbones"]
         for d in datasets:
             deltas = [r["delta"] for r in records if r["dataset"] == d and r["delta"] is not None]
             gain += ["", "", f"{100 * float(np.mean(deltas)):+.2f} ({len(deltas)} backbones)" if deltas else "–"]
-            records.append({"backbone": "mean gain", "dataset": d, "delta": float(np.mean(deltas)) if deltas else None,
-                            "n_backbones": len(deltas)})
+            records.append(
+                {
+                    "backbone": "mean gain",
+                    "dataset": d,
+                    "delta": float(np.mean(deltas)) if deltas else None,
+                    "n_backbones": len(deltas),
+                }
+            )
         rows.append(gain)
     return header, rows, records
 
 
 def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
     """Every variant (and extra method) of each backbone x dataset that has more than Table 1's two."""
-    header = ["Backbone", "Dataset", "Configuration", "Method", "Seeds", "Balanced accuracy" if metric ==
-              "balanced_accuracy" else metric, "Δ vs unimodal", "Δ vs the run it varies"]
+    header = [
+        "Backbone",
+        "Dataset",
+        "Configuration",
+        "Method",
+        "Seeds",
+        "Balanced accuracy" if metric == "balanced_accuracy" else metric,
+        "Δ vs unimodal",
+        "Δ vs the run it varies",
+    ]
     rows, records = [], []
     groups: dict[tuple, dict[tuple, list[Run]]] = {}
     for r in runs:
         groups.setdefault((r.backbone, r.dataset), {}).setdefault((r.variant, r.method, r.kind), []).append(r)
-    for (b, d) in sorted(groups, key=lambda k: (order([k[0]], BACKBONE_NAMES), order([k[1]], DATASET_NAMES), k)):
+    for b, d in sorted(groups, key=lambda k: (order([k[0]], BACKBONE_NAMES), order([k[1]], DATASET_NAMES), k)):
         entries = groups[(b, d)]
-        extra = [k for k in entries if k[0] not in MAIN_VARIANTS and not any(
-            "lora" in (r.axes or {}) for r in entries[k])]  # the LoRA search has a section of its own
+        extra = [
+            k for k in entries if k[0] not in MAIN_VARIANTS and not any("lora" in (r.axes or {}) for r in entries[k])
+        ]  # the LoRA search has a section of its own
         if not extra:  # Table 1's runs (and the text-only model, reported with Omega) only
             continue
         uni = main_runs(runs, b, d, "unimodal")
@@ -91,32 +126,73 @@ def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[s
             variant, method, kind = key
             s = _stats([r.value(metric) for r in entries[key]])
             first = entries[key][0]
-            label = (first.label or variant) if variant not in MAIN_VARIANTS else (
-                "unimodal (linear probe)" if kind == "unimodal" else "CLIP-IT (full)" if kind == "clipit"
-                else method_label(kind))
+            label = (
+                (first.label or variant)
+                if variant not in MAIN_VARIANTS
+                else (
+                    "unimodal (linear probe)"
+                    if kind == "unimodal"
+                    else "CLIP-IT (full)"
+                    if kind == "clipit"
+                    else method_label(kind)
+                )
+            )
             # Δ against the run this one varies: its grid `compare_to` row, else the main run of its kind
             # (CLIP-IT for the CLIP-IT variants); the main runs themselves have none
             base = None
             if variant not in MAIN_VARIANTS:
-                ref = [r for r in runs if r.backbone == b and r.dataset == d and r.variant == first.compare_to
-                       and (r.kind == kind or first.compare_to == "" and r.kind == "clipit")]
+                ref = [
+                    r
+                    for r in runs
+                    if r.backbone == b
+                    and r.dataset == d
+                    and r.variant == first.compare_to
+                    and (r.kind == kind or first.compare_to == "" and r.kind == "clipit")
+                ]
                 ref = [r for r in ref if r.method == method] or ref
                 base = _stats([r.value(metric) for r in ref]) if ref else sc
-            rows.append([BACKBONE_NAMES.get(b, b), DATASET_NAMES.get(d, d), label, method, str(s[2]), _fmt(s),
-                         _delta(su, s), _delta(base, s)])
-            records.append({"backbone": b, "dataset": d, "variant": variant, "label": label, "method": method,
-                            "kind": kind, "mean": s[0], "std": s[1], "n": s[2],
-                            "compared_to": (first.compare_to or "full") if variant not in MAIN_VARIANTS else "",
-                            "delta_unimodal": (s[0] - su[0]) if su else None,
-                            "delta_clipit": (s[0] - base[0]) if base else None})
+            rows.append(
+                [
+                    BACKBONE_NAMES.get(b, b),
+                    DATASET_NAMES.get(d, d),
+                    label,
+                    method,
+                    str(s[2]),
+                    _fmt(s),
+                    _delta(su, s),
+                    _delta(base, s),
+                ]
+            )
+            records.append(
+                {
+                    "backbone": b,
+                    "dataset": d,
+                    "variant": variant,
+                    "label": label,
+                    "method": method,
+                    "kind": kind,
+                    "mean": s[0],
+                    "std": s[1],
+                    "n": s[2],
+                    "compared_to": (first.compare_to or "full") if variant not in MAIN_VARIANTS else "",
+                    "delta_unimodal": (s[0] - su[0]) if su else None,
+                    "delta_clipit": (s[0] - base[0]) if base else None,
+                }
+            )
     return header, rows, records
 
 
 def multimodal_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
     """The main runs of every method beyond Table 1's vision models (text-only, late fusion, CLIP-based
     baselines) with the parameters that run at test time."""
-    header = ["Dataset", "Model", "Method", "Seeds", "Balanced accuracy" if metric == "balanced_accuracy" else metric,
-              "Parameters at inference"]
+    header = [
+        "Dataset",
+        "Model",
+        "Method",
+        "Seeds",
+        "Balanced accuracy" if metric == "balanced_accuracy" else metric,
+        "Parameters at inference",
+    ]
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.kind not in VISION_KINDS and r.variant in MAIN_VARIANTS:
@@ -128,25 +204,45 @@ def multimodal_table(runs: list[Run], metric: str) -> tuple[list[str], list[list
         s = _stats([r.value(metric) for r in group])
         params = [r.params for r in group if r.params]
         p = int(np.mean(params)) if params else None
-        rows.append([DATASET_NAMES.get(d, d), BACKBONE_NAMES.get(b, b), method_label(kind), str(s[2]), _fmt(s),
-                     f"{p / 1e6:.1f}M" if p else "–"])
-        records.append({"dataset": d, "model": b, "kind": kind, "mean": s[0], "std": s[1], "n": s[2],
-                        "params_inference": p})
+        rows.append(
+            [
+                DATASET_NAMES.get(d, d),
+                BACKBONE_NAMES.get(b, b),
+                method_label(kind),
+                str(s[2]),
+                _fmt(s),
+                f"{p / 1e6:.1f}M" if p else "–",
+            ]
+        )
+        records.append(
+            {"dataset": d, "model": b, "kind": kind, "mean": s[0], "std": s[1], "n": s[2], "params_inference": p}
+        )
     return header, rows, records
 
 
 def lora_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
     """The LoRA search (grid axis `lora`): per backbone x dataset the setting whose selected checkpoints
     have the best mean validation balanced accuracy, with its test numbers."""
-    header = ["Backbone", "Dataset", "Chosen LoRA setting", "Settings searched", "Val balanced accuracy",
-              f"Test {'balanced accuracy' if metric == 'balanced_accuracy' else metric}", "Table 1 setting (test)"]
+    header = [
+        "Backbone",
+        "Dataset",
+        "Chosen LoRA setting",
+        "Settings searched",
+        "Val balanced accuracy",
+        f"Test {'balanced accuracy' if metric == 'balanced_accuracy' else metric}",
+        "Table 1 setting (test)",
+    ]
     rows, records = [], []
     searched = {(r.backbone, r.dataset) for r in runs if "lora" in (r.axes or {})}
     for b, d in sorted(searched, key=lambda k: (order([k[0]], BACKBONE_NAMES), order([k[1]], DATASET_NAMES))):
         cands: dict[str, list[Run]] = {}
         for r in runs:
-            if r.backbone == b and r.dataset == d and r.kind == "clipit" and ("lora" in (r.axes or {})
-                                                                                or r.variant in MAIN_VARIANTS):
+            if (
+                r.backbone == b
+                and r.dataset == d
+                and r.kind == "clipit"
+                and ("lora" in (r.axes or {}) or r.variant in MAIN_VARIANTS)
+            ):
                 cands.setdefault(r.variant, []).append(r)
         scored = {v: [r.best_val["balanced_accuracy"] for r in rs if r.best_val] for v, rs in cands.items()}
         scored = {v: float(np.mean(x)) for v, x in scored.items() if x}
@@ -157,11 +253,31 @@ def lora_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]]
         main = cands.get("") or next((cands[v] for v in MAIN_VARIANTS if v in cands), None)
         sm = _stats([r.value(metric) for r in main]) if main else None
         label = "Table 1 setting" if chosen in MAIN_VARIANTS else (cands[chosen][0].label or chosen)
-        rows.append([BACKBONE_NAMES.get(b, b), DATASET_NAMES.get(d, d), label, str(len(scored)),
-                     f"{100 * scored[chosen]:.2f}", _fmt(s), _fmt(sm)])
-        records.append({"backbone": b, "dataset": d, "chosen": chosen or "full", "label": label,
-                        "settings": len(scored), "val_mean": scored[chosen], "mean": s[0], "std": s[1], "n": s[2],
-                        "table1_mean": sm and sm[0]})
+        rows.append(
+            [
+                BACKBONE_NAMES.get(b, b),
+                DATASET_NAMES.get(d, d),
+                label,
+                str(len(scored)),
+                f"{100 * scored[chosen]:.2f}",
+                _fmt(s),
+                _fmt(sm),
+            ]
+        )
+        records.append(
+            {
+                "backbone": b,
+                "dataset": d,
+                "chosen": chosen or "full",
+                "label": label,
+                "settings": len(scored),
+                "val_mean": scored[chosen],
+                "mean": s[0],
+                "std": s[1],
+                "n": s[2],
+                "table1_mean": sm and sm[0],
+            }
+        )
     return header, rows, records
 
 
@@ -172,11 +288,15 @@ def load_predictions(run: Run, split: str = "test") -> dict | None:
         return None
     try:
         with np.load(path) as data:
-            out = {"keys": np.asarray(data["keys"]).astype(str), "labels": np.asarray(data["labels"]),
-                   "pred": np.asarray(data["logits"]).argmax(axis=1)}
+            out = {
+                "keys": np.asarray(data["keys"]).astype(str),
+                "labels": np.asarray(data["labels"]),
+                "pred": np.asarray(data["logits"]).argmax(axis=1),
+            }
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-        raise Unreadable(path, f"unreadable predictions ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
-                         ) from None
+        raise Unreadable(
+            path, f"unreadable predictions ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+        ) from None
     if not len(out["keys"]) == len(out["labels"]) == len(out["pred"]):
         raise Unreadable(path, "keys, labels and logits differ in length")
     return out
@@ -195,8 +315,9 @@ def omega(text_pred: dict, vision_pred: dict) -> tuple[float, int]:
     return float(np.mean(text_ok & vision_wrong)), int(len(common))
 
 
-def omega_table(runs: list[Run], warn: Callable[[str], None] = warn_to_log
-                ) -> tuple[list[str], list[list[str]], list[dict]]:
+def omega_table(
+    runs: list[Run], warn: Callable[[str], None] = warn_to_log
+) -> tuple[list[str], list[list[str]], list[dict]]:
     """Ω per backbone x dataset over the seeds whose text and vision predictions both load; a seed left
     out (broken predictions file, no shared keys) is named through `warn`."""
     text_runs: dict[tuple, list[Run]] = {}
@@ -213,8 +334,9 @@ def omega_table(runs: list[Run], warn: Callable[[str], None] = warn_to_log
                 continue
             values, matched, seeds = [], [], []
             for v in sorted(main_runs(runs, b, d, "unimodal"), key=lambda r: r.seed):
-                same = [t for t in texts if t.seed == v.seed and t.backbone == b] or \
-                       [t for t in texts if t.seed == v.seed]
+                same = [t for t in texts if t.seed == v.seed and t.backbone == b] or [
+                    t for t in texts if t.seed == v.seed
+                ]
                 if not same:
                     continue
                 try:
@@ -223,8 +345,9 @@ def omega_table(runs: list[Run], warn: Callable[[str], None] = warn_to_log
                         continue
                     value, n = omega(tp, vp)
                 except (Unreadable, ValueError) as err:
-                    warn(f"Ω of {b} on {d}, seed {v.seed} left out: {err} (text run {same[0].path}, vision run "
-                         f"{v.path})")
+                    warn(
+                        f"Ω of {b} on {d}, seed {v.seed} left out: {err} (text run {same[0].path}, vision run {v.path})"
+                    )
                     continue
                 values.append(value)
                 matched.append(n)
@@ -232,10 +355,26 @@ def omega_table(runs: list[Run], warn: Callable[[str], None] = warn_to_log
             if not values:
                 continue
             s = _stats(values)
-            rows.append([BACKBONE_NAMES.get(b, b), DATASET_NAMES.get(d, d), _fmt(s), str(len(values)),
-                         str(min(matched)) if len(set(matched)) == 1 else f"{min(matched)}–{max(matched)}"])
-            records.append({"backbone": b, "dataset": d, "omega_mean": s[0], "omega_std": s[1], "n_seeds": s[2],
-                            "seeds": " ".join(map(str, seeds)), "matched": min(matched)})
+            rows.append(
+                [
+                    BACKBONE_NAMES.get(b, b),
+                    DATASET_NAMES.get(d, d),
+                    _fmt(s),
+                    str(len(values)),
+                    str(min(matched)) if len(set(matched)) == 1 else f"{min(matched)}–{max(matched)}",
+                ]
+            )
+            records.append(
+                {
+                    "backbone": b,
+                    "dataset": d,
+                    "omega_mean": s[0],
+                    "omega_std": s[1],
+                    "n_seeds": s[2],
+                    "seeds": " ".join(map(str, seeds)),
+                    "matched": min(matched),
+                }
+            )
     return header, rows, records
 
 
@@ -273,17 +412,38 @@ def write_csv(path: Path, records: list[dict], fields: list[str] | None = None) 
     writer = csv.DictWriter(buf, fieldnames=[column[k] for k in names])
     writer.writeheader()
     for r in records:
-        writer.writerow({column[k]: ("" if v is None else 100 * v if _is_percent(k) and isinstance(v, (int, float))
-                                     and not isinstance(v, bool) else v) for k, v in r.items()})
+        writer.writerow(
+            {
+                column[k]: (
+                    ""
+                    if v is None
+                    else 100 * v
+                    if _is_percent(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    else v
+                )
+                for k, v in r.items()
+            }
+        )
     atomic_write_text(path, buf.getvalue())
 
 
 def run_records(runs: list[Run]) -> list[dict]:
-    return [{"backbone": r.backbone, "dataset": r.dataset, "variant": r.variant, "method": r.method, "kind": r.kind,
-             "seed": r.seed, "balanced_accuracy": r.metrics.get("balanced_accuracy"),
-             "accuracy": r.metrics.get("accuracy"), "params_total": r.params,
-             "params_trainable": (r.metrics.get("parameters") or {}).get("trainable"), "run_dir": str(r.path)}
-            for r in sorted(runs, key=lambda r: (r.dataset, r.backbone, r.variant, r.method, r.seed))]
+    return [
+        {
+            "backbone": r.backbone,
+            "dataset": r.dataset,
+            "variant": r.variant,
+            "method": r.method,
+            "kind": r.kind,
+            "seed": r.seed,
+            "balanced_accuracy": r.metrics.get("balanced_accuracy"),
+            "accuracy": r.metrics.get("accuracy"),
+            "params_total": r.params,
+            "params_trainable": (r.metrics.get("parameters") or {}).get("trainable"),
+            "run_dir": str(r.path),
+        }
+        for r in sorted(runs, key=lambda r: (r.dataset, r.backbone, r.variant, r.method, r.seed))
+    ]
 
 
 def status_lines(states: list[dict]) -> list[str]:
@@ -297,5 +457,3 @@ def status_lines(states: list[dict]) -> list[str]:
     if not counts:
         return []
     return ["cells without results: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), ""] + failed
-
-

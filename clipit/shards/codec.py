@@ -12,6 +12,7 @@ Image codecs (`shards.codec`, recorded in the plan and the manifest as `image`):
 Both give the same pixels: raw stores exactly what `decode_image` makes of the source bytes.
 Nothing here runs code from data: raw is plain bytes, the embedding a plain .npy (np.load refuses objects).
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,12 @@ def spec_problem(spec) -> str | None:
 
 
 def shape_problem(shape) -> str | None:
-    if (isinstance(shape, list) and len(shape) == 3 and shape[2] == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+    if (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and shape[2] == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    ):
         return None
     return f"{shape!r} is not an [H, W, 3] shape"
 
@@ -108,8 +113,9 @@ def sample_pixels(sample: dict, meta: dict | None = None) -> np.ndarray:
         raise ImageDecodeError(f"json image_shape {problem}")
     data = sample[RAW_FIELD]
     if len(data) != math.prod(shape):
-        raise ImageDecodeError(f"{len(data):,} bytes where {_dims(shape)} uint8 needs {math.prod(shape):,} "
-                               "(truncated or garbled)")
+        raise ImageDecodeError(
+            f"{len(data):,} bytes where {_dims(shape)} uint8 needs {math.prod(shape):,} (truncated or garbled)"
+        )
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 

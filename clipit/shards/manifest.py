@@ -8,6 +8,7 @@ Layout under the shard directory:
     texts.jsonl                       the paired texts in report_index order
 A rerun with another plan stops with one line instead of mixing two builds (`check_plan`).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ FORMAT = "clipit-shards/1"
 PLAN_KEYS = ("format", "dataset", "classes", "samples_per_shard", "counts", "embedding", "texts", "selection", "image")
 # The fix of a bad shard. A rerun rebuilds exactly the missing shards (byte-identical) and writes the manifest again.
 REBUILD = "delete this shard and rerun `clipit shard build --config <config>` (it rebuilds the missing shards)"
-MANIFEST_FIX = ("delete it and rerun `clipit shard build --config <config>` (it reads back the shards and writes the "
-                "manifest again)")
+MANIFEST_FIX = (
+    "delete it and rerun `clipit shard build --config <config>` (it reads back the shards and writes the "
+    "manifest again)"
+)
 
 
 class ShardError(ClipitError):
@@ -62,19 +65,30 @@ def short(value, limit: int = 80) -> str:
 # ------------------------------------------------------------------------------------------- plan
 
 
-def build_plan(dataset: ImageDataset, samples_per_shard: int, embedding_dim: int, embedding_identity: dict,
-               texts: dict, selection: dict, image: dict) -> dict:
-    return json.loads(json.dumps({
-        "format": FORMAT,
-        "dataset": dataset.name,
-        "classes": list(dataset.classes),
-        "samples_per_shard": int(samples_per_shard),
-        "counts": {split: dataset.split_size(split) for split in dataset.splits},
-        "embedding": {"dim": int(embedding_dim), "dtype": "float16", "model": embedding_identity},
-        "texts": texts,
-        "selection": selection,
-        "image": image,
-    }))
+def build_plan(
+    dataset: ImageDataset,
+    samples_per_shard: int,
+    embedding_dim: int,
+    embedding_identity: dict,
+    texts: dict,
+    selection: dict,
+    image: dict,
+) -> dict:
+    return json.loads(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "dataset": dataset.name,
+                "classes": list(dataset.classes),
+                "samples_per_shard": int(samples_per_shard),
+                "counts": {split: dataset.split_size(split) for split in dataset.splits},
+                "embedding": {"dim": int(embedding_dim), "dtype": "float16", "model": embedding_identity},
+                "texts": texts,
+                "selection": selection,
+                "image": image,
+            }
+        )
+    )
 
 
 def _plan_value(plan: dict, key: str):
@@ -91,14 +105,21 @@ def check_plan(out_dir: Path, plan: dict) -> bool:
             old = read_json(path)
             diff = [k for k in PLAN_KEYS if _plan_value(old, k) != _plan_value(plan, k)]
         except (ValueError, OSError, AttributeError):
-            raise ShardError(f"{path}: unreadable; delete it and rerun `clipit shard build --config <config>`") from None
+            raise ShardError(
+                f"{path}: unreadable; delete it and rerun `clipit shard build --config <config>`"
+            ) from None
         if diff:
             key = diff[0]
-            fix = (f" or set shards.codec: {image_spec(old).get('codec')}" if key == "image" else
-                   " or set shards.dir to a new folder")
-            raise ShardError(f"{path}: the shards in {out_dir} were built with another {key} "
-                             f"({short(_plan_value(old, key))} vs now {short(_plan_value(plan, key))}); delete {out_dir}"
-                             f"{fix}")
+            fix = (
+                f" or set shards.codec: {image_spec(old).get('codec')}"
+                if key == "image"
+                else " or set shards.dir to a new folder"
+            )
+            raise ShardError(
+                f"{path}: the shards in {out_dir} were built with another {key} "
+                f"({short(_plan_value(old, key))} vs now {short(_plan_value(plan, key))}); delete {out_dir}"
+                f"{fix}"
+            )
         if name == MANIFEST:
             return True
     return False
@@ -146,8 +167,14 @@ def check_manifest(shard_dir: str | Path, manifest: dict) -> None:
         if problem:
             raise bad(problem)
         classes, per_shard, dim = manifest["classes"], manifest["samples_per_shard"], manifest["embedding"]["dim"]
-        if not (isinstance(classes, list) and classes and isinstance(per_shard, int) and per_shard > 0
-                and isinstance(dim, int) and dim > 0):
+        if not (
+            isinstance(classes, list)
+            and classes
+            and isinstance(per_shard, int)
+            and per_shard > 0
+            and isinstance(dim, int)
+            and dim > 0
+        ):
             raise bad("classes, samples_per_shard or embedding.dim is not what a shard build writes")
         counts, splits = manifest["counts"], manifest["splits"]
         if not isinstance(splits, dict) or set(counts) != set(splits):
@@ -158,8 +185,10 @@ def check_manifest(shard_dir: str | Path, manifest: dict) -> None:
                 raise bad(f"split {split} counts {n!r} samples, counts says {counts[split]!r}")
             shards = info["shards"]
             if len(shards) != num_shards(n, per_shard):
-                raise bad(f"split {split} lists {len(shards)} shards, {n} samples at {per_shard} per shard make "
-                          f"{num_shards(n, per_shard)}")
+                raise bad(
+                    f"split {split} lists {len(shards)} shards, {n} samples at {per_shard} per shard make "
+                    f"{num_shards(n, per_shard)}"
+                )
             for i, shard in enumerate(shards):
                 want = shard_path("", split, i).as_posix()
                 if shard["path"] != want:
@@ -170,10 +199,14 @@ def check_manifest(shard_dir: str | Path, manifest: dict) -> None:
                 if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
                     raise bad(f"{want} has no sha256 ({short(sha, 20)})")
             class_counts = info["class_counts"]
-            if (not all(k.isdigit() and int(k) < len(classes) and isinstance(v, int) for k, v in class_counts.items())
-                    or sum(class_counts.values()) != n):
-                raise bad(f"split {split} class_counts {short(class_counts, 60)} do not add up to {n} samples of "
-                          f"{len(classes)} classes")
+            if (
+                not all(k.isdigit() and int(k) < len(classes) and isinstance(v, int) for k, v in class_counts.items())
+                or sum(class_counts.values()) != n
+            ):
+                raise bad(
+                    f"split {split} class_counts {short(class_counts, 60)} do not add up to {n} samples of "
+                    f"{len(classes)} classes"
+                )
     except ShardError:
         raise
     except (KeyError, TypeError, AttributeError) as err:

@@ -3,13 +3,14 @@ sample, never a quietly shorter shard (tarfile just stops at a missing header) o
 Samples come out as webdataset groups them (`__key__`, `__url__`, one bytes entry per field);
 what the fields hold is clipit/shards/codec.py's.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
@@ -53,8 +54,10 @@ def read_shard(url: str, fileobj=None) -> Iterator[dict]:
     try:
         stream = fileobj if fileobj is not None else wds.gopen(url)
     except OSError as err:
-        raise ShardError(f"{url}: cannot open the shard ({one_line(err)}); rerun `clipit shard build --config <config>` "
-                         "(it rebuilds the missing shards)") from None
+        raise ShardError(
+            f"{url}: cannot open the shard ({one_line(err)}); rerun `clipit shard build --config <config>` "
+            "(it rebuilds the missing shards)"
+        ) from None
     try:
         try:
             with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAwareTarInfo) as tar:
@@ -76,8 +79,10 @@ def read_shard(url: str, fileobj=None) -> Iterator[dict]:
                     sample[field] = data
                 end = getattr(tar, "clipit_end", None)
                 if not isinstance(end, tarfile.EOFHeaderError):
-                    raise tarfile.ReadError(f"cut short or garbled after member {member}"
-                                            + (f": {one_line(str(end))}" if end is not None else ""))
+                    raise tarfile.ReadError(
+                        f"cut short or garbled after member {member}"
+                        + (f": {one_line(str(end))}" if end is not None else "")
+                    )
         finally:
             if fileobj is None:
                 stream.close()
@@ -85,8 +90,9 @@ def read_shard(url: str, fileobj=None) -> Iterator[dict]:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         at = f"at sample {key}" if key else "before its first sample"
-        raise ShardError(f"{url}: not a whole tar {at} ({one_line(str(err))}); the shard is truncated or "
-                         f"corrupt: {REBUILD}") from None
+        raise ShardError(
+            f"{url}: not a whole tar {at} ({one_line(str(err))}); the shard is truncated or corrupt: {REBUILD}"
+        ) from None
     if sample is not None:
         yield sample
 

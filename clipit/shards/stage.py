@@ -7,14 +7,15 @@ Reruns rebuild exactly what is missing: a deleted shard is written again (byte-i
 manifest after it. The manifest step lists a shard it did not write itself only after reading it back
 (writer.write_manifest), so a manifest deleted and rebuilt never blesses a corrupt shard.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -23,10 +24,26 @@ from clipit.errors import one_line
 from clipit.io import atomic_write_json, read_json
 from clipit.locks import LockError, exclusive
 from clipit.shards.codec import resolve_image
-from clipit.shards.manifest import (MANIFEST, PLAN, TEXTS, ShardError, build_plan, check_plan, existing_codec,
-                                    write_texts)
-from clipit.shards.writer import (SplitTexts, missing_shards, part_units, remove_stale_temps, select_texts, shard_units,
-                                  write_manifest, write_split_shards)
+from clipit.shards.manifest import (
+    MANIFEST,
+    PLAN,
+    TEXTS,
+    ShardError,
+    build_plan,
+    check_plan,
+    existing_codec,
+    write_texts,
+)
+from clipit.shards.writer import (
+    SplitTexts,
+    missing_shards,
+    part_units,
+    remove_stale_temps,
+    select_texts,
+    shard_units,
+    write_manifest,
+    write_split_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +55,23 @@ def require_pairs(cfg, dataset: ImageDataset, reports: list) -> dict[str, Path]:
 
     pairs = current_pairs(cfg, dataset, pairing_texts(cfg, dataset, reports))
     if pairs is None:
-        raise ShardError(f"{cfg.pairing.dir}: pairs for this config are missing or were made with other settings; "
-                         "run `clipit pair --config <config>` once before the shard parts")
+        raise ShardError(
+            f"{cfg.pairing.dir}: pairs for this config are missing or were made with other settings; "
+            "run `clipit pair --config <config>` once before the shard parts"
+        )
     return pairs
 
 
-def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[str, Path], part: int | None = None,
-                    num_parts: int | None = None, finalize: bool = False,
-                    echo: Callable[[str], None] = log.info) -> Path | None:
+def run_shard_stage(
+    cfg,
+    dataset: ImageDataset,
+    texts: list,
+    pair_paths: dict[str, Path],
+    part: int | None = None,
+    num_parts: int | None = None,
+    finalize: bool = False,
+    echo: Callable[[str], None] = log.info,
+) -> Path | None:
     """Build (a part of) the shard set for a config; returns the manifest once the set is complete.
 
     Without `part`, all missing shards are written, then the manifest. With `part`/`num_parts`, only that
@@ -80,16 +106,20 @@ def run_shard_stage(cfg, dataset: ImageDataset, texts: list, pair_paths: dict[st
         written = _write_part(cfg, dataset, pairs, cache, plan, part, num_parts)
         missing = missing_shards(dataset, out, per_shard)
         if missing:
-            echo(f"part {part}/{num_parts}: {len(written)} shard(s) written; {len(missing)} of other parts still "
-                 "missing (the last part to finish, or `clipit shard build --finalize`, writes the manifest)")
+            echo(
+                f"part {part}/{num_parts}: {len(written)} shard(s) written; {len(missing)} of other parts still "
+                "missing (the last part to finish, or `clipit shard build --finalize`, writes the manifest)"
+            )
             return None
     with _directory_turn(out, echo):
         if _settle(out, plan, texts, dataset, per_shard):  # another part wrote the manifest meanwhile
             return out / MANIFEST
         missing = missing_shards(dataset, out, per_shard)
         if missing:
-            raise ShardError(f"{missing[0]}: {len(missing)} shard(s) missing; rerun the parts that wrote them "
-                             "(or `clipit shard build` without --part) before --finalize")
+            raise ShardError(
+                f"{missing[0]}: {len(missing)} shard(s) missing; rerun the parts that wrote them "
+                "(or `clipit shard build` without --part) before --finalize"
+            )
         return manifest_step(written)
 
 
@@ -157,13 +187,17 @@ def _text_cache(cfg, texts: list) -> _TextCache:
     identity = read_json(cache_dir / "identity.json")
     fingerprint = corpus_fingerprint(texts)
     if identity.get("fingerprint") != fingerprint:
-        raise ShardError(f"{cache_dir}: embeddings were made for another text corpus ({len(text_ids)} texts; the "
-                         f"config gives {len(texts)}); rerun `clipit pair` to recompute them")
+        raise ShardError(
+            f"{cache_dir}: embeddings were made for another text corpus ({len(text_ids)} texts; the "
+            f"config gives {len(texts)}); rerun `clipit pair` to recompute them"
+        )
     dim = int(embeddings.shape[1])
     if dim != cfg.model.text_dim:
-        raise ShardError(f"{cache_dir / 'embeddings.npy'}: text embeddings are {dim}-d but model.text_dim is "
-                         f"{cfg.model.text_dim}; set model.text_dim: {dim} in the config (or pair with a "
-                         f"{cfg.model.text_dim}-d model)")
+        raise ShardError(
+            f"{cache_dir / 'embeddings.npy'}: text embeddings are {dim}-d but model.text_dim is "
+            f"{cfg.model.text_dim}; set model.text_dim: {dim} in the config (or pair with a "
+            f"{cfg.model.text_dim}-d model)"
+        )
     return _TextCache(cache_dir, embeddings, text_ids, identity, fingerprint, dim)
 
 
@@ -176,39 +210,62 @@ def _load_pairs(cfg, dataset: ImageDataset, pair_paths: dict[str, Path], cache: 
     for split in dataset.splits:
         path = pair_paths.get(split)
         if path is None or not Path(path).exists():
-            raise ShardError(f"{path or Path(cfg.pairing.dir) / f'pairs-{split}.npz'}: pairs missing; run "
-                             "`clipit pair --config <config>` first")
+            raise ShardError(
+                f"{path or Path(cfg.pairing.dir) / f'pairs-{split}.npz'}: pairs missing; run "
+                "`clipit pair --config <config>` first"
+            )
         pairs[split] = load_pairs(path)
         meta = read_pairs_meta(path)
         if meta is not None and meta.get("fingerprint") != cache.fingerprint:
             raise ShardError(f"{path}: pairs were made for another text corpus than {cache.dir}; rerun `clipit pair`")
         idx = pairs[split]["indices"]
         if idx.size and (idx.min() < 0 or idx.max() >= len(cache.ids)):
-            raise ShardError(f"{path}: pairs point at text {int(idx.max())} but {cache.dir} holds {len(cache.ids)}; "
-                             f"delete {cfg.pairing.dir} and rerun `clipit pair`")
+            raise ShardError(
+                f"{path}: pairs point at text {int(idx.max())} but {cache.dir} holds {len(cache.ids)}; "
+                f"delete {cfg.pairing.dir} and rerun `clipit pair`"
+            )
         if idx.shape[0] != dataset.split_size(split):
-            raise ShardError(f"{path}: pairs cover {idx.shape[0]} images but split {split} has "
-                             f"{dataset.split_size(split)}; delete it and rerun `clipit pair`")
+            raise ShardError(
+                f"{path}: pairs cover {idx.shape[0]} images but split {split} has "
+                f"{dataset.split_size(split)}; delete it and rerun `clipit pair`"
+            )
         select_texts(pairs[split], split, s.use_rank, s.random_report_seed, len(cache.ids), where=str(path))
     return pairs
 
 
 def _plan(cfg, dataset: ImageDataset, cache: _TextCache) -> dict:
     s = cfg.shards
-    selection = ({"mode": "random", "seed": int(s.random_report_seed)} if s.random_report_seed is not None
-                 else {"mode": "rank", "rank": int(s.use_rank)})
+    selection = (
+        {"mode": "random", "seed": int(s.random_report_seed)}
+        if s.random_report_seed is not None
+        else {"mode": "rank", "rank": int(s.use_rank)}
+    )
     try:
         image = resolve_image(s.codec, dataset, existing_codec(Path(s.dir)))
     except ImageDecodeError as err:
-        raise ShardError(f"{dataset.name}: its first image does not decode ({err}); fix the dataset or set "
-                         "shards.codec: png") from None
-    return build_plan(dataset, s.samples_per_shard, cache.dim, cache.identity,
-                      {"kind": cfg.pairing.texts, "count": len(cache.ids), "fingerprint": cache.fingerprint}, selection,
-                      image)
+        raise ShardError(
+            f"{dataset.name}: its first image does not decode ({err}); fix the dataset or set shards.codec: png"
+        ) from None
+    return build_plan(
+        dataset,
+        s.samples_per_shard,
+        cache.dim,
+        cache.identity,
+        {"kind": cfg.pairing.texts, "count": len(cache.ids), "fingerprint": cache.fingerprint},
+        selection,
+        image,
+    )
 
 
-def _write_part(cfg, dataset: ImageDataset, pairs: dict[str, dict], cache: _TextCache, plan: dict, part: int | None,
-                num_parts: int | None) -> list[Path]:
+def _write_part(
+    cfg,
+    dataset: ImageDataset,
+    pairs: dict[str, dict],
+    cache: _TextCache,
+    plan: dict,
+    part: int | None,
+    num_parts: int | None,
+) -> list[Path]:
     """Write this part's missing shards (all missing ones without `part`); returns the shards it wrote."""
     s = cfg.shards
     units = shard_units(dataset, s.samples_per_shard)
@@ -219,22 +276,36 @@ def _write_part(cfg, dataset: ImageDataset, pairs: dict[str, dict], cache: _Text
         by_split.setdefault(split, []).append(index)
     written = []
     for split, indices in by_split.items():
-        written += write_split_shards(dataset, split, pairs[split], cache.embeddings, cache.ids, Path(s.dir),
-                                      s.samples_per_shard, only=indices, use_rank=s.use_rank,
-                                      random_seed=s.random_report_seed, image=plan["image"])
+        written += write_split_shards(
+            dataset,
+            split,
+            pairs[split],
+            cache.embeddings,
+            cache.ids,
+            Path(s.dir),
+            s.samples_per_shard,
+            only=indices,
+            use_rank=s.use_rank,
+            random_seed=s.random_report_seed,
+            image=plan["image"],
+        )
     return written
 
 
-def _write_manifest(cfg, dataset: ImageDataset, texts: list, cache: _TextCache, plan: dict, pairs: dict[str, dict],
-                    written: list[Path]) -> Path:
+def _write_manifest(
+    cfg, dataset: ImageDataset, texts: list, cache: _TextCache, plan: dict, pairs: dict[str, dict], written: list[Path]
+) -> Path:
     """texts.jsonl, then the manifest (written last: its presence marks the set complete). Shards this
     process did not write are read back against the pairs first (writer.write_manifest)."""
     s = cfg.shards
     out = Path(s.dir)
     extra = {k: plan[k] for k in ("texts", "selection", "image")}
     extra.update({"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
-    selected = {split: SplitTexts.select(pairs[split], split, cache.embeddings, cache.ids, s.use_rank,
-                                         s.random_report_seed) for split in dataset.splits}
+    selected = {
+        split: SplitTexts.select(pairs[split], split, cache.embeddings, cache.ids, s.use_rank, s.random_report_seed)
+        for split in dataset.splits
+    }
     write_texts(out, texts)
-    return write_manifest(dataset, out, s.samples_per_shard, cache.dim, cache.identity, extra=extra, texts=selected,
-                          written=written)
+    return write_manifest(
+        dataset, out, s.samples_per_shard, cache.dim, cache.identity, extra=extra, texts=selected, written=written
+    )

@@ -3,13 +3,14 @@ counts and, unless quick, reads every sample; `verify_shard_set` is the once-per
 (checksums and counts, each tar hashed once; unchanged tars are not hashed again). `SampleChecker` is
 the check of one sample, shared with the manifest step's read-back (writer.write_manifest).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -18,8 +19,18 @@ from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_write_json, read_json, sha256_file
 from clipit.progress import progress
 from clipit.shards.codec import IMAGE_FIELDS, PNG, decode_embedding, field_codec, sample_pixels
-from clipit.shards.manifest import (MANIFEST, MANIFEST_FIX, REBUILD, VERIFIED, ShardError, check_manifest,
-                                    image_spec, load_manifest, sample_key, short)
+from clipit.shards.manifest import (
+    MANIFEST,
+    MANIFEST_FIX,
+    REBUILD,
+    VERIFIED,
+    ShardError,
+    check_manifest,
+    image_spec,
+    load_manifest,
+    sample_key,
+    short,
+)
 from clipit.shards.reader import scan_shard
 
 META_KEYS = ("report_id", "report_index", "score", "rank", "topk_report_indices", "split", "source_key")
@@ -28,8 +39,14 @@ META_KEYS = ("report_id", "report_index", "score", "rank", "topk_report_indices"
 class SampleChecker:
     """The checks of one sample against its set (deep validation and the manifest's read-back)."""
 
-    def __init__(self, n_classes: int, dim: int, num_texts: int | None = None, selection: dict | None = None,
-                 image: dict | None = None):
+    def __init__(
+        self,
+        n_classes: int,
+        dim: int,
+        num_texts: int | None = None,
+        selection: dict | None = None,
+        image: dict | None = None,
+    ):
         self.n_classes, self.dim, self.num_texts = n_classes, dim, num_texts
         self.image = image or PNG
         mode = (selection or {}).get("mode")
@@ -39,9 +56,14 @@ class SampleChecker:
         self.labels: dict[str, dict[str, int]] = {}  # split -> label -> count
 
     @classmethod
-    def of(cls, manifest: dict) -> "SampleChecker":
-        return cls(len(manifest["classes"]), manifest["embedding"]["dim"], (manifest.get("texts") or {}).get("count"),
-                   manifest.get("selection"), image_spec(manifest))
+    def of(cls, manifest: dict) -> SampleChecker:
+        return cls(
+            len(manifest["classes"]),
+            manifest["embedding"]["dim"],
+            (manifest.get("texts") or {}).get("count"),
+            manifest.get("selection"),
+            image_spec(manifest),
+        )
 
     def check(self, sample: dict, path: Path, split: str, index: int, expect: dict | None = None) -> None:
         key = sample["__key__"]
@@ -61,8 +83,10 @@ class SampleChecker:
             raise bad("no image field" if not images else f"two images ({', '.join(images)})")
         codec = self.image["codec"]
         if field_codec(images[0]) != codec:
-            raise bad(f"its image is stored as {images[0]}, but the manifest's image codec is {codec} (a shard of "
-                      "another build)")
+            raise bad(
+                f"its image is stored as {images[0]}, but the manifest's image codec is {codec} (a shard of "
+                "another build)"
+            )
         for field in ("cls", "emb.npy", "json"):
             if field not in sample:
                 raise bad(f"no {field}")
@@ -93,8 +117,9 @@ class SampleChecker:
             raise bad("emb.npy holds NaN or inf")
         for field in ("cls", "emb.npy", "json"):
             if expect and field in expect and sample[field] != expect[field]:
-                raise bad(f"its {field} differs from what the pairs and texts give (a shard of another build, or "
-                          "corrupt)")
+                raise bad(
+                    f"its {field} differs from what the pairs and texts give (a shard of another build, or corrupt)"
+                )
         if expect and "source_key" in expect and meta["source_key"] != expect["source_key"]:
             raise bad(f"json source_key {meta['source_key']!r} where the dataset has {expect['source_key']!r}")
         counts = self.labels.setdefault(split, {})
@@ -117,8 +142,9 @@ class SampleChecker:
         if not isinstance(meta["report_id"], str):
             return f"report_id {meta['report_id']!r} is not a string"
         score = meta["score"]
-        if score is not None and not (isinstance(score, (int, float)) and not isinstance(score, bool)
-                                      and math.isfinite(score)):
+        if score is not None and not (
+            isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
+        ):
             return f"score {score!r} is not a finite number"
         if self.check_rank and meta["rank"] != self.rank:
             return f"rank {meta['rank']!r} where the manifest's selection gives {self.rank!r}"
@@ -136,20 +162,31 @@ class SampleChecker:
         return None
 
 
-def on_sample(checker: SampleChecker, path: Path, split: str, shard: int, per_shard: int, count: int,
-              expect: Callable[[int], dict] | None = None) -> Callable[[dict, int], None]:
+def on_sample(
+    checker: SampleChecker,
+    path: Path,
+    split: str,
+    shard: int,
+    per_shard: int,
+    count: int,
+    expect: Callable[[int], dict] | None = None,
+) -> Callable[[dict, int], None]:
     """scan_shard's callback for shard `shard` of `split`: sample j is sample shard * per_shard + j of the split."""
+
     def check(sample: dict, j: int) -> None:
         if j >= count:
             raise ShardError(f"{path}: more samples than the {count} this shard holds; {REBUILD}")
         index = shard * per_shard + j
         checker.check(sample, path, split, index, expect(index) if expect else None)
+
     return check
 
 
 def _missing(path: Path) -> ShardError:
-    return ShardError(f"{path}: listed in the manifest but missing; rerun `clipit shard build --config <config>` "
-                      "(it rebuilds the missing shards)")
+    return ShardError(
+        f"{path}: listed in the manifest but missing; rerun `clipit shard build --config <config>` "
+        "(it rebuilds the missing shards)"
+    )
 
 
 def _checksum_error(path: Path) -> ShardError:
@@ -185,14 +222,21 @@ def validate_shards(shard_dir: str | Path, quick: bool = False) -> dict:
             raise ShardError(f"{path}: {count} samples, the manifest says {shard['count']}; {REBUILD}")
     for split, info in manifest["splits"].items():
         if not quick and checker.labels.get(split, {}) != info["class_counts"]:
-            raise ShardError(f"{shard_dir / MANIFEST}: split {split} class_counts {short(info['class_counts'], 60)} "
-                             f"but the shards hold {short(checker.labels.get(split, {}), 60)}; {MANIFEST_FIX}")
+            raise ShardError(
+                f"{shard_dir / MANIFEST}: split {split} class_counts {short(info['class_counts'], 60)} "
+                f"but the shards hold {short(checker.labels.get(split, {}), 60)}; {MANIFEST_FIX}"
+            )
     return {split: info["count"] for split, info in manifest["splits"].items()}
 
 
 def _stamp(st: os.stat_result, sha256: str) -> dict:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
-            "sha256": sha256}
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "ino": st.st_ino,
+        "sha256": sha256,
+    }
 
 
 def verify_shard_set(shard_dir: str | Path, manifest: dict) -> None:

@@ -17,14 +17,15 @@ parts (or a part and a full build) never touch each other's temporary files; the
 by the process that writes it or read back sample by sample (every image decoded, the labels, texts
 and embeddings equal to what the pairs give): see `write_manifest`.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import webdataset as wds
@@ -34,8 +35,17 @@ from clipit.io import atomic_path, atomic_write_json, sha256_file
 from clipit.locks import exclusive
 from clipit.progress import progress
 from clipit.shards.codec import PNG, encode_embedding, encode_image
-from clipit.shards.manifest import (FORMAT, LOCKS, MANIFEST, REBUILD, ShardError, num_shards, sample_key,
-                                    shard_count, shard_path)
+from clipit.shards.manifest import (
+    FORMAT,
+    LOCKS,
+    MANIFEST,
+    REBUILD,
+    ShardError,
+    num_shards,
+    sample_key,
+    shard_count,
+    shard_path,
+)
 from clipit.shards.reader import scan_shard
 from clipit.shards.validate import SampleChecker, on_sample
 
@@ -51,8 +61,9 @@ def write_tar(path: str | Path, samples: Iterable[dict]) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            with wds.TarWriter(fh, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME,
-                               encoder=False) as sink:
+            with wds.TarWriter(
+                fh, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False
+            ) as sink:
                 for sample in samples:
                     sink.write(sample)
     return path
@@ -72,8 +83,14 @@ def shard_lock(out_dir: str | Path, split: str, index: int, wait_s: float = SHAR
     return exclusive(Path(out_dir) / LOCKS / name.removesuffix(".tar"), f"shard {name}", wait_s=wait_s, poll_s=0.2)
 
 
-def select_texts(pairs: dict[str, np.ndarray], split: str, use_rank: int = 1, random_seed: int | None = None,
-                 num_texts: int | None = None, where: str = "pairs") -> tuple[np.ndarray, np.ndarray]:
+def select_texts(
+    pairs: dict[str, np.ndarray],
+    split: str,
+    use_rank: int = 1,
+    random_seed: int | None = None,
+    num_texts: int | None = None,
+    where: str = "pairs",
+) -> tuple[np.ndarray, np.ndarray]:
     """The text index and score each image of `split` gets: its `use_rank`-th best (1 = top-1), or with
     `random_seed` a uniformly random text (seeded per split; score NaN, as it was never computed)."""
     n = len(pairs["indices"])
@@ -84,9 +101,12 @@ def select_texts(pairs: dict[str, np.ndarray], split: str, use_rank: int = 1, ra
         return rng.integers(0, num_texts, n, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
     k = pairs["indices"].shape[1]
     if not 1 <= use_rank <= k:
-        raise ShardError(f"{where}: shards.use_rank={use_rank} but the pairs hold the top {k}; set pairing.top_k "
-                         f">= {use_rank} and rerun `clipit pair`" if use_rank > k else
-                         f"shards.use_rank={use_rank} must be >= 1")
+        raise ShardError(
+            f"{where}: shards.use_rank={use_rank} but the pairs hold the top {k}; set pairing.top_k "
+            f">= {use_rank} and rerun `clipit pair`"
+            if use_rank > k
+            else f"shards.use_rank={use_rank} must be >= 1"
+        )
     return pairs["indices"][:, use_rank - 1].astype(np.int64), pairs["scores"][:, use_rank - 1].astype(np.float32)
 
 
@@ -105,11 +125,25 @@ class SplitTexts:
     report_ids: list
 
     @classmethod
-    def select(cls, pairs: dict[str, np.ndarray], split: str, text_embeddings: np.ndarray, report_ids: list,
-               use_rank: int = 1, random_seed: int | None = None) -> "SplitTexts":
+    def select(
+        cls,
+        pairs: dict[str, np.ndarray],
+        split: str,
+        text_embeddings: np.ndarray,
+        report_ids: list,
+        use_rank: int = 1,
+        random_seed: int | None = None,
+    ) -> SplitTexts:
         chosen, scores = select_texts(pairs, split, use_rank, random_seed, len(report_ids))
-        return cls(split, chosen, scores, None if random_seed is not None else use_rank, pairs["indices"],
-                   text_embeddings, report_ids)
+        return cls(
+            split,
+            chosen,
+            scores,
+            None if random_seed is not None else use_rank,
+            pairs["indices"],
+            text_embeddings,
+            report_ids,
+        )
 
     def fields(self, index: int, source_key: str, label: int, image: dict = PNG) -> dict:
         """Every field of sample `index` except the image (`__key__`, `cls`, `emb.npy`, `json`); a raw
@@ -132,10 +166,19 @@ class SplitTexts:
         }
 
 
-def write_split_shards(dataset: ImageDataset, split: str, pairs: dict[str, np.ndarray], text_embeddings: np.ndarray,
-                       report_ids: list[str], out_dir: str | Path, samples_per_shard: int = 1000,
-                       only: Iterable[int] | None = None, use_rank: int = 1,
-                       random_seed: int | None = None, image: dict = PNG) -> list[Path]:
+def write_split_shards(
+    dataset: ImageDataset,
+    split: str,
+    pairs: dict[str, np.ndarray],
+    text_embeddings: np.ndarray,
+    report_ids: list[str],
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    only: Iterable[int] | None = None,
+    use_rank: int = 1,
+    random_seed: int | None = None,
+    image: dict = PNG,
+) -> list[Path]:
     """Write the shards of one split (or just the shard indices in `only`) with the `image` codec
     (codec.resolve_image); returns the shards this call wrote. Shards that exist are skipped; a shard
     another process is writing is waited for, then skipped."""
@@ -160,8 +203,10 @@ def write_split_shards(dataset: ImageDataset, split: str, pairs: dict[str, np.nd
                 except ImageDecodeError as err:
                     raise decode_error(dataset, item, err) from None
                 except ValueError as err:  # another size than the raw set's
-                    raise ShardError(f"{dataset.name} {split} image {item.key}: {err}; set shards.codec: png for a "
-                                     "dataset of mixed sizes (and delete the shard folder)") from None
+                    raise ShardError(
+                        f"{dataset.name} {split} image {item.key}: {err}; set shards.codec: png for a "
+                        "dataset of mixed sizes (and delete the shard folder)"
+                    ) from None
                 yield texts.fields(index, item.key, item.label, image) | {field: payload}
 
         with shard_lock(out_dir, split, shard):
@@ -178,8 +223,9 @@ def write_split_shards(dataset: ImageDataset, split: str, pairs: dict[str, np.nd
 
 def shard_units(dataset: ImageDataset, samples_per_shard: int) -> list[tuple[str, int]]:
     """Every (split, shard index) of the set, in the one order all parts agree on."""
-    return [(split, i) for split in dataset.splits
-            for i in range(num_shards(dataset.split_size(split), samples_per_shard))]
+    return [
+        (split, i) for split in dataset.splits for i in range(num_shards(dataset.split_size(split), samples_per_shard))
+    ]
 
 
 def part_units(units: list, part: int, num_parts: int) -> list:
@@ -190,13 +236,21 @@ def part_units(units: list, part: int, num_parts: int) -> list:
 
 
 def missing_shards(dataset: ImageDataset, out_dir: str | Path, samples_per_shard: int) -> list[Path]:
-    return [p for p in (shard_path(out_dir, s, i) for s, i in shard_units(dataset, samples_per_shard))
-            if not p.exists()]
+    return [
+        p for p in (shard_path(out_dir, s, i) for s, i in shard_units(dataset, samples_per_shard)) if not p.exists()
+    ]
 
 
-def write_manifest(dataset: ImageDataset, out_dir: str | Path, samples_per_shard: int, embedding_dim: int,
-                   embedding_identity: dict, extra: dict | None = None, texts: dict[str, SplitTexts] | None = None,
-                   written: Iterable[str | Path] = ()) -> Path:
+def write_manifest(
+    dataset: ImageDataset,
+    out_dir: str | Path,
+    samples_per_shard: int,
+    embedding_dim: int,
+    embedding_identity: dict,
+    extra: dict | None = None,
+    texts: dict[str, SplitTexts] | None = None,
+    written: Iterable[str | Path] = (),
+) -> Path:
     """Summarise finished shards; written last, so its presence means the shard set is complete. `extra`
     holds the plan's other keys (texts, selection, image; without `image` the set is png).
 
@@ -211,13 +265,16 @@ def write_manifest(dataset: ImageDataset, out_dir: str | Path, samples_per_shard
     written = {os.path.abspath(p) for p in written}
     extra = extra or {}
     image = extra.get("image", PNG)
-    checker = SampleChecker(len(dataset.classes), int(embedding_dim), (extra.get("texts") or {}).get("count"),
-                            extra.get("selection"), image)
+    checker = SampleChecker(
+        len(dataset.classes), int(embedding_dim), (extra.get("texts") or {}).get("count"), extra.get("selection"), image
+    )
     units = shard_units(dataset, samples_per_shard)
     for path in (shard_path(out_dir, split, i) for split, i in units):
         if not path.exists():
-            raise ShardError(f"{path}: shard missing; finish the build (rerun `clipit shard build --config <config>`) "
-                             "before the manifest")
+            raise ShardError(
+                f"{path}: shard missing; finish the build (rerun `clipit shard build --config <config>`) "
+                "before the manifest"
+            )
     keys: dict[str, list] = {}
     labels = {split: dataset.labels(split) for split in dataset.splits}
     shards: dict[str, list] = {split: [] for split in dataset.splits}
@@ -237,11 +294,14 @@ def write_manifest(dataset: ImageDataset, out_dir: str | Path, samples_per_shard
             if got != count:
                 raise ShardError(f"{path}: {got} samples where this set's shard holds {count}; {REBUILD}")
         shards[split].append({"path": path.relative_to(out_dir).as_posix(), "count": count, "sha256": sha})
-    splits = {split: {
-        "count": dataset.split_size(split),
-        "class_counts": {str(c): int(k) for c, k in zip(*np.unique(labels[split], return_counts=True))},
-        "shards": shards[split],
-    } for split in dataset.splits}
+    splits = {
+        split: {
+            "count": dataset.split_size(split),
+            "class_counts": {str(c): int(k) for c, k in zip(*np.unique(labels[split], return_counts=True))},
+            "shards": shards[split],
+        }
+        for split in dataset.splits
+    }
     manifest = {
         "format": FORMAT,
         "dataset": dataset.name,
@@ -257,12 +317,15 @@ def write_manifest(dataset: ImageDataset, out_dir: str | Path, samples_per_shard
     return path
 
 
-def _expectation(split: str, keys: list, labels: np.ndarray, texts: SplitTexts | None,
-                 image: dict) -> Callable[[int], dict]:
+def _expectation(
+    split: str, keys: list, labels: np.ndarray, texts: SplitTexts | None, image: dict
+) -> Callable[[int], dict]:
     """What sample `index` of a split must hold apart from its image: every field exactly with the split's
     texts, else its key, label and source key."""
+
     def expect(index: int) -> dict:
         if texts is not None:
             return texts.fields(index, keys[index], int(labels[index]), image)
         return {"__key__": sample_key(split, index), "cls": str(int(labels[index])).encode(), "source_key": keys[index]}
+
     return expect

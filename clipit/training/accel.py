@@ -5,6 +5,7 @@ the accelerate settings and the DeepSpeed config are both derived from it, so th
 disagree ("bf16 in accelerate, fp16 in the DeepSpeed JSON"). Launchers (torchrun, accelerate
 launch, srun) only start processes; they must not set precision or DeepSpeed themselves.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,10 @@ def deepspeed_config(tcfg: TrainConfig, world_size: int = 1) -> dict:
 
 _CACHE: dict = {}
 _DEEPSPEED_RUNS: list[str] = []  # the run this process trained under DeepSpeed (at most one)
-ONE_DEEPSPEED_RUN = ("accelerate ties one DeepSpeed engine to a process, so a ZeRO-2 run (methods.<m>.distributed: "
-                     "zero2) needs a launch of its own: pass --seed N and launch once per seed and method")
+ONE_DEEPSPEED_RUN = (
+    "accelerate ties one DeepSpeed engine to a process, so a ZeRO-2 run (methods.<m>.distributed: "
+    "zero2) needs a launch of its own: pass --seed N and launch once per seed and method"
+)
 
 
 def claim_deepspeed_run(accelerator: Accelerator, run: str) -> None:
@@ -49,7 +52,9 @@ def claim_deepspeed_run(accelerator: Accelerator, run: str) -> None:
     if accelerator.state.deepspeed_plugin is None:
         return
     if _DEEPSPEED_RUNS:
-        raise ConfigError(f"{run}: this process already trained {_DEEPSPEED_RUNS[0]} under DeepSpeed; {ONE_DEEPSPEED_RUN}")
+        raise ConfigError(
+            f"{run}: this process already trained {_DEEPSPEED_RUNS[0]} under DeepSpeed; {ONE_DEEPSPEED_RUN}"
+        )
     _DEEPSPEED_RUNS.append(run)
 
 
@@ -59,8 +64,10 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     if key in _CACHE:
         return _CACHE[key]
     if _CACHE and (tcfg.distributed == "zero2" or any(k[1] == "zero2" for k in _CACHE)):
-        raise ValueError(f"this process already runs {next(iter(_CACHE))}; DeepSpeed cells need a process "
-                         "of their own (run them with `clipit train`, one cell per launch)")
+        raise ValueError(
+            f"this process already runs {next(iter(_CACHE))}; DeepSpeed cells need a process "
+            "of their own (run them with `clipit train`, one cell per launch)"
+        )
     _CACHE[key] = _build(tcfg)
     return _CACHE[key]
 
@@ -103,9 +110,11 @@ def check_launch(world: int) -> None:
     --num_processes N` without mpirun starts ONE process and would train alone without a word."""
     asked = requested_processes()
     if asked is not None and asked > 1 and world == 1:
-        raise ConfigError(f"accelerate launch asked for {asked} processes but started 1 (its --cpu launcher needs "
-                          "mpirun); launch with --config_file configs/accelerate/cpu.yaml on CPUs (or "
-                          f"--multi_gpu --num_processes {asked}), or torchrun --nproc_per_node {asked}")
+        raise ConfigError(
+            f"accelerate launch asked for {asked} processes but started 1 (its --cpu launcher needs "
+            "mpirun); launch with --config_file configs/accelerate/cpu.yaml on CPUs (or "
+            f"--multi_gpu --num_processes {asked}), or torchrun --nproc_per_node {asked}"
+        )
 
 
 def _build(tcfg: TrainConfig) -> Accelerator:
@@ -153,15 +162,18 @@ def main_process_lock(accelerator: Accelerator, directory: str | Path, what: str
                 held.enter_context(exclusive(directory, what))
             except LockError as err:
                 error = err
-        raise_together(accelerator, error, LockError(f"{directory}: rank 0 could not lock this {what} (see its error line)"))
+        raise_together(
+            accelerator, error, LockError(f"{directory}: rank 0 could not lock this {what} (see its error line)")
+        )
         yield
 
 
 def raise_together(accelerator: Accelerator, error: Exception | None, elsewhere: Exception) -> None:
     """Raise on every rank when any rank met an error (its own, or `elsewhere` on the ranks that did not):
     a check run by one rank must not leave the others waiting at the next collective."""
-    (failed,) = any_rank(accelerator.device, error is not None) if accelerator.num_processes > 1 \
-        else (error is not None,)
+    (failed,) = (
+        any_rank(accelerator.device, error is not None) if accelerator.num_processes > 1 else (error is not None,)
+    )
     if failed:
         raise error or elsewhere
 

@@ -23,6 +23,7 @@ manifest. A killed build resumes at the first missing shard file. Each use check
 the manifest (sha256, dtype, shape, count); anything else is one FeatureCacheError line naming the
 file and the fix.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,14 +62,22 @@ def uses_feature_cache(cfg: ExperimentConfig, method: str, model: torch.nn.Modul
     """Whether `method` trains on cached features: feature_cache true, a frozen backbone, unaugmented
     images, cached report embeddings, and (given `model`) a model that implements the hook."""
     tcfg = cfg.methods[method]
-    if (not tcfg.feature_cache or tcfg.method == "text" or tcfg.augment or tcfg.text_encoder == "tower"
-            or resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled) != "frozen"):
+    if (
+        not tcfg.feature_cache
+        or tcfg.method == "text"
+        or tcfg.augment
+        or tcfg.text_encoder == "tower"
+        or resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled) != "frozen"
+    ):
         return False
     if model is None:
         return True
     backbone = getattr(model, "backbone", None)
-    return (callable(getattr(model, "from_features", None)) and isinstance(backbone, torch.nn.Module)
-            and not any(p.requires_grad for p in backbone.parameters()))
+    return (
+        callable(getattr(model, "from_features", None))
+        and isinstance(backbone, torch.nn.Module)
+        and not any(p.requires_grad for p in backbone.parameters())
+    )
 
 
 def backbone_forwards_so_far() -> int:
@@ -86,16 +95,25 @@ def tensors_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_identity(cfg: ExperimentConfig, tcfg: TrainConfig, model: torch.nn.Module, preprocess,
-                   manifest: dict) -> dict:
+def cache_identity(
+    cfg: ExperimentConfig, tcfg: TrainConfig, model: torch.nn.Module, preprocess, manifest: dict
+) -> dict:
     """What the cached features depend on (no seed, no method: those share a cache when these agree)."""
     shards = {split: [s["sha256"] for s in manifest["splits"][split]["shards"]] for split in SPLITS}
     return {
-        "format": FORMAT, "splits": list(SPLITS),
-        "backbone": {"name": cfg.model.backbone, "class": type(model.backbone).__name__,
-                     "weights": cfg.model.weights, "tensors_sha256": tensors_sha256(model.backbone)},
-        "preprocess": {"size": int(preprocess.size), "mean": [round(float(v), 8) for v in preprocess.mean.flatten()],
-                       "std": [round(float(v), 8) for v in preprocess.std.flatten()]},
+        "format": FORMAT,
+        "splits": list(SPLITS),
+        "backbone": {
+            "name": cfg.model.backbone,
+            "class": type(model.backbone).__name__,
+            "weights": cfg.model.weights,
+            "tensors_sha256": tensors_sha256(model.backbone),
+        },
+        "preprocess": {
+            "size": int(preprocess.size),
+            "mean": [round(float(v), 8) for v in preprocess.mean.flatten()],
+            "std": [round(float(v), 8) for v in preprocess.std.flatten()],
+        },
         "precision": tcfg.precision,
         "shards_sha256": hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest(),
     }
@@ -106,8 +124,10 @@ def cache_key(identity: dict) -> str:
 
 
 def damaged(file: Path, cache_dir: Path, problem: str) -> FeatureCacheError:
-    return FeatureCacheError(f"{file}: {problem}; the feature cache is damaged: delete {cache_dir} and rerun "
-                             "`clipit train --config <config> --method <method>` (it rebuilds the cache)")
+    return FeatureCacheError(
+        f"{file}: {problem}; the feature cache is damaged: delete {cache_dir} and rerun "
+        "`clipit train --config <config> --method <method>` (it rebuilds the cache)"
+    )
 
 
 @dataclass
@@ -121,8 +141,9 @@ class FeatureSplit:
     rows: list[range]
 
 
-def ensure_cache(accelerator, cfg: ExperimentConfig, tcfg: TrainConfig, model, preprocess,
-                 manifest: dict, log=print) -> tuple[Path, dict, int]:
+def ensure_cache(
+    accelerator, cfg: ExperimentConfig, tcfg: TrainConfig, model, preprocess, manifest: dict, log=print
+) -> tuple[Path, dict, int]:
     """(cache dir, its manifest, backbone forwards this call ran): built if missing, checked if present."""
     identity = cache_identity(cfg, tcfg, model, preprocess, manifest)
     cache_dir = layout.feature_cache_dir(cfg.shards.dir, cache_key(identity))
@@ -141,16 +162,22 @@ def ensure_cache(accelerator, cfg: ExperimentConfig, tcfg: TrainConfig, model, p
                         _write_manifest(cache_dir, identity, manifest)
                     except ClipitError as err:
                         error = err
-                raise_together(accelerator, error, FeatureCacheError(f"{cache_dir}: rank 0 could not finish the "
-                                                                     "feature cache (see its error line)"))
+                raise_together(
+                    accelerator,
+                    error,
+                    FeatureCacheError(f"{cache_dir}: rank 0 could not finish the feature cache (see its error line)"),
+                )
     error, cache_manifest = None, None
     if main:
         try:
             cache_manifest = verify_cache(cache_dir)
         except ClipitError as err:
             error = err
-    raise_together(accelerator, error, FeatureCacheError(f"{cache_dir}: rank 0 found the feature cache damaged "
-                                                         "(see its error line)"))
+    raise_together(
+        accelerator,
+        error,
+        FeatureCacheError(f"{cache_dir}: rank 0 found the feature cache damaged (see its error line)"),
+    )
     if not main:
         cache_manifest = read_json(cache_dir / MANIFEST)
     return cache_dir, cache_manifest, backbone_forwards_so_far() - before
@@ -188,12 +215,17 @@ def _build_lock(accelerator, cache_dir: Path, log):
 
 
 @torch.no_grad()
-def _encode_missing(accelerator, cache_dir: Path, shard_dir: Path, tcfg: TrainConfig, model, preprocess,
-                    manifest: dict) -> None:
+def _encode_missing(
+    accelerator, cache_dir: Path, shard_dir: Path, tcfg: TrainConfig, model, preprocess, manifest: dict
+) -> None:
     """This rank's share of the missing shard files: unit j (over every split's shards) goes to rank j % world."""
     units = [(split, i) for split in SPLITS for i in range(len(manifest["splits"][split]["shards"]))]
-    mine = [u for j, u in enumerate(units) if j % accelerator.num_processes == accelerator.process_index
-            and not layout.feature_part(cache_dir, *u).exists()]
+    mine = [
+        u
+        for j, u in enumerate(units)
+        if j % accelerator.num_processes == accelerator.process_index
+        and not layout.feature_part(cache_dir, *u).exists()
+    ]
     was_training = model.training
     model.eval()  # features as validation sees them (the registered backbones have no dropout or batch norm)
     model.to(accelerator.device)
@@ -205,15 +237,29 @@ def _encode_missing(accelerator, cache_dir: Path, shard_dir: Path, tcfg: TrainCo
     model.train(was_training)
 
 
-def _encode_shards(accelerator, cache_dir: Path, shard_dir: Path, split: str, indices: list[int], tcfg: TrainConfig,
-                   model, preprocess, manifest: dict) -> None:
+def _encode_shards(
+    accelerator,
+    cache_dir: Path,
+    shard_dir: Path,
+    split: str,
+    indices: list[int],
+    tcfg: TrainConfig,
+    model,
+    preprocess,
+    manifest: dict,
+) -> None:
     source = ShardSource(shard_dir, split, manifest)
     urls = source.urls
     index_of = {urls[i]: i for i in indices}
     expected = {urls[i]: manifest["splits"][split]["shards"][i]["count"] for i in indices}
     pending: dict[str, list] = {}
-    loader = eval_loader([urls[i] for i in indices], 2 * tcfg.batch_size, num_workers=tcfg.num_workers,
-                         load_size=preprocess.size, with_urls=True)
+    loader = eval_loader(
+        [urls[i] for i in indices],
+        2 * tcfg.batch_size,
+        num_workers=tcfg.num_workers,
+        load_size=preprocess.size,
+        with_urls=True,
+    )
     for batch in source.batches(loader, f"the feature cache build of {cache_dir}"):
         with accelerator.autocast():
             feats = model.features(preprocess(batch["images"].to(accelerator.device)))
@@ -224,10 +270,14 @@ def _encode_shards(accelerator, cache_dir: Path, shard_dir: Path, split: str, in
             part.append((feats[rows], batch["labels"][rows], batch["text_emb"][rows], [batch["keys"][r] for r in rows]))
             if sum(len(p[3]) for p in part) == expected[url]:
                 _write_part(cache_dir, split, index_of[url], url, pending.pop(url))
-    missing = sorted(set(expected) - {u for u in expected if layout.feature_part(cache_dir, split, index_of[u]).exists()})
+    missing = sorted(
+        set(expected) - {u for u in expected if layout.feature_part(cache_dir, split, index_of[u]).exists()}
+    )
     if missing:
-        raise FeatureCacheError(f"{missing[0]}: gave fewer samples than its manifest lists while building the feature "
-                                f"cache; check the shards with `clipit shard validate {shard_dir}`")
+        raise FeatureCacheError(
+            f"{missing[0]}: gave fewer samples than its manifest lists while building the feature "
+            f"cache; check the shards with `clipit shard validate {shard_dir}`"
+        )
 
 
 def _write_part(cache_dir: Path, split: str, index: int, url: str, parts: list) -> None:
@@ -235,10 +285,15 @@ def _write_part(cache_dir: Path, split: str, index: int, url: str, parts: list) 
     keys = [k for p in parts for k in p[3]]
     bad = (~torch.isfinite(feats.float()).all(dim=1)).nonzero().flatten().tolist()
     if bad:
-        raise FeatureCacheError(f"{url}: the backbone gives non-finite features for {len(bad)} samples (e.g. "
-                                f"{keys[bad[0]]}); check the backbone's weights and these images")
-    tensors = {"features": feats.contiguous(), "labels": torch.cat([p[1] for p in parts]).contiguous(),
-               "text_emb": torch.cat([p[2] for p in parts]).to(torch.float16).contiguous()}
+        raise FeatureCacheError(
+            f"{url}: the backbone gives non-finite features for {len(bad)} samples (e.g. "
+            f"{keys[bad[0]]}); check the backbone's weights and these images"
+        )
+    tensors = {
+        "features": feats.contiguous(),
+        "labels": torch.cat([p[1] for p in parts]).contiguous(),
+        "text_emb": torch.cat([p[2] for p in parts]).to(torch.float16).contiguous(),
+    }
     with atomic_path(layout.feature_part(cache_dir, split, index)) as tmp:
         save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys), "shard": Path(url).name})
 
@@ -253,16 +308,25 @@ def _write_manifest(cache_dir: Path, identity: dict, manifest: dict) -> None:
             if shapes["features"][0][0] != shard["count"]:
                 raise damaged(file, cache_dir, f"holds {shapes['features'][0][0]} samples, its shard {shard['count']}")
             dims.add((shapes["features"][0][1], shapes["features"][1], shapes["text_emb"][0][1]))
-            files.append({"path": file.relative_to(cache_dir).as_posix(), "count": shard["count"],
-                          "sha256": sha256_file(file)})
+            files.append(
+                {"path": file.relative_to(cache_dir).as_posix(), "count": shard["count"], "sha256": sha256_file(file)}
+            )
         if len(dims) != 1:
-            raise FeatureCacheError(f"{cache_dir / split}: shard files of different widths or dtypes {sorted(dims)}; "
-                                    f"delete {cache_dir} and rerun")
-        (dim, dtype, text_dim), = dims
-        splits[split] = {"count": sum(f["count"] for f in files), "dim": dim, "dtype": dtype, "text_dim": text_dim,
-                         "files": files}
-    atomic_write_json(cache_dir / MANIFEST, {"format": FORMAT, "key": cache_dir.name, "identity": identity,
-                                             "splits": splits})
+            raise FeatureCacheError(
+                f"{cache_dir / split}: shard files of different widths or dtypes {sorted(dims)}; "
+                f"delete {cache_dir} and rerun"
+            )
+        ((dim, dtype, text_dim),) = dims
+        splits[split] = {
+            "count": sum(f["count"] for f in files),
+            "dim": dim,
+            "dtype": dtype,
+            "text_dim": text_dim,
+            "files": files,
+        }
+    atomic_write_json(
+        cache_dir / MANIFEST, {"format": FORMAT, "key": cache_dir.name, "identity": identity, "splits": splits}
+    )
 
 
 def _header(file: Path, cache_dir: Path) -> tuple[dict, list[str]]:
@@ -271,13 +335,17 @@ def _header(file: Path, cache_dir: Path) -> tuple[dict, list[str]]:
         raise damaged(file, cache_dir, "missing")
     try:
         with safe_open(str(file), framework="pt") as fh:
-            shapes = {name: (list(fh.get_slice(name).get_shape()), str(fh.get_slice(name).get_dtype()))
-                      for name in fh.keys()}
+            shapes = {
+                name: (list(fh.get_slice(name).get_shape()), str(fh.get_slice(name).get_dtype())) for name in fh.keys()
+            }
             keys = json.loads((fh.metadata() or {}).get("keys", "null"))
     except (SafetensorError, OSError, ValueError) as err:
         raise damaged(file, cache_dir, f"not a readable safetensors file ({one_line(err)})") from None
-    if set(shapes) != {"features", "labels", "text_emb"} or not isinstance(keys, list) or \
-            len({len(keys), shapes["features"][0][0], shapes["labels"][0][0], shapes["text_emb"][0][0]}) != 1:
+    if (
+        set(shapes) != {"features", "labels", "text_emb"}
+        or not isinstance(keys, list)
+        or len({len(keys), shapes["features"][0][0], shapes["labels"][0][0], shapes["text_emb"][0][0]}) != 1
+    ):
         raise damaged(file, cache_dir, "not a feature-cache shard file (tensors or keys missing or of other lengths)")
     return shapes, keys
 

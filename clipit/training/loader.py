@@ -13,6 +13,7 @@ PIL/tarfile traceback and never a quietly shorter shard: tars are read by shards
 reader, not by webdataset's (whose default handler re-raises the raw exception and whose tar
 iteration stops quietly at a cut).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,11 @@ def load_image(data: bytes | np.ndarray, size: int | None = None) -> np.ndarray:
     if size and img.size != (size, size):
         scale = size / min(img.size)
         if scale != 1:
-            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
-                             Image.BILINEAR, reducing_gap=2.0)
+            img = img.resize(
+                (max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                Image.BILINEAR,
+                reducing_gap=2.0,
+            )
         img = _center_crop(img, size)
     return np.asarray(img, dtype=np.uint8)
 
@@ -122,8 +126,16 @@ class _Loader(wds.WebLoader):
             yield batch
 
 
-def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed: int, num_workers: int = 0,
-                 load_size: int | None = None, shuffle_buffer: int = 2000, start_epoch: int = 0) -> wds.WebLoader:
+def train_loader(
+    urls: list[str],
+    batch_size: int,
+    batches_per_epoch: int,
+    seed: int,
+    num_workers: int = 0,
+    load_size: int | None = None,
+    shuffle_buffer: int = 2000,
+    start_epoch: int = 0,
+) -> wds.WebLoader:
     """Deterministic full batches for this rank; each `iter()` starts the next epoch.
 
     Epoch e of (rank, worker) always draws the same shards and samples, which is what makes a
@@ -131,13 +143,32 @@ def train_loader(urls: list[str], batch_size: int, batches_per_epoch: int, seed:
     stream and yields at least its share; the trainer takes exactly `batches_per_epoch` per epoch.
     """
     per_worker = -(-batches_per_epoch // max(1, num_workers))
-    pipeline = train_stream(urls, tar_samples, [wds.map(lambda s: decode_sample(s, load_size))], collate,
-                            batch_size, per_worker, seed, shuffle_buffer, start_epoch)
+    pipeline = train_stream(
+        urls,
+        tar_samples,
+        [wds.map(lambda s: decode_sample(s, load_size))],
+        collate,
+        batch_size,
+        per_worker,
+        seed,
+        shuffle_buffer,
+        start_epoch,
+    )
     return _Loader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
-def train_stream(urls: list[str], expand, stages: list, collation_fn, batch_size: int, per_worker: int, seed: int,
-                 shuffle_buffer: int = 2000, start_epoch: int = 0, worker_seed=None) -> wds.DataPipeline:
+def train_stream(
+    urls: list[str],
+    expand,
+    stages: list,
+    collation_fn,
+    batch_size: int,
+    per_worker: int,
+    seed: int,
+    shuffle_buffer: int = 2000,
+    start_epoch: int = 0,
+    worker_seed=None,
+) -> wds.DataPipeline:
     """The training order, in one place: resampled shards -> `expand` (shard dicts -> samples) -> seeded
     shuffle -> `stages` -> full batches. The cached-feature probe (training/probe.py) expands shards into
     cached rows instead of tar samples and so replays exactly the batches `train_loader` gives."""
@@ -152,8 +183,15 @@ def train_stream(urls: list[str], expand, stages: list, collation_fn, batch_size
     ).with_epoch(per_worker)
 
 
-def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                load_size: int | None = None, with_urls: bool = False) -> wds.WebLoader | list:
+def eval_loader(
+    urls: list[str],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    load_size: int | None = None,
+    with_urls: bool = False,
+) -> wds.WebLoader | list:
     """Each sample once across all ranks: rank r reads shards r, r + world, ... in order. `with_urls`: each
     batch also names every sample's shard ("urls"), for the feature cache's per-shard files."""
     mine = urls[rank::world_size]
@@ -167,4 +205,3 @@ def eval_loader(urls: list[str], batch_size: int, rank: int = 0, world_size: int
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     return _Loader(pipeline, batch_size=None, num_workers=min(num_workers, len(mine)))
-

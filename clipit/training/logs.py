@@ -11,6 +11,7 @@ is the share of that time rank 0 waited for its loader; ETA extrapolates this at
 (validation included). train.log is appended to, so a resumed run keeps the lines of every attempt.
 A tqdm bar (stderr) is drawn only when stderr is a terminal (clipit/progress.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,12 +22,16 @@ from clipit.progress import Progress, format_duration, is_terminal
 
 
 class TrainLog:
-    def __init__(self, run_dir: Path, name: str, total_steps: int, batches_per_epoch: int, every: int,
-                 step: int, main: bool):
+    def __init__(
+        self, run_dir: Path, name: str, total_steps: int, batches_per_epoch: int, every: int, step: int, main: bool
+    ):
         self.name, self.total, self.per_epoch, self.every, self.main = name, total_steps, batches_per_epoch, every, main
         # a bar on a terminal only: in a batch job the lines are the progress
-        self.bar = Progress(total=total_steps, initial=step, desc=name, unit="step", bar=True) \
-            if main and is_terminal() else None
+        self.bar = (
+            Progress(total=total_steps, initial=step, desc=name, unit="step", bar=True)
+            if main and is_terminal()
+            else None
+        )
         self.path = layout.train_log(run_dir)
         self._start_step, self._start = step, time.monotonic()
         self._reset()
@@ -48,8 +53,10 @@ class TrainLog:
 
     def start(self, resumed_from: int | None, world: int, eval_every: int) -> None:
         began = f"resumed at step {resumed_from}" if resumed_from is not None else "started"
-        self.line(f"{began}: {self.total} steps, {self.per_epoch} per epoch, validation every {eval_every}, "
-                  f"{world} process{'es' if world > 1 else ''}")
+        self.line(
+            f"{began}: {self.total} steps, {self.per_epoch} per epoch, validation every {eval_every}, "
+            f"{world} process{'es' if world > 1 else ''}"
+        )
 
     def step(self, step: int, loss, lr: float, images: int, waited: float) -> None:
         """After optimizer step `step`: `loss` (a tensor; read only when a line is due), global images
@@ -67,24 +74,31 @@ class TrainLog:
         done = step - self._start_step
         eta = format_duration(elapsed / done * (self.total - step)) if done else "?"
         epochs = -(-self.total // self.per_epoch)
-        self.line(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {(step - 1) // self.per_epoch + 1}"
-                  f"/{epochs} loss {float(self._loss) / self._steps:.4f} lr {lr:.2e} images/s "
-                  f"{self._images / window:.1f} data wait {100 * self._waited / window:.1f}% ETA {eta}")
+        self.line(
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {(step - 1) // self.per_epoch + 1}"
+            f"/{epochs} loss {float(self._loss) / self._steps:.4f} lr {lr:.2e} images/s "
+            f"{self._images / window:.1f} data wait {100 * self._waited / window:.1f}% ETA {eta}"
+        )
         self._reset()
 
     def validation(self, step: int, val: dict, best_score: float | None, best_step: int, select: str) -> None:
         if not self.main:
             return
-        best = "last" if select == "last" else \
-            f"{-best_score:.4f}" if select == "val_loss" else f"{100 * best_score:.2f}%"
-        self.line(f"validation at step {step}: val loss {val['loss']:.4f} val bacc "
-                  f"{100 * val['balanced_accuracy']:.2f}% best {select} {best} at step {best_step}")
+        best = (
+            "last" if select == "last" else f"{-best_score:.4f}" if select == "val_loss" else f"{100 * best_score:.2f}%"
+        )
+        self.line(
+            f"validation at step {step}: val loss {val['loss']:.4f} val bacc "
+            f"{100 * val['balanced_accuracy']:.2f}% best {select} {best} at step {best_step}"
+        )
 
     def finish(self, summary: dict) -> None:
         stopped = summary.get("stopped_early_at_step")
         end = f"stopped early at step {stopped}" if stopped else f"finished {summary['steps']} steps"
-        self.line(f"{end} in {format_duration(time.monotonic() - self._start)}; best checkpoint at step "
-                  f"{summary['best_step']} ({summary['select']})")
+        self.line(
+            f"{end} in {format_duration(time.monotonic() - self._start)}; best checkpoint at step "
+            f"{summary['best_step']} ({summary['select']})"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -5,6 +5,7 @@ Nothing here passes silently: a non-finite logit or loss is a `NonFiniteError` n
 (and their shards), and a shard that cannot be read while iterating is a `ShardError` naming it
 (`ShardSource.batches`, also used by the training loop).
 """
+
 from __future__ import annotations
 
 import math
@@ -87,14 +88,18 @@ class ShardSource:
         args = getattr(err, "args", ())
         detail = f"{type(err).__name__}: {' '.join(str(args[0]).split())[:200]}" if args else one_line(err)
         where = shard or f"a shard of the {self.split} split in {self.shard_dir}"
-        return ShardError(f"{where}: cannot be read during {what} ({detail}); the shard is damaged: delete it and "
-                          f"rebuild it with `clipit shard build --config <config>` (`clipit shard validate "
-                          f"{self.shard_dir}` checks every shard)")
+        return ShardError(
+            f"{where}: cannot be read during {what} ({detail}); the shard is damaged: delete it and "
+            f"rebuild it with `clipit shard build --config <config>` (`clipit shard validate "
+            f"{self.shard_dir}` checks every shard)"
+        )
 
     def _damaged(self, urls: list[str]) -> list[str]:
         """Shards of the split whose sha256 differs from the manifest (only for sets small enough to hash)."""
-        entries = {str(Path(self.shard_dir) / s["path"]): s.get("sha256")
-                   for s in self.manifest["splits"][self.split]["shards"]}
+        entries = {
+            str(Path(self.shard_dir) / s["path"]): s.get("sha256")
+            for s in self.manifest["splits"][self.split]["shards"]
+        }
         try:
             if sum(Path(u).stat().st_size for u in urls) > _SCAN_LIMIT:
                 return []
@@ -104,9 +109,17 @@ class ShardSource:
 
 
 @torch.no_grad()
-def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
-            text_inputs: TextInputs | None = None, what: str = "prediction",
-            source: ShardSource | None = None, hint: str = "") -> dict:
+def predict(
+    model,
+    preprocess,
+    loader,
+    accelerator: Accelerator,
+    lam: float,
+    text_inputs: TextInputs | None = None,
+    what: str = "prediction",
+    source: ShardSource | None = None,
+    hint: str = "",
+) -> dict:
     """Logits, labels and keys of every sample (gathered over ranks) and the mean loss terms.
 
     The bare module runs, not the DDP/DeepSpeed wrapper: ranks hold different numbers of eval batches
@@ -116,7 +129,7 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
     wrapper, model = model, accelerator.unwrap_model(model) if hasattr(model, "module") else model  # DDP / DeepSpeed
     wrapper.eval()
     logits, labels, keys, terms, bad_text = [], [], [], [], []
-    for batch in (source.batches(loader, what) if source is not None else loader):
+    for batch in source.batches(loader, what) if source is not None else loader:
         images = preprocess(batch["images"].to(accelerator.device, non_blocking=True))
         inputs = (text_inputs or cached_text)(batch, accelerator.device)
         with accelerator.autocast():
@@ -133,8 +146,17 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
             rows = (~torch.isfinite(text.float()).all(dim=1)).cpu().numpy()
             bad_text += [k for k, bad in zip(batch["keys"], rows) if bad]
     wrapper.train()
-    parts = gather_object([(np.concatenate(logits) if logits else np.zeros((0, 0)),
-                            np.concatenate(labels) if labels else np.zeros(0, np.int64), keys, terms, bad_text)])
+    parts = gather_object(
+        [
+            (
+                np.concatenate(logits) if logits else np.zeros((0, 0)),
+                np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                keys,
+                terms,
+                bad_text,
+            )
+        ]
+    )
     logits = np.concatenate([p[0] for p in parts if len(p[1])])
     labels = np.concatenate([p[1] for p in parts if len(p[1])])
     keys = [k for p in parts for k in p[2]]
@@ -148,8 +170,9 @@ def predict(model, preprocess, loader, accelerator: Accelerator, lam: float,
     return result
 
 
-def check_finite(result: dict, what: str, source: ShardSource | None = None, bad_text: list[str] = (),
-                 hint: str = "") -> None:
+def check_finite(
+    result: dict, what: str, source: ShardSource | None = None, bad_text: list[str] = (), hint: str = ""
+) -> None:
     """NonFiniteError naming the samples if any logit or loss term of `predict`'s result is not finite;
     samples whose report embedding is not finite are named as the likely cause."""
     rows = ~np.isfinite(result["logits"]).all(axis=1) if result["logits"].size else np.zeros(0, bool)
@@ -164,11 +187,14 @@ def check_finite(result: dict, what: str, source: ShardSource | None = None, bad
         problem = f"the mean {terms[0][0]} is {terms[0][1]}"
     shards = source.shard_dir if source is not None else "<shard dir>"
     if bad_text:  # the data explains it: the shards need fixing, not the settings
-        raise NonFiniteError(f"{what}: {problem} because {samples(len(bad_text))} non-finite report "
-                             f"embeddings: {describe(bad_text)}; check the shards with `clipit shard validate "
-                             f"{shards}` and rebuild the damaged ones")
-    raise NonFiniteError(f"{what}: {problem}; check the shards with `clipit shard validate {shards}`"
-                         + (f"; {hint}" if hint else ""))
+        raise NonFiniteError(
+            f"{what}: {problem} because {samples(len(bad_text))} non-finite report "
+            f"embeddings: {describe(bad_text)}; check the shards with `clipit shard validate "
+            f"{shards}` and rebuild the damaged ones"
+        )
+    raise NonFiniteError(
+        f"{what}: {problem}; check the shards with `clipit shard validate {shards}`" + (f"; {hint}" if hint else "")
+    )
 
 
 def samples(n: int) -> str:

@@ -14,6 +14,7 @@ The step plan, optimizer, schedule, clipping, validation, selection, patience, r
 logging are the trainer's. Only float rounding differs: the cache computes features in eval mode, in
 batches of 2 x batch_size (the registered backbones have no dropout or batch norm).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,8 +60,16 @@ class Features(nn.Module):
         return feats
 
 
-def train_order(urls: list[str], rows: list[range], batch_size: int, batches_per_epoch: int, seed: int,
-                num_workers: int = 0, rank: int | None = None, start_epoch: int = 0):
+def train_order(
+    urls: list[str],
+    rows: list[range],
+    batch_size: int,
+    batches_per_epoch: int,
+    seed: int,
+    num_workers: int = 0,
+    rank: int | None = None,
+    start_epoch: int = 0,
+):
     """Per epoch, the row-index batches that `loader.train_loader(urls, ...)` gives this rank.
 
     Each loader worker w has its own stream (webdataset seeds it with rank * 1000 + w); torch's
@@ -75,8 +84,20 @@ def train_order(urls: list[str], rows: list[range], batch_size: int, batches_per
         for shard in src:
             yield from rows_of[shard["url"]]
 
-    streams = [train_stream(urls, expand, [], torch.tensor, batch_size, per_worker, seed, start_epoch=start_epoch,
-                            worker_seed=lambda w=w: rank * 1000 + w) for w in range(workers)]
+    streams = [
+        train_stream(
+            urls,
+            expand,
+            [],
+            torch.tensor,
+            batch_size,
+            per_worker,
+            seed,
+            start_epoch=start_epoch,
+            worker_seed=lambda w=w: rank * 1000 + w,
+        )
+        for w in range(workers)
+    ]
 
     def next_epoch() -> list[torch.Tensor]:
         iterators = [iter(stream) for stream in streams]
@@ -94,9 +115,13 @@ def train_order(urls: list[str], rows: list[range], batch_size: int, batches_per
 def _batch(split: FeatureSplit, rows: torch.Tensor) -> dict:
     """A loader batch with the features as the model's input ("images")."""
     on_device = rows.to(split.features.device)
-    return {"images": split.features[on_device], "labels": split.labels[rows], "text_emb": split.text_emb[on_device],
-            "report_index": torch.full((len(rows),), -1, dtype=torch.long),
-            "keys": [split.keys[i] for i in rows.tolist()]}
+    return {
+        "images": split.features[on_device],
+        "labels": split.labels[rows],
+        "text_emb": split.text_emb[on_device],
+        "report_index": torch.full((len(rows),), -1, dtype=torch.long),
+        "keys": [split.keys[i] for i in rows.tolist()],
+    }
 
 
 class _TrainBatches:
@@ -119,20 +144,28 @@ class CachedInputs:
     val: FeatureSplit = field(repr=False)
     urls: list[str] = field(repr=False)
 
-    def train_batches(self, batch_size: int, batches_per_epoch: int, seed: int, num_workers: int,
-                      start_epoch: int) -> _TrainBatches:
-        return _TrainBatches(self.train, train_order(self.urls, self.train.rows, batch_size, batches_per_epoch, seed,
-                                                     num_workers, start_epoch=start_epoch))
+    def train_batches(
+        self, batch_size: int, batches_per_epoch: int, seed: int, num_workers: int, start_epoch: int
+    ) -> _TrainBatches:
+        return _TrainBatches(
+            self.train,
+            train_order(
+                self.urls, self.train.rows, batch_size, batches_per_epoch, seed, num_workers, start_epoch=start_epoch
+            ),
+        )
 
     def val_batches(self, batch_size: int, rank: int, world: int) -> list[dict]:
         """Rank r's validation batches from shards r, r + world, ... (as loader.eval_loader splits them)."""
         rows = [r for shard in self.val.rows[rank::world] for r in shard]
-        return [_batch(self.val, torch.tensor(rows[i:i + batch_size], dtype=torch.long))
-                for i in range(0, len(rows), batch_size)]
+        return [
+            _batch(self.val, torch.tensor(rows[i : i + batch_size], dtype=torch.long))
+            for i in range(0, len(rows), batch_size)
+        ]
 
 
-def cached_inputs(cfg: ExperimentConfig, method: str, accelerator, manifest: dict, model: nn.Module, preprocess,
-                  log=print) -> CachedInputs | None:
+def cached_inputs(
+    cfg: ExperimentConfig, method: str, accelerator, manifest: dict, model: nn.Module, preprocess, log=print
+) -> CachedInputs | None:
     """The cached stand-ins for `model` (built on the first use of the cache), or None when the run must
     see images (trainable backbone, augmentation, a text tower, feature_cache: false)."""
     if not uses_feature_cache(cfg, method, model):
@@ -140,10 +173,17 @@ def cached_inputs(cfg: ExperimentConfig, method: str, accelerator, manifest: dic
     tcfg = cfg.methods[method]
     cache_dir, cache_manifest, forwards = ensure_cache(accelerator, cfg, tcfg, model, preprocess, manifest, log)
     if accelerator.is_main_process:
-        log(f"[clipit train] {method}: training on cached features {cache_dir} "
-            f"({f'built: {forwards} backbone forwards' if forwards else 'reused: no backbone forwards'})", flush=True)
+        log(
+            f"[clipit train] {method}: training on cached features {cache_dir} "
+            f"({f'built: {forwards} backbone forwards' if forwards else 'reused: no backbone forwards'})",
+            flush=True,
+        )
     device = accelerator.device
-    return CachedInputs(FeatureHead(model), Features(preprocess.size), cache_dir,
-                        load_split(cache_dir, cache_manifest, "train", device),
-                        load_split(cache_dir, cache_manifest, "val", device),
-                        ShardSource(Path(cfg.shards.dir), "train", manifest).urls)
+    return CachedInputs(
+        FeatureHead(model),
+        Features(preprocess.size),
+        cache_dir,
+        load_split(cache_dir, cache_manifest, "train", device),
+        load_split(cache_dir, cache_manifest, "val", device),
+        ShardSource(Path(cfg.shards.dir), "train", manifest).urls,
+    )

@@ -2,6 +2,7 @@
 is saved as built without a training step (the zero-shot classifier, an imported probe head): the
 checkpoint sidecar (best.json) and, for the latter, the whole run (config.yaml, best checkpoint,
 train_summary.json), so evaluation and export treat every run alike."""
+
 from __future__ import annotations
 
 import time
@@ -15,21 +16,50 @@ from clipit.models.checkpoint import save_model
 
 def checkpoint_meta(cfg: ExperimentConfig, method: str, seed: int, manifest: dict, image_size: int) -> dict:
     """The best checkpoint's sidecar: what rebuilds its model (plus `step`, added when it is saved)."""
-    return {"method": method, "seed": seed, "classes": manifest["classes"], "backbone": cfg.model.backbone,
-            "weights": cfg.model.weights, "text_dim": manifest["embedding"]["dim"],
-            "train": vars(cfg.methods[method]).copy(), "lora": vars(cfg.model.lora).copy(),
-            "kd_layers": cfg.model.kd_layers, "image_size": image_size}
+    return {
+        "method": method,
+        "seed": seed,
+        "classes": manifest["classes"],
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        "text_dim": manifest["embedding"]["dim"],
+        "train": vars(cfg.methods[method]).copy(),
+        "lora": vars(cfg.model.lora).copy(),
+        "kd_layers": cfg.model.kd_layers,
+        "image_size": image_size,
+    }
 
 
-def save_as_built(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, model, preprocess, manifest: dict,
-                  accelerator, *, summary_extra: dict, meta_extra: dict, full: bool, message: str) -> dict:
+def save_as_built(
+    cfg: ExperimentConfig,
+    method: str,
+    seed: int,
+    run_dir: Path,
+    model,
+    preprocess,
+    manifest: dict,
+    accelerator,
+    *,
+    summary_extra: dict,
+    meta_extra: dict,
+    full: bool,
+    message: str,
+) -> dict:
     """Save `model` as the run's best checkpoint at step 0 with a train summary, each with its extra
     fields (what the run is instead of trained: zero_shot, imported, ...). Rank 0 writes; every rank
     returns the summary."""
     start = time.time()
-    summary = {"steps": 0, "best_step": 0, "select": cfg.methods[method].select,
-               "world_size": accelerator.num_processes, "batches_per_epoch": 0, "resumed_from_step": None,
-               "stopped_early_at_step": None, **summary_extra, "wall_s": 0.0}
+    summary = {
+        "steps": 0,
+        "best_step": 0,
+        "select": cfg.methods[method].select,
+        "world_size": accelerator.num_processes,
+        "batches_per_epoch": 0,
+        "resumed_from_step": None,
+        "stopped_early_at_step": None,
+        **summary_extra,
+        "wall_s": 0.0,
+    }
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, layout.config_file(run_dir))

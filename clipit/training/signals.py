@@ -4,6 +4,7 @@ Saving inside a signal handler could catch the model between backward and optimi
 the save, the previously installed handler runs: under submitit that is its own USR2 handler
 (requeue + exit), elsewhere the default action ends the process.
 """
+
 from __future__ import annotations
 
 import signal

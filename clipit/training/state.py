@@ -20,6 +20,7 @@ A checkpoint is written to a temporary folder and renamed, so a kill while savin
 one intact. Loading is strict: a missing, damaged or foreign file, or a checkpoint of another config,
 is a `ResumeError` naming the file; the run never restarts or resumes inexactly without saying so.
 """
+
 from __future__ import annotations
 
 import enum
@@ -123,7 +124,7 @@ def _encode(obj, tensors: dict):
     raise TypeError(f"resume state holds a {name}, which clipit cannot store as data")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _allowed_class(name: str):
     module, _, qualname = name.rpartition(".")
     return getattr(importlib.import_module(module), qualname)
@@ -203,7 +204,7 @@ def load_tree(path: str | Path):
 # DeepSpeed: its checkpoint files, through the same format
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _safe_engine_class():
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
@@ -245,8 +246,12 @@ def use_safe_checkpoint_engine(engine) -> None:
 
 
 def rng_state(generator: torch.Generator, device: torch.device | None = None) -> dict:
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)  # dropout on the device (LoRA dropout)
     return state
@@ -265,8 +270,15 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device 
 # Saving and loading a checkpoint
 
 
-def save_training_state(run_dir: str | Path, accelerator: Accelerator, model, optimizer, scheduler,
-                        generator: torch.Generator, progress: dict) -> Path:
+def save_training_state(
+    run_dir: str | Path,
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    scheduler,
+    generator: torch.Generator,
+    progress: dict,
+) -> Path:
     final = latest_dir(run_dir)
     tmp = final.parent / f"{TMP_PREFIX}{progress['step']}"
     if accelerator.is_main_process:
@@ -288,16 +300,24 @@ def save_training_state(run_dir: str | Path, accelerator: Accelerator, model, op
     if accelerator.is_main_process:
         save_tree(tmp / "scheduler.safetensors", scheduler.state_dict())
         files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
-        atomic_write_json(tmp / PROGRESS, {**progress, "format": FORMAT, "world_size": accelerator.num_processes,
-                                           "files": files})
+        atomic_write_json(
+            tmp / PROGRESS, {**progress, "format": FORMAT, "world_size": accelerator.num_processes, "files": files}
+        )
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_training_state(run_dir: str | Path, accelerator: Accelerator, model, optimizer, scheduler,
-                        generator: torch.Generator, identity: dict | None = None,
-                        fix: str = "start over with `clipit train ... --resume none`") -> dict | None:
+def load_training_state(
+    run_dir: str | Path,
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    scheduler,
+    generator: torch.Generator,
+    identity: dict | None = None,
+    fix: str = "start over with `clipit train ... --resume none`",
+) -> dict | None:
     """Restore the latest checkpoint in place; returns its progress dict, or None if there is none.
 
     `identity` (what the run's results depend on) must equal the one the checkpoint was written with.
@@ -319,11 +339,15 @@ def _read_progress(path: Path) -> dict | None:
     marker = path / PROGRESS
     if not path.exists():
         if (path.parent / OLD).exists():  # killed between the two renames of replace_dir
-            complete = sorted((d for d in path.parent.glob(f"{TMP_PREFIX}*") if (d / PROGRESS).exists()),
-                              key=lambda d: int(d.name[len(TMP_PREFIX):]) if d.name[len(TMP_PREFIX):].isdigit() else -1)
+            complete = sorted(
+                (d for d in path.parent.glob(f"{TMP_PREFIX}*") if (d / PROGRESS).exists()),
+                key=lambda d: int(d.name[len(TMP_PREFIX) :]) if d.name[len(TMP_PREFIX) :].isdigit() else -1,
+            )
             newest = complete[-1] if complete else path.parent / OLD
-            raise _Bad(f"{path}: missing because a checkpoint save was interrupted; its newest complete "
-                       f"copy is {newest}: rename that folder to {path.name} to resume from it")
+            raise _Bad(
+                f"{path}: missing because a checkpoint save was interrupted; its newest complete "
+                f"copy is {newest}: rename that folder to {path.name} to resume from it"
+            )
         return None
     if not marker.exists():
         if path.is_dir() and not any(path.iterdir()):
@@ -334,10 +358,13 @@ def _read_progress(path: Path) -> dict | None:
     except (OSError, ValueError) as err:
         raise _Bad(f"{marker}: unreadable ({one_line(err)})") from None
     if not isinstance(progress, dict) or progress.get("format") != FORMAT:
-        raise _Bad(f"{marker}: not a {FORMAT} checkpoint (an older clipit wrote it, and its .pt state files are "
-                   "no longer read)")
-    missing = [k for k in ("step", "best_score", "best_step", "batches_per_epoch", "world_size", "files")
-               if k not in progress]
+        raise _Bad(
+            f"{marker}: not a {FORMAT} checkpoint (an older clipit wrote it, and its .pt state files are "
+            "no longer read)"
+        )
+    missing = [
+        k for k in ("step", "best_score", "best_step", "batches_per_epoch", "world_size", "files") if k not in progress
+    ]
     if missing or not isinstance(progress["files"], dict) or not isinstance(progress["step"], int):
         raise _Bad(f"{marker}: damaged (missing or wrong {missing or ['files/step']})")
     return progress
@@ -354,8 +381,11 @@ def _flat(tree, prefix: str = "") -> dict:
 
 def _check_identity(marker: Path, progress: dict, identity: dict | None, world: int) -> None:
     if progress["world_size"] != world:
-        raise _Bad(f"{marker}: written by {progress['world_size']} processes, this launch has {world}; resume with "
-                   f"the same number of processes", damaged=False)
+        raise _Bad(
+            f"{marker}: written by {progress['world_size']} processes, this launch has {world}; resume with "
+            f"the same number of processes",
+            damaged=False,
+        )
     if identity is None:
         return
     then, now = _flat(progress.get("identity") or {}), _flat(json.loads(json.dumps(identity)))
@@ -364,8 +394,10 @@ def _check_identity(marker: Path, progress: dict, identity: dict | None, world: 
     if changed:
         detail = ", ".join(f"{k}: {then.get(k, '<unset>')!r} then, {now.get(k, '<unset>')!r} now" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise _Bad(f"{marker}: written for another config ({detail}{more}); put those settings back to resume "
-                   "exactly", damaged=False)
+        raise _Bad(
+            f"{marker}: written for another config ({detail}{more}); put those settings back to resume exactly",
+            damaged=False,
+        )
 
 
 def _verify_files(path: Path, progress: dict) -> None:
@@ -376,7 +408,7 @@ def _verify_files(path: Path, progress: dict) -> None:
         if sha256_file(file) != digest:
             raise _Bad(f"{file}: damaged (its sha256 differs from the one recorded in {path / PROGRESS})")
         if file.suffix in (".safetensors", ".pt"):  # every rank checks every state file's header here, so a
-            _check_header(file)                     # bad one stops all ranks before any collective
+            _check_header(file)  # bad one stops all ranks before any collective
 
 
 def _check_header(file: Path) -> None:
@@ -425,8 +457,10 @@ def _restore_module(file: Path, module: torch.nn.Module) -> None:
     wrong = sorted(k for k, v in saved.items() if k not in trainable or own[k].shape != v.shape)
     missing = sorted(trainable - set(saved))
     if wrong or missing:
-        raise _Bad(f"{file}: does not fit this model ({len(wrong)} foreign or reshaped tensors, e.g. {wrong[:2]}; "
-                   f"{len(missing)} missing, e.g. {missing[:2]})")
+        raise _Bad(
+            f"{file}: does not fit this model ({len(wrong)} foreign or reshaped tensors, e.g. {wrong[:2]}; "
+            f"{len(missing)} missing, e.g. {missing[:2]})"
+        )
     with torch.no_grad():
         for name, value in saved.items():
             own[name].copy_(value)
@@ -445,8 +479,11 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _restore_optimizer(file: Path, optimizer) -> None:
     state = load_tree(file)
-    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or \
-            not isinstance(state.get("param_groups"), list):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(state.get("param_groups"), list)
+    ):
         raise _Bad(f"{file}: not an optimizer state")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entries in state["state"].items():
@@ -454,8 +491,10 @@ def _restore_optimizer(file: Path, optimizer) -> None:
             raise _Bad(f"{file}: optimizer state for parameter {index!r}, which this model does not have")
         for key, value in entries.items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
-                raise _Bad(f"{file}: optimizer state {key} of parameter {index} has shape {tuple(value.shape)}, "
-                           f"the parameter {tuple(params[index].shape)}")
+                raise _Bad(
+                    f"{file}: optimizer state {key} of parameter {index} has shape {tuple(value.shape)}, "
+                    f"the parameter {tuple(params[index].shape)}"
+                )
     try:
         optimizer.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:

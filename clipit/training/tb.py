@@ -8,6 +8,7 @@ evaluation writes at the run's final step. The hparams summaries are written int
 event file (not as `SummaryWriter.add_hparams` does, into an extra timestamped sub-run), so the
 HParams view has exactly one session per run, named like the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,12 +41,28 @@ def run_hparams(cfg: ExperimentConfig, method: str, seed: int, world: int) -> di
     t, m = cfg.methods[method], cfg.model
     finetune = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, m.lora.enabled)
     return {
-        "method": method, "kind": t.method, "experiment": cfg.name, "dataset": str(cfg.data.name),
-        "backbone": m.backbone, "weights": str(m.weights), "seed": seed, "finetune": finetune,
-        "text_encoder": t.text_encoder, "lam": t.lam, "lr": t.lr, "optimizer": t.optimizer, "schedule": t.schedule,
-        "batch_size": t.batch_size, "global_batch_size": t.batch_size * world, "epochs": t.epochs,
-        "lora.enabled": str(m.lora.enabled).lower(), "lora.r": m.lora.r, "lora.alpha": m.lora.alpha,
-        "lora.targets": ",".join(m.lora.targets), "word_drop": t.word_drop, "select": t.select,
+        "method": method,
+        "kind": t.method,
+        "experiment": cfg.name,
+        "dataset": str(cfg.data.name),
+        "backbone": m.backbone,
+        "weights": str(m.weights),
+        "seed": seed,
+        "finetune": finetune,
+        "text_encoder": t.text_encoder,
+        "lam": t.lam,
+        "lr": t.lr,
+        "optimizer": t.optimizer,
+        "schedule": t.schedule,
+        "batch_size": t.batch_size,
+        "global_batch_size": t.batch_size * world,
+        "epochs": t.epochs,
+        "lora.enabled": str(m.lora.enabled).lower(),
+        "lora.r": m.lora.r,
+        "lora.alpha": m.lora.alpha,
+        "lora.targets": ",".join(m.lora.targets),
+        "word_drop": t.word_drop,
+        "select": t.select,
         "warm_start": str(t.warm_start),
     }
 

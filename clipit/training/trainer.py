@@ -8,6 +8,7 @@
 and its TensorBoard scalars + HParams in <output_dir>/tb/<method>/seed-<n> (clipit/training/tb.py).
 SIGTERM/SIGUSR2 save a resume checkpoint at the next step boundary, then stop (or requeue under submitit).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,13 +62,19 @@ def step_plan(manifest: dict, tcfg: TrainConfig, world: int) -> StepPlan:
     """The step plan for the train split of `manifest` over `world` processes of `tcfg.batch_size` each."""
     batches_per_epoch = max(1, manifest["splits"]["train"]["count"] // (tcfg.batch_size * world))
     eval_every = max(1, batches_per_epoch // tcfg.evals_per_epoch)
-    return StepPlan(batches_per_epoch=batches_per_epoch, total_steps=max(1, round(tcfg.epochs * batches_per_epoch)),
-                    eval_every=eval_every, checkpoint_every=tcfg.checkpoint_every or eval_every)
+    return StepPlan(
+        batches_per_epoch=batches_per_epoch,
+        total_steps=max(1, round(tcfg.epochs * batches_per_epoch)),
+        eval_every=eval_every,
+        checkpoint_every=tcfg.checkpoint_every or eval_every,
+    )
 
 
 def make_optimizer(tcfg: TrainConfig, params) -> torch.optim.Optimizer:
     if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True
+        )
     cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
     groups = list(params)
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
@@ -86,21 +93,32 @@ def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     floor = tcfg.min_lr / tcfg.lr if tcfg.lr else 0.0
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+        optimizer,
+        lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
+    )
 
 
-def run_identity(cfg: ExperimentConfig, method: str, seed: int, manifest: dict, world: int,
-                 warm_start: Path | None) -> dict:
+def run_identity(
+    cfg: ExperimentConfig, method: str, seed: int, manifest: dict, world: int, warm_start: Path | None
+) -> dict:
     """What a run's trajectory depends on, keyed as the config spells it: a resume checkpoint is only
     continued by a launch with the same identity (checkpoint_every and log_every change no result: left out)."""
     tcfg, mcfg = cfg.methods[method], cfg.model
-    shards = hashlib.sha256(json.dumps({k: manifest.get(k) for k in ("splits", "embedding", "texts", "classes")},
-                                       sort_keys=True).encode()).hexdigest()
+    shards = hashlib.sha256(
+        json.dumps({k: manifest.get(k) for k in ("splits", "embedding", "texts", "classes")}, sort_keys=True).encode()
+    ).hexdigest()
     identity = {
         "methods": {method: {k: v for k, v in vars(tcfg).items() if k not in ("checkpoint_every", "log_every")}},
-        "model": {"backbone": mcfg.backbone, "weights": mcfg.weights, "image_size": mcfg.image_size,
-                  "lora": vars(mcfg.lora).copy(), "kd_layers": mcfg.kd_layers},
-        "seed": seed, "processes": world, "shards": {"manifest_sha256": shards},
+        "model": {
+            "backbone": mcfg.backbone,
+            "weights": mcfg.weights,
+            "image_size": mcfg.image_size,
+            "lora": vars(mcfg.lora).copy(),
+            "kd_layers": mcfg.kd_layers,
+        },
+        "seed": seed,
+        "processes": world,
+        "shards": {"manifest_sha256": shards},
     }
     if tcfg.text_encoder == "tower":
         identity["pairing"] = {"model": cfg.pairing.model, "checkpoint": cfg.pairing.checkpoint}
@@ -135,7 +153,9 @@ def verified_manifest(accelerator, shard_dir: str | Path) -> dict:
             verify_shard_set(shard_dir, manifest)
         except ClipitError as err:
             error = err
-    raise_together(accelerator, error, ShardError(f"{shard_dir}: rank 0 found the shard set damaged (see its error line)"))
+    raise_together(
+        accelerator, error, ShardError(f"{shard_dir}: rank 0 found the shard set damaged (see its error line)")
+    )
     return manifest
 
 
@@ -157,8 +177,11 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
     world = accelerator.num_processes
     if accelerator.is_main_process:  # what actually runs, once, before the first step
         backend = accelerator.state.backend or "none"
-        print(f"[clipit train] {method} seed {seed}: world size {world}, backend {backend}, device "
-              f"{accelerator.device}, precision {tcfg.precision}, distributed {tcfg.distributed}", flush=True)
+        print(
+            f"[clipit train] {method} seed {seed}: world size {world}, backend {backend}, device "
+            f"{accelerator.device}, precision {tcfg.precision}, distributed {tcfg.distributed}",
+            flush=True,
+        )
     plan = step_plan(manifest, tcfg, world)
     optimizer = make_optimizer(tcfg, groups)
     scheduler = make_scheduler(tcfg, optimizer, plan.total_steps)
@@ -175,13 +198,16 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
     text_inputs = TextInputs(accelerator.unwrap_model(model), tcfg, cfg.shards.dir, manifest, accelerator.device)
     identity = run_identity(cfg, method, seed, manifest, world, warm_start)
     restart = f"clipit train --config <config> --method {method} --seed {seed} --resume none"
-    progress = load_training_state(run_dir, accelerator, model, optimizer, scheduler, generator, identity,
-                                   fix=f"start over with `{restart}`")
+    progress = load_training_state(
+        run_dir, accelerator, model, optimizer, scheduler, generator, identity, fix=f"start over with `{restart}`"
+    )
     resumed_from = progress["step"] if progress else None
     if progress and progress["batches_per_epoch"] != plan.batches_per_epoch:
-        raise ResumeError(f"{layout.resume_dir(run_dir)}: checkpoint was written with {progress['batches_per_epoch']} "
-                          f"batches/epoch, this launch gives {plan.batches_per_epoch}; resume with the same world size "
-                          f"and batch size, or start over with `{restart}`")
+        raise ResumeError(
+            f"{layout.resume_dir(run_dir)}: checkpoint was written with {progress['batches_per_epoch']} "
+            f"batches/epoch, this launch gives {plan.batches_per_epoch}; resume with the same world size "
+            f"and batch size, or start over with `{restart}`"
+        )
     progress = progress or {"step": 0, "best_score": None, "best_step": 0, "batches_per_epoch": plan.batches_per_epoch}
     progress["identity"] = identity
     step = progress["step"]
@@ -192,11 +218,18 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
         train_batches = cached.train_batches(tcfg.batch_size, plan.batches_per_epoch, seed, tcfg.num_workers, epoch)
         val_batches = cached.val_batches(2 * tcfg.batch_size, accelerator.process_index, world)
     else:
-        train_batches = train_loader(train_source.urls, tcfg.batch_size,
-                                     plan.batches_per_epoch, seed=seed, num_workers=tcfg.num_workers,
-                                     load_size=preprocess.size, start_epoch=epoch)
-        val_batches = eval_loader(val_source.urls, 2 * tcfg.batch_size,
-                                  accelerator.process_index, world, tcfg.num_workers, preprocess.size)
+        train_batches = train_loader(
+            train_source.urls,
+            tcfg.batch_size,
+            plan.batches_per_epoch,
+            seed=seed,
+            num_workers=tcfg.num_workers,
+            load_size=preprocess.size,
+            start_epoch=epoch,
+        )
+        val_batches = eval_loader(
+            val_source.urls, 2 * tcfg.batch_size, accelerator.process_index, world, tcfg.num_workers, preprocess.size
+        )
     main = accelerator.is_main_process
     writer = None
     if main:
@@ -206,24 +239,33 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
         if resumed_from is None:
             write_hparams(writer, run_hparams(cfg, method, seed, world))
     meta = checkpoint_meta(cfg, method, seed, manifest, preprocess.size)
-    hint = (f"lower methods.{method}.lr (or fix methods.{method}.lam / the shards), then start over with "
-            f"`{restart}`")
+    hint = f"lower methods.{method}.lr (or fix methods.{method}.lam / the shards), then start over with `{restart}`"
 
     def check_weights(what: str):  # nothing non-finite is ever saved (best checkpoint or resume state)
-        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters()
-               if p.requires_grad and not torch.isfinite(p.detach()).all()]
+        bad = [
+            n
+            for n, p in accelerator.unwrap_model(model).named_parameters()
+            if p.requires_grad and not torch.isfinite(p.detach()).all()
+        ]
         if bad:
-            raise NonFiniteError(f"training step {step} of {method} seed {seed}: non-finite weights in {len(bad)} "
-                                 f"tensors (e.g. {bad[0]}) before {what}; {hint}")
+            raise NonFiniteError(
+                f"training step {step} of {method} seed {seed}: non-finite weights in {len(bad)} "
+                f"tensors (e.g. {bad[0]}) before {what}; {hint}"
+            )
 
     def save_best():  # reads the current step; every rank has run check_weights before
-        save_model(layout.best(run_dir), accelerator.unwrap_model(model), meta | {"step": step},
-                   full=cfg.model.weights in (None, "random"))
+        save_model(
+            layout.best(run_dir),
+            accelerator.unwrap_model(model),
+            meta | {"step": step},
+            full=cfg.model.weights in (None, "random"),
+        )
 
     start = time.time()
     window = _Window()
-    log = TrainLog(run_dir, f"{method} seed {seed}", plan.total_steps, plan.batches_per_epoch, tcfg.log_every, step,
-                   main)
+    log = TrainLog(
+        run_dir, f"{method} seed {seed}", plan.total_steps, plan.batches_per_epoch, tcfg.log_every, step, main
+    )
     log.start(resumed_from, world, plan.eval_every)
     stop = GracefulStop()
     stopped_early = None  # step at which `patience` validations without improvement ended the run
@@ -236,24 +278,33 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
             for batch in train_source.batches(batches, f"training of {method} seed {seed}"):
                 waited = time.time() - fetch_start
                 window.waited += waited
-                images = preprocess(batch["images"].to(accelerator.device, non_blocking=True), augment=tcfg.augment, generator=generator)
+                images = preprocess(
+                    batch["images"].to(accelerator.device, non_blocking=True), augment=tcfg.augment, generator=generator
+                )
                 inputs = text_inputs(batch, accelerator.device, train=True, generator=generator)
                 with accelerator.autocast():
                     out = model(images, **inputs)
-                losses = clipit_loss(out, batch["labels"].to(accelerator.device, non_blocking=True), inputs["text_emb"], tcfg.lam)
+                losses = clipit_loss(
+                    out, batch["labels"].to(accelerator.device, non_blocking=True), inputs["text_emb"], tcfg.lam
+                )
                 local_bad = ~torch.isfinite(losses["loss"].detach())
                 # one collective per step: a stop signal or a non-finite loss on any rank stops every rank here
                 stopping, nonfinite = stop.poll(accelerator.device, local_bad)
                 if nonfinite:  # before backward: under DeepSpeed backward also steps the optimizer
-                    raise NonFiniteError(_nonfinite_loss(step + 1, method, seed, losses, batch, out, inputs,
-                                                         bool(local_bad), train_source, hint))
+                    raise NonFiniteError(
+                        _nonfinite_loss(
+                            step + 1, method, seed, losses, batch, out, inputs, bool(local_bad), train_source, hint
+                        )
+                    )
                 accelerator.backward(losses["loss"])
                 if tcfg.grad_clip and accelerator.state.deepspeed_plugin is None:  # DeepSpeed clips itself
                     norm = accelerator.clip_grad_norm_(params, tcfg.grad_clip)
                     if norm is not None and not torch.isfinite(torch.as_tensor(norm)).all():
                         # gradients are all-reduced, so every rank sees the same norm and stops here
-                        raise NonFiniteError(f"training step {step + 1} of {method} seed {seed}: the gradient norm "
-                                             f"is {float(norm)} (batch {train_source.describe(batch['keys'])}); {hint}")
+                        raise NonFiniteError(
+                            f"training step {step + 1} of {method} seed {seed}: the gradient norm "
+                            f"is {float(norm)} (batch {train_source.describe(batch['keys'])}); {hint}"
+                        )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -263,9 +314,23 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
                 if writer and (step % 10 == 0 or step == plan.total_steps):
                     window = _log_train_step(writer, step, losses, scheduler, window)
                 if step % plan.eval_every == 0 or step == plan.total_steps:
-                    val = validate(model, preprocess, val_batches, text_inputs, accelerator, tcfg, classes, step,
-                                   writer, progress, save_best, source=val_source, what=f"validation at step {step} "
-                                   f"of {method} seed {seed}", hint=hint, check_weights=check_weights)
+                    val = validate(
+                        model,
+                        preprocess,
+                        val_batches,
+                        text_inputs,
+                        accelerator,
+                        tcfg,
+                        classes,
+                        step,
+                        writer,
+                        progress,
+                        save_best,
+                        source=val_source,
+                        what=f"validation at step {step} of {method} seed {seed}",
+                        hint=hint,
+                        check_weights=check_weights,
+                    )
                     log.validation(step, val, progress["best_score"], progress["best_step"], tcfg.select)
                     if tcfg.patience and step - progress["best_step"] >= tcfg.patience * plan.eval_every:
                         stopped_early = step  # the same on every rank: validation metrics are global
@@ -287,13 +352,20 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
         log.close()
         if writer:
             writer.close()
-    summary = {"steps": plan.total_steps, "best_step": progress["best_step"], "select": tcfg.select,
-               "world_size": world, "batches_per_epoch": plan.batches_per_epoch, "resumed_from_step": resumed_from,
-               "stopped_early_at_step": stopped_early,
-               "best_val": progress.get("best_val"),  # val metrics of the selected checkpoint (LoRA search)
-               # images this process ran through the backbone (a feature-cache build included)
-               "backbone_forwards": backbone_forwards_so_far() - forwards_before,
-               "wall_s": round(time.time() - start, 2), **({"feature_cache": str(cached.cache_dir)} if cached else {})}
+    summary = {
+        "steps": plan.total_steps,
+        "best_step": progress["best_step"],
+        "select": tcfg.select,
+        "world_size": world,
+        "batches_per_epoch": plan.batches_per_epoch,
+        "resumed_from_step": resumed_from,
+        "stopped_early_at_step": stopped_early,
+        "best_val": progress.get("best_val"),  # val metrics of the selected checkpoint (LoRA search)
+        # images this process ran through the backbone (a feature-cache build included)
+        "backbone_forwards": backbone_forwards_so_far() - forwards_before,
+        "wall_s": round(time.time() - start, 2),
+        **({"feature_cache": str(cached.cache_dir)} if cached else {}),
+    }
     if main:
         atomic_write_json(summary_path, summary)
     log.finish(summary)
@@ -301,8 +373,18 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
     return summary
 
 
-def _nonfinite_loss(step: int, method: str, seed: int, losses: dict, batch: dict, out: dict, inputs: dict,
-                    local: bool, source: ShardSource, hint: str) -> str:
+def _nonfinite_loss(
+    step: int,
+    method: str,
+    seed: int,
+    losses: dict,
+    batch: dict,
+    out: dict,
+    inputs: dict,
+    local: bool,
+    source: ShardSource,
+    hint: str,
+) -> str:
     """The one-line reason a training step stopped: which term is not finite, and the samples behind it."""
     where = f"training step {step} of {method} seed {seed}"
     if not local:
@@ -313,9 +395,11 @@ def _nonfinite_loss(step: int, method: str, seed: int, losses: dict, batch: dict
     bad_text = (~torch.isfinite(text.float()).all(dim=1)).cpu().tolist() if text is not None and text.numel() else []
     if any(bad_text):
         named = list(dict.fromkeys(k for k, bad in zip(batch["keys"], bad_text) if bad))
-        return (f"{where}: the loss is not finite ({terms}) because {samples(len(named))} non-finite report "
-                f"embeddings: {source.describe(named)}; check the shards with `clipit shard validate "
-                f"{source.shard_dir}` and rebuild the damaged ones")
+        return (
+            f"{where}: the loss is not finite ({terms}) because {samples(len(named))} non-finite report "
+            f"embeddings: {source.describe(named)}; check the shards with `clipit shard validate "
+            f"{source.shard_dir}` and rebuild the damaged ones"
+        )
     rows = (~torch.isfinite(out["logits"].detach().float()).all(dim=1)).cpu().tolist()
     named = list(dict.fromkeys(k for k, bad in zip(batch["keys"], rows) if bad))
     if named and len(named) == len(keys):
@@ -347,14 +431,29 @@ def _log_train_step(writer, step: int, losses: dict, scheduler, window: _Window)
     return _Window()
 
 
-def validate(model, preprocess, val_batches, text_inputs: TextInputs, accelerator, tcfg: TrainConfig, classes,
-             step: int, writer, progress: dict, save_best, source: ShardSource | None = None,
-             what: str = "validation", hint: str = "", check_weights=None) -> dict:
+def validate(
+    model,
+    preprocess,
+    val_batches,
+    text_inputs: TextInputs,
+    accelerator,
+    tcfg: TrainConfig,
+    classes,
+    step: int,
+    writer,
+    progress: dict,
+    save_best,
+    source: ShardSource | None = None,
+    what: str = "validation",
+    hint: str = "",
+    check_weights=None,
+) -> dict:
     """Evaluate on val, log, and keep the best checkpoint by the configured criterion; returns the val
     metrics (+ `loss`). A non-finite validation loss, logit or score stops training (NonFiniteError)
     before anything is saved."""
-    val = predict(model, preprocess, val_batches, accelerator, tcfg.lam, text_inputs, what=what, source=source,
-                  hint=hint)
+    val = predict(
+        model, preprocess, val_batches, accelerator, tcfg.lam, text_inputs, what=what, source=source, hint=hint
+    )
     metrics = classification_metrics(val["labels"], val["logits"], classes)
     score = {"val_loss": -val["loss"], "val_bacc": metrics["balanced_accuracy"], "last": step}[tcfg.select]
     if not math.isfinite(score):
@@ -368,8 +467,11 @@ def validate(model, preprocess, val_batches, text_inputs: TextInputs, accelerato
         if check_weights is not None:  # on every rank (same weights everywhere), so all ranks stop together
             check_weights("saving the best checkpoint")
         progress["best_score"], progress["best_step"] = score, step
-        progress["best_val"] = {"loss": val["loss"], "balanced_accuracy": metrics["balanced_accuracy"],
-                                "accuracy": metrics["accuracy"]}
+        progress["best_val"] = {
+            "loss": val["loss"],
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "accuracy": metrics["accuracy"],
+        }
         if accelerator.is_main_process:
             save_best()
     accelerator.wait_for_everyone()

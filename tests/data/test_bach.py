@@ -1,4 +1,5 @@
 """BACH reader on 400 tiny TIFFs laid out like ICIAR2018_BACH_Challenge/Photos."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,7 +19,9 @@ def write_bach(root):
     for label, cls in enumerate(BACH_CLASSES):
         (photos / cls).mkdir(parents=True)
         for n in range(1, 101):  # pixel (R, G) = (label, number) identifies the file after decoding
-            Image.fromarray(np.full((8, 8, 3), (label, n, 0), np.uint8)).save(photos / cls / f"{PREFIX[cls]}{n:03d}.tif", format="TIFF")
+            Image.fromarray(np.full((8, 8, 3), (label, n, 0), np.uint8)).save(
+                photos / cls / f"{PREFIX[cls]}{n:03d}.tif", format="TIFF"
+            )
     (photos / "microscopy_ground_truth.csv").write_text("b001.tif,Benign\n")  # shipped alongside the photos
     return photos
 
@@ -36,7 +39,14 @@ def test_split_indices_reproduce_eva_and_the_reference_val():
     idx = bach_split_indices()
     assert {k: len(v) for k, v in idx.items()} == {"train": 254, "val": 14, "test": 132} == BACH_SIZES
     # eva's val (our test): ranges (41,59) (60,90) (139,169) (240,258) (260,273) (345,368)
-    assert idx["test"] == [*range(41, 59), *range(60, 90), *range(139, 169), *range(240, 258), *range(260, 273), *range(345, 368)]
+    assert idx["test"] == [
+        *range(41, 59),
+        *range(60, 90),
+        *range(139, 169),
+        *range(240, 258),
+        *range(260, 273),
+        *range(345, 368),
+    ]
     assert idx["val"] == [0, 20, 40, 108, 128, 178, 198, 218, 238, 289, 309, 329, 372, 392]
     eva_train = sorted(idx["train"] + idx["val"])
     assert len(eva_train) == 268 and eva_train[::20] == idx["val"]
@@ -49,9 +59,22 @@ def test_samples_and_split_contents(photos):
     assert [ds.split_size(s) for s in ds.splits] == [254, 14, 132]
     counts = {s: np.bincount(ds.labels(s), minlength=4).tolist() for s in ds.splits}
     assert counts == {"train": [49, 66, 66, 73], "val": [3, 4, 3, 4], "test": [48, 30, 31, 23]}
-    assert _keys(ds, "val") == ["Benign/b001", "Benign/b021", "Benign/b041", "InSitu/is009", "InSitu/is029", "InSitu/is079",
-                                "InSitu/is099", "Invasive/iv019", "Invasive/iv039", "Invasive/iv090", "Normal/n010",
-                                "Normal/n030", "Normal/n073", "Normal/n093"]
+    assert _keys(ds, "val") == [
+        "Benign/b001",
+        "Benign/b021",
+        "Benign/b041",
+        "InSitu/is009",
+        "InSitu/is029",
+        "InSitu/is079",
+        "InSitu/is099",
+        "Invasive/iv019",
+        "Invasive/iv039",
+        "Invasive/iv090",
+        "Normal/n010",
+        "Normal/n030",
+        "Normal/n073",
+        "Normal/n093",
+    ]
     assert _keys(ds, "test")[:2] == ["Benign/b042", "Benign/b043"] and _keys(ds, "test")[-1] == "Normal/n068"
     all_keys = [k for s in ds.splits for k in _keys(ds, s)]
     assert len(set(all_keys)) == 400
@@ -74,9 +97,11 @@ def test_root_may_name_any_level(photos):
 def test_size_mismatch_message(photos):
     with pytest.raises(DatasetError) as err:
         BACHDataset(photos.parent.parent, expected_sizes={"train": 268, "val": 0, "test": 132})
-    assert str(err.value) == (f"{photos}: BACH split 'train' has 254 images, expected 268; "
-                              "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: "
-                              "{train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)")
+    assert str(err.value) == (
+        f"{photos}: BACH split 'train' has 254 images, expected 268; "
+        "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: "
+        "{train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)"
+    )
     BACHDataset(photos.parent.parent, expected_sizes=None)
 
 

@@ -1,4 +1,5 @@
 """CRC reader on a tiny copy of the NCT-CRC-HE-100K / CRC-VAL-HE-7K folder layout (real .tif files)."""
+
 from __future__ import annotations
 
 import os
@@ -65,7 +66,9 @@ def test_keys_unique_and_split_partitions_the_pool(root):
     ds = CRCDataset(root, expected_sizes=None)
     keys = {s: [ds.sample(s, i).key for i in range(ds.split_size(s))] for s in ds.splits}
     assert sum(map(len, keys.values())) == len(set().union(*map(set, keys.values())))
-    pool = sorted(p.relative_to(root).with_suffix("").as_posix() for p in (root / "NCT-CRC-HE-100K").glob("*/[A-Z]*.tif"))
+    pool = sorted(
+        p.relative_to(root).with_suffix("").as_posix() for p in (root / "NCT-CRC-HE-100K").glob("*/[A-Z]*.tif")
+    )
     assert sorted(keys["train"] + keys["val"]) == pool
     assert all(k.startswith("NCT-CRC-HE-100K/") for k in keys["train"] + keys["val"])
     assert keys["train"] == sorted(keys["train"]) and keys["val"] == sorted(keys["val"])  # listing order kept
@@ -90,8 +93,9 @@ def test_split_is_deterministic_and_independent_of_listing_order(root, monkeypat
     monkeypatch.setattr(crc.os, "scandir", Shuffled)
     shuffled = CRCDataset(root, expected_sizes=None)
     for split in reference.splits:
-        assert [shuffled.sample(split, i).key for i in range(shuffled.split_size(split))] == \
-               [reference.sample(split, i).key for i in range(reference.split_size(split))]
+        assert [shuffled.sample(split, i).key for i in range(shuffled.split_size(split))] == [
+            reference.sample(split, i).key for i in range(reference.split_size(split))
+        ]
     monkeypatch.undo()
     other_seed = CRCDataset(root, expected_sizes=None, seed=7)
     assert [other_seed.sample("val", i).key for i in range(12)] != [reference.sample("val", i).key for i in range(12)]
@@ -119,9 +123,11 @@ def test_stratified_split_at_full_scale_is_exactly_80_20():
 def test_default_sizes_mismatch_message(root):
     with pytest.raises(DatasetError) as err:
         CRCDataset(root)
-    assert str(err.value) == (f"{root / 'NCT-CRC-HE-100K'}: CRC split 'train' has 48 patches, expected 80,000; "
-                              "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: "
-                              "{train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)")
+    assert str(err.value) == (
+        f"{root / 'NCT-CRC-HE-100K'}: CRC split 'train' has 48 patches, expected 80,000; "
+        "point data.root at the official files, or, for a subset or re-split, set data.expected_sizes: "
+        "{train: N, val: N, test: N} (data.expected_sizes: {} skips the size check)"
+    )
     with pytest.raises(DatasetError, match="CRC split 'test' has 18 patches, expected 7,180"):
         CRCDataset(root, expected_sizes={"train": 48, "val": 12, "test": 7_180})
     CRCDataset(root, expected_sizes={"val": 12})  # a partial dict checks only the splits it names

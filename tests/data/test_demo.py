@@ -1,4 +1,5 @@
 """Demo data generators and the demo CLIP (fast: a few seconds on 2 CPU cores)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 
 from clipit.data import demo
-from clipit.data.demo import (DEMO_CLASSES, make_captions, make_paired_set, make_reports, render_patches,
-                              write_demo_images, write_reports_jsonl)
+from clipit.data.demo import (
+    DEMO_CLASSES,
+    make_captions,
+    make_paired_set,
+    make_reports,
+    render_patches,
+    write_demo_images,
+    write_reports_jsonl,
+)
 
 COUNTS = {"train": 40, "val": 8, "test": 12}
 
@@ -58,8 +66,12 @@ def test_reports_vocabulary_ids_and_noise():
     counts = {c: sum(r["demo_class"] == c for r in reports) for c in DEMO_CLASSES}
     assert set(counts.values()) == {50}
     assert len({r["text"] for r in reports}) == 200
-    keys = {"tumor": ("pleomorphic", "carcinoma", "crowd"), "lymphocytes": ("lymph",),
-            "stroma": ("spindle", "fibrous", "fibros", "collagen"), "normal_mucosa": ("crypt", "gland", "mucosa")}
+    keys = {
+        "tumor": ("pleomorphic", "carcinoma", "crowd"),
+        "lymphocytes": ("lymph",),
+        "stroma": ("spindle", "fibrous", "fibros", "collagen"),
+        "normal_mucosa": ("crypt", "gland", "mucosa"),
+    }
     for r in reports:
         head = " ".join(r["text"].split()[:40]).lower()  # the class evidence sits before text-encoder truncation
         assert any(k in head for k in keys[r["demo_class"]]), r["text"]
@@ -161,4 +173,5 @@ def test_demo_clip_trains_saves_and_loads(tmp_path):
         assert torch.allclose(full_t, trim_t, atol=1e-5)
         # preprocess on a 64-px image = the tensor conversion used in training
         from clipit.pairing.demo_clip import _to_tensor
+
         assert torch.allclose(preprocess(Image.fromarray(x[0])), _to_tensor(x[:1])[0], atol=1e-5)

@@ -1,4 +1,5 @@
 """PCAM reader on tiny HDF5 files with the official names, dataset names, shapes and dtypes."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -53,7 +54,9 @@ def test_samples_decode_to_the_stored_pixels(pcam):
 
 def test_keys_unique_and_stable(pcam):
     root, _ = pcam
-    keys = [[s.key for split in SIZES for s in PCamDataset(root, expected_sizes=None).iter_split(split)] for _ in range(2)]
+    keys = [
+        [s.key for split in SIZES for s in PCamDataset(root, expected_sizes=None).iter_split(split)] for _ in range(2)
+    ]
     assert keys[0] == keys[1]
     assert len(set(keys[0])) == sum(SIZES.values())
     assert keys[0][0] == "train/000000"
@@ -77,14 +80,19 @@ def test_size_mismatch_error_names_file_and_fix(pcam):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(str(root / "camelyonpatch_level_2_split_train_x.h5"))
-    assert "PCAM split 'train' has 12 patches, expected 262,144; point data.root at the official files, or, for a subset or re-split, set data.expected_sizes" in msg
+    assert (
+        "PCAM split 'train' has 12 patches, expected 262,144; point data.root at the official files, or, for a subset or re-split, set data.expected_sizes"
+        in msg
+    )
 
 
 def test_xy_length_mismatch(pcam):
     root, _ = pcam
     with h5py.File(root / "camelyonpatch_level_2_split_valid_y.h5", "w") as f:
         f.create_dataset("y", data=np.zeros((5, 1, 1, 1), np.uint8))
-    with pytest.raises(DatasetError, match=r"split_valid_x\.h5: 6 patches but camelyonpatch_level_2_split_valid_y\.h5 has 5 labels"):
+    with pytest.raises(
+        DatasetError, match=r"split_valid_x\.h5: 6 patches but camelyonpatch_level_2_split_valid_y\.h5 has 5 labels"
+    ):
         PCamDataset(root, expected_sizes=None)
 
 
@@ -131,7 +139,7 @@ def test_corrupt_chunk_fails_at_read_with_the_file_name(tmp_path):
     with h5py.File(path, "r") as f:
         info = f["x"].id.get_chunk_info(7)  # chunk of patch 7
     raw = bytearray(path.read_bytes())
-    raw[info.byte_offset:info.byte_offset + info.size] = bytes(info.size)
+    raw[info.byte_offset : info.byte_offset + info.size] = bytes(info.size)
     path.write_bytes(bytes(raw))
     ds = PCamDataset(tmp_path, expected_sizes=None)  # metadata and labels are intact
     ds.sample("train", 6)

@@ -1,4 +1,5 @@
 """build_dataset: names -> readers, options passed through, clear errors for unknown names/options."""
+
 from __future__ import annotations
 
 import h5py
@@ -31,7 +32,11 @@ def _tiny_folder(root):
 
 def test_known_names():
     assert {k: DATASETS[k] for k in ("pcam", "crc", "bach", "folder")} == {
-        "pcam": PCamDataset, "crc": CRCDataset, "bach": BACHDataset, "folder": ImageFolderDataset}
+        "pcam": PCamDataset,
+        "crc": CRCDataset,
+        "bach": BACHDataset,
+        "folder": ImageFolderDataset,
+    }
 
 
 def test_builds_readers_with_options(tmp_path):
@@ -46,9 +51,13 @@ def test_builds_readers_with_options(tmp_path):
 
 
 def test_unknown_name_and_option(tmp_path):
-    with pytest.raises(DatasetError, match=r"unknown dataset 'camelyon'; set data.name to one of \['bach', 'crc', 'folder', 'pcam'"):
+    with pytest.raises(
+        DatasetError, match=r"unknown dataset 'camelyon'; set data.name to one of \['bach', 'crc', 'folder', 'pcam'"
+    ):
         build_dataset("camelyon", tmp_path)
-    with pytest.raises(DatasetError, match=r"dataset 'crc' does not take option\(s\) \['expected_size'\]; it takes \['expected_sizes'"):
+    with pytest.raises(
+        DatasetError, match=r"dataset 'crc' does not take option\(s\) \['expected_size'\]; it takes \['expected_sizes'"
+    ):
         build_dataset("crc", tmp_path, expected_size=None)
 
 

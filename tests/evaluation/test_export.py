@@ -1,5 +1,6 @@
 """Export merges LoRA and keeps the predictions: the exported model's probabilities equal the
 unmerged model's evaluation output, and `clipit predict` on the stored PNGs gives the same numbers."""
+
 import json
 
 import numpy as np
@@ -13,12 +14,12 @@ from clipit.config import ExperimentConfig, LoraConfig, ModelConfig, ShardsConfi
 from clipit.data.folder import ImageFolderDataset
 from clipit.evaluation.export import ExportError, export_run, load_exported, load_trained_run, merge_lora
 from clipit.models.backbones import build_backbone
+from clipit.models.checkpoint import save_model
+from clipit.models.factory import build_model
 from clipit.shards.manifest import split_urls
 from clipit.shards.reader import iter_samples
 from clipit.shards.writer import write_manifest, write_split_shards
-from clipit.models.checkpoint import save_model
 from clipit.training.loader import eval_loader
-from clipit.models.factory import build_model
 from clipit.training.predict import predict
 
 D = 16
@@ -51,15 +52,26 @@ def trained(tmp_path_factory):
     write_manifest(dataset, shards, 4, D, {"model": "test"})
 
     backbone, _ = build_backbone("kaiko-vits16-tiny")
-    torch.save({"state_dict": {f"backbone._model.{k}": v for k, v in backbone.state_dict().items()}},
-               tmp / "vits16-tiny.ckpt")
+    torch.save(
+        {"state_dict": {f"backbone._model.{k}": v for k, v in backbone.state_dict().items()}}, tmp / "vits16-tiny.ckpt"
+    )
     (tmp / "weights.yaml").write_text("kaiko-vits16-tiny: vits16-tiny.ckpt\n")
-    cfg = ExperimentConfig(output_dir=str(tmp), shards=ShardsConfig(dir=str(shards)),
-                           model=ModelConfig(backbone="kaiko-vits16-tiny", weights_file=str(tmp / "weights.yaml"),
-                                             text_dim=D, lora=LoraConfig(r=4, alpha=8, targets=["Linear", "Conv2d"])))
+    cfg = ExperimentConfig(
+        output_dir=str(tmp),
+        shards=ShardsConfig(dir=str(shards)),
+        model=ModelConfig(
+            backbone="kaiko-vits16-tiny",
+            weights_file=str(tmp / "weights.yaml"),
+            text_dim=D,
+            lora=LoraConfig(r=4, alpha=8, targets=["Linear", "Conv2d"]),
+        ),
+    )
     cfg.data.root, cfg.reports.path = str(tmp / "images"), str(tmp / "reports.jsonl")
-    cfg.methods = {"unimodal": TrainConfig(method="unimodal"), "clipit": TrainConfig(method="clipit", warm_start="unimodal"),
-                   "late": TrainConfig(method="late_fusion", warm_start="unimodal")}
+    cfg.methods = {
+        "unimodal": TrainConfig(method="unimodal"),
+        "clipit": TrainConfig(method="clipit", warm_start="unimodal"),
+        "late": TrainConfig(method="late_fusion", warm_start="unimodal"),
+    }
     torch.manual_seed(0)
     runs = {}
     for name in ("unimodal", "clipit", "late"):
@@ -80,8 +92,13 @@ def trained(tmp_path_factory):
 
 
 def evaluation_probs(model, preprocess, shards):
-    out = predict(model, preprocess, eval_loader(split_urls(shards, "test"), 4, load_size=preprocess.size),
-                  Accelerator(cpu=True), lam=1.0)
+    out = predict(
+        model,
+        preprocess,
+        eval_loader(split_urls(shards, "test"), 4, load_size=preprocess.size),
+        Accelerator(cpu=True),
+        lam=1.0,
+    )
     return out["keys"], torch.softmax(torch.from_numpy(out["logits"]), dim=1).numpy()
 
 

@@ -1,6 +1,7 @@
 """`clipit predict` on what users have: the real CMU-1 slide (one row per tissue tile, heatmap, features),
 folders, globs and shard sets (the same numbers for the same image), large plain images (refused or
 tiled), bad inputs (one line, exit 2), and memory that stays flat over 1,000 images."""
+
 import csv
 import json
 import os
@@ -111,7 +112,9 @@ def test_large_plain_image_is_refused_or_tiled(demo_export, tmp_path, capsys):
     assert main(["predict", str(demo_export), str(big), "--tile", "--out", str(tmp_path / "t.csv")]) == 2
     assert "--mpp" in capsys.readouterr().err
     # 1.75 µm/px: a 64 px tile is the demo's 112 µm field; 9 x 9 tiles, the 5 left columns are tissue
-    assert main(["predict", str(demo_export), str(big), "--tile", "--mpp", "1.75", "--out", str(tmp_path / "t.csv")]) == 0
+    assert (
+        main(["predict", str(demo_export), str(big), "--tile", "--mpp", "1.75", "--out", str(tmp_path / "t.csv")]) == 0
+    )
     rows = read_csv(tmp_path / "t.csv")
     assert sorted({int(r["x"]) for r in rows}) == [0, 64, 128, 192, 256] and len(rows) == 5 * 9
     assert (tmp_path / "t.big.heatmap.png").stat().st_size > 0
@@ -127,8 +130,14 @@ def test_bad_input_is_one_line(demo_export, tmp_path, case, capsys):
         "not-an-image": ([str(tmp_path / "x.png")], "x.png: not a usable image"),
         "missing": ([str(tmp_path / "nope.png")], "nope.png: no such file"),
         "empty-glob": ([str(tmp_path / "*.jpg")], "matches no file"),
-        "bad-out": ([str(noise_png(tmp_path / "a.png", 64, 0)), "--out", str(tmp_path / "o.txt")], "write .csv or .json"),
-        "unreadable-slide": ([str(tmp_path / "s.svs"), "--out", str(tmp_path / "o.csv")], "s.svs: openslide cannot read"),
+        "bad-out": (
+            [str(noise_png(tmp_path / "a.png", 64, 0)), "--out", str(tmp_path / "o.txt")],
+            "write .csv or .json",
+        ),
+        "unreadable-slide": (
+            [str(tmp_path / "s.svs"), "--out", str(tmp_path / "o.csv")],
+            "s.svs: openslide cannot read",
+        ),
         "bad-flag": ([str(tmp_path / "x.png"), "--min-tissue", "2"], "--min-tissue 2.0: must be a fraction"),
     }[case]
     assert main(["predict", str(demo_export), *args]) == 2
@@ -151,8 +160,9 @@ def test_slide_needs_out_and_a_known_resolution(demo_export, cmu1_slide, tmp_pat
     # 1.75 µm per input px x 64 px = the demo's 112 µm: the same 224 px tiles
     assert main(["predict", str(moved), str(cmu1_slide), "--out", str(out), "--target-mpp", "1.75"]) == 0
     rows = read_csv(out)
-    assert {r["width"] for r in rows} == {"224"} and len(rows) == len(tissue_grid(open_slide(cmu1_slide), cmu1_slide,
-                                                                                 224, 0.5).cells)
+    assert {r["width"] for r in rows} == {"224"} and len(rows) == len(
+        tissue_grid(open_slide(cmu1_slide), cmu1_slide, 224, 0.5).cells
+    )
 
 
 def test_bad_input_fault_contract_in_a_real_process(demo_export, tmp_path):
@@ -185,8 +195,14 @@ def test_memory_stays_flat_over_a_thousand_images(demo_export, tmp_path):
     folder = tmp_path / "tiles"
     for i in range(1000):
         noise_png(folder / f"t{i:04d}.png", 16, i)  # decoded, each is a 64 px (12 KiB) tile
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(demo_export), str(folder), str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(demo_export), str(folder), str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_100, peak_1000 = map(int, proc.stdout.split()[-3:-1])
     # holding the decoded tiles alone would add 900 x 12 KiB = 10.5 MiB for the longer run

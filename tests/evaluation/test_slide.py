@@ -1,11 +1,23 @@
 """Slides for `clipit predict`: pixel size, tissue on the thumbnail, the tile grid, tiles and the heatmap,
 on generated images and on the real CMU-1 region (Aperio SVS, read by openslide)."""
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from clipit.evaluation.slide import (TRAINING_FIELD_UM, PlainSlide, PredictError, open_slide, otsu_threshold,
-                                     read_tile, save_heatmap, slide_mpp, tile_side, tissue_grid, tissue_mask)
+from clipit.evaluation.slide import (
+    TRAINING_FIELD_UM,
+    PlainSlide,
+    PredictError,
+    open_slide,
+    otsu_threshold,
+    read_tile,
+    save_heatmap,
+    slide_mpp,
+    tile_side,
+    tissue_grid,
+    tissue_mask,
+)
 
 GLASS, EOSIN = (242, 241, 245), (214, 120, 170)
 

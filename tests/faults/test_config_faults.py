@@ -1,5 +1,6 @@
 """Bad config values end as one line naming the file, the key and the valid range (exit 2, no
 traceback, nothing written), checked when the config loads, whatever command loads it."""
+
 import dataclasses
 import typing
 
@@ -34,40 +35,46 @@ def write(tmp_path, text: str, name: str = "c.yaml"):
     return path
 
 
-@pytest.mark.parametrize("override,key,valid", [
-    ("methods.clipit.epochs=0", "methods.clipit.epochs", "> 0"),  # trained one step before
-    ("methods.clipit.batch_size=0", "methods.clipit.batch_size", ">= 1"),
-    ("methods.clipit.evals_per_epoch=0", "methods.clipit.evals_per_epoch", ">= 1"),
-    ("methods.clipit.num_workers=-1", "methods.clipit.num_workers", ">= 0"),
-    ("methods.clipit.lr=0", "methods.clipit.lr", "> 0"),
-    ("methods.clipit.weight_decay=-0.1", "methods.clipit.weight_decay", ">= 0"),
-    ("methods.clipit.min_lr=-1e-5", "methods.clipit.min_lr", ">= 0"),
-    ("methods.clipit.grad_clip=-1", "methods.clipit.grad_clip", ">= 0"),
-    ("methods.clipit.lam=-1", "methods.clipit.lam", ">= 0"),
-    ("methods.clipit.word_drop=1", "methods.clipit.word_drop", "in [0, 1)"),
-    ("model.lora.r=0", "model.lora.r", ">= 1"),
-    ("model.lora.alpha=0", "model.lora.alpha", ">= 1"),
-    ("model.lora.dropout=1.0", "model.lora.dropout", "in [0, 1)"),
-    ("model.image_size=4", "model.image_size", ">= 8"),
-    ("model.kd_layers=3", "model.kd_layers", "in [1, 2]"),
-    ("shards.samples_per_shard=0", "shards.samples_per_shard", ">= 1"),
-    ("pairing.top_k=0", "pairing.top_k", ">= 1"),
-    ("pairing.batch_size=0", "pairing.batch_size", ">= 1"),
-    ("data.demo.counts={train: 0, val: 8, test: 8}", "data.demo.counts.train", ">= 1"),
-    ("data.expected_sizes={train: 0}", "data.expected_sizes.train", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "override,key,valid",
+    [
+        ("methods.clipit.epochs=0", "methods.clipit.epochs", "> 0"),  # trained one step before
+        ("methods.clipit.batch_size=0", "methods.clipit.batch_size", ">= 1"),
+        ("methods.clipit.evals_per_epoch=0", "methods.clipit.evals_per_epoch", ">= 1"),
+        ("methods.clipit.num_workers=-1", "methods.clipit.num_workers", ">= 0"),
+        ("methods.clipit.lr=0", "methods.clipit.lr", "> 0"),
+        ("methods.clipit.weight_decay=-0.1", "methods.clipit.weight_decay", ">= 0"),
+        ("methods.clipit.min_lr=-1e-5", "methods.clipit.min_lr", ">= 0"),
+        ("methods.clipit.grad_clip=-1", "methods.clipit.grad_clip", ">= 0"),
+        ("methods.clipit.lam=-1", "methods.clipit.lam", ">= 0"),
+        ("methods.clipit.word_drop=1", "methods.clipit.word_drop", "in [0, 1)"),
+        ("model.lora.r=0", "model.lora.r", ">= 1"),
+        ("model.lora.alpha=0", "model.lora.alpha", ">= 1"),
+        ("model.lora.dropout=1.0", "model.lora.dropout", "in [0, 1)"),
+        ("model.image_size=4", "model.image_size", ">= 8"),
+        ("model.kd_layers=3", "model.kd_layers", "in [1, 2]"),
+        ("shards.samples_per_shard=0", "shards.samples_per_shard", ">= 1"),
+        ("pairing.top_k=0", "pairing.top_k", ">= 1"),
+        ("pairing.batch_size=0", "pairing.batch_size", ">= 1"),
+        ("data.demo.counts={train: 0, val: 8, test: 8}", "data.demo.counts.train", ">= 1"),
+        ("data.expected_sizes={train: 0}", "data.expected_sizes.train", ">= 1"),
+    ],
+)
 def test_out_of_range_value_names_file_key_and_range(tmp_path, override, key, valid):
     line = one_error(pair(tmp_path, override))
     assert line.startswith(f"{TINY}: {key} = ") and line.endswith(f"must be {valid}"), line
     assert not (tmp_path / "out").exists()  # rejected before any stage ran
 
 
-@pytest.mark.parametrize("where,key", [
-    ("file", "methods.clipit.lam"),  # `lam: .nan` was accepted
-    ("file", "methods.clipit.lr"),
-    ("set", "methods.clipit.lam"),
-    ("set", "methods.clipit.lr"),
-])
+@pytest.mark.parametrize(
+    "where,key",
+    [
+        ("file", "methods.clipit.lam"),  # `lam: .nan` was accepted
+        ("file", "methods.clipit.lr"),
+        ("set", "methods.clipit.lam"),
+        ("set", "methods.clipit.lr"),
+    ],
+)
 def test_nan_and_inf_are_never_valid(tmp_path, where, key):
     value = ".nan" if key.endswith("lam") else ".inf"
     if where == "file":
@@ -83,8 +90,9 @@ def test_nan_and_inf_are_never_valid(tmp_path, where, key):
 
 def test_empty_seeds_is_an_error_not_a_run_of_nothing(tmp_path):
     """`seeds: []` trained nothing and exited 0."""
-    proc = run_clipit("train", "--config", TINY, "--method", "clipit", "--set", f"output_dir={tmp_path / 'out'}",
-                      "--set", "seeds=[]")
+    proc = run_clipit(
+        "train", "--config", TINY, "--method", "clipit", "--set", f"output_dir={tmp_path / 'out'}", "--set", "seeds=[]"
+    )
     assert one_error(proc) == f"{TINY}: seeds = [] must not be empty"
     assert not (tmp_path / "out").exists()
 
@@ -101,8 +109,19 @@ def test_float_written_1e_minus_3_is_a_float(tmp_path):
     config = write(tmp_path, yaml.safe_dump(raw))
     cfg = C.load_config(config, ["methods.clipit.lr=1e-3"])
     assert cfg.methods["clipit"].lr == 1e-3 and cfg.methods["clipit"].weight_decay == 5e-5
-    proc = run_clipit("evaluate", "--config", str(config), "--method", "clipit", "--seed", "0",
-                      "--set", f"output_dir={tmp_path / 'out'}", "--set", "methods.clipit.lr=1e-3")
+    proc = run_clipit(
+        "evaluate",
+        "--config",
+        str(config),
+        "--method",
+        "clipit",
+        "--seed",
+        "0",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+        "--set",
+        "methods.clipit.lr=1e-3",
+    )
     assert "clipit seed 0 is not trained" in one_error(proc)  # past the config: the next check speaks
 
 
@@ -114,12 +133,15 @@ def test_exponent_text_is_not_a_number_for_int_or_str_keys(tmp_path):
     assert "methods.clipit.lr must be a number, got 'fast'" in one_error(pair(tmp_path, "methods.clipit.lr=fast"))
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("seeds=[0", "override --set 'seeds=[0': the value is not valid YAML"),
-    ("methods.clipit.lr={", "override --set 'methods.clipit.lr={': the value is not valid YAML"),
-    ("seeds", "override 'seeds' must look like section.key=value"),
-    ("methods..lr=1", "override 'methods..lr=1' must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("seeds=[0", "override --set 'seeds=[0': the value is not valid YAML"),
+        ("methods.clipit.lr={", "override --set 'methods.clipit.lr={': the value is not valid YAML"),
+        ("seeds", "override 'seeds' must look like section.key=value"),
+        ("methods..lr=1", "override 'methods..lr=1' must look like section.key=value"),
+    ],
+)
 def test_malformed_override_names_the_override(tmp_path, override, expected):
     line = one_error(pair(tmp_path, override))
     assert line.startswith(f"{TINY}: {expected}"), line
@@ -127,16 +149,25 @@ def test_malformed_override_names_the_override(tmp_path, override, expected):
 
 def test_use_rank_needs_that_many_paired_texts(tmp_path):
     line = one_error(pair(tmp_path, "pairing.top_k=2", "shards.use_rank=3"))
-    assert line == (f"{TINY}: shards.use_rank = 3 needs pairing.top_k >= 3 (it is 2); raise pairing.top_k or lower "
-                    "shards.use_rank")
+    assert line == (
+        f"{TINY}: shards.use_rank = 3 needs pairing.top_k >= 3 (it is 2); raise pairing.top_k or lower shards.use_rank"
+    )
     C.load_config(ROOT / TINY, ["pairing.top_k=2", "shards.use_rank=3", "shards.random_report_seed=0"])  # unused
 
 
-@pytest.mark.parametrize("sets,expected", [
-    (["methods.clipit.optimizer=sgd", "methods.clipit.momentum=0"], "methods.clipit.momentum = 0 with optimizer sgd"),
-    (["methods.clipit.schedule=cosine", "methods.clipit.lr=1e-4", "methods.clipit.min_lr=1e-3"],
-     "methods.clipit.min_lr = 0.001 is above lr = 0.0001"),
-])
+@pytest.mark.parametrize(
+    "sets,expected",
+    [
+        (
+            ["methods.clipit.optimizer=sgd", "methods.clipit.momentum=0"],
+            "methods.clipit.momentum = 0 with optimizer sgd",
+        ),
+        (
+            ["methods.clipit.schedule=cosine", "methods.clipit.lr=1e-4", "methods.clipit.min_lr=1e-3"],
+            "methods.clipit.min_lr = 0.001 is above lr = 0.0001",
+        ),
+    ],
+)
 def test_settings_that_contradict_each_other(tmp_path, sets, expected):
     assert one_error(pair(tmp_path, *sets)).startswith(f"{TINY}: {expected}")
 
@@ -170,8 +201,15 @@ def _ranged_fields():
                 continue
             for rule in typed_yaml.rules_of(tp):
                 if isinstance(rule, typed_yaml.Range):
-                    bad = rule.ge - 1 if rule.ge is not None else rule.gt if rule.gt is not None else \
-                        rule.le + 1 if rule.le is not None else rule.lt
+                    bad = (
+                        rule.ge - 1
+                        if rule.ge is not None
+                        else rule.gt
+                        if rule.gt is not None
+                        else rule.le + 1
+                        if rule.le is not None
+                        else rule.lt
+                    )
                     out.append((f"{prefix}{f.name}", rule, bad))
 
     walk(C.ExperimentConfig, "")
@@ -185,8 +223,11 @@ RANGED = _ranged_fields()
 @pytest.mark.parametrize("key,rule,bad", RANGED, ids=[k for k, _, _ in RANGED])
 def test_every_range_is_enforced_and_documented(tmp_path, key, rule, bad):
     """One home: the range written on the field is what the loader rejects and what docs/config.md shows."""
-    row = next(line for line in (ROOT / "docs" / "config.md").read_text().splitlines()
-               if line.startswith(f"| `{key.replace('methods.m.', 'methods.<name>.')}` |"))
+    row = next(
+        line
+        for line in (ROOT / "docs" / "config.md").read_text().splitlines()
+        if line.startswith(f"| `{key.replace('methods.m.', 'methods.<name>.')}` |")
+    )
     assert f"| {rule.text()} |" in row, row
     path = write(tmp_path, "methods:\n  m: {method: clipit}\n")
     with pytest.raises(C.ConfigError) as err:

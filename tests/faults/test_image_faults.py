@@ -3,6 +3,7 @@ building and pairing (data readers), the training/evaluation loader, `clipit pre
 written with PIL (and a hand-written 16-bit RGB TIFF, which PIL cannot write), real shards, the real
 loader and CLI. Every usable image reaches the model as RGB uint8 at the model's input size; every
 other one is one line naming the file (or the shard and sample) and the fix."""
+
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_model, write_config
 from PIL import Image
 
 import clipit.pairing.encoders
@@ -27,7 +29,6 @@ from clipit.shards.validate import validate_shards
 from clipit.shards.writer import write_manifest, write_split_shards
 from clipit.training.loader import eval_loader, load_image, train_loader
 from clipit_testing import run_clipit
-from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_model, write_config
 
 # ---------------------------------------------------------------------------------- image makers
 
@@ -42,8 +43,18 @@ def tiff_rgb16(array: np.ndarray) -> bytes:
     """A baseline little-endian TIFF of an H x W x 3 uint16 array (16 bits per channel, uncompressed)."""
     h, w, _ = array.shape
     pixels = array.astype("<u2").tobytes()
-    entries = [(256, 3, w), (257, 3, h), (258, 3, None), (259, 3, 1), (262, 3, 2), (273, 4, None), (277, 3, 3),
-               (278, 3, h), (279, 4, len(pixels)), (284, 3, 1)]
+    entries = [
+        (256, 3, w),
+        (257, 3, h),
+        (258, 3, None),
+        (259, 3, 1),
+        (262, 3, 2),
+        (273, 4, None),
+        (277, 3, 3),
+        (278, 3, h),
+        (279, 4, len(pixels)),
+        (284, 3, 1),
+    ]
     bits_at = 8 + 2 + 12 * len(entries) + 4
     data_at = bits_at + 6
     out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)))
@@ -57,9 +68,15 @@ def tiff_rgb16(array: np.ndarray) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels (what PIL's decompression-bomb check looks at)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 GRAY = np.array([[0, 1, 127], [128, 254, 255]], np.uint8)
@@ -97,18 +114,27 @@ def mode_cases():
         "1-bit": (encode(Image.fromarray(GRAY > 127)), gray3(np.where(GRAY > 127, 255, 0)), 0),
         "L": (encode(Image.fromarray(GRAY)), gray3(GRAY), 0),
         "L-tRNS": (encode(Image.fromarray(GRAY), transparency=127), gray3(np.where(GRAY == 127, 255, GRAY)), 0),
-        "LA": (encode(Image.frombytes("LA", (3, 2), np.stack([GRAY, ALPHA], 2).tobytes())), on_white(gray3(GRAY), ALPHA),
-               1),
+        "LA": (
+            encode(Image.frombytes("LA", (3, 2), np.stack([GRAY, ALPHA], 2).tobytes())),
+            on_white(gray3(GRAY), ALPHA),
+            1,
+        ),
         "P": (p_image(), palette, 0),
         "P-transparency": (p_image(transparent=2), transparent, 0),
-        "RGB-tRNS": (encode(Image.fromarray(rgb), transparency=tuple(int(v) for v in rgb[0, 2])),
-                     np.where((rgb == rgb[0, 2]).all(2, keepdims=True), 255, rgb), 0),
+        "RGB-tRNS": (
+            encode(Image.fromarray(rgb), transparency=tuple(int(v) for v in rgb[0, 2])),
+            np.where((rgb == rgb[0, 2]).all(2, keepdims=True), 255, rgb),
+            0,
+        ),
         "RGBA": (encode(Image.fromarray(np.dstack([rgb, ALPHA]))), on_white(rgb, ALPHA), 1),
         "CMYK-tiff": (encode(Image.frombytes("CMYK", (3, 2), cmyk.tobytes()), "TIFF"), want_cmyk, 0),
         "I;16-png": (encode(Image.fromarray(V16)), gray3(V16 >> 8), 0),
         "I;16-tiff": (encode(Image.fromarray(V16), "TIFF"), gray3(V16 >> 8), 0),
-        "RGB-16bit-tiff": (tiff_rgb16(np.stack([V16, 65535 - V16, V16 // 3], axis=2)),
-                           np.stack([V16 >> 8, (65535 - V16) >> 8, (V16 // 3) >> 8], axis=2), 0),
+        "RGB-16bit-tiff": (
+            tiff_rgb16(np.stack([V16, 65535 - V16, V16 // 3], axis=2)),
+            np.stack([V16 >> 8, (65535 - V16) >> 8, (V16 // 3) >> 8], axis=2),
+            0,
+        ),
     }
 
 
@@ -132,13 +158,19 @@ def test_sixteen_bit_gray_is_scaled_not_clipped():
     assert clipped[0, 2, 0] == 255 and np.asarray(decode_image(data))[0, 2, 0] == 1  # 256 -> 1, not 255
 
 
-@pytest.mark.parametrize("image, fragment", [
-    (encode(Image.fromarray(V16.astype(np.int32) * 30_000), "TIFF"), "signed or 32-bit integer gray pixels"),
-    (encode(Image.fromarray(V16.astype(np.float32)), "TIFF"), "floating-point gray pixels"),
-    (b"GIF89a but not really", "not an image"),
-    (encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))[:2000],
-     "truncated"),  # cut inside its pixel data
-], ids=["I-32bit", "F-float", "not-an-image", "truncated"])
+@pytest.mark.parametrize(
+    "image, fragment",
+    [
+        (encode(Image.fromarray(V16.astype(np.int32) * 30_000), "TIFF"), "signed or 32-bit integer gray pixels"),
+        (encode(Image.fromarray(V16.astype(np.float32)), "TIFF"), "floating-point gray pixels"),
+        (b"GIF89a but not really", "not an image"),
+        (
+            encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))[:2000],
+            "truncated",
+        ),  # cut inside its pixel data
+    ],
+    ids=["I-32bit", "F-float", "not-an-image", "truncated"],
+)
 def test_images_without_a_usable_rgb_are_refused_with_one_line(image, fragment):
     with pytest.raises(ImageDecodeError) as err:
         decode_image(image)
@@ -223,7 +255,7 @@ def test_images_of_any_size_and_shape_come_out_at_the_model_size(tmp_path):
         image[...] = (255, 0, 0)
         side = min(w, h)
         top, left = (h - side) // 2, (w - side) // 2
-        image[top:top + side, left:left + side] = (0, 0, 255)
+        image[top : top + side, left : left + side] = (0, 0, 255)
         path = root / "test" / "a" / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
@@ -263,8 +295,11 @@ def rewrite(path: Path, change) -> None:
 
 
 def loader_error(urls, kind: str, workers: int) -> str:
-    loader = (eval_loader(urls, 2, num_workers=workers) if kind == "eval" else
-              train_loader(urls, 2, 4, seed=0, num_workers=workers, shuffle_buffer=1))
+    loader = (
+        eval_loader(urls, 2, num_workers=workers)
+        if kind == "eval"
+        else train_loader(urls, 2, 4, seed=0, num_workers=workers, shuffle_buffer=1)
+    )
     with pytest.raises(ShardError) as err:
         for _ in loader:
             pass
@@ -277,8 +312,10 @@ def loader_error(urls, kind: str, workers: int) -> str:
 @pytest.mark.parametrize("kind", ["eval", "train"])
 def test_corrupt_image_in_the_loader_names_shard_and_sample(small_set, kind, workers):
     url = split_urls(small_set, "test")[0]
-    rewrite(Path(url), lambda items: [(n, b"\x89PNG\r\n\x1a\n garbage" if n == "test_00000002.png" else d)
-                                      for n, d in items])
+    rewrite(
+        Path(url),
+        lambda items: [(n, b"\x89PNG\r\n\x1a\n garbage" if n == "test_00000002.png" else d) for n, d in items],
+    )
     text = loader_error([url], kind, workers)
     assert text.startswith(f"{url}: sample test_00000002: its png image does not decode")
     assert "delete this shard and rerun `clipit shard build --config <config>`" in text
@@ -317,17 +354,36 @@ def exported(tmp_path_factory):
     mp.delenv("CLIPIT_WEIGHTS", raising=False)
     tmp = tmp_path_factory.mktemp("predict")
     backbone, _ = build_backbone("kaiko-vits16-tiny")
-    torch.save({"state_dict": {f"backbone._model.{k}": v for k, v in backbone.state_dict().items()}},
-               tmp / "vits16-tiny.ckpt")
+    torch.save(
+        {"state_dict": {f"backbone._model.{k}": v for k, v in backbone.state_dict().items()}}, tmp / "vits16-tiny.ckpt"
+    )
     (tmp / "weights.yaml").write_text("kaiko-vits16-tiny: vits16-tiny.ckpt\n")
-    cfg = ExperimentConfig(output_dir=str(tmp), shards=ShardsConfig(dir=str(tmp / "shards")),
-                           model=ModelConfig(backbone="kaiko-vits16-tiny", weights_file=str(tmp / "weights.yaml"),
-                                             text_dim=8, lora=LoraConfig(r=4, alpha=8, targets=["Linear"])))
+    cfg = ExperimentConfig(
+        output_dir=str(tmp),
+        shards=ShardsConfig(dir=str(tmp / "shards")),
+        model=ModelConfig(
+            backbone="kaiko-vits16-tiny",
+            weights_file=str(tmp / "weights.yaml"),
+            text_dim=8,
+            lora=LoraConfig(r=4, alpha=8, targets=["Linear"]),
+        ),
+    )
     cfg.methods = {"unimodal": TrainConfig(method="unimodal")}
     run = tmp / "runs" / "unimodal" / "seed-0"
     model, preprocess = build_model(cfg, cfg.methods["unimodal"], 2, 8)
-    save_model(run / "best", model, {"method": "unimodal", "seed": 0, "classes": ["a", "b"], "text_dim": 8,
-                                     "image_size": preprocess.size, "step": 1}, full=False)
+    save_model(
+        run / "best",
+        model,
+        {
+            "method": "unimodal",
+            "seed": 0,
+            "classes": ["a", "b"],
+            "text_dim": 8,
+            "image_size": preprocess.size,
+            "step": 1,
+        },
+        full=False,
+    )
     dump_config(cfg, run / "config.yaml")
     (run / "train_summary.json").write_text(json.dumps({"steps": 1}))
     out = export_run(run, tmp / "export")
@@ -336,8 +392,9 @@ def exported(tmp_path_factory):
 
 
 def predict(export_dir: Path, *images: Path):
-    return run_clipit("predict", str(export_dir), *map(str, images), "--json",
-                      env={**os.environ, "CLIPIT_OFFLINE": "1"})
+    return run_clipit(
+        "predict", str(export_dir), *map(str, images), "--json", env={**os.environ, "CLIPIT_OFFLINE": "1"}
+    )
 
 
 def one_line(proc: subprocess.CompletedProcess, start: str) -> str:

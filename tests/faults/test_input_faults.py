@@ -1,6 +1,7 @@
 """Bad inputs and full disks: one line naming the file and the fix (exit 2, no traceback), nothing a
 later stage would accept left behind; `clipit doctor` finds the input problems `clipit pair` would hit,
 with the same message."""
+
 import contextlib
 import errno
 import json
@@ -51,10 +52,12 @@ def pcam_subset(root: Path, n: int = 4) -> Path:
 
 
 def experiment(tmp_path: Path, reports: Path, data: dict | None = None, **sections) -> Path:
-    cfg = {"output_dir": str(tmp_path / "out"),
-           "data": data or {"name": "folder", "root": str(folder_dataset(tmp_path / "images"))},
-           "reports": {"path": str(reports)},
-           "methods": {"unimodal": {"method": "unimodal"}}}
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "data": data or {"name": "folder", "root": str(folder_dataset(tmp_path / "images"))},
+        "reports": {"path": str(reports)},
+        "methods": {"unimodal": {"method": "unimodal"}},
+    }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     path = tmp_path / "exp.yaml"
@@ -95,10 +98,14 @@ LATIN1 = "carcinome canalaire infiltrant, r\xe9cepteurs positifs"
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "txt", "zip"])
 def test_corpus_that_is_not_utf8_is_one_line_naming_file_line_and_fix(tmp_path, fmt):
-    text = {"csv": f"id,text\nr1,tumour\nr2,{LATIN1}\n",
-            "jsonl": json.dumps({"id": "r1", "text": "tumour"}) + "\n" +
-            json.dumps({"id": "r2", "text": LATIN1}, ensure_ascii=False) + "\n",
-            "txt": f"tumour\n{LATIN1}\n"}
+    text = {
+        "csv": f"id,text\nr1,tumour\nr2,{LATIN1}\n",
+        "jsonl": json.dumps({"id": "r1", "text": "tumour"})
+        + "\n"
+        + json.dumps({"id": "r2", "text": LATIN1}, ensure_ascii=False)
+        + "\n",
+        "txt": f"tumour\n{LATIN1}\n",
+    }
     data = text["csv" if fmt == "zip" else fmt].encode("latin-1")
     path = tmp_path / f"reports.{fmt}"
     if fmt == "zip":
@@ -109,9 +116,11 @@ def test_corpus_that_is_not_utf8_is_one_line_naming_file_line_and_fix(tmp_path, 
     line = one_error(pair(experiment(tmp_path, path)))
     where = f"{path} (TCGA_Reports.csv)" if fmt == "zip" else str(path)
     col = data.splitlines()[-1].index(b"\xe9") + 1
-    assert line.startswith(f"{where}: line 3 (byte 0xe9 at column {col}) is not utf-8 text; set reports.encoding"
-                           if fmt != "jsonl" and fmt != "txt" else
-                           f"{where}: line 2 (byte 0xe9 at column {col}) is not utf-8 text; set reports.encoding"), line
+    assert line.startswith(
+        f"{where}: line 3 (byte 0xe9 at column {col}) is not utf-8 text; set reports.encoding"
+        if fmt != "jsonl" and fmt != "txt"
+        else f"{where}: line 2 (byte 0xe9 at column {col}) is not utf-8 text; set reports.encoding"
+    ), line
     assert not (tmp_path / "out" / "pairing").exists()
 
 
@@ -124,8 +133,9 @@ def test_declared_encoding_reads_a_latin1_corpus(tmp_path):
     assert "✓ corpus: 2 reports" in proc.stdout.splitlines(), proc.stdout
 
 
-@pytest.mark.parametrize("case", ["corpus field", "dataset sizes", "corpus filter", "top_k", "class names",
-                                  "split name"])
+@pytest.mark.parametrize(
+    "case", ["corpus field", "dataset sizes", "corpus filter", "top_k", "class names", "split name"]
+)
 def test_doctor_fails_with_the_message_pair_gives(tmp_path, case):
     """A config doctor passes does not fail at the first step of `clipit pair`: doctor builds the same
     reader, corpus and pairing texts, and a failure is the same message."""
@@ -154,8 +164,9 @@ def test_doctor_fails_with_the_message_pair_gives(tmp_path, case):
 @pytest.mark.slow  # the default tier keeps its siblings; CI runs this tier too
 def test_dataset_size_error_names_the_key_that_declares_a_subset(tmp_path):
     root = pcam_subset(tmp_path / "pcam")
-    config = experiment(tmp_path, jsonl(tmp_path / "r.jsonl", [{"id": "r1", "text": "x"}]),
-                        {"name": "pcam", "root": str(root)})
+    config = experiment(
+        tmp_path, jsonl(tmp_path / "r.jsonl", [{"id": "r1", "text": "x"}]), {"name": "pcam", "root": str(root)}
+    )
     line = one_error(pair(config))
     assert "PCAM split 'train' has 4 patches, expected 262,144" in line and "data.expected_sizes" in line
     proc = doctor(config, "data.expected_sizes={train: 4, val: 4, test: 4}")
@@ -169,8 +180,10 @@ def test_report_text_column_is_a_config_key(tmp_path):
     reports.write_text("key,report\nr1,ductal carcinoma\nr2,lobular carcinoma\n")
     config = experiment(tmp_path, reports)
     line = one_error(pair(config))
-    assert line == (f"{reports}: row 2 has no text field ('text', 'report_text'); it has ['key', 'report']; set "
-                    "reports.text_field to the one that holds the report")
+    assert line == (
+        f"{reports}: row 2 has no text field ('text', 'report_text'); it has ['key', 'report']; set "
+        "reports.text_field to the one that holds the report"
+    )
     proc = doctor(config, "reports.text_field=report", "reports.id_field=key")
     assert "✓ corpus: 2 reports" in proc.stdout.splitlines() and proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -178,8 +191,10 @@ def test_report_text_column_is_a_config_key(tmp_path):
 def test_expected_sizes_also_hold_for_readers_without_official_sizes(tmp_path):
     config = experiment(tmp_path, jsonl(tmp_path / "r.jsonl", [{"id": "r1", "text": "x"}]))
     line = one_error(pair(config, "data.expected_sizes={train: 3}"))
-    assert line == (f"{tmp_path / 'images'}: split 'train' has 2 images, expected 3 (data.expected_sizes); fix "
-                    "data.root or data.expected_sizes")
+    assert line == (
+        f"{tmp_path / 'images'}: split 'train' has 2 images, expected 3 (data.expected_sizes); fix "
+        "data.root or data.expected_sizes"
+    )
     line = one_error(pair(TINY, f"output_dir={tmp_path / 'demo'}", "data.expected_sizes={valid: 64}"))
     assert line.startswith("data.expected_sizes names split(s) ['valid'], but the dataset's splits are")
     assert not (tmp_path / "demo").exists()  # checked before the demo data is generated
@@ -194,8 +209,10 @@ def test_unreadable_corpus_files_are_one_line(tmp_path, case):
         expected = f"{path}: not a readable zip file"
     elif case == "no id":
         path.write_text("report_id,text\nr1,tumour\n")
-        expected = (f"{path}: row 2 has no id field ('id', 'patient_filename'); it has ['report_id', 'text']; "
-                    "add ids or set reports.id_field to the one that holds them")
+        expected = (
+            f"{path}: row 2 has no id field ('id', 'patient_filename'); it has ['report_id', 'text']; "
+            "add ids or set reports.id_field to the one that holds them"
+        )
     else:
         path.write_text("id,text\nTCGA-AA-0001.x,tumour\n")
         pmap = tmp_path / "map.json"
@@ -214,8 +231,9 @@ def tmpfs(directory: Path, size: str = "1m"):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     directory.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
     try:
@@ -240,8 +258,9 @@ def fill(directory: Path) -> None:
 def make_run(root: Path, method: str, seed: int, acc: float) -> None:
     run = root / "runs" / method / f"seed-{seed}"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": "b"}, "data": {"name": "d"},
-                                                     "methods": {method: {"method": method}}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"backbone": "b"}, "data": {"name": "d"}, "methods": {method: {"method": method}}})
+    )
     (run / "metrics.json").write_text(json.dumps({"method": method, "balanced_accuracy": acc, "accuracy": acc}))
 
 

@@ -1,5 +1,6 @@
 """One writer per directory: a second process is refused with one line naming the holder, a dead
 holder (kill -9) leaves no stale lock."""
+
 import os
 import signal
 import subprocess

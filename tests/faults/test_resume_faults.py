@@ -6,6 +6,7 @@ after a kill -9 and a resume; DeepSpeed resumes exactly through the same data-on
 Every CLI case builds real artifacts (a checkpointed run of the tiny demo), damages a copy, runs the
 real CLI and checks the contract: exit 2, one `clipit: error:` line (the last), no traceback, and no
 output a later stage would accept."""
+
 import json
 import os
 import pickle
@@ -24,8 +25,12 @@ import clipit_testing
 from clipit_testing import ROOT, run_clipit, train_args
 
 # CLIP-IT without warm start (one cell stands alone): 12 steps, resume checkpoints every 2 (the last at 10)
-CELL = ["methods.clipit.warm_start=null", "methods.clipit.epochs=3", "methods.clipit.checkpoint_every=2",
-        "methods.clipit.evals_per_epoch=1"]
+CELL = [
+    "methods.clipit.warm_start=null",
+    "methods.clipit.epochs=3",
+    "methods.clipit.checkpoint_every=2",
+    "methods.clipit.evals_per_epoch=1",
+]
 OUTPUTS = ("train_summary.json", "metrics.json", "predictions-test.npz", "best.safetensors", "best.json")
 
 
@@ -81,8 +86,13 @@ def test_intact_checkpoint_resumes_to_the_same_result(checkpointed, interrupted,
     got, want = json.loads((run / "metrics.json").read_text()), checkpointed[1]
     assert (got["balanced_accuracy"], got["loss"]) == (want["balanced_accuracy"], want["loss"])
     names = sorted(p.name for p in (run / "checkpoints" / "latest").iterdir())
-    assert names == ["optimizer.safetensors", "progress.json", "rng-0.safetensors", "scheduler.safetensors",
-                     "trainable.safetensors"]  # data only: no .pt files
+    assert names == [
+        "optimizer.safetensors",
+        "progress.json",
+        "rng-0.safetensors",
+        "scheduler.safetensors",
+        "trainable.safetensors",
+    ]  # data only: no .pt files
 
 
 # ---------------------------------------------------------------------------------------------- damaged files
@@ -154,12 +164,16 @@ def test_checkpoint_of_an_older_clipit_is_refused(interrupted, tiny_shards):
 # ---------------------------------------------------------------------------------------------- another config
 
 
-@pytest.mark.parametrize("change, key", [("methods.clipit.lr=0.002", "methods.clipit.lr"),
-                                         ("model.lora.r=4", "model.lora.r")], ids=["lr", "lora-rank"])
+@pytest.mark.parametrize(
+    "change, key",
+    [("methods.clipit.lr=0.002", "methods.clipit.lr"), ("model.lora.r=4", "model.lora.r")],
+    ids=["lr", "lora-rank"],
+)
 def test_checkpoint_of_another_config_is_refused(interrupted, tiny_shards, change, key):
     out, run, _ = interrupted
-    line = assert_refused(resume(out, tiny_shards, change), run, "progress.json", "another config", key,
-                          "--resume none")
+    line = assert_refused(
+        resume(out, tiny_shards, change), run, "progress.json", "another config", key, "--resume none"
+    )
     assert "then" in line and "now" in line
 
 
@@ -219,8 +233,10 @@ def test_pickle_payload_in_resume_state_is_refused(interrupted, tiny_shards, pay
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("path", ["backbone-pt", "backbone-bin", "backbone-safetensors", "warm-start", "export",
-                                  "resume-state", "deepspeed-engine"])
+@pytest.mark.parametrize(
+    "path",
+    ["backbone-pt", "backbone-bin", "backbone-safetensors", "warm-start", "export", "resume-state", "deepspeed-engine"],
+)
 def test_pickle_payload_is_refused_on_every_load_path(tmp_path, payload, monkeypatch, path):
     from clipit.errors import ClipitError
 
@@ -248,10 +264,23 @@ def test_pickle_payload_is_refused_on_every_load_path(tmp_path, payload, monkeyp
         from clipit.evaluation.export import ExportError, load_exported
 
         (tmp_path / "model.safetensors").write_bytes(raw)
-        (tmp_path / "config.json").write_text(json.dumps({
-            "format": "clipit-export", "version": 1, "backbone": "kaiko-vits16-tiny", "model_image_size": None,
-            "method": "unimodal", "classes": ["a", "b"], "text_dim": 16, "kd_layers": 1, "input_size": 64,
-            "mean": [0.5] * 3, "std": [0.5] * 3}))
+        (tmp_path / "config.json").write_text(
+            json.dumps(
+                {
+                    "format": "clipit-export",
+                    "version": 1,
+                    "backbone": "kaiko-vits16-tiny",
+                    "model_image_size": None,
+                    "method": "unimodal",
+                    "classes": ["a", "b"],
+                    "text_dim": 16,
+                    "kd_layers": 1,
+                    "input_size": 64,
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                }
+            )
+        )
         with pytest.raises(ExportError, match="model.safetensors: not a readable safetensors file"):
             load_exported(tmp_path)
     elif path == "resume-state":
@@ -293,11 +322,15 @@ def test_torch_hub_needs_an_explicit_opt_in(monkeypatch, tmp_path):
 
 def test_no_code_loading_calls_in_the_package():
     """No full unpickling anywhere in clipit: every torch.load is weights_only=True, nothing torch.saves."""
-    found = subprocess.run(["grep", "-rn", "--include=*.py", r"weights_only=False\|pickle\.load\|torch\.save(",
-                            str(ROOT / "clipit")], capture_output=True, text=True).stdout
+    found = subprocess.run(
+        ["grep", "-rn", "--include=*.py", r"weights_only=False\|pickle\.load\|torch\.save(", str(ROOT / "clipit")],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert found == "", found
-    loads = subprocess.run(["grep", "-rn", "--include=*.py", r"torch\.load(", str(ROOT / "clipit")],
-                           capture_output=True, text=True).stdout.splitlines()
+    loads = subprocess.run(
+        ["grep", "-rn", "--include=*.py", r"torch\.load(", str(ROOT / "clipit")], capture_output=True, text=True
+    ).stdout.splitlines()
     assert loads and all("weights_only=True" in line for line in loads), loads
 
 
@@ -319,9 +352,12 @@ def _raw_steps(tb: Path) -> list[int]:
     steps = []
     for file in sorted(tb.glob("events.out.tfevents.*")):
         try:  # a file being written may end in a partial record: what is whole counts
-            steps += [e.step for e in EventFileLoader(str(file)).Load() if e.HasField("summary") and
-                      any(v.tag == "val/loss" for v in e.summary.value)]
-        except Exception:  # noqa: BLE001
+            steps += [
+                e.step
+                for e in EventFileLoader(str(file)).Load()
+                if e.HasField("summary") and any(v.tag == "val/loss" for v in e.summary.value)
+            ]
+        except Exception:
             pass
     return steps
 
@@ -342,8 +378,12 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
     past the checkpoint on disk) is checked on a frozen state before SIGKILL."""
     cell = CELL[:2] + ["methods.clipit.checkpoint_every=4", "methods.clipit.evals_per_epoch=2"]  # val every 2 steps
     run, tb = run_dir(tmp_path), tmp_path / "tb" / "clipit" / "seed-0"
-    proc = subprocess.Popen([sys.executable, "-m", "clipit", *train_args(tmp_path, tiny_shards, *cell)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipit", *train_args(tmp_path, tiny_shards, *cell)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed = False
     try:
         while proc.poll() is None and not killed:
@@ -379,10 +419,26 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
 
 
 def _torchrun(out: Path, shards, *extra: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipit",
-           *train_args(out, shards, "methods.unimodal.epochs=3", "methods.unimodal.checkpoint_every=2",
-                       "methods.unimodal.batch_size=32", "methods.unimodal.distributed=zero2", *extra,
-                       method="unimodal")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "clipit",
+        *train_args(
+            out,
+            shards,
+            "methods.unimodal.epochs=3",
+            "methods.unimodal.checkpoint_every=2",
+            "methods.unimodal.batch_size=32",
+            "methods.unimodal.distributed=zero2",
+            *extra,
+            method="unimodal",
+        ),
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -402,8 +458,11 @@ def test_zero2_resumes_exactly_and_refuses_code_in_its_files(tiny_shards, tmp_pa
     latest = run / "checkpoints" / "latest"
     state = latest / "deepspeed" / "state"
     parts = sorted(p.name for p in state.iterdir())
-    assert parts == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert parts == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     for part in parts:  # DeepSpeed's names, clipit's data-only content
         assert (state / part).read_bytes()[8:9] == b"{", part
     damaged = tmp_path / "damaged"
@@ -425,7 +484,8 @@ def test_zero2_resumes_exactly_and_refuses_code_in_its_files(tiny_shards, tmp_pa
     proc = _torchrun(damaged, tiny_shards)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "clipit: error:" in line]
-    assert len(errors) == 2 and all("zero_pp_rank_1_mp_rank_00_optim_states.pt" in e and "--resume none" in e
-                                    for e in errors), proc.stderr[-4000:]
+    assert len(errors) == 2 and all(
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt" in e and "--resume none" in e for e in errors
+    ), proc.stderr[-4000:]
     assert not marker.exists()
     assert not (run_dir(damaged, "unimodal") / "train_summary.json").exists()

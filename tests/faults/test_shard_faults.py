@@ -2,6 +2,7 @@
 corruption, the real `clipit` CLI in its own process (or the real function). The contract: exit 2, one
 `clipit: error:` line naming the file and the fix, no traceback, and nothing left that a later stage
 would accept; following the line's advice repairs the set (byte-identical to the original)."""
+
 import hashlib
 import io
 import json
@@ -82,11 +83,13 @@ def refused(proc, *fragments) -> str:
 @pytest.fixture()
 def validate(capsys):
     """`clipit shard validate` through the CLI's main (in this process: one interpreter start, not 40)."""
+
     def run(shard_dir, *flags) -> subprocess.CompletedProcess:
         capsys.readouterr()
         code = main(["shard", "validate", str(shard_dir), *flags])
         captured = capsys.readouterr()
         return subprocess.CompletedProcess(["clipit", "shard", "validate"], code, captured.out, captured.err)
+
     return run
 
 
@@ -123,13 +126,20 @@ def rehash(shard_dir: Path) -> None:
 
 def digests(shard_dir: Path) -> dict[str, str]:
     files = sorted(shard_dir.rglob("*.tar")) + [shard_dir / MANIFEST]
-    return {p.relative_to(shard_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.exists()}
+    return {
+        p.relative_to(shard_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.exists()
+    }
 
 
 def stray(shard_dir: Path) -> list[Path]:
     """Temporary files: what a killed or racing writer could leave (lock files are not output)."""
-    return [p for p in shard_dir.rglob("*") if p.name.startswith(".") and p.name not in (LOCK_FILE, VERIFIED)
-            and LOCKS not in p.relative_to(shard_dir).parts]
+    return [
+        p
+        for p in shard_dir.rglob("*")
+        if p.name.startswith(".")
+        and p.name not in (LOCK_FILE, VERIFIED)
+        and LOCKS not in p.relative_to(shard_dir).parts
+    ]
 
 
 SHARD = "train/train-000001.tar"
@@ -161,8 +171,11 @@ def test_garbage_bytes_fail_the_checksum_in_both_modes(copy, flags, validate):
 def test_missing_shard_names_the_rebuild(copy):
     out, _ = copy
     (out / SHARD).unlink()
-    refused(run_clipit("shard", "validate", str(out)), f"{out / SHARD}: listed in the manifest but missing",
-            "rerun `clipit shard build --config <config>`")
+    refused(
+        run_clipit("shard", "validate", str(out)),
+        f"{out / SHARD}: listed in the manifest but missing",
+        "rerun `clipit shard build --config <config>`",
+    )
 
 
 def test_undecodable_image_behind_a_rehashed_manifest(copy_png, validate):
@@ -181,12 +194,16 @@ def test_image_field_holding_another_type(copy_png, validate):
     refused(validate(out), f"sample {KEY}: its png image does not decode (not an image")
 
 
-@pytest.mark.parametrize("payload, fragment", [
-    (lambda raw, png: raw[:-100], "12,188 bytes where 64x64x3 uint8 needs 12,288 (truncated or garbled)"),
-    (lambda raw, png: raw + b"\x00" * 7, "12,295 bytes where 64x64x3"),
-    (lambda raw, png: png, "bytes where 64x64x3 uint8 needs 12,288"),  # an encoded image under the raw field
-    (lambda raw, png: b"", "0 bytes where 64x64x3"),
-], ids=["truncated", "padded", "png-bytes", "empty"])
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        (lambda raw, png: raw[:-100], "12,188 bytes where 64x64x3 uint8 needs 12,288 (truncated or garbled)"),
+        (lambda raw, png: raw + b"\x00" * 7, "12,295 bytes where 64x64x3"),
+        (lambda raw, png: png, "bytes where 64x64x3 uint8 needs 12,288"),  # an encoded image under the raw field
+        (lambda raw, png: b"", "0 bytes where 64x64x3"),
+    ],
+    ids=["truncated", "padded", "png-bytes", "empty"],
+)
 def test_raw_payload_of_the_wrong_size(copy, tiny_png, payload, fragment, validate):
     out, _ = copy
     raw = dict(members(out / SHARD))[f"{KEY}.{RAW}"]
@@ -203,7 +220,9 @@ def test_raw_shape_in_the_json_differs_from_the_manifest(copy, validate):
     meta["image_shape"] = [32, 128, 3]  # the same number of bytes, another shape
     edit(out / SHARD, f"{KEY}.json", json.dumps(meta).encode())
     rehash(out)
-    refused(validate(out), f"sample {KEY}: json image_shape [32, 128, 3] where the manifest's raw codec has [64, 64, 3]")
+    refused(
+        validate(out), f"sample {KEY}: json image_shape [32, 128, 3] where the manifest's raw codec has [64, 64, 3]"
+    )
 
 
 def test_codec_mismatch_between_a_sample_and_the_manifest(copy, tiny_png, validate):
@@ -215,11 +234,18 @@ def test_codec_mismatch_between_a_sample_and_the_manifest(copy, tiny_png, valida
     refused(validate(out), f"sample {KEY}: its image is stored as png, but the manifest's image codec is raw", REBUILD)
 
 
-@pytest.mark.parametrize("image, fragment", [
-    ({"codec": "png"}, "_00000000: its image is stored as img.u8, but the manifest's image codec is png"),
-    ({"codec": "jpeg"}, "manifest.json: image {'codec': 'jpeg'} is neither"),
-    ({"codec": "raw", "shape": [64, 64], "dtype": "uint8"}, "manifest.json: image {'codec': 'raw', 'shape': [64, 64]"),
-], ids=["other-codec", "unknown-codec", "bad-shape"])
+@pytest.mark.parametrize(
+    "image, fragment",
+    [
+        ({"codec": "png"}, "_00000000: its image is stored as img.u8, but the manifest's image codec is png"),
+        ({"codec": "jpeg"}, "manifest.json: image {'codec': 'jpeg'} is neither"),
+        (
+            {"codec": "raw", "shape": [64, 64], "dtype": "uint8"},
+            "manifest.json: image {'codec': 'raw', 'shape': [64, 64]",
+        ),
+    ],
+    ids=["other-codec", "unknown-codec", "bad-shape"],
+)
 def test_manifest_with_another_codec_than_its_shards(copy, image, fragment, validate):
     out, _ = copy
     manifest = load_manifest(out)
@@ -245,8 +271,11 @@ def test_loader_refuses_a_truncated_raw_payload(copy):
 
 def test_a_rebuild_with_another_codec_is_refused(copy):
     out, overrides = copy
-    refused(build([*overrides, "shards.codec=png"]), f"{out / MANIFEST}: the shards in {out} were built with another "
-            "image", "set shards.codec: raw")
+    refused(
+        build([*overrides, "shards.codec=png"]),
+        f"{out / MANIFEST}: the shards in {out} were built with another image",
+        "set shards.codec: raw",
+    )
 
 
 def test_tar_cut_at_a_member_boundary(copy, validate):
@@ -265,7 +294,7 @@ def test_tar_cut_inside_a_member(copy, validate):
     path = out / SHARD
     with tarfile.open(path) as tar:
         member = tar.getmembers()[41]
-    path.write_bytes(path.read_bytes()[:member.offset_data + member.size // 2])
+    path.write_bytes(path.read_bytes()[: member.offset_data + member.size // 2])
     rehash(out)
     refused(validate(out), f"{path}: not a whole tar at sample", "unexpected end of data")
 
@@ -276,7 +305,7 @@ def test_garbled_header_between_members(copy, validate):
     with tarfile.open(path) as tar:
         offset = tar.getmembers()[20].offset
     data = bytearray(path.read_bytes())
-    data[offset:offset + 512] = b"\x37" * 512
+    data[offset : offset + 512] = b"\x37" * 512
     path.write_bytes(bytes(data))
     rehash(out)
     refused(validate(out), f"{path}: not a whole tar at sample")
@@ -320,13 +349,17 @@ def npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("payload, fragment", [
-    (lambda d: encode_embedding(np.ones(8)), "emb.npy is float16 (8,), the manifest says float16 ({d},)"),
-    (lambda d: encode_embedding(np.full(d, np.nan)), "emb.npy holds NaN or inf"),
-    (lambda d: npy(np.ones(d, np.float32)), "emb.npy is float32 ({d},)"),
-    (lambda d: npy(np.ones((8, 8), np.float16)), "emb.npy is float16 (8, 8)"),
-    (lambda d: b"\x93NUMPY garbage that is no header", "emb.npy is no .npy array"),
-], ids=["wrong-shape", "nan", "wrong-dtype", "2-d", "not-npy"])
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        (lambda d: encode_embedding(np.ones(8)), "emb.npy is float16 (8,), the manifest says float16 ({d},)"),
+        (lambda d: encode_embedding(np.full(d, np.nan)), "emb.npy holds NaN or inf"),
+        (lambda d: npy(np.ones(d, np.float32)), "emb.npy is float32 ({d},)"),
+        (lambda d: npy(np.ones((8, 8), np.float16)), "emb.npy is float16 (8, 8)"),
+        (lambda d: b"\x93NUMPY garbage that is no header", "emb.npy is no .npy array"),
+    ],
+    ids=["wrong-shape", "nan", "wrong-dtype", "2-d", "not-npy"],
+)
 def test_bad_embedding(copy, payload, fragment, validate):
     out, _ = copy
     dim = load_manifest(out)["embedding"]["dim"]
@@ -336,8 +369,14 @@ def test_bad_embedding(copy, payload, fragment, validate):
     refused(validate(out), f"sample {KEY}: {fragment}")
 
 
-@pytest.mark.parametrize("cls, fragment", [(b"7", "label 7 outside the manifest's 4 classes"),
-                                           (b"-1", "label -1 outside"), (b"tumor", "cls is not an integer")])
+@pytest.mark.parametrize(
+    "cls, fragment",
+    [
+        (b"7", "label 7 outside the manifest's 4 classes"),
+        (b"-1", "label -1 outside"),
+        (b"tumor", "cls is not an integer"),
+    ],
+)
 def test_bad_label(copy, cls, fragment, validate):
     out, _ = copy
     edit(out / SHARD, f"{KEY}.cls", cls)
@@ -352,14 +391,17 @@ def test_json_that_does_not_parse(copy, validate):
     refused(validate(out), f"sample {KEY}: json does not parse")
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("report_index", 10_000, "report_index 10000 is not a text of this set"),
-    ("report_index", "3", "report_index '3' is not a text"),
-    ("split", "test", "split 'test' in a shard of 'train'"),
-    ("score", float("nan"), "score nan is not a finite number"),
-    ("rank", 2, "rank 2 where the manifest's selection gives 1"),
-    ("topk_report_indices", [1, -4], "topk_report_indices"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("report_index", 10_000, "report_index 10000 is not a text of this set"),
+        ("report_index", "3", "report_index '3' is not a text"),
+        ("split", "test", "split 'test' in a shard of 'train'"),
+        ("score", float("nan"), "score nan is not a finite number"),
+        ("rank", 2, "rank 2 where the manifest's selection gives 1"),
+        ("topk_report_indices", [1, -4], "topk_report_indices"),
+    ],
+)
 def test_json_fields_that_are_not_sane(copy, field, value, fragment, validate):
     out, _ = copy
     meta = json.loads(dict(members(out / SHARD))[f"{KEY}.json"])
@@ -369,11 +411,15 @@ def test_json_fields_that_are_not_sane(copy, field, value, fragment, validate):
     refused(validate(out), f"sample {KEY}: json {fragment}")
 
 
-@pytest.mark.parametrize("manifest, fragment", [
-    (b"{not json", "unreadable"),
-    (b"[1, 2]", "not a manifest (a JSON list)"),
-    (None, "split train counts 999 samples, counts says 256"),
-], ids=["not-json", "wrong-type", "inconsistent-counts"])
+@pytest.mark.parametrize(
+    "manifest, fragment",
+    [
+        (b"{not json", "unreadable"),
+        (b"[1, 2]", "not a manifest (a JSON list)"),
+        (None, "split train counts 999 samples, counts says 256"),
+    ],
+    ids=["not-json", "wrong-type", "inconsistent-counts"],
+)
 def test_bad_manifest(copy, manifest, fragment, validate):
     out, _ = copy
     path = out / MANIFEST
@@ -439,8 +485,11 @@ def test_deleted_manifest_refuses_a_decodable_shard_of_other_content(copy):
     out, overrides = copy
     edit(out / SHARD, f"{KEY}.emb.npy", encode_embedding(np.full(load_manifest(out)["embedding"]["dim"], 0.125)))
     (out / MANIFEST).unlink()
-    refused(build(overrides), f"{out / SHARD}: sample {KEY}: its emb.npy differs from what the pairs and texts give",
-            REBUILD)
+    refused(
+        build(overrides),
+        f"{out / SHARD}: sample {KEY}: its emb.npy differs from what the pairs and texts give",
+        REBUILD,
+    )
     assert not (out / MANIFEST).exists()
 
 
@@ -507,7 +556,9 @@ def holder():
     procs = []
 
     def hold(directory: Path) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(directory)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "locked"
         return proc
@@ -521,8 +572,10 @@ def holder():
 def test_a_second_full_build_is_refused(tmp_path, tiny_shards, holder):
     out = tmp_path / "shards"
     proc = holder(out)
-    refused(build([f"shards.dir={out}", *tiny_shards[1:]]), f"{out}: this shard directory is being written by pid "
-                                                              f"{proc.pid}")
+    refused(
+        build([f"shards.dir={out}", *tiny_shards[1:]]),
+        f"{out}: this shard directory is being written by pid {proc.pid}",
+    )
     assert not list(out.rglob("*.tar")) and not (out / MANIFEST).exists() and not stray(out)
 
 
@@ -543,11 +596,28 @@ def test_concurrent_parts_and_a_duplicate_part_make_one_identical_set(tmp_path, 
     """Three parts of an array and a second copy of part 1 (a requeued task) at once: every process ends
     well, the set is byte-identical to a one-process build, exactly one manifest, no temporary file."""
     out = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "clipit", "shard", "build", "--config", TINY, *sets([f"shards.dir={out}", *tiny_shards[1:]])]
-    procs = [subprocess.Popen([*cmd, "--part", str(p), "--num-parts", "3"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for p in (0, 1, 2, 1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipit",
+        "shard",
+        "build",
+        "--config",
+        TINY,
+        *sets([f"shards.dir={out}", *tiny_shards[1:]]),
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--part", str(p), "--num-parts", "3"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in (0, 1, 2, 1)
+    ]
     results = [(*proc.communicate(timeout=600), proc.returncode) for proc in procs]
-    for stdout, stderr, code in results:
+    for _, stderr, code in results:
         assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
     assert sum(str(out / MANIFEST) in stdout for stdout, _, _ in results) >= 1
     assert digests(out) == digests(original(tiny_shards))

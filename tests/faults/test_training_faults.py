@@ -5,6 +5,7 @@ refused. Nothing a later stage accepts is left behind (best.*, train_summary.jso
 
 Every case builds real shards of the tiny demo, damages a copy, and runs the real CLI (or, where the
 config layer already refuses the input, the library call that bypasses it)."""
+
 import hashlib
 import io
 import json
@@ -85,7 +86,7 @@ def corrupt_image(shard_dir: Path, split: str, indices: list[int], per_shard: in
         tar = shard_dir / split / f"{split}-{index // per_shard:06d}.tar"
         key = f"{split}_{index:08d}"
         with tarfile.open(tar) as src:
-            member = next(n for n in src.getnames() if n.startswith(key + ".") and n[len(key) + 1:] in IMAGE_FIELDS)
+            member = next(n for n in src.getnames() if n.startswith(key + ".") and n[len(key) + 1 :] in IMAGE_FIELDS)
         rewrite_member(tar, member, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
         tars.append(tar)
     return tars
@@ -101,16 +102,16 @@ def test_nan_report_embedding_stops_training_naming_step_and_sample(tiny_shards,
     shards = shard_copy(tiny_shards, tmp_path)
     keys = nan_embedding(shards, "train", TRAIN_FIRSTS)
     proc = run_clipit(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
-    line = assert_refused(proc, run_dir(tmp_path), "training step ", "non-finite report embeddings",
-                          "clipit shard validate")
+    line = assert_refused(
+        proc, run_dir(tmp_path), "training step ", "non-finite report embeddings", "clipit shard validate"
+    )
     assert any(k in line for k in keys) and "train-00000" in line and ".tar" in line, line
 
 
 def test_huge_learning_rate_stops_at_the_first_non_finite_step(tiny_shards, tmp_path):
     """lr 1e30: the first update puts LoRA A and B near 1e30, so the next forward overflows."""
     proc = run_clipit(*train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.lr=1e30"))
-    line = assert_refused(proc, run_dir(tmp_path), "training step ", "not finite", "methods.clipit.lr",
-                          "--resume none")
+    line = assert_refused(proc, run_dir(tmp_path), "training step ", "not finite", "methods.clipit.lr", "--resume none")
     assert "training step 1 " not in line  # step 1 itself is finite: its update is what overflows
 
 
@@ -139,8 +140,14 @@ def test_nan_in_validation_stops_before_any_best_checkpoint(tiny_shards, tmp_pat
     shards = shard_copy(tiny_shards, tmp_path)
     keys = nan_embedding(shards, "val", [5])
     proc = run_clipit(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
-    line = assert_refused(proc, run_dir(tmp_path), "validation at step 2 of clipit seed 0", keys[0],
-                          "val-000000.tar", "clipit shard validate")
+    line = assert_refused(
+        proc,
+        run_dir(tmp_path),
+        "validation at step 2 of clipit seed 0",
+        keys[0],
+        "val-000000.tar",
+        "clipit shard validate",
+    )
     assert "nan" in line
 
 
@@ -190,8 +197,9 @@ def unevaluated(trained, tmp_path):
 
 def evaluate(out: Path, overrides: list[str]):
     sets = [f"output_dir={out}", *overrides, *ALONE]
-    return run_clipit("evaluate", "--config", TINY, "--method", "clipit", "--seed", "0",
-                      *[a for s in sets for a in ("--set", s)])
+    return run_clipit(
+        "evaluate", "--config", TINY, "--method", "clipit", "--seed", "0", *[a for s in sets for a in ("--set", s)]
+    )
 
 
 EVAL_OUTPUTS = ("metrics.json", "predictions-test.npz")
@@ -201,8 +209,9 @@ def test_nan_in_the_test_split_stops_evaluation(unevaluated, tiny_shards, tmp_pa
     shards = shard_copy(tiny_shards, tmp_path)
     keys = nan_embedding(shards, "test", [70])
     proc = evaluate(unevaluated, with_shards(tiny_shards, shards))
-    assert_refused(proc, run_dir(unevaluated), "evaluation of", "on test", keys[0], "test-000001.tar",
-                   absent=EVAL_OUTPUTS)
+    assert_refused(
+        proc, run_dir(unevaluated), "evaluation of", "on test", keys[0], "test-000001.tar", absent=EVAL_OUTPUTS
+    )
 
 
 def test_corrupt_image_met_in_evaluation_names_the_shard(unevaluated, tiny_shards, tmp_path):
@@ -239,8 +248,9 @@ def locked(request):
     procs = []
 
     def hold(directory: Path) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(directory)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "locked"
         return proc
@@ -257,15 +267,21 @@ def test_second_train_of_the_same_cell_is_refused(tiny_shards, tmp_path):
     from clipit.locks import LockError, exclusive
 
     run = run_dir(tmp_path)
-    first = subprocess.Popen([sys.executable, "-m", "clipit", *train_args(tmp_path, tiny_shards, *ALONE,
-                                                                           "methods.clipit.epochs=20")],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "clipit", *train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.epochs=20")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        from clipit_testing import wait_for
         from clipit.locks import holder
+        from clipit_testing import wait_for
 
-        wait_for(lambda: (holder(run) or {}).get("pid") == first.pid or first.poll() is not None, 300,
-                 "the first training to lock its run directory")
+        wait_for(
+            lambda: (holder(run) or {}).get("pid") == first.pid or first.poll() is not None,
+            300,
+            "the first training to lock its run directory",
+        )
         assert first.poll() is None, "the first training ended before the test could freeze it"
         os.kill(first.pid, signal.SIGSTOP)
         with pytest.raises(LockError):  # the frozen first process really holds the lock

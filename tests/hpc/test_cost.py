@@ -1,6 +1,7 @@
 """The grid's cost before launch (clipit/hpc/cost.py, throughput.py): the paper grid's dry-run table with
 totals, a tiny grid's counts and GPU-hours against a hand computation, the FLOP formula against torch's
 counter, and a measurement file replacing the assumptions."""
+
 import json
 
 import pytest
@@ -42,8 +43,13 @@ def test_paper_table1_dry_run_prints_the_cost_with_totals():
 
 
 def tiny_grid(tmp_path, **extra):
-    grid = {"name": "tiny-cost", "base": "configs/demo-tiny.yaml", "root": str(tmp_path / "grid"), "seeds": [0, 1],
-            "set": {"output_dir": "{root}/out"}} | extra
+    grid = {
+        "name": "tiny-cost",
+        "base": "configs/demo-tiny.yaml",
+        "root": str(tmp_path / "grid"),
+        "seeds": [0, 1],
+        "set": {"output_dir": "{root}/out"},
+    } | extra
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     return expand(path)
@@ -53,15 +59,31 @@ def test_tiny_grid_matches_a_hand_computation(tmp_path):
     """demo-tiny: 256/64/128 images; unimodal 2 epochs at batch 64 (frozen, unaugmented: feature cache),
     clipit 1 epoch, 2 validations per epoch, LoRA, cached text; one process; bf16 at the measured rates."""
     measured = tmp_path / "gpu-check.json"
-    measured.write_text(json.dumps({"device": "test", "peak_flops": 1e15, "loader_samples_per_s": 1e12,
-                                    "train_step": [{"backbone": "demo-vit-tiny", "text_tower": False,
-                                                    "images_per_s": 1000.0, "forward_images_per_s": 4000.0,
-                                                    "mfu": 0.5, "forward_mfu": 0.5}]}))
+    measured.write_text(
+        json.dumps(
+            {
+                "device": "test",
+                "peak_flops": 1e15,
+                "loader_samples_per_s": 1e12,
+                "train_step": [
+                    {
+                        "backbone": "demo-vit-tiny",
+                        "text_tower": False,
+                        "images_per_s": 1000.0,
+                        "forward_images_per_s": 4000.0,
+                        "mfu": 0.5,
+                        "forward_mfu": 0.5,
+                    }
+                ],
+            }
+        )
+    )
     throughput = load_throughput(measured.with_suffix(".md"))
     bf16 = {"methods.unimodal.precision": "bf16", "methods.clipit.precision": "bf16"}  # gpu-check measures bf16
     stages = grid_cost(tiny_grid(tmp_path, set={"output_dir": "{root}/out"} | bf16))
-    assert [s.label.split(",")[0] for s in stages][1:] == ["method=unimodal"] + ["method=clipit"] + \
-        ["method=unimodal"] + ["method=clipit"]
+    assert [s.label.split(",")[0] for s in stages][1:] == ["method=unimodal"] + ["method=clipit"] + [
+        "method=unimodal"
+    ] + ["method=clipit"]
     pairing, probe0, clipit0, probe1, clipit1 = stages
     assert pairing.images(False) == 256 + 64 + 128 and pairing.texts(False) == 120
     # probe: 4 batches/epoch x 2 epochs = 8 steps x 64; validations at steps 4, 8 (2 x 64); test 128
@@ -82,8 +104,12 @@ def test_tiny_grid_matches_a_hand_computation(tmp_path):
 
 
 def test_text_tower_counts_train_and_val_reports(tmp_path):
-    plan = tiny_grid(tmp_path, methods=["unimodal", "clipit"], seeds=[0],
-                     set={"output_dir": "{root}/out", "methods.clipit.text_encoder": "tower"})
+    plan = tiny_grid(
+        tmp_path,
+        methods=["unimodal", "clipit"],
+        seeds=[0],
+        set={"output_dir": "{root}/out", "methods.clipit.text_encoder": "tower"},
+    )
     clipit = next(s for s in grid_cost(plan) if "method=clipit" in s.label)
     assert clipit.texts(False) == 4 * 64 + 2 * 64
 
@@ -114,17 +140,30 @@ def test_launcher_dry_run_prints_the_cost():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "launchers/grid.py", "--config", "configs/grids/demo.yaml", "--dry-run"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "launchers/grid.py", "--config", "configs/grids/demo.yaml", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cost before launch" in proc.stdout and "\ntotal (" in proc.stdout
     assert run_clipit("grid", "--config", "configs/grids/demo.yaml", "--dry-run").stdout.count("cost before") == 1
 
 
 def test_unknown_split_sizes_leave_the_plan_standing(tmp_path):
-    plan = tiny_grid(tmp_path, methods=["unimodal"], seeds=[0],
-                     set={"output_dir": "{root}/out", "data.name": "folder", "data.root": str(tmp_path / "images"),
-                          "reports.path": str(tmp_path / "reports.jsonl")})
+    plan = tiny_grid(
+        tmp_path,
+        methods=["unimodal"],
+        seeds=[0],
+        set={
+            "output_dir": "{root}/out",
+            "data.name": "folder",
+            "data.root": str(tmp_path / "images"),
+            "reports.path": str(tmp_path / "reports.jsonl"),
+        },
+    )
     lines = []
     print_cost(plan, load_profile("local-cluster"), out=lines.append)
     assert len(lines) == 1 and lines[0].startswith("cost: not estimated (data.expected_sizes:"), lines

@@ -1,4 +1,5 @@
 """Grid files -> cells -> tasks (clipit/hpc/grid.py): the shipped grids, templating, warm-start reuse, errors."""
+
 import subprocess
 import sys
 
@@ -6,10 +7,10 @@ import pytest
 import yaml
 
 from clipit.config import ConfigError, load_config
-from clipit.typed_yaml import apply_override
 from clipit.hpc.cluster import PROFILE_DIR, ClusterProfile, load_profile
-from clipit.hpc.grid import chunk, expand, format_override, load_grid
 from clipit.hpc.executor import array_chunk_size, make_executor
+from clipit.hpc.grid import chunk, expand, format_override, load_grid
+from clipit.typed_yaml import apply_override
 from clipit_testing import ROOT
 
 GRIDS = sorted((ROOT / "configs" / "grids").glob("*.yaml"))
@@ -72,8 +73,11 @@ def test_paper_table1_is_216_cells_in_54_chains():
 
 
 def test_paper_ablations_reuse_table1_uni_pcam_runs():
-    table1 = {c.run_dir for c in expand(ROOT / "configs/grids/paper_table1.yaml").cells
-              if c.labels["backbone"] == "uni" and c.labels["dataset"] == "pcam" and c.method in ("unimodal", "clipit")}
+    table1 = {
+        c.run_dir
+        for c in expand(ROOT / "configs/grids/paper_table1.yaml").cells
+        if c.labels["backbone"] == "uni" and c.labels["dataset"] == "pcam" and c.method in ("unimodal", "clipit")
+    }
     plan = expand(ROOT / "configs/grids/paper_ablations.yaml")
     full = [c for c in plan.cells if c.labels["ablation"] == "full"]
     assert {c.run_dir for c in full} == table1  # nothing retrained when Table 1 ran
@@ -109,9 +113,14 @@ def test_paper_lora_search_shares_table1_runs_and_varies_lora():
     plan = expand(ROOT / "configs/grids/paper_lora.yaml")
     full = {c.run_dir for c in plan.cells if c.labels["lora"] == "full" and c.method == "clipit"}
     assert full and full <= table1
-    settings = {(cfg.model.lora.r, cfg.model.lora.alpha, tuple(cfg.model.lora.targets))
-                for cfg in (c.load() for c in plan.cells if c.seed == 0 and c.labels["dataset"] == "pcam"
-                            and c.labels["backbone"] == "uni")}
+    settings = {
+        (cfg.model.lora.r, cfg.model.lora.alpha, tuple(cfg.model.lora.targets))
+        for cfg in (
+            c.load()
+            for c in plan.cells
+            if c.seed == 0 and c.labels["dataset"] == "pcam" and c.labels["backbone"] == "uni"
+        )
+    }
     assert len(settings) == 8 and (16, 8, ("Linear", "Conv2d", "Embedding")) in settings
 
 
@@ -129,8 +138,13 @@ def test_paper_eva_probe_runs_12500_steps_with_early_stopping():
 
 
 def test_dry_run_lists_the_216_cells_of_table1():
-    proc = subprocess.run([sys.executable, "launchers/grid.py", "--config", "configs/grids/paper_table1.yaml",
-                           "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "launchers/grid.py", "--config", "configs/grids/paper_table1.yaml", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cell_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ") and "/runs/" in line]
     assert len(cell_lines) == 216
@@ -194,24 +208,41 @@ def test_cells_overrides_and_templates(small, tmp_path):
     assert expand(small, root=str(tmp_path / "elsewhere")).root == str(tmp_path / "elsewhere")
 
 
-@pytest.mark.parametrize("value", ["runs/x", "1e-3", 0.001, 3, True, None, [0, 1], {"method": "text", "lr": 0.003},
-                                   ["COAD", "READ"], "a: b", "{root}"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "runs/x",
+        "1e-3",
+        0.001,
+        3,
+        True,
+        None,
+        [0, 1],
+        {"method": "text", "lr": 0.003},
+        ["COAD", "READ"],
+        "a: b",
+        "{root}",
+    ],
+)
 def test_override_strings_round_trip(value):
     raw = {}
     apply_override(raw, format_override("a.b", value))
     assert raw == {"a": {"b": value}}
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda t: t.replace("{{model}}/{{variant}}", "{{model}}"), "write the same run directory"),
-    (lambda t: t.replace("{{model}}/", "{{modle}}/"), "unknown template field {modle}"),
-    (lambda t: t.replace("warm_start_from: full", "warm_start_from: nope"), "warm_start_from = 'nope'"),
-    (lambda t: t.replace(", warm_start_from: full", ""), "warm-starts from 'unimodal'"),
-    (lambda t: t.replace("methods: [clipit]", "methods: [clipt]"), "method 'clipt' is not in"),
-    (lambda t: t.replace("model.lora.r: 4", "model.lora.rank: 4"), "model.lora.rank"),
-    (lambda t: t.replace("a: {{set:", "a: {{sett:"), "axes.model.a.sett"),
-    (lambda t: t.replace("lam: 0.0}}", "lam: 0.0, data.root: /x}}"), "data differs"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.replace("{{model}}/{{variant}}", "{{model}}"), "write the same run directory"),
+        (lambda t: t.replace("{{model}}/", "{{modle}}/"), "unknown template field {modle}"),
+        (lambda t: t.replace("warm_start_from: full", "warm_start_from: nope"), "warm_start_from = 'nope'"),
+        (lambda t: t.replace(", warm_start_from: full", ""), "warm-starts from 'unimodal'"),
+        (lambda t: t.replace("methods: [clipit]", "methods: [clipt]"), "method 'clipt' is not in"),
+        (lambda t: t.replace("model.lora.r: 4", "model.lora.rank: 4"), "model.lora.rank"),
+        (lambda t: t.replace("a: {{set:", "a: {{sett:"), "axes.model.a.sett"),
+        (lambda t: t.replace("lam: 0.0}}", "lam: 0.0, data.root: /x}}"), "data differs"),
+    ],
+)
 def test_grid_errors_name_the_problem(tmp_path, edit, message):
     path = write(tmp_path, edit(BASE).format(base=ROOT / "configs/demo-tiny.yaml", root=tmp_path / "runs"))
     with pytest.raises(ConfigError) as err:
@@ -262,8 +293,10 @@ def test_profile_errors(tmp_path):
     assert yaml.safe_load((PROFILE_DIR / "local-cluster.yaml").read_text())["partition"] == "debug"
 
 
-@pytest.mark.parametrize("field, text", [("name", "name: ../escape"), ("axis", "axes: {'a/b': {x: {}}}"),
-                                          ("value", "axes: {backbone: {'..': {}}}")])
+@pytest.mark.parametrize(
+    "field, text",
+    [("name", "name: ../escape"), ("axis", "axes: {'a/b': {x: {}}}"), ("value", "axes: {backbone: {'..': {}}}")],
+)
 def test_names_templated_into_paths_cannot_escape(tmp_path, field, text):
     grid = tmp_path / "g.yaml"
     body = {"name": "name: g", "axis": "axes: {backbone: {x: {}}}", "value": ""}

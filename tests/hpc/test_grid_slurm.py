@@ -5,6 +5,7 @@ Skipped unless `sinfo` exists and `bash slurm/local-cluster.sh status` succeeds.
 uses fresh folders under tmp_path (SLURM job ids repeat after a purge: stale result pickles).
 The tiny shards come from the session fixture `tiny_shards` (tests/conftest.py, `clipit shard build`).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from clipit_testing import ROOT, wait_for
 
 SCRIPT = ROOT / "slurm" / "local-cluster.sh"
@@ -31,15 +33,25 @@ def slurm_cluster() -> None:
     except (OSError, subprocess.TimeoutExpired) as exc:  # pragma: no cover - environment dependent
         pytest.skip(f"local-cluster.sh status failed: {exc}")
     if proc.returncode != 0:
-        pytest.skip("local SLURM cluster not running (bash slurm/local-cluster.sh start): "
-                    + (proc.stderr or proc.stdout).strip()[-300:])
+        pytest.skip(
+            "local SLURM cluster not running (bash slurm/local-cluster.sh start): "
+            + (proc.stderr or proc.stdout).strip()[-300:]
+        )
 
 
-def write_grid(folder: Path, shards: list[str], seeds: list[int], sets: dict, methods: list[str],
-               name: str = "slurm-test") -> Path:
-    lines = [f"name: {name}", f"base: {ROOT / 'configs' / 'demo-tiny.yaml'}", f"root: {folder / 'runs'}",
-             "profile: local-cluster", f"seeds: {seeds}", f"methods: {methods}", "set:",
-             '  output_dir: "{root}/out"']
+def write_grid(
+    folder: Path, shards: list[str], seeds: list[int], sets: dict, methods: list[str], name: str = "slurm-test"
+) -> Path:
+    lines = [
+        f"name: {name}",
+        f"base: {ROOT / 'configs' / 'demo-tiny.yaml'}",
+        f"root: {folder / 'runs'}",
+        "profile: local-cluster",
+        f"seeds: {seeds}",
+        f"methods: {methods}",
+        "set:",
+        '  output_dir: "{root}/out"',
+    ]
     lines += [f"  {item.split('=', 1)[0]}: {item.split('=', 1)[1]}" for item in shards]
     lines += [f"  {k}: {v}" for k, v in sets.items()]
     path = folder / "grid.yaml"
@@ -48,8 +60,9 @@ def write_grid(folder: Path, shards: list[str], seeds: list[int], sets: dict, me
 
 
 def launch(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launchers/grid.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "launchers/grid.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def job_lines(stdout: str) -> list[tuple[str, str]]:
@@ -75,8 +88,13 @@ CELL_FILES = ("metrics.json", "train_summary.json", "best.safetensors", "predict
 def grid_run(slurm_cluster, tiny_shards, tmp_path_factory):
     """4 seeds x (unimodal -> CLIP-IT): 4 array tasks of 2 cells; CLIP-IT checkpoints every 2 of 12 steps."""
     folder = tmp_path_factory.mktemp("slurm-grid")
-    grid = write_grid(folder, tiny_shards, SEEDS, {"methods.unimodal.epochs": 1, "methods.clipit.epochs": 3,
-                                                   "methods.clipit.checkpoint_every": 2}, ["unimodal", "clipit"])
+    grid = write_grid(
+        folder,
+        tiny_shards,
+        SEEDS,
+        {"methods.unimodal.epochs": 1, "methods.clipit.epochs": 3, "methods.clipit.checkpoint_every": 2},
+        ["unimodal", "clipit"],
+    )
     proc = launch("--config", str(grid))
     jobs = job_lines(proc.stdout)
     yield {"folder": folder, "grid": grid, "jobs": jobs, "stdout": proc.stdout, "proc": proc}
@@ -131,12 +149,22 @@ def test_requeued_task_resumes_from_its_checkpoint(grid_run):
 
 def test_all_cells_finish_and_a_rerun_recomputes_nothing(grid_run):
     folder = grid_run["folder"]
-    wait_for(lambda: all((run_dir(folder, m, s) / "metrics.json").exists() for m in ("unimodal", "clipit")
-                         for s in SEEDS), 85, "all 8 cells")
-    wait_for(lambda: all(state(folder, m, s).get("state") == "done" for m in ("unimodal", "clipit") for s in SEEDS),
-             20, "the ledger to say done")
-    before = {p: p.stat().st_mtime_ns for m in ("unimodal", "clipit") for s in SEEDS
-              for p in (run_dir(folder, m, s) / f for f in CELL_FILES)}
+    wait_for(
+        lambda: all((run_dir(folder, m, s) / "metrics.json").exists() for m in ("unimodal", "clipit") for s in SEEDS),
+        85,
+        "all 8 cells",
+    )
+    wait_for(
+        lambda: all(state(folder, m, s).get("state") == "done" for m in ("unimodal", "clipit") for s in SEEDS),
+        20,
+        "the ledger to say done",
+    )
+    before = {
+        p: p.stat().st_mtime_ns
+        for m in ("unimodal", "clipit")
+        for s in SEEDS
+        for p in (run_dir(folder, m, s) / f for f in CELL_FILES)
+    }
     logs_before = set((folder / "runs" / "submitit").iterdir())
     proc = launch("--config", str(grid_run["grid"]))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -149,8 +177,10 @@ def test_all_cells_finish_and_a_rerun_recomputes_nothing(grid_run):
 def test_multi_task_cell_trains_as_one_process_group(slurm_cluster, tiny_shards, tmp_path):
     """nodes x tasks_per_node > 1: every task runs the cell; SLURM's env becomes torch.distributed's."""
     profile = tmp_path / "two-tasks.yaml"
-    profile.write_text("executor: slurm\npartition: debug\nnodes: 1\ntasks_per_node: 2\ncpus_per_task: 1\n"
-                       "mem_gb: 2\ntimeout_min: 10\nsetup: [export OMP_NUM_THREADS=1]\n")
+    profile.write_text(
+        "executor: slurm\npartition: debug\nnodes: 1\ntasks_per_node: 2\ncpus_per_task: 1\n"
+        "mem_gb: 2\ntimeout_min: 10\nsetup: [export OMP_NUM_THREADS=1]\n"
+    )
     grid = write_grid(tmp_path, tiny_shards, [0], {"methods.unimodal.epochs": 1}, ["unimodal"], name="ddp")
     proc = launch("--config", str(grid), "--profile", str(profile), "--wait", timeout=100)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -162,11 +192,18 @@ def test_multi_task_cell_trains_as_one_process_group(slurm_cluster, tiny_shards,
 @pytest.mark.slow
 def test_reused_warm_start_waits_with_afterok(slurm_cluster, tiny_shards, tmp_path):
     """An ablation value that reuses the baseline's probe is a second array with afterok on its task."""
-    lines = write_grid(tmp_path, tiny_shards, [0], {"methods.unimodal.epochs": 1, "methods.clipit.epochs": 1},
-                       ["unimodal", "clipit"], name="dep").read_text()
+    lines = write_grid(
+        tmp_path,
+        tiny_shards,
+        [0],
+        {"methods.unimodal.epochs": 1, "methods.clipit.epochs": 1},
+        ["unimodal", "clipit"],
+        name="dep",
+    ).read_text()
     lines = lines.replace('output_dir: "{root}/out"', 'output_dir: "{root}/{variant}"') + (
         "axes:\n  variant:\n    out: {}\n"
-        "    lam0: {set: {methods.clipit.lam: 0.0}, methods: [clipit], warm_start_from: out}\n")
+        "    lam0: {set: {methods.clipit.lam: 0.0}, methods: [clipit], warm_start_from: out}\n"
+    )
     grid = tmp_path / "grid.yaml"
     grid.write_text(lines)
     proc = launch("--config", str(grid), "--wait", timeout=150)

@@ -1,4 +1,5 @@
 """Per-cell state files (clipit/hpc/ledger.py) and what a rerun does with each state."""
+
 import json
 import multiprocessing
 import os
@@ -6,7 +7,7 @@ import os
 import pytest
 
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, Plan, Task, GridConfig
+from clipit.hpc.grid import Cell, GridConfig, Plan, Task
 from clipit.hpc.submit import tasks_to_submit
 
 
@@ -58,15 +59,18 @@ def test_concurrent_writers_keep_the_file_valid(tmp_path):
     assert len(state["history"]) == ledger.HISTORY  # 120 updates, none lost to a torn read, last 50 kept
 
 
-@pytest.mark.parametrize("done,state,alive,expected", [
-    (True, "failed", None, "done"),  # artifacts are the truth
-    (False, None, None, "new"),
-    (False, "failed", None, "failed"),
-    (False, "pending", True, "in-flight"),
-    (False, "running", False, "lost"),
-    (False, "running", None, "unknown"),
-    (False, "done", None, "new"),  # outputs deleted: train again
-])
+@pytest.mark.parametrize(
+    "done,state,alive,expected",
+    [
+        (True, "failed", None, "done"),  # artifacts are the truth
+        (False, None, None, "new"),
+        (False, "failed", None, "failed"),
+        (False, "pending", True, "in-flight"),
+        (False, "running", False, "lost"),
+        (False, "running", None, "unknown"),
+        (False, "done", None, "new"),  # outputs deleted: train again
+    ],
+)
 def test_classify(tmp_path, done, state, alive, expected):
     if state:
         ledger.update(tmp_path, state, job_id="5_0", executor="slurm")
@@ -97,8 +101,9 @@ def _plan(tmp_path, n_tasks=3):
     for i in range(n_tasks):
         cells = [Cell("g", (("v", str(i)),), m, m, 0, "c.yaml", (), str(tmp_path / str(i) / m)) for m in ("u", "c")]
         tasks.append(Task(cells, str(tmp_path)))
-    return Plan(GridConfig(name="g", base="c.yaml"), "g.yaml", str(tmp_path), [c for t in tasks for c in t.cells],
-                tasks)
+    return Plan(
+        GridConfig(name="g", base="c.yaml"), "g.yaml", str(tmp_path), [c for t in tasks for c in t.cells], tasks
+    )
 
 
 def test_rerun_skips_done_and_in_flight_and_resubmits_failed_and_lost(tmp_path):

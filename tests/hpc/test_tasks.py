@@ -1,5 +1,6 @@
 """What an array task does (clipit.hpc.task.run_task) with a stand-in for training: order, skips,
 failure isolation, ledger states, shared warm starts; and the launcher's dependency wiring."""
+
 import json
 import os
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, Plan, Task, GridConfig
+from clipit.hpc.grid import Cell, GridConfig, Plan, Task
 from clipit.hpc.submit import dependency_ids
 from clipit.hpc.task import CellRunner, CellsFailed, link_warm_start, run_task
 
@@ -36,6 +37,7 @@ def fake_train(fail: set[str] = frozenset(), calls: list | None = None):
         (run / "train_summary.json").write_text("{}")
         (run / "metrics.json").write_text(json.dumps({"balanced_accuracy": 0.75}))
         return {"balanced_accuracy": 0.75}
+
     return train
 
 
@@ -47,7 +49,10 @@ def test_chain_runs_in_order_and_records_states(tmp_path):
     for c in cells:
         state = ledger.read_state(c.run_dir)
         assert state["state"] == "done" and state["metrics"]["balanced_accuracy"] == 0.75
-        assert state["command"].startswith("clipit train") and [h["state"] for h in state["history"]] == ["running", "done"]
+        assert state["command"].startswith("clipit train") and [h["state"] for h in state["history"]] == [
+            "running",
+            "done",
+        ]
     calls.clear()
     out = run_task(Task(cells, str(tmp_path)), train=fake_train(calls=calls))  # a requeue or a rerun
     assert calls == [] and set(out.values()) == {"skipped (done)"}
@@ -88,9 +93,12 @@ def test_runner_is_checkpointable_and_resubmits_the_same_task(tmp_path):
 def test_dependencies_point_at_new_or_running_jobs(tmp_path):
     tasks = [Task([cell(tmp_path, "unimodal", out=str(i))], str(tmp_path)) for i in range(3)]
     tasks.append(Task([cell(tmp_path, "clipit", "unimodal", out="v")], str(tmp_path), after=[0, 1, 2]))
-    plan = Plan(GridConfig(name="g", base="c.yaml"), "g.yaml", str(tmp_path), [c for t in tasks for c in t.cells],
-                tasks)
-    statuses = {tasks[0].cells[0].run_dir: ("new", None),
-                tasks[1].cells[0].run_dir: ("in-flight", {"job_id": "41_2"}),
-                tasks[2].cells[0].run_dir: ("done", None)}
+    plan = Plan(
+        GridConfig(name="g", base="c.yaml"), "g.yaml", str(tmp_path), [c for t in tasks for c in t.cells], tasks
+    )
+    statuses = {
+        tasks[0].cells[0].run_dir: ("new", None),
+        tasks[1].cells[0].run_dir: ("in-flight", {"job_id": "41_2"}),
+        tasks[2].cells[0].run_dir: ("done", None),
+    }
     assert dependency_ids(plan, tasks[3], {0: "50_0"}, statuses) == ["41_2", "50_0"]

@@ -9,6 +9,7 @@ process give the one-node (1 x 2) run's result, with either launcher and also af
 that both nodes resume from checkpoints/latest/ (test logits within atol 1e-5, balanced accuracy
 within one test sample, loss within 1e-4). Skipped unless the cluster runs with >= 2 usable nodes.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,22 +39,42 @@ def nodes() -> dict[str, str]:
     """{node name: NodeAddr} of a running cluster with >= 2 usable nodes, else skip."""
     if shutil.which("sinfo") is None:
         pytest.skip("SLURM client tools not installed (run: bash slurm/local-cluster.sh start --nodes 2)")
-    proc = subprocess.run(["bash", str(ROOT / "slurm/local-cluster.sh"), "status"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "slurm/local-cluster.sh"), "status"], capture_output=True, text=True, timeout=60
+    )
     show = subprocess.run(["scontrol", "-o", "show", "node"], capture_output=True, text=True, timeout=30).stdout
     found = dict(re.findall(r"NodeName=(\S+) .*?NodeAddr=(\S+)", show))
     if proc.returncode != 0 or len(found) < 2:
-        pytest.skip("needs the local cluster with 2 nodes (bash slurm/local-cluster.sh start --nodes 2): "
-                    + proc.stderr.strip()[-200:])
+        pytest.skip(
+            "needs the local cluster with 2 nodes (bash slurm/local-cluster.sh start --nodes 2): "
+            + proc.stderr.strip()[-200:]
+        )
     return found
 
 
 def sbatch(out: Path, launcher: str, nodes: int, nproc: int, *sets: str) -> str:
     env = os.environ | {"LAUNCHER": launcher, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1"}
     args = [a for s in [f"output_dir={out}", *sets] for a in ("--set", s)]
-    proc = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", f"--cpus-per-task={nproc}",
-                           f"--output={out}.log", "slurm/multinode.sbatch", TINY, "clipit", "--", *args],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--nodes={nodes}",
+            "--gpus-per-node=0",
+            f"--cpus-per-task={nproc}",
+            f"--output={out}.log",
+            "slurm/multinode.sbatch",
+            TINY,
+            "clipit",
+            "--",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -150,16 +171,31 @@ def test_accelerate_on_two_nodes_resumes_on_both_nodes_after_usr1(jobs, nodes):
 def test_grid_cell_spans_two_nodes(nodes, tiny_shards, tmp_path):
     """A submitit cell with nodes: 2 x tasks_per_node: 2 is one process group of 4 over both nodes."""
     profile = tmp_path / "two-nodes.yaml"
-    profile.write_text("executor: slurm\npartition: debug\nnodes: 2\ntasks_per_node: 2\ncpus_per_task: 1\n"
-                       "mem_gb: 2\ntimeout_min: 10\nsetup: [export OMP_NUM_THREADS=1]\n")
-    lines = ["name: two-nodes", f"base: {ROOT / TINY}", f"root: {tmp_path / 'runs'}", "profile: local-cluster",
-             "seeds: [0]", "methods: [unimodal]", "set:", '  output_dir: "{root}/out"',
-             *[f"  {item.split('=', 1)[0]}: {item.split('=', 1)[1]}" for item in tiny_shards],
-             "  methods.unimodal.epochs: 1"]
+    profile.write_text(
+        "executor: slurm\npartition: debug\nnodes: 2\ntasks_per_node: 2\ncpus_per_task: 1\n"
+        "mem_gb: 2\ntimeout_min: 10\nsetup: [export OMP_NUM_THREADS=1]\n"
+    )
+    lines = [
+        "name: two-nodes",
+        f"base: {ROOT / TINY}",
+        f"root: {tmp_path / 'runs'}",
+        "profile: local-cluster",
+        "seeds: [0]",
+        "methods: [unimodal]",
+        "set:",
+        '  output_dir: "{root}/out"',
+        *[f"  {item.split('=', 1)[0]}: {item.split('=', 1)[1]}" for item in tiny_shards],
+        "  methods.unimodal.epochs: 1",
+    ]
     grid = tmp_path / "grid.yaml"
     grid.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([sys.executable, "launchers/grid.py", "--config", str(grid), "--profile", str(profile),
-                           "--wait"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "launchers/grid.py", "--config", str(grid), "--profile", str(profile), "--wait"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     cell = tmp_path / "runs" / "out" / "runs" / "unimodal" / "seed-0"
     assert json.loads((cell / "train_summary.json").read_text())["world_size"] == 2 * 2
@@ -167,12 +203,17 @@ def test_grid_cell_spans_two_nodes(nodes, tiny_shards, tmp_path):
     assert state["state"] == "done", state
 
     def node_list():  # sacct has array tasks 4-5 s after they end (docs/slurm.md)
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", state["job_id"], "-o", "NodeList"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", state["job_id"], "-o", "NodeList"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
         return out[0] if out and out[0].startswith(first.rstrip("0123456789")) else None
 
     first, second = sorted(nodes)[:2]
     used = wait_for(node_list, 30, f"sacct to list the nodes of {state['job_id']}", 1.0)
-    expanded = subprocess.run(["scontrol", "show", "hostnames", used], capture_output=True, text=True,
-                              timeout=30).stdout.split()
+    expanded = subprocess.run(
+        ["scontrol", "show", "hostnames", used], capture_output=True, text=True, timeout=30
+    ).stdout.split()
     assert expanded == [first, second], used

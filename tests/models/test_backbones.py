@@ -1,6 +1,7 @@
 """Backbone registry: declared widths, input sizes and normalisation; strict loading of the
 checkpoint layouts users bring (plain, eva/Lightning, DINO teacher, DDP, safetensors, raw DINOv2);
 hub paths without touching the network; the CONCH vision tower."""
+
 import sys
 
 import pytest
@@ -8,8 +9,17 @@ import torch
 from safetensors.torch import save_file
 
 from clipit.models import backbones
-from clipit.models.backbones import (BACKBONES, HALF, IMAGENET, OPENAI, BackboneError, build_backbone,
-                                     create_backbone, fetch_hub_state, get_spec)
+from clipit.models.backbones import (
+    BACKBONES,
+    HALF,
+    IMAGENET,
+    OPENAI,
+    BackboneError,
+    build_backbone,
+    create_backbone,
+    fetch_hub_state,
+    get_spec,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -21,11 +31,19 @@ def no_hub(monkeypatch):
 def test_registry_matches_the_paper_backbones():
     uni = get_spec("uni")
     assert (uni.arch, uni.input_size, (uni.mean, uni.std), uni.hub_id) == (
-        "vit_large_patch16_224", 224, IMAGENET, "hf-hub:MahmoodLab/uni")
+        "vit_large_patch16_224",
+        224,
+        IMAGENET,
+        "hf-hub:MahmoodLab/uni",
+    )
     assert uni.kwargs == {"init_values": 1e-5, "dynamic_img_size": True}
-    kaiko = {"vits16": ("vit_small_patch16_224", 384), "vits8": ("vit_small_patch8_224", 384),
-             "vitb16": ("vit_base_patch16_224", 768), "vitb8": ("vit_base_patch8_224", 768),
-             "vitl14": ("vit_large_patch14_reg4_dinov2", 1024)}  # as kaiko's hubconf.py builds them
+    kaiko = {
+        "vits16": ("vit_small_patch16_224", 384),
+        "vits8": ("vit_small_patch8_224", 384),
+        "vitb16": ("vit_base_patch16_224", 768),
+        "vitb8": ("vit_base_patch8_224", 768),
+        "vitl14": ("vit_large_patch14_reg4_dinov2", 1024),
+    }  # as kaiko's hubconf.py builds them
     for name, (arch, dim) in kaiko.items():
         spec = get_spec(f"kaiko-{name}")
         assert (spec.arch, spec.dim, spec.input_size, (spec.mean, spec.std)) == (arch, dim, 224, HALF)
@@ -77,11 +95,18 @@ def test_checkpoint_layouts_load_strictly(tmp_path, layout):
     model, state = _state()
     head = {"weight": torch.zeros(4, 32), "bias": torch.zeros(4)}
     if layout == "eva":  # Lightning checkpoint of eva's HeadModule: backbone._model.* + head.*
-        ckpt = {"state_dict": {**{f"backbone._model.{k}": v for k, v in state.items()},
-                               **{f"head.{k}": v for k, v in head.items()}}, "epoch": 3}
+        ckpt = {
+            "state_dict": {
+                **{f"backbone._model.{k}": v for k, v in state.items()},
+                **{f"head.{k}": v for k, v in head.items()},
+            },
+            "epoch": 3,
+        }
     elif layout == "dino_teacher":
-        ckpt = {"teacher": {**{f"backbone.{k}": v for k, v in state.items()}, "head.mlp.0.weight": torch.zeros(2)},
-                "student": {"backbone.x": torch.zeros(1)}}
+        ckpt = {
+            "teacher": {**{f"backbone.{k}": v for k, v in state.items()}, "head.mlp.0.weight": torch.zeros(2)},
+            "student": {"backbone.x": torch.zeros(1)},
+        }
     elif layout == "ddp":
         ckpt = {f"module.{k}": v for k, v in state.items()}
     else:
@@ -109,7 +134,10 @@ def test_mismatches_are_one_clear_error(tmp_path):
     _, state = _state()
     missing = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
     torch.save(missing, tmp_path / "missing.pt")
-    with pytest.raises(BackboneError, match=r"missing.pt: does not fit backbone 'kaiko-vits16-tiny' \(\d+ tensors expected, \d+ missing"):
+    with pytest.raises(
+        BackboneError,
+        match=r"missing.pt: does not fit backbone 'kaiko-vits16-tiny' \(\d+ tensors expected, \d+ missing",
+    ):
         build_backbone("kaiko-vits16-tiny", weights=tmp_path / "missing.pt")
     _, other = _state("demo-vit-tiny")  # another width
     torch.save(other, tmp_path / "other.pt")
@@ -136,8 +164,11 @@ def test_hub_failure_is_actionable(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(backbones, "fetch_hub_state", no_network)
-    with pytest.raises(BackboneError, match=r"could not fetch 'timm:vit_tiny_patch16_224' from timm:vit_tiny.*OSError"
-                                            r".*weights file"):
+    with pytest.raises(
+        BackboneError,
+        match=r"could not fetch 'timm:vit_tiny_patch16_224' from timm:vit_tiny.*OSError"
+        r".*weights file",
+    ):
         build_backbone("timm:vit_tiny_patch16_224")
 
 
@@ -177,8 +208,12 @@ def test_conch_vision_tower_loads_a_full_coca_checkpoint(tmp_path):
     out = model(torch.randn(2, 3, spec.input_size, spec.input_size))
     assert out.shape == (2, 512) and torch.allclose(out.norm(dim=1), torch.ones(2))
     full = {f"visual.{k}": v for k, v in model.state_dict().items()}
-    full |= {"visual.attn_pool_caption.query": torch.zeros(4, 64), "visual.ln_caption.weight": torch.ones(64),
-             "text.token_embedding.weight": torch.zeros(3, 8), "logit_scale": torch.ones([])}
+    full |= {
+        "visual.attn_pool_caption.query": torch.zeros(4, 64),
+        "visual.ln_caption.weight": torch.ones(64),
+        "text.token_embedding.weight": torch.zeros(3, 8),
+        "logit_scale": torch.ones([]),
+    }
     torch.save(full, tmp_path / "pytorch_model.bin")
     loaded, _ = build_backbone("conch-tiny", weights=tmp_path / "pytorch_model.bin")
     x = torch.randn(1, 3, 32, 32)

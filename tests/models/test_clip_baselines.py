@@ -1,6 +1,7 @@
 """The CLIP baselines (models/clip_baselines.py): the zero-shot prompt ensemble against a hand computation,
 and zero_shot, prompt_ft and clip_probe trained, evaluated and exported through the real CLI on the tiny
 demo's shards with its demo CLIP (pairing.model demo-clip)."""
+
 import json
 import math
 
@@ -24,14 +25,24 @@ R = 1 / math.sqrt(2)
 
 def test_zero_shot_logits_match_a_hand_computation():
     # 2 classes x 2 templates in a 2-d joint space, class-major
-    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0],  # class 0: mean of e1, e2 -> (1, 1)/sqrt 2
-                            [0.0, 2.0], [0.0, 1.0]])  # class 1: both normalise to e2 -> e2
+    prompts = torch.tensor(
+        [
+            [1.0, 0.0],
+            [0.0, 1.0],  # class 0: mean of e1, e2 -> (1, 1)/sqrt 2
+            [0.0, 2.0],
+            [0.0, 1.0],
+        ]
+    )  # class 1: both normalise to e2 -> e2
     class_emb = prompt_ensemble(prompts, templates=2)
     torch.testing.assert_close(class_emb, torch.tensor([[R, R], [0.0, 1.0]]))
     images = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, -1.0]])  # normalised: e1, e2, (e1 - e2)/sqrt 2
-    expected = torch.tensor([[10 * R, 0.0],  # cos(e1, c0) = 1/sqrt 2, cos(e1, e2) = 0
-                             [10 * R, 10.0],
-                             [0.0, -10 * R]])
+    expected = torch.tensor(
+        [
+            [10 * R, 0.0],  # cos(e1, c0) = 1/sqrt 2, cos(e1, e2) = 0
+            [10 * R, 10.0],
+            [0.0, -10 * R],
+        ]
+    )
     torch.testing.assert_close(similarity_logits(images, class_emb, 10.0), expected)
     assert similarity_logits(images, class_emb, 10.0).argmax(1).tolist() == [0, 1, 0]
 
@@ -52,28 +63,40 @@ def test_prompts_are_class_major_and_class_names_are_checked(tiny_shards):
     classes = ["lymphocytes", "normal_mucosa"]
     prompts, templates = class_prompts(cfg, classes)
     assert templates == 2
-    assert prompts == ["an image of lymphocytes.", "lymphocytes, H&E.", "an image of normal mucosa.",
-                       "normal mucosa, H&E."]
+    assert prompts == [
+        "an image of lymphocytes.",
+        "lymphocytes, H&E.",
+        "an image of normal mucosa.",
+        "normal mucosa, H&E.",
+    ]
     cfg.pairing.class_names = ["lymphocytes", "mucosa", "stroma"]
     with pytest.raises(ConfigError, match="pairing.class_names has 3 names but .* hold 2 classes"):
         class_prompts(cfg, classes)
     assert len(class_prompts(load_config(TINY, tiny_shards), classes)[0]) == 2 * len(CONCH_TEMPLATES)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["methods.zs={method: zero_shot, finetune: lora}"], "zero_shot trains nothing"),
-    (["methods.ft={method: prompt_ft}", "model.lora.enabled=false"], "prompt_ft with frozen towers trains nothing"),
-    (["methods.p={method: clip_probe, warm_start: unimodal}"], "starts from the CLIP"),
-    (["clip.templates=['an image of a tumour']"], r"clip.templates\[0\] .* has no CLASSNAME"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["methods.zs={method: zero_shot, finetune: lora}"], "zero_shot trains nothing"),
+        (["methods.ft={method: prompt_ft}", "model.lora.enabled=false"], "prompt_ft with frozen towers trains nothing"),
+        (["methods.p={method: clip_probe, warm_start: unimodal}"], "starts from the CLIP"),
+        (["clip.templates=['an image of a tumour']"], r"clip.templates\[0\] .* has no CLASSNAME"),
+    ],
+)
 def test_inconsistent_clip_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
 
 
 def method_args(tmp_path, tiny_shards, method, *extra):
-    return train_args(tmp_path, tiny_shards, f"methods.{method}={{method: {method}, epochs: 0.5, augment: false}}",
-                      *extra, method=method)
+    return train_args(
+        tmp_path,
+        tiny_shards,
+        f"methods.{method}={{method: {method}, epochs: 0.5, augment: false}}",
+        *extra,
+        method=method,
+    )
 
 
 def exported_matches_evaluated(run, out):
@@ -83,13 +106,20 @@ def exported_matches_evaluated(run, out):
     reference, _, _, _ = load_trained_run(run)
     images = torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(model(preprocess(images))["logits"], reference(preprocess(images))["logits"],
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(preprocess(images))["logits"], reference(preprocess(images))["logits"], rtol=1e-4, atol=1e-4
+        )
     return config
 
 
-@pytest.mark.parametrize("method", ["zero_shot", pytest.param("prompt_ft", marks=pytest.mark.slow),
-                                    pytest.param("clip_probe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "zero_shot",
+        pytest.param("prompt_ft", marks=pytest.mark.slow),
+        pytest.param("clip_probe", marks=pytest.mark.slow),
+    ],
+)
 def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tmp_path):
     proc = run_clipit(*method_args(tmp_path, tiny_shards, method))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,8 +139,12 @@ def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tm
         return
     # the prompt classifiers: test time runs the vision tower on cached class embeddings
     assert params["text_tower_at_test"] is False and params["cached_class_embeddings"] == 4 * 512
-    assert params["inference"] == params["total"] - sum(v.numel() for k, v in best.items() if "lora_" in k
-                                                        and k.startswith("backbone.")) + 4 * 512
+    assert (
+        params["inference"]
+        == params["total"]
+        - sum(v.numel() for k, v in best.items() if "lora_" in k and k.startswith("backbone."))
+        + 4 * 512
+    )
     assert params["text_tower_once"] > params["inference"]  # the demo CLIP's text side is the bigger one
     pairing = build_pairing_model("demo-clip", cfg.pairing.checkpoint, device="cpu")
     prompts, templates = class_prompts(cfg, classes)
@@ -133,5 +167,10 @@ def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tm
 
 def test_class_names_of_the_wrong_length_are_one_line_and_exit_2(tiny_shards, tmp_path):
     proc = run_clipit(*method_args(tmp_path, tiny_shards, "zero_shot", "pairing.class_names=[normal, tumor]"))
-    assert_refused(proc, tmp_path / "runs" / "zero_shot" / "seed-0", "pairing.class_names has 2 names",
-                   "hold 4 classes", absent=("best.json", "train_summary.json"))
+    assert_refused(
+        proc,
+        tmp_path / "runs" / "zero_shot" / "seed-0",
+        "pairing.class_names has 2 names",
+        "hold 4 classes",
+        absent=("best.json", "train_summary.json"),
+    )

@@ -5,7 +5,14 @@ import torch
 
 from clipit.config import LoraConfig
 from clipit.models.backbones import BackboneError, build_backbone
-from clipit.models.clipit import ClipItModel, VisionClassifier, apply_lora, clipit_loss, lora_target_names, set_trainable
+from clipit.models.clipit import (
+    ClipItModel,
+    VisionClassifier,
+    apply_lora,
+    clipit_loss,
+    lora_target_names,
+    set_trainable,
+)
 
 
 def test_loss_matches_hand_computation():

@@ -1,4 +1,5 @@
 """CLIP-IT's fused forward F([W_v e ; H_t(P e)]) (method.md Eq. 3-4) against a hand computation."""
+
 import torch
 from torch import nn
 

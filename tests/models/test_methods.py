@@ -1,5 +1,6 @@
 """Every method's model through models.factory.build_model: shapes, which parameters train under each
 fine-tuning mode, warm starts (vision and text), and that one optimiser step moves only those."""
+
 import pytest
 import torch
 from torch import nn
@@ -7,8 +8,8 @@ from torch import nn
 from clipit.config import ExperimentConfig, LoraConfig, ModelConfig, TrainConfig
 from clipit.models.backbones import build_backbone
 from clipit.models.baselines import EarlyFusionModel, LateFusionModel, TextClassifier
-from clipit.models.clipit import clipit_loss, lora_target_names
 from clipit.models.checkpoint import save_model
+from clipit.models.clipit import clipit_loss, lora_target_names
 from clipit.models.factory import build_model
 
 C, D = 3, 16  # classes, text dim
@@ -21,8 +22,11 @@ def offline(monkeypatch):
 
 
 def config(**methods) -> ExperimentConfig:
-    cfg = ExperimentConfig(model=ModelConfig(backbone="demo-vit-tiny", text_dim=D,
-                                             lora=LoraConfig(r=2, alpha=4, targets=["Linear", "Conv2d"])))
+    cfg = ExperimentConfig(
+        model=ModelConfig(
+            backbone="demo-vit-tiny", text_dim=D, lora=LoraConfig(r=2, alpha=4, targets=["Linear", "Conv2d"])
+        )
+    )
     cfg.methods = {name: TrainConfig(**kw) for name, kw in methods.items()}
     return cfg
 
@@ -63,16 +67,24 @@ def test_fusion_baselines_use_text_at_test_time():
             model(images)
 
 
-@pytest.mark.parametrize("method,finetune,warm,expected", [
-    ("unimodal", "auto", False, {"head"}),  # the linear probe
-    ("unimodal", "lora", False, {"head", "backbone:lora"}),  # LoRA vision-only baseline (fresh head trained in full)
-    ("clipit", "auto", True, {"proj", "text_head", "fuse", "backbone:lora", "head:lora"}),
-    ("clipit", "frozen", True, {"proj", "text_head", "fuse"}),  # "no LoRA" ablation
-    ("clipit", "full", True, {"backbone", "head", "proj", "text_head", "fuse"}),  # full fine-tuning ablation
-    ("text", "auto", False, {"text_head"}),
-    ("late_fusion", "auto", True, {"text_head", "fuse", "backbone:lora", "head:lora"}),
-    ("early_fusion", "auto", True, {"classifier", "backbone:lora"}),
-])
+@pytest.mark.parametrize(
+    "method,finetune,warm,expected",
+    [
+        ("unimodal", "auto", False, {"head"}),  # the linear probe
+        (
+            "unimodal",
+            "lora",
+            False,
+            {"head", "backbone:lora"},
+        ),  # LoRA vision-only baseline (fresh head trained in full)
+        ("clipit", "auto", True, {"proj", "text_head", "fuse", "backbone:lora", "head:lora"}),
+        ("clipit", "frozen", True, {"proj", "text_head", "fuse"}),  # "no LoRA" ablation
+        ("clipit", "full", True, {"backbone", "head", "proj", "text_head", "fuse"}),  # full fine-tuning ablation
+        ("text", "auto", False, {"text_head"}),
+        ("late_fusion", "auto", True, {"text_head", "fuse", "backbone:lora", "head:lora"}),
+        ("early_fusion", "auto", True, {"classifier", "backbone:lora"}),
+    ],
+)
 def test_finetune_modes_choose_the_trainable_set(method, finetune, warm, expected):
     cfg = config(m=dict(method=method, finetune=finetune, warm_start="m" if warm else None))
     model, _ = build_model(cfg, cfg.methods["m"], C, D)
@@ -82,7 +94,9 @@ def test_finetune_modes_choose_the_trainable_set(method, finetune, warm, expecte
         got.add(f"{top}:lora" if "lora_" in name else top)
     assert got == expected
     if finetune == "full":
-        assert all(p.requires_grad for p in model.parameters()) and not any("lora_" in n for n, _ in model.named_parameters())
+        assert all(p.requires_grad for p in model.parameters()) and not any(
+            "lora_" in n for n, _ in model.named_parameters()
+        )
 
 
 def test_one_step_moves_only_trainable_parameters():
@@ -104,8 +118,11 @@ def test_one_step_moves_only_trainable_parameters():
 
 
 def test_warm_starts_copy_backbone_head_and_text_branch(tmp_path):
-    cfg = config(unimodal=dict(method="unimodal"), text=dict(method="text"),
-                 late_fusion=dict(method="late_fusion", warm_start="unimodal", text_warm_start="text"))
+    cfg = config(
+        unimodal=dict(method="unimodal"),
+        text=dict(method="text"),
+        late_fusion=dict(method="late_fusion", warm_start="unimodal", text_warm_start="text"),
+    )
     runs = tmp_path / "runs"
     uni, _ = build_model(cfg, cfg.methods["unimodal"], C, D)
     save_model(runs / "unimodal" / "seed-0" / "best", uni, {"method": "unimodal"}, full=True)
@@ -114,7 +131,9 @@ def test_warm_starts_copy_backbone_head_and_text_branch(tmp_path):
     late, _ = build_model(cfg, cfg.methods["late_fusion"], C, D, warm_start=runs / "unimodal" / "seed-0" / "best")
     torch.testing.assert_close(late.head.base_layer.weight, uni.head.weight)
     torch.testing.assert_close(late.text_head[0].weight, text.text_head[0].weight)
-    torch.testing.assert_close(late.backbone.blocks[0].attn.qkv.base_layer.weight, uni.backbone.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(
+        late.backbone.blocks[0].attn.qkv.base_layer.weight, uni.backbone.blocks[0].attn.qkv.weight
+    )
     (runs / "text" / "seed-0" / "best.json").unlink()
     with pytest.raises(ValueError, match="text warm start is missing; train text first"):
         build_model(cfg, cfg.methods["late_fusion"], C, D, warm_start=runs / "unimodal" / "seed-0" / "best")

@@ -1,5 +1,6 @@
 """GPU speed settings on CPU: gradient checkpointing changes no loss or gradient, unsupported models are one
 ConfigError line, fused Adam is chosen only for CUDA parameters, and model.compile trains the tiny demo."""
+
 import json
 import types
 
@@ -101,9 +102,17 @@ def test_fused_only_for_cuda_parameters():
 @pytest.mark.slow
 def test_compile_trains_the_tiny_demo(tiny_shards, tmp_path):
     """model.compile: true through the real CLI (inductor on CPU), LoRA so backward runs compiled too."""
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, "model.compile=true", "methods.unimodal.finetune=lora",
-                                  "methods.unimodal.feature_cache=false", "methods.unimodal.epochs=1",
-                                  method="unimodal"))
+    proc = run_clipit(
+        *train_args(
+            tmp_path,
+            tiny_shards,
+            "model.compile=true",
+            "methods.unimodal.finetune=lora",
+            "methods.unimodal.feature_cache=false",
+            "methods.unimodal.epochs=1",
+            method="unimodal",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "unimodal" / "seed-0" / "train_summary.json").read_text())
     assert summary["steps"] >= 1

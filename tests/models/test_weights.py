@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from clipit.models.backbones import BACKBONES, build_backbone
-from clipit.weights import (RANDOM, WeightsError, read_weights_file, resolve, resolve_pairing_checkpoint)
+from clipit.weights import RANDOM, WeightsError, read_weights_file, resolve, resolve_pairing_checkpoint
 from clipit_testing import ROOT
 
 HUB = "hf-hub:MahmoodLab/uni"
@@ -44,15 +44,19 @@ def test_order_explicit_then_file_then_hub_then_random(files, monkeypatch):
 
 def test_errors_name_what_to_edit(files, monkeypatch):
     tmp, wf = files
-    with pytest.raises(WeightsError, match="missing.pt: checkpoint for 'gone' not found; fix its line in the weights file"):
+    with pytest.raises(
+        WeightsError, match="missing.pt: checkpoint for 'gone' not found; fix its line in the weights file"
+    ):
         resolve("gone", None, wf, None)
     with pytest.raises(WeightsError, match="absent.pt: checkpoint for 'uni' not found; fix model.weights"):
         resolve("uni", tmp / "absent.pt", wf, HUB)
     with pytest.raises(WeightsError, match="weights file not found.*model.weights_file.*weights.example.yaml"):
         resolve("uni", None, tmp / "nope.yaml", HUB)
     monkeypatch.setenv("CLIPIT_OFFLINE", "1")
-    with pytest.raises(WeightsError, match=f"no weights for 'kaiko-vitb8'.*add `kaiko-vitb8: /path/to/checkpoint` "
-                                           f"to the weights file {wf}"):
+    with pytest.raises(
+        WeightsError,
+        match=f"no weights for 'kaiko-vitb8'.*add `kaiko-vitb8: /path/to/checkpoint` to the weights file {wf}",
+    ):
         resolve("kaiko-vitb8", None, wf, "torch.hub:x/y:vitb8")
     with pytest.raises(WeightsError, match="hub download is off"):
         resolve("hubbed", None, wf, None)

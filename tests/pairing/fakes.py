@@ -1,5 +1,6 @@
 """Small real inputs for pairing and shard tests: an image folder, a report corpus, a tiny CLIP-like
 model behind the PairingModel interface, and a config that points at them (no open_clip import)."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,13 @@ def write_config(base: Path, images: Path, reports: Path, **sections) -> Path:
         "output_dir": str(base / "run"),
         "data": {"name": "folder", "root": str(images)},
         "reports": {"path": str(reports)},
-        "pairing": {"model": "conch", "checkpoint": str(base / "never-loaded.bin"), "top_k": 3,
-                    "batch_size": 8, "device": "cpu"},
+        "pairing": {
+            "model": "conch",
+            "checkpoint": str(base / "never-loaded.bin"),
+            "top_k": 3,
+            "batch_size": 8,
+            "device": "cpu",
+        },
         "shards": {"samples_per_shard": 4},
         "model": {"text_dim": 16},
     }
@@ -105,5 +111,12 @@ def pair_with_tiny_model(config_path: Path, dim: int = 16) -> dict:
     cfg = load_config(config_path)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
     texts = pairing_texts(cfg, dataset, reports)
-    return pair_dataset(tiny_model(dim), dataset, texts, Path(cfg.pairing.dir), top_k=cfg.pairing.top_k,
-                        batch_size=cfg.pairing.batch_size, spec=pairing_spec(cfg))
+    return pair_dataset(
+        tiny_model(dim),
+        dataset,
+        texts,
+        Path(cfg.pairing.dir),
+        top_k=cfg.pairing.top_k,
+        batch_size=cfg.pairing.batch_size,
+        spec=pairing_spec(cfg),
+    )

@@ -2,6 +2,7 @@
 
 Fast tests use the real CoCa class with a shrunk config (same structure, tiny widths) and random weights
 saved here; the full conch_ViT-B-16 round trip (395M parameters, ~30 s) is marked slow."""
+
 import sys
 import warnings
 
@@ -14,9 +15,10 @@ with warnings.catch_warnings():  # conch imports timm.models.layers (deprecated 
     warnings.simplefilter("ignore", FutureWarning)
     pytest.importorskip("conch.open_clip_custom")
 
-from clipit.pairing import encoders as models  # noqa: E402
-from clipit.pairing.encoders import PairingModelError, build_pairing_model, load_conch  # noqa: E402
-from pairing.fakes import shrunk_conch_config as shrunk_config  # noqa: E402
+from pairing.fakes import shrunk_conch_config as shrunk_config
+
+from clipit.pairing import encoders as models
+from clipit.pairing.encoders import PairingModelError, build_pairing_model, load_conch
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +46,17 @@ def test_tokenizer_pads_to_127_then_appends_one_pad():
     assert (ids[:, 0] == tok.bos_token_id).all() and (ids[:, 127] == tok.pad_token_id).all()
     assert ids[1, 126] == tok.eos_token_id  # truncated, but still ends with <end_of_text>
     short = tok("an H&E image of tumor.")["input_ids"]
-    assert ids[0, : len(short)].tolist() == short and (ids[0, len(short):] == tok.pad_token_id).all()
+    assert ids[0, : len(short)].tolist() == short and (ids[0, len(short) :] == tok.pad_token_id).all()
 
 
 def test_preprocess_is_448_bicubic_centre_crop_with_openai_stats():
     pre = models.conch_preprocess()
     x = pre(Image.new("RGB", (96, 120), (255, 0, 128)))
     assert x.shape == (3, 448, 448)
-    mean, std = np.array(models._import_conch().OPENAI_DATASET_MEAN), np.array(models._import_conch().OPENAI_DATASET_STD)
+    mean, std = (
+        np.array(models._import_conch().OPENAI_DATASET_MEAN),
+        np.array(models._import_conch().OPENAI_DATASET_STD),
+    )
     expected = (np.array([255, 0, 128]) / 255 - mean) / std
     np.testing.assert_allclose(x.mean(dim=(1, 2)).numpy(), expected, atol=1e-2)
 
@@ -82,11 +87,14 @@ def test_folder_and_safetensors_checkpoints(saved, tmp_path):
     load_conch(st, model_cfg=cfg)
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("drop", "1 missing (e.g. logit_scale)"),
-    ("extra", "1 unexpected (e.g. visual.extra.weight)"),
-    ("shape", "of another shape (e.g. logit_scale (2,) vs ())"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("drop", "1 missing (e.g. logit_scale)"),
+        ("extra", "1 unexpected (e.g. visual.extra.weight)"),
+        ("shape", "of another shape (e.g. logit_scale (2,) vs ())"),
+    ],
+)
 def test_strict_load_names_the_file_and_what_does_not_fit(saved, tmp_path, damage, words):
     cfg, _, path = saved
     state = torch.load(path, weights_only=True)
@@ -122,7 +130,9 @@ def test_unreadable_and_missing_weights(tmp_path):
 def test_hub_id_downloads_pytorch_model_bin(saved, monkeypatch):
     cfg, _, path = saved
     calls = []
-    monkeypatch.setattr(models, "_hub_download", lambda repo, filename=None: calls.append((repo, filename)) or str(path))
+    monkeypatch.setattr(
+        models, "_hub_download", lambda repo, filename=None: calls.append((repo, filename)) or str(path)
+    )
     pm = load_conch("hf_hub:MahmoodLab/conch", model_cfg=cfg)
     assert calls == [("MahmoodLab/conch", "pytorch_model.bin")]
     assert pm.identity["checkpoint"] == "hf_hub:MahmoodLab/conch"

@@ -1,4 +1,5 @@
 """The text-embedding cache: round trip, staleness by model and corpus, refused inputs."""
+
 import json
 
 import numpy as np

@@ -1,18 +1,19 @@
 """The pairing engine on real files: batched encoding, pairs meta and reruns, variants, bad images."""
+
 import json
 
 import numpy as np
 import pytest
+from pairing.fakes import make_images, make_reports, tiny_model
 
+from clipit.corpus import CorpusError, load_reports
 from clipit.data.base import DatasetError
 from clipit.data.folder import ImageFolderDataset
 from clipit.pairing.engine import embed_images, load_pairs, pair_dataset, read_pairs_meta
 from clipit.pairing.search import topk_cosine
 from clipit.pairing.texts import CONCH_TEMPLATES, class_names_for, class_prompt_texts
-from clipit.corpus import CorpusError, load_reports
 from clipit.shards.manifest import ShardError
 from clipit.shards.writer import select_texts
-from pairing.fakes import make_images, make_reports, tiny_model
 
 
 @pytest.fixture()
@@ -34,7 +35,9 @@ def test_pairs_match_a_direct_search_and_carry_meta(inputs, tmp_path):
         idx, val = topk_cosine(images, text, k=3)
         np.testing.assert_array_equal(pairs["indices"], idx)
         np.testing.assert_allclose(pairs["scores"], val, atol=1e-6)
-        assert pairs["keys"].tolist() == dataset.keys(split) and pairs["labels"].tolist() == dataset.labels(split).tolist()
+        assert (
+            pairs["keys"].tolist() == dataset.keys(split) and pairs["labels"].tolist() == dataset.labels(split).tolist()
+        )
         meta = read_pairs_meta(path)
         assert meta["top_k"] == 3 and meta["spec"] == {"x": 1} and meta["model"] == model.identity
 

@@ -1,4 +1,5 @@
 """Any open_clip model as the pairing model: a local weights file, a hub weights ID, strict loading."""
+
 import pytest
 import torch
 from PIL import Image

@@ -1,4 +1,5 @@
 """The pairing model's text tower as a trainable module, and word drop (mask / remove)."""
+
 import warnings
 
 import pytest
@@ -11,11 +12,9 @@ from clipit.models.backbones import create_backbone, get_spec  # noqa: E402
 from clipit.models.clipit import ClipItModel, prepare_finetune  # noqa: E402
 from clipit.pairing import encoders as models  # noqa: E402
 from clipit.pairing.demo_clip import register_demo_clip  # noqa: E402
-from clipit.pairing.text_tower import (  # noqa: E402
-    UNUSED_BY_TEXT, choose_dropped, corrupt, droppable, remove_tokens, text_tower_from)
+from clipit.pairing.text_tower import UNUSED_BY_TEXT, choose_dropped, corrupt, droppable, remove_tokens, text_tower_from  # noqa: E402
 
-TEXTS = ["Invasive ductal carcinoma, grade 2, with desmoplastic stroma and no necrosis.",
-         "Benign colonic mucosa.", ""]
+TEXTS = ["Invasive ductal carcinoma, grade 2, with desmoplastic stroma and no necrosis.", "Benign colonic mucosa.", ""]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +70,9 @@ def test_word_drop_picks_round_k_percent_of_interior_tokens(demo_pairing):
         dropped = choose_dropped(tokens, fraction, tower.start_id, tower.end_id, torch.Generator().manual_seed(0))
         assert not (dropped & ~allowed).any()
         assert dropped.sum(1).tolist() == torch.round(allowed.sum(1) * fraction).long().tolist()
-    a, b, c = (choose_dropped(tokens, 0.3, tower.start_id, tower.end_id, torch.Generator().manual_seed(s))
-               for s in (1, 1, 2))
+    a, b, c = (
+        choose_dropped(tokens, 0.3, tower.start_id, tower.end_id, torch.Generator().manual_seed(s)) for s in (1, 1, 2)
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)  # the run's generator decides (resumable)
 
 
@@ -84,7 +84,7 @@ def test_remove_deletes_tokens_and_keeps_order_end_and_padding(demo_pairing):
     for row, (orig, drop) in enumerate(zip(tokens, dropped)):
         kept = orig[~drop]
         assert out[row, : len(kept)].tolist() == kept.tolist()
-        assert (out[row, len(kept):] == tower.pad_id).all()
+        assert (out[row, len(kept) :] == tower.pad_id).all()
         assert (out[row] == tower.end_id).sum() == 1
 
 
@@ -115,8 +115,9 @@ def test_every_trainable_parameter_gets_a_gradient(which, finetune, request):
     torch.manual_seed(0)
     model = ClipItModel(create_backbone(get_spec("demo-vit-tiny")), num_classes=4, text_dim=pairing.embed_dim)
     model.text_tower = text_tower_from(pairing)
-    prepare_finetune(model, finetune, LoraConfig(r=4, alpha=4, targets=["Linear", "Conv2d", "Embedding"]),
-                     warm_head=True)
+    prepare_finetune(
+        model, finetune, LoraConfig(r=4, alpha=4, targets=["Linear", "Conv2d", "Embedding"]), warm_head=True
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     tower_trainable = {n for n in trainable if n.startswith("text_tower.")}
     assert tower_trainable and (finetune == "full" or all("lora_" in n for n in tower_trainable))

@@ -1,4 +1,5 @@
 """`clipit report` (clipit/results/report.py, clipit/results/plots.py) on synthetic run directories laid out like a grid."""
+
 import csv
 import json
 import os
@@ -17,13 +18,29 @@ from clipit.results.tables import omega
 from clipit_testing import ROOT
 
 BACKBONES = ["uni", "kaiko-vits16", "kaiko-vits8", "kaiko-vitb16", "kaiko-vitb8", "kaiko-vitl14"]
-PARAMS = {"uni": 303e6, "kaiko-vits16": 21.7e6, "kaiko-vits8": 21.7e6, "kaiko-vitb16": 85.8e6,
-          "kaiko-vitb8": 85.8e6, "kaiko-vitl14": 304e6}
+PARAMS = {
+    "uni": 303e6,
+    "kaiko-vits16": 21.7e6,
+    "kaiko-vits8": 21.7e6,
+    "kaiko-vitb16": 85.8e6,
+    "kaiko-vitb8": 85.8e6,
+    "kaiko-vitl14": 304e6,
+}
 N_TEST = 200
 
 
-def make_run(root: Path, backbone: str, dataset: str, method: str, kind: str, seed: int, acc: float,
-             variant: str | None = None, correct: np.ndarray | None = None, tb: bool = False) -> Path:
+def make_run(
+    root: Path,
+    backbone: str,
+    dataset: str,
+    method: str,
+    kind: str,
+    seed: int,
+    acc: float,
+    variant: str | None = None,
+    correct: np.ndarray | None = None,
+    tb: bool = False,
+) -> Path:
     """A finished run: config.yaml, metrics.json, predictions-test.npz (+ state.json for grid cells)."""
     out = root / dataset / (backbone if variant is None else f"{backbone}-ablations/{variant}")
     run = out / "runs" / method / f"seed-{seed}"
@@ -31,8 +48,16 @@ def make_run(root: Path, backbone: str, dataset: str, method: str, kind: str, se
     cfg = {"model": {"backbone": backbone}, "data": {"name": dataset}, "methods": {method: {"method": kind}}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     extra = 0.02 * PARAMS[backbone] if kind == "clipit" else 0
-    (run / "metrics.json").write_text(json.dumps({"method": method, "balanced_accuracy": acc, "accuracy": acc,
-                                                  "parameters": {"total": PARAMS[backbone] + extra}}))
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "method": method,
+                "balanced_accuracy": acc,
+                "accuracy": acc,
+                "parameters": {"total": PARAMS[backbone] + extra},
+            }
+        )
+    )
     labels = np.arange(N_TEST) % 2
     if correct is None:
         correct = np.random.default_rng(zlib.crc32(f"{backbone}/{dataset}/{kind}/{seed}".encode())).random(N_TEST) < acc
@@ -43,8 +68,9 @@ def make_run(root: Path, backbone: str, dataset: str, method: str, kind: str, se
     np.savez(run / "predictions-test.npz", keys=keys[order], labels=labels[order], logits=logits[order])
     if variant is not None or kind == "text":
         axes = {"backbone": backbone, "dataset": dataset} | ({"ablation": variant} if variant else {})
-        (run / "state.json").write_text(json.dumps({"state": "done", "cell": {"axes": axes, "method": method,
-                                                                              "seed": seed, "kind": kind}}))
+        (run / "state.json").write_text(
+            json.dumps({"state": "done", "cell": {"axes": axes, "method": method, "seed": seed, "kind": kind}})
+        )
     if tb:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -75,8 +101,9 @@ def paper_runs(tmp_path_factory):
             os.symlink(root / "pcam" / "uni" / "runs" / "unimodal" / f"seed-{seed}", link / f"seed-{seed}")
     failed = root / "crc" / "uni-ablations" / "late" / "runs" / "clipit" / "seed-0"
     failed.mkdir(parents=True)
-    (failed / "state.json").write_text(json.dumps({"state": "failed", "job_id": "7_1",
-                                                   "error": "Traceback\nRuntimeError: CUDA out of memory"}))
+    (failed / "state.json").write_text(
+        json.dumps({"state": "failed", "job_id": "7_1", "error": "Traceback\nRuntimeError: CUDA out of memory"})
+    )
     return root, build_report(root)
 
 
@@ -100,8 +127,14 @@ def test_table1_mean_std_delta(paper_runs):
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     header = lines[0]
     assert header.startswith("| Vision backbone | PCAM Unimodal | PCAM CLIP-IT | PCAM Δ | BACH Unimodal")
-    assert [line.split(" | ")[0] for line in lines[1:7]] == ["| UNI", "| DINO (ViT-L/14)", "| VITB-16", "| VITS-16",
-                                                             "| VITB-8", "| VITS-8"]
+    assert [line.split(" | ")[0] for line in lines[1:7]] == [
+        "| UNI",
+        "| DINO (ViT-L/14)",
+        "| VITB-16",
+        "| VITS-16",
+        "| VITB-8",
+        "| VITS-8",
+    ]
     with open(root / "report" / "table1.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 18 + 3  # + the mean-gain row per dataset
@@ -114,7 +147,9 @@ def test_table1_mean_std_delta(paper_runs):
 
 def test_ablation_table(paper_runs):
     _, result = paper_runs
-    rows = {(r["variant"], r["kind"]): r for r in result["ablations"] if r["backbone"] == "uni" and r["dataset"] == "pcam"}
+    rows = {
+        (r["variant"], r["kind"]): r for r in result["ablations"] if r["backbone"] == "uni" and r["dataset"] == "pcam"
+    }
     assert rows[("no-lora", "clipit")]["mean"] == pytest.approx(0.9396)
     assert rows[("no-lora", "clipit")]["delta_clipit"] == pytest.approx(0.9396 - 0.904)
     assert ("", "unimodal") in rows and ("", "clipit") in rows and ("", "text") not in rows
@@ -153,8 +188,16 @@ def test_omega_table_from_predictions(paper_runs):
 def test_files_and_status(paper_runs):
     root, result = paper_runs
     out = root / "report"
-    for name in ("report.md", "table1.csv", "ablations.csv", "omega.csv", "runs.csv", "pareto.png", "omega.png",
-                 "curves-pcam.png"):
+    for name in (
+        "report.md",
+        "table1.csv",
+        "ablations.csv",
+        "omega.csv",
+        "runs.csv",
+        "pareto.png",
+        "omega.png",
+        "curves-pcam.png",
+    ):
         assert (out / name).stat().st_size > 100, name
     md = (out / "report.md").read_text()
     assert "1 failed" in md and "CUDA out of memory" in md and "![pareto](pareto.png)" in md
@@ -162,11 +205,21 @@ def test_files_and_status(paper_runs):
 
 def test_cli_report(paper_runs, tmp_path):
     root, _ = paper_runs
-    proc = subprocess.run([sys.executable, "-m", "clipit", "report", str(root), "--out", str(tmp_path / "r"),
-                           "--no-plots"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipit", "report", str(root), "--out", str(tmp_path / "r"), "--no-plots"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "## Table 1" in proc.stdout and (tmp_path / "r" / "table1.csv").exists()
     assert not (tmp_path / "r" / "pareto.png").exists()
-    proc = subprocess.run([sys.executable, "-m", "clipit", "report", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipit", "report", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "no such directory" in proc.stderr

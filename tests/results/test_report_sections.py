@@ -1,5 +1,6 @@
 """`clipit report`'s paper-fidelity sections: multimodal points, Δ against the run a row varies, the LoRA
 search chosen on validation, readable labels, header-only CSVs and units (clipit/results/tables.py)."""
+
 import csv
 import json
 from pathlib import Path
@@ -10,18 +11,49 @@ import yaml
 from clipit.results.report import build_report
 
 
-def run(root: Path, out: str, method: str, kind: str, seed: int, test: float, axes: dict, params: float,
-        extra: float = 0.0, val: float | None = None, labels: dict | None = None, compare: dict | None = None) -> Path:
+def run(
+    root: Path,
+    out: str,
+    method: str,
+    kind: str,
+    seed: int,
+    test: float,
+    axes: dict,
+    params: float,
+    extra: float = 0.0,
+    val: float | None = None,
+    labels: dict | None = None,
+    compare: dict | None = None,
+) -> Path:
     d = root / out / "runs" / method / f"seed-{seed}"
     d.mkdir(parents=True)
-    (d / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": axes["backbone"]},
-                                                   "data": {"name": axes["dataset"]},
-                                                   "methods": {method: {"method": kind}}}))
-    (d / "metrics.json").write_text(json.dumps({"method": method, "balanced_accuracy": test, "accuracy": test,
-                                                "parameters": {"total": params, "inference": params,
-                                                               "extra_inference": extra}}))
-    cell = {"axes": axes, "method": method, "seed": seed, "kind": kind, "axis_labels": labels or {},
-            "compare_to": compare or {}}
+    (d / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"backbone": axes["backbone"]},
+                "data": {"name": axes["dataset"]},
+                "methods": {method: {"method": kind}},
+            }
+        )
+    )
+    (d / "metrics.json").write_text(
+        json.dumps(
+            {
+                "method": method,
+                "balanced_accuracy": test,
+                "accuracy": test,
+                "parameters": {"total": params, "inference": params, "extra_inference": extra},
+            }
+        )
+    )
+    cell = {
+        "axes": axes,
+        "method": method,
+        "seed": seed,
+        "kind": kind,
+        "axis_labels": labels or {},
+        "compare_to": compare or {},
+    }
     (d / "state.json").write_text(json.dumps({"state": "done", "cell": cell}))
     if val is not None:
         (d / "train_summary.json").write_text(json.dumps({"best_val": {"balanced_accuracy": val, "loss": 0.3}}))
@@ -38,16 +70,55 @@ def report(tmp_path_factory):
         run(root, "pcam/uni", "text", "text", seed, 0.70, main, 0.5e6, extra=90e6)
         run(root, "pcam/uni", "late_fusion", "late_fusion", seed, 0.93, main, 300.5e6, extra=90e6)
         # ablations: word-drop-30-remove varies word-drop-30, not the full run
-        run(root, "pcam/abl/wd30", "clipit", "clipit", seed, 0.95, main | {"ablation": "word-drop-30"}, 300e6,
-            labels={"ablation": "word drop 30% (masked)"})
-        run(root, "pcam/abl/wd30r", "clipit", "clipit", seed, 0.94, main | {"ablation": "word-drop-30-remove"}, 300e6,
-            labels={"ablation": "word drop 30% (removed)"}, compare={"ablation": "word-drop-30"})
+        run(
+            root,
+            "pcam/abl/wd30",
+            "clipit",
+            "clipit",
+            seed,
+            0.95,
+            main | {"ablation": "word-drop-30"},
+            300e6,
+            labels={"ablation": "word drop 30% (masked)"},
+        )
+        run(
+            root,
+            "pcam/abl/wd30r",
+            "clipit",
+            "clipit",
+            seed,
+            0.94,
+            main | {"ablation": "word-drop-30-remove"},
+            300e6,
+            labels={"ablation": "word drop 30% (removed)"},
+            compare={"ablation": "word-drop-30"},
+        )
         run(root, "pcam/abl/rank2", "clipit", "clipit", seed, 0.91, main | {"ablation": "report-rank-2"}, 300e6)
         # LoRA search: r8 has the best validation score but not the best test score
-        run(root, "pcam/lora/r8", "clipit", "clipit", seed, 0.915, main | {"lora": "r8-a8"}, 300e6, val=0.95,
-            labels={"lora": "r 8, alpha 8"})
-        run(root, "pcam/lora/r32", "clipit", "clipit", seed, 0.96, main | {"lora": "r32-a8"}, 300e6, val=0.90,
-            labels={"lora": "r 32, alpha 8"})
+        run(
+            root,
+            "pcam/lora/r8",
+            "clipit",
+            "clipit",
+            seed,
+            0.915,
+            main | {"lora": "r8-a8"},
+            300e6,
+            val=0.95,
+            labels={"lora": "r 8, alpha 8"},
+        )
+        run(
+            root,
+            "pcam/lora/r32",
+            "clipit",
+            "clipit",
+            seed,
+            0.96,
+            main | {"lora": "r32-a8"},
+            300e6,
+            val=0.90,
+            labels={"lora": "r 32, alpha 8"},
+        )
     return root, build_report(root, plots=True)
 
 
@@ -87,8 +158,12 @@ def test_empty_tables_are_header_only_files(report, tmp_path):
     only_vision = tmp_path / "v"
     run(only_vision, "pcam/uni", "unimodal", "unimodal", 0, 0.9, {"backbone": "uni", "dataset": "pcam"}, 1e6)
     build_report(only_vision, plots=False)
-    for name, first in (("omega.csv", "backbone"), ("ablations.csv", "backbone"), ("multimodal.csv", "dataset"),
-                        ("lora_search.csv", "backbone")):
+    for name, first in (
+        ("omega.csv", "backbone"),
+        ("ablations.csv", "backbone"),
+        ("multimodal.csv", "dataset"),
+        ("lora_search.csv", "backbone"),
+    ):
         lines = (only_vision / "report" / name).read_text().splitlines()
         assert len(lines) == 1 and lines[0].startswith(first + ","), (name, lines)
         assert "empty" not in lines[0]

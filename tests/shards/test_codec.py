@@ -1,5 +1,6 @@
 """Image codecs of a shard set (clipit/shards/codec.py): png and raw give the same pixels through the
 loader, auto picks raw for one-size datasets, the manifest records the codec, old png sets still read."""
+
 import json
 
 import numpy as np
@@ -72,8 +73,11 @@ def test_auto_is_raw_for_one_size_datasets_and_keeps_an_existing_codec(tmp_path)
 
 def test_raw_refuses_a_second_size(tmp_path):
     dataset = make_dataset(tmp_path / "images", sizes=(16, 20))
-    with pytest.raises(ShardError, match=r"image train/b/1: is 20x22x3 but this raw set stores 16x18x3 images; "
-                                         r"set shards.codec: png"):
+    with pytest.raises(
+        ShardError,
+        match=r"image train/b/1: is 20x22x3 but this raw set stores 16x18x3 images; "
+        r"set shards.codec: png",
+    ):
         build(dataset, tmp_path / "raw", resolve_image("raw", dataset))
 
 

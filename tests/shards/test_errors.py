@@ -1,19 +1,20 @@
 """Bad inputs to pairing and shard building: one line naming the file and the fix, exit 2, no partial shard."""
+
 import json
 
 import h5py
 import numpy as np
 import pytest
+from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_model, write_config
 
 import clipit.pairing.encoders
 from clipit.cli import main
 from clipit.data.base import DatasetError
 from clipit.data.pcam import PCamDataset, pcam_file
-from clipit.pairing.engine import embed_images, load_pairs
 from clipit.locks import LOCK_FILE
+from clipit.pairing.engine import embed_images, load_pairs
 from clipit.shards.manifest import LOCKS
 from clipit.shards.writer import write_split_shards
-from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_model, write_config
 
 
 def run(capsys, *argv) -> tuple[int, str]:
@@ -33,8 +34,11 @@ def setup(tmp_path):
 
 def no_partial_shards(shard_dir):
     """No temporary file and no manifest (the writers' lock files are not output: clipit.locks keeps them)."""
-    return not [p for p in shard_dir.rglob("*") if (p.name.startswith(".") and not is_lock(shard_dir, p))
-                or p.name == "manifest.json"]
+    return not [
+        p
+        for p in shard_dir.rglob("*")
+        if (p.name.startswith(".") and not is_lock(shard_dir, p)) or p.name == "manifest.json"
+    ]
 
 
 def is_lock(shard_dir, path):
@@ -75,8 +79,10 @@ def test_text_dim_differs_from_the_config(setup, capsys):
     pair_with_tiny_model(config)
     code, line = run(capsys, "shard", "build", "--config", str(config), "--set", "model.text_dim=512")
     emb = base / "run" / "pairing" / "text-embeddings" / "embeddings.npy"
-    assert code == 2 and line == (f"clipit: error: {emb}: text embeddings are 16-d but model.text_dim is 512; "
-                                  "set model.text_dim: 16 in the config (or pair with a 512-d model)")
+    assert code == 2 and line == (
+        f"clipit: error: {emb}: text embeddings are 16-d but model.text_dim is 512; "
+        "set model.text_dim: 16 in the config (or pair with a 512-d model)"
+    )
     assert not (base / "run" / "shards").exists()
 
 
@@ -94,8 +100,21 @@ def test_pairs_that_point_past_the_embeddings(setup, capsys):
 def test_texts_changed_after_pairing(setup, capsys):
     base, _, config = setup
     pair_with_tiny_model(config)
-    code, line = run(capsys, "shard", "build", "--config", str(config), "--set", "shards.dir=" + str(base / "s"),
-                     "--set", "pairing.texts=class_prompts", "--part", "0", "--num-parts", "1")
+    code, line = run(
+        capsys,
+        "shard",
+        "build",
+        "--config",
+        str(config),
+        "--set",
+        "shards.dir=" + str(base / "s"),
+        "--set",
+        "pairing.texts=class_prompts",
+        "--part",
+        "0",
+        "--num-parts",
+        "1",
+    )
     assert code == 2 and "pairs for this config are missing or were made with other settings" in line
 
 
@@ -108,8 +127,12 @@ def write_pcam(root, n=8, corrupt_split=None):
     root.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
         with h5py.File(pcam_file(root, split, "x"), "w") as f:
-            f.create_dataset("x", data=rng.integers(0, 255, (n, 96, 96, 3), dtype=np.uint8), chunks=(1, 96, 96, 3),
-                             compression="gzip")
+            f.create_dataset(
+                "x",
+                data=rng.integers(0, 255, (n, 96, 96, 3), dtype=np.uint8),
+                chunks=(1, 96, 96, 3),
+                compression="gzip",
+            )
             offset = f["x"].id.get_chunk_info(n - 1).byte_offset
         with h5py.File(pcam_file(root, split, "y"), "w") as f:
             f.create_dataset("y", data=(np.arange(n) % 2).astype(np.uint8).reshape(n, 1, 1, 1))
@@ -125,7 +148,9 @@ def test_unreadable_h5_file(tmp_path):
     pcam_file(root, "val", "x").write_bytes(b"not hdf5 at all")
     with pytest.raises(DatasetError) as err:
         PCamDataset(root, expected_sizes=None)
-    assert str(err.value).startswith(f"{pcam_file(root, 'val', 'x')}: not a readable HDF5 file") and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{pcam_file(root, 'val', 'x')}: not a readable HDF5 file") and "\n" not in str(
+        err.value
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -151,6 +176,7 @@ def test_shards_of_another_embedding_model_are_not_mixed(setup, capsys):
     pair_with_tiny_model(config, dim=8)  # pairing redone with an 8-d model: the cache and pairs change
     code, line = run(capsys, "shard", "build", "--config", str(config), "--set", "model.text_dim=8")
     plan = base / "run" / "shards" / "build.json"
-    assert code == 2 and line.startswith(f"clipit: error: {plan}: the shards in {plan.parent} were built with another "
-                                          "embedding")
+    assert code == 2 and line.startswith(
+        f"clipit: error: {plan}: the shards in {plan.parent} were built with another embedding"
+    )
     assert "delete" in line and not (plan.parent / "manifest.json").exists()

@@ -9,9 +9,8 @@ from PIL import Image
 
 from clipit.data.folder import ImageFolderDataset
 from clipit.locks import LOCK_FILE
-from clipit.shards.manifest import LOCKS
 from clipit.shards.codec import decode_embedding
-from clipit.shards.manifest import ShardError, load_manifest, split_urls
+from clipit.shards.manifest import LOCKS, ShardError, load_manifest, split_urls
 from clipit.shards.reader import iter_samples
 from clipit.shards.validate import validate_shards
 from clipit.shards.writer import write_manifest, write_split_shards

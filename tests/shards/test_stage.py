@@ -1,4 +1,5 @@
 """Shard builds on compute nodes: byte-identical output, parts of an array, and a SIGKILL mid-build."""
+
 import hashlib
 import json
 import os
@@ -10,18 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from pairing.fakes import make_images, make_reports, pair_with_tiny_model, write_config
 
 from clipit.cli import main
 from clipit.config import load_config
-from clipit.pipeline import build_image_dataset
 from clipit.locks import LOCK_FILE
-from clipit.shards.manifest import LOCKS
-from clipit.shards.manifest import MANIFEST, PLAN, ShardError
+from clipit.pipeline import build_image_dataset
+from clipit.shards.manifest import LOCKS, MANIFEST, PLAN, ShardError
 from clipit.shards.validate import validate_shards
 from clipit.shards.writer import part_units, shard_units
-from pairing.fakes import make_images, make_reports, pair_with_tiny_model, write_config
 from clipit_testing import ROOT
-
 
 
 def digests(shard_dir: Path) -> dict[str, str]:
@@ -49,9 +48,15 @@ def test_rebuild_is_byte_identical_with_fixed_tar_headers(setup, monkeypatch):
     assert digests(base / "a") == digests(base / "b") and len(digests(base / "a")) == 6 + 2 + 3 + 1
     with tarfile.open(base / "a" / "train" / "train-000000.tar") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members[:4]] == ["train_00000000.cls", "train_00000000.emb.npy", "train_00000000.json",
-                                             "train_00000000.png"]
-    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "clipit", "clipit", 0o444)}
+    assert [m.name for m in members[:4]] == [
+        "train_00000000.cls",
+        "train_00000000.emb.npy",
+        "train_00000000.json",
+        "train_00000000.png",
+    ]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
+        (0, 0, 0, "clipit", "clipit", 0o444)
+    }
     assert validate_shards(base / "a") == {"train": 21, "val": 6, "test": 9}
 
 
@@ -80,8 +85,25 @@ def test_finalize_refuses_missing_shards_and_settings_cannot_change_midway(setup
     assert shard(config, out, "--finalize") == 2
     err = capsys.readouterr().err
     assert "shard(s) missing" in err and "--finalize" in err
-    assert main(["shard", "build", "--config", str(config), "--set", f"shards.dir={out}", "--set",
-                 "shards.samples_per_shard=5", "--part", "1", "--num-parts", "2"]) == 2
+    assert (
+        main(
+            [
+                "shard",
+                "build",
+                "--config",
+                str(config),
+                "--set",
+                f"shards.dir={out}",
+                "--set",
+                "shards.samples_per_shard=5",
+                "--part",
+                "1",
+                "--num-parts",
+                "2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"clipit: error: {out / PLAN}: the shards in {out} were built with another samples_per_shard")
     assert shard(config, out, "--part", "1", "--num-parts", "2") == 0
@@ -104,8 +126,12 @@ def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
     assert shard(config, tmp_path / "reference") == 0
     total = 120
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "shards/build.py", "--config", str(config), "--set", f"shards.dir={killed}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "shards/build.py", "--config", str(config), "--set", f"shards.dir={killed}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list(killed.rglob("*.tar"))) < 5:
@@ -130,15 +156,28 @@ def test_ablation_selections_reach_the_shards(setup, sets, rank):
 
     import numpy as np
 
-    from clipit.pairing.engine import load_pairs
     from clipit.pairing.embedding_cache import load_text_embeddings
+    from clipit.pairing.engine import load_pairs
     from clipit.shards.codec import decode_embedding
     from clipit.shards.manifest import load_manifest, split_urls
     from clipit.shards.reader import iter_samples
 
     base, config = setup
     out = base / "variant"
-    assert main(["shard", "build", "--config", str(config), "--set", f"shards.dir={out}", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert (
+        main(
+            [
+                "shard",
+                "build",
+                "--config",
+                str(config),
+                "--set",
+                f"shards.dir={out}",
+                *[a for s in sets for a in ("--set", s)],
+            ]
+        )
+        == 0
+    )
     manifest = load_manifest(out)
     assert manifest["selection"] == ({"mode": "rank", "rank": 2} if rank else {"mode": "random", "seed": 7})
     pairs = load_pairs(base / "run" / "pairing" / "pairs-train.npz")
@@ -147,10 +186,14 @@ def test_ablation_selections_reach_the_shards(setup, sets, rank):
     for i, sample in enumerate(iter_samples(split_urls(out, "train"))):
         meta = json.loads(sample["json"])
         assert meta["rank"] == rank and meta["report_id"] == ids[meta["report_index"]]
-        np.testing.assert_array_equal(decode_embedding(sample["emb.npy"]), text[meta["report_index"]].astype(np.float16))
+        np.testing.assert_array_equal(
+            decode_embedding(sample["emb.npy"]), text[meta["report_index"]].astype(np.float16)
+        )
         chosen.append(meta["report_index"])
         if rank:
-            assert meta["report_index"] == pairs["indices"][i, 1] and meta["score"] == pytest.approx(pairs["scores"][i, 1])
+            assert meta["report_index"] == pairs["indices"][i, 1] and meta["score"] == pytest.approx(
+                pairs["scores"][i, 1]
+            )
         else:
             assert meta["score"] is None
     if rank is None:  # seeded: a rebuild draws the same texts
@@ -160,8 +203,9 @@ def test_ablation_selections_reach_the_shards(setup, sets, rank):
 
 
 def test_class_prompts_through_the_cli(setup, monkeypatch, capsys):
-    import clipit.pairing.encoders
     from pairing.fakes import tiny_model
+
+    import clipit.pairing.encoders
 
     base, config = setup
     monkeypatch.setattr(clipit.pairing.encoders, "build_pairing_model", lambda *a, **k: tiny_model())

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from clipit_testing import wait_for
 
 submitit = pytest.importorskip("submitit")
@@ -46,9 +47,7 @@ def slurm_cluster() -> None:
     if shutil.which("sinfo") is None:
         pytest.skip("SLURM client tools not installed (run: bash slurm/local-cluster.sh start)")
     try:
-        proc = subprocess.run(
-            ["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60
-        )
+        proc = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:  # pragma: no cover - env dependent
         pytest.skip(f"local-cluster.sh status failed: {exc}")
     if proc.returncode != 0:
@@ -105,11 +104,18 @@ def test_sbatch_array_writes_all_outputs(tmp_path: Path) -> None:
     t0 = time.monotonic()
     out = subprocess.run(
         [
-            "sbatch", "--parsable", "--partition=debug", "--array=0-3",
+            "sbatch",
+            "--parsable",
+            "--partition=debug",
+            "--array=0-3",
             f"--output={tmp_path}/task_%a.out",
-            "--wrap", "echo task=$SLURM_ARRAY_TASK_ID",
+            "--wrap",
+            "echo task=$SLURM_ARRAY_TASK_ID",
         ],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     )
     job_id = out.stdout.strip().split(";")[0]
     assert job_id.isdigit(), out.stdout
@@ -191,7 +197,9 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path: Path) -> None:
     # job.state only refreshes on submitit's back-off schedule; force a sacct call.
     wait_for(
         lambda: job.get_info(mode="force").get("State") == "COMPLETED",
-        20, f"sacct to report job {job.job_id} COMPLETED", 0.5,
+        20,
+        f"sacct to report job {job.job_id} COMPLETED",
+        0.5,
     )
     assert time.monotonic() - t0 < TEST_TIMEOUT_S
 
@@ -205,9 +213,19 @@ def test_two_nodes_each_run_a_task_at_their_own_address() -> None:
         pytest.skip("one-node cluster (bash slurm/local-cluster.sh start --nodes 2 runs this test)")
     first, second = sorted(addrs)[:2]
     out = subprocess.run(
-        ["srun", "--partition=debug", "--nodes=2", "--ntasks-per-node=1", f"--nodelist={first},{second}",
-         "bash", "-c", 'echo "$SLURMD_NODENAME $SLURM_NODEID $(getent ahostsv4 "$SLURMD_NODENAME" | head -n 1)"'],
-        capture_output=True, text=True, timeout=60,
+        [
+            "srun",
+            "--partition=debug",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            f"--nodelist={first},{second}",
+            "bash",
+            "-c",
+            'echo "$SLURMD_NODENAME $SLURM_NODEID $(getent ahostsv4 "$SLURMD_NODENAME" | head -n 1)"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     rows = sorted(line.split()[:3] for line in out.stdout.splitlines())

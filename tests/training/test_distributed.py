@@ -4,6 +4,7 @@ Tolerance: DDP and ZeRO-2 at the same world size see the same data and must agre
 precision. One process vs two differ by design (each rank resamples its own shards), so their
 test balanced accuracy must agree within 5 points on the tiny demo's converged linear probe.
 """
+
 import json
 import re
 import subprocess
@@ -20,9 +21,25 @@ PROBE = ["methods.unimodal.epochs=10"]
 
 
 def torchrun(out, shards, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clipit", *train_args(out, shards, *PROBE, "methods.unimodal.batch_size=32",
-                                       "methods.unimodal.log_every=10", *extra, method="unimodal")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "clipit",
+        *train_args(
+            out,
+            shards,
+            *PROBE,
+            "methods.unimodal.batch_size=32",
+            "methods.unimodal.log_every=10",
+            *extra,
+            method="unimodal",
+        ),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_rank_zero_logs(proc.stdout, out / "runs" / "unimodal" / "seed-0" / "train.log")
@@ -41,8 +58,11 @@ def assert_rank_zero_logs(stdout: str, train_log: Path):
 def load(out: Path):
     run = out / "runs" / "unimodal" / "seed-0"
     with np.load(run / "predictions-test.npz") as pred:
-        return (json.loads((run / "metrics.json").read_text()), json.loads((run / "train_summary.json").read_text()),
-                pred["logits"])
+        return (
+            json.loads((run / "metrics.json").read_text()),
+            json.loads((run / "train_summary.json").read_text()),
+            pred["logits"],
+        )
 
 
 @pytest.mark.slow
@@ -68,13 +88,26 @@ def test_text_tower_is_one_engine_under_ddp_and_zero2(tiny_shards, tmp_path):
     buffer broadcast would wait for rank 1 forever)."""
     shard_dir = next(s.split("=", 1)[1] for s in tiny_shards if s.startswith("shards.dir="))
     assert len(json.loads((Path(shard_dir) / "manifest.json").read_text())["splits"]["val"]["shards"]) == 1
-    tower = ["methods.clipit.warm_start=null", "methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3",
-             "methods.clipit.batch_size=32"]
+    tower = [
+        "methods.clipit.warm_start=null",
+        "methods.clipit.text_encoder=tower",
+        "methods.clipit.word_drop=0.3",
+        "methods.clipit.batch_size=32",
+    ]
     results = {}
     for name, extra in (("ddp", []), ("zero2", ["methods.clipit.distributed=zero2"])):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "clipit", *train_args(out, tiny_shards, *tower, *extra)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clipit",
+            *train_args(out, tiny_shards, *tower, *extra),
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         run = out / "runs" / "clipit" / "seed-0"

@@ -5,6 +5,7 @@ the only difference is float rounding: the cache computes features in eval batch
 the online loop in training batches. Stated tolerance: test balanced accuracy and best step equal, test
 loss within 1e-4 absolute, test logits within 1e-4 absolute, on the tiny demo's probe after 10 epochs.
 """
+
 import json
 import subprocess
 import sys
@@ -36,9 +37,12 @@ def train(out: Path, shards, *extra, seed: int = 0) -> dict:
     run = run_dir(out, seed)
     with np.load(run / "predictions-test.npz") as pred:
         logits = pred["logits"]
-    return {"metrics": json.loads((run / "metrics.json").read_text()),
-            "summary": json.loads((run / "train_summary.json").read_text()),
-            "best": json.loads((run / "best.json").read_text()), "logits": logits}
+    return {
+        "metrics": json.loads((run / "metrics.json").read_text()),
+        "summary": json.loads((run / "train_summary.json").read_text()),
+        "best": json.loads((run / "best.json").read_text()),
+        "logits": logits,
+    }
 
 
 def weights_file(path: Path, seed: int) -> str:
@@ -92,10 +96,17 @@ def test_a_damaged_cache_is_one_line_naming_the_file(own_shards, tmp_path):
     data = bytearray(part.read_bytes())
     data[-5] ^= 0xFF
     part.write_bytes(bytes(data))
-    proc = run_clipit(*train_args(tmp_path / "out", own_shards, *PROBE, f"model.weights={first}",
-                                  method="unimodal", seed=1))
-    assert_refused(proc, run_dir(tmp_path / "out", 1), str(part), "sha256", f"delete {cache}",
-                   absent=["train_summary.json", "best.safetensors"])
+    proc = run_clipit(
+        *train_args(tmp_path / "out", own_shards, *PROBE, f"model.weights={first}", method="unimodal", seed=1)
+    )
+    assert_refused(
+        proc,
+        run_dir(tmp_path / "out", 1),
+        str(part),
+        "sha256",
+        f"delete {cache}",
+        absent=["train_summary.json", "best.safetensors"],
+    )
 
 
 def test_train_order_replays_the_loader(tiny_shards):
@@ -140,14 +151,26 @@ def test_two_ranks_build_one_cache_and_match_online(own_shards, tmp_path):
     results = {}
     for name, extra in (("online", ["methods.unimodal.feature_cache=false"]), ("cached", [])):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipit",
-               *train_args(out, own_shards, *PROBE, "methods.unimodal.batch_size=32", *extra, method="unimodal")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clipit",
+            *train_args(out, own_shards, *PROBE, "methods.unimodal.batch_size=32", *extra, method="unimodal"),
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         run = run_dir(out)
         with np.load(run / "predictions-test.npz") as pred:
-            results[name] = (json.loads((run / "metrics.json").read_text()),
-                             json.loads((run / "train_summary.json").read_text()), pred["logits"])
+            results[name] = (
+                json.loads((run / "metrics.json").read_text()),
+                json.loads((run / "train_summary.json").read_text()),
+                pred["logits"],
+            )
     (online, _, online_logits), (cached, summary, cached_logits) = results["online"], results["cached"]
     assert summary["world_size"] == 2 and "feature_cache" in summary
     assert cached["balanced_accuracy"] == online["balanced_accuracy"]

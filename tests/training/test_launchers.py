@@ -1,5 +1,6 @@
 """`accelerate launch` as users type it: the shipped CPU config starts 2 real processes, and a launch
 that silently falls back to one process is refused with one line."""
+
 import json
 from pathlib import Path
 
@@ -17,8 +18,21 @@ def accelerate(*args, shards, out, timeout=600):
 
     sets = [a for s in [f"output_dir={out}", *shards, *PROBE] for a in ("--set", s)]
     launcher = str(Path(sys.executable).parent / "accelerate")  # the console script users type
-    cmd = [launcher, "launch", *args, "-m", "clipit", "train", "--config", TINY,
-           "--method", "unimodal", "--seed", "0", *sets]
+    cmd = [
+        launcher,
+        "launch",
+        *args,
+        "-m",
+        "clipit",
+        "train",
+        "--config",
+        TINY,
+        "--method",
+        "unimodal",
+        "--seed",
+        "0",
+        *sets,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -71,6 +85,11 @@ def test_zero2_with_several_seeds_in_one_launch_is_refused(tmp_path, tiny_shards
     backward, after the first finished. Refused before any training, naming the fix."""
     sets = [f"output_dir={tmp_path}", *tiny_shards, "methods.unimodal.distributed=zero2", "seeds=[0, 1]"]
     proc = run_clipit("train", "--config", TINY, "--method", "unimodal", *[a for s in sets for a in ("--set", s)])
-    line = assert_refused(proc, tmp_path / "runs" / "unimodal" / "seed-0", "seeds [0, 1] in one launch",
-                          "--seed N", absent=("train_summary.json", "best.safetensors"))
+    line = assert_refused(
+        proc,
+        tmp_path / "runs" / "unimodal" / "seed-0",
+        "seeds [0, 1] in one launch",
+        "--seed N",
+        absent=("train_summary.json", "best.safetensors"),
+    )
     assert TINY in line

@@ -1,5 +1,6 @@
 """Plain training logs for batch jobs: step and validation lines on stdout and in <run>/train.log,
 appended across a SIGTERM and the resume, and no progress bar when the output is not a terminal."""
+
 import re
 import signal
 import subprocess
@@ -9,13 +10,21 @@ import time
 from clipit_testing import ROOT, run_clipit, train_args
 
 # 8 steps, a validation and a resume checkpoint every 2, a line every 2
-CELL = ["methods.unimodal.epochs=2", "methods.unimodal.evals_per_epoch=2", "methods.unimodal.checkpoint_every=2",
-        "methods.unimodal.log_every=2"]
+CELL = [
+    "methods.unimodal.epochs=2",
+    "methods.unimodal.evals_per_epoch=2",
+    "methods.unimodal.checkpoint_every=2",
+    "methods.unimodal.log_every=2",
+]
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d unimodal seed 0: (.*)$")
-STEP = re.compile(r"^step (\d+)/8 \(\d+%\) epoch [12]/2 loss \d+\.\d{4} lr 3\.00e-03 images/s \d+\.\d "
-                  r"data wait \d+\.\d% ETA \S+")
-VALIDATION = re.compile(r"^validation at step (\d+): val loss \d+\.\d{4} val bacc \d+\.\d\d% best val_bacc "
-                        r"\d+\.\d\d% at step \d+$")
+STEP = re.compile(
+    r"^step (\d+)/8 \(\d+%\) epoch [12]/2 loss \d+\.\d{4} lr 3\.00e-03 images/s \d+\.\d "
+    r"data wait \d+\.\d% ETA \S+"
+)
+VALIDATION = re.compile(
+    r"^validation at step (\d+): val loss \d+\.\d{4} val bacc \d+\.\d\d% best val_bacc "
+    r"\d+\.\d\d% at step \d+$"
+)
 
 
 def bodies(text: str) -> list[str]:
@@ -26,8 +35,9 @@ def test_train_log_has_step_and_validation_lines_and_resume_appends(tiny_shards,
     args = train_args(tmp_path, tiny_shards, *CELL, method="unimodal")
     run = tmp_path / "runs" / "unimodal" / "seed-0"
     progress = run / "checkpoints" / "latest" / "progress.json"
-    first = subprocess.Popen([sys.executable, "-m", "clipit", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "clipit", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None and not progress.exists():
         time.sleep(0.02)
@@ -40,8 +50,8 @@ def test_train_log_has_step_and_validation_lines_and_resume_appends(tiny_shards,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stdout and "\r" not in proc.stderr  # not a terminal: no bar
     log = bodies((run / "train.log").read_text())
-    assert log[:len(before)] == before  # appended, not truncated
-    attempt = log[len(before):]
+    assert log[: len(before)] == before  # appended, not truncated
+    attempt = log[len(before) :]
     assert bodies(proc.stdout) == attempt  # stdout and train.log carry the same lines
     assert before[0] == "started: 8 steps, 4 per epoch, validation every 2, 1 process"
     resumed = int(re.match(r"resumed at step (\d+): 8 steps", attempt[0]).group(1))

@@ -1,5 +1,6 @@
 """Probe protocols (issue: paper fidelity): an imported eva-style probe head, early stopping, and the
 per-parameter-group learning rates of full fine-tuning."""
+
 import json
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipit.models.clipit import ClipItModel, param_groups, prepare_finetune
 from clipit.config import LoraConfig
+from clipit.models.clipit import ClipItModel, param_groups, prepare_finetune
 from clipit_testing import run_clipit, train_args
 
 
@@ -29,8 +30,15 @@ def test_an_imported_eva_checkpoint_reproduces_the_probe(trained_probe, tiny_sha
     best = load_file(str(run_dir(trained_probe) / "best.safetensors"))
     # eva's HeadModule checkpoint: a Lightning dict whose state_dict holds head.weight / head.bias
     ckpt = tmp_path / "eva-best.ckpt"
-    torch.save({"state_dict": {"head.weight": best["head.weight"], "head.bias": best["head.bias"]}, "epoch": 7,
-                "global_step": 448, "pytorch-lightning_version": "2.4.0"}, ckpt)
+    torch.save(
+        {
+            "state_dict": {"head.weight": best["head.weight"], "head.bias": best["head.bias"]},
+            "epoch": 7,
+            "global_step": 448,
+            "pytorch-lightning_version": "2.4.0",
+        },
+        ckpt,
+    )
     out = tmp_path / "imported"
     proc = run_clipit(*train_args(out, tiny_shards, f"methods.unimodal.head_from={ckpt}", method="unimodal"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,9 +63,17 @@ def test_a_checkpoint_that_needs_code_to_load_is_refused(tiny_shards, tmp_path):
 
 def test_patience_stops_a_run_that_does_not_improve(tiny_shards, tmp_path):
     # lr 1e-12: the val balanced accuracy never beats the first validation, so after 2 more the run stops
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, "methods.unimodal.lr=1e-12", "methods.unimodal.patience=2",
-                                  "methods.unimodal.evals_per_epoch=4", "methods.unimodal.batch_size=16",
-                                  method="unimodal"))
+    proc = run_clipit(
+        *train_args(
+            tmp_path,
+            tiny_shards,
+            "methods.unimodal.lr=1e-12",
+            "methods.unimodal.patience=2",
+            "methods.unimodal.evals_per_epoch=4",
+            "methods.unimodal.batch_size=16",
+            method="unimodal",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir(tmp_path) / "train_summary.json").read_text())
     every = 256 // 16 // 4

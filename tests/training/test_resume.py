@@ -1,4 +1,5 @@
 """Killed runs resume to the same result as uninterrupted ones (deterministic on CPU)."""
+
 import json
 import signal
 import subprocess
@@ -11,8 +12,12 @@ import pytest
 from clipit_testing import ROOT, run_clipit, train_args
 
 # CLIP-IT without warm start so one cell stands alone; 12 steps, a resume checkpoint every 2.
-CELL = ["methods.clipit.warm_start=null", "methods.clipit.epochs=3", "methods.clipit.checkpoint_every=2",
-        "methods.clipit.evals_per_epoch=1"]
+CELL = [
+    "methods.clipit.warm_start=null",
+    "methods.clipit.epochs=3",
+    "methods.clipit.checkpoint_every=2",
+    "methods.clipit.evals_per_epoch=1",
+]
 # the trainable text tower with random word drop: LoRA on both sides, and token choices from the run's RNG
 CELLS = {"cached": CELL, "tower": CELL + ["methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3"]}
 
@@ -44,8 +49,13 @@ def uninterrupted(tiny_shards, tmp_path_factory):
 
 
 def interrupt_when_checkpointed(out, shards, sig, cell, min_step=2):
-    proc = subprocess.Popen([sys.executable, "-m", "clipit", *train_args(out, shards, *cell)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipit", *train_args(out, shards, *cell)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     progress = run_dir(out) / "checkpoints" / "latest" / "progress.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -57,10 +67,14 @@ def interrupt_when_checkpointed(out, shards, sig, cell, min_step=2):
     return proc.returncode, stderr
 
 
-@pytest.mark.parametrize("variant, sig", [
-    pytest.param("cached", signal.SIGKILL, id="sigkill"),
-    pytest.param("cached", signal.SIGTERM, id="sigterm", marks=pytest.mark.slow),
-    pytest.param("tower", signal.SIGKILL, id="tower-sigkill", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "variant, sig",
+    [
+        pytest.param("cached", signal.SIGKILL, id="sigkill"),
+        pytest.param("cached", signal.SIGTERM, id="sigterm", marks=pytest.mark.slow),
+        pytest.param("tower", signal.SIGKILL, id="tower-sigkill", marks=pytest.mark.slow),
+    ],
+)
 def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, tiny_shards, tmp_path, variant, sig):
     cell = CELLS[variant]
     code, stderr = interrupt_when_checkpointed(tmp_path, tiny_shards, sig, cell)

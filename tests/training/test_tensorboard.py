@@ -1,6 +1,7 @@
 """A real TensorBoard server over a tiny demo grid (one method, two seeds) serves what a comparison
 needs: runs named `<method>/seed-<n>` (no `tb` component), the train/val/test scalars, and one
 HParams session per run whose metric values are the run's final val and test metrics."""
+
 import json
 import os
 import signal
@@ -17,8 +18,21 @@ from clipit_testing import run_clipit, wait_for
 
 TENSORBOARD = Path(sys.executable).parent / "tensorboard"
 RUNS = ["unimodal/seed-0", "unimodal/seed-1"]
-HPARAMS = {"method", "backbone", "dataset", "seed", "lam", "lr", "batch_size", "finetune", "text_encoder",
-           "lora.enabled", "lora.r", "lora.alpha", "lora.targets"}
+HPARAMS = {
+    "method",
+    "backbone",
+    "dataset",
+    "seed",
+    "lam",
+    "lr",
+    "batch_size",
+    "finetune",
+    "text_encoder",
+    "lora.enabled",
+    "lora.r",
+    "lora.alpha",
+    "lora.targets",
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +40,9 @@ def trained(tiny_shards, tmp_path_factory):
     """Both seeds of the tiny demo's unimodal probe, 2 steps each, trained and evaluated."""
     out = tmp_path_factory.mktemp("tb-grid")
     sets = [f"output_dir={out}", *tiny_shards, "methods.unimodal.epochs=0.5"]
-    proc = run_clipit("train", "--config", "configs/demo-tiny.yaml", "--method", "unimodal",
-                      *[a for s in sets for a in ("--set", s)])
+    proc = run_clipit(
+        "train", "--config", "configs/demo-tiny.yaml", "--method", "unimodal", *[a for s in sets for a in ("--set", s)]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -51,9 +66,12 @@ def server(trained, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("tb-server") / "tensorboard.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(TENSORBOARD), "--logdir", str(trained / "tb"), "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own group: the data server it starts ends with it
+        proc = subprocess.Popen(
+            [str(TENSORBOARD), "--logdir", str(trained / "tb"), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own group: the data server it starts ends with it
     url = f"http://127.0.0.1:{port}"
 
     def serving():
@@ -86,8 +104,15 @@ def test_runs_are_named_method_and_seed_and_serve_train_val_test_scalars(server,
     tags = get(f"{server}/data/plugin/scalars/tags")
     assert sorted(tags) == RUNS  # `<method>/seed-<n>`: no trailing `tb`, no extra hparams sub-run
     for run in RUNS:
-        assert {"train/loss", "train/lr", "val/loss", "val/balanced_accuracy", "test/balanced_accuracy",
-                "test/accuracy", "test/loss"} <= set(tags[run])
+        assert {
+            "train/loss",
+            "train/lr",
+            "val/loss",
+            "val/balanced_accuracy",
+            "test/balanced_accuracy",
+            "test/accuracy",
+            "test/loss",
+        } <= set(tags[run])
         points = get(f"{server}/data/plugin/scalars/scalars?run={run}&tag=test/balanced_accuracy")
         assert len(points) == 1
         _, step, value = points[0]
@@ -99,21 +124,36 @@ def test_runs_are_named_method_and_seed_and_serve_train_val_test_scalars(server,
 def test_hparams_rank_the_runs_by_their_test_metrics(server, trained):
     experiment = get(f"{server}/data/plugin/hparams/experiment", {"experimentName": ""})
     assert HPARAMS <= {h["name"] for h in experiment["hparamInfos"]}
-    assert {"test/balanced_accuracy", "test/loss", "val/balanced_accuracy", "val/loss"} <= \
-        {m["name"]["tag"] for m in experiment["metricInfos"]}
-    groups = get(f"{server}/data/plugin/hparams/session_groups", {
-        "experimentName": "", "startIndex": 0, "sliceSize": 10,
-        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-        "colParams": [{"metric": {"tag": "test/balanced_accuracy"}, "order": "ORDER_DESC"}]})["sessionGroups"]
+    assert {"test/balanced_accuracy", "test/loss", "val/balanced_accuracy", "val/loss"} <= {
+        m["name"]["tag"] for m in experiment["metricInfos"]
+    }
+    groups = get(
+        f"{server}/data/plugin/hparams/session_groups",
+        {
+            "experimentName": "",
+            "startIndex": 0,
+            "sliceSize": 10,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "test/balanced_accuracy"}, "order": "ORDER_DESC"}],
+        },
+    )["sessionGroups"]
     assert sorted(g["name"] for g in groups) == RUNS  # one session per run, named like the run
     accs = []
     for group in groups:
         run = group["name"]
         hp = group["hparams"]
-        assert (hp["method"], hp["seed"], hp["backbone"], hp["dataset"]) == ("unimodal", int(run[-1]),
-                                                                           "demo-vit-tiny", "demo")
-        assert (hp["finetune"], hp["text_encoder"], hp["lora.r"], hp["lora.targets"]) == \
-            ("frozen", "cached", 8, "Linear,Conv2d")
+        assert (hp["method"], hp["seed"], hp["backbone"], hp["dataset"]) == (
+            "unimodal",
+            int(run[-1]),
+            "demo-vit-tiny",
+            "demo",
+        )
+        assert (hp["finetune"], hp["text_encoder"], hp["lora.r"], hp["lora.targets"]) == (
+            "frozen",
+            "cached",
+            8,
+            "Linear,Conv2d",
+        )
         assert [s["status"] for s in group["sessions"]] == ["STATUS_SUCCESS"]  # evaluated
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         want = metrics(trained, run)

@@ -1,4 +1,5 @@
 """CLIP-IT with the pairing model's text tower trained in the same step (text_encoder: tower), on real shards."""
+
 import json
 import shutil
 from pathlib import Path
@@ -9,10 +10,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from clipit.config import ConfigError, load_config
+from clipit.models.factory import build_model
 from clipit.shards.manifest import ShardError, load_manifest, load_texts, split_urls
 from clipit.training.loader import eval_loader
 from clipit.training.text_side import TextInputs
-from clipit.models.factory import build_model
 from clipit_testing import TINY, run_clipit, train_args
 
 TOWER = ["methods.clipit.warm_start=null", "methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3"]
@@ -94,12 +95,15 @@ def test_shards_without_their_texts_file_say_how_to_fix(tiny_shards, tmp_path):
         load_texts(copy)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["methods.clipit.text_encoder=cached", "methods.clipit.word_drop=0.3"], "word_drop needs text_encoder: tower"),
-    (["methods.unimodal.text_encoder=tower"], "tower is for method clipit"),
-    (["methods.clipit.word_drop=1.0"], r"word_drop = 1.0 is out of range; it must be in \[0, 1\)"),
-    (["methods.clipit.text_encoder=tower", "methods.clipit.lam=0"], "tower needs lam > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["methods.clipit.text_encoder=cached", "methods.clipit.word_drop=0.3"], "word_drop needs text_encoder: tower"),
+        (["methods.unimodal.text_encoder=tower"], "tower is for method clipit"),
+        (["methods.clipit.word_drop=1.0"], r"word_drop = 1.0 is out of range; it must be in \[0, 1\)"),
+        (["methods.clipit.text_encoder=tower", "methods.clipit.lam=0"], "tower needs lam > 0"),
+    ],
+)
 def test_inconsistent_text_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
