@@ -260,6 +260,13 @@ def cmd_grid(args) -> int:
     return run_grid(args)
 
 
+def cmd_prepare_demo(args) -> None:
+    from clipit.demo_inputs import prepare_demo
+
+    if not prepare_demo(_config(args)):
+        print("the demo inputs are prepared already")
+
+
 def cmd_prepare_pair(args) -> int:
     from clipit.hpc.prepare import prepare_pair
 
@@ -394,8 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
         "measured (its .md or .json; default runs/gpu-check.json if present, else assumed)",
     )
 
-    prepare = sub.add_parser("prepare", help="pairing and shard building as SLURM array jobs", parents=[common])
+    prepare = sub.add_parser(
+        "prepare",
+        help="inputs: the demo's generated data here; pairing and shards as SLURM array jobs",
+        parents=[common],
+    )
     prepare_sub = prepare.add_subparsers(dest="action", required=True, metavar="STAGE", parser_class=ChoicesHelpParser)
+    command(
+        "demo",
+        cmd_prepare_demo,
+        "generate the demo's images, report corpus and demo CLIP into the config's paths (skips what exists)",
+        prepare_sub,
+    )
     for name, func, help_ in (
         ("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
         (

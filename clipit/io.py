@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,41 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def _unreadable(path: Path, why: str) -> ClipitError:
+    return ClipitError(f"{path}: {why}")
+
+
+def read_json_object(
+    path: str | Path,
+    fix: str = "",
+    error: Callable[[Path, str], Exception] = _unreadable,
+    missing_ok: bool = False,
+) -> dict | None:
+    """The JSON object stored in `path`: the one reader that maps every way such a file can be bad to one line.
+
+    Missing (None with `missing_ok`), unreadable, not UTF-8, not JSON, or JSON that is not an object each
+    raise `error(path, why)`, where `why` says what is wrong and ends in `; fix` when a fix is given."""
+    path = Path(path)
+    suffix = f"; {fix}" if fix else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise error(path, f"not found{suffix}") from None
+    except UnicodeDecodeError:
+        raise error(path, f"not UTF-8 text{suffix}") from None
+    except OSError as err:
+        raise error(path, f"cannot read ({err.strerror or type(err).__name__}){suffix}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(path, f"not valid JSON ({err.msg} at line {err.lineno}){suffix}") from None
+    if not isinstance(data, dict):
+        raise error(path, f"holds a JSON {type(data).__name__}, not an object{suffix}")
+    return data
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
