@@ -95,10 +95,19 @@ def expand_path(value: str, key: str, where: str, config_dir: Path | None = None
             )
         return os.environ[name]
 
-    out = _VAR.sub(sub, value)
-    if re.search(r"\$[A-Za-z_{]", out):  # $NAME or an unclosed ${: not expanded, would become a literal folder
+    # $NAME or an unclosed ${ in what was written (not in a variable's value, which may hold a `$`) would
+    # become a literal folder
+    if re.search(r"\$[A-Za-z_{]", _VAR.sub("", value)):
         raise ConfigError(f"{where}: {key} = {value!r}: write environment variables as ${{NAME}}")
-    return os.path.expanduser(out)
+    out = _VAR.sub(sub, value)
+    expanded = os.path.expanduser(out)
+    if expanded.startswith("~"):  # ~name of a user this machine does not know: expanduser leaves it as it is
+        user = expanded[1:].split("/", 1)[0]
+        raise ConfigError(
+            f"{where}: {key} = {value!r}: there is no user {user!r} here for ~{user}; write the path out "
+            "(or ~/... for your own home)"
+        )
+    return expanded
 
 
 def read_yaml(path: Path, what: str):
