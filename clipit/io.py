@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +72,56 @@ def make_dirs(path: str | Path) -> Path:
     return path
 
 
+def temp_prefix(name: str) -> str:
+    """`.NAME.HOST-PID.`: a temporary sibling of output NAME says who wrote it, so a later start can sweep
+    the ones whose writer is gone (killed) without touching those of a writer still running."""
+    return f".{name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(path: str | Path, suffixes: tuple[str, ...] = (".tmp", ".rows")) -> list[Path]:
+    """Remove the temporary siblings of output `path` left by a writer on this host that no longer runs
+    (kill -9, a power loss); returns them. Others' temporaries, and a live writer's, stay."""
+    path = Path(path)
+    mine = f".{path.name}.{socket.gethostname()}-"
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in path.parent.iterdir():
+            pid = entry.name[len(mine) :].split(".", 1)[0]
+            if entry.name.startswith(mine) and entry.name.endswith(suffixes) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def termination_cleans_up(signals: tuple[int, ...] = (signal.SIGTERM,)):
+    """Within the block, SIGTERM (what SLURM preemption and `kill` send) ends the process through Python
+    (SystemExit 128+signal), so the atomic writers' cleanup runs and no temporary file is left behind."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    try:
+        for sig in signals:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to install
+                previous[sig] = signal.signal(sig, stop)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; it replaces `path` (fsynced first) only if the block succeeds.
@@ -81,7 +133,7 @@ def atomic_path(path: str | Path):
     tmp = None
     try:
         make_dirs(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
         yield Path(tmp)
         _fsync(Path(tmp))
@@ -108,7 +160,7 @@ def atomic_dir(path: str | Path):
     tmp = None
     try:
         make_dirs(path.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent))
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
