@@ -13,7 +13,7 @@ from clipit import layout
 from clipit.config import ConfigError, ExperimentConfig, method_order
 from clipit.corpus import Report, load_reports
 from clipit.data.base import DatasetError, ImageDataset
-from clipit.demo_inputs import prepare_demo
+from clipit.demo_inputs import prepare_demo_clip, prepare_demo_data
 from clipit.io import atomic_write_json, atomic_write_text
 
 
@@ -21,7 +21,7 @@ def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
     """The config's image dataset, its split sizes checked against `data.expected_sizes`: readers with
     official sizes (pcam, crc, bach) take them in place of their own; for the others (folder, demo)
     the sizes are checked here once the dataset is listed."""
-    from clipit.data.registry import DATASETS, build_dataset
+    from clipit.data.registry import DATASETS, build_dataset, check_split_names
 
     expected = cfg.data.expected_sizes
     factory = DATASETS.get(str(cfg.data.name).lower())
@@ -33,16 +33,6 @@ def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
     if not takes_sizes:
         check_split_sizes(cfg.data.root, {s: dataset.split_size(s) for s in dataset.splits}, expected)
     return dataset
-
-
-def check_split_names(expected: dict[str, int] | None, splits: tuple[str, ...]) -> None:
-    """A split that `data.expected_sizes` names but the dataset lacks would go unchecked: an error."""
-    unknown = sorted(set(expected or {}) - set(splits))
-    if unknown:
-        raise ConfigError(
-            f"data.expected_sizes names split(s) {unknown}, but the dataset's splits are "
-            f"{list(splits)}; use those names"
-        )
 
 
 def check_split_sizes(root, sizes: dict[str, int], expected: dict[str, int] | None) -> None:
@@ -92,6 +82,7 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
     done = current_pairs(cfg, dataset, texts)
     if done is not None:
         return done
+    prepare_demo_clip(cfg)
     checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
     model = build_pairing_model(p.model, checkpoint, p.device, p.precision)
     return pair_dataset(
@@ -160,7 +151,7 @@ def pair_stage(cfg: ExperimentConfig, log=print) -> dict[str, Path]:
     """`clipit pair`: pairs of every split (skipped when current), and the class agreement where known."""
     from clipit.pairing.texts import pairing_texts
 
-    prepare_demo(cfg, log)
+    prepare_demo_data(cfg, log)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
     paths = run_pairing(cfg, dataset, reports)
     agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), paths)
@@ -180,7 +171,7 @@ def shard_stage(
     if (part is None) != (num_parts is None):
         raise ShardError("give --part I and --num-parts N together (0 <= I < N)")
     if part is None:  # array parts find the inputs prepared by `clipit prepare demo` or `clipit pair`
-        prepare_demo(cfg)
+        prepare_demo_data(cfg)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
     if part is None and not finalize:
         pairs = run_pairing(cfg, dataset, reports)
@@ -232,7 +223,7 @@ def run_all(cfg: ExperimentConfig, log=print) -> dict:
     """The whole slice; returns {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}."""
     from clipit.evaluation.evaluate import format_table, summarize
 
-    prepare_demo(cfg, log)
+    prepare_demo_data(cfg, log)
     dataset = build_image_dataset(cfg)
     reports = load_corpus(cfg)
     log(

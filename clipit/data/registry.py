@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clipit.config import ConfigError
 from clipit.data.bach import BACHDataset
 from clipit.data.base import DatasetError, ImageDataset
 from clipit.data.crc import CRCDataset
@@ -36,3 +37,13 @@ def build_dataset(name: str, root: str | Path, **kwargs: Any) -> ImageDataset:
         if unknown:
             raise DatasetError(f"dataset {name!r} does not take option(s) {unknown}; it takes {allowed}")
     return factory(root, **kwargs)
+
+
+def check_split_names(expected: dict[str, int] | None, splits: tuple[str, ...]) -> None:
+    """A split that `data.expected_sizes` names but the dataset lacks would go unchecked: an error."""
+    unknown = sorted(set(expected or {}) - set(splits))
+    if unknown:
+        raise ConfigError(
+            f"data.expected_sizes names split(s) {unknown}, but the dataset's splits are "
+            f"{list(splits)}; use those names"
+        )
