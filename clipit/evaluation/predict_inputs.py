@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipit.data.base import ImageDecodeError, decode_image
+from clipit.data.base import ImageDecodeError, decode_image, upright_size
 from clipit.errors import one_line
 from clipit.evaluation.slide import (
     SLIDE_EXTS,
@@ -179,7 +179,7 @@ def _read(path: Path) -> bytes:
 def _size(data: bytes, where) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only
-            return img.size
+            return upright_size(img)
     except Exception as err:
         raise PredictError(f"{where}: not a usable image ({one_line(err)}); pass image files (png, jpg, tif)") from None
 
@@ -295,7 +295,7 @@ def classify(path: Path, image_limit: int, tile: bool) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image refuses those in one line
             with Image.open(path) as img:  # header only: the size decides
-                width, height = img.size
+                width, height = upright_size(img)
     except Exception:
         return "slide" if openslide_format(path) else "image"  # the decode while streaming names the problem
     if min(width, height) <= image_limit:

@@ -111,3 +111,17 @@ def test_sigterm_leaves_no_temporaries(demo_export, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_rotated_jpeg_is_predicted_upright(demo_export, tmp_path):
+    from PIL import Image as PILImage
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # stored 96 x 64, seen 64 x 96
+    PILImage.fromarray(pixels).save(tmp_path / "rotated.jpg", quality=100, exif=exif)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(demo_export), str(tmp_path / "rotated.jpg"), "--out", str(out)]) == 0
+    with open(out, newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (row["width"], row["height"]) == ("64", "96")
