@@ -163,7 +163,7 @@ class Slide:
         if self.grid is None:
             self.prepare(res)
         try:
-            for (x, y), tile in iter_tiles(self.handle, self.grid, res.input_size):
+            for (x, y), tile in iter_tiles(self.handle, self.grid, res.input_size, self.path):
                 yield Row(self.name, x, y, self.grid.side, self.grid.side), tile
         finally:
             self.handle.close()
