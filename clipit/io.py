@@ -52,6 +52,9 @@ def _as_write_fault(err: Exception, path: Path, probe: Path) -> OutputError | No
     if isinstance(err, ClipitError):
         return None
     code = write_fault(err)
+    if code in (errno.EACCES, errno.EPERM) and getattr(err, "filename", None) is not None:
+        if Path(err.filename).parent != path.parent:  # an input the block read, not this output
+            return None
     if code is None:
         with contextlib.suppress(OSError):
             st = os.statvfs(probe)

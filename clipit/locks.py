@@ -22,7 +22,7 @@ import stat
 import time
 from pathlib import Path
 
-from clipit.errors import ClipitError
+from clipit.errors import WRITE_FAULTS, ClipitError, write_fault_message
 
 LOCK_FILE = ".clipit.lock"
 ENV_NO_LOCK = "CLIPIT_NO_LOCK"
@@ -57,6 +57,8 @@ def _open_lock_file(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as err:
+        if err.errno in WRITE_FAULTS:  # a read-only or foreign run folder: nothing can be written there
+            raise LockError(f"{path}: cannot create the lock file: {write_fault_message(err.errno)}") from None
         if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise LockError(
                 f"{path}: the lock file is a {'symbolic link' if path.is_symlink() else 'non-regular file'}, which "
@@ -78,7 +80,12 @@ def exclusive(directory: str | Path, what: str = "directory", wait_s: float = 0.
     if os.environ.get(ENV_NO_LOCK, "").lower() in ("1", "true", "yes"):
         yield
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno not in WRITE_FAULTS:
+            raise
+        raise LockError(f"{directory}: cannot create this {what}: {write_fault_message(err.errno)}") from None
     path = directory / LOCK_FILE
     fd = _open_lock_file(path)
     try:
