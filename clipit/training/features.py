@@ -378,6 +378,10 @@ def load_split(cache_dir: Path, cache_manifest: dict, split: str, device) -> Fea
         if shapes["features"] != want or shapes["text_emb"][0] != [entry["count"], info["text_dim"]]:
             raise damaged(file, cache_dir, f"features {shapes['features']} where the manifest says {want}")
         tensors = load_file(str(file))
+        for name in ("features", "text_emb"):  # written finite: a non-finite value was put there afterwards
+            rows_bad = (~torch.isfinite(tensors[name].float()).all(dim=1)).nonzero().flatten().tolist()
+            if rows_bad:
+                raise damaged(file, cache_dir, f"{name} of sample {file_keys[rows_bad[0]]} is not finite")
         keys += file_keys
         feats.append(tensors["features"])
         labels.append(tensors["labels"])
