@@ -11,7 +11,8 @@ head W_v when it is warm-started from another run (CLIP-IT from the unimodal pro
   frozen  pretrained modules frozen, the rest trained (unimodal = linear probe; "no LoRA" ablation)
   lora    LoRA adapters on every Linear/Conv2d/Embedding of the pretrained modules, base weights frozen
   full    every parameter trained ("full fine-tuning" ablation)
-  auto    frozen for `unimodal`, `clip_probe`, `zero_shot`, else lora if model.lora.enabled, else frozen
+  auto    the method's default (clipit/methods.py: frozen for the linear probes and for what trains
+          nothing), else lora if model.lora.enabled, else frozen
 New modules (P, H_t, F, a fresh head, baseline classifiers) are always trained in full.
 """
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipit.config import LoraConfig
+from clipit.methods import ModelParts, method_spec
 
 LORA_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 FINETUNE_MODES = ("frozen", "lora", "full")
@@ -116,6 +118,15 @@ class ClipItModel(VisionClassifier):
         return pretrained + ("text_tower",) if self.text_tower is not None else pretrained
 
 
+def build_vision_classifier(parts: ModelParts) -> VisionClassifier:
+    """unimodal (the linear probe) and clip_probe (on a CLIP's vision tower)."""
+    return VisionClassifier(parts.backbone, parts.num_classes)
+
+
+def build_clipit(parts: ModelParts) -> ClipItModel:
+    return ClipItModel(parts.backbone, parts.num_classes, text_dim=parts.text_dim, kd_layers=parts.kd_layers)
+
+
 def clipit_loss(outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | None, lam: float) -> dict:
     """CE on the fused logits (plain CE, not the reference code's double softmax) + lam * (1 - cos(P e, t)).
     t is the text tower's output when the model has one, else the cached embedding from the shards."""
@@ -193,11 +204,8 @@ def param_groups(model: nn.Module, lr: float, pretrained_lr: float | None, warm_
 
 
 def resolve_finetune(method: str, finetune: str, lora_enabled: bool) -> str:
-    if finetune != "auto":
-        return finetune
-    if method in ("unimodal", "clip_probe", "zero_shot"):  # linear probes, and nothing to train
-        return "frozen"
-    return "lora" if lora_enabled else "frozen"
+    """methods.<m>.finetune with auto resolved by the method's spec (clipit/methods.py)."""
+    return method_spec(method).finetune(finetune, lora_enabled)
 
 
 def prepare_finetune(model: nn.Module, finetune: str, lora: LoraConfig, warm_head: bool) -> str:
