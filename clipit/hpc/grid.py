@@ -138,7 +138,7 @@ class Cell:
     grid: str
     axes: tuple[tuple[str, str], ...]  # ((axis, value), ...) in axis order
     method: str
-    kind: str  # the method's kind (unimodal | clipit | text ...)
+    kind: str  # the method's kind: a registered method (clipit/methods.py)
     seed: int
     config: str  # experiment config file (absolute)
     overrides: tuple[str, ...]

@@ -42,6 +42,7 @@ from clipit.config import ExperimentConfig, TrainConfig
 from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_path, atomic_write_json, read_json, sha256_file
 from clipit.locks import LockHeld, exclusive
+from clipit.methods import method_spec
 from clipit.models.clipit import BACKBONE_FORWARDS, resolve_finetune
 from clipit.training.accel import any_rank, raise_together
 from clipit.training.loader import eval_loader
@@ -64,7 +65,7 @@ def uses_feature_cache(cfg: ExperimentConfig, method: str, model: torch.nn.Modul
     tcfg = cfg.methods[method]
     if (
         not tcfg.feature_cache
-        or tcfg.method == "text"
+        or method_spec(tcfg.method).vision is None
         or tcfg.augment
         or tcfg.text_encoder == "tower"
         or resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled) != "frozen"
