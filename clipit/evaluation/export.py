@@ -109,8 +109,7 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
         vision_only = ", ".join(n for n in method_names() if method_spec(n).exportable)
         why = "uses the paired report at test time" if spec.text_at_test else "has no vision model"
         raise ExportError(
-            f"{run_dir}: method {meta['method']!r} ({spec.name}) {why}; only vision-only methods "
-            f"({vision_only}) can be exported"
+            f"{run_dir}: method {meta['method']!r} {why}; only vision-only methods ({vision_only}) can be exported"
         )
     stages.update()
     stages.note("merging LoRA into the base weights")
