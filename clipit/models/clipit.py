@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipit.config import LoraConfig
-from clipit.methods import ModelParts, method_spec
+from clipit.methods import ModelParts
 
 LORA_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 FINETUNE_MODES = ("frozen", "lora", "full")
@@ -201,11 +201,6 @@ def param_groups(model: nn.Module, lr: float, pretrained_lr: float | None, warm_
             (base if is_base and pretrained_lr not in (None, lr) else fresh).append(param)
     groups = [{"params": fresh, "lr": lr}] if fresh else []
     return groups + ([{"params": base, "lr": pretrained_lr}] if base else [])
-
-
-def resolve_finetune(method: str, finetune: str, lora_enabled: bool) -> str:
-    """methods.<m>.finetune with auto resolved by the method's spec (clipit/methods.py)."""
-    return method_spec(method).finetune(finetune, lora_enabled)
 
 
 def prepare_finetune(model: nn.Module, finetune: str, lora: LoraConfig, warm_head: bool) -> str:

@@ -47,7 +47,7 @@ def save_as_built(
     message: str,
 ) -> dict:
     """Save `model` as the run's best checkpoint at step 0 with a train summary, each with its extra
-    fields (what the run is instead of trained: zero_shot, imported, ...). Rank 0 writes; every rank
+    fields (what the run is instead of trained: saved_as_built, imported, ...). Rank 0 writes; every rank
     returns the summary."""
     start = time.time()
     summary = {
