@@ -224,24 +224,9 @@ def setup_run(
     progress = progress or {"step": 0, "best_score": None, "best_step": 0, "batches_per_epoch": plan.batches_per_epoch}
     progress["identity"] = identity
     epoch, skip = divmod(progress["step"], plan.batches_per_epoch)
-    train_source = ShardSource(Path(cfg.shards.dir), "train", manifest)
-    val_source = ShardSource(Path(cfg.shards.dir), "val", manifest)
-    if cached:  # the same batches as the loaders below would give, from the cached features
-        train_batches = cached.train_batches(tcfg.batch_size, plan.batches_per_epoch, seed, tcfg.num_workers, epoch)
-        val_batches = cached.val_batches(2 * tcfg.batch_size, accelerator.process_index, world)
-    else:
-        train_batches = train_loader(
-            train_source.urls,
-            tcfg.batch_size,
-            plan.batches_per_epoch,
-            seed=seed,
-            num_workers=tcfg.num_workers,
-            load_size=preprocess.size,
-            start_epoch=epoch,
-        )
-        val_batches = eval_loader(
-            val_source.urls, 2 * tcfg.batch_size, accelerator.process_index, world, tcfg.num_workers, preprocess.size
-        )
+    train_source, val_source, train_batches, val_batches = batches(
+        cfg, method, seed, accelerator, manifest, plan, preprocess.size, cached, epoch
+    )
     writer = None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -275,3 +260,28 @@ def setup_run(
         cached=cached,
         restart=restart,
     )
+
+
+def batches(cfg: ExperimentConfig, method: str, seed: int, accelerator, manifest, plan, size, cached, epoch: int):
+    """(train source, val source, train batches from `epoch` on, val batches): the loaders over the shards,
+    or the same batches from the cached features."""
+    tcfg, world = cfg.methods[method], accelerator.num_processes
+    train_source = ShardSource(Path(cfg.shards.dir), "train", manifest)
+    val_source = ShardSource(Path(cfg.shards.dir), "val", manifest)
+    if cached:  # the same batches as the loaders below would give, from the cached features
+        train_batches = cached.train_batches(tcfg.batch_size, plan.batches_per_epoch, seed, tcfg.num_workers, epoch)
+        val_batches = cached.val_batches(2 * tcfg.batch_size, accelerator.process_index, world)
+    else:
+        train_batches = train_loader(
+            train_source.urls,
+            tcfg.batch_size,
+            plan.batches_per_epoch,
+            seed=seed,
+            num_workers=tcfg.num_workers,
+            load_size=size,
+            start_epoch=epoch,
+        )
+        val_batches = eval_loader(
+            val_source.urls, 2 * tcfg.batch_size, accelerator.process_index, world, tcfg.num_workers, size
+        )
+    return train_source, val_source, train_batches, val_batches
