@@ -36,7 +36,8 @@ BACKBONE_FORWARDS = {"images": 0}
 
 class BackboneModel(nn.Module):
     """A model that runs a vision backbone. Every model's forward is (images, text_emb) -> dict with
-    "logits"; `needs_text` says whether the prediction uses the paired report (not exportable)."""
+    "logits"; `needs_text` says whether the prediction uses the paired report (the stages ask the method's
+    spec instead: clipit/methods.py, text_at_test)."""
 
     needs_text = False
     warm_start_prefixes: tuple[str, ...] = ("backbone.", "head.")  # what a warm start copies in
