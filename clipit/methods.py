@@ -101,12 +101,14 @@ def register_method(spec: MethodSpec | None = None, /, **fields_):
             return builder
 
         return decorate
-    if spec.group not in GROUPS or spec.role not in ROLES + ("",):
-        raise ValueError(
-            f"method {spec.name}: group {spec.group!r} / role {spec.role!r}; groups {GROUPS}, roles {ROLES}"
-        )
-    if spec.vision not in ("backbone", "clip", None) or spec.finetune_auto not in ("frozen", "lora"):
-        raise ValueError(f"method {spec.name}: vision {spec.vision!r} / finetune_auto {spec.finetune_auto!r}")
+    for key, value, valid in (
+        ("group", spec.group, GROUPS),
+        ("role", spec.role, ROLES + ("",)),
+        ("vision", spec.vision, ("backbone", "clip", None)),
+        ("finetune_auto", spec.finetune_auto, ("frozen", "lora")),
+    ):
+        if value not in valid:
+            raise ValueError(f"method {spec.name}: {key} = {value!r} is not one of {list(valid)}")
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} is registered already ({_REGISTRY[spec.name].builder})")
     if spec.role and any(s.role == spec.role for s in _REGISTRY.values()):

@@ -12,8 +12,9 @@ from clipit.cli import main, valid_choices
 from clipit.config import load_config
 from clipit.errors import ConfigError
 from clipit.evaluation.export import load_exported
-from clipit.methods import ModelParts, method_names, register_method, unregister_method
+from clipit.methods import MethodSpec, ModelParts, method_names, register_method, unregister_method
 from clipit.models.clipit import BackboneModel
+from clipit.models.factory import build_classifier
 from clipit_testing import ROOT, TINY, shard_copy, train_args, with_shards
 
 
@@ -133,3 +134,12 @@ def test_a_toy_method_that_reads_the_report_at_test_time_is_refused_export(train
     assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in "\n".join(lines)
     assert f"method '{TOY_TEXT}' uses the paired report at test time" in errors[0]
     assert TOY in errors[0] and not (trained / "export-text" / "config.json").exists()
+
+
+def test_a_builder_entry_point_that_does_not_resolve_is_one_line_naming_the_method():
+    register_method(MethodSpec(name="lost", builder="clipit.models.nowhere:build_lost", label="lost"))
+    try:
+        with pytest.raises(ConfigError, match="method lost: its builder 'clipit.models.nowhere:build_lost' does not"):
+            build_classifier("lost", None, 2, 16, 1)
+    finally:
+        unregister_method("lost")
