@@ -24,12 +24,12 @@ def valid_choices() -> str:
     """The names a config may use, read from their registries (so --help never goes stale)."""
     from clipit.config import TrainConfig
     from clipit.data.registry import DATASETS
+    from clipit.methods import method_names
     from clipit.models.backbones import BACKBONES
-    from clipit.models.factory import METHODS
 
     finetune = TrainConfig.__dataclass_fields__["finetune"].type
     return (
-        f"method kinds (methods.<name>.method): {', '.join(METHODS)}\n"
+        f"method kinds (methods.<name>.method): {', '.join(method_names())}\n"
         f"fine-tuning (methods.<name>.finetune): {finetune.replace('Literal', '').strip('[]')}\n"
         f"backbones (model.backbone): {', '.join(BACKBONES)}, or timm:<name>\n"
         f"datasets (data.name): demo, {', '.join(DATASETS)}\n"

@@ -25,6 +25,7 @@ import torch
 from clipit.config import ExperimentConfig
 from clipit.demo_inputs import PREPARE, pending
 from clipit.errors import ClipitError, one_line
+from clipit.methods import method_spec
 from clipit.progress import Progress
 
 OK, FAIL, INFO = "✓", "✗", "·"
@@ -119,7 +120,7 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
     from clipit.config import ConfigError
     from clipit.models.backbones import BackboneError, build_backbone, get_spec, resolve_weights
 
-    users = sorted(name for name, t in cfg.methods.items() if t.method != "text")
+    users = sorted(name for name, t in cfg.methods.items() if method_spec(t.method).vision is not None)
     if not users:
         return []
     name = cfg.model.backbone
@@ -228,13 +229,11 @@ def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
 
 
 def check_methods(cfg: ExperimentConfig) -> list[Check]:
-    from clipit.models.clipit import resolve_finetune
-
     if not cfg.methods:
         return [Check(FAIL, "methods", "the config defines no methods")]
     out = []
     for name, t in cfg.methods.items():  # warm-start names and cycles were checked when the config loaded
-        mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
+        mode = method_spec(t.method).finetune_shown(t.finetune, cfg.model.lora.enabled)
         warm = (f", warm start {t.warm_start}" if t.warm_start else "") + (
             f", text warm start {t.text_warm_start}" if t.text_warm_start else ""
         )

@@ -20,6 +20,7 @@ LAYERS = [
             "clipit.io",
             "clipit.layout",
             "clipit.typed_yaml",
+            "clipit.methods",
             "clipit.config",
             "clipit.weights",
             "clipit.metrics",
