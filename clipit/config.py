@@ -1,7 +1,7 @@
 """Typed configuration: YAML files in configs/ loaded into dataclasses.
 
 Unknown keys, wrong types and out-of-range values are errors naming the key and the file. Every
-setting has one home: precision lives only in `train.precision`, seeds only in `seeds`, paths only
+setting has one home: precision lives only in `methods.<m>.precision`, seeds only in `seeds`, paths only
 in their section. A number's valid range is written once, in its field's type (`Annotated[...,
 Range(...)]` below): the loader checks it and docs/config.md lists it.
 """
