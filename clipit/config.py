@@ -390,7 +390,7 @@ def resolve_paths(cfg: ExperimentConfig, where: str = "<config>") -> ExperimentC
     if cfg.data.name == "demo":
         cfg.data.root = cfg.data.root or str(out / "data" / "images")
         cfg.reports.path = cfg.reports.path or str(out / "data" / "reports.jsonl")
-    if cfg.pairing.model == "demo-clip":  # trained on first use (clipit/pipeline.py), whatever the dataset
+    if cfg.pairing.model == "demo-clip":  # made by `clipit prepare demo` (clipit/demo_inputs.py), any dataset
         cfg.pairing.checkpoint = cfg.pairing.checkpoint or str(out / "demo-clip" / "model.safetensors")
     for key, value in [("data.root", cfg.data.root), ("reports.path", cfg.reports.path)]:
         if value is None:
