@@ -12,7 +12,6 @@ pretrained weight files; a CLIP-IT export runs at the unimodal model's cost plus
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ from safetensors.torch import save_file
 
 from clipit import layout
 from clipit.config import load_config
-from clipit.errors import ClipitError, one_line
-from clipit.io import atomic_path, atomic_write_json, make_dirs
+from clipit.errors import ClipitError
+from clipit.io import atomic_path, atomic_write_json, make_dirs, read_json_object
 from clipit.methods import method_names, method_spec
 from clipit.models import clip_baselines
 from clipit.models.backbones import create_backbone, get_spec
@@ -159,13 +158,12 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
             f"{model_dir}: not a clipit export (needs config.json and model.safetensors; "
             "make one with `clipit export RUN_DIR OUT_DIR`)"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(
-            f"{config_path}: unreadable ({one_line(err)}); re-export with `clipit export RUN_DIR OUT_DIR`"
-        ) from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version", 0) > VERSION:
+    config = read_json_object(
+        config_path,
+        "re-export with `clipit export RUN_DIR OUT_DIR`",
+        error=lambda path, why: ExportError(f"{path}: unreadable: {why}"),
+    )
+    if config.get("format") != FORMAT or config.get("version", 0) > VERSION:
         raise ExportError(
             f"{config_path}: format {config.get('format')!r} v{config.get('version')} is not {FORMAT} v<={VERSION}"
         )

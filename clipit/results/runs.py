@@ -9,7 +9,6 @@ or its labels would be guesses.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from clipit import layout
+from clipit.io import read_json_object
 from clipit.methods import in_group, known_spec, report_order
 
 log = logging.getLogger(__name__)
@@ -113,19 +113,7 @@ class Unreadable(Exception):
 
 def _read_json(path: Path) -> dict | None:
     """The JSON object in `path`; None when the file does not exist; Unreadable when it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError:
-        raise Unreadable(path, "not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise Unreadable(path, f"not valid JSON ({err.msg} at line {err.lineno})") from None
-    except OSError as err:
-        raise Unreadable(path, f"cannot read ({err.strerror or type(err).__name__})") from None
-    if not isinstance(data, dict):
-        raise Unreadable(path, f"holds a JSON {type(data).__name__}, not an object")
-    return data
+    return read_json_object(path, error=Unreadable, missing_ok=True)
 
 
 def _read_yaml(path: Path) -> dict:
