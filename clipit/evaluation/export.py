@@ -12,6 +12,7 @@ pretrained weight files; a CLIP-IT export runs at the unimodal model's cost plus
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 
 from clipit import layout
 from clipit.config import load_config
-from clipit.errors import ClipitError
+from clipit.errors import ClipitError, output_setting
 from clipit.io import atomic_path, atomic_write_json, make_dirs, read_json_object
 from clipit.methods import method_names, method_spec
 from clipit.models import clip_baselines
@@ -96,8 +97,10 @@ def merge_lora(model: torch.nn.Module, show: bool = False) -> torch.nn.Module:
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Export `run_dir` into `out_dir`; its stages show on stderr (clipit/progress.py)."""
-    with Progress(total=3, desc="clipit export", unit="stage", every=3) as stages:
-        return _export_run(Path(run_dir), Path(out_dir), stages)
+    # a full disk or a read-only folder names the command's own argument (there is no output_dir here)
+    with output_setting("give `clipit export` another OUT_DIR"):
+        with Progress(total=3, desc="clipit export", unit="stage", every=3) as stages:
+            return _export_run(Path(run_dir), Path(out_dir), stages)
 
 
 def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
@@ -149,6 +152,35 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
     return out_dir
 
 
+REEXPORT = "re-export with `clipit export RUN_DIR OUT_DIR`"
+
+
+def check_export_config(config: dict, path: Path) -> None:
+    """The numbers predict takes from an export's config.json, each in range, else one line naming the key:
+    a 0-px input or a 2-channel normalisation would otherwise fail far away, under another name."""
+
+    def bad(key: str, what: str) -> ExportError:
+        return ExportError(f"{path}: {key} = {config.get(key)!r} is not {what}; {REEXPORT}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    size = config["input_size"]
+    if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 8192):
+        raise bad("input_size", "a side in pixels from 1 to 8192")
+    for key in ("mean", "std"):
+        values = config[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(number(v) for v in values)):
+            raise bad(key, "3 finite numbers (one per RGB channel)")
+    if any(v <= 0 for v in config["std"]):
+        raise bad("std", "3 positive numbers")
+    classes = config["classes"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
+        raise bad("classes", "a list of at least 2 class names")
+    if len(set(classes)) != len(classes):
+        raise bad("classes", "a list of distinct class names")
+
+
 def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, DevicePreprocess, config) from an export directory."""
     model_dir = Path(model_dir)
@@ -183,7 +215,8 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
         if k not in config
     ]
     if missing:
-        raise ExportError(f"{config_path}: lacks {', '.join(missing)}; re-export with `clipit export RUN_DIR OUT_DIR`")
+        raise ExportError(f"{config_path}: lacks {', '.join(missing)}; {REEXPORT}")
+    check_export_config(config, config_path)
     if "clip_architecture" in config:  # a CLIP baseline: the CLIP's vision tower, not a registry backbone
         backbone = clip_baselines.vision_from_architecture(config["clip_architecture"])
     else:
@@ -191,7 +224,7 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_classifier(
         config["method"], backbone, len(config["classes"]), config["text_dim"], config["kd_layers"]
     )
-    state = read_tensors(model_dir / "model.safetensors", ExportError)
+    state = read_tensors(model_dir / "model.safetensors", ExportError, REEXPORT)
     load_strict(
         model,
         state,

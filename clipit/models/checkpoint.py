@@ -66,19 +66,21 @@ def load_model_state(
     )
 
 
-def read_tensors(file: str | Path, error: type[Exception] = None) -> dict[str, torch.Tensor]:
+def read_tensors(
+    file: str | Path, error: type[Exception] = None, fix: str = "train the run first (or restore the file)"
+) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; anything else (a truncated file, a file of another format, a
-    Python object stream) is `error` naming the file. safetensors never executes code from a file."""
+    Python object stream) is `error` naming the file and `fix`. safetensors never executes code from a file."""
     error = error or CheckpointError
     file = Path(file)
+    if not file.exists():
+        raise error(f"{file}: missing; {fix}")
     if not file.is_file():
-        raise error(f"{file}: missing; train the run first (or restore the file)")
+        raise error(f"{file}: not a regular file; {fix}")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
-        raise error(
-            f"{file}: not a readable safetensors file ({one_line(err)}); restore it, or retrain the run that wrote it"
-        ) from None
+        raise error(f"{file}: not a readable safetensors file ({one_line(err)}); {fix}") from None
 
 
 def read_meta(path: str | Path) -> dict:
