@@ -210,7 +210,7 @@ def omega_bars(records: list[dict], path: Path) -> list[Path]:
                 continue
             xs.append(j - 0.4 + width * (i + 0.5))
             ys.append(100 * rec["omega_mean"])
-            es.append(100 * rec["omega_std"])
+            es.append(100 * (rec["omega_std"] or 0.0))  # one seed: no spread to draw
         bars = ax.bar(
             xs,
             ys,

@@ -139,6 +139,11 @@ def _check_metrics(path: Path, metrics: dict) -> None:
             raise Unreadable(path, f"{key} is {value!r}, not a finite number")
     if not isinstance(metrics.get("parameters") or {}, dict):
         raise Unreadable(path, f"parameters is {metrics['parameters']!r}, not a mapping")
+    for key, value in (metrics.get("parameters") or {}).items():
+        if value is None or key == "extra_inference_from":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise Unreadable(path, f"parameters.{key} is {value!r}, not a count of parameters")
 
 
 def variant_name(axes: dict) -> str:
@@ -248,7 +253,24 @@ def find_runs(root: str | Path, warn: Callable[[str], None] = warn_to_log) -> tu
                 continue
             if state:
                 states.append(state | {"run_dir": str(here)})
-    return runs, states
+    return drop_duplicate_cells(runs, warn), states
+
+
+def drop_duplicate_cells(runs: list[Run], warn: Callable[[str], None]) -> list[Run]:
+    """One run per cell and seed: a second run that claims the same backbone, dataset, variant, method and
+    seed (a copied run folder, two roots) would count its seed twice in the mean ± std; it is left out,
+    named."""
+    kept: dict[tuple, Run] = {}
+    for run in runs:
+        cell = (run.backbone, run.dataset, run.variant, run.method, run.kind, run.seed)
+        if cell in kept:
+            warn(
+                f"{run.path}: claims the same cell and seed as {kept[cell].path} ({run.method}, {run.backbone}, "
+                f"{run.dataset}, seed {run.seed}); left out so that the seed counts once: move or delete one"
+            )
+            continue
+        kept[cell] = run
+    return list(kept.values())
 
 
 def main_runs(runs: list[Run], backbone: str, dataset: str, which: str) -> list[Run]:

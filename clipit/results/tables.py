@@ -29,9 +29,20 @@ from clipit.results.runs import (
 )
 
 
-def _stats(values: list[float]) -> tuple[float, float, int]:
+def _stats(values: list[float]) -> tuple[float, float | None, int]:
+    """(mean, sample std with ddof 1, n); one value has no spread: std None (an empty CSV cell, not 0)."""
     a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None, len(a)
+
+
+def _seed_stats(runs: list[Run], metric: str) -> tuple[float, float | None, int]:
+    """`_stats` over seeds: runs of one seed count once (their mean). A method without a vision model
+    (the text-only classifier) is trained once per backbone of a grid, each copy the same model: pooling
+    the copies would count each seed six times and shrink the std."""
+    by_seed: dict[int, list[float]] = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, []).append(r.value(metric))
+    return _stats([float(np.mean(v)) for _, v in sorted(by_seed.items())])
 
 
 def _fmt(stat: tuple[float, float, int] | None, scale: float = 100.0, digits: int = 2) -> str:
@@ -65,8 +76,8 @@ def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], li
         for d in datasets:
             uni = main_runs(runs, b, d, probe)
             cli = main_runs(runs, b, d, proposed)
-            su = _stats([r.value(metric) for r in uni]) if uni else None
-            sc = _stats([r.value(metric) for r in cli]) if cli else None
+            su = _seed_stats(uni, metric) if uni else None
+            sc = _seed_stats(cli, metric) if cli else None
             row += [_fmt(su), _fmt(sc), _delta(su, sc)]
             records.append(
                 {
@@ -125,12 +136,12 @@ def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[s
             continue
         uni = main_runs(runs, b, d, probe)
         cli = main_runs(runs, b, d, proposed)
-        su = _stats([r.value(metric) for r in uni]) if uni else None
-        sc = _stats([r.value(metric) for r in cli]) if cli else None
+        su = _seed_stats(uni, metric) if uni else None
+        sc = _seed_stats(cli, metric) if cli else None
         main = [k for k in entries if k[0] in MAIN_VARIANTS and k[2] in vision_kinds()]
         for key in sorted(main, key=lambda k: k[2] != probe) + sorted(extra):
             variant, method, kind = key
-            s = _stats([r.value(metric) for r in entries[key]])
+            s = _seed_stats(entries[key], metric)
             first = entries[key][0]
             spec = known_spec(kind)
             label = (
@@ -153,7 +164,7 @@ def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[s
                     and (r.kind == kind or first.compare_to == "" and r.kind == proposed)
                 ]
                 ref = [r for r in ref if r.method == method] or ref
-                base = _stats([r.value(metric) for r in ref]) if ref else sc
+                base = _seed_stats(ref, metric) if ref else sc
             rows.append(
                 [
                     BACKBONE_NAMES.get(b, b),
@@ -207,7 +218,7 @@ def multimodal_table(runs: list[Run], metric: str) -> tuple[list[str], list[list
     ):
         d, b, kind = key
         group = groups[key]
-        s = _stats([r.value(metric) for r in group])
+        s = _seed_stats(group, metric)
         params = [r.params for r in group if r.params]
         p = int(np.mean(params)) if params else None
         rows.append(
@@ -256,9 +267,9 @@ def lora_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]]
         if not scored:
             continue
         chosen = max(scored, key=lambda v: (scored[v], v in MAIN_VARIANTS))
-        s = _stats([r.value(metric) for r in cands[chosen]])
+        s = _seed_stats(cands[chosen], metric)
         main = cands.get("") or next((cands[v] for v in MAIN_VARIANTS if v in cands), None)
-        sm = _stats([r.value(metric) for r in main]) if main else None
+        sm = _seed_stats(main, metric) if main else None
         label = "Table 1 setting" if chosen in MAIN_VARIANTS else (cands[chosen][0].label or chosen)
         rows.append(
             [
@@ -391,7 +402,7 @@ def text_table(runs: list[Run], metric: str) -> list[list[str]]:
     text = role_method("text")
     texts = [r for r in runs if r.kind == text and r.variant in MAIN_VARIANTS]
     for d in order({r.dataset for r in texts}, DATASET_NAMES):
-        s = _stats([r.value(metric) for r in texts if r.dataset == d])
+        s = _seed_stats([r for r in texts if r.dataset == d], metric)
         rows.append([DATASET_NAMES.get(d, d), str(s[2]), _fmt(s)])
     return rows
 
