@@ -95,12 +95,24 @@ def sweep_stale_temps(path: str | Path, suffixes: tuple[str, ...] = (".tmp", ".r
     """Remove the temporary siblings of output `path` left by a writer on this host that no longer runs
     (kill -9, a power loss); returns them. Others' temporaries, and a live writer's, stay."""
     path = Path(path)
-    mine = f".{path.name}.{socket.gethostname()}-"
+    return _sweep(path.parent, f".{path.name}.", suffixes)
+
+
+def sweep_stale_temps_in(directory: str | Path, suffixes: tuple[str, ...] = (".tmp", ".rows")) -> list[Path]:
+    """`sweep_stale_temps` for every output of `directory` (whose one writer, holding its lock, calls it)."""
+    return _sweep(Path(directory), ".", suffixes)
+
+
+def _sweep(directory: Path, prefix: str, suffixes: tuple[str, ...]) -> list[Path]:
+    mark = f".{socket.gethostname()}-"
     removed = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in path.parent.iterdir():
-            pid = entry.name[len(mine) :].split(".", 1)[0]
-            if entry.name.startswith(mine) and entry.name.endswith(suffixes) and pid.isdigit() and not _alive(int(pid)):
+        for entry in directory.iterdir():
+            name = entry.name
+            if not (name.startswith(prefix) and name.endswith(suffixes) and mark in name[1:]):
+                continue
+            pid = name[name.index(mark, 1) + len(mark) :].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 removed.append(entry)
     return removed

@@ -53,7 +53,13 @@ def evaluate_run(
         source = ShardSource(Path(cfg.shards.dir), split, manifest)
         batch_size, world = 2 * tcfg.batch_size, accelerator.num_processes
         loader = eval_loader(
-            source.urls, batch_size, accelerator.process_index, world, tcfg.num_workers, preprocess.size
+            source.urls,
+            batch_size,
+            accelerator.process_index,
+            world,
+            tcfg.num_workers,
+            preprocess.size,
+            image=manifest.get("image"),
         )
         # rank 0's share of the batches is only known for one process
         total = math.ceil(manifest["splits"][split]["count"] / batch_size) if world == 1 else None

@@ -261,6 +261,7 @@ def _encode_shards(
         num_workers=tcfg.num_workers,
         load_size=preprocess.size,
         with_urls=True,
+        image=manifest.get("image"),
     )
     for batch in source.batches(loader, f"the feature cache build of {cache_dir}"):
         with accelerator.autocast():

@@ -25,7 +25,7 @@ from PIL import Image
 
 from clipit.data.base import ImageDecodeError, decode_image, worker_error
 from clipit.errors import one_line
-from clipit.shards.codec import IMAGE_FIELDS, decode_embedding, image_field, sample_pixels
+from clipit.shards.codec import IMAGE_FIELDS, RAW_FIELD, decode_embedding, image_field, sample_pixels
 from clipit.shards.manifest import REBUILD, ShardError
 from clipit.shards.reader import tar_samples
 
@@ -57,9 +57,10 @@ def load_image(data: bytes | np.ndarray, size: int | None = None) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_sample(sample: dict, load_size: int | None = None) -> tuple:
+def decode_sample(sample: dict, load_size: int | None = None, image: dict | None = None) -> tuple:
     """(image uint8 HWC, label, text embedding, key, report_index) of a shard sample; a bad sample is a
-    ShardError naming the shard (`__url__`) and the sample key."""
+    ShardError naming the shard (`__url__`) and the sample key. `image`: the manifest's image spec; a raw
+    sample whose recorded shape is not the set's would decode as garbled pixels of the same byte count."""
     url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
 
     def bad(what: str) -> ShardError:
@@ -78,6 +79,8 @@ def decode_sample(sample: dict, load_size: int | None = None) -> tuple:
         report_index = meta.get("report_index", -1)
     except Exception as err:  # int(), np.load and json raise several types for garbage
         raise bad(f"cls, emb.npy or json unreadable ({one_line(err)})") from None
+    if image and image.get("codec") == "raw" and field == RAW_FIELD and meta.get("image_shape") != image["shape"]:
+        raise bad(f"image_shape {meta.get('image_shape')!r} where the manifest's raw codec has {image['shape']}")
     try:
         array = load_image(sample_pixels(sample, meta), load_size)
     except ImageDecodeError as err:
@@ -135,6 +138,7 @@ def train_loader(
     load_size: int | None = None,
     shuffle_buffer: int = 2000,
     start_epoch: int = 0,
+    image: dict | None = None,
 ) -> wds.WebLoader:
     """Deterministic full batches for this rank; each `iter()` starts the next epoch.
 
@@ -146,7 +150,7 @@ def train_loader(
     pipeline = train_stream(
         urls,
         tar_samples,
-        [wds.map(lambda s: decode_sample(s, load_size))],
+        [wds.map(lambda s: decode_sample(s, load_size, image))],
         collate,
         batch_size,
         per_worker,
@@ -191,6 +195,7 @@ def eval_loader(
     num_workers: int = 0,
     load_size: int | None = None,
     with_urls: bool = False,
+    image: dict | None = None,
 ) -> wds.WebLoader | list:
     """Each sample once across all ranks: rank r reads shards r, r + world, ... in order. `with_urls`: each
     batch also names every sample's shard ("urls"), for the feature cache's per-shard files."""
@@ -201,7 +206,7 @@ def eval_loader(
         wds.SimpleShardList(mine),
         wds.split_by_worker,
         tar_samples,
-        wds.map(lambda s: decode_sample(s, load_size) + ((s.get("__url__"),) if with_urls else ())),
+        wds.map(lambda s: decode_sample(s, load_size, image) + ((s.get("__url__"),) if with_urls else ())),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     return _Loader(pipeline, batch_size=None, num_workers=min(num_workers, len(mine)))

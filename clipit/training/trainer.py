@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from clipit import layout
 from clipit.config import ExperimentConfig, TrainConfig, dump_config
 from clipit.errors import ClipitError
-from clipit.io import read_json, sha256_file
+from clipit.io import read_json, sha256_file, sweep_stale_temps_in
 from clipit.methods import method_spec
 from clipit.models.clipit import param_groups
 from clipit.models.factory import build_model
@@ -136,6 +136,8 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     with main_process_lock(accelerator, run_dir, "run directory"):
         if summary_path.exists():  # finished by the previous holder of the lock
             return read_json(summary_path)
+        if accelerator.is_main_process:  # a killed writer's half-written files (e.g. .best.safetensors.*.tmp)
+            sweep_stale_temps_in(run_dir)
         return _fit(cfg, method, seed, run_dir, warm_start, accelerator)
 
 
@@ -280,8 +282,15 @@ def batches(cfg: ExperimentConfig, method: str, seed: int, accelerator, manifest
             num_workers=tcfg.num_workers,
             load_size=size,
             start_epoch=epoch,
+            image=manifest.get("image"),
         )
         val_batches = eval_loader(
-            val_source.urls, 2 * tcfg.batch_size, accelerator.process_index, world, tcfg.num_workers, size
+            val_source.urls,
+            2 * tcfg.batch_size,
+            accelerator.process_index,
+            world,
+            tcfg.num_workers,
+            size,
+            image=manifest.get("image"),
         )
     return train_source, val_source, train_batches, val_batches
