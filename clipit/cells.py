@@ -86,19 +86,26 @@ def last_error_line(tail: str) -> str:
 
 
 def _pump(fd: int, stream, keep: list[str] | None) -> None:
-    """Copy a child's output to `stream` as it comes; keep its tail (for the error line)."""
+    """Copy a child's output to `stream` as it comes. With `keep` (stderr): keep the tail for the error
+    line, and hold back the child's `clipit: error:` line, which the parent's one line quotes."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
     while True:
         try:
             chunk = os.read(fd, 65536)
         except OSError:  # a pty's end of file
             chunk = b""
-        text = decoder.decode(chunk, final=not chunk)
+        text = pending + decoder.decode(chunk, final=not chunk)
+        pending = ""
+        if keep is not None:
+            lines = re.split(r"(?<=[\r\n])", text)  # whole lines (a bar's \r ends one too)
+            if chunk and (lines[-1].startswith(ERROR_PREFIX) or ERROR_PREFIX.startswith(lines[-1])):
+                pending = lines.pop()  # may be the error line: wait for its end
+            keep[0] = (keep[0] + "".join(lines))[-8192:]
+            text = "".join(line for line in lines if not line.startswith(ERROR_PREFIX))
         if text:
             stream.write(text)
             stream.flush()
-            if keep is not None:
-                keep[0] = (keep[0] + text)[-8192:]
         if not chunk:
             os.close(fd)
             return
