@@ -97,7 +97,7 @@ for step in (lambda: claim_deepspeed_run(a, "runs/b"), lambda: make_accelerator(
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ConfigError")]
     assert len(lines) == 2, proc.stdout
     assert "runs/b: this process already trained runs/a under DeepSpeed" in lines[0]
-    assert "already runs distributed=zero2" in lines[1] and "distributed=ddp" in lines[1]
+    assert "already runs distributed=zero2, precision=fp32" in lines[1] and "distributed=ddp" in lines[1]
     assert all("a process of its own" in line for line in lines)
 
 

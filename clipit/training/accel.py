@@ -59,20 +59,26 @@ def claim_deepspeed_run(accelerator: Accelerator, run: str) -> None:
 
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     """The cell's Accelerator. A second call in the process (evaluation after training) shares
-    accelerate's process state, which must have been made for the same settings."""
+    accelerate's process state, which must have been made for the same settings; they are recorded on
+    that state (under DeepSpeed accelerate itself keeps no precision: the DeepSpeed config has it)."""
     from accelerate.state import AcceleratorState
 
+    want = {"distributed": tcfg.distributed, "precision": tcfg.precision}
     state = AcceleratorState._shared_state  # accelerate's per-process state; empty until the first Accelerator
     if not state:
-        return _build(tcfg)
-    have = ("zero2" if state.get("deepspeed_plugins") else "ddp", state.get("_mixed_precision"))
-    want = (tcfg.distributed, PRECISION[tcfg.precision])
+        accelerator = _build(tcfg)
+        accelerator.state.clipit_settings = want
+        return accelerator
+    have = state.get("clipit_settings")
     if have != want:
+        now = ", ".join(f"{k}={v}" for k, v in (have or {"settings": "unknown"}).items())
         raise ConfigError(
-            f"this process already runs distributed={have[0]}, mixed precision {have[1]}; a cell with "
-            f"distributed={want[0]}, mixed precision {want[1]} needs its own: {ONE_CELL_PER_PROCESS}"
+            f"this process already runs {now}; a cell with distributed={want['distributed']}, "
+            f"precision={want['precision']} needs its own: {ONE_CELL_PER_PROCESS}"
         )
-    return Accelerator(cpu=state.get("_cpu", False), mixed_precision=want[1])  # the plugins come from the state
+    return Accelerator(
+        cpu=state.get("_cpu", False), mixed_precision=PRECISION[tcfg.precision]
+    )  # plugins: from the state
 
 
 def requested_processes(parent_cmdline: list[str] | None = None) -> int | None:
