@@ -6,8 +6,8 @@
     (python launchers/pair.py and python launchers/shards.py are the same commands)
 
 The work units come from a grid (every distinct pairing / shard directory its cells read; all
-backbones of a dataset share them) or from one experiment config (`--config` + `--set`). Each unit
-runs the stage of the matching command in the job's process:
+backbones of a dataset share them) or from one experiment config (`--config` + `--set`). Each job
+runs the matching command in a process of its own (clipit/cells.py), built from a `StageJob`:
 
     pairing:   clipit pair  --config CFG --set ...                          (one array task per pairing dir)
     parts:     clipit shard build --config CFG --set ... --part I --num-parts N   (one array per shard dir)

@@ -5,7 +5,8 @@
 
 The launcher process only plans and submits. Each array task runs `clipit.hpc.task.run_task` on a
 compute node (see clipit/hpc/task.py): the cells of its chain in order, each exactly
-`clipit train --config CFG --set ... --method M --seed S`, resumable after a requeue.
+`clipit train --config CFG --set ... --method M --seed S` in a process of its own, resumable after a
+requeue. The CLI hands it a typed `GridRequest` (clipit/hpc/requests.py).
 """
 
 from __future__ import annotations
