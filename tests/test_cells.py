@@ -148,3 +148,34 @@ def test_demo_with_a_corrupt_warm_start_finishes_the_other_cells(tiny_shards, tm
         assert json.loads((out / "runs" / method / "seed-1" / "metrics.json").read_text())["n"] == 128
     assert "clipit seed 1: balanced accuracy" in proc.stdout  # the children's output reached the user
     assert not (out / "results.md").exists()
+
+
+def test_a_stop_signal_reaches_the_cell_then_the_parents_own_handler():
+    """SIGUSR2 to the parent (SLURM before the time limit) goes to the running cell, which saves and
+    exits; submitit's handler (here a recorder) runs only after the cell has exited."""
+    import signal
+
+    from clipit.cells import _after_signals, _forward_signals
+
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR2, lambda *a: sys.exit(7))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    seen = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append((signum, child.poll())))
+    try:
+        assert child.stdout.readline() == "ready\n"  # its handler is installed: no race
+        previous, pending = _forward_signals(child)
+        signal.raise_signal(signal.SIGUSR2)
+        assert child.wait(timeout=60) == 7 and pending == [signal.SIGUSR2] and seen == []
+        _after_signals(previous, pending)
+        assert seen == [(signal.SIGUSR2, 7)]  # the parent's handler ran after the cell exited
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
