@@ -138,11 +138,22 @@ def _build(tcfg: TrainConfig) -> Accelerator:
         # drops DeepSpeed when cpu=True; on a CPU machine DeepSpeed brings its own CPU accelerator (gloo)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         kwargs["cpu"] = False
+        if "LOCAL_RANK" not in os.environ:  # no launcher: a group of one here, or DeepSpeed looks for MPI
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
             from accelerate.state import PartialState
 
             PartialState(cpu=False, backend="gloo")  # with no backend accelerate would treat it as 1 process
     return Accelerator(**kwargs)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:

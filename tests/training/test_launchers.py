@@ -80,6 +80,17 @@ def test_one_process_without_a_launcher_is_fine(tmp_path, tiny_shards):
     assert "world size 1, backend none, device cpu, precision fp32" in proc.stdout
 
 
+def test_zero2_without_a_launcher_is_a_group_of_one(tmp_path, tiny_shards):
+    """Without a launcher's env, DeepSpeed would look for MPI (mpi4py) and fail in a traceback."""
+    sets = [f"output_dir={tmp_path}", *tiny_shards, *PROBE, "methods.unimodal.distributed=zero2"]
+    proc = run_clipit(
+        "train", "--config", TINY, "--method", "unimodal", "--seed", "0", *[a for s in sets for a in ("--set", s)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 1, backend gloo" in proc.stdout and "distributed zero2" in proc.stdout
+    assert (tmp_path / "runs" / "unimodal" / "seed-0" / "metrics.json").exists()
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_zero2_with_several_seeds_in_one_launch_runs_a_process_per_seed(tmp_path, tiny_shards):
