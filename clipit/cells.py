@@ -98,7 +98,7 @@ def _pump(fd: int, stream, keep: list[str] | None) -> None:
         text = pending + decoder.decode(chunk, final=not chunk)
         pending = ""
         if keep is not None:
-            lines = re.split(r"(?<=[\r\n])", text)  # whole lines (a bar's \r ends one too)
+            lines = re.split(r"(?<=\n)|(?<=\r)(?!\n)", text)  # whole lines (a bar's \r ends one too)
             if chunk and (lines[-1].startswith(ERROR_PREFIX) or ERROR_PREFIX.startswith(lines[-1])):
                 pending = lines.pop()  # may be the error line: wait for its end
             keep[0] = (keep[0] + "".join(lines))[-8192:]
