@@ -25,12 +25,12 @@ def valid_choices() -> str:
     """The names a config may use, read from their registries (so --help never goes stale)."""
     from clipit.config import TrainConfig
     from clipit.data.registry import DATASETS
+    from clipit.methods import method_names
     from clipit.models.backbones import BACKBONES
-    from clipit.models.factory import METHODS
 
     finetune = TrainConfig.__dataclass_fields__["finetune"].type
     return (
-        f"method kinds (methods.<name>.method): {', '.join(METHODS)}\n"
+        f"method kinds (methods.<name>.method): {', '.join(method_names())}\n"
         f"fine-tuning (methods.<name>.finetune): {finetune.replace('Literal', '').strip('[]')}\n"
         f"backbones (model.backbone): {', '.join(BACKBONES)}, or timm:<name>\n"
         f"datasets (data.name): demo, {', '.join(DATASETS)}\n"
@@ -333,6 +333,13 @@ def prepare_request(args, stage: str):
     )
 
 
+def cmd_prepare_demo(args) -> None:
+    from clipit.demo_inputs import prepare_demo
+
+    if not prepare_demo(_config(args)):
+        print("the demo inputs are prepared already")
+
+
 def cmd_prepare_pair(args) -> int:
     from clipit.hpc.prepare import prepare_pair
 
@@ -467,8 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
         "measured (its .md or .json; default runs/gpu-check.json if present, else assumed)",
     )
 
-    prepare = sub.add_parser("prepare", help="pairing and shard building as SLURM array jobs", parents=[common])
+    prepare = sub.add_parser(
+        "prepare",
+        help="inputs: the demo's generated data here; pairing and shards as SLURM array jobs",
+        parents=[common],
+    )
     prepare_sub = prepare.add_subparsers(dest="action", required=True, metavar="STAGE", parser_class=ChoicesHelpParser)
+    command(
+        "demo",
+        cmd_prepare_demo,
+        "generate the demo's images, report corpus and demo CLIP into the config's paths (skips what exists)",
+        prepare_sub,
+    )
     for name, func, help_ in (
         ("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
         (

@@ -18,7 +18,8 @@ import yaml
 
 from clipit.errors import ConfigError
 from clipit.layout import check_name
-from clipit.typed_yaml import Items, Range, apply_override, expand_path, from_dict, read_yaml
+from clipit.methods import method_names, method_spec
+from clipit.typed_yaml import Items, OneOf, Range, apply_override, expand_path, from_dict, read_yaml
 
 # ---------------------------------------------------------------------------------------------
 # Valid ranges: the one home of each key's bounds (the loader checks them, docs/config.md shows them)
@@ -153,11 +154,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    # the model kind; zero_shot, prompt_ft and clip_probe are the CLIP baselines (section clip)
-    method: Literal[
-        "unimodal", "clipit", "text", "late_fusion", "early_fusion", "zero_shot", "prompt_ft", "clip_probe"
-    ] = "clipit"
-    # auto: unimodal, clip_probe and zero_shot frozen, else lora if model.lora.enabled
+    # the model kind, a registered method; zero_shot, prompt_ft and clip_probe are the CLIP baselines (section clip)
+    method: Annotated[str, OneOf(method_names, "clipit/methods.py")] = "clipit"
+    # auto: the method's default (unimodal, clip_probe and zero_shot frozen), else lora if model.lora.enabled
     finetune: Literal["auto", "frozen", "lora", "full"] = "auto"
     epochs: PositiveFloat = 1.0  # passes over the train split (fractions allowed)
     batch_size: Positive = 64  # per process
@@ -258,39 +257,38 @@ def check_sections(cfg: ExperimentConfig, where: str = "<config>") -> None:
             )
 
 
-CLIP_METHODS = ("zero_shot", "prompt_ft", "clip_probe")  # the CLIP baselines: their model is the `clip` section's CLIP
-
-
 def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
-    """Settings that only make sense together (each error names the key and the fix)."""
+    """Settings that only make sense together (each error names the key and the fix); what a method
+    admits is its spec's (clipit/methods.py)."""
+    towers = " or ".join(n for n in method_names() if method_spec(n).text_tower)
+    probes = " or ".join(n for n in method_names() if method_spec(n).imports_head)
     for name, m in cfg.methods.items():
         key = f"methods.{name}"
         check_name(name, f"{where}: {key}: method name")
-        if m.method in CLIP_METHODS and (m.warm_start or m.text_warm_start):
+        spec = method_spec(m.method, f"{where}: {key}.method")
+        hint = f", {spec.hint}" if spec.hint else ""
+        if spec.uses_clip and (m.warm_start or m.text_warm_start):
             raise ConfigError(
                 f"{where}: {key}: method {m.method} starts from the CLIP (section clip), not from "
                 "another run; remove warm_start / text_warm_start"
             )
-        if m.method == "zero_shot" and m.finetune not in ("auto", "frozen"):
+        if not spec.trains and m.finetune not in ("auto", "frozen"):
             raise ConfigError(
-                f"{where}: {key}.finetune = {m.finetune!r}: zero_shot trains nothing; use finetune: "
-                "auto, or method prompt_ft to fine-tune the CLIP"
+                f"{where}: {key}.finetune = {m.finetune!r}: {m.method} trains nothing; use finetune: auto{hint}"
             )
-        if m.method == "prompt_ft" and (
-            m.finetune == "frozen" or (m.finetune == "auto" and not cfg.model.lora.enabled)
-        ):
+        if spec.towers_only and spec.finetune(m.finetune, cfg.model.lora.enabled) == "frozen":
             raise ConfigError(
-                f"{where}: {key}: prompt_ft with frozen towers trains nothing; set finetune: lora "
-                "(or full), or model.lora.enabled: true, or use method zero_shot"
+                f"{where}: {key}: {m.method} with frozen towers trains nothing; set finetune: lora "
+                f"(or full), or model.lora.enabled: true{hint}"
             )
         if m.text_warm_start and not m.warm_start:
             raise ConfigError(
                 f"{where}: {key}.text_warm_start = {m.text_warm_start!r} needs warm_start too (the text "
                 "run is found next to the warm-start run of the same seed)"
             )
-        if m.text_encoder == "tower" and m.method != "clipit":
+        if m.text_encoder == "tower" and not spec.text_tower:
             raise ConfigError(
-                f"{where}: {key}.text_encoder: tower is for method clipit (got {m.method!r}); use text_encoder: cached"
+                f"{where}: {key}.text_encoder: tower is for method {towers} (got {m.method!r}); use text_encoder: cached"
             )
         if m.text_encoder == "tower" and m.lam == 0:
             raise ConfigError(
@@ -306,10 +304,10 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
                 f"{where}: {key}.pretrained_lr is for finetune: full (got finetune {m.finetune!r}: the "
                 "pretrained weights do not train); remove pretrained_lr or set finetune: full"
             )
-        if m.head_from and m.method != "unimodal":
+        if m.head_from and not spec.imports_head:
             raise ConfigError(
-                f"{where}: {key}.head_from imports a linear probe, so it is for method unimodal (got "
-                f"{m.method!r}); remove it, or warm-start this method from a unimodal method that has it"
+                f"{where}: {key}.head_from imports a linear probe, so it is for method {probes} (got "
+                f"{m.method!r}); remove it, or warm-start this method from a {probes} method that has it"
             )
         if m.patience and m.select == "last":
             raise ConfigError(

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from clipit.errors import ClipitError, one_line
-from clipit.io import atomic_write_text
+from clipit.io import atomic_write_text, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,11 @@ def load_project_map(src: str | os.PathLike | Mapping[str, str] | None) -> dict[
             )
         try:
             if p.suffix == ".json":
-                try:
-                    data = json.loads(p.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as e:
-                    raise CorpusError(
-                        f"{p}: project map is not valid JSON ({e.msg}, line {e.lineno}); fix reports.project_map"
-                    ) from None
-                if not isinstance(data, dict):
-                    raise CorpusError(f"{p}: a json project map must be an object of barcode -> project")
+                data = read_json_object(
+                    p,
+                    "a json project map is an object of barcode -> project; fix reports.project_map",
+                    error=lambda path, why: CorpusError(f"{path}: project map: {why}"),
+                )
                 return load_project_map(data)
             with open(p, encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")

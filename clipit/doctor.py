@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from clipit.config import ExperimentConfig
+from clipit.demo_inputs import PREPARE, pending
 from clipit.errors import ClipitError, one_line
+from clipit.methods import method_spec
 from clipit.progress import Progress
 
 OK, FAIL, INFO = "✓", "✗", "·"
@@ -39,15 +41,19 @@ class Check:
         return f"{self.status} {self.what}: {self.detail}"
 
 
+def _to_prepare(path: str) -> str:
+    return f"{path}: not prepared yet; `{PREPARE}` makes it (`clipit demo`, `pair` and `shard build` run it first)"
+
+
 def check_paths(cfg: ExperimentConfig) -> list[Check]:
     out = []
-    for what, value in [("data", cfg.data.root), ("reports", cfg.reports.path)]:
-        if cfg.data.name == "demo":
-            out.append(Check(INFO, what, f"demo: generated at run time under {value}"))
+    waiting = pending(cfg)
+    for what, key, value in [("data", "data.root", cfg.data.root), ("reports", "reports.path", cfg.reports.path)]:
+        if key in waiting:
+            out.append(Check(INFO, what, _to_prepare(value)))
         elif value and Path(value).exists():
             out.append(Check(OK, what, f"{value} exists"))
         else:
-            key = "data.root" if what == "data" else "reports.path"
             out.append(Check(FAIL, what, f"{value} not found; fix {key}"))
     return out
 
@@ -59,35 +65,23 @@ def _sizes(dataset) -> str:
 def check_inputs(cfg: ExperimentConfig, echo: Callable[[str], None] | None = None) -> list[Check]:
     """The dataset, the corpus and the pairing texts, built by the functions `clipit pair` calls first.
 
-    The demo generates its data at run time (doctor writes nothing), so only its declared sizes are
-    checked. A missing data.root or reports.path is already a ✗ of check_paths."""
-    from clipit.pipeline import build_image_dataset, check_split_names, check_split_sizes, load_corpus, pairing_inputs
+    Inputs that `clipit prepare demo` has still to make are not read (doctor writes nothing); what
+    exists is read by the same readers as every dataset's. A missing data.root or reports.path is
+    already a ✗ or · of check_paths."""
+    from clipit.pipeline import build_image_dataset, load_corpus, pairing_inputs
 
-    if cfg.data.name == "demo":
-        counts = cfg.data.demo.counts
-        try:
-            check_split_names(cfg.data.expected_sizes, tuple(counts))
-            check_split_sizes(cfg.data.root, counts, cfg.data.expected_sizes)
-        except ClipitError as err:
-            return [Check(FAIL, "dataset", one_line(err, limit=2000))]
-        return [
-            Check(
-                INFO,
-                "dataset",
-                "demo: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " generated at run time",
-            )
-        ]
+    waiting = pending(cfg)
     if echo:
         echo(f"· dataset: reading {cfg.data.name} at {cfg.data.root} ...")
     out: list[Check] = []
     dataset = reports = None
-    if Path(cfg.data.root).exists():
+    if Path(cfg.data.root).exists() and "data.root" not in waiting:
         try:
             dataset = build_image_dataset(cfg)
             out.append(Check(OK, "dataset", f"{cfg.data.name}: {_sizes(dataset)}; {len(dataset.classes)} classes"))
         except ClipitError as err:
             out.append(Check(FAIL, "dataset", one_line(err, limit=2000)))
-    if Path(cfg.reports.path).exists():
+    if Path(cfg.reports.path).exists() and "reports.path" not in waiting:
         try:
             reports = load_corpus(cfg)
             r = cfg.reports
@@ -126,7 +120,7 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
     from clipit.config import ConfigError
     from clipit.models.backbones import BackboneError, build_backbone, get_spec, resolve_weights
 
-    users = sorted(name for name, t in cfg.methods.items() if t.method != "text")
+    users = sorted(name for name, t in cfg.methods.items() if method_spec(t.method).vision is not None)
     if not users:
         return []
     name = cfg.model.backbone
@@ -176,11 +170,8 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
     after = " (shards are built, so only a re-pairing needs it)" if optional else ""
     if tower:
         what += f" (text tower of {', '.join(tower)})"
-    if name == "demo-clip":
-        path = cfg.pairing.checkpoint
-        if path and Path(path).exists():
-            return [Check(OK, what, f"{path} exists")]
-        return [Check(INFO, what, "trained by `clipit demo` when missing")]
+    if "pairing.checkpoint" in pending(cfg):
+        return [Check(INFO, what, _to_prepare(cfg.pairing.checkpoint))]
     try:
         checkpoint = resolve_pairing_checkpoint(name, cfg.pairing.checkpoint, cfg.model.weights_file)
     except WeightsError as err:
@@ -238,13 +229,11 @@ def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
 
 
 def check_methods(cfg: ExperimentConfig) -> list[Check]:
-    from clipit.models.clipit import resolve_finetune
-
     if not cfg.methods:
         return [Check(FAIL, "methods", "the config defines no methods")]
     out = []
     for name, t in cfg.methods.items():  # warm-start names and cycles were checked when the config loaded
-        mode = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, cfg.model.lora.enabled)
+        mode = method_spec(t.method).finetune_shown(t.finetune, cfg.model.lora.enabled)
         warm = (f", warm start {t.warm_start}" if t.warm_start else "") + (
             f", text warm start {t.text_warm_start}" if t.text_warm_start else ""
         )

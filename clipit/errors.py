@@ -49,7 +49,8 @@ class OutputError(ClipitError):
     """An output cannot be written: its disk is full or over quota, or its file system is read-only."""
 
 
-WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a quota, a read-only file system
+# a full disk, a quota, a read-only file system, a folder the user may not write
+WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # what cli.main maps when it escapes a writer outside clipit/io.py
 # The setting that moves a command's outputs; `clipit report` says --out (output_setting below).
 _ELSEWHERE = contextvars.ContextVar("clipit_output_setting", default="set output_dir elsewhere")
@@ -70,6 +71,8 @@ def write_fault_message(code: int) -> str:
     elsewhere = _ELSEWHERE.get()
     if code == errno.EROFS:
         return f"read-only file system ({elsewhere})"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"no permission to write there (fix its permissions or {elsewhere})"
     if code == errno.EDQUOT:
         return f"disk quota exceeded (free space or {elsewhere})"
     return f"no space left on device (free space or {elsewhere})"
@@ -85,8 +88,8 @@ def write_fault(err: BaseException, codes=tuple(WRITE_FAULTS)) -> int | None:
             return err.errno
         if not isinstance(err, ClipitError):
             text = str(err)
-            for code in codes:
-                if os.strerror(code) in text:
+            for code in codes:  # "Permission denied" in a message may be a read: only an errno counts for it
+                if code not in (errno.EACCES, errno.EPERM) and os.strerror(code) in text:
                     return code
         err = err.__cause__ or err.__context__
     return None

@@ -17,7 +17,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,9 @@ def _as_write_fault(err: Exception, path: Path, probe: Path) -> OutputError | No
     if isinstance(err, ClipitError):
         return None
     code = write_fault(err)
+    if code in (errno.EACCES, errno.EPERM) and getattr(err, "filename", None) is not None:
+        if Path(err.filename).parent != path.parent:  # an input the block read, not this output
+            return None
     if code is None:
         with contextlib.suppress(OSError):
             st = os.statvfs(probe)
@@ -69,6 +75,56 @@ def make_dirs(path: str | Path) -> Path:
     return path
 
 
+def temp_prefix(name: str) -> str:
+    """`.NAME.HOST-PID.`: a temporary sibling of output NAME says who wrote it, so a later start can sweep
+    the ones whose writer is gone (killed) without touching those of a writer still running."""
+    return f".{name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(path: str | Path, suffixes: tuple[str, ...] = (".tmp", ".rows")) -> list[Path]:
+    """Remove the temporary siblings of output `path` left by a writer on this host that no longer runs
+    (kill -9, a power loss); returns them. Others' temporaries, and a live writer's, stay."""
+    path = Path(path)
+    mine = f".{path.name}.{socket.gethostname()}-"
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in path.parent.iterdir():
+            pid = entry.name[len(mine) :].split(".", 1)[0]
+            if entry.name.startswith(mine) and entry.name.endswith(suffixes) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def termination_cleans_up(signals: tuple[int, ...] = (signal.SIGTERM,)):
+    """Within the block, SIGTERM (what SLURM preemption and `kill` send) ends the process through Python
+    (SystemExit 128+signal), so the atomic writers' cleanup runs and no temporary file is left behind."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    try:
+        for sig in signals:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to install
+                previous[sig] = signal.signal(sig, stop)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; it replaces `path` (fsynced first) only if the block succeeds.
@@ -80,7 +136,7 @@ def atomic_path(path: str | Path):
     tmp = None
     try:
         make_dirs(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
         yield Path(tmp)
         _fsync(Path(tmp))
@@ -107,7 +163,7 @@ def atomic_dir(path: str | Path):
     tmp = None
     try:
         make_dirs(path.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent))
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
@@ -161,6 +217,41 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def _unreadable(path: Path, why: str) -> ClipitError:
+    return ClipitError(f"{path}: {why}")
+
+
+def read_json_object(
+    path: str | Path,
+    fix: str = "",
+    error: Callable[[Path, str], Exception] = _unreadable,
+    missing_ok: bool = False,
+) -> dict | None:
+    """The JSON object stored in `path`: the one reader that maps every way such a file can be bad to one line.
+
+    Missing (None with `missing_ok`), unreadable, not UTF-8, not JSON, or JSON that is not an object each
+    raise `error(path, why)`, where `why` says what is wrong and ends in `; fix` when a fix is given."""
+    path = Path(path)
+    suffix = f"; {fix}" if fix else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise error(path, f"not found{suffix}") from None
+    except UnicodeDecodeError:
+        raise error(path, f"not UTF-8 text{suffix}") from None
+    except OSError as err:
+        raise error(path, f"cannot read ({err.strerror or type(err).__name__}){suffix}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(path, f"not valid JSON ({err.msg} at line {err.lineno}){suffix}") from None
+    if not isinstance(data, dict):
+        raise error(path, f"holds a JSON {type(data).__name__}, not an object{suffix}")
+    return data
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -18,10 +18,11 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
-from clipit.errors import ClipitError
+from clipit.errors import WRITE_FAULTS, ClipitError, write_fault_message
 
 LOCK_FILE = ".clipit.lock"
 ENV_NO_LOCK = "CLIPIT_NO_LOCK"
@@ -40,9 +41,34 @@ class LockHeld(LockError):
 def holder(directory: str | Path) -> dict | None:
     """Who holds (or last held) the lock of `directory`, as recorded in its lock file."""
     try:
-        return json.loads((Path(directory) / LOCK_FILE).read_text() or "null")
+        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            return json.loads(fh.read(4096) or b"null") if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) else None
     except (OSError, ValueError):
         return None
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file, opened without following a link: a lock file replaced by a symbolic link (or by
+    anything but a plain file) is refused, so taking a lock never writes outside its directory."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if err.errno in WRITE_FAULTS:  # a read-only or foreign run folder: nothing can be written there
+            raise LockError(f"{path}: cannot create the lock file: {write_fault_message(err.errno)}") from None
+        if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise LockError(
+                f"{path}: the lock file is a {'symbolic link' if path.is_symlink() else 'non-regular file'}, which "
+                f"clipit never follows or writes; delete it and rerun (one writer per directory)"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockError(f"{path}: the lock file is not a regular file; delete it and rerun (one writer per directory)")
+    return fd
 
 
 @contextlib.contextmanager
@@ -54,9 +80,14 @@ def exclusive(directory: str | Path, what: str = "directory", wait_s: float = 0.
     if os.environ.get(ENV_NO_LOCK, "").lower() in ("1", "true", "yes"):
         yield
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno not in WRITE_FAULTS:
+            raise
+        raise LockError(f"{directory}: cannot create this {what}: {write_fault_message(err.errno)}") from None
     path = directory / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
         deadline = time.monotonic() + wait_s
         while True:

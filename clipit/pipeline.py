@@ -17,6 +17,7 @@ from clipit.cells import ChainCell, ConfigSource, cell_argv, chain_error, run_ch
 from clipit.config import ConfigError, ExperimentConfig, method_order
 from clipit.corpus import Report, load_reports
 from clipit.data.base import DatasetError, ImageDataset
+from clipit.demo_inputs import prepare_demo_clip, prepare_demo_data
 from clipit.io import atomic_write_json, atomic_write_text, read_json
 
 
@@ -24,39 +25,18 @@ def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
     """The config's image dataset, its split sizes checked against `data.expected_sizes`: readers with
     official sizes (pcam, crc, bach) take them in place of their own; for the others (folder, demo)
     the sizes are checked here once the dataset is listed."""
+    from clipit.data.registry import DATASETS, build_dataset, check_split_names
+
     expected = cfg.data.expected_sizes
-    if cfg.data.name == "demo":
-        from clipit.data import demo
-        from clipit.data.folder import ImageFolderDataset
-
-        d = cfg.data.demo
-        check_split_names(expected, tuple(d.counts))
-        demo.write_demo_images(Path(cfg.data.root), d.counts, d.image_size, d.seed)
-        dataset = ImageFolderDataset(cfg.data.root, splits=tuple(d.counts), classes=demo.DEMO_CLASSES)
-        dataset.name, dataset.fixed_size = "demo", True  # data.demo.image_size square
-    else:
-        from clipit.data.registry import DATASETS, build_dataset
-
-        factory = DATASETS.get(str(cfg.data.name).lower())
-        takes_sizes = factory is not None and "expected_sizes" in inspect.signature(factory).parameters
-        if factory is not None:
-            check_split_names(expected, tuple(getattr(factory, "splits", ImageDataset.splits)))
-        options = {"expected_sizes": expected} if takes_sizes and expected is not None else {}
-        dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
-        if takes_sizes:
-            return dataset
-    check_split_sizes(cfg.data.root, {s: dataset.split_size(s) for s in dataset.splits}, expected)
+    factory = DATASETS.get(str(cfg.data.name).lower())
+    takes_sizes = factory is not None and "expected_sizes" in inspect.signature(factory).parameters
+    if factory is not None:
+        check_split_names(expected, tuple(getattr(factory, "splits", ImageDataset.splits)))
+    options = {"expected_sizes": expected} if takes_sizes and expected is not None else {}
+    dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
+    if not takes_sizes:
+        check_split_sizes(cfg.data.root, {s: dataset.split_size(s) for s in dataset.splits}, expected)
     return dataset
-
-
-def check_split_names(expected: dict[str, int] | None, splits: tuple[str, ...]) -> None:
-    """A split that `data.expected_sizes` names but the dataset lacks would go unchecked: an error."""
-    unknown = sorted(set(expected or {}) - set(splits))
-    if unknown:
-        raise ConfigError(
-            f"data.expected_sizes names split(s) {unknown}, but the dataset's splits are "
-            f"{list(splits)}; use those names"
-        )
 
 
 def check_split_sizes(root, sizes: dict[str, int], expected: dict[str, int] | None) -> None:
@@ -69,31 +49,8 @@ def check_split_sizes(root, sizes: dict[str, int], expected: dict[str, int] | No
             )
 
 
-def ensure_demo_clip(cfg: ExperimentConfig) -> None:
-    """The demo's stand-in for CONCH: a small CLIP trained once on a separate paired set."""
-    from clipit.data import demo
-    from clipit.pairing import demo_clip
-
-    if cfg.pairing.model != "demo-clip" or Path(cfg.pairing.checkpoint).exists():
-        return
-    d = cfg.data.demo
-    images, _, captions = demo.make_paired_set(d.n_paired, d.image_size, seed=d.seed + 2)
-    demo_clip.train_demo_clip(
-        images,
-        captions,
-        Path(cfg.pairing.checkpoint).parent,
-        seconds=d.clip_seconds,
-        seed=d.seed,
-        max_steps=d.clip_steps,
-    )
-
-
 def load_corpus(cfg: ExperimentConfig) -> list[Report]:
     r = cfg.reports
-    if cfg.data.name == "demo" and not Path(r.path).exists():  # the demo's unpaired corpus, made once
-        from clipit.data import demo
-
-        demo.write_reports_jsonl(Path(r.path), demo.make_reports(cfg.data.demo.n_reports, seed=cfg.data.demo.seed + 1))
     return load_reports(
         r.path,
         fmt=r.format,
@@ -129,7 +86,7 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
     done = current_pairs(cfg, dataset, texts)
     if done is not None:
         return done
-    ensure_demo_clip(cfg)
+    prepare_demo_clip(cfg)
     checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
     model = build_pairing_model(p.model, checkpoint, p.device, p.precision)
     return pair_dataset(
@@ -198,6 +155,7 @@ def pair_stage(cfg: ExperimentConfig, log=print) -> dict[str, Path]:
     """`clipit pair`: pairs of every split (skipped when current), and the class agreement where known."""
     from clipit.pairing.texts import pairing_texts
 
+    prepare_demo_data(cfg, log)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
     paths = run_pairing(cfg, dataset, reports)
     agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), paths)
@@ -216,6 +174,8 @@ def shard_stage(
 
     if (part is None) != (num_parts is None):
         raise ShardError("give --part I and --num-parts N together (0 <= I < N)")
+    if part is None:  # array parts find the inputs prepared by `clipit prepare demo` or `clipit pair`
+        prepare_demo_data(cfg)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
     if part is None and not finalize:
         pairs = run_pairing(cfg, dataset, reports)
@@ -293,6 +253,7 @@ def run_all(cfg: ExperimentConfig, source: ConfigSource, log=print) -> dict:
     {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}."""
     from clipit.evaluation.evaluate import format_table, summarize
 
+    prepare_demo_data(cfg, log)
     dataset = build_image_dataset(cfg)
     reports = load_corpus(cfg)
     log(

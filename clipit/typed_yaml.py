@@ -2,7 +2,7 @@
 
 Reading a YAML file as one error line, `--set key=value` overrides, coercion of every value to its
 field's type (dataclasses, Optional/Union, Literal, list, dict, finite floats), the valid ranges written
-on a field's type (`Annotated[int, Range(ge=1)]`, `Items(...)`: checked here, listed in docs/config.md)
+on a field's type (`Annotated[int, Range(ge=1)]`, `Items(...)`, `OneOf(...)`: checked here, listed in docs/config.md)
 and `${VAR}` expansion in path values. Knows nothing of clipit's sections.
 """
 
@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -64,6 +65,18 @@ class Items:
         return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class OneOf:
+    """A name from a registry that may grow after import (`names` is asked at each check)."""
+
+    names: Callable[[], Iterable[str]]
+    what: str = ""  # where the names are registered, for the reference
+
+    def text(self) -> str:
+        listed = ", ".join(f"`{n}`" for n in self.names())
+        return f"one of {listed}" + (f" ({self.what})" if self.what else "")
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
@@ -73,7 +86,7 @@ def rules_of(tp) -> tuple:
     if typing.get_origin(tp) in (Union, types.UnionType):
         return tuple(r for a in typing.get_args(tp) for r in rules_of(a))
     if typing.get_origin(tp) is Annotated:
-        return tuple(a for a in typing.get_args(tp)[1:] if isinstance(a, (Range, Items)))
+        return tuple(a for a in typing.get_args(tp)[1:] if isinstance(a, (Range, Items, OneOf)))
     return ()
 
 
@@ -95,10 +108,19 @@ def expand_path(value: str, key: str, where: str, config_dir: Path | None = None
             )
         return os.environ[name]
 
-    out = _VAR.sub(sub, value)
-    if re.search(r"\$[A-Za-z_{]", out):  # $NAME or an unclosed ${: not expanded, would become a literal folder
+    # $NAME or an unclosed ${ in what was written (not in a variable's value, which may hold a `$`) would
+    # become a literal folder
+    if re.search(r"\$[A-Za-z_{]", _VAR.sub("", value)):
         raise ConfigError(f"{where}: {key} = {value!r}: write environment variables as ${{NAME}}")
-    return os.path.expanduser(out)
+    out = _VAR.sub(sub, value)
+    expanded = os.path.expanduser(out)
+    if expanded.startswith("~"):  # ~name of a user this machine does not know: expanduser leaves it as it is
+        user = expanded[1:].split("/", 1)[0]
+        raise ConfigError(
+            f"{where}: {key} = {value!r}: there is no user {user!r} here for ~{user}; write the path out "
+            "(or ~/... for your own home)"
+        )
+    return expanded
 
 
 def read_yaml(path: Path, what: str):
@@ -192,6 +214,8 @@ def _coerce(tp, value, where: str, key: str):
                 )
             if isinstance(rule, Items) and rule.unique and len(set(out)) != len(out):
                 raise ConfigError(f"{where}: {key} = {out!r} repeats an item; list each once")
+            if isinstance(rule, OneOf) and out not in (names := list(rule.names())):
+                raise ConfigError(f"{where}: {key} = {out!r} is not one of {names}")
         return out
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

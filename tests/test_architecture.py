@@ -20,6 +20,7 @@ LAYERS = [
             "clipit.io",
             "clipit.layout",
             "clipit.typed_yaml",
+            "clipit.methods",
             "clipit.config",
             "clipit.weights",
             "clipit.metrics",
@@ -37,7 +38,7 @@ LAYERS = [
     ("training", ["clipit.training"]),
     ("evaluation", ["clipit.evaluation"]),
     ("results", ["clipit.results"]),
-    ("stages", ["clipit.pipeline", "clipit.doctor", "clipit.cells"]),
+    ("stages", ["clipit.demo_inputs", "clipit.pipeline", "clipit.doctor", "clipit.cells"]),
     ("hpc", ["clipit.hpc"]),
     ("cli", ["clipit.cli", "clipit.__main__"]),
 ]

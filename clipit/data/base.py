@@ -145,7 +145,7 @@ def decode_image(data: bytes) -> Image.Image:
             with Image.open(io.BytesIO(data)) as img:
                 rawmode = _rawmode(img)
                 img.load()
-                return _to_rgb(img, rawmode)
+                return upright(_to_rgb(img, rawmode), exif_orientation(img))
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
@@ -157,6 +157,38 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError("not an image (PIL cannot identify its format)") from None
     except Exception as err:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, struct.error ...)
         raise ImageDecodeError(one_line(err)) from None
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation a camera or scanner recorded (1 = as stored); unreadable EXIF counts as 1."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block must not make a readable image unreadable
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """`img` as its EXIF orientation says it is seen (a phone photo of a tile, a rotated JPEG export)."""
+    return img.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else img
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as seen, from the header alone: orientations 5-8 swap the sides."""
+    width, height = img.size
+    return (height, width) if exif_orientation(img) in (5, 6, 7, 8) else (width, height)
 
 
 def _rawmode(img: Image.Image) -> str:

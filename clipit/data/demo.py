@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from clipit.io import atomic_dir, atomic_write_text
+from clipit.data.base import DatasetError
+from clipit.data.folder import ImageFolderDataset
+from clipit.io import atomic_dir, atomic_write_text, read_json_object
 
 DEMO_CLASSES: tuple[str, ...] = ("lymphocytes", "normal_mucosa", "stroma", "tumor")
 LYM, MUC, STR, TUM = range(4)
+META_FILE = "demo_meta.json"  # what a demo folder holds, written last: its presence marks it complete
 GENERATOR_VERSION = 1  # bump when rendering changes, so cached demo folders are rebuilt
 # Separate seed streams so the demo images, the CLIP's paired set and the reports never share draws.
 _STREAM_IMAGES, _STREAM_PAIRED, _STREAM_REPORTS = 11, 22, 33
@@ -119,24 +122,31 @@ def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(np.arange(n) % len(DEMO_CLASSES))
 
 
-def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0) -> Path:
-    """Write root/<split>/<class>/<split>_<idx:06d>.png. Skips if root holds the same (counts, size, seed);
-    rebuilds otherwise. Built in a temp sibling then renamed, so root is never half-written."""
-    root = Path(root)
-    meta = {
+def _request(counts: dict[str, int], size: int, seed: int) -> dict:
+    return {
         "counts": {k: int(v) for k, v in counts.items()},
         "size": int(size),
         "seed": int(seed),
         "classes": list(DEMO_CLASSES),
         "generator_version": GENERATOR_VERSION,
     }
-    meta_path = root / "demo_meta.json"
-    if meta_path.is_file():
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                return root
-        except (OSError, ValueError):
-            pass
+
+
+def images_current(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0) -> bool:
+    """Whether `root` holds a complete demo folder generated with exactly these settings."""
+    try:
+        return json.loads((Path(root) / META_FILE).read_text()) == _request(counts, size, seed)
+    except (OSError, ValueError):
+        return False
+
+
+def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0) -> Path:
+    """Write root/<split>/<class>/<split>_<idx:06d>.png. Skips if root holds the same (counts, size, seed);
+    rebuilds otherwise. Built in a temp sibling then renamed, so root is never half-written."""
+    root = Path(root)
+    meta = _request(counts, size, seed)
+    if images_current(root, counts, size, seed):
+        return root
     with atomic_dir(root) as tmp:  # never a half-built tree: the old one or the new one
         for split, n in counts.items():  # per-split stream keyed by name: splits don't depend on each other
             rng = np.random.default_rng([seed, _STREAM_IMAGES, zlib.crc32(split.encode())])
@@ -149,8 +159,35 @@ def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: 
                     Image.fromarray(img).save(
                         tmp / split / DEMO_CLASSES[labels[j]] / f"{split}_{j:06d}.png", compress_level=1
                     )  # fast; 64-px PNGs are small anyway
-        (tmp / "demo_meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completion
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks completion
     return root
+
+
+class DemoDataset(ImageFolderDataset):
+    """The generated demo images, read like any image folder (`data.name: demo`). Its demo_meta.json says
+    which splits and how many images the folder holds; a folder that disagrees with it is refused."""
+
+    name = "demo"
+    fixed_size = True  # every patch is data.demo.image_size square
+
+    def __init__(self, root: str | Path):
+        root = Path(root)
+
+        def damaged(path: Path, why: str) -> DatasetError:
+            return DatasetError(f"{path}: {why}")
+
+        fix = "generate the demo data with `clipit prepare demo --config CONFIG`"
+        meta = read_json_object(root / META_FILE, fix, error=damaged)
+        counts = meta.get("counts")
+        if meta.get("classes") != list(DEMO_CLASSES) or not isinstance(counts, dict) or not counts:
+            raise damaged(root / META_FILE, f"not a demo folder record; delete {root} and {fix}")
+        super().__init__(root, splits=tuple(counts), classes=DEMO_CLASSES)
+        for split, n in counts.items():
+            if self.split_size(split) != n:
+                raise DatasetError(
+                    f"{root / split}: {self.split_size(split):,} images but {META_FILE} records {n:,}; "
+                    f"delete {root} and {fix}"
+                )
 
 
 # ---- text ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from clipit import layout
 from clipit.config import ExperimentConfig
 from clipit.io import atomic_save_npz, atomic_write_json, read_json
+from clipit.methods import method_spec
 from clipit.metrics import classification_metrics
 from clipit.models.checkpoint import TEXT_TOWER, load_model_state
 from clipit.models.factory import build_model
@@ -75,7 +76,7 @@ def evaluate_run(
             "method": method,
             **classification_metrics(out["labels"], out["logits"], classes),
             "loss": out["loss"],
-            "parameters": count_parameters(model) | extra_inference(cfg, model),
+            "parameters": count_parameters(model) | extra_inference(cfg, tcfg.method),
         }
         if accelerator.is_main_process:
             atomic_save_npz(
@@ -89,10 +90,11 @@ def evaluate_run(
     return metrics
 
 
-def extra_inference(cfg: ExperimentConfig, model: torch.nn.Module) -> dict:
-    """What else runs at test time: a method fed the retrieved report needs the pairing CLIP's image
-    encoder for every test image (the corpus' text embeddings are computed once and cached)."""
-    if not getattr(model, "needs_text", False):
+def extra_inference(cfg: ExperimentConfig, kind: str) -> dict:
+    """What else runs at test time: a method fed the retrieved report (its spec's text_at_test) needs the
+    pairing CLIP's image encoder for every test image (the corpus' text embeddings are computed once and
+    cached)."""
+    if not method_spec(kind).text_at_test:
         return {}
     from clipit.pairing.engine import ENCODER_FILE
 

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from clipit import layout
-from clipit.config import CLIP_METHODS, load_config
+from clipit.config import load_config
 from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_path, atomic_write_json, make_dirs
+from clipit.methods import method_names, method_spec
 from clipit.models import clip_baselines
 from clipit.models.backbones import create_backbone, get_spec
 from clipit.models.checkpoint import TEXT_TOWER, load_model_state, read_meta, read_tensors
@@ -103,10 +104,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
 def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
     stages.note(f"rebuilding {run_dir}")
     model, preprocess, cfg, meta = load_trained_run(run_dir)
-    if getattr(model, "needs_text", False) or not hasattr(model, "backbone"):
+    spec = method_spec(cfg.methods[meta["method"]].method)
+    if not spec.exportable:
+        vision_only = ", ".join(n for n in method_names() if method_spec(n).exportable)
+        why = "uses the paired report at test time" if spec.text_at_test else "has no vision model"
         raise ExportError(
-            f"{run_dir}: method {meta['method']!r} uses the paired report at test time; "
-            "only vision-only methods (unimodal, clipit) can be exported"
+            f"{run_dir}: method {meta['method']!r} {why}; only vision-only methods ({vision_only}) can be exported"
         )
     stages.update()
     stages.note("merging LoRA into the base weights")
@@ -136,7 +139,7 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
         "step": meta.get("step"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    if tcfg.method in CLIP_METHODS:  # the CLIP's vision tower: its architecture, and the cost record
+    if spec.uses_clip:  # the CLIP's vision tower: its architecture, and the cost record
         config |= clip_baselines.export_fields(model, run_dir)
     make_dirs(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

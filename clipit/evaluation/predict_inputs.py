@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipit.data.base import ImageDecodeError, decode_image
+from clipit.data.base import ImageDecodeError, decode_image, upright_size
 from clipit.errors import one_line
 from clipit.evaluation.slide import (
     SLIDE_EXTS,
@@ -163,7 +163,7 @@ class Slide:
         if self.grid is None:
             self.prepare(res)
         try:
-            for (x, y), tile in iter_tiles(self.handle, self.grid, res.input_size):
+            for (x, y), tile in iter_tiles(self.handle, self.grid, res.input_size, self.path):
                 yield Row(self.name, x, y, self.grid.side, self.grid.side), tile
         finally:
             self.handle.close()
@@ -179,9 +179,36 @@ def _read(path: Path) -> bytes:
 def _size(data: bytes, where) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only
-            return img.size
+            return upright_size(img)
     except Exception as err:
         raise PredictError(f"{where}: not a usable image ({one_line(err)}); pass image files (png, jpg, tif)") from None
+
+
+def _members(paths, where: str) -> list[Path]:
+    """The image and slide files among `paths` (sorted, each file once however many links lead to it); a
+    member that is a dangling link or cannot be read stops the run naming it, rather than being left out."""
+    found, seen = [], set()
+    for p in sorted(paths):
+        if p.suffix.lower() not in IMAGE_EXTS | SLIDE_EXTS or p.is_dir() or _inside_mrxs(p):
+            continue
+        if not p.exists():
+            raise PredictError(f"{p}: a link to nothing ({where}); remove it or point it at an image")
+        if not os.access(p, os.R_OK):
+            raise PredictError(f"{p}: cannot be read ({where}); fix its permissions or remove it")
+        real = p.resolve()
+        if real not in seen:
+            seen.add(real)
+            found.append(p)
+    return found
+
+
+def _glob(pattern: str) -> list[Path]:
+    """glob without following symbolic links to folders (`**` over a link loop would never end, and
+    glob.glob follows them): pathlib's matching below the pattern's fixed prefix."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:first]) if first else Path()
+    return list(base.glob(str(Path(*parts[first:]))))
 
 
 def _expand(arg: str) -> list[Path]:
@@ -190,25 +217,28 @@ def _expand(arg: str) -> list[Path]:
     if path.is_dir():
         if (path / "manifest.json").exists():
             return [path]
-        found = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTS | SLIDE_EXTS
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        visible = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+        found = _members(visible, f"in folder {path}")
         if not found:
             raise PredictError(
                 f"{path}: a folder with no image or slide files ({', '.join(sorted(IMAGE_EXTS | SLIDE_EXTS))})"
             )
-        return [p for p in found if not _inside_mrxs(p)]
+        return found
     if path.exists():
         return [path]
     if glob.has_magic(arg):
-        matched = sorted(Path(p) for p in glob.glob(arg, recursive=True))
+        matched = _glob(arg)
         if not matched:
             raise PredictError(f"{arg}: the pattern matches no file; quote it so that clipit expands it (** recurses)")
-        return [q for p in matched for q in (_expand(os.fspath(p)) if p.is_dir() else [p])]
+        out, seen = [], set()
+        for p in sorted(matched):
+            for q in _expand(os.fspath(p)) if p.is_dir() else _members([p], f"matched by {arg}"):
+                if q.resolve() not in seen:  # a file reached through two links or folders is predicted once
+                    seen.add(q.resolve())
+                    out.append(q)
+        return out
+    if path.is_symlink():
+        raise PredictError(f"{arg}: a link to nothing; pass image files, folders, globs, shard sets or slides")
     raise PredictError(f"{arg}: no such file or folder; pass image files, folders, globs, shard sets or slides")
 
 
@@ -265,7 +295,7 @@ def classify(path: Path, image_limit: int, tile: bool) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image refuses those in one line
             with Image.open(path) as img:  # header only: the size decides
-                width, height = img.size
+                width, height = upright_size(img)
     except Exception:
         return "slide" if openslide_format(path) else "image"  # the decode while streaming names the problem
     if min(width, height) <= image_limit:

@@ -22,7 +22,7 @@ import numpy as np
 
 from clipit.evaluation.predict_inputs import Row
 from clipit.evaluation.slide import PredictError
-from clipit.io import atomic_path, make_dirs
+from clipit.io import atomic_path, make_dirs, temp_prefix
 
 FIXED = ("image", "x", "y", "width", "height", "prediction")
 FEATURES = "features"
@@ -85,7 +85,7 @@ class FeatureWriter:
             raise PredictError(f"--features {path}: name it *.safetensors")
         self.path, self.dim, self.metadata, self.rows = path, int(dim), metadata, 0
         make_dirs(path.parent)
-        fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".rows", dir=path.parent)
+        fd, scratch = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".rows", dir=path.parent)
         stack.callback(lambda: os.path.exists(scratch) and os.unlink(scratch))
         self.scratch = stack.enter_context(os.fdopen(fd, "w+b"))
         self.stack = stack

@@ -14,6 +14,7 @@ thumbnail pixels are. Partial tiles at the right and bottom edge are skipped.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class PlainSlide:
     def __init__(self, image: Image.Image):
         self.image = image
         self.dimensions = image.size
+        self.level_dimensions = (image.size,)
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
         return 0
@@ -88,6 +90,9 @@ class PlainSlide:
 
     def close(self) -> None:
         self.image.close()
+
+
+MAX_THUMBNAIL_SOURCE_PX = 1 << 28  # 268M px (1 GiB as RGBA): the largest level read whole for a thumbnail
 
 
 def open_slide(path: Path):
@@ -174,7 +179,17 @@ def tissue_grid(slide, path: Path, side: int, min_tissue: float) -> TileGrid:
             "resolution); predict it as an image, or check --mpp / --target-mpp"
         )
     limit = min(4096, max(1024, 8 * max(cols, rows)))  # >= ~8 thumbnail px per tile, bounded memory
-    thumb = slide.get_thumbnail((limit, limit)).convert("RGB")
+    # openslide makes the thumbnail from the level nearest to it, read whole: a slide without small enough
+    # levels (or a header that claims 200000² px) would need gigabytes, so such a level is refused first
+    level = slide.get_best_level_for_downsample(max(width, height) / limit)
+    level_w, level_h = slide.level_dimensions[level]
+    if level_w * level_h > MAX_THUMBNAIL_SOURCE_PX:
+        raise PredictError(
+            f"{path}: its coarsest usable level is {level_w}x{level_h} px, too large to read whole for the tissue "
+            f"map (limit {MAX_THUMBNAIL_SOURCE_PX:,} px); the slide lacks a pyramid: re-save it as a tiled, "
+            "pyramidal TIFF (e.g. vips tiffsave --tile --pyramid) or check that its header is intact"
+        )
+    thumb = read_pixels(path, lambda: slide.get_thumbnail((limit, limit)).convert("RGB"))
     mask = tissue_mask(np.asarray(thumb))
     # Each thumbnail pixel -> the tile it falls in; pixels of partial edge tiles are dropped.
     col_of = (np.arange(thumb.width) * width / thumb.width // side).astype(np.int64)
@@ -203,10 +218,24 @@ def read_tile(slide, x: int, y: int, side: int, size: int) -> np.ndarray:
     return np.asarray(region, dtype=np.uint8)
 
 
-def iter_tiles(slide, grid: TileGrid, size: int) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+def iter_tiles(slide, grid: TileGrid, size: int, path: Path) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
     for i in range(len(grid.cells)):
         x, y = grid.origin(i)
-        yield (x, y), read_tile(slide, x, y, grid.side, size)
+        yield (x, y), read_pixels(path, functools.partial(read_tile, slide, x, y, grid.side, size), f" at ({x}, {y})")
+
+
+def read_pixels(path: Path, read, where: str = ""):
+    """`read()`, with openslide's errors on a damaged or truncated file (OpenSlideError, a failed tile
+    decode) as one line naming the slide; a clipit error passes through."""
+    try:
+        return read()
+    except PredictError:
+        raise
+    except Exception as err:  # MemoryError included: a damaged header can claim any size
+        raise PredictError(
+            f"{path}: openslide cannot read its pixels{where} ({one_line(err)}); the file is truncated or damaged: "
+            "copy it again from its source"
+        ) from None
 
 
 def save_heatmap(

@@ -8,7 +8,8 @@ Counts (exact, from the configs and the split sizes):
                                   validation: validations x val count; test: the test count. With
                                   text_encoder: tower each train and val sample's report also goes
                                   through the text tower (the worst case: a batch encodes each distinct
-                                  report once). The text model and zero-shot CLIP train no backbone.
+                                  report once). What runs the images and whether anything trains is
+                                  the method's spec (clipit/methods.py: vision, trains).
   with the feature cache          a cell that trains on cached features (training/features.py
                                   uses_feature_cache) has no train or val pass of its own: one pass over
                                   the cached splits per cache (shard set, backbone, weights, input size,
@@ -26,8 +27,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipit.config import CLIP_METHODS, ConfigError, ExperimentConfig
+from clipit.config import ConfigError, ExperimentConfig
 from clipit.hpc.throughput import ASSUMED_REPORTS, Throughput, backbone_flops, pairing_flops
+from clipit.methods import method_spec
 
 
 @dataclass(frozen=True)
@@ -118,15 +120,15 @@ def method_stage(
     cfg: ExperimentConfig, method: str, counts: dict[str, int], world: int, label: str
 ) -> tuple[StageCost, tuple | None, list[Pass]]:
     """The cell's cost, the key of the feature cache it trains on (None: online) and that cache's build."""
-    from clipit.models.clipit import resolve_finetune
     from clipit.training.features import SPLITS, uses_feature_cache
     from clipit.training.trainer import step_plan
 
     tcfg = cfg.methods[method]
+    spec = method_spec(tcfg.method)  # its cost model: what runs the images, whether it trains
     stage = StageCost(label)
-    if tcfg.method == "text":  # report embedding -> MLP: no backbone, no tower
+    if spec.vision is None:  # e.g. report embedding -> MLP: no backbone, no tower
         return stage, None, []
-    if tcfg.method in CLIP_METHODS:
+    if spec.uses_clip:
         clip_model = cfg.clip.model or cfg.pairing.model
         key, flops, size = f"pairing:{clip_model}", pairing_flops(clip_model)[0], None
     else:
@@ -134,13 +136,13 @@ def method_stage(
         flops = backbone_flops(cfg.model.backbone, size)
     precision = tcfg.precision
     test = Pass(key, counts["test"], "forward", precision, flops)
-    if tcfg.method == "zero_shot":  # nothing trains: the test split alone
+    if not spec.trains:  # saved as built: the test split alone
         stage.online = stage.cached = [test]
         return stage, None, []
     plan = step_plan({"splits": {"train": {"count": counts["train"]}}}, tcfg, world)
     validations = plan.total_steps // plan.eval_every + (1 if plan.total_steps % plan.eval_every else 0)
     trained = plan.total_steps * tcfg.batch_size * world
-    finetune = resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled)
+    finetune = spec.finetune(tcfg.finetune, cfg.model.lora.enabled)
     kind = {"frozen": "forward", "lora": "lora", "full": "full"}[finetune]
     stage.online = [
         Pass(key, trained, kind, precision, flops),

@@ -49,6 +49,7 @@ from clipit import layout
 from clipit.cells import ConfigSource, cell_argv
 from clipit.config import ConfigError, ExperimentConfig, load_config, method_order, to_dict
 from clipit.layout import check_name
+from clipit.methods import method_spec
 from clipit.typed_yaml import expand_path, from_dict, read_yaml
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class Cell:
     grid: str
     axes: tuple[tuple[str, str], ...]  # ((axis, value), ...) in axis order
     method: str
-    kind: str  # the method's kind (unimodal | clipit | text ...)
+    kind: str  # the method's kind: a registered method (clipit/methods.py)
     seed: int
     config: str  # experiment config file (absolute)
     overrides: tuple[str, ...]
@@ -339,13 +340,12 @@ def _expand_combo(
 
 def describe_method(cfg: ExperimentConfig, method: str) -> str:
     """A method's kind, fine-tuning and text side in a few words (dry-run listings)."""
-    from clipit.models.clipit import resolve_finetune
-
     m = cfg.methods[method]
-    if m.method == "text":
-        return "text (report embedding -> MLP)"
-    parts = [m.method, resolve_finetune(m.method, m.finetune, cfg.model.lora.enabled)]
-    if m.method == "clipit":
+    spec = method_spec(m.method)
+    if spec.vision is None:
+        return f"{m.method} ({spec.description or spec.label})"
+    parts = [m.method, spec.finetune(m.finetune, cfg.model.lora.enabled)]
+    if spec.text_tower:
         parts.append("text tower" if m.text_encoder == "tower" else "cached teacher")
     return ", ".join(parts)
 
@@ -453,9 +453,10 @@ def _check_reusable(source: ExperimentConfig, cfg: ExperimentConfig, warm: str, 
             "shards.samples_per_shard": d["shards"]["samples_per_shard"],
         }
         out |= {f"model.{k}": d["model"][k] for k in ("backbone", "weights", "weights_file", "image_size", "text_dim")}
-        if c.methods[warm].method != "unimodal" or c.methods[warm].finetune == "lora":
+        reads_reports = method_spec(c.methods[warm].method).reads_reports
+        if reads_reports or c.methods[warm].finetune == "lora":
             out |= {"model.lora": d["model"]["lora"], "model.kd_layers": d["model"]["kd_layers"]}
-        if c.methods[warm].method != "unimodal":  # text-using warm starts read the paired reports too
+        if reads_reports:  # text-using warm starts read the paired reports too
             out |= {"shards.dir": d["shards"]["dir"]}
         return out
 

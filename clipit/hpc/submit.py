@@ -24,6 +24,7 @@ from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_e
 from clipit.hpc.grid import Cell, Plan, Task, cell_is_done, chunk, expand
 from clipit.hpc.requests import GridRequest
 from clipit.hpc.task import CellRunner
+from clipit.methods import method_spec
 
 # ---------------------------------------------------------------------------------------------
 # Submitting
@@ -93,7 +94,7 @@ def preflight(cells: list[Cell], grid_path: str = "<grid>") -> tuple[list[str], 
         if manifest not in seen and not manifest.exists():
             problems.append(f"{manifest}: shards not built; run `clipit prepare shards --grid {grid_path}` first")
         seen.add(manifest)
-        if cell.kind == "text":  # the text-only model has no backbone
+        if method_spec(cell.kind).vision is None:  # no backbone (e.g. the text-only model)
             continue
         key = (cfg.model.backbone, cfg.model.weights, cfg.model.weights_file)
         if key in seen:

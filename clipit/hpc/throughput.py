@@ -12,11 +12,13 @@ the backbones it ran, its median MFU for the others, its peak and its loader rat
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipit.config import ConfigError
+from clipit.io import read_json_object
 
 DEFAULT_MEASUREMENTS = Path("runs/gpu-check.json")
 # Used when no gpu-check file is given: an H100 SXM / H200 (dense bf16 989 TFLOP/s, fp32 without TF32 67),
@@ -147,6 +149,23 @@ class Throughput:
         return max(gpu, 1.0 / self.loader_per_s) if images else gpu
 
 
+# the numbers a gpu-check result holds, each a positive finite rate (MFU a fraction up to 1)
+TOP_LEVEL_RATES = ("peak_flops", "loader_samples_per_s", "conch_images_per_s")
+ROW_RATES = ("images_per_s", "forward_images_per_s", "mfu", "forward_mfu")
+
+
+def check_rate(path: Path | str, key: str, value) -> float:
+    """`value` of `key` as a positive finite number (MFU at most 1), else one line naming the file and key:
+    a cost priced from a zero, negative or garbled rate would be a wrong number, printed with confidence."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+    if ok and key.endswith("mfu") and value > 1:
+        ok = False
+    if not ok:
+        what = "a fraction in (0, 1]" if key.endswith("mfu") else "a positive finite number"
+        raise ConfigError(f"{path}: {key} = {value!r} is not {what}; rerun `make gpu-check`")
+    return float(value)
+
+
 def load_throughput(path: str | Path | None = None, cpus: int = 8) -> Throughput:
     """The measured throughput of `path` (a gpu-check .json, or the .md next to it), else
     runs/gpu-check.json when it exists, else ASSUMED (the loader at `cpus` decoding cores)."""
@@ -160,13 +179,19 @@ def load_throughput(path: str | Path | None = None, cpus: int = 8) -> Throughput
     loader = ASSUMED["loader_per_core"] * cpus
     if not candidate.is_file():
         return _assumed(cpus)
-    try:
-        data = json.loads(candidate.read_text())
-        rows = list(data.get("train_step", []))
-    except (OSError, ValueError, AttributeError) as err:
-        raise ConfigError(
-            f"{candidate}: not a gpu-check result ({type(err).__name__}); rerun `make gpu-check`"
-        ) from None
+    rerun = "rerun `make gpu-check`"
+    data = read_json_object(
+        candidate, rerun, error=lambda where, why: ConfigError(f"{where}: not a gpu-check result: {why}")
+    )
+    rows = data.get("train_step", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("backbone"), str) for r in rows):
+        raise ConfigError(f"{candidate}: train_step is not a list of rows naming their backbone; {rerun}")
+    for row in rows:
+        check_rate(candidate, f"train_step[{row['backbone']}].images_per_s", row.get("images_per_s"))
+    for where, record, keys in [(None, data, TOP_LEVEL_RATES)] + [(r["backbone"], r, ROW_RATES) for r in rows]:
+        for key in keys:
+            if record.get(key) is not None:
+                check_rate(candidate, key if where is None else f"train_step[{where}].{key}", record[key])
     if data.get("dry_run"):  # tiny CPU sizes: they say nothing about a GPU
         if path:
             raise ConfigError(

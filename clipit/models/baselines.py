@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipit.methods import ModelParts
 from clipit.models.clipit import BackboneModel, VisionClassifier, text_mlp
 
 
@@ -78,3 +79,15 @@ class EarlyFusionModel(BackboneModel):
     def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         text_emb = _require_text(text_emb, "early fusion")
         return {"logits": self.classifier(torch.cat([feats, text_emb.to(feats.dtype)], dim=1))}
+
+
+def build_text(parts: ModelParts) -> TextClassifier:
+    return TextClassifier(parts.text_dim, parts.num_classes)
+
+
+def build_late_fusion(parts: ModelParts) -> LateFusionModel:
+    return LateFusionModel(parts.backbone, parts.num_classes, parts.text_dim)
+
+
+def build_early_fusion(parts: ModelParts) -> EarlyFusionModel:
+    return EarlyFusionModel(parts.backbone, parts.num_classes, parts.text_dim)

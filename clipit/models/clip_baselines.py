@@ -12,6 +12,7 @@ prompt_ft   LoRA on both towers; every step encodes all C x T prompts through th
             embeddings it used in the checkpoint, so test time runs the vision tower only.
 clip_probe  the CLIP's vision tower + a linear head: a VisionClassifier (backbone / head / from_features),
             so a frozen, unaugmented probe trains on the feature cache (clipit/training/features.py).
+Their specs are in clipit/methods.py; clipit/models/factory.py builds them from `load_clip`'s ClipSource.
 
 s is the CLIP's own exp(logit_scale) unless clip.logit_scale sets it (1/0.07 = 14.29 is the reference's
 tau = 0.07); clip.learn_logit_scale trains it under prompt_ft. The towers' weights always come from the
@@ -21,15 +22,17 @@ CLIP checkpoint, so checkpoints hold only what training changed plus the cached 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipit.config import ConfigError, ExperimentConfig, TrainConfig
+from clipit.config import ConfigError, ExperimentConfig
+from clipit.methods import ModelParts
 from clipit.models.backbones import OPENAI, ConchVision
-from clipit.models.clipit import BackboneModel, VisionClassifier
+from clipit.models.clipit import BackboneModel
 from clipit.models.preprocess import DevicePreprocess
 from clipit.pairing.encoders import ConchPairingModel, PairingModel, PairingModelError, build_pairing_model
 from clipit.pairing.texts import CONCH_TEMPLATES, class_names_for
@@ -224,45 +227,78 @@ def text_parameters(clip: nn.Module) -> int:
     return sum(p.numel() for n, p in clip.named_parameters() if n.split(".")[0] not in UNUSED_BY_TEXT)
 
 
-def build_clip_model(
-    cfg: ExperimentConfig, tcfg: TrainConfig, num_classes: int, text_tower: bool = True
-) -> tuple[nn.Module, DevicePreprocess]:
-    """The method's model before fine-tuning is set up. `text_tower` (training) encodes the class prompts:
-    zero_shot once here, prompt_ft every step; without it (evaluation, export) the checkpoint's cached
-    class embeddings are loaded afterwards."""
+@dataclass
+class ClipSource:
+    """The `clip` section's CLIP, loaded once for a CLIP method's model (the builders' `parts.clip`)."""
+
+    cfg: ExperimentConfig
+    name: str
+    checkpoint: str | None
+    pairing: PairingModel
+    vision: nn.Module  # its image tower, the model's backbone
+    preprocess: DevicePreprocess
+    encode_prompts: bool  # training: the class prompts are encoded (zero_shot once, prompt_ft every step)
+
+    def prompts(self) -> tuple[list[str], int]:
+        from clipit.shards.manifest import load_manifest
+
+        return class_prompts(self.cfg, load_manifest(self.cfg.shards.dir)["classes"])
+
+    def logit_scale(self) -> float:
+        own = getattr(self.pairing.model, "logit_scale", None)
+        scale = self.cfg.clip.logit_scale or (
+            float(own.detach().exp()) if isinstance(own, torch.Tensor) else MAX_LOGIT_SCALE
+        )
+        return min(scale, MAX_LOGIT_SCALE)
+
+    def describe(self, model: nn.Module) -> None:
+        """What an export records of the CLIP (export_fields)."""
+        model.clip_architecture = architecture(self.pairing, self.vision)
+        model.clip_identity = {
+            "model": self.name,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        }
+
+
+def load_clip(cfg: ExperimentConfig, text_tower: bool = True) -> ClipSource:
+    """The CLIP of a CLIP method. `text_tower` (training) encodes the class prompts; without it (evaluation,
+    export) the checkpoint's cached class embeddings are loaded after the model is built."""
     name, checkpoint = clip_source(cfg)
     pairing = build_pairing_model(name, checkpoint, device="cpu")
     vision = vision_tower(pairing)
     vision.weights_from_clip = True  # checkpoints never hold its base weights (clipit/models/checkpoint.py)
     size, mean, std = input_spec(pairing, vision)
-    if tcfg.method == "clip_probe":
-        model = VisionClassifier(vision, num_classes)
-    else:
-        own = getattr(pairing.model, "logit_scale", None)
-        scale = cfg.clip.logit_scale or (
-            float(own.detach().exp()) if isinstance(own, torch.Tensor) else MAX_LOGIT_SCALE
-        )
-        model = PromptClassifier(
-            vision,
-            num_classes,
-            min(scale, MAX_LOGIT_SCALE),
-            learn_scale=cfg.clip.learn_logit_scale and tcfg.method == "prompt_ft",
-        )
-        model.text_parameters = text_parameters(pairing.model)
-        if text_tower:
-            from clipit.shards.manifest import load_manifest
+    return ClipSource(cfg, name, checkpoint, pairing, vision, DevicePreprocess(size, mean, std), text_tower)
 
-            classes = load_manifest(cfg.shards.dir)["classes"]
-            prompts, templates = class_prompts(cfg, classes)
-            if tcfg.method == "zero_shot":
-                model.class_emb.copy_(prompt_ensemble(pairing.encode_texts(prompts).cpu(), templates))
-            else:
-                from clipit.pairing.text_tower import text_tower_from
 
-                model.attach_prompts(text_tower_from(pairing, copy=False), prompts, templates)
-    model.clip_architecture = architecture(pairing, vision)
-    model.clip_identity = {"model": name, "checkpoint": None if checkpoint is None else str(checkpoint)}
-    return model, DevicePreprocess(size, mean, std)
+def _prompt_classifier(parts: ModelParts, learn_scale: bool) -> PromptClassifier:
+    clip: ClipSource | None = parts.clip
+    if clip is None:  # an export's bare architecture: the checkpoint fills class_emb and log_scale
+        return PromptClassifier(parts.backbone, parts.num_classes)
+    model = PromptClassifier(parts.backbone, parts.num_classes, clip.logit_scale(), learn_scale=learn_scale)
+    model.text_parameters = text_parameters(clip.pairing.model)
+    return model
+
+
+def build_zero_shot(parts: ModelParts) -> PromptClassifier:
+    """The prompt ensemble, encoded once: nothing trains."""
+    model = _prompt_classifier(parts, learn_scale=False)
+    if parts.clip is not None and parts.clip.encode_prompts:
+        prompts, templates = parts.clip.prompts()
+        model.class_emb.copy_(prompt_ensemble(parts.clip.pairing.encode_texts(prompts).cpu(), templates))
+    return model
+
+
+def build_prompt_ft(parts: ModelParts) -> PromptClassifier:
+    """The prompt ensemble through the (LoRA'd) text tower in every training step."""
+    clip: ClipSource | None = parts.clip
+    model = _prompt_classifier(parts, learn_scale=clip is not None and clip.cfg.clip.learn_logit_scale)
+    if clip is not None and clip.encode_prompts:
+        from clipit.pairing.text_tower import text_tower_from
+
+        prompts, templates = clip.prompts()
+        model.attach_prompts(text_tower_from(clip.pairing, copy=False), prompts, templates)
+    return model
 
 
 def export_fields(model: nn.Module, where: Path | str) -> dict:

@@ -11,7 +11,8 @@ head W_v when it is warm-started from another run (CLIP-IT from the unimodal pro
   frozen  pretrained modules frozen, the rest trained (unimodal = linear probe; "no LoRA" ablation)
   lora    LoRA adapters on every Linear/Conv2d/Embedding of the pretrained modules, base weights frozen
   full    every parameter trained ("full fine-tuning" ablation)
-  auto    frozen for `unimodal`, `clip_probe`, `zero_shot`, else lora if model.lora.enabled, else frozen
+  auto    the method's default (clipit/methods.py: frozen for the linear probes and for what trains
+          nothing), else lora if model.lora.enabled, else frozen
 New modules (P, H_t, F, a fresh head, baseline classifiers) are always trained in full.
 """
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipit.config import LoraConfig
+from clipit.methods import ModelParts
 
 LORA_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 FINETUNE_MODES = ("frozen", "lora", "full")
@@ -34,7 +36,8 @@ BACKBONE_FORWARDS = {"images": 0}
 
 class BackboneModel(nn.Module):
     """A model that runs a vision backbone. Every model's forward is (images, text_emb) -> dict with
-    "logits"; `needs_text` says whether the prediction uses the paired report (not exportable)."""
+    "logits"; `needs_text` says whether the prediction uses the paired report (the stages ask the method's
+    spec instead: clipit/methods.py, text_at_test)."""
 
     needs_text = False
     warm_start_prefixes: tuple[str, ...] = ("backbone.", "head.")  # what a warm start copies in
@@ -116,6 +119,15 @@ class ClipItModel(VisionClassifier):
         return pretrained + ("text_tower",) if self.text_tower is not None else pretrained
 
 
+def build_vision_classifier(parts: ModelParts) -> VisionClassifier:
+    """unimodal (the linear probe) and clip_probe (on a CLIP's vision tower)."""
+    return VisionClassifier(parts.backbone, parts.num_classes)
+
+
+def build_clipit(parts: ModelParts) -> ClipItModel:
+    return ClipItModel(parts.backbone, parts.num_classes, text_dim=parts.text_dim, kd_layers=parts.kd_layers)
+
+
 def clipit_loss(outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | None, lam: float) -> dict:
     """CE on the fused logits (plain CE, not the reference code's double softmax) + lam * (1 - cos(P e, t)).
     t is the text tower's output when the model has one, else the cached embedding from the shards."""
@@ -190,14 +202,6 @@ def param_groups(model: nn.Module, lr: float, pretrained_lr: float | None, warm_
             (base if is_base and pretrained_lr not in (None, lr) else fresh).append(param)
     groups = [{"params": fresh, "lr": lr}] if fresh else []
     return groups + ([{"params": base, "lr": pretrained_lr}] if base else [])
-
-
-def resolve_finetune(method: str, finetune: str, lora_enabled: bool) -> str:
-    if finetune != "auto":
-        return finetune
-    if method in ("unimodal", "clip_probe", "zero_shot"):  # linear probes, and nothing to train
-        return "frozen"
-    return "lora" if lora_enabled else "frozen"
 
 
 def prepare_finetune(model: nn.Module, finetune: str, lora: LoraConfig, warm_head: bool) -> str:

@@ -1,5 +1,7 @@
 """Model assembly: the one place that builds every method's model, for training, evaluation and export.
 
+A method's model comes from its spec's builder (clipit/methods.py), called with the parts built here.
+
 `build_model` gives the trainable model of a (config, method): backbone with its weights resolved and
 loaded, method head, warm start copied in, optional text tower, LoRA/frozen/full fine-tuning, and
 the device preprocessing. `build_classifier` gives the bare architecture, which the export path
@@ -8,52 +10,62 @@ rebuilds from an export's JSON without any weights.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from clipit import layout
-from clipit.config import CLIP_METHODS, ConfigError, ExperimentConfig, ModelConfig, TrainConfig
-from clipit.models import baselines, clip_baselines
+from clipit.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
+from clipit.errors import one_line
+from clipit.methods import MethodSpec, ModelParts, method_spec
+from clipit.models import clip_baselines
 from clipit.models.backbones import BackboneSpec, build_backbone, get_spec, resolve_weights
 from clipit.models.checkpoint import load_model_state
-from clipit.models.clipit import ClipItModel, VisionClassifier, prepare_finetune, resolve_finetune
+from clipit.models.clipit import prepare_finetune
 from clipit.models.preprocess import DevicePreprocess
 from clipit.pairing.text_tower import build_text_tower
 from clipit.weights import WeightsSource, resolve_pairing_checkpoint
 
-METHODS = ("unimodal", "clipit", "text", "late_fusion", "early_fusion") + CLIP_METHODS
+
+def builder_of(spec: MethodSpec) -> Callable[[ModelParts], nn.Module]:
+    """The spec's builder: the callable itself, or its entry point `package.module:function` imported on
+    first use (the specs sit below models/ so that a config is validated without importing them)."""
+    if callable(spec.builder):
+        return spec.builder
+    if spec.builder not in _BUILDERS:
+        module, _, name = spec.builder.partition(":")
+        try:
+            _BUILDERS[spec.builder] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(
+                f"method {spec.name}: its builder {spec.builder!r} does not resolve ({one_line(err)}); register "
+                "the method with an importable `package.module:function`"
+            ) from None
+    return _BUILDERS[spec.builder]
+
+
+_BUILDERS: dict[str, Callable[[ModelParts], nn.Module]] = {}
 
 
 def build_classifier(
-    method: str, backbone: nn.Module | None, num_classes: int, text_dim: int, kd_layers: int
+    method: str, backbone: nn.Module | None, num_classes: int, text_dim: int, kd_layers: int, clip=None
 ) -> nn.Module:
-    if method == "unimodal":
-        return VisionClassifier(backbone, num_classes)
-    if method == "clipit":
-        return ClipItModel(backbone, num_classes, text_dim=text_dim, kd_layers=kd_layers)
-    if method == "text":
-        return baselines.TextClassifier(text_dim, num_classes)
-    if method == "late_fusion":
-        return baselines.LateFusionModel(backbone, num_classes, text_dim)
-    if method == "early_fusion":
-        return baselines.EarlyFusionModel(backbone, num_classes, text_dim)
-    if method == "clip_probe":  # backbone: a CLIP's vision tower (clip_baselines.vision_from_architecture)
-        return VisionClassifier(backbone, num_classes)
-    if method in ("zero_shot", "prompt_ft"):
-        return clip_baselines.PromptClassifier(backbone, num_classes)
-    raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    """The method's bare model around `backbone` (None for a method without images); `clip` is the CLIP
+    of a CLIP method being trained or evaluated (clip_baselines.ClipSource)."""
+    return builder_of(method_spec(method))(ModelParts(backbone, num_classes, text_dim, kd_layers, clip))
 
 
 def build_method_model(
     mcfg: ModelConfig, tcfg: TrainConfig, num_classes: int, text_dim: int
 ) -> tuple[nn.Module, BackboneSpec, WeightsSource | None]:
-    """(model, backbone spec, weights source). The text-only classifier has no backbone (and needs no
+    """(model, backbone spec, weights source). A method without images has no backbone (and needs no
     backbone weights)."""
     spec = get_spec(mcfg.backbone)
-    if tcfg.method == "text":
-        return build_classifier("text", None, num_classes, text_dim, mcfg.kd_layers), spec, None
+    if method_spec(tcfg.method).vision is None:
+        return build_classifier(tcfg.method, None, num_classes, text_dim, mcfg.kd_layers), spec, None
     source = resolve_weights(mcfg.backbone, mcfg.weights, mcfg.weights_file)
     backbone, spec = build_backbone(mcfg.backbone, source, mcfg.image_size, mcfg.weights_file)
     return build_classifier(tcfg.method, backbone, num_classes, text_dim, mcfg.kd_layers), spec, source
@@ -74,12 +86,14 @@ def build_model(
     Backbone weights found through the weights file or the hub are written back to cfg.model.weights,
     so the run's config.yaml records exactly which checkpoint was used (and rebuilds use it again).
     """
-    if tcfg.method in CLIP_METHODS:  # the CLIP's own towers, not model.backbone
-        model, preprocess = clip_baselines.build_clip_model(cfg, tcfg, num_classes, text_tower)
-        prepare_finetune(
-            model, resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled), cfg.model.lora, warm_head=False
-        )
-        return model, preprocess
+    method = method_spec(tcfg.method)
+    finetune = method.finetune(tcfg.finetune, cfg.model.lora.enabled)
+    if method.uses_clip:  # the CLIP's own towers, not model.backbone
+        clip = clip_baselines.load_clip(cfg, text_tower)
+        model = build_classifier(tcfg.method, clip.vision, num_classes, text_dim, cfg.model.kd_layers, clip)
+        clip.describe(model)
+        prepare_finetune(model, finetune, cfg.model.lora, warm_head=False)
+        return model, clip.preprocess
     model, spec, source = build_method_model(cfg.model, tcfg, num_classes, text_dim)
     if source is not None and source.kind != "random":
         cfg.model.weights = source.stored
@@ -93,7 +107,6 @@ def build_model(
             load_model_state(text_best, model, prefixes=("text_head.",))
     if text_tower:
         attach_text_tower(model, cfg, tcfg, text_dim)
-    finetune = resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled)
     prepare_finetune(model, finetune, cfg.model.lora, warm_head=tcfg.warm_start is not None)
     preprocess = DevicePreprocess(cfg.model.image_size or spec.input_size, spec.mean, spec.std)
     return model, preprocess
@@ -101,7 +114,7 @@ def build_model(
 
 def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig, text_dim: int) -> None:
     """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected); config.check_methods
-    admits text_encoder: tower for method clipit only."""
+    admits text_encoder: tower only for a method whose spec says text_tower."""
     if tcfg.text_encoder != "tower":
         return
     checkpoint = resolve_pairing_checkpoint(cfg.pairing.model, cfg.pairing.checkpoint, cfg.model.weights_file)

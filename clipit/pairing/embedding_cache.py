@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from clipit.corpus import CorpusError, Report, corpus_fingerprint
-from clipit.io import atomic_save_npy, atomic_write_json
+from clipit.io import atomic_save_npy, atomic_write_json, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,8 @@ def load_text_embeddings(
     if not marker.is_file():
         return None
     fix = f"delete {d} to recompute"
-    try:
-        ident = json.loads(marker.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{marker}: corrupt cache marker ({e}); {fix}") from None
-    if not isinstance(ident, dict) or ident.get("version") != _CACHE_VERSION:
+    ident = read_json_object(marker, fix, error=lambda path, why: CorpusError(f"{path}: corrupt cache marker: {why}"))
+    if ident.get("version") != _CACHE_VERSION:
         log.info("%s: cache version differs, recomputing", d)
         return None
     if expect_identity is not None and ident.get("model") != _jsonable(expect_identity, d):

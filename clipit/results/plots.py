@@ -14,15 +14,18 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from clipit import layout
 from clipit.io import atomic_path
+from clipit.methods import known_spec, role_method
 from clipit.results.runs import (
     BACKBONE_NAMES,
     DATASET_NAMES,
     MAIN_VARIANTS,
-    METHOD_NAMES,
     Run,
+    has_images,
+    kind_order,
     main_runs,
     method_label,
     order,
+    vision_kinds,
 )
 
 plt.rcParams.update(
@@ -37,17 +40,20 @@ plt.rcParams.update(
         "grid.alpha": 0.3,
     }
 )
-MARKERS = {"unimodal": "o", "clipit": "^"}
-# multimodal points (the report or a CLIP's towers at test time): one marker per kind, hollow
-MULTIMODAL_MARKERS = {
-    "text": "x",
-    "late_fusion": "D",
-    "early_fusion": "P",
-    "zero_shot": "*",
-    "prompt_ft": "v",
-    "clip_probe": "h",
-}
-STYLES = {"unimodal": "--", "clipit": "-", "text": ":", "late_fusion": "-.", "early_fusion": (0, (5, 1, 1, 1))}
+GREY = (0.35, 0.35, 0.35, 1.0)  # points and curves of a model without a backbone (one for all backbones)
+NO_BACKBONE = "no backbone"  # the training curves' group of such a model
+
+
+def marker(kind: str) -> str:
+    """A kind's marker (its spec's): filled for Table 1's kinds, hollow for the others (the report or a
+    CLIP's towers run at test time too)."""
+    spec = known_spec(kind)
+    return spec.marker if spec else "s"
+
+
+def line_style(kind: str):
+    spec = known_spec(kind)
+    return spec.line if spec else "-"
 
 
 def _colors(backbones: list[str]) -> dict[str, tuple]:
@@ -74,12 +80,13 @@ def _count(x, _pos=None) -> str:
 
 def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
     """Accuracy vs parameter count per dataset; arrows unimodal -> CLIP-IT; dashed Pareto frontier."""
-    vision = [r for r in runs if r.kind in MARKERS and r.variant in MAIN_VARIANTS and r.params]
-    multimodal = [r for r in runs if r.kind not in MARKERS and r.variant in MAIN_VARIANTS and r.params]
+    main_kinds, probe, proposed = vision_kinds(), role_method("probe"), role_method("proposed")
+    vision = [r for r in runs if r.kind in main_kinds and r.variant in MAIN_VARIANTS and r.params]
+    multimodal = [r for r in runs if r.kind not in main_kinds and r.variant in MAIN_VARIANTS and r.params]
     if not vision and not multimodal:
         return []
     datasets = order({r.dataset for r in vision + multimodal}, DATASET_NAMES)
-    backbones = order({r.backbone for r in vision + multimodal if r.kind != "text"}, BACKBONE_NAMES)
+    backbones = order({r.backbone for r in vision + multimodal if has_images(r.kind)}, BACKBONE_NAMES)
     colors = _colors(backbones)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets):
@@ -87,7 +94,7 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
         for i, b in enumerate(backbones):
             xy = {}
             jitter = 1 + 0.06 * (i - (len(backbones) - 1) / 2)  # equal-size backbones would hide each other
-            for kind in MARKERS:
+            for kind in main_kinds:
                 group = main_runs(runs, b, d, kind)
                 group = [r for r in group if r.params]
                 if not group:
@@ -99,7 +106,7 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
                     x,
                     y,
                     yerr=err,
-                    fmt=MARKERS[kind],
+                    fmt=marker(kind),
                     color=colors[b],
                     markersize=7,
                     capsize=3,
@@ -109,27 +116,27 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
                 )
                 xy[kind] = (x, y)
                 points.append((x, y))
-            if len(xy) == 2:
+            if probe in xy and proposed in xy:
                 ax.annotate(
                     "",
-                    xy=xy["clipit"],
-                    xytext=xy["unimodal"],
+                    xy=xy[proposed],
+                    xytext=xy[probe],
                     arrowprops=dict(arrowstyle="->", color=colors[b], lw=1.2, alpha=0.8),
                     zorder=2,
                 )
-        kinds = order({r.kind for r in multimodal if r.dataset == d}, MULTIMODAL_MARKERS)
+        kinds = kind_order({r.kind for r in multimodal if r.dataset == d})
         for kind in kinds:
             for b in order({r.backbone for r in multimodal if r.dataset == d and r.kind == kind}, BACKBONE_NAMES):
                 group = [r for r in multimodal if r.dataset == d and r.kind == kind and (r.backbone == b)]
                 x = float(np.mean([r.params for r in group]))
                 values = 100 * np.array([r.value(metric) for r in group])
                 y, err = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-                color = colors.get(b, (0.35, 0.35, 0.35, 1.0)) if kind != "text" else (0.35, 0.35, 0.35, 1.0)
+                color = colors.get(b, GREY) if has_images(kind) else GREY
                 ax.errorbar(
                     x,
                     y,
                     yerr=err,
-                    fmt=MULTIMODAL_MARKERS.get(kind, "s"),
+                    fmt=marker(kind),
                     color=color,
                     markersize=7,
                     capsize=3,
@@ -159,20 +166,20 @@ def pareto(runs: list[Run], metric: str, path: Path) -> list[Path]:
         for b in backbones
     ]
     handles += [
-        Line2D([], [], color="0.3", marker=m, ls="", markersize=7, label=METHOD_NAMES[k]) for k, m in MARKERS.items()
+        Line2D([], [], color="0.3", marker=marker(k), ls="", markersize=7, label=method_label(k)) for k in main_kinds
     ]
     handles += [
         Line2D(
             [],
             [],
             color="0.3",
-            marker=MULTIMODAL_MARKERS.get(k, "s"),
+            marker=marker(k),
             ls="",
             markersize=7,
             markerfacecolor="none",
             label=f"{method_label(k)} (multimodal)",
         )
-        for k in order({r.kind for r in multimodal}, MULTIMODAL_MARKERS)
+        for k in kind_order({r.kind for r in multimodal})
     ]
     handles += [Line2D([], [], color="0.4", ls="--", label="Pareto frontier")]
     fig.legend(
@@ -268,12 +275,12 @@ def training_curves(runs: list[Run], out: Path) -> list[Path]:
                 scalars = read_scalars(layout.tensorboard_dir(r.path), tags)
             except Exception:
                 continue
-            key = ("text-only" if r.kind == "text" else r.backbone, r.kind)
+            key = (r.backbone if has_images(r.kind) else NO_BACKBONE, r.kind)
             groups.setdefault(key, []).append(scalars)
         if not groups:
             continue
-        backbones = order({k[0] for k in groups}, BACKBONE_NAMES | {"text-only": "text-only"})
-        colors = _colors([b for b in backbones if b != "text-only"]) | {"text-only": (0.35, 0.35, 0.35, 1.0)}
+        backbones = order({k[0] for k in groups}, BACKBONE_NAMES | {NO_BACKBONE: NO_BACKBONE})
+        colors = _colors([b for b in backbones if b != NO_BACKBONE]) | {NO_BACKBONE: GREY}
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
         for (b, kind), items in sorted(groups.items(), key=lambda kv: (backbones.index(kv[0][0]), kv[0][1])):
             for ax, tag, scale in ((axes[0], tags[0], 1.0), (axes[1], tags[1], 100.0)):
@@ -289,10 +296,12 @@ def training_curves(runs: list[Run], out: Path) -> list[Path]:
                     steps,
                     scale * values,
                     color=colors[b],
-                    ls=STYLES.get(kind, "-"),
+                    ls=line_style(kind),
                     lw=1.6,
                     marker="." if len(steps) < 30 else None,
-                    label=f"{BACKBONE_NAMES.get(b, b)} {method_label(kind)}" if b != "text-only" else "text-only",
+                    label=f"{BACKBONE_NAMES.get(b, b)} {method_label(kind)}"
+                    if b != NO_BACKBONE
+                    else method_label(kind),
                 )
         axes[0].set_title("training loss")
         axes[0].set_ylabel("loss (CE + λ·KD for CLIP-IT)")

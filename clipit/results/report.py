@@ -32,6 +32,7 @@ from pathlib import Path
 from clipit import layout
 from clipit.errors import ClipitError, output_setting
 from clipit.io import atomic_write_text, make_dirs
+from clipit.methods import role_method
 from clipit.results import plots as P
 from clipit.results.runs import find_runs
 from clipit.results.tables import (
@@ -97,17 +98,9 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
         (
             "table1.csv",
             rec1,
-            [
-                "backbone",
-                "dataset",
-                "unimodal_mean",
-                "unimodal_std",
-                "unimodal_n",
-                "clipit_mean",
-                "clipit_std",
-                "clipit_n",
-                "delta",
-            ],
+            ["backbone", "dataset"]
+            + [f"{role_method(r)}_{k}" for r in ("probe", "proposed") for k in ("mean", "std", "n")]
+            + ["delta"],
         ),
         (
             "ablations.csv",

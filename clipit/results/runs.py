@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from clipit import layout
-from clipit.config import CLIP_METHODS
+from clipit.methods import in_group, known_spec, report_order
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +35,29 @@ BACKBONE_NAMES = {  # paper's names (method.md Table 1), in the paper's row orde
     "kaiko-vits8": "VITS-8",
 }
 DATASET_NAMES = {"pcam": "PCAM", "bach": "BACH", "crc": "CRC"}
-METHOD_NAMES = {
-    "unimodal": "Unimodal",
-    "clipit": "CLIP-IT",
-    "text": "text-only",
-    "late_fusion": "late fusion",
-    "early_fusion": "early fusion",
-    "zero_shot": "CLIP zero-shot",
-    "prompt_ft": "CLIP prompt fine-tuning",
-    "clip_probe": "CLIP vision tower + linear head",
-}
-VISION_KINDS = ("unimodal", "clipit")  # Table 1: the vision model alone at test time
 
 
 def method_label(kind: str) -> str:
-    """A readable name for a method kind (the kind itself, spaced, when it has no paper name)."""
-    return METHOD_NAMES.get(kind, kind.replace("_", " "))
+    """A method kind's report label (clipit/methods.py); a kind not registered (an old or foreign run),
+    spaced."""
+    spec = known_spec(kind)
+    return spec.label if spec else kind.replace("_", " ")
+
+
+def vision_kinds() -> tuple[str, ...]:
+    """Table 1's kinds (report group "main"): the vision model alone at test time."""
+    return in_group("main")
+
+
+def has_images(kind: str) -> bool:
+    """Whether a kind's model sees images (its runs have a backbone); unknown kinds are assumed to."""
+    spec = known_spec(kind)
+    return spec is None or spec.vision is not None
+
+
+def kind_order(kinds) -> list[str]:
+    """Kinds in the registry's report order, then unregistered ones sorted."""
+    return order(kinds, dict.fromkeys(report_order()))
 
 
 def variant_label(variant: str) -> str:
@@ -65,7 +72,7 @@ class Run:
     dataset: str
     variant: str  # configuration label from the grid's other axes ("" for the main runs)
     method: str  # method name in the config
-    kind: str  # unimodal | clipit | text | late_fusion | early_fusion
+    kind: str  # the registered method (clipit/methods.py) that methods.<method>.method names
     seed: int
     metrics: dict
     label: str = ""  # the variant's row label (grid `label`, else derived from its name)
@@ -182,7 +189,8 @@ def load_run(run_dir: Path) -> Run | None:
     try:
         kind = ((cfg.get("methods") or {}).get(method) or {}).get("method") or cell.get("kind") or method
         clip = axes.pop("clip", None)  # the CLIP-based baselines: the CLIP is the model
-        if kind in CLIP_METHODS:  # their model is the CLIP (grid axis `clip`, else clip.model)
+        spec = known_spec(str(kind))
+        if spec is not None and spec.uses_clip:  # their model is the CLIP (grid axis `clip`, else clip.model)
             axes.pop("backbone", None)  # model.backbone takes no part in them
             backbone = clip or (cfg.get("clip") or {}).get("model") or (cfg.get("pairing") or {}).get("model", "?")
         else:

@@ -12,16 +12,19 @@ import numpy as np
 
 from clipit import layout
 from clipit.io import atomic_write_text
+from clipit.methods import known_spec, role_method
 from clipit.results.runs import (
     BACKBONE_NAMES,
     DATASET_NAMES,
     MAIN_VARIANTS,
-    VISION_KINDS,
     Run,
     Unreadable,
+    has_images,
+    kind_order,
     main_runs,
     method_label,
     order,
+    vision_kinds,
     warn_to_log,
 )
 
@@ -47,19 +50,21 @@ def _delta(a, b, scale=100.0) -> str:
 
 
 def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
-    vision = [r for r in runs if r.kind in ("unimodal", "clipit")]
+    """The probe vs the proposed method (roles in clipit/methods.py) per backbone and dataset."""
+    probe, proposed = role_method("probe"), role_method("proposed")
+    vision = [r for r in runs if r.kind in (probe, proposed)]
     backbones = order({r.backbone for r in vision}, BACKBONE_NAMES)
     datasets = order({r.dataset for r in vision}, DATASET_NAMES)
     header = ["Vision backbone"]
     for d in datasets:
         name = DATASET_NAMES.get(d, d)
-        header += [f"{name} Unimodal", f"{name} CLIP-IT", f"{name} Δ"]
+        header += [f"{name} {method_label(probe)}", f"{name} {method_label(proposed)}", f"{name} Δ"]
     rows, records = [], []
     for b in backbones:
         row = [BACKBONE_NAMES.get(b, b)]
         for d in datasets:
-            uni = main_runs(runs, b, d, "unimodal")
-            cli = main_runs(runs, b, d, "clipit")
+            uni = main_runs(runs, b, d, probe)
+            cli = main_runs(runs, b, d, proposed)
             su = _stats([r.value(metric) for r in uni]) if uni else None
             sc = _stats([r.value(metric) for r in cli]) if cli else None
             row += [_fmt(su), _fmt(sc), _delta(su, sc)]
@@ -67,12 +72,12 @@ def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], li
                 {
                     "backbone": b,
                     "dataset": d,
-                    "unimodal_mean": su and su[0],
-                    "unimodal_std": su and su[1],
-                    "unimodal_n": su and su[2],
-                    "clipit_mean": sc and sc[0],
-                    "clipit_std": sc and sc[1],
-                    "clipit_n": sc and sc[2],
+                    f"{probe}_mean": su and su[0],
+                    f"{probe}_std": su and su[1],
+                    f"{probe}_n": su and su[2],
+                    f"{proposed}_mean": sc and sc[0],
+                    f"{proposed}_std": sc and sc[1],
+                    f"{proposed}_n": sc and sc[2],
                     "delta": (sc[0] - su[0]) if su and sc else None,
                 }
             )
@@ -107,6 +112,7 @@ def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[s
         "Δ vs the run it varies",
     ]
     rows, records = [], []
+    probe, proposed = role_method("probe"), role_method("proposed")
     groups: dict[tuple, dict[tuple, list[Run]]] = {}
     for r in runs:
         groups.setdefault((r.backbone, r.dataset), {}).setdefault((r.variant, r.method, r.kind), []).append(r)
@@ -117,25 +123,22 @@ def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[s
         ]  # the LoRA search has a section of its own
         if not extra:  # Table 1's runs (and the text-only model, reported with Omega) only
             continue
-        uni = main_runs(runs, b, d, "unimodal")
-        cli = main_runs(runs, b, d, "clipit")
+        uni = main_runs(runs, b, d, probe)
+        cli = main_runs(runs, b, d, proposed)
         su = _stats([r.value(metric) for r in uni]) if uni else None
         sc = _stats([r.value(metric) for r in cli]) if cli else None
-        main = [k for k in entries if k[0] in MAIN_VARIANTS and k[2] in VISION_KINDS]
-        for key in sorted(main, key=lambda k: k[2] != "unimodal") + sorted(extra):
+        main = [k for k in entries if k[0] in MAIN_VARIANTS and k[2] in vision_kinds()]
+        for key in sorted(main, key=lambda k: k[2] != probe) + sorted(extra):
             variant, method, kind = key
             s = _stats([r.value(metric) for r in entries[key]])
             first = entries[key][0]
+            spec = known_spec(kind)
             label = (
                 (first.label or variant)
                 if variant not in MAIN_VARIANTS
-                else (
-                    "unimodal (linear probe)"
-                    if kind == "unimodal"
-                    else "CLIP-IT (full)"
-                    if kind == "clipit"
-                    else method_label(kind)
-                )
+                else (spec.row_label or spec.label)
+                if spec
+                else method_label(kind)
             )
             # Δ against the run this one varies: its grid `compare_to` row, else the main run of its kind
             # (CLIP-IT for the CLIP-IT variants); the main runs themselves have none
@@ -147,7 +150,7 @@ def ablation_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[s
                     if r.backbone == b
                     and r.dataset == d
                     and r.variant == first.compare_to
-                    and (r.kind == kind or first.compare_to == "" and r.kind == "clipit")
+                    and (r.kind == kind or first.compare_to == "" and r.kind == proposed)
                 ]
                 ref = [r for r in ref if r.method == method] or ref
                 base = _stats([r.value(metric) for r in ref]) if ref else sc
@@ -195,10 +198,13 @@ def multimodal_table(runs: list[Run], metric: str) -> tuple[list[str], list[list
     ]
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
-        if r.kind not in VISION_KINDS and r.variant in MAIN_VARIANTS:
-            groups.setdefault((r.dataset, "–" if r.kind == "text" else r.backbone, r.kind), []).append(r)
+        if r.kind not in vision_kinds() and r.variant in MAIN_VARIANTS:
+            groups.setdefault((r.dataset, r.backbone if has_images(r.kind) else "–", r.kind), []).append(r)
     rows, records = [], []
-    for key in sorted(groups, key=lambda k: (order([k[0]], DATASET_NAMES), order([k[1]], BACKBONE_NAMES), k)):
+    kinds = kind_order({k[2] for k in groups})
+    for key in sorted(
+        groups, key=lambda k: (order([k[0]], DATASET_NAMES), kinds.index(k[2]), order([k[1]], BACKBONE_NAMES), k)
+    ):
         d, b, kind = key
         group = groups[key]
         s = _stats([r.value(metric) for r in group])
@@ -233,6 +239,7 @@ def lora_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]]
         "Table 1 setting (test)",
     ]
     rows, records = [], []
+    proposed = role_method("proposed")
     searched = {(r.backbone, r.dataset) for r in runs if "lora" in (r.axes or {})}
     for b, d in sorted(searched, key=lambda k: (order([k[0]], BACKBONE_NAMES), order([k[1]], DATASET_NAMES))):
         cands: dict[str, list[Run]] = {}
@@ -240,7 +247,7 @@ def lora_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]]
             if (
                 r.backbone == b
                 and r.dataset == d
-                and r.kind == "clipit"
+                and r.kind == proposed
                 and ("lora" in (r.axes or {}) or r.variant in MAIN_VARIANTS)
             ):
                 cands.setdefault(r.variant, []).append(r)
@@ -320,20 +327,21 @@ def omega_table(
 ) -> tuple[list[str], list[list[str]], list[dict]]:
     """Ω per backbone x dataset over the seeds whose text and vision predictions both load; a seed left
     out (broken predictions file, no shared keys) is named through `warn`."""
+    text, probe = role_method("text"), role_method("probe")
     text_runs: dict[tuple, list[Run]] = {}
     for r in runs:
-        if r.kind == "text" and r.variant in MAIN_VARIANTS:
+        if r.kind == text and r.variant in MAIN_VARIANTS:
             text_runs.setdefault(r.dataset, []).append(r)
     header = ["Backbone", "Dataset", "Ω × 100 (mean ± std)", "Seeds", "Matched test samples"]
     rows, records = [], []
-    vision = [r for r in runs if r.kind == "unimodal" and r.variant in MAIN_VARIANTS]
+    vision = [r for r in runs if r.kind == probe and r.variant in MAIN_VARIANTS]
     for b in order({r.backbone for r in vision}, BACKBONE_NAMES):
         for d in order({r.dataset for r in vision if r.backbone == b}, DATASET_NAMES):
             texts = text_runs.get(d, [])
             if not texts:
                 continue
             values, matched, seeds = [], [], []
-            for v in sorted(main_runs(runs, b, d, "unimodal"), key=lambda r: r.seed):
+            for v in sorted(main_runs(runs, b, d, probe), key=lambda r: r.seed):
                 same = [t for t in texts if t.seed == v.seed and t.backbone == b] or [
                     t for t in texts if t.seed == v.seed
                 ]
@@ -380,7 +388,8 @@ def omega_table(
 
 def text_table(runs: list[Run], metric: str) -> list[list[str]]:
     rows = []
-    texts = [r for r in runs if r.kind == "text" and r.variant in MAIN_VARIANTS]
+    text = role_method("text")
+    texts = [r for r in runs if r.kind == text and r.variant in MAIN_VARIANTS]
     for d in order({r.dataset for r in texts}, DATASET_NAMES):
         s = _stats([r.value(metric) for r in texts if r.dataset == d])
         rows.append([DATASET_NAMES.get(d, d), str(s[2]), _fmt(s)])

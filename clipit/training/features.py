@@ -42,7 +42,8 @@ from clipit.config import ExperimentConfig, TrainConfig
 from clipit.errors import ClipitError, one_line
 from clipit.io import atomic_path, atomic_write_json, read_json, sha256_file
 from clipit.locks import LockHeld, exclusive
-from clipit.models.clipit import BACKBONE_FORWARDS, resolve_finetune
+from clipit.methods import method_spec
+from clipit.models.clipit import BACKBONE_FORWARDS
 from clipit.training.accel import any_rank, raise_together
 from clipit.training.loader import eval_loader
 from clipit.training.predict import ShardSource
@@ -62,12 +63,13 @@ def uses_feature_cache(cfg: ExperimentConfig, method: str, model: torch.nn.Modul
     """Whether `method` trains on cached features: feature_cache true, a frozen backbone, unaugmented
     images, cached report embeddings, and (given `model`) a model that implements the hook."""
     tcfg = cfg.methods[method]
+    spec = method_spec(tcfg.method)
     if (
         not tcfg.feature_cache
-        or tcfg.method == "text"
+        or spec.vision is None
         or tcfg.augment
         or tcfg.text_encoder == "tower"
-        or resolve_finetune(tcfg.method, tcfg.finetune, cfg.model.lora.enabled) != "frozen"
+        or spec.finetune(tcfg.finetune, cfg.model.lora.enabled) != "frozen"
     ):
         return False
     if model is None:
@@ -378,6 +380,10 @@ def load_split(cache_dir: Path, cache_manifest: dict, split: str, device) -> Fea
         if shapes["features"] != want or shapes["text_emb"][0] != [entry["count"], info["text_dim"]]:
             raise damaged(file, cache_dir, f"features {shapes['features']} where the manifest says {want}")
         tensors = load_file(str(file))
+        for name in ("features", "text_emb"):  # written finite: a non-finite value was put there afterwards
+            rows_bad = (~torch.isfinite(tensors[name].float()).all(dim=1)).nonzero().flatten().tolist()
+            if rows_bad:
+                raise damaged(file, cache_dir, f"{name} of sample {file_keys[rows_bad[0]]} is not finite")
         keys += file_keys
         feats.append(tensors["features"])
         labels.append(tensors["labels"])

@@ -1,7 +1,7 @@
 """The trainer's inputs for a model whose backbone is frozen and whose images are not augmented: the
 backbone's cached features instead of images (training/features.py).
 
-`cached_inputs` gives the training loop (trainer._fit) three stand-ins and changes nothing else in it:
+`cached_inputs` gives the training loop (trainer.setup_run) three stand-ins and changes nothing else in it:
   model       FeatureHead: the model's own submodules (same names, same tensors), run from features;
               its checkpoint (best.safetensors, resume state) is the model's, so warm starts,
               evaluation and export read it as before

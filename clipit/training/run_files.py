@@ -1,5 +1,6 @@
 """The files every trained run leaves, in one place for the training loop and for the runs whose model
-is saved as built without a training step (the zero-shot classifier, an imported probe head): the
+is saved as built without a training step (a method whose spec says it trains nothing, such as the
+zero-shot classifier; an imported probe head): the
 checkpoint sidecar (best.json) and, for the latter, the whole run (config.yaml, best checkpoint,
 train_summary.json), so evaluation and export treat every run alike."""
 
@@ -46,7 +47,7 @@ def save_as_built(
     message: str,
 ) -> dict:
     """Save `model` as the run's best checkpoint at step 0 with a train summary, each with its extra
-    fields (what the run is instead of trained: zero_shot, imported, ...). Rank 0 writes; every rank
+    fields (what the run is instead of trained: saved_as_built, imported, ...). Rank 0 writes; every rank
     returns the summary."""
     start = time.time()
     summary = {
@@ -70,3 +71,29 @@ def save_as_built(
         print(f"[clipit train] {method} seed {seed}: {message} (nothing to train)", flush=True)
     accelerator.wait_for_everyone()
     return summary
+
+
+def save_untrained(
+    cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, model, preprocess, manifest: dict, accelerator
+) -> dict:
+    """The "training" of a method that trains nothing (clipit/methods.py: trains=False): its model, as the
+    builder made it (e.g. the CLIP prompt ensemble, class embeddings encoded once), is the best checkpoint."""
+    total = sum(p.numel() for p in model.parameters())  # as evaluation counts them (nothing is LoRA here)
+    counts = {"total": total, "trainable": 0}
+    if hasattr(model, "inference_cost"):  # what else ran once for it (e.g. the text tower on the prompts)
+        counts |= model.inference_cost({"inference": total})
+    clip = getattr(model, "clip_identity", None)
+    return save_as_built(
+        cfg,
+        method,
+        seed,
+        run_dir,
+        model,
+        preprocess,
+        manifest,
+        accelerator,
+        summary_extra={"saved_as_built": cfg.methods[method].method, "parameters": counts},
+        meta_extra={"clip": clip} if clip is not None else {},
+        full=cfg.model.weights in (None, "random"),  # a CLIP's towers are never stored (checkpoint.save_model)
+        message=f"{cfg.methods[method].method} model for {len(manifest['classes'])} classes saved as built",
+    )

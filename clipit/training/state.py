@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from clipit import layout
 from clipit.errors import ClipitError, one_line
-from clipit.io import atomic_path, atomic_write_json, read_json, replace_dir, sha256_file
+from clipit.io import atomic_path, atomic_write_json, read_json_object, replace_dir, sha256_file
 from clipit.training.accel import uses_deepspeed
 
 FORMAT = "clipit-resume/2"  # progress.json and every state file carry it
@@ -353,11 +353,8 @@ def _read_progress(path: Path) -> dict | None:
         if path.is_dir() and not any(path.iterdir()):
             return None
         raise _Bad(f"{marker}: missing although {path} holds files (an incomplete copy of the checkpoint?)")
-    try:
-        progress = read_json(marker)
-    except (OSError, ValueError) as err:
-        raise _Bad(f"{marker}: unreadable ({one_line(err)})") from None
-    if not isinstance(progress, dict) or progress.get("format") != FORMAT:
+    progress = read_json_object(marker, error=lambda path, why: _Bad(f"{path}: unreadable ({why})"))
+    if progress.get("format") != FORMAT:
         raise _Bad(
             f"{marker}: not a {FORMAT} checkpoint (an older clipit wrote it, and its .pt state files are "
             "no longer read)"

@@ -20,7 +20,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from clipit import layout
 from clipit.config import ExperimentConfig
-from clipit.models.clipit import resolve_finetune
+from clipit.methods import method_spec
 
 # the metric columns of the HParams view (the last value of each scalar in the run)
 METRICS = ("test/balanced_accuracy", "test/accuracy", "test/loss", "val/balanced_accuracy", "val/loss", "train/loss")
@@ -39,7 +39,7 @@ def open_writer(run_dir: Path, resumed_from: int | None) -> SummaryWriter:
 def run_hparams(cfg: ExperimentConfig, method: str, seed: int, world: int) -> dict:
     """What tells the grid's runs apart, as HParams columns (strings and numbers only)."""
     t, m = cfg.methods[method], cfg.model
-    finetune = "-" if t.method == "text" else resolve_finetune(t.method, t.finetune, m.lora.enabled)
+    finetune = method_spec(t.method).finetune_shown(t.finetune, m.lora.enabled)
     return {
         "method": method,
         "kind": t.method,

@@ -52,7 +52,8 @@ def test_builds_readers_with_options(tmp_path):
 
 def test_unknown_name_and_option(tmp_path):
     with pytest.raises(
-        DatasetError, match=r"unknown dataset 'camelyon'; set data.name to one of \['bach', 'crc', 'folder', 'pcam'"
+        DatasetError,
+        match=r"unknown dataset 'camelyon'; set data.name to one of \['bach', 'crc', 'demo', 'folder', 'pcam'",
     ):
         build_dataset("camelyon", tmp_path)
     with pytest.raises(

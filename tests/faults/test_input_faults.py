@@ -218,7 +218,7 @@ def test_unreadable_corpus_files_are_one_line(tmp_path, case):
         pmap = tmp_path / "map.json"
         pmap.write_text("{oops")
         sets = [f"reports.project_map={pmap}", "reports.projects=[BRCA]"]
-        expected = f"{pmap}: project map is not valid JSON"
+        expected = f"{pmap}: project map: not valid JSON"
     assert one_error(pair(experiment(tmp_path, path), *sets)).startswith(expected)
 
 
