@@ -8,6 +8,7 @@ KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -98,6 +99,13 @@ def _config(args):
     return load_config(args.config, args.set)
 
 
+def _source(args):
+    """Where the config came from: what the process of each cell of a chain loads."""
+    from clipit.cells import ConfigSource
+
+    return ConfigSource(args.config, tuple(args.set))
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 
@@ -106,7 +114,7 @@ def cmd_demo(args) -> None:
     from clipit.pipeline import run_all
 
     start = time.time()
-    run_all(_config(args))
+    run_all(_config(args), _source(args))
     print(f"demo finished in {time.time() - start:.0f} s")
 
 
@@ -149,36 +157,48 @@ def _seeds(cfg, args) -> list[int]:
     return [args.seed] if args.seed is not None else list(cfg.seeds)
 
 
+@contextlib.contextmanager
+def one_cell():
+    """A cell run in this process: a distributed launch leaves its process group cleanly at the end."""
+    from clipit.training.accel import leave_process_group
+
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        leave_process_group(succeeded)
+
+
+def run_seed_chain(args, command: str, seeds: list[int], *extra: str) -> None:
+    """Several seeds: a chain of cells, one process each (clipit/cells.py); one line if any failed."""
+    from clipit.pipeline import run_cells, seed_cells
+    from clipit.training.accel import check_launch
+
+    check_launch(int(os.environ.get("WORLD_SIZE", 1)))  # the children cannot see the launcher's command line
+    run_cells(seed_cells(_source(args), command, args.method, seeds, *extra))
+
+
 def cmd_train(args) -> None:
     from clipit import layout
     from clipit.pipeline import check_method, train_and_evaluate
-    from clipit.training.accel import leave_process_group, make_accelerator
+    from clipit.training.accel import make_accelerator
 
     cfg = _config(args)
     check_method(cfg, args.method)
     seeds = _seeds(cfg, args)
-    if cfg.methods[args.method].distributed == "zero2" and len(seeds) > 1:
-        from clipit.training.accel import ONE_DEEPSPEED_RUN
-
-        raise ClipitError(f"{args.config}: seeds {seeds} in one launch; {ONE_DEEPSPEED_RUN}")
-    succeeded = False
-    try:
-        for seed in seeds:
-            if args.resume == "none":  # start over: rank 0 drops this cell's resume checkpoint and outputs
-                accelerator = make_accelerator(cfg.methods[args.method])
-                if accelerator.is_main_process:
-                    clear_run_dir(layout.run_dir(cfg.output_dir, args.method, seed))
-                accelerator.wait_for_everyone()
-            metrics = train_and_evaluate(cfg, args.method, seed)
-            if make_accelerator(cfg.methods[args.method]).is_main_process:  # one result line, not one per rank
-                print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
-        succeeded = True
-    finally:
-        distributed = leave_process_group(succeeded)
-    if distributed:  # outputs are on disk; skip interpreter teardown, where gloo's threads can still abort
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if len(seeds) > 1:
+        return run_seed_chain(args, "train", seeds, "--resume", args.resume)
+    seed = seeds[0]
+    with one_cell():
+        accelerator = make_accelerator(cfg.methods[args.method])
+        if args.resume == "none":  # start over: rank 0 drops this cell's resume checkpoint and outputs
+            if accelerator.is_main_process:
+                clear_run_dir(layout.run_dir(cfg.output_dir, args.method, seed))
+            accelerator.wait_for_everyone()
+        metrics = train_and_evaluate(cfg, args.method, seed)
+        if accelerator.is_main_process:  # one result line, not one per rank
+            print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
 
 
 def clear_run_dir(run_dir) -> None:
@@ -201,13 +221,17 @@ def clear_run_dir(run_dir) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from clipit.pipeline import evaluate_cell
+    from clipit.pipeline import check_method, evaluate_cell
 
     cfg = _config(args)
-    for seed in _seeds(cfg, args):
-        metrics = evaluate_cell(cfg, args.method, seed, split=args.split)
+    check_method(cfg, args.method)
+    seeds = _seeds(cfg, args)
+    if len(seeds) > 1:
+        return run_seed_chain(args, "evaluate", seeds, "--split", args.split)
+    with one_cell():
+        metrics = evaluate_cell(cfg, args.method, seeds[0], split=args.split)
         print(
-            f"{args.method} seed {seed} {args.split}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
+            f"{args.method} seed {seeds[0]} {args.split}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
             f"accuracy {100 * metrics['accuracy']:.2f}%"
         )
 
@@ -255,9 +279,58 @@ def cmd_report(args) -> None:
 
 
 def cmd_grid(args) -> int:
+    from clipit.hpc.requests import GridRequest
     from clipit.hpc.submit import run_grid
 
-    return run_grid(args)
+    return run_grid(
+        GridRequest(
+            grid=args.config,
+            overrides=tuple(args.set),
+            root=args.root,
+            profile=args.profile,
+            dry_run=args.dry_run,
+            local=args.local,
+            wait=args.wait,
+            force_unknown=args.force_unknown,
+            preflight=not args.no_preflight,
+            throughput=args.throughput,
+        )
+    )
+
+
+def resources(items: list[str], flag: str = "--resources") -> dict:
+    """`--resources KEY=VALUE` items as profile fields (values read as YAML: 0, 8, true, a name)."""
+    import yaml
+
+    from clipit.config import ConfigError
+
+    fields = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{flag} {item!r}: write KEY=VALUE")
+        fields[key] = yaml.safe_load(value)
+    return fields
+
+
+def prepare_request(args, stage: str):
+    from clipit.hpc.requests import PrepareRequest
+
+    shards = stage == "shards"
+    return PrepareRequest(
+        stage=stage,
+        grid=args.grid,
+        config=args.config,
+        overrides=tuple(args.set),
+        profile=args.profile,
+        dry_run=args.dry_run,
+        local=args.local,
+        wait=args.wait,
+        resources=resources(args.resources),
+        num_parts=args.num_parts if shards else 1,
+        pair=shards and args.pair,
+        pair_resources=resources(args.pair_resources, "--pair-resources") if shards else {},
+    )
 
 
 def cmd_prepare_demo(args) -> None:
@@ -270,13 +343,13 @@ def cmd_prepare_demo(args) -> None:
 def cmd_prepare_pair(args) -> int:
     from clipit.hpc.prepare import prepare_pair
 
-    return prepare_pair(args)
+    return prepare_pair(prepare_request(args, "pair"))
 
 
 def cmd_prepare_shards(args) -> int:
     from clipit.hpc.prepare import prepare_shards
 
-    return prepare_shards(args)
+    return prepare_shards(prepare_request(args, "shards"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The stages in order, each skipping work whose output already exists:
 reports -> pairing -> shards -> training (per method and seed) -> evaluation -> summary table.
+
+Pairing and shards run in this process; each training cell (train + evaluate of one method and
+seed) runs in a process of its own (clipit/cells.py).
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from clipit import layout
+from clipit.cells import ChainCell, ConfigSource, cell_argv, chain_error, run_chain
 from clipit.config import ConfigError, ExperimentConfig, method_order
 from clipit.corpus import Report, load_reports
 from clipit.data.base import DatasetError, ImageDataset
 from clipit.demo_inputs import prepare_demo_clip, prepare_demo_data
-from clipit.io import atomic_write_json, atomic_write_text
+from clipit.io import atomic_write_json, atomic_write_text, read_json
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
@@ -211,6 +215,7 @@ def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "t
 
 
 def train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int) -> dict:
+    """One cell in this process: what `clipit train --method M --seed S` runs."""
     from clipit.training.trainer import fit
 
     check_method(cfg, method)
@@ -219,8 +224,33 @@ def train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int) -> dict:
     return evaluate_cell(cfg, method, seed)
 
 
-def run_all(cfg: ExperimentConfig, log=print) -> dict:
-    """The whole slice; returns {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}."""
+def training_cells(cfg: ExperimentConfig, source: ConfigSource, command: str = "train") -> list[ChainCell]:
+    """Every (method, seed) of the config as a cell, warm starts first, each naming the cells it needs."""
+    cells = []
+    for method in method_order(cfg):
+        tcfg = cfg.methods[method]
+        for seed in cfg.seeds:
+            needs = tuple(f"{w} seed {seed}" for w in dict.fromkeys((tcfg.warm_start, tcfg.text_warm_start)) if w)
+            cells.append(ChainCell(f"{method} seed {seed}", tuple(cell_argv(command, source, method, seed)), needs))
+    return cells
+
+
+def seed_cells(source: ConfigSource, command: str, method: str, seeds: list[int], *extra: str) -> list[ChainCell]:
+    """One method over several seeds (`clipit train|evaluate` without --seed): one cell per seed."""
+    return [ChainCell(f"{method} seed {s}", tuple(cell_argv(command, source, method, s, *extra))) for s in seeds]
+
+
+def run_cells(cells: list[ChainCell], log=print) -> None:
+    """The cells in order, each in its own process; one line naming the failed cells if any failed
+    (the independent ones still ran; those warm-starting from a failed one were skipped)."""
+    error = chain_error(run_chain(cells, log=log))
+    if error is not None:
+        raise error
+
+
+def run_all(cfg: ExperimentConfig, source: ConfigSource, log=print) -> dict:
+    """The whole slice (`source` is where `cfg` came from: what each cell's process loads); returns
+    {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}."""
     from clipit.evaluation.evaluate import format_table, summarize
 
     prepare_demo_data(cfg, log)
@@ -243,10 +273,12 @@ def run_all(cfg: ExperimentConfig, log=print) -> dict:
         )
     manifest = run_shards(cfg, dataset, reports, pair_paths)
     log(f"[3/4] shards: {manifest.parent}")
+    run_cells(training_cells(cfg, source), log=log)
     results: dict[str, list[dict]] = {}
     for method in method_order(cfg):
         for seed in cfg.seeds:
-            results.setdefault(method, []).append(train_and_evaluate(cfg, method, seed))
+            run = layout.run_dir(cfg.output_dir, method, seed)
+            results.setdefault(method, []).append(read_json(layout.metrics_file(run)))
     table = format_table(summarize(results), results)
     log("[4/4] test results (mean ± std over seeds, %):\n" + table)
     summary = {"agreement": agreement, "results": results, "table": table}

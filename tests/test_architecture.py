@@ -38,7 +38,7 @@ LAYERS = [
     ("training", ["clipit.training"]),
     ("evaluation", ["clipit.evaluation"]),
     ("results", ["clipit.results"]),
-    ("stages", ["clipit.demo_inputs", "clipit.pipeline", "clipit.doctor"]),
+    ("stages", ["clipit.demo_inputs", "clipit.pipeline", "clipit.doctor", "clipit.cells"]),
     ("hpc", ["clipit.hpc"]),
     ("cli", ["clipit.cli", "clipit.__main__"]),
 ]

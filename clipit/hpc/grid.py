@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from clipit import layout
+from clipit.cells import ConfigSource, cell_argv
 from clipit.config import ConfigError, ExperimentConfig, load_config, method_order, to_dict
 from clipit.layout import check_name
 from clipit.methods import method_spec
@@ -160,15 +161,15 @@ class Cell:
     def load(self) -> ExperimentConfig:
         return load_config(self.config, list(self.overrides))
 
+    def argv(self) -> list[str]:
+        """The cell's `clipit train` arguments (what its task runs)."""
+        return cell_argv("train", ConfigSource(self.config, self.overrides), self.method, self.seed)
+
     def command(self) -> str:
         """The equivalent shell command (for logs, docs and reproducing one cell by hand)."""
         import shlex
 
-        parts = ["clipit", "train", "--config", self.config]
-        for item in self.overrides:
-            parts += ["--set", item]
-        parts += ["--method", self.method, "--seed", str(self.seed)]
-        return " ".join(shlex.quote(p) for p in parts)
+        return shlex.join(["clipit", *self.argv()])
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -312,13 +313,6 @@ def _expand_combo(
                 f"{where}: cell {label}: method {m!r} warm-starts from {warm!r}; add {warm!r} "
                 "to methods, or set warm_start_from to a value that trains it"
             )
-    zero2 = [m for m in chosen if getattr(cfg.methods[m], "distributed", "ddp") == "zero2"]
-    if zero2 and len(chosen) > 1:
-        raise ConfigError(
-            f"{where}: cell {label}: method {zero2[0]!r} uses DeepSpeed (distributed: zero2), which "
-            "needs a process of its own; run it in an axis value of its own (methods: "
-            f"[{zero2[0]}], warm_start_from: <the value that trains its warm start>)"
-        )
     axis_labels = tuple((axis, value.label) for (axis, _), (_, value) in zip(axes, combo) if value.label)
     compare_to = tuple((axis, value.compare_to) for (axis, _), (_, value) in zip(axes, combo) if value.compare_to)
     chains = {

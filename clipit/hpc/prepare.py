@@ -6,8 +6,8 @@
     (python launchers/pair.py and python launchers/shards.py are the same commands)
 
 The work units come from a grid (every distinct pairing / shard directory its cells read; all
-backbones of a dataset share them) or from one experiment config (`--config` + `--set`). Each unit
-runs the stage of the matching command in the job's process:
+backbones of a dataset share them) or from one experiment config (`--config` + `--set`). Each job
+runs the matching command in a process of its own (clipit/cells.py), built from a `StageJob`:
 
     pairing:   clipit pair  --config CFG --set ...                          (one array task per pairing dir)
     parts:     clipit shard build --config CFG --set ... --part I --num-parts N   (one array per shard dir)
@@ -23,94 +23,79 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import submitit
-import yaml
 
+from clipit.cells import CellsFailed, ConfigSource, run_cell
 from clipit.config import ConfigError, load_config, to_dict
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 from clipit.hpc.grid import chunk, expand, load_grid
+from clipit.hpc.requests import PrepareRequest
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """One submitted stage call: `clipit pair` or `clipit shard build` (a part, or the manifest)."""
+
+    stage: Literal["pair", "shards"]
+    source: ConfigSource
+    part: int | None = None
+    num_parts: int | None = None
+    finalize: bool = False
+
+    def argv(self) -> list[str]:
+        """The clipit command the job runs (and the dry run prints); the one place it is spelled."""
+        parts = ["--part", str(self.part), "--num-parts", str(self.num_parts)] if self.part is not None else []
+        command = ["pair"] if self.stage == "pair" else ["shard", "build"]
+        return [*command, *self.source.args(), *parts, *(["--finalize"] if self.finalize else [])]
 
 
 @dataclass
 class Unit:
     """One config (file + overrides) standing for every cell that reads the same pairing/shard dir."""
 
-    config: str
-    overrides: list[str]
+    source: ConfigSource
     dir: str  # the pairing or shard directory
     pairing_dir: str
     label: str
-    extra: list[str] = field(default_factory=list)  # CLI args after the config (--part ...)
 
-    def argv(self, command: str) -> list[str]:
-        args = [*command.split(), "--config", self.config]
-        for item in self.overrides:
-            args += ["--set", item]
-        return args + self.extra
+    def job(self, stage: Literal["pair", "shards"], **options) -> StageJob:
+        return StageJob(stage, self.source, **options)
 
 
 class StageCall(submitit.helpers.Checkpointable):
-    """Runs the stage of `clipit pair` / `clipit shard build` named by an argv in the job's process;
-    requeued as is on timeout (the stages resume: finished shards are skipped)."""
+    """Runs a stage job's clipit command in a process of its own (clipit/cells.py) and waits; requeued
+    as is on timeout (the stages resume: finished shards are skipped)."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
 
-    def __call__(self, argv: list[str]) -> str:
-        from clipit.pipeline import pair_stage, shard_stage
-
+    def __call__(self, job: StageJob) -> str:
         os.chdir(self.workdir)
+        argv = job.argv()
         print("[clipit prepare] clipit " + shlex.join(argv), flush=True)
-        stage, config, overrides, options = parse_stage_argv(argv)
-        cfg = load_config(config, overrides)
-        if stage == "pair":
-            pair_stage(cfg)
-        else:
-            shard_stage(
-                cfg,
-                part=options.get("part"),
-                num_parts=options.get("num_parts"),
-                finalize=bool(options.get("finalize")),
-            )
+        failure = run_cell(argv)
+        if failure is not None:
+            raise CellsFailed(f"clipit {shlex.join(argv)}: {failure}")
         return "ok"
 
 
-def parse_stage_argv(argv: list[str]) -> tuple[str, str, list[str], dict]:
-    """(stage, config, overrides, options) of an argv made by `Unit.argv` (the inverse of it)."""
-    stage = "pair" if argv[0] == "pair" else "shard"
-    rest = argv[1:] if stage == "pair" else argv[2:]
-    config, overrides, options, i = "", [], {}, 0
-    while i < len(rest):
-        flag = rest[i]
-        if flag == "--finalize":
-            options["finalize"], i = True, i + 1
-            continue
-        value = rest[i + 1]
-        if flag == "--config":
-            config = value
-        elif flag == "--set":
-            overrides.append(value)
-        else:
-            options[flag.lstrip("-").replace("-", "_")] = int(value)
-        i += 2
-    return stage, config, overrides, options
-
-
-def units_from(args) -> tuple[list[Unit], list[Unit]]:
+def units_from(request: PrepareRequest) -> tuple[list[Unit], list[Unit]]:
     """(pairing units, shard units), deduplicated by directory; differing settings for one dir are an error."""
-    if args.grid:
-        plan = expand(args.grid, args.set)
-        sources = [(c.config, list(c.overrides), c.key) for c in plan.cells]
+    if request.grid:
+        plan = expand(request.grid, list(request.overrides))
+        sources = [(ConfigSource(c.config, tuple(c.overrides)), c.key) for c in plan.cells]
     else:
-        sources = [(str(Path(args.config).absolute()), list(args.set), Path(args.config).name)]
+        config = str(Path(request.config).absolute())
+        sources = [(ConfigSource(config, tuple(request.overrides)), Path(request.config).name)]
     pairing: dict[str, tuple[Unit, dict]] = {}
     shards: dict[str, tuple[Unit, dict]] = {}
-    for config, overrides, label in sources:
-        cfg = load_config(config, overrides)
+    for source, label in sources:
+        cfg = load_config(source.path, list(source.overrides))
         d = to_dict(cfg)
         pdir, sdir = str(Path(cfg.pairing.dir).absolute()), str(Path(cfg.shards.dir).absolute())
         pkey = {k: d[k] for k in ("data", "reports", "pairing")}
@@ -123,7 +108,7 @@ def units_from(args) -> tuple[list[Unit], list[Unit]]:
                         "with different data/reports/pairing/shards settings; give them separate dirs"
                     )
                 continue
-            table[directory] = (Unit(config, overrides, directory, pdir, label), key)
+            table[directory] = (Unit(source, directory, pdir, label), key)
     return [u for u, _ in pairing.values()], [u for u, _ in shards.values()]
 
 
@@ -134,7 +119,8 @@ def _folder(root: Path) -> Path:
 def _print_units(title: str, units: list[Unit], out=print) -> None:
     out(f"{title}: {len(units)}")
     for u in units:
-        out(f"  {u.dir}  (config {u.config}{' + ' + str(len(u.overrides)) + ' overrides' if u.overrides else ''})")
+        n = len(u.source.overrides)
+        out(f"  {u.dir}  (config {u.source.path}{' + ' + str(n) + ' overrides' if n else ''})")
 
 
 def run_jobs(
@@ -142,91 +128,75 @@ def run_jobs(
     cluster: str,
     folder: Path,
     name: str,
-    argvs: list[list[str]],
+    jobs: list[StageJob],
     labels: list[str],
     dependency: str | None = None,
     out=print,
 ) -> list:
-    """Submit stage calls (`clipit pair|shard build` argvs) as arrays (chunked under MaxArraySize); returns the jobs."""
+    """Submit stage jobs as arrays (chunked under MaxArraySize); returns the submitit jobs."""
     executor = make_executor(profile, folder, name, cluster, dependency)
     size = array_chunk_size(profile, cluster_max_array_size() if cluster == "slurm" else None)
     call = StageCall(os.getcwd())
-    jobs = []
-    for part_argvs, part_labels in zip(chunk(argvs, size), chunk(labels, size)):
-        part_jobs = (
-            executor.map_array(call, part_argvs)
+    submitted = []
+    for part_jobs, part_labels in zip(chunk(jobs, size), chunk(labels, size)):
+        handles = (
+            executor.map_array(call, part_jobs)
             if cluster == "slurm"
-            else [executor.submit(call, a) for a in part_argvs]
+            else [executor.submit(call, job) for job in part_jobs]
         )
-        for job, label in zip(part_jobs, part_labels):
-            out(f"job {job.job_id}  {label}" + (f"  (after {dependency.split(':', 1)[1]})" if dependency else ""))
-        jobs += part_jobs
-    return jobs
+        for handle, label in zip(handles, part_labels):
+            out(f"job {handle.job_id}  {label}" + (f"  (after {dependency.split(':', 1)[1]})" if dependency else ""))
+        submitted += handles
+    return submitted
 
 
-def _profile(args, default_gpus: int | None = None) -> tuple[ClusterProfile, str]:
-    name = args.profile
+def _profile(request: PrepareRequest, resources: dict, default_gpus: int | None = None) -> tuple[ClusterProfile, str]:
+    name = request.profile
     if name is None:
-        name = load_grid_profile(args.grid) if args.grid else "local-cluster"
-    resources = {}
-    if default_gpus is not None:
-        resources["gpus_per_node"] = default_gpus
-    for item in args.resources:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--resources {item!r}: write KEY=VALUE")
-        resources[key] = yaml.safe_load(value)
-    profile = load_profile(name, resources)
-    return profile, ("local" if args.local else profile.executor)
+        name = load_grid(request.grid).profile if request.grid else "local-cluster"
+    fields = ({"gpus_per_node": default_gpus} if default_gpus is not None else {}) | resources
+    profile = load_profile(name, fields)
+    return profile, ("local" if request.local else profile.executor)
 
 
-def load_grid_profile(grid_path: str) -> str:
-    return load_grid(grid_path).profile
-
-
-def prepare_pair(args) -> int:
+def prepare_pair(request: PrepareRequest) -> int:
     """`clipit prepare pair` (and `python launchers/pair.py`)."""
-    pairing, _ = units_from(args)
-    profile, cluster = _profile(args)
-    if args.dry_run:
+    pairing, _ = units_from(request)
+    profile, cluster = _profile(request, request.resources)
+    jobs = [u.job("pair") for u in pairing]
+    if request.dry_run:
         _print_units("pairing dirs", pairing)
-        for u in pairing:
-            print("  " + shlex.join(["clipit", *u.argv("pair")]))
+        for job in jobs:
+            print("  " + shlex.join(["clipit", *job.argv()]))
         return 0
     folder = _folder(Path(pairing[0].dir).parent / "submitit-pair")
     print(f"submitting {len(pairing)} pairing task(s) to {cluster}; logs in {folder}")
-    jobs = run_jobs(
-        profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing], [u.dir for u in pairing]
-    )
-    return 1 if (args.local or args.wait) and wait_for_jobs(jobs) else 0
+    handles = run_jobs(profile, cluster, folder, "clipit-pair", jobs, [u.dir for u in pairing])
+    return 1 if (request.local or request.wait) and wait_for_jobs(handles) else 0
 
 
-def prepare_shards(args) -> int:
+def prepare_shards(request: PrepareRequest) -> int:
     """`clipit prepare shards` (and `python launchers/shards.py`)."""
-    if args.num_parts < 1:
-        raise ConfigError(f"--num-parts {args.num_parts}: give at least 1 part per shard directory")
-    pairing, shard_units = units_from(args)
-    profile, cluster = _profile(args, default_gpus=0)
-    pair_profile = None
-    if args.pair:
-        saved, args.resources = args.resources, args.pair_resources
-        pair_profile, _ = _profile(args)
-        args.resources = saved
-    n = args.num_parts
-    if args.dry_run:
-        if args.pair:
+    n = request.num_parts
+    if n < 1:
+        raise ConfigError(f"--num-parts {n}: give at least 1 part per shard directory")
+    pairing, shard_units = units_from(request)
+    profile, cluster = _profile(request, request.resources, default_gpus=0)
+    pair_profile = _profile(request, request.pair_resources)[0] if request.pair else None
+    if request.dry_run:
+        if request.pair:
             _print_units("pairing dirs", pairing)
         _print_units(f"shard dirs ({n} parts each, then --finalize)", shard_units)
         for u in shard_units:
-            print("  " + shlex.join(["clipit", *u.argv("shard build")]) + f" --part $I --num-parts {n}")
+            print("  " + shlex.join(["clipit", *u.job("shards").argv()]) + f" --part $I --num-parts {n}")
         return 0
     folder = _folder(Path(shard_units[0].dir).parent / "submitit-shards")
     print(f"logs in {folder}")
     jobs_all, pair_job = [], {}
-    if args.pair:
+    if request.pair:
         print(f"pairing: {len(pairing)} task(s)")
         pair_jobs = run_jobs(
-            pair_profile, cluster, folder, "clipit-pair", [u.argv("pair") for u in pairing], [u.dir for u in pairing]
+            pair_profile, cluster, folder, "clipit-pair", [u.job("pair") for u in pairing], [u.dir for u in pairing]
         )
         if cluster != "slurm" and wait_for_jobs(pair_jobs):  # local: run the stages in order
             return 1
@@ -235,13 +205,12 @@ def prepare_shards(args) -> int:
     for unit in shard_units:
         dep = pair_job.get(unit.pairing_dir) if cluster == "slurm" else None
         print(f"shards {unit.dir}: {n} part(s)")
-        argvs = [unit.argv("shard build") + ["--part", str(i), "--num-parts", str(n)] for i in range(n)]
         parts = run_jobs(
             profile,
             cluster,
             folder,
             "clipit-shards",
-            argvs,
+            [unit.job("shards", part=i, num_parts=n) for i in range(n)],
             [f"part {i}/{n}" for i in range(n)],
             dependency=f"afterok:{dep}" if dep else None,
         )
@@ -257,8 +226,8 @@ def prepare_shards(args) -> int:
             cluster,
             folder,
             "clipit-shards",
-            [unit.argv("shard build") + ["--finalize"]],
+            [unit.job("shards", finalize=True)],
             ["finalize (manifest)"],
             dependency=final_dep,
         )
-    return 1 if (args.local or args.wait) and wait_for_jobs(jobs_all) else 0
+    return 1 if (request.local or request.wait) and wait_for_jobs(jobs_all) else 0

@@ -5,7 +5,8 @@
 
 The launcher process only plans and submits. Each array task runs `clipit.hpc.task.run_task` on a
 compute node (see clipit/hpc/task.py): the cells of its chain in order, each exactly
-`clipit train --config CFG --set ... --method M --seed S`, resumable after a requeue.
+`clipit train --config CFG --set ... --method M --seed S` in a process of its own, resumable after a
+requeue. The CLI hands it a typed `GridRequest` (clipit/hpc/requests.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from clipit.hpc import ledger
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 from clipit.hpc.grid import Cell, Plan, Task, cell_is_done, chunk, expand
+from clipit.hpc.requests import GridRequest
 from clipit.hpc.task import CellRunner
 from clipit.methods import method_spec
 
@@ -256,18 +258,19 @@ def print_cost(plan: Plan, profile: ClusterProfile, throughput_file=None, out=pr
         out(line)
 
 
-def run_grid(args) -> int:
+def run_grid(request: GridRequest) -> int:
     """`clipit grid` (and `python launchers/grid.py`): plan, pre-flight, then print, run locally or submit."""
-    plan = expand(args.config, args.set, root=args.root)
-    profile = load_profile(args.profile or plan.grid.profile, plan.grid.resources)
-    cluster = "local" if args.local else profile.executor
+    plan = expand(request.grid, list(request.overrides), root=request.root)
+    profile_name = request.profile or plan.grid.profile
+    profile = load_profile(profile_name, plan.grid.resources)
+    cluster = "local" if request.local else profile.executor
     statuses = cell_statuses(plan)
-    todo, notes = tasks_to_submit(plan, statuses, args.force_unknown)
-    problems, warnings = preflight([c for t in todo for c in t.cells if not cell_is_done(c)], args.config)
-    if args.dry_run:
+    todo, notes = tasks_to_submit(plan, statuses, request.force_unknown)
+    problems, warnings = preflight([c for t in todo for c in t.cells if not cell_is_done(c)], request.grid)
+    if request.dry_run:
         print_plan(plan, statuses, todo)
         print(
-            f"profile {args.profile or plan.grid.profile}: executor {cluster}, partition {profile.partition}, "
+            f"profile {profile_name}: executor {cluster}, partition {profile.partition}, "
             f"account {profile.account}, {profile.nodes} node(s) x {profile.tasks_per_node} task(s), "
             f"{profile.gpus_per_node} GPU(s)/node, {profile.cpus_per_task} CPUs/task, {profile.mem_gb:g} GB, "
             f"{profile.timeout_min} min, parallelism {profile.array_parallelism}"
@@ -275,11 +278,11 @@ def run_grid(args) -> int:
         for line in notes + [f"pre-flight: {p}" for p in problems + warnings]:
             print(line)
         print(f"would submit {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells)")
-        print_cost(plan, profile, getattr(args, "throughput", None))
+        print_cost(plan, profile, request.throughput)
         return 0
     for line in notes + [f"warning: {w}" for w in warnings]:
         print(line)
-    if problems and not args.no_preflight:  # one error line; the full list goes to stdout
+    if problems and request.preflight:  # one error line; the full list goes to stdout
         for problem in problems:
             print(f"pre-flight: {problem}")
         more = f" (and {len(problems) - 1} more pre-flight problem(s) listed above)" if len(problems) > 1 else ""
@@ -293,6 +296,6 @@ def run_grid(args) -> int:
         print(f"local run finished: {len(todo) - failures} tasks ok, {failures} failed")
         return 1 if failures else 0
     jobs = submit(plan, todo, profile, cluster, log_root, statuses)
-    if args.wait:
+    if request.wait:
         return 1 if wait_for_jobs(jobs) else 0
     return 0

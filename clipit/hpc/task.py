@@ -1,5 +1,7 @@
 """What one array task runs on a compute node: the cells of its chain in order (warm starts first),
-each through `pipeline.train_and_evaluate`, with the cell states recorded in the ledger by rank 0.
+each as `clipit train ... --method M --seed S` in a process of its own (clipit/cells.py), with the
+cell states recorded in the ledger by rank 0. With several ranks per task (nodes x tasks_per_node),
+every rank runs this loop and starts its rank's process of each cell with the SLURM rank env.
 
 `CellRunner` is the submitted submitit `Checkpointable`: on a timeout or preemption (USR2) submitit
 requeues the same call, which skips finished cells and resumes the interrupted one from the trainer's
@@ -17,8 +19,10 @@ from pathlib import Path
 import submitit
 
 from clipit import layout
+from clipit.cells import CellsFailed, run_cell
 from clipit.hpc import ledger
 from clipit.hpc.grid import Cell, Task, cell_is_done
+from clipit.io import read_json
 
 
 def job_info(executor: str = "slurm") -> dict:
@@ -54,11 +58,13 @@ def setup_distributed() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
-def train_cell(cell: Cell) -> dict:
-    """What `clipit train --config CFG --set ... --method M --seed S` does for one seed."""
-    from clipit.pipeline import train_and_evaluate
-
-    return train_and_evaluate(cell.load(), cell.method, cell.seed)
+def train_cell(cell: Cell, slot: int = 0) -> dict:
+    """`clipit train --config CFG --set ... --method M --seed S` in a process of its own, as the task's
+    `slot`-th cell; returns its test metrics. A failure raises CellsFailed with the child's error line."""
+    failure = run_cell(cell.argv(), slot)
+    if failure is not None:
+        raise CellsFailed(failure)
+    return read_json(layout.metrics_file(cell.run_dir))
 
 
 def warm_start_dir(cell: Cell) -> Path | None:
@@ -84,10 +90,6 @@ def link_warm_start(cell: Cell) -> None:
         pass
 
 
-class CellsFailed(RuntimeError):
-    pass
-
-
 def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
     """Run a task's cells in order; returns {cell key: outcome}. Raises CellsFailed if any failed.
 
@@ -100,7 +102,7 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
     rank0 = job.get("rank", 0) == 0
     outcomes: dict[str, str] = {}
     failed_dirs: set[str] = set()
-    for cell in task.cells:
+    for slot, cell in enumerate(task.cells):
         if cell_is_done(cell):
             if rank0 and (ledger.read_state(cell.run_dir) or {}).get("state") != "done":
                 ledger.mark_done(cell.run_dir, job, note="already finished")
@@ -119,10 +121,10 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
             ledger.mark_running(cell.run_dir, job | {"command": cell.command()})
         print(f"[clipit grid] {cell.key}: {cell.command()}", flush=True)
         try:
-            metrics = train(cell)
-        except Exception:
-            text = traceback.format_exc()
-            print(text, file=sys.stderr, flush=True)
+            metrics = train(cell, slot)
+        except Exception as err:  # the cell's own output (its traceback, if any) is in this job's log above
+            text = str(err) if isinstance(err, CellsFailed) else traceback.format_exc()
+            print(f"[clipit grid] {cell.key}: failed: {text}", file=sys.stderr, flush=True)
             if rank0:
                 ledger.mark_failed(cell.run_dir, text, job)
             failed_dirs.add(os.path.realpath(cell.run_dir))
@@ -133,13 +135,10 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
             ledger.mark_done(cell.run_dir, job, metrics=keep)
         outcomes[cell.key] = "done"
     failed = [k for k, v in outcomes.items() if v.startswith("failed")]
-    from clipit.training.accel import leave_process_group
-
-    leave_process_group(succeeded=not failed)
     if failed:
         raise CellsFailed(
             f"{len(failed)} of {len(task.cells)} cells failed: {', '.join(failed)} "
-            "(tracebacks in their state.json and in this job's log)"
+            "(their error lines are in their state.json, their output in this job's log)"
         )
     return outcomes
 

@@ -38,38 +38,47 @@ def deepspeed_config(tcfg: TrainConfig, world_size: int = 1) -> dict:
     return config
 
 
-_CACHE: dict = {}
-_DEEPSPEED_RUNS: list[str] = []  # the run this process trained under DeepSpeed (at most one)
-ONE_DEEPSPEED_RUN = (
-    "accelerate ties one DeepSpeed engine to a process, so a ZeRO-2 run (methods.<m>.distributed: "
-    "zero2) needs a launch of its own: pass --seed N and launch once per seed and method"
+ONE_CELL_PER_PROCESS = (
+    "accelerate keeps one state per process and ties one DeepSpeed engine to it, so each cell (method and "
+    "seed) runs in a process of its own: `clipit train --config C --method M --seed S`, or a chain "
+    "(demo, several seeds, a grid task), which starts one process per cell"
 )
 
 
 def claim_deepspeed_run(accelerator: Accelerator, run: str) -> None:
     """Refuse (one line) a second DeepSpeed run in this process, before its model is prepared: accelerate
-    would keep driving the first run's engine, and its backward fails deep inside DeepSpeed."""
+    would keep driving the first run's engine, and its backward fails deep inside DeepSpeed. The run is
+    recorded on accelerate's own per-process state, which holds that engine."""
     if accelerator.state.deepspeed_plugin is None:
         return
-    if _DEEPSPEED_RUNS:
-        raise ConfigError(
-            f"{run}: this process already trained {_DEEPSPEED_RUNS[0]} under DeepSpeed; {ONE_DEEPSPEED_RUN}"
-        )
-    _DEEPSPEED_RUNS.append(run)
+    first = getattr(accelerator.state, "clipit_deepspeed_run", None)
+    if first is not None and first != run:
+        raise ConfigError(f"{run}: this process already trained {first} under DeepSpeed; {ONE_CELL_PER_PROCESS}")
+    accelerator.state.clipit_deepspeed_run = run
 
 
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
-    """One Accelerator per process and setting: accelerate allows a single DeepSpeed instance."""
-    key = (tcfg.precision, tcfg.distributed)
-    if key in _CACHE:
-        return _CACHE[key]
-    if _CACHE and (tcfg.distributed == "zero2" or any(k[1] == "zero2" for k in _CACHE)):
-        raise ValueError(
-            f"this process already runs {next(iter(_CACHE))}; DeepSpeed cells need a process "
-            "of their own (run them with `clipit train`, one cell per launch)"
+    """The cell's Accelerator. A second call in the process (evaluation after training) shares
+    accelerate's process state, which must have been made for the same settings; they are recorded on
+    that state (under DeepSpeed accelerate itself keeps no precision: the DeepSpeed config has it)."""
+    from accelerate.state import AcceleratorState
+
+    want = {"distributed": tcfg.distributed, "precision": tcfg.precision}
+    state = AcceleratorState._shared_state  # accelerate's per-process state; empty until the first Accelerator
+    if not state:
+        accelerator = _build(tcfg)
+        accelerator.state.clipit_settings = want
+        return accelerator
+    have = state.get("clipit_settings")
+    if have != want:
+        now = ", ".join(f"{k}={v}" for k, v in (have or {"settings": "unknown"}).items())
+        raise ConfigError(
+            f"this process already runs {now}; a cell with distributed={want['distributed']}, "
+            f"precision={want['precision']} needs its own: {ONE_CELL_PER_PROCESS}"
         )
-    _CACHE[key] = _build(tcfg)
-    return _CACHE[key]
+    return Accelerator(
+        cpu=state.get("_cpu", False), mixed_precision=PRECISION[tcfg.precision]
+    )  # plugins: from the state
 
 
 def requested_processes(parent_cmdline: list[str] | None = None) -> int | None:
@@ -129,11 +138,22 @@ def _build(tcfg: TrainConfig) -> Accelerator:
         # drops DeepSpeed when cpu=True; on a CPU machine DeepSpeed brings its own CPU accelerator (gloo)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         kwargs["cpu"] = False
+        if "LOCAL_RANK" not in os.environ:  # no launcher: a group of one here, or DeepSpeed looks for MPI
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
             from accelerate.state import PartialState
 
             PartialState(cpu=False, backend="gloo")  # with no backend accelerate would treat it as 1 process
     return Accelerator(**kwargs)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:
@@ -179,15 +199,22 @@ def raise_together(accelerator: Accelerator, error: Exception | None, elsewhere:
 
 
 def leave_process_group(succeeded: bool = True) -> bool:
-    """End a distributed command cleanly: all ranks meet, then the process group is destroyed; returns
-    whether there was one. A rank that exits with the group alive can abort in gloo's threads
-    ("terminate called without an active exception") while its peers are still shutting down. A rank
-    that failed skips the barrier (its peers may be stuck elsewhere) and only destroys the group."""
+    """End a distributed command cleanly: all ranks meet, the process group is destroyed, and what still
+    holds its gloo pairs (accelerate's state, the DDP reducer or DeepSpeed engine in a garbage cycle) is
+    freed now, while the interpreter is whole; returns whether there was a group. Left to interpreter
+    teardown, their threads could abort a rank after its work ("terminate called without an active
+    exception", about 1 run in 20 on CPU). A rank that failed skips the barrier (its peers may be stuck
+    elsewhere) and only destroys the group."""
+    import gc
+
     import torch.distributed as dist
+    from accelerate.state import AcceleratorState
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
     if succeeded:
         dist.barrier()
     dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    gc.collect()
     return True

@@ -139,6 +139,8 @@ def test_requeued_task_resumes_from_its_checkpoint(grid_run):
     summary = json.loads((run_dir(folder, "clipit", 0) / "train_summary.json").read_text())
     assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] >= 2, summary
     assert summary["steps"] == 12
+    # the cell's process writes metrics.json and exits; then the task marks it done
+    wait_for(lambda: state(folder, "clipit", 0).get("state") == "done", 30, "the ledger to say done")
     s = state(folder, "clipit", 0)
     assert s["state"] == "done" and s["attempt"] >= 2 and s["job_id"] == job
     assert any(h["state"] == "running" and h.get("restart", 0) >= 1 for h in s["history"]), s["history"]

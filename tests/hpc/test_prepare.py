@@ -1,7 +1,6 @@
 """launchers/pair.py and launchers/shards.py: work units from grids, dry runs, and the real
 array jobs on the local SLURM cluster (slow)."""
 
-import argparse
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import pytest
 
 from clipit.config import ConfigError
 from clipit.hpc.prepare import units_from
+from clipit.hpc.requests import PrepareRequest
 from clipit_testing import ROOT
 
 
@@ -23,7 +23,7 @@ def _repo_cwd(monkeypatch):
 
 
 def args(**kw):
-    return argparse.Namespace(**({"grid": None, "config": None, "set": []} | kw))
+    return PrepareRequest(stage="shards", **kw)
 
 
 def test_grid_units_are_one_per_dataset():

@@ -24,7 +24,7 @@ def cell(root: Path, method: str, warm: str | None = None, seed: int = 0, out: s
 
 
 def fake_train(fail: set[str] = frozenset(), calls: list | None = None):
-    def train(c: Cell) -> dict:
+    def train(c: Cell, slot: int = 0) -> dict:
         if calls is not None:
             calls.append(c.method)
         warm = Path(c.run_dir).parent.parent / c.warm_start / Path(c.run_dir).name if c.warm_start else None

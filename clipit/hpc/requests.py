@@ -1,0 +1,41 @@
+"""What the command line asks of the HPC layer, as typed requests: the CLI builds them from its flags
+(clipit/cli.py is the only module that knows argparse), submit.py and prepare.py act on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class GridRequest:
+    """`clipit grid`: plan a grid file, then print it (dry run), run it here (local) or submit it."""
+
+    grid: str  # the grid file (configs/grids/*.yaml)
+    overrides: tuple[str, ...] = ()  # --set, applied to every cell
+    root: str | None = None  # replaces the grid's root folder
+    profile: str | None = None  # default: the grid's own
+    dry_run: bool = False
+    local: bool = False
+    wait: bool = False
+    force_unknown: bool = False  # resubmit cells whose job state cannot be checked
+    preflight: bool = True  # refuse to submit when shards or weights are missing
+    throughput: str | None = None  # measured throughput for the dry run's cost
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """`clipit prepare pair|shards`: pairing and shard building as job arrays, for a grid or one config."""
+
+    stage: Literal["pair", "shards"]
+    grid: str | None = None  # exactly one of grid and config
+    config: str | None = None
+    overrides: tuple[str, ...] = ()
+    profile: str | None = None  # default: the grid's, else local-cluster
+    dry_run: bool = False
+    local: bool = False
+    wait: bool = False
+    resources: dict[str, Any] = field(default_factory=dict)  # profile fields for these jobs
+    num_parts: int = 16  # shards: array tasks per shard directory
+    pair: bool = False  # shards: submit the pairing first; parts wait for it
+    pair_resources: dict[str, Any] = field(default_factory=dict)  # profile fields for the pairing jobs
