@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from clipit.config import ConfigError, TrainConfig
 from clipit.locks import LockError, exclusive
 
-PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's name
+X
 
 
 def deepspeed_config(tcfg: TrainConfig, world_size: int = 1) -> dict:
