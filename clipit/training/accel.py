@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from clipit.config import ConfigError, TrainConfig
 from clipit.locks import LockError, exclusive
 
-X
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # methods.<m>.precision -> accelerate's name
 
 
 def deepspeed_config(tcfg: TrainConfig, world_size: int = 1) -> dict:
