@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from clipit.config import ConfigError
+from clipit.config import ConfigError, Count, Positive, PositiveFloat
 from clipit.typed_yaml import from_dict, read_yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"  # shipped profiles: package data
@@ -29,16 +29,16 @@ class ClusterProfile:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    nodes: int = 1
-    tasks_per_node: int = 1  # > 1: one task per GPU; rank env from SLURM (TorchDistributedEnvironment)
-    gpus_per_node: int = 0
-    cpus_per_task: int = 4
-    mem_gb: float = 16.0
-    timeout_min: int = 60
-    array_parallelism: int = 64  # at most this many tasks of one array run at once (--array=...%N)
-    max_array_size: int = 0  # tasks per array; 0 = ask the cluster (scontrol: MaxArraySize)
-    signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
-    max_num_timeout: int = 20  # requeues after a timeout before submitit gives up on a task
+    nodes: Positive = 1
+    tasks_per_node: Positive = 1  # > 1: one task per GPU; rank env from SLURM (TorchDistributedEnvironment)
+    gpus_per_node: Count = 0
+    cpus_per_task: Positive = 4
+    mem_gb: PositiveFloat = 16.0
+    timeout_min: Positive = 60
+    array_parallelism: Positive = 64  # at most this many tasks of one array run at once (--array=...%N)
+    max_array_size: Count = 0  # tasks per array; 0 = ask the cluster (scontrol: MaxArraySize)
+    signal_delay_s: Count = 120  # USR2 this long before the time limit: checkpoint and requeue
+    max_num_timeout: Count = 20  # requeues after a timeout before submitit gives up on a task
     setup: list[str] = field(default_factory=list)  # shell lines before the task (module load, venv ...)
     additional: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, e.g. {exclude: node1}
     python: str | None = None  # interpreter of the jobs; default: the launcher's
