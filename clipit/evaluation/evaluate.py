@@ -23,6 +23,7 @@ from clipit.training.accel import main_process_lock, make_accelerator
 from clipit.training.loader import eval_loader
 from clipit.training.predict import ShardSource, predict
 from clipit.training.tb import log_evaluation
+from clipit.training.trainer import finished_run
 
 
 def evaluate_run(
@@ -35,6 +36,9 @@ def evaluate_run(
     A non-finite prediction or loss, or an unreadable shard, stops with one line and writes nothing."""
     run_dir = Path(run_dir)
     metrics_path = layout.metrics_file(run_dir, split)
+    run_id = layout.parse_run_dir(run_dir)
+    if run_id is not None and layout.is_trained(run_dir):  # the trained run is the one requested now
+        finished_run(cfg, method, run_id.seed, run_dir, warm_start)
     if metrics_path.exists():
         return read_json(metrics_path)
     tcfg = cfg.methods[method]

@@ -385,16 +385,21 @@ def _check_identity(marker: Path, progress: dict, identity: dict | None, world: 
         )
     if identity is None:
         return
-    then, now = _flat(progress.get("identity") or {}), _flat(json.loads(json.dumps(identity)))
-    same = lambda k: json.dumps(then.get(k, "<unset>")) == json.dumps(now.get(k, "<unset>"))  # noqa: E731 (NaN == NaN)
-    changed = sorted(k for k in then.keys() | now.keys() if not same(k))
-    if changed:
-        detail = ", ".join(f"{k}: {then.get(k, '<unset>')!r} then, {now.get(k, '<unset>')!r} now" for k in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+    detail = identity_changes(progress.get("identity") or {}, identity)
+    if detail:
         raise _Bad(
-            f"{marker}: written for another config ({detail}{more}); put those settings back to resume exactly",
+            f"{marker}: written for another config ({detail}); put those settings back to resume exactly",
             damaged=False,
         )
+
+
+def identity_changes(then: dict, now: dict, limit: int = 4) -> str:
+    """The keys whose values differ between two run identities, as `key: old then, new now` ('' if none)."""
+    then, now = _flat(json.loads(json.dumps(then))), _flat(json.loads(json.dumps(now)))
+    same = lambda k: json.dumps(then.get(k, "<unset>")) == json.dumps(now.get(k, "<unset>"))  # noqa: E731 (NaN == NaN)
+    changed = sorted(k for k in then.keys() | now.keys() if not same(k))
+    detail = ", ".join(f"{k}: {then.get(k, '<unset>')!r} then, {now.get(k, '<unset>')!r} now" for k in changed[:limit])
+    return detail + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
 def _verify_files(path: Path, progress: dict) -> None:

@@ -22,9 +22,9 @@ import torch
 from accelerate.utils import set_seed
 
 from clipit import layout
-from clipit.config import ExperimentConfig, TrainConfig, dump_config
+from clipit.config import ConfigError, ExperimentConfig, TrainConfig, dump_config
 from clipit.errors import ClipitError
-from clipit.io import read_json, sha256_file, sweep_stale_temps_in
+from clipit.io import read_json_object, sha256_file, sweep_stale_temps_in
 from clipit.methods import method_spec
 from clipit.models.clipit import param_groups
 from clipit.models.factory import build_model
@@ -38,7 +38,7 @@ from clipit.training.loader import eval_loader, train_loader
 from clipit.training.predict import ShardSource
 from clipit.training.probe import cached_inputs
 from clipit.training.run_files import checkpoint_meta, save_untrained
-from clipit.training.state import ResumeError, load_training_state
+from clipit.training.state import ResumeError, identity_changes, load_training_state
 from clipit.training.tb import open_writer, run_hparams, write_hparams
 from clipit.training.text_side import TextInputs
 from clipit.training.training_run import TrainingRun
@@ -131,14 +131,43 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     run_dir = Path(run_dir)
     summary_path = layout.train_summary(run_dir)
     if summary_path.exists():
-        return read_json(summary_path)
+        return finished_run(cfg, method, seed, run_dir, warm_start)
     accelerator = make_accelerator(cfg.methods[method])
     with main_process_lock(accelerator, run_dir, "run directory"):
         if summary_path.exists():  # finished by the previous holder of the lock
-            return read_json(summary_path)
+            return finished_run(cfg, method, seed, run_dir, warm_start)
         if accelerator.is_main_process:  # a killed writer's half-written files (e.g. .best.safetensors.*.tmp)
             sweep_stale_temps_in(run_dir)
         return _fit(cfg, method, seed, run_dir, warm_start, accelerator)
+
+
+def finished_run(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_start: Path | None) -> dict:
+    """The summary of a finished run, once its recorded identity equals the one requested now: a rerun with
+    another config (a changed --set, backbone, warm start or shard set) must not print the old result as its
+    own. The process count is not compared (it is how a finished run was made, not what it is); the shard
+    set only while it is on disk. Runs written before identities were recorded are reused as they are."""
+    summary_path = layout.train_summary(run_dir)
+    summary = read_json_object(summary_path, "rerun with `--resume none` to train this run again")
+    stored = summary.get("identity")
+    if not isinstance(stored, dict):
+        return summary
+    try:
+        manifest = load_manifest(cfg.shards.dir)
+    except ClipitError:
+        manifest = None
+    now = run_identity(cfg, method, seed, manifest or {}, stored.get("processes"), warm_start)
+    if manifest is None:
+        stored, now = (
+            {k: v for k, v in stored.items() if k != "shards"},
+            {k: v for k, v in now.items() if k != "shards"},
+        )
+    changes = identity_changes(stored, now)
+    if changes:
+        raise ConfigError(
+            f"{summary_path}: {method} seed {seed} finished under another config ({changes}); to keep it, set "
+            f"output_dir to a new folder; to replace it, rerun `clipit train` with `--resume none`"
+        )
+    return summary
 
 
 def verified_manifest(accelerator, shard_dir: str | Path) -> dict:

@@ -279,6 +279,7 @@ class TrainingRun:
             "backbone_forwards": backbone_forwards_so_far() - forwards_before,
             "wall_s": round(time.time() - start, 2),
             **({"feature_cache": str(self.cached.cache_dir)} if self.cached else {}),
+            "identity": progress.get("identity"),  # what a rerun compares before it reuses this run
         }
         if self.accelerator.is_main_process:
             atomic_write_json(layout.train_summary(self.run_dir), summary)

@@ -1,0 +1,53 @@
+"""A finished run is reused only under the config that made it: a rerun of `clipit train` or `clipit evaluate`
+with a changed setting stops with one line naming the changed key and the ways forward; the same rerun
+with the same config still skips; `--resume none` replaces the run."""
+
+import json
+
+from clipit.cli import main
+from clipit_testing import ROOT, TINY
+
+EPOCHS = "methods.unimodal.epochs=1"
+
+
+def run(capsys, command: str, out, shards, *extra: str) -> tuple[int, str, list[str]]:
+    sets = [f"output_dir={out}", *shards, EPOCHS, *extra]
+    argv = [command, "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0"]
+    code = main(argv + [a for s in sets for a in ("--set", s)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def test_a_changed_setting_is_named_not_answered_with_the_old_result(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    summary = out / "runs" / "unimodal" / "seed-0" / "train_summary.json"
+    code, printed, _ = run(capsys, "train", out, tiny_shards)
+    assert code == 0 and "unimodal seed 0: balanced accuracy" in printed
+    first = json.loads(summary.read_text())
+    assert first["identity"]["methods"]["unimodal"]["epochs"] == 1
+
+    code, again, _ = run(capsys, "train", out, tiny_shards)  # the same config: skipped, the same numbers
+    result = printed.strip().splitlines()[-1]
+    assert code == 0 and again.strip().splitlines()[-1] == result and json.loads(summary.read_text()) == first
+    assert "training on" not in again
+
+    for command in ("train", "evaluate"):
+        code, _, err = run(capsys, command, out, tiny_shards, "methods.unimodal.lr=0.5")
+        assert code == 2 and len(err) == 1, err
+        assert f"{summary}: unimodal seed 0 finished under another config (methods.unimodal.lr: " in err[0]
+        assert "set output_dir to a new folder" in err[0] and "`--resume none`" in err[0]
+    code, _, err = run(capsys, "train", out, tiny_shards, "model.lora.r=4")
+    assert code == 2 and "model.lora.r: 8 then, 4 now" in err[0]
+
+
+def test_resume_none_replaces_a_run_made_under_another_config(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, "train", out, tiny_shards)[0] == 0
+    sets = [f"output_dir={out}", *tiny_shards, EPOCHS, "methods.unimodal.lr=0.5"]
+    argv = ["train", "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0", "--resume", "none"]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "runs" / "unimodal" / "seed-0" / "train_summary.json").read_text())
+    assert summary["identity"]["methods"]["unimodal"]["lr"] == 0.5
+    code, _, _ = run(capsys, "evaluate", out, tiny_shards, "methods.unimodal.lr=0.5")
+    assert code == 0
