@@ -1,9 +1,22 @@
-"""Shared helpers for tests that run the real CLI."""
+"""Shared helpers for tests that run the real CLI.
 
+`cli(...)` runs the command line in this process (the default: no 4-5 s interpreter start per call);
+`run_clipit(...)` starts a real `python -m clipit` process, for the contracts that need one (signals,
+kill -9, locks held by another process, launchers, SLURM, a server, the no-traceback exit of a real
+process). Both return an object with `returncode`, `stdout` and `stderr`.
+"""
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +28,95 @@ def run_clipit(*args, timeout=600, **kwargs):
     return subprocess.run(
         [sys.executable, "-m", "clipit", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs
     )
+
+
+@dataclasses.dataclass
+class Result:
+    """What one `clipit` command did: its exit status and what it printed (the fields of a CompletedProcess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    code = property(lambda self: self.returncode)
+    out = property(lambda self: self.stdout)
+    err = property(lambda self: self.stderr)
+
+
+def _reset_process_state() -> None:
+    """What a fresh process would not have: accelerate's shared state and clipit's one-per-process
+    Accelerator cache (a ZeRO-2 run refuses a second run in the same process)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from clipit.training import accel
+
+    accel._CACHE.clear()
+    accel._DEEPSPEED_RUNS.clear()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def cli(*args, env: dict | None = None, input: str | None = None, cwd: Path = ROOT, timeout=None) -> Result:
+    """`clipit ARGS` run in this process through `clipit.cli.main`, as a fresh process would run it: in
+    `cwd` (the repository root), with `env` as the whole environment when given, stdin from `input`,
+    warnings and logging warnings printed on its stderr, an exception that is not a ClipitError printed
+    as a traceback with exit 1. The working directory, environment, logging, warning filters, torch
+    threads and accelerate's state are restored afterwards, so nothing leaks into the next test.
+    `timeout` is accepted for symmetry with run_clipit and ignored."""
+    import torch
+
+    from clipit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_stdin = sys.stdin
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        os.chdir(cwd)
+        sys.stdin = io.StringIO(input or "")
+        root.handlers = []  # as in a fresh process: warnings reach stderr through logging's last resort
+        root.setLevel(logging.WARNING)
+        _reset_process_state()
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            warnings.resetwarnings()  # then Python's default filters, as in a fresh process
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = _show_warning
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse (usage errors, --help), or a signal handler's exit
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if isinstance(exit_.code, str):
+                    err.write(exit_.code + "\n")
+            except Exception:  # a bug: a real process prints the traceback and exits 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        _reset_process_state()
+        sys.stdin = saved_stdin
+        root.handlers, root.level = saved_handlers, saved_level
+        torch.set_num_threads(saved_threads)
+        os.chdir(saved_cwd)
+        if dict(os.environ) != saved_env:
+            os.environ.clear()
+            os.environ.update(saved_env)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # a fresh process would not have it either
+            dist.destroy_process_group()
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def shard_copy(tiny_shards: list[str], tmp_path: Path) -> Path:

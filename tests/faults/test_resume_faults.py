@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import clipit_testing
-from clipit_testing import ROOT, run_clipit, train_args
+from clipit_testing import ROOT, cli, train_args
 
 # CLIP-IT without warm start (one cell stands alone): 12 steps, resume checkpoints every 2 (the last at 10)
 CELL = [
@@ -46,7 +46,7 @@ def assert_refused(proc, run: Path, *needles: str, absent=OUTPUTS) -> str:
 def checkpointed(tiny_shards, tmp_path_factory):
     """A finished 12-step cell and its test metrics; its checkpoints/latest (step 10) stays behind."""
     out = tmp_path_factory.mktemp("checkpointed")
-    proc = run_clipit(*train_args(out, tiny_shards, *CELL))
+    proc = cli(*train_args(out, tiny_shards, *CELL))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir(out) / "checkpoints" / "latest" / "progress.json").read_text())["step"] == 10
     return out, json.loads((run_dir(out) / "metrics.json").read_text())
@@ -72,7 +72,7 @@ def rehash(latest: Path, name: str) -> None:
 
 
 def resume(out: Path, shards, *extra: str):
-    return run_clipit(*train_args(out, shards, *CELL, *extra))
+    return cli(*train_args(out, shards, *CELL, *extra))
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
@@ -182,7 +182,7 @@ def test_resume_none_starts_over(interrupted, tiny_shards):
     """The advice works: the damaged checkpoint is dropped and the cell trains from step 0."""
     out, run, latest = interrupted
     (latest / "progress.json").write_text("garbage")
-    proc = run_clipit(*train_args(out, tiny_shards, *CELL), "--resume", "none")
+    proc = cli(*train_args(out, tiny_shards, *CELL), "--resume", "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "train_summary.json").read_text())["resumed_from_step"] is None
 
@@ -403,7 +403,7 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
     ckpt = _checkpoint_step(run)
     assert max(_raw_steps(tb)) > ckpt  # the killed attempt did write events past its checkpoint
     assert not (run / "train_summary.json").exists()
-    done = run_clipit(*train_args(tmp_path, tiny_shards, *cell))
+    done = cli(*train_args(tmp_path, tiny_shards, *cell))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "train_summary.json").read_text())["resumed_from_step"] == ckpt
     raw = _raw_steps(tb)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clipit.training.accel import requested_processes
-from clipit_testing import ROOT, TINY, assert_refused, run_clipit
+from clipit_testing import ROOT, TINY, assert_refused, cli
 
 PROBE = ["methods.unimodal.epochs=1", "methods.unimodal.batch_size=32"]
 
@@ -75,7 +75,7 @@ def test_silent_single_process_fallback_is_refused(tmp_path, tiny_shards):
 def test_one_process_without_a_launcher_is_fine(tmp_path, tiny_shards):
     out = tmp_path / "out"
     sets = [a for s in [f"output_dir={out}", *tiny_shards, *PROBE] for a in ("--set", s)]
-    proc = run_clipit("train", "--config", TINY, "--method", "unimodal", "--seed", "0", *sets)
+    proc = cli("train", "--config", TINY, "--method", "unimodal", "--seed", "0", *sets)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world size 1, backend none, device cpu, precision fp32" in proc.stdout
 
@@ -84,7 +84,7 @@ def test_zero2_with_several_seeds_in_one_launch_is_refused(tmp_path, tiny_shards
     """accelerate ties one DeepSpeed engine to a process: a second seed would crash deep in DeepSpeed's
     backward, after the first finished. Refused before any training, naming the fix."""
     sets = [f"output_dir={tmp_path}", *tiny_shards, "methods.unimodal.distributed=zero2", "seeds=[0, 1]"]
-    proc = run_clipit("train", "--config", TINY, "--method", "unimodal", *[a for s in sets for a in ("--set", s)])
+    proc = cli("train", "--config", TINY, "--method", "unimodal", *[a for s in sets for a in ("--set", s)])
     line = assert_refused(
         proc,
         tmp_path / "runs" / "unimodal" / "seed-0",

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from clipit_testing import ROOT, run_clipit, train_args
+from clipit_testing import ROOT, cli, train_args
 
 # 8 steps, a validation and a resume checkpoint every 2, a line every 2
 CELL = [
@@ -46,7 +46,7 @@ def test_train_log_has_step_and_validation_lines_and_resume_appends(tiny_shards,
     assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     before = bodies((run / "train.log").read_text())
 
-    proc = run_clipit(*args)
+    proc = cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stdout and "\r" not in proc.stderr  # not a terminal: no bar
     log = bodies((run / "train.log").read_text())

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from clipit_testing import ROOT, run_clipit, train_args
+from clipit_testing import ROOT, cli, train_args
 
 # CLIP-IT without warm start so one cell stands alone; 12 steps, a resume checkpoint every 2.
 CELL = [
@@ -40,7 +40,7 @@ def uninterrupted(tiny_shards, tmp_path_factory):
     def run(variant):
         if variant not in done:
             out = tmp_path_factory.mktemp(f"straight-{variant}")
-            proc = run_clipit(*train_args(out, tiny_shards, *CELLS[variant]))
+            proc = cli(*train_args(out, tiny_shards, *CELLS[variant]))
             assert proc.returncode == 0, proc.stderr[-3000:]
             done[variant] = outputs(out)
         return done[variant]
@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, tiny_shards
     code, stderr = interrupt_when_checkpointed(tmp_path, tiny_shards, sig, cell)
     assert code == -signal.SIGKILL if sig == signal.SIGKILL else code == 128 + signal.SIGTERM, stderr[-2000:]
     assert not (run_dir(tmp_path) / "metrics.json").exists()
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, *cell))
+    proc = cli(*train_args(tmp_path, tiny_shards, *cell))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir(tmp_path) / "train_summary.json").read_text())
     assert summary["resumed_from_step"] and summary["resumed_from_step"] >= 2
