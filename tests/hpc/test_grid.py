@@ -1,5 +1,7 @@
 """Grid files -> cells -> tasks (clipit/hpc/grid.py): the shipped grids, templating, warm-start reuse, errors."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -271,7 +273,16 @@ def test_chunks_respect_max_array_size():
     assert array_chunk_size(ClusterProfile(max_array_size=5000), 1001) == 1001
 
 
-def test_profile_becomes_sbatch_options(tmp_path):
+def test_profile_becomes_sbatch_options(tmp_path, monkeypatch):
+    """A profile becomes submitit's SLURM parameters and the #SBATCH lines of the script it would submit.
+    Nothing is submitted, so no SLURM is needed: submitit only looks for `srun` on PATH before it builds a
+    SLURM executor; where there is none, an `srun` that fails if ever run stands in for that check."""
+    if shutil.which("srun") is None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "srun").write_text("#!/bin/sh\necho 'srun: no SLURM here (test_grid.py)' >&2\nexit 1\n")
+        (bin_dir / "srun").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     profile = load_profile("gpu-cluster", {"account": "acct", "array_parallelism": 7})
     executor = make_executor(profile, tmp_path, "clipit-x", "slurm", dependency="afterok:12_0:12_1")
     params = executor._executor.parameters
@@ -282,6 +293,18 @@ def test_profile_becomes_sbatch_options(tmp_path):
     assert params["signal_delay_s"] == 180
     assert any("CLIPIT_OFFLINE" in line for line in params["setup"])
     assert executor._executor.max_num_timeout == 20
+    sbatch = executor._executor._make_submission_file_text("true", "uid").splitlines()
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=acct",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=16",
+        "#SBATCH --time=720",
+        "#SBATCH --dependency=afterok:12_0:12_1",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --signal=USR2@180",
+    ):
+        assert line in sbatch, (line, sbatch)
 
 
 def test_profile_errors(tmp_path):
