@@ -163,3 +163,55 @@ def assert_refused(proc, run: Path, *needles: str, absent=()) -> str:
     for name in absent:
         assert not (run / name).exists(), name
     return errors[0]
+
+
+# A real process that stops itself (SIGSTOP) right after the n-th call of one clipit function returns:
+# the test then acts on a known, frozen state (a kill, a signal, a second process), whatever the
+# machine's speed. The function is looked up by its module global, where its callers find it.
+_FREEZE = """
+import importlib, os, runpy, signal, sys
+module, name, after, target = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+owner = importlib.import_module(module)
+real, calls = getattr(owner, name), [0]
+def frozen(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == after:
+        sys.stdout.flush(); sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return result
+setattr(owner, name, frozen)
+sys.argv = [target, *sys.argv[5:]]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+"""
+
+
+def start_frozen_after(where: str, calls: int, *args: str, target: str = "clipit", **popen_kwargs):
+    """Start `python -m clipit ARGS` (or the script `target`) in a real process that freezes itself after
+    its `calls`-th call of `where` ("package.module:function") returns; wait_stopped() waits for that."""
+    module, name = where.split(":")
+    popen_kwargs.setdefault("cwd", ROOT)
+    cmd = [sys.executable, "-c", _FREEZE, module, name, str(calls), target, *args]
+    return subprocess.Popen(cmd, **popen_kwargs)
+
+
+def is_stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+def wait_stopped(proc, timeout: float, what: str) -> None:
+    """Wait until `proc` froze itself (see start_frozen_after); fail if it ended instead."""
+
+    def stopped():
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before it froze at {what}")
+        return is_stopped(proc.pid)
+
+    wait_for(stopped, timeout, f"the process to freeze at {what}", interval=0.05)

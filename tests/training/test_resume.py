@@ -3,13 +3,11 @@
 import json
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from clipit_testing import ROOT, cli, train_args
+from clipit_testing import cli, start_frozen_after, train_args, wait_stopped
 
 # CLIP-IT without warm start so one cell stands alone; 12 steps, a resume checkpoint every 2.
 CELL = [
@@ -48,22 +46,26 @@ def uninterrupted(tiny_shards, tmp_path_factory):
     return run
 
 
-def interrupt_when_checkpointed(out, shards, sig, cell, min_step=2):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipit", *train_args(out, shards, *cell)],
-        cwd=ROOT,
+def interrupt_when_checkpointed(out, shards, sig, cell):
+    """Train `cell` in a real process, frozen right after its first resume checkpoint (step 2), then send
+    `sig`: the signal meets a run with steps left on any machine."""
+    proc = start_frozen_after(
+        "clipit.training.trainer:save_training_state",
+        1,
+        *train_args(out, shards, *cell),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    progress = run_dir(out) / "checkpoints" / "latest" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["step"] >= min_step:
-            proc.send_signal(sig)
-            break
-        time.sleep(0.02)
-    _, stderr = proc.communicate(timeout=300)
+    try:
+        wait_stopped(proc, 300, "its first checkpoint")
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return proc.returncode, stderr
 
 
