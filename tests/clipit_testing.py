@@ -21,6 +21,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/demo-tiny.yaml"
+# CLIP-IT without warm start, so one cell stands alone; 12 steps, a resume checkpoint every 2 (the last at
+# step 10). Trained once per session (conftest.py: resume_cell).
+RESUME_CELL = [
+    "methods.clipit.warm_start=null",
+    "methods.clipit.epochs=3",
+    "methods.clipit.checkpoint_every=2",
+    "methods.clipit.evals_per_epoch=1",
+]
 
 
 def run_clipit(*args, timeout=600, **kwargs):

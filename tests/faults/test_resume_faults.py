@@ -21,15 +21,9 @@ import pytest
 import torch
 
 import clipit_testing
-from clipit_testing import ROOT, cli, start_frozen_after, train_args, wait_stopped
+from clipit_testing import RESUME_CELL, ROOT, cli, start_frozen_after, train_args, wait_stopped
 
-# CLIP-IT without warm start (one cell stands alone): 12 steps, resume checkpoints every 2 (the last at 10)
-CELL = [
-    "methods.clipit.warm_start=null",
-    "methods.clipit.epochs=3",
-    "methods.clipit.checkpoint_every=2",
-    "methods.clipit.evals_per_epoch=1",
-]
+CELL = RESUME_CELL  # CLIP-IT standing alone: 12 steps, resume checkpoints every 2 (the last at 10)
 OUTPUTS = ("train_summary.json", "metrics.json", "predictions-test.npz", "best.safetensors", "best.json")
 
 
@@ -42,13 +36,11 @@ def assert_refused(proc, run: Path, *needles: str, absent=OUTPUTS) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpointed(tiny_shards, tmp_path_factory):
-    """A finished 12-step cell and its test metrics; its checkpoints/latest (step 10) stays behind."""
-    out = tmp_path_factory.mktemp("checkpointed")
-    proc = cli(*train_args(out, tiny_shards, *CELL))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir(out) / "checkpoints" / "latest" / "progress.json").read_text())["step"] == 10
-    return out, json.loads((run_dir(out) / "metrics.json").read_text())
+def checkpointed(resume_cell):
+    """The session's finished 12-step cell and its test metrics; its checkpoints/latest (step 10) stays
+    behind. Shared: tests work on copies (interrupted)."""
+    assert json.loads((run_dir(resume_cell) / "checkpoints" / "latest" / "progress.json").read_text())["step"] == 10
+    return resume_cell, json.loads((run_dir(resume_cell) / "metrics.json").read_text())
 
 
 @pytest.fixture
