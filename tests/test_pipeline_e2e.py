@@ -1,4 +1,5 @@
-"""The whole slice on a tiny demo, as a user runs it: the real CLI in a real process."""
+"""The whole slice on a tiny demo, as a user runs it: the real CLI in a real process (the session's demo,
+conftest.py: tiny_demo, and a rerun), then checks of what it wrote."""
 
 import json
 import shutil
@@ -8,7 +9,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from clipit_testing import ROOT
+from clipit_testing import ROOT, cli
 
 
 def clipit(*args, cwd=ROOT):
@@ -53,7 +54,7 @@ def test_tensorboard_event_files_are_readable(demo_run):
 def test_shards_validate_and_rerun_resumes(demo_run, tmp_path):
     out = tmp_path / "demo"  # a copy: the session's demo is shared
     shutil.copytree(demo_run[0], out, symlinks=True)
-    proc = clipit("shard", "validate", str(out / "shards"))
+    proc = cli("shard", "validate", str(out / "shards"))
     assert proc.returncode == 0 and proc.stdout.startswith("ok: ") and "train 256" in proc.stdout, proc.stderr
     before = (out / "runs" / "clipit" / "seed-0" / "metrics.json").stat().st_mtime_ns
     proc = clipit("demo", "--config", "configs/demo-tiny.yaml", "--set", f"output_dir={out}")
@@ -64,6 +65,6 @@ def test_shards_validate_and_rerun_resumes(demo_run, tmp_path):
 def test_bad_config_is_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {backbone: demo-vit-tiny, lora: {rank: 3}}\n")
-    proc = clipit("demo", "--config", str(bad))
+    proc = cli("demo", "--config", str(bad))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "model.lora.rank" in proc.stderr and str(bad) in proc.stderr

@@ -2,8 +2,6 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -13,7 +11,7 @@ from clipit.hpc.cluster import PROFILE_DIR, ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, make_executor
 from clipit.hpc.grid import chunk, expand, format_override, load_grid
 from clipit.typed_yaml import apply_override
-from clipit_testing import ROOT
+from clipit_testing import ROOT, cli
 
 GRIDS = sorted((ROOT / "configs" / "grids").glob("*.yaml"))
 PROFILES = sorted(PROFILE_DIR.glob("*.yaml"))
@@ -140,13 +138,7 @@ def test_paper_eva_probe_runs_12500_steps_with_early_stopping():
 
 
 def test_dry_run_lists_the_216_cells_of_table1():
-    proc = subprocess.run(
-        [sys.executable, "launchers/grid.py", "--config", "configs/grids/paper_table1.yaml", "--dry-run"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli("grid", "--config", "configs/grids/paper_table1.yaml", "--dry-run")  # = launchers/grid.py
     assert proc.returncode == 0, proc.stderr[-2000:]
     cell_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ") and "/runs/" in line]
     assert len(cell_lines) == 216
