@@ -1,6 +1,7 @@
 """Count the collected tests that start real processes of the kinds issue 18 protects: torchrun,
 `accelerate launch`, SLURM jobs, kill -9 (SIGKILL), a TensorBoard server, a frozen process (SIGSTOP),
-a lock held by another process; and, reported apart, tests that start `python -m clipit`.
+a lock held by another process; and, reported apart, tests that start `python -m clipit` themselves
+(or through a fixture of their module).
 
 Usage: python .ci/count_process_tests.py [REPO]   (default: this repository; every tier: -m '')
 A test counts when its own source, or a fixture or module-level helper it uses (transitively, its
@@ -16,9 +17,11 @@ from pathlib import Path
 KINDS = {
     "torchrun": re.compile(r"torchrun"),
     "accelerate launch": re.compile(r"accelerate[\"'/].*launch|\"launch\""),
-    "slurm": re.compile(r"\bsbatch\b|\bsrun\b|scontrol|squeue|scancel|mark\.slurm|pytestmark = .*slurm"),
+    "slurm": re.compile(
+        r"(?<!which\()\"(sbatch|srun|scontrol|squeue|scancel)\"|mark\.slurm|pytestmark = .*slurm|\.sbatch\b"
+    ),
     "kill -9": re.compile(r"SIGKILL|kill -9"),
-    "sigstop": re.compile(r"SIGSTOP"),
+    "sigstop": re.compile(r"SIGSTOP|start_frozen_after"),
     "tensorboard server": re.compile(r"TENSORBOARD|\"tensorboard\""),
     "lock held by another process": re.compile(r"\bHOLD\b|def hold\("),
 }
@@ -51,7 +54,9 @@ def closure(name: str, scopes: list[dict[str, str]]) -> str:
 def main(repo: Path) -> None:
     ids = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "", "-p", "no:cacheprovider"],
-        cwd=repo, capture_output=True, text=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
     ).stdout.splitlines()
     ids = [i for i in ids if "::" in i]
     counts: dict[str, int] = {}
@@ -66,13 +71,12 @@ def main(repo: Path) -> None:
                 break
             if (parent / "conftest.py").exists():
                 scopes.append(module_defs(parent / "conftest.py")[0])
-        text = closure(func, scopes) + "\n" + "\n".join(
-            line for line in top.splitlines() if "pytestmark" in line
-        )
+        text = closure(func, scopes) + "\n" + "\n".join(line for line in top.splitlines() if "pytestmark" in line)
         # parametrized ids that carry a kind (e.g. [sigkill]) count only for that parameter
         kinds = [k for k, rx in KINDS.items() if rx.search(text)]
+        own = closure(func, [defs])  # session fixtures start their process once: not counted per test
         for k, rx in OTHER.items():
-            counts[k] = counts.get(k, 0) + bool(rx.search(text))
+            counts[k] = counts.get(k, 0) + bool(rx.search(own))
         if kinds:
             hits += 1
             print(f"{node}: {', '.join(kinds)}")
