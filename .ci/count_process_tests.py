@@ -18,7 +18,7 @@ KINDS = {
     "torchrun": re.compile(r"torchrun"),
     "accelerate launch": re.compile(r"accelerate[\"'/].*launch|\"launch\""),
     "slurm": re.compile(
-        r"(?<!which\()\"(sbatch|srun|scontrol|squeue|scancel)\"|mark\.slurm|pytestmark = .*slurm|\.sbatch\b"
+        r"\[\s*\"(sbatch|srun|scontrol|squeue|scancel)\"|mark\.slurm|pytestmark = .*slurm|\.sbatch\b"
     ),
     "kill -9": re.compile(r"SIGKILL|kill -9"),
     "sigstop": re.compile(r"SIGSTOP|start_frozen_after"),
