@@ -17,9 +17,7 @@ from pathlib import Path
 KINDS = {
     "torchrun": re.compile(r"torchrun"),
     "accelerate launch": re.compile(r"accelerate[\"'/].*launch|\"launch\""),
-    "slurm": re.compile(
-        r"\[\s*\"(sbatch|srun|scontrol|squeue|scancel)\"|mark\.slurm|pytestmark = .*slurm|\.sbatch\b"
-    ),
+    "slurm": re.compile(r"\[\s*\"(sbatch|srun|scontrol|squeue|scancel)\"|mark\.slurm|pytestmark = .*slurm|\.sbatch\b"),
     "kill -9": re.compile(r"SIGKILL|kill -9"),
     "sigstop": re.compile(r"SIGSTOP|start_frozen_after"),
     "tensorboard server": re.compile(r"TENSORBOARD|\"tensorboard\""),

@@ -52,8 +52,8 @@ class Result:
 
 
 def _reset_process_state() -> None:
-    """What a fresh process would not have: accelerate's shared state and clipit's one-per-process
-    Accelerator cache (a ZeRO-2 run refuses a second run in the same process)."""
+    """What a fresh process would not have: accelerate's shared state, clipit's one-per-process
+    Accelerator cache (a ZeRO-2 run refuses a second run in the same process) and torch.compile's caches."""
     from accelerate.state import AcceleratorState, GradientState
 
     from clipit.training import accel
@@ -62,6 +62,8 @@ def _reset_process_state() -> None:
     accel._DEEPSPEED_RUNS.clear()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
