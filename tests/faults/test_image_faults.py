@@ -28,7 +28,7 @@ from clipit.shards.reader import iter_samples
 from clipit.shards.validate import validate_shards
 from clipit.shards.writer import write_manifest, write_split_shards
 from clipit.training.loader import eval_loader, load_image, train_loader
-from clipit_testing import run_clipit
+from clipit_testing import cli
 
 # ---------------------------------------------------------------------------------- image makers
 
@@ -392,9 +392,7 @@ def exported(tmp_path_factory):
 
 
 def predict(export_dir: Path, *images: Path):
-    return run_clipit(
-        "predict", str(export_dir), *map(str, images), "--json", env={**os.environ, "CLIPIT_OFFLINE": "1"}
-    )
+    return cli("predict", str(export_dir), *map(str, images), "--json", env={**os.environ, "CLIPIT_OFFLINE": "1"})
 
 
 def one_line(proc: subprocess.CompletedProcess, start: str) -> str:

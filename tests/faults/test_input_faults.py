@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from clipit_testing import TINY, run_clipit
+from clipit_testing import TINY, cli
 
 ENV = {k: v for k, v in os.environ.items() if k != "CLIPIT_WEIGHTS"} | {"CLIPIT_OFFLINE": "1"}
 FULL = "no space left on device (free space or "
@@ -74,14 +74,14 @@ def pair(config, *sets):
     args = ["pair", "--config", str(config)]
     for s in sets:
         args += ["--set", s]
-    return run_clipit(*args, env=ENV)
+    return cli(*args, env=ENV)
 
 
 def doctor(config, *sets):
     args = ["doctor", str(config)]
     for s in sets:
         args += ["--set", s]
-    proc = run_clipit(*args, env=ENV)
+    proc = cli(*args, env=ENV)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
 
@@ -273,11 +273,11 @@ def test_full_disk_keeps_the_old_report_and_no_temporaries(tmp_path):
     make_run(runs, "unimodal", 0, 0.8)
     with tmpfs(tmp_path / "disk") as disk:
         out = disk / "report"
-        assert run_clipit("report", str(runs), "--out", str(out), "--no-plots").returncode == 0
+        assert cli("report", str(runs), "--out", str(out), "--no-plots").returncode == 0
         old = {p.name: p.read_bytes() for p in out.iterdir()}
         make_run(runs, "unimodal", 1, 0.9)  # the new report would differ
         fill(disk)
-        line = one_error(run_clipit("report", str(runs), "--out", str(out), "--no-plots"))
+        line = one_error(cli("report", str(runs), "--out", str(out), "--no-plots"))
         assert line == f"{out / 'table1.csv'}: {FULL}give `clipit report` another --out folder)"
         assert {p.name: p.read_bytes() for p in out.iterdir()} == old and not temporaries(disk)
 
@@ -286,7 +286,7 @@ def test_full_disk_during_a_stage_leaves_nothing_a_rerun_would_accept(tmp_path):
     """The demo images are the first output of `clipit pair`; a full disk leaves no image folder."""
     with tmpfs(tmp_path / "disk") as disk:
         fill(disk)
-        line = one_error(run_clipit("pair", "--config", TINY, "--set", f"output_dir={disk / 'out'}"))
+        line = one_error(cli("pair", "--config", TINY, "--set", f"output_dir={disk / 'out'}"))
         assert line == f"{disk / 'out' / 'data' / 'images'}: {FULL}set output_dir elsewhere)"
         assert not (disk / "out" / "data" / "images").exists() and not temporaries(disk)
 
@@ -297,7 +297,7 @@ def test_read_only_output_is_one_line(tmp_path):
     with tmpfs(tmp_path / "disk") as disk:
         if subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode != 0:
             pytest.skip("cannot remount the tmpfs read-only")
-        line = one_error(run_clipit("report", str(runs), "--out", str(disk / "report"), "--no-plots"))
+        line = one_error(cli("report", str(runs), "--out", str(disk / "report"), "--no-plots"))
         assert line == f"{disk / 'report'}: read-only file system (give `clipit report` another --out folder)"
 
 

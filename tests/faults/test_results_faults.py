@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from clipit.hpc.grid import expand
-from clipit_testing import ROOT, run_clipit
+from clipit_testing import ROOT, cli
 
 GRID = "configs/grids/demo.yaml"
 
@@ -59,7 +59,7 @@ def runs(tmp_path):
 
 
 def report(root: Path, *extra: str):
-    proc = run_clipit("report", str(root), "--no-plots", *extra)
+    proc = cli("report", str(root), "--no-plots", *extra)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     warnings = [line.removeprefix("clipit: warning: ") for line in proc.stderr.splitlines()]
     assert all(line.startswith("clipit: warning: ") for line in proc.stderr.splitlines()), proc.stderr
@@ -141,7 +141,7 @@ def test_empty_folder_is_an_empty_report_that_says_so(tmp_path):
 
 
 def test_missing_folder_is_one_error_line(tmp_path):
-    proc = run_clipit("report", str(tmp_path / "nope"))
+    proc = cli("report", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [
         f"clipit: error: {tmp_path / 'nope'}: no such directory; give the folder that "
@@ -153,7 +153,7 @@ def test_missing_folder_is_one_error_line(tmp_path):
 
 
 def dry_run(root: Path, *extra: str):
-    proc = run_clipit("grid", "--config", GRID, "--root", str(root), "--dry-run", *extra)
+    proc = cli("grid", "--config", GRID, "--root", str(root), "--dry-run", *extra)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stdout.splitlines()
 

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,9 @@ import pytest
 import torch
 
 import clipit_testing
-from clipit_testing import ROOT, run_clipit, train_args
+from clipit_testing import RESUME_CELL, ROOT, cli, start_frozen_after, train_args, wait_stopped
 
-# CLIP-IT without warm start (one cell stands alone): 12 steps, resume checkpoints every 2 (the last at 10)
-CELL = [
-    "methods.clipit.warm_start=null",
-    "methods.clipit.epochs=3",
-    "methods.clipit.checkpoint_every=2",
-    "methods.clipit.evals_per_epoch=1",
-]
+CELL = RESUME_CELL  # CLIP-IT standing alone: 12 steps, resume checkpoints every 2 (the last at 10)
 OUTPUTS = ("train_summary.json", "metrics.json", "predictions-test.npz", "best.safetensors", "best.json")
 
 
@@ -43,13 +36,11 @@ def assert_refused(proc, run: Path, *needles: str, absent=OUTPUTS) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpointed(tiny_shards, tmp_path_factory):
-    """A finished 12-step cell and its test metrics; its checkpoints/latest (step 10) stays behind."""
-    out = tmp_path_factory.mktemp("checkpointed")
-    proc = run_clipit(*train_args(out, tiny_shards, *CELL))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir(out) / "checkpoints" / "latest" / "progress.json").read_text())["step"] == 10
-    return out, json.loads((run_dir(out) / "metrics.json").read_text())
+def checkpointed(resume_cell):
+    """The session's finished 12-step cell and its test metrics; its checkpoints/latest (step 10) stays
+    behind. Shared: tests work on copies (interrupted)."""
+    assert json.loads((run_dir(resume_cell) / "checkpoints" / "latest" / "progress.json").read_text())["step"] == 10
+    return resume_cell, json.loads((run_dir(resume_cell) / "metrics.json").read_text())
 
 
 @pytest.fixture
@@ -72,7 +63,7 @@ def rehash(latest: Path, name: str) -> None:
 
 
 def resume(out: Path, shards, *extra: str):
-    return run_clipit(*train_args(out, shards, *CELL, *extra))
+    return cli(*train_args(out, shards, *CELL, *extra))
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
@@ -182,7 +173,7 @@ def test_resume_none_starts_over(interrupted, tiny_shards):
     """The advice works: the damaged checkpoint is dropped and the cell trains from step 0."""
     out, run, latest = interrupted
     (latest / "progress.json").write_text("garbage")
-    proc = run_clipit(*train_args(out, tiny_shards, *CELL), "--resume", "none")
+    proc = cli(*train_args(out, tiny_shards, *CELL), "--resume", "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "train_summary.json").read_text())["resumed_from_step"] is None
 
@@ -374,36 +365,34 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
     """kill -9 while events past the last checkpoint are on disk (validation flushes them), then resume:
     TensorBoard (purge_step) drops the killed attempt's later events, so every step appears once.
 
-    The kill is made exact with SIGSTOP: the stopped process cannot move on, so the condition (events
-    past the checkpoint on disk) is checked on a frozen state before SIGKILL."""
+    The kill is made exact with SIGSTOP: the process freezes itself after its third validation (step 6,
+    past checkpoint 4), so the condition (events past the checkpoint on disk) is checked on a frozen
+    state before SIGKILL."""
     cell = CELL[:2] + ["methods.clipit.checkpoint_every=4", "methods.clipit.evals_per_epoch=2"]  # val every 2 steps
     run, tb = run_dir(tmp_path), tmp_path / "tb" / "clipit" / "seed-0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipit", *train_args(tmp_path, tiny_shards, *cell)],
-        cwd=ROOT,
+    # frozen after its 3rd validation (step 6): checkpoint 4 is the latest, step 6's events are flushed
+    proc = start_frozen_after(
+        "clipit.training.trainer:validate",
+        3,
+        *train_args(tmp_path, tiny_shards, *cell),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     killed = False
     try:
-        while proc.poll() is None and not killed:
-            if _checkpoint_step(run) >= 4 and tb.exists() and max(_raw_steps(tb), default=0) > _checkpoint_step(run):
-                os.kill(proc.pid, signal.SIGSTOP)
-                if max(_raw_steps(tb), default=0) > _checkpoint_step(run):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed = True
-                else:
-                    os.kill(proc.pid, signal.SIGCONT)
-            time.sleep(0.05)
+        wait_stopped(proc, 300, "its third validation")
+        if max(_raw_steps(tb), default=0) > _checkpoint_step(run):
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
     finally:
-        if proc.poll() is None and not killed:
+        if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=60)
-    assert killed, "training finished before events past a checkpoint reached the disk"
+    assert killed, "no events past the checkpoint were on disk when the run froze"
     ckpt = _checkpoint_step(run)
     assert max(_raw_steps(tb)) > ckpt  # the killed attempt did write events past its checkpoint
     assert not (run / "train_summary.json").exists()
-    done = run_clipit(*train_args(tmp_path, tiny_shards, *cell))
+    done = cli(*train_args(tmp_path, tiny_shards, *cell))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "train_summary.json").read_text())["resumed_from_step"] == ckpt
     raw = _raw_steps(tb)

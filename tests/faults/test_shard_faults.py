@@ -23,7 +23,7 @@ from clipit.locks import LOCK_FILE
 from clipit.shards.codec import encode_embedding
 from clipit.shards.manifest import LOCKS, MANIFEST, VERIFIED, ShardError, load_manifest
 from clipit.shards.validate import verify_shard_set
-from clipit_testing import ROOT, TINY, run_clipit
+from clipit_testing import ROOT, TINY, cli
 
 REBUILD = "delete this shard and rerun `clipit shard build --config <config>`"
 
@@ -66,7 +66,7 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def build(overrides, *extra, **kwargs):
-    return run_clipit("shard", "build", "--config", TINY, *sets(overrides), *extra, **kwargs)
+    return cli("shard", "build", "--config", TINY, *sets(overrides), *extra, **kwargs)
 
 
 def refused(proc, *fragments) -> str:
@@ -172,7 +172,7 @@ def test_missing_shard_names_the_rebuild(copy):
     out, _ = copy
     (out / SHARD).unlink()
     refused(
-        run_clipit("shard", "validate", str(out)),
+        cli("shard", "validate", str(out)),
         f"{out / SHARD}: listed in the manifest but missing",
         "rerun `clipit shard build --config <config>`",
     )

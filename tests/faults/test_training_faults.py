@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import clipit_testing
-from clipit_testing import ROOT, TINY, run_clipit, shard_copy, train_args, with_shards
+from clipit_testing import ROOT, TINY, cli, shard_copy, train_args, with_shards
 
 ALONE = ["methods.clipit.warm_start=null"]  # one CLIP-IT cell that needs no unimodal run
 OUTPUTS = ("train_summary.json", "metrics.json", "predictions-test.npz", "best.safetensors", "best.json")
@@ -101,7 +101,7 @@ TRAIN_FIRSTS = [0, 64, 128, 192]  # the first sample of each of the 4 train shar
 def test_nan_report_embedding_stops_training_naming_step_and_sample(tiny_shards, tmp_path):
     shards = shard_copy(tiny_shards, tmp_path)
     keys = nan_embedding(shards, "train", TRAIN_FIRSTS)
-    proc = run_clipit(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
+    proc = cli(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
     line = assert_refused(
         proc, run_dir(tmp_path), "training step ", "non-finite report embeddings", "clipit shard validate"
     )
@@ -110,13 +110,13 @@ def test_nan_report_embedding_stops_training_naming_step_and_sample(tiny_shards,
 
 def test_huge_learning_rate_stops_at_the_first_non_finite_step(tiny_shards, tmp_path):
     """lr 1e30: the first update puts LoRA A and B near 1e30, so the next forward overflows."""
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.lr=1e30"))
+    proc = cli(*train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.lr=1e30"))
     line = assert_refused(proc, run_dir(tmp_path), "training step ", "not finite", "methods.clipit.lr", "--resume none")
     assert "training step 1 " not in line  # step 1 itself is finite: its update is what overflows
 
 
 def test_lam_nan_on_the_command_line_is_one_line(tiny_shards, tmp_path):
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.lam=.nan"))
+    proc = cli(*train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.lam=.nan"))
     assert_refused(proc, run_dir(tmp_path), "methods.clipit.lam")
 
 
@@ -139,7 +139,7 @@ def test_fit_stops_a_nan_producing_model_that_bypassed_the_config(tiny_shards, t
 def test_nan_in_validation_stops_before_any_best_checkpoint(tiny_shards, tmp_path):
     shards = shard_copy(tiny_shards, tmp_path)
     keys = nan_embedding(shards, "val", [5])
-    proc = run_clipit(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
+    proc = cli(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
     line = assert_refused(
         proc,
         run_dir(tmp_path),
@@ -158,12 +158,12 @@ def test_corrupt_image_met_in_training_names_the_shard(tiny_shards, tmp_path):
     shards = shard_copy(tiny_shards, tmp_path)
     corrupt_image(shards, "train", TRAIN_FIRSTS)
     # caught before the first step: the once-per-run check of the set against its manifest
-    proc = run_clipit(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
+    proc = cli(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
     line = assert_refused(proc, run_dir(tmp_path), "train-00000", ".tar")
     assert "checksum" in line and "clipit shard build" in line
     # behind a re-hashed manifest the loader meets it: the line names the shard and the sample
     rehash(shards, *sorted((shards / "train").glob("*.tar")))
-    proc = run_clipit(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
+    proc = cli(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
     line = assert_refused(proc, run_dir(tmp_path), "train-00000", ".tar")
     assert "train_000" in line
 
@@ -172,7 +172,7 @@ def test_truncated_train_shard_names_the_shard(tiny_shards, tmp_path):
     shards = shard_copy(tiny_shards, tmp_path)
     for tar in sorted((shards / "train").glob("*.tar")):
         os.truncate(tar, tar.stat().st_size // 2 + 100)  # mid-member: a cut copy
-    proc = run_clipit(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
+    proc = cli(*train_args(tmp_path, with_shards(tiny_shards, shards), *ALONE))
     assert_refused(proc, run_dir(tmp_path), "train-00000", ".tar")
 
 
@@ -180,7 +180,7 @@ def test_truncated_train_shard_names_the_shard(tiny_shards, tmp_path):
 def trained(tiny_shards, tmp_path_factory):
     """A trained and evaluated CLIP-IT cell (4 steps)."""
     out = tmp_path_factory.mktemp("trained")
-    proc = run_clipit(*train_args(out, tiny_shards, *ALONE))
+    proc = cli(*train_args(out, tiny_shards, *ALONE))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -197,7 +197,7 @@ def unevaluated(trained, tmp_path):
 
 def evaluate(out: Path, overrides: list[str]):
     sets = [f"output_dir={out}", *overrides, *ALONE]
-    return run_clipit(
+    return cli(
         "evaluate", "--config", TINY, "--method", "clipit", "--seed", "0", *[a for s in sets for a in ("--set", s)]
     )
 
@@ -225,7 +225,7 @@ def test_export_refuses_a_run_that_did_not_finish_training(unevaluated, tmp_path
     """best.* of a run stopped mid-training (kill, non-finite loss) is not a result: export says so."""
     run = run_dir(unevaluated)
     (run / "train_summary.json").unlink()
-    proc = run_clipit("export", str(run), str(tmp_path / "export"))
+    proc = cli("export", str(run), str(tmp_path / "export"))
     assert_refused(proc, run, "train_summary.json", "clipit train", absent=())
     assert not (tmp_path / "export" / "config.json").exists()
 
@@ -287,7 +287,7 @@ def test_second_train_of_the_same_cell_is_refused(tiny_shards, tmp_path):
         with pytest.raises(LockError):  # the frozen first process really holds the lock
             with exclusive(run, "run directory"):
                 pass
-        second = run_clipit(*train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.epochs=20"))
+        second = cli(*train_args(tmp_path, tiny_shards, *ALONE, "methods.clipit.epochs=20"))
         assert_refused(second, run, str(run), f"pid {first.pid}", "being written by")
     finally:
         first.kill()
@@ -297,7 +297,7 @@ def test_second_train_of_the_same_cell_is_refused(tiny_shards, tmp_path):
 def test_train_is_refused_while_another_process_writes_the_run(tiny_shards, tmp_path, locked):
     run = run_dir(tmp_path)
     holder_proc = locked(run)
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, *ALONE))
+    proc = cli(*train_args(tmp_path, tiny_shards, *ALONE))
     assert_refused(proc, run, f"pid {holder_proc.pid}", "being written by")
     assert not (run / "config.yaml").exists() and not (tmp_path / "tb").exists()  # nothing written before the lock
 

@@ -16,7 +16,7 @@ from clipit.hpc.cost import cost_lines, grid_cost
 from clipit.hpc.grid import expand
 from clipit.hpc.submit import print_cost
 from clipit.hpc.throughput import ASSUMED, backbone_flops, load_throughput, pairing_flops, vit_flops
-from clipit_testing import ROOT, run_clipit
+from clipit_testing import ROOT, cli
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +149,7 @@ def test_launcher_dry_run_prints_the_cost():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cost before launch" in proc.stdout and "\ntotal (" in proc.stdout
-    assert run_clipit("grid", "--config", "configs/grids/demo.yaml", "--dry-run").stdout.count("cost before") == 1
+    assert cli("grid", "--config", "configs/grids/demo.yaml", "--dry-run").stdout.count("cost before") == 1
 
 
 def test_unknown_split_sizes_leave_the_plan_standing(tmp_path):

@@ -1,7 +1,7 @@
 """Grid files -> cells -> tasks (clipit/hpc/grid.py): the shipped grids, templating, warm-start reuse, errors."""
 
-import subprocess
-import sys
+import os
+import shutil
 
 import pytest
 import yaml
@@ -11,7 +11,7 @@ from clipit.hpc.cluster import PROFILE_DIR, ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, make_executor
 from clipit.hpc.grid import chunk, expand, format_override, load_grid
 from clipit.typed_yaml import apply_override
-from clipit_testing import ROOT
+from clipit_testing import ROOT, cli
 
 GRIDS = sorted((ROOT / "configs" / "grids").glob("*.yaml"))
 PROFILES = sorted(PROFILE_DIR.glob("*.yaml"))
@@ -138,13 +138,7 @@ def test_paper_eva_probe_runs_12500_steps_with_early_stopping():
 
 
 def test_dry_run_lists_the_216_cells_of_table1():
-    proc = subprocess.run(
-        [sys.executable, "launchers/grid.py", "--config", "configs/grids/paper_table1.yaml", "--dry-run"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli("grid", "--config", "configs/grids/paper_table1.yaml", "--dry-run")  # = launchers/grid.py
     assert proc.returncode == 0, proc.stderr[-2000:]
     cell_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ") and "/runs/" in line]
     assert len(cell_lines) == 216
@@ -271,7 +265,16 @@ def test_chunks_respect_max_array_size():
     assert array_chunk_size(ClusterProfile(max_array_size=5000), 1001) == 1001
 
 
-def test_profile_becomes_sbatch_options(tmp_path):
+def test_profile_becomes_sbatch_options(tmp_path, monkeypatch):
+    """A profile becomes submitit's SLURM parameters and the #SBATCH lines of the script it would submit.
+    Nothing is submitted, so no SLURM is needed: submitit only looks for `srun` on PATH before it builds a
+    SLURM executor; where there is none, an `srun` that fails if ever run stands in for that check."""
+    if shutil.which("srun") is None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "srun").write_text("#!/bin/sh\necho 'srun: no SLURM here (test_grid.py)' >&2\nexit 1\n")
+        (bin_dir / "srun").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     profile = load_profile("gpu-cluster", {"account": "acct", "array_parallelism": 7})
     executor = make_executor(profile, tmp_path, "clipit-x", "slurm", dependency="afterok:12_0:12_1")
     params = executor._executor.parameters
@@ -282,6 +285,18 @@ def test_profile_becomes_sbatch_options(tmp_path):
     assert params["signal_delay_s"] == 180
     assert any("CLIPIT_OFFLINE" in line for line in params["setup"])
     assert executor._executor.max_num_timeout == 20
+    sbatch = executor._executor._make_submission_file_text("true", "uid").splitlines()
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=acct",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=16",
+        "#SBATCH --time=720",
+        "#SBATCH --dependency=afterok:12_0:12_1",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --signal=USR2@180",
+    ):
+        assert line in sbatch, (line, sbatch)
 
 
 def test_profile_errors(tmp_path):

@@ -18,7 +18,7 @@ from clipit.pairing.encoders import build_pairing_model
 from clipit.pairing.texts import CONCH_TEMPLATES
 from clipit.shards.manifest import load_manifest
 from clipit.training.features import uses_feature_cache
-from clipit_testing import TINY, assert_refused, run_clipit, train_args
+from clipit_testing import TINY, assert_refused, cli, train_args
 
 R = 1 / math.sqrt(2)
 
@@ -121,7 +121,7 @@ def exported_matches_evaluated(run, out):
     ],
 )
 def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tmp_path):
-    proc = run_clipit(*method_args(tmp_path, tiny_shards, method))
+    proc = cli(*method_args(tmp_path, tiny_shards, method))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / method / "seed-0"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -166,7 +166,7 @@ def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tm
 
 
 def test_class_names_of_the_wrong_length_are_one_line_and_exit_2(tiny_shards, tmp_path):
-    proc = run_clipit(*method_args(tmp_path, tiny_shards, "zero_shot", "pairing.class_names=[normal, tumor]"))
+    proc = cli(*method_args(tmp_path, tiny_shards, "zero_shot", "pairing.class_names=[normal, tumor]"))
     assert_refused(
         proc,
         tmp_path / "runs" / "zero_shot" / "seed-0",

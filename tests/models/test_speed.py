@@ -14,7 +14,7 @@ from clipit.models.clipit import clipit_loss, prepare_finetune
 from clipit.models.factory import build_classifier
 from clipit.models.speed import apply_speed_settings, enable_gradient_checkpointing
 from clipit.training.trainer import make_optimizer, use_fused
-from clipit_testing import run_clipit, train_args
+from clipit_testing import cli, train_args
 
 
 def demo_text_tower():
@@ -102,7 +102,7 @@ def test_fused_only_for_cuda_parameters():
 @pytest.mark.slow
 def test_compile_trains_the_tiny_demo(tiny_shards, tmp_path):
     """model.compile: true through the real CLI (inductor on CPU), LoRA so backward runs compiled too."""
-    proc = run_clipit(
+    proc = cli(
         *train_args(
             tmp_path,
             tiny_shards,

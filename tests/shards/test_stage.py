@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from clipit.pipeline import build_image_dataset
 from clipit.shards.manifest import LOCKS, MANIFEST, PLAN, ShardError
 from clipit.shards.validate import validate_shards
 from clipit.shards.writer import part_units, shard_units
-from clipit_testing import ROOT
+from clipit_testing import start_frozen_after, wait_stopped
 
 
 def digests(shard_dir: Path) -> dict[str, str]:
@@ -119,27 +118,31 @@ def test_parts_need_pairs_first(tmp_path, capsys):
 
 
 def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path):
-    """The real entry point (shards/build.py) in its own process, SIGKILLed once some shards exist."""
+    """The real entry point (shards/build.py) in its own process, SIGKILLed once 5 shards exist (it freezes
+    itself there, so the kill lands mid-build on any machine)."""
     images = make_images(tmp_path / "images", {"train": 80, "val": 20, "test": 20}, size=32)
     config = write_config(tmp_path, images, make_reports(tmp_path / "reports.jsonl"), shards={"samples_per_shard": 1})
     pair_with_tiny_model(config)
     assert shard(config, tmp_path / "reference") == 0
     total = 120
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "shards/build.py", "--config", str(config), "--set", f"shards.dir={killed}"],
-        cwd=ROOT,
+    proc = start_frozen_after(  # the real entry point, frozen once its 5th shard is on disk
+        "clipit.shards.writer:write_tar",
+        5,
+        "--config",
+        str(config),
+        "--set",
+        f"shards.dir={killed}",
+        target="shards/build.py",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while len(list(killed.rglob("*.tar"))) < 5:
-            assert proc.poll() is None, "the build ended before it could be killed"
-            assert time.monotonic() < deadline, "no shards appeared"
-            time.sleep(0.005)
+        wait_stopped(proc, 120, "its 5th shard")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done = len(list(killed.rglob("*.tar")))

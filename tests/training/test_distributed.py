@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipit_testing import ROOT, run_clipit, train_args
+from clipit_testing import ROOT, cli, train_args
 
 pytestmark = pytest.mark.multiproc
 PROBE = ["methods.unimodal.epochs=10"]
@@ -67,7 +67,7 @@ def load(out: Path):
 
 @pytest.mark.slow
 def test_ddp_and_zero2_match_one_process(tiny_shards, tmp_path):
-    proc = run_clipit(*train_args(tmp_path / "one", tiny_shards, *PROBE, method="unimodal"))
+    proc = cli(*train_args(tmp_path / "one", tiny_shards, *PROBE, method="unimodal"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, one_summary, _ = load(tmp_path / "one")
     ddp, ddp_summary, ddp_logits = torchrun(tmp_path / "ddp", tiny_shards)

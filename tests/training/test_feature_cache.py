@@ -22,7 +22,7 @@ from clipit.shards.reader import iter_samples
 from clipit.training.features import uses_feature_cache
 from clipit.training.loader import train_loader
 from clipit.training.probe import train_order
-from clipit_testing import ROOT, TINY, assert_refused, run_clipit, shard_copy, train_args, with_shards
+from clipit_testing import ROOT, TINY, assert_refused, cli, shard_copy, train_args, with_shards
 
 PROBE = ["methods.unimodal.epochs=10", "methods.unimodal.evals_per_epoch=2"]
 
@@ -32,7 +32,7 @@ def run_dir(out: Path, seed: int = 0) -> Path:
 
 
 def train(out: Path, shards, *extra, seed: int = 0) -> dict:
-    proc = run_clipit(*train_args(out, shards, *PROBE, *extra, method="unimodal", seed=seed))
+    proc = cli(*train_args(out, shards, *PROBE, *extra, method="unimodal", seed=seed))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = run_dir(out, seed)
     with np.load(run / "predictions-test.npz") as pred:
@@ -96,9 +96,7 @@ def test_a_damaged_cache_is_one_line_naming_the_file(own_shards, tmp_path):
     data = bytearray(part.read_bytes())
     data[-5] ^= 0xFF
     part.write_bytes(bytes(data))
-    proc = run_clipit(
-        *train_args(tmp_path / "out", own_shards, *PROBE, f"model.weights={first}", method="unimodal", seed=1)
-    )
+    proc = cli(*train_args(tmp_path / "out", own_shards, *PROBE, f"model.weights={first}", method="unimodal", seed=1))
     assert_refused(
         proc,
         run_dir(tmp_path / "out", 1),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clipit.training.accel import requested_processes
-from clipit_testing import ROOT, TINY, run_clipit
+from clipit_testing import ROOT, TINY, cli, run_clipit
 
 PROBE = ["methods.unimodal.epochs=1", "methods.unimodal.batch_size=32"]
 
@@ -75,7 +75,7 @@ def test_silent_single_process_fallback_is_refused(tmp_path, tiny_shards):
 def test_one_process_without_a_launcher_is_fine(tmp_path, tiny_shards):
     out = tmp_path / "out"
     sets = [a for s in [f"output_dir={out}", *tiny_shards, *PROBE] for a in ("--set", s)]
-    proc = run_clipit("train", "--config", TINY, "--method", "unimodal", "--seed", "0", *sets)
+    proc = cli("train", "--config", TINY, "--method", "unimodal", "--seed", "0", *sets)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world size 1, backend none, device cpu, precision fp32" in proc.stdout
 

@@ -4,10 +4,8 @@ appended across a SIGTERM and the resume, and no progress bar when the output is
 import re
 import signal
 import subprocess
-import sys
-import time
 
-from clipit_testing import ROOT, run_clipit, train_args
+from clipit_testing import cli, start_frozen_after, train_args, wait_stopped
 
 # 8 steps, a validation and a resume checkpoint every 2, a line every 2
 CELL = [
@@ -34,19 +32,28 @@ def bodies(text: str) -> list[str]:
 def test_train_log_has_step_and_validation_lines_and_resume_appends(tiny_shards, tmp_path):
     args = train_args(tmp_path, tiny_shards, *CELL, method="unimodal")
     run = tmp_path / "runs" / "unimodal" / "seed-0"
-    progress = run / "checkpoints" / "latest" / "progress.json"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "clipit", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    # frozen right after its first resume checkpoint (step 2): SIGTERM then reaches a run with steps left
+    first = start_frozen_after(
+        "clipit.training.trainer:save_training_state",
+        1,
+        *args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and first.poll() is None and not progress.exists():
-        time.sleep(0.02)
-    first.send_signal(signal.SIGTERM)  # checkpoint at the next step boundary, then stop
-    _, stderr = first.communicate(timeout=300)
+    try:
+        wait_stopped(first, 300, "its first checkpoint")
+        first.send_signal(signal.SIGTERM)  # checkpoint at the next step boundary, then stop
+        first.send_signal(signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
     assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     before = bodies((run / "train.log").read_text())
 
-    proc = run_clipit(*args)
+    proc = cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stdout and "\r" not in proc.stderr  # not a terminal: no bar
     log = bodies((run / "train.log").read_text())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from clipit.config import LoraConfig
 from clipit.models.clipit import ClipItModel, param_groups, prepare_finetune
-from clipit_testing import run_clipit, train_args
+from clipit_testing import cli, train_args
 
 
 def run_dir(out: Path, method: str = "unimodal", seed: int = 0) -> Path:
@@ -19,10 +19,10 @@ def run_dir(out: Path, method: str = "unimodal", seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_probe(tiny_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe")
-    proc = run_clipit(*train_args(out, tiny_shards, method="unimodal"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def trained_probe(tiny_demo):
+    """The tiny config's unimodal probe, seed 0: the session's demo trained it (shared: read only)."""
+    out, _ = tiny_demo
+    assert (run_dir(out) / "train_summary.json").exists()
     return out
 
 
@@ -40,7 +40,7 @@ def test_an_imported_eva_checkpoint_reproduces_the_probe(trained_probe, tiny_sha
         ckpt,
     )
     out = tmp_path / "imported"
-    proc = run_clipit(*train_args(out, tiny_shards, f"methods.unimodal.head_from={ckpt}", method="unimodal"))
+    proc = cli(*train_args(out, tiny_shards, f"methods.unimodal.head_from={ckpt}", method="unimodal"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "head imported from" in proc.stdout
     summary = json.loads((run_dir(out) / "train_summary.json").read_text())
@@ -55,7 +55,7 @@ def test_a_checkpoint_that_needs_code_to_load_is_refused(tiny_shards, tmp_path):
     bad = tmp_path / "probe.ckpt"
     torch.save({"state_dict": {"head.weight": torch.zeros(2, 8)}, "callback": Path("x")}, bad)  # a pickled object
     out = tmp_path / "run"
-    proc = run_clipit(*train_args(out, tiny_shards, f"methods.unimodal.head_from={bad}", method="unimodal"))
+    proc = cli(*train_args(out, tiny_shards, f"methods.unimodal.head_from={bad}", method="unimodal"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not loadable as plain tensors" in proc.stderr and "safetensors" in proc.stderr
     assert not (run_dir(out) / "best.json").exists()
@@ -63,7 +63,7 @@ def test_a_checkpoint_that_needs_code_to_load_is_refused(tiny_shards, tmp_path):
 
 def test_patience_stops_a_run_that_does_not_improve(tiny_shards, tmp_path):
     # lr 1e-12: the val balanced accuracy never beats the first validation, so after 2 more the run stops
-    proc = run_clipit(
+    proc = cli(
         *train_args(
             tmp_path,
             tiny_shards,

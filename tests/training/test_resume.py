@@ -3,21 +3,13 @@
 import json
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from clipit_testing import ROOT, run_clipit, train_args
+from clipit_testing import RESUME_CELL, cli, start_frozen_after, train_args, wait_stopped
 
-# CLIP-IT without warm start so one cell stands alone; 12 steps, a resume checkpoint every 2.
-CELL = [
-    "methods.clipit.warm_start=null",
-    "methods.clipit.epochs=3",
-    "methods.clipit.checkpoint_every=2",
-    "methods.clipit.evals_per_epoch=1",
-]
+CELL = RESUME_CELL  # 12 steps, a resume checkpoint every 2
 # the trainable text tower with random word drop: LoRA on both sides, and token choices from the run's RNG
 CELLS = {"cached": CELL, "tower": CELL + ["methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3"]}
 
@@ -33,14 +25,14 @@ def outputs(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_shards, tmp_path_factory):
-    """Outputs of the uninterrupted run of a variant (each trained once per module)."""
-    done = {}
+def uninterrupted(resume_cell, tiny_shards, tmp_path_factory):
+    """Outputs of the uninterrupted run of a variant (each trained once; "cached" is the session's)."""
+    done = {"cached": outputs(resume_cell)}
 
     def run(variant):
         if variant not in done:
             out = tmp_path_factory.mktemp(f"straight-{variant}")
-            proc = run_clipit(*train_args(out, tiny_shards, *CELLS[variant]))
+            proc = cli(*train_args(out, tiny_shards, *CELLS[variant]))
             assert proc.returncode == 0, proc.stderr[-3000:]
             done[variant] = outputs(out)
         return done[variant]
@@ -48,22 +40,26 @@ def uninterrupted(tiny_shards, tmp_path_factory):
     return run
 
 
-def interrupt_when_checkpointed(out, shards, sig, cell, min_step=2):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipit", *train_args(out, shards, *cell)],
-        cwd=ROOT,
+def interrupt_when_checkpointed(out, shards, sig, cell):
+    """Train `cell` in a real process, frozen right after its first resume checkpoint (step 2), then send
+    `sig`: the signal meets a run with steps left on any machine."""
+    proc = start_frozen_after(
+        "clipit.training.trainer:save_training_state",
+        1,
+        *train_args(out, shards, *cell),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    progress = run_dir(out) / "checkpoints" / "latest" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["step"] >= min_step:
-            proc.send_signal(sig)
-            break
-        time.sleep(0.02)
-    _, stderr = proc.communicate(timeout=300)
+    try:
+        wait_stopped(proc, 300, "its first checkpoint")
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return proc.returncode, stderr
 
 
@@ -80,7 +76,7 @@ def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, tiny_shards
     code, stderr = interrupt_when_checkpointed(tmp_path, tiny_shards, sig, cell)
     assert code == -signal.SIGKILL if sig == signal.SIGKILL else code == 128 + signal.SIGTERM, stderr[-2000:]
     assert not (run_dir(tmp_path) / "metrics.json").exists()
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, *cell))
+    proc = cli(*train_args(tmp_path, tiny_shards, *cell))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir(tmp_path) / "train_summary.json").read_text())
     assert summary["resumed_from_step"] and summary["resumed_from_step"] >= 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clipit_testing import run_clipit, wait_for
+from clipit_testing import cli, wait_for
 
 TENSORBOARD = Path(sys.executable).parent / "tensorboard"
 RUNS = ["unimodal/seed-0", "unimodal/seed-1"]
@@ -40,7 +40,7 @@ def trained(tiny_shards, tmp_path_factory):
     """Both seeds of the tiny demo's unimodal probe, 2 steps each, trained and evaluated."""
     out = tmp_path_factory.mktemp("tb-grid")
     sets = [f"output_dir={out}", *tiny_shards, "methods.unimodal.epochs=0.5"]
-    proc = run_clipit(
+    proc = cli(
         "train", "--config", "configs/demo-tiny.yaml", "--method", "unimodal", *[a for s in sets for a in ("--set", s)]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from clipit.models.factory import build_model
 from clipit.shards.manifest import ShardError, load_manifest, load_texts, split_urls
 from clipit.training.loader import eval_loader
 from clipit.training.text_side import TextInputs
-from clipit_testing import TINY, run_clipit, train_args
+from clipit_testing import TINY, cli, train_args
 
 TOWER = ["methods.clipit.warm_start=null", "methods.clipit.text_encoder=tower", "methods.clipit.word_drop=0.3"]
 
@@ -48,7 +48,7 @@ def test_tokens_follow_each_samples_report_index(tiny_shards):
 
 @pytest.mark.slow
 def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path):
-    proc = run_clipit(*train_args(tmp_path, tiny_shards, *TOWER))
+    proc = cli(*train_args(tmp_path, tiny_shards, *TOWER))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "clipit" / "seed-0"
     best = load_file(str(run / "best.safetensors"))
@@ -64,7 +64,7 @@ def test_training_updates_the_tower_and_exports_without_it(tiny_shards, tmp_path
     assert {"train/kd", "train/ce", "val/loss"} <= set(events.Tags()["scalars"])
     assert json.loads((run / "best.json").read_text())["train"]["text_encoder"] == "tower"
     export = tmp_path / "export"
-    proc = run_clipit("export", str(run), str(export))
+    proc = cli("export", str(run), str(export))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [k for k in load_file(str(export / "model.safetensors")) if "text_tower" in k or "lora_" in k]
 
@@ -77,7 +77,7 @@ def test_rerunning_the_shard_stage_restores_the_texts_file(tiny_shards, tmp_path
     (old / "texts.jsonl").unlink()
     tars = {p: p.stat().st_mtime_ns for p in old.rglob("*.tar")}
     sets = [a for s in [*tiny_shards, f"shards.dir={old}"] for a in ("--set", s)]
-    proc = run_clipit("shard", "build", "--config", TINY, *sets)
+    proc = cli("shard", "build", "--config", TINY, *sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (old / "texts.jsonl").read_bytes() == (original / "texts.jsonl").read_bytes()
     assert {p: p.stat().st_mtime_ns for p in old.rglob("*.tar")} == tars  # no shard rewritten
