@@ -125,6 +125,15 @@ def cli(*args, env: dict | None = None, input: str | None = None, cwd: Path = RO
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def cli_main(argv: list[str]) -> int:
+    """`clipit.cli.main(argv)` as `cli` runs it (a fresh process's state around it), for tests that read its
+    output with pytest's capsys: prints what the command printed and returns its exit code."""
+    result = cli(*argv)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.returncode
+
+
 def shard_copy(tiny_shards: list[str], tmp_path: Path) -> Path:
     """A private copy of the tiny demo's shard set (the session's own set is shared: never write into it)."""
     src = Path(next(o.split("=", 1)[1] for o in tiny_shards if o.startswith("shards.dir=")))

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from clipit.cli import main
 from clipit.data.base import DatasetError
 from clipit.data.demo import META_FILE, DemoDataset
-from clipit_testing import ROOT, TINY
+from clipit_testing import ROOT, TINY, cli_main
 
 # small enough to prepare in seconds: a 2-step demo CLIP on a 40-image paired set
 SMALL = ["data.demo.counts={train: 16, val: 8, test: 8}", "data.demo.n_paired=40", "data.demo.clip_steps=2"]
@@ -20,14 +19,14 @@ def sets(out: Path, *extra: str) -> list[str]:
 
 
 def doctor(capsys, out: Path, *extra: str) -> tuple[int, list[str]]:
-    code = main(["doctor", str(ROOT / TINY), *sets(out, *extra)])
+    code = cli_main(["doctor", str(ROOT / TINY), *sets(out, *extra)])
     return code, capsys.readouterr().out.splitlines()
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(out)]) == 0
+    assert cli_main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(out)]) == 0
     return out
 
 
@@ -51,7 +50,7 @@ def test_prepared_demo_is_read_and_checked_like_any_dataset(prepared, capsys):
     assert f"✓ pairing model demo-clip: {prepared / 'demo-clip' / 'model.safetensors'} loads" in lines
     assert "✓ pairing model demo-clip: embedding width 512 = model.text_dim" in lines
     # a second prepare finds everything in place
-    assert main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(prepared)]) == 0
+    assert cli_main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(prepared)]) == 0
     assert capsys.readouterr().out.strip() == "the demo inputs are prepared already"
 
 
@@ -62,7 +61,7 @@ def test_doctor_and_pair_reject_a_bad_demo_corpus_with_the_same_line(prepared, t
     code, lines = doctor(capsys, prepared, f"reports.path={bad}")
     assert code == 2
     (corpus,) = [line for line in lines if line.startswith("✗ corpus:")]
-    pair_code = main(["pair", "--config", str(ROOT / TINY), *sets(prepared, f"reports.path={bad}")])
+    pair_code = cli_main(["pair", "--config", str(ROOT / TINY), *sets(prepared, f"reports.path={bad}")])
     err = capsys.readouterr().err.strip().splitlines()
     assert pair_code == 2 and len(err) == 1
     assert corpus == f"✗ corpus: {err[0].removeprefix('clipit: error: ')}"
@@ -94,6 +93,6 @@ def test_changed_demo_settings_are_prepared_again(prepared, tmp_path, capsys):
     changed = "data.demo.image_size=32"
     code, lines = doctor(capsys, out, changed)
     assert code == 0 and any(line.startswith("· data:") and "not prepared yet" in line for line in lines)
-    assert main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(out, changed)]) == 0
+    assert cli_main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(out, changed)]) == 0
     assert "prepared the demo inputs: data.root" in capsys.readouterr().out
     assert json.loads((out / "data" / "images" / META_FILE).read_text())["size"] == 32

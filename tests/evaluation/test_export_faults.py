@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from clipit.cli import main
 from clipit.evaluation.export import export_run
+from clipit_testing import cli_main
 
 
 def copy(demo_export, tmp_path):
@@ -21,7 +21,7 @@ def predict(export, tmp_path, capsys) -> str:
     from PIL import Image
 
     Image.new("RGB", (64, 64), (200, 120, 170)).save(tmp_path / "tile.png")
-    code = main(["predict", str(export), str(tmp_path / "tile.png"), "--out", str(tmp_path / "p.csv")])
+    code = cli_main(["predict", str(export), str(tmp_path / "tile.png"), "--out", str(tmp_path / "p.csv")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
     assert not (tmp_path / "p.csv").exists()

@@ -12,9 +12,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from clipit.cli import main
 from clipit.io import sweep_stale_temps, temp_prefix
-from clipit_testing import ROOT
+from clipit_testing import ROOT, cli_main
 
 
 def png(path, seed):
@@ -41,9 +40,9 @@ def test_link_loops_under_a_glob_predict_each_file_once(demo_export, tmp_path):
     (tiles / "b" / "loop").symlink_to("../a")
     (tiles / "b" / "same.png").symlink_to(files[0])  # one file behind two names: predicted once
     out = tmp_path / "glob.csv"
-    assert main(["predict", str(demo_export), str(tiles / "**" / "*.png"), "--out", str(out)]) == 0
+    assert cli_main(["predict", str(demo_export), str(tiles / "**" / "*.png"), "--out", str(out)]) == 0
     assert rows(out) == sorted(str(p) for p in files)
-    assert main(["predict", str(demo_export), str(tiles), "--out", str(tmp_path / "folder.csv")]) == 0
+    assert cli_main(["predict", str(demo_export), str(tiles), "--out", str(tmp_path / "folder.csv")]) == 0
     assert rows(tmp_path / "folder.csv") == sorted(str(p) for p in files)
 
 
@@ -53,7 +52,7 @@ def test_a_dangling_member_of_a_folder_or_glob_is_named(demo_export, tmp_path, c
     (tiles / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     for arg in (str(tiles), str(tiles / "**" / "*.png")):
         out = tmp_path / "out.csv"
-        assert main(["predict", str(demo_export), arg, "--out", str(out)]) == 2
+        assert cli_main(["predict", str(demo_export), arg, "--out", str(out)]) == 2
         assert one_error(capsys).startswith(f"clipit: error: {tiles / 'a' / 'gone.png'}: a link to nothing")
         assert not out.exists()
 
@@ -63,7 +62,7 @@ def test_out_naming_a_folder_is_refused_before_any_work(demo_export, tmp_path, c
     folder = tmp_path / "results"
     folder.mkdir()
     for flag in ("--out", "--features"):
-        assert main(["predict", str(demo_export), str(tmp_path / "x.png"), flag, str(folder)]) == 2
+        assert cli_main(["predict", str(demo_export), str(tmp_path / "x.png"), flag, str(folder)]) == 2
         assert one_error(capsys) == (
             f"clipit: error: {flag} {folder}: is a folder; name a file (e.g. {folder / 'predictions.csv'})"
         )
@@ -121,7 +120,7 @@ def test_a_rotated_jpeg_is_predicted_upright(demo_export, tmp_path):
     exif[0x0112] = 6  # stored 96 x 64, seen 64 x 96
     PILImage.fromarray(pixels).save(tmp_path / "rotated.jpg", quality=100, exif=exif)
     out = tmp_path / "p.csv"
-    assert main(["predict", str(demo_export), str(tmp_path / "rotated.jpg"), "--out", str(out)]) == 0
+    assert cli_main(["predict", str(demo_export), str(tmp_path / "rotated.jpg"), "--out", str(out)]) == 0
     with open(out, newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert (row["width"], row["height"]) == ("64", "96")

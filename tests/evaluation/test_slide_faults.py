@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from clipit.cli import main
 from clipit.evaluation.slide import MAX_THUMBNAIL_SOURCE_PX
+from clipit_testing import cli_main
 
 
 def tiled_tiff(path, width: int, height: int, tile: int = 256):
@@ -57,7 +57,7 @@ def test_a_header_claiming_200000_squared_pixels_is_refused_before_any_read(demo
     pytest.importorskip("openslide")
     slide = tiled_tiff(tmp_path / "huge.tif", 200_000, 200_000)
     assert 200_000**2 > MAX_THUMBNAIL_SOURCE_PX
-    code = main(["predict", str(demo_export), str(slide), "--out", str(tmp_path / "p.csv"), "--mpp", "0.5"])
+    code = cli_main(["predict", str(demo_export), str(slide), "--out", str(tmp_path / "p.csv"), "--mpp", "0.5"])
     assert code == 2
     line = one_error(capsys)
     assert line.startswith(f"clipit: error: {slide}: its coarsest usable level is 200000x200000 px, too large")
@@ -68,7 +68,7 @@ def test_a_small_tiled_tiff_of_the_same_make_is_predicted(demo_export, tmp_path)
     """The generator above writes slides openslide reads: the refusal is about the size alone."""
     pytest.importorskip("openslide")
     slide = tiled_tiff(tmp_path / "small.tif", 2048, 1024)
-    assert main(["predict", str(demo_export), str(slide), "--out", str(tmp_path / "p.csv"), "--mpp", "0.5",
+    assert cli_main(["predict", str(demo_export), str(slide), "--out", str(tmp_path / "p.csv"), "--mpp", "0.5",
                  "--min-tissue", "0"]) == 0  # fmt: skip
     assert len((tmp_path / "p.csv").read_text().splitlines()) > 1
 
@@ -78,7 +78,7 @@ def test_a_truncated_slide_is_one_line_naming_it(demo_export, cmu1_slide, tmp_pa
     data = cmu1_slide.read_bytes()
     slide = tmp_path / "cut.svs"
     slide.write_bytes(data[: int(len(data) * keep)])
-    code = main(["predict", str(demo_export), str(slide), "--out", str(tmp_path / "p.csv"), "--min-tissue", "0"])
+    code = cli_main(["predict", str(demo_export), str(slide), "--out", str(tmp_path / "p.csv"), "--min-tissue", "0"])
     assert code == 2
     assert one_error(capsys).startswith(f"clipit: error: {slide}: openslide cannot read")
     assert not (tmp_path / "p.csv").exists() and not list(tmp_path.glob(".*"))

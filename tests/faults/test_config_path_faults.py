@@ -2,8 +2,8 @@
 
 import pytest
 
-from clipit.cli import main
 from clipit.config import ConfigError, load_config
+from clipit_testing import cli_main
 
 
 def write(tmp_path, text):
@@ -19,7 +19,7 @@ def test_tilde_of_an_unknown_user_is_refused_not_made_a_literal_folder(tmp_path,
         ConfigError, match=r"output_dir = '~nosuchuser_clipit/runs': there is no user 'nosuchuser_clipit'"
     ):
         load_config(path)
-    assert main(["prepare", "demo", "--config", str(path)]) == 2
+    assert cli_main(["prepare", "demo", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no user 'nosuchuser_clipit'" in err[0]
     assert not any(tmp_path.glob("~*"))  # no folder literally named ~nosuchuser_clipit

@@ -9,10 +9,9 @@ import tarfile
 
 import pytest
 
-from clipit.cli import main
 from clipit.shards.manifest import MANIFEST, ShardError, load_manifest, split_urls
 from clipit.training.loader import eval_loader
-from clipit_testing import ROOT, TINY, shard_copy, with_shards
+from clipit_testing import ROOT, TINY, cli_main, shard_copy, with_shards
 
 SHARD, KEY = "train/train-000001.tar", "train_00000070"
 
@@ -56,7 +55,7 @@ def test_training_on_it_stops_in_one_line(tiny_shards, tmp_path, capsys):
     garble_shape(tmp_path / "shards")
     sets = [f"output_dir={tmp_path / 'out'}", *shards, "methods.unimodal.epochs=1"]
     argv = ["train", "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0"]
-    code = main(argv + [a for s in sets for a in ("--set", s)])
+    code = cli_main(argv + [a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert f"sample {KEY}: image_shape [32, 128, 3] where the manifest's raw codec has [64, 64, 3]" in err[0]

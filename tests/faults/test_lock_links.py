@@ -5,9 +5,8 @@ import os
 
 import pytest
 
-from clipit.cli import main
 from clipit.locks import LOCK_FILE, LockError, exclusive, holder
-from clipit_testing import ROOT, TINY
+from clipit_testing import ROOT, TINY, cli_main
 
 
 def test_a_lock_file_that_is_a_symlink_is_never_followed(tmp_path):
@@ -54,7 +53,7 @@ def test_train_on_a_run_whose_lock_is_a_symlink_exits_2_and_keeps_the_target(tmp
     (run / LOCK_FILE).symlink_to(victim)
     sets = [f"output_dir={tmp_path / 'out'}", *tiny_shards]
     argv = ["train", "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0"]
-    code = main(argv + [a for s in sets for a in ("--set", s)])
+    code = cli_main(argv + [a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "the lock file is a symbolic link" in err[0], err
     assert victim.read_text() == "do not touch"

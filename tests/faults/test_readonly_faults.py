@@ -8,11 +8,10 @@ import subprocess
 
 import pytest
 
-from clipit.cli import main
 from clipit.errors import OutputError
 from clipit.io import atomic_write_json
 from clipit.locks import LockError, exclusive
-from clipit_testing import ROOT, TINY
+from clipit_testing import ROOT, TINY, cli_main
 
 
 @contextlib.contextmanager
@@ -52,7 +51,7 @@ def test_evaluate_on_a_read_only_run_folder_exits_2_in_one_line(tmp_path, capsys
     (run / "train_summary.json").write_text('{"steps": 1}')  # trained, not evaluated
     with read_only(out):
         argv = ["evaluate", "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0"]
-        code = main([*argv, "--set", f"output_dir={out}", "--set", f"shards.dir={tmp_path / 'shards'}"])
+        code = cli_main([*argv, "--set", f"output_dir={out}", "--set", f"shards.dir={tmp_path / 'shards'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "read-only file system" in err[0] and str(run) in err[0]

@@ -6,9 +6,8 @@ import os
 import socket
 import subprocess
 
-from clipit.cli import main
 from clipit.io import sweep_stale_temps_in
-from clipit_testing import ROOT, TINY
+from clipit_testing import ROOT, TINY, cli_main
 
 
 def temps(directory, dead_pid: int, live_pid: int):
@@ -45,6 +44,6 @@ def test_training_sweeps_a_killed_runs_temporaries(tiny_shards, tmp_path, capsys
     stale, live, _ = temps(run, dead_pid(), os.getpid())  # this process is alive: its temp stays
     sets = [f"output_dir={tmp_path / 'out'}", *tiny_shards, "methods.unimodal.epochs=1"]
     argv = ["train", "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0"]
-    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err[-2000:]
+    assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err[-2000:]
     assert not stale.exists() and live.exists()
     assert (run / "train_summary.json").exists()

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from clipit.cli import main, valid_choices
+from clipit.cli import valid_choices
 from clipit.config import load_config
 from clipit.errors import ConfigError
 from clipit.evaluation.export import load_exported
 from clipit.methods import MethodSpec, ModelParts, method_names, register_method, unregister_method
 from clipit.models.clipit import BackboneModel
 from clipit.models.factory import build_classifier
-from clipit_testing import ROOT, TINY, shard_copy, train_args, with_shards
+from clipit_testing import ROOT, TINY, cli_main, shard_copy, train_args, with_shards
 
 
 class NormProbe(BackboneModel):
@@ -100,7 +100,7 @@ def trained(toy_methods, tiny_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     shards = with_shards(tiny_shards, shard_copy(tiny_shards, out))  # the feature cache writes into the set
     for method in (TOY, TOY_TEXT):
-        assert main(train_args(out, [*shards, *toy_sets(shards)], method=method, seed=0)) == 0
+        assert cli_main(train_args(out, [*shards, *toy_sets(shards)], method=method, seed=0)) == 0
     return out
 
 
@@ -111,13 +111,13 @@ def test_a_toy_method_trains_evaluates_exports_and_is_reported(trained, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
 
-    assert main(["export", str(run), str(trained / "export")]) == 0
+    assert cli_main(["export", str(run), str(trained / "export")]) == 0
     model, _, config = load_exported(trained / "export")
     assert config["method"] == TOY and isinstance(model, NormProbe)
     assert torch.isfinite(model(torch.rand(2, 3, 64, 64))["logits"]).all()
 
     capsys.readouterr()
-    assert main(["report", str(trained / "runs"), "--out", str(trained / "report"), "--no-plots"]) == 0
+    assert cli_main(["report", str(trained / "runs"), "--out", str(trained / "report"), "--no-plots"]) == 0
     report = (trained / "report" / "report.md").read_text()
     baselines = report.split("## Multimodal and CLIP-based baselines")[1].split("##")[0]
     assert f"| {LABEL} |" in baselines and "| toy norm fusion |" in baselines  # by their spec's labels
@@ -128,7 +128,7 @@ def test_a_toy_method_trains_evaluates_exports_and_is_reported(trained, capsys):
 def test_a_toy_method_that_reads_the_report_at_test_time_is_refused_export(trained, capsys):
     capsys.readouterr()
     run = trained / "runs" / TOY_TEXT / "seed-0"
-    assert main(["export", str(run), str(trained / "export-text")]) == 2
+    assert cli_main(["export", str(run), str(trained / "export-text")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in lines if line.startswith("clipit: error: ")]  # the stage lines come before
     assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in "\n".join(lines)

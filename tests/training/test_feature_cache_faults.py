@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipit.cli import main
 from clipit.io import sha256_file
-from clipit_testing import ROOT, TINY, shard_copy, with_shards
+from clipit_testing import ROOT, TINY, cli_main, shard_copy, with_shards
 
 PROBE = ["methods.unimodal.epochs=1"]
 
@@ -25,7 +24,7 @@ def train(capsys, out: Path, shards, seed: int) -> tuple[int, list[str]]:
         save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
     sets = [f"output_dir={out}", *shards, *PROBE, f"model.weights={weights}"]
     argv = ["train", "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", str(seed)]
-    code = main(argv + [a for s in sets for a in ("--set", s)])
+    code = cli_main(argv + [a for s in sets for a in ("--set", s)])
     return code, capsys.readouterr().err.strip().splitlines()
 
 

@@ -4,8 +4,7 @@ with the same config still skips; `--resume none` replaces the run."""
 
 import json
 
-from clipit.cli import main
-from clipit_testing import ROOT, TINY
+from clipit_testing import ROOT, TINY, cli_main
 
 EPOCHS = "methods.unimodal.epochs=1"
 
@@ -13,7 +12,7 @@ EPOCHS = "methods.unimodal.epochs=1"
 def run(capsys, command: str, out, shards, *extra: str) -> tuple[int, str, list[str]]:
     sets = [f"output_dir={out}", *shards, EPOCHS, *extra]
     argv = [command, "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0"]
-    code = main(argv + [a for s in sets for a in ("--set", s)])
+    code = cli_main(argv + [a for s in sets for a in ("--set", s)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip().splitlines()
 
@@ -45,7 +44,7 @@ def test_resume_none_replaces_a_run_made_under_another_config(tiny_shards, tmp_p
     assert run(capsys, "train", out, tiny_shards)[0] == 0
     sets = [f"output_dir={out}", *tiny_shards, EPOCHS, "methods.unimodal.lr=0.5"]
     argv = ["train", "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0", "--resume", "none"]
-    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0
     capsys.readouterr()
     summary = json.loads((out / "runs" / "unimodal" / "seed-0" / "train_summary.json").read_text())
     assert summary["identity"]["methods"]["unimodal"]["lr"] == 0.5
