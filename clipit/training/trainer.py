@@ -141,6 +141,13 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
         return _fit(cfg, method, seed, run_dir, warm_start, accelerator)
 
 
+def training_shards(manifest: dict) -> str:
+    """sha256 of what a trained run depends on in a shard set: its train and val shards, embedding and texts."""
+    record = {k: manifest.get(k) for k in ("embedding", "texts", "classes")}
+    record["splits"] = {s: (manifest.get("splits") or {}).get(s) for s in ("train", "val")}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 def finished_run(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_start: Path | None) -> dict:
     """The summary of a finished run, once its recorded identity equals the one requested now: a rerun with
     another config (a changed --set, backbone, warm start or shard set) must not print the old result as its
@@ -155,12 +162,12 @@ def finished_run(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, w
         manifest = load_manifest(cfg.shards.dir)
     except ClipitError:
         manifest = None
+    # the shard set counts by its training splits (training_shards): a test split rebuilt or damaged after
+    # training changes no trained result, and evaluation checks that split itself
     now = run_identity(cfg, method, seed, manifest or {}, stored.get("processes"), warm_start)
-    if manifest is None:
-        stored, now = (
-            {k: v for k, v in stored.items() if k != "shards"},
-            {k: v for k, v in now.items() if k != "shards"},
-        )
+    stored, now = {k: v for k, v in stored.items() if k != "shards"}, {k: v for k, v in now.items() if k != "shards"}
+    if manifest is not None and summary.get("training_shards") not in (None, training_shards(manifest)):
+        stored["training_shards"], now["training_shards"] = summary["training_shards"], training_shards(manifest)
     changes = identity_changes(stored, now)
     if changes:
         raise ConfigError(
@@ -284,6 +291,7 @@ def setup_run(
         train_source=train_source,
         val_source=val_source,
         progress=progress,
+        training_shards=training_shards(manifest),
         resumed_from=resumed_from,
         skip=skip,
         meta=checkpoint_meta(cfg, method, seed, manifest, preprocess.size),

@@ -62,6 +62,7 @@ class TrainingRun:
     train_source: ShardSource
     val_source: ShardSource
     progress: dict  # step, best score and step, best_val, identity: what a resume checkpoint stores
+    training_shards: str  # trainer.training_shards of the shard set: recorded in train_summary.json
     resumed_from: int | None
     skip: int  # batches of the current epoch a resume has already trained
     meta: dict  # the best checkpoint's sidecar
@@ -280,6 +281,7 @@ class TrainingRun:
             "wall_s": round(time.time() - start, 2),
             **({"feature_cache": str(self.cached.cache_dir)} if self.cached else {}),
             "identity": progress.get("identity"),  # what a rerun compares before it reuses this run
+            "training_shards": self.training_shards,
         }
         if self.accelerator.is_main_process:
             atomic_write_json(layout.train_summary(self.run_dir), summary)
