@@ -187,6 +187,9 @@ _FREEZE = """
 import importlib, os, runpy, signal, sys
 module, name, after, target = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 owner = importlib.import_module(module)
+*path, name = name.split(".")  # "function", or "Class.method"
+for part in path:
+    owner = getattr(owner, part)
 real, calls = getattr(owner, name), [0]
 def frozen(*args, **kwargs):
     result = real(*args, **kwargs)
@@ -206,7 +209,8 @@ else:
 
 def start_frozen_after(where: str, calls: int, *args: str, target: str = "clipit", **popen_kwargs):
     """Start `python -m clipit ARGS` (or the script `target`) in a real process that freezes itself after
-    its `calls`-th call of `where` ("package.module:function") returns; wait_stopped() waits for that."""
+    its `calls`-th call of `where` ("package.module:function" or "package.module:Class.method") returns;
+    wait_stopped() waits for that."""
     module, name = where.split(":")
     popen_kwargs.setdefault("cwd", ROOT)
     cmd = [sys.executable, "-c", _FREEZE, module, name, str(calls), target, *args]

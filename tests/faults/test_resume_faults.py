@@ -372,7 +372,7 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
     run, tb = run_dir(tmp_path), tmp_path / "tb" / "clipit" / "seed-0"
     # frozen after its 3rd validation (step 6): checkpoint 4 is the latest, step 6's events are flushed
     proc = start_frozen_after(
-        "clipit.training.trainer:validate",
+        "clipit.training.training_run:TrainingRun.validate",
         3,
         *train_args(tmp_path, tiny_shards, *cell),
         stdout=subprocess.DEVNULL,

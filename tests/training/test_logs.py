@@ -34,7 +34,7 @@ def test_train_log_has_step_and_validation_lines_and_resume_appends(tiny_shards,
     run = tmp_path / "runs" / "unimodal" / "seed-0"
     # frozen right after its first resume checkpoint (step 2): SIGTERM then reaches a run with steps left
     first = start_frozen_after(
-        "clipit.training.trainer:save_training_state",
+        "clipit.training.training_run:save_training_state",
         1,
         *args,
         stdout=subprocess.DEVNULL,

@@ -44,7 +44,7 @@ def interrupt_when_checkpointed(out, shards, sig, cell):
     """Train `cell` in a real process, frozen right after its first resume checkpoint (step 2), then send
     `sig`: the signal meets a run with steps left on any machine."""
     proc = start_frozen_after(
-        "clipit.training.trainer:save_training_state",
+        "clipit.training.training_run:save_training_state",
         1,
         *train_args(out, shards, *cell),
         stdout=subprocess.DEVNULL,
