@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -58,7 +59,7 @@ def add_config_flags(parser: argparse.ArgumentParser, required: bool = True, wha
         required=required,
         metavar="YAML",
         help=f"{what} (YAML, e.g. configs/demo.yaml; relative paths in it are relative to the "
-        "working directory, ${{VAR}} and ${{CONFIG_DIR}} are expanded; keys: docs/config.md)",
+        "working directory, ${VAR} and ${CONFIG_DIR} are expanded; keys: docs/config.md)",
     )
     parser.add_argument(
         "--set",
@@ -558,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"clipit: error: {one_line(err, limit=2000)}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # `clipit predict ... | head`: the reader left; end quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return 128 + signal.SIGPIPE
     return status if isinstance(status, int) else 0
 
 

@@ -72,6 +72,11 @@ def test_help_lists_the_valid_names():
         assert name in proc.stdout
 
 
+def test_help_shows_variables_as_they_are_written():
+    text = cli("train", "--help").stdout
+    assert "${VAR} and ${CONFIG_DIR} are expanded" in " ".join(text.split()) and "${{" not in text
+
+
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: {m: {method: unimodal}}\nseeds: [0]\n")

@@ -124,3 +124,23 @@ def test_a_rotated_jpeg_is_predicted_upright(demo_export, tmp_path):
     with open(out, newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert (row["width"], row["height"]) == ("64", "96")
+
+
+def test_a_reader_that_leaves_ends_predict_quietly(demo_export, tmp_path):
+    """`clipit predict ... | head -1`: the table outgrows the pipe (64 KiB), so the writer is blocked on it
+    when the reader closes; its next write meets EPIPE, and the process ends quietly (128 + SIGPIPE)."""
+    folder = tmp_path / "tiles"
+    rng = np.random.default_rng(0)
+    for i in range(1200):
+        path = folder / f"{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipit", "predict", str(demo_export), str(folder)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout.readline().startswith(b"image\tprediction")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
