@@ -4,8 +4,10 @@ shared by grid submission (clipit/hpc/submit.py) and the pairing/shard arrays (c
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from clipit.hpc.cluster import ClusterProfile
@@ -29,6 +31,22 @@ def array_chunk_size(profile: ClusterProfile, cluster_value: int | None) -> int:
     """Tasks per array: the profile's cap, never above the cluster's MaxArraySize."""
     limits = [v for v in (profile.max_array_size or None, cluster_value) if v]
     return min(limits) if limits else DEFAULT_MAX_ARRAY_SIZE
+
+
+# prints the environment as POSIX `export` lines: what the profile's setup left, carried into the job's sh
+_EXPORT_ENV = (
+    "import os, shlex; print('\\n'.join(f'export {k}={shlex.quote(v)}' for k, v in os.environ.items() "
+    "if k.isidentifier()))"
+)
+
+
+def bash_setup(lines: list[str]) -> list[str]:
+    """The profile's setup lines for submitit's local executor, which joins them into its job command under
+    /bin/sh (where `source .venv/bin/activate` fails: "source: not found"): they run under bash, as in a
+    SLURM job script, and the environment they leave (PATH, VIRTUAL_ENV, module settings) is exported into
+    the job. A failing line fails the job."""
+    script = "set -e\n" + "\n".join(lines) + "\n" + shlex.join([sys.executable, "-c", _EXPORT_ENV])
+    return [f'__clipit_env="$(bash -c {shlex.quote(script)})"', 'eval "$__clipit_env"']
 
 
 def make_executor(profile: ClusterProfile, folder: Path, name: str, cluster: str, dependency: str | None = None):
@@ -69,7 +87,7 @@ def make_executor(profile: ClusterProfile, folder: Path, name: str, cluster: str
         if additional:
             params["slurm_additional_parameters"] = additional
     elif cluster == "local" and profile.setup:
-        params["local_setup"] = list(profile.setup)
+        params["local_setup"] = bash_setup(profile.setup)
     executor.update_parameters(**params)
     return executor
 
