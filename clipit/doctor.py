@@ -28,12 +28,12 @@ from clipit.errors import ClipitError, one_line
 from clipit.methods import method_spec
 from clipit.progress import Progress
 
-OK, FAIL, INFO = "✓", "✗", "·"
+OK, FAIL, INFO, WARN = "✓", "✗", "·", "!"  # WARN: runs, but probably not as meant
 
 
 @dataclass
 class Check:
-    status: str  # OK | FAIL | INFO
+    status: str  # OK | FAIL | INFO | WARN
     what: str
     detail: str
 
@@ -155,7 +155,27 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
         )
     else:
         checks.append(Check(OK, what, f"output width {width} at {size} px, as declared"))
+    patch = patch_size(model)
+    if patch and size % patch:
+        used = size // patch * patch
+        checks.append(
+            Check(
+                WARN,
+                what,
+                f"{size} px is not a multiple of its {patch}-px patches: the last {size - used} rows and columns "
+                f"of every image are never seen; set model.image_size to {used} or {used + patch}",
+            )
+        )
     return checks
+
+
+def patch_size(model: torch.nn.Module) -> int | None:
+    """The patch side of a ViT-style backbone (timm's patch_embed.patch_size), None for other models."""
+    for module in model.modules():
+        size = getattr(getattr(module, "patch_embed", None), "patch_size", None)
+        if size:
+            return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return None
 
 
 def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:

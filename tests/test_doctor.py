@@ -130,3 +130,19 @@ def test_unknown_warm_start_and_usage(site, capsys):
     assert code == 2 and "methods.clipit warm-starts from unknown method 'probe'" in err and len(err.splitlines()) == 1
     assert main(["doctor"]) == 2
     assert "give the config once" in capsys.readouterr().err
+
+
+def test_an_input_size_that_is_not_a_multiple_of_the_patch_warns(tmp_path, capsys):
+    """64 px with 14-px patches silently drops 8 rows and columns: doctor says so (a warning: it runs)."""
+    from clipit_testing import ROOT, TINY
+
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "model.image_size=60"]
+    code = main(["doctor", str(ROOT / TINY), *sets])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0, lines
+    assert (
+        "! backbone demo-vit-tiny: 60 px is not a multiple of its 8-px patches: the last 4 rows and columns of "
+        "every image are never seen; set model.image_size to 56 or 64"
+    ) in lines
+    code = main(["doctor", str(ROOT / TINY), "--set", f"output_dir={tmp_path}", "--set", "model.image_size=64"])
+    assert code == 0 and not any(line.startswith("!") for line in capsys.readouterr().out.splitlines())
