@@ -81,9 +81,10 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     )  # plugins: from the state
 
 
-def requested_processes(parent_cmdline: list[str] | None = None) -> int | None:
-    """How many processes `accelerate launch` was asked for, when it started this process (read from
-    the parent's command line and its --config_file); None when the parent is another launcher."""
+def launcher_settings(parent_cmdline: list[str] | None = None) -> dict | None:
+    """The settings `accelerate launch` was given when it started this process: its own flags on the parent's
+    command line over its --config_file's keys (flag names without dashes); None when the parent is another
+    launcher (torchrun, srun, a shell)."""
     if parent_cmdline is None:
         try:
             raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
@@ -99,19 +100,37 @@ def requested_processes(parent_cmdline: list[str] | None = None) -> int | None:
         return None
     args = parent_cmdline[start:]
     args = args[: args.index("-m")] if "-m" in args else args  # the launcher's own flags only
-    values: dict[str, str] = {}
+    flags: dict[str, str] = {}
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
-        if name in ("--num_processes", "--config_file") and (eq or i + 1 < len(args)):
-            values[name] = value if eq else args[i + 1]
-    if "--num_processes" in values:
-        return int(values["--num_processes"]) if values["--num_processes"].isdigit() else None
-    if "--config_file" in values:
+        if name in ("--num_processes", "--config_file", "--mixed_precision") and (eq or i + 1 < len(args)):
+            flags[name.lstrip("-")] = value if eq else args[i + 1]
+    settings: dict = {}
+    if "config_file" in flags:
         try:
-            return int((yaml.safe_load(Path(values["--config_file"]).read_text()) or {}).get("num_processes") or 1)
-        except (OSError, ValueError, yaml.YAMLError):
-            return None
-    return None
+            loaded = yaml.safe_load(Path(flags["config_file"]).read_text()) or {}
+            settings = loaded if isinstance(loaded, dict) else {}
+        except (OSError, yaml.YAMLError):
+            settings = {}
+    return settings | flags
+
+
+def requested_processes(parent_cmdline: list[str] | None = None) -> int | None:
+    """How many processes `accelerate launch` was asked for, when it started this process; None when the
+    parent is another launcher."""
+    settings = launcher_settings(parent_cmdline)
+    if settings is None or ("num_processes" not in settings and "config_file" not in settings):
+        return None
+    value = str(settings.get("num_processes") or 1)
+    return int(value) if value.isdigit() else None
+
+
+def requested_precision(parent_cmdline: list[str] | None = None) -> str | None:
+    """The mixed precision `accelerate launch` was asked for (--mixed_precision, or its config file's
+    mixed_precision), in accelerate's names (no, bf16, fp16); None when it was not asked for one."""
+    settings = launcher_settings(parent_cmdline)
+    value = (settings or {}).get("mixed_precision")
+    return str(value) if value not in (None, "") else None
 
 
 def check_launch(world: int) -> None:
@@ -126,8 +145,21 @@ def check_launch(world: int) -> None:
         )
 
 
+def check_precision(tcfg: TrainConfig, asked: str | None) -> None:
+    """The precision is the config's alone (methods.<m>.precision): a launcher that asks for another one
+    is refused rather than silently ignored, so the run is never taken for a bf16 run that was not."""
+    if asked is not None and asked != PRECISION[tcfg.precision]:
+        wanted = {v: k for k, v in PRECISION.items()}.get(asked, asked)
+        raise ConfigError(
+            f"accelerate launch asks for mixed precision {asked!r}, but the config trains in {tcfg.precision} "
+            f"(methods.<m>.precision, the one precision setting); set methods.<m>.precision: {wanted} (or --set "
+            "it) and launch without --mixed_precision"
+        )
+
+
 def _build(tcfg: TrainConfig) -> Accelerator:
     check_launch(int(os.environ.get("WORLD_SIZE", 1)))
+    check_precision(tcfg, requested_precision())
     kwargs: dict = {"cpu": not torch.cuda.is_available(), "mixed_precision": PRECISION[tcfg.precision]}
     if tcfg.distributed == "zero2":
         from accelerate.utils import DeepSpeedPlugin

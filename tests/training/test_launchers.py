@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from clipit.training.accel import requested_processes
+from clipit.config import ConfigError, TrainConfig
+from clipit.training.accel import check_precision, requested_precision, requested_processes
 from clipit_testing import ROOT, TINY, cli, run_clipit
 
 PROBE = ["methods.unimodal.epochs=1", "methods.unimodal.batch_size=32"]
@@ -69,6 +70,34 @@ def test_silent_single_process_fallback_is_refused(tmp_path, tiny_shards):
     assert proc.returncode != 0 and len(errors) == 1 and f'File "{ROOT / "clipit"}' not in proc.stderr
     assert "returned non-zero exit status 2" in proc.stderr
     assert "asked for 2 processes but started 1" in errors[0] and "configs/accelerate/cpu.yaml" in errors[0]
+    assert not (out / "runs" / "unimodal" / "seed-0" / "train_summary.json").exists()
+
+
+def test_requested_precision_reads_the_flag_over_the_config_file(tmp_path):
+    config = tmp_path / "a.yaml"
+    config.write_text("num_processes: 1\nmixed_precision: fp16\n")
+    launch = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    assert requested_precision([*launch, "--mixed_precision", "bf16", "-m", "clipit"]) == "bf16"
+    assert requested_precision([*launch, "--config_file", str(config), "-m", "clipit"]) == "fp16"
+    assert requested_precision([*launch, "--config_file", str(config), "--mixed_precision=no", "x.py"]) == "no"
+    assert requested_precision([*launch, "--num_processes", "2", "-m", "clipit", "--mixed_precision", "bf16"]) is None
+    assert requested_precision(["python", "-m", "torch.distributed.run", "--mixed_precision", "bf16"]) is None
+    check_precision(TrainConfig(precision="bf16"), "bf16")
+    check_precision(TrainConfig(precision="fp32"), "no")
+    with pytest.raises(ConfigError, match=r"asks for mixed precision 'bf16', but the config trains in fp32"):
+        check_precision(TrainConfig(precision="fp32"), "bf16")
+
+
+def test_a_launch_line_precision_that_disagrees_is_refused_not_ignored(tmp_path, tiny_shards):
+    """`accelerate launch --mixed_precision bf16` on an fp32 config trained in fp32 and said fp32 in its
+    banner; now one line naming the one precision setting."""
+    out = tmp_path / "out"
+    proc = accelerate("--num_processes", "1", "--mixed_precision", "bf16", shards=tiny_shards, out=out)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clipit: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
+    assert "asks for mixed precision 'bf16', but the config trains in fp32" in errors[0]
+    assert "methods.<m>.precision: bf16" in errors[0]
+    assert f'File "{ROOT / "clipit"}' not in proc.stderr
     assert not (out / "runs" / "unimodal" / "seed-0" / "train_summary.json").exists()
 
 
