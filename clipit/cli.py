@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import time
 import traceback
+import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -547,9 +549,39 @@ def print_config(args) -> None:
     print(yaml.safe_dump(data, sort_keys=False), end="")
 
 
+# Third-party messages that are wrong or noise for clipit, dropped once per process (every rank and cell runs
+# main): (logger name, message start). open_clip builds its towers without weights on purpose (clipit loads
+# them itself, strictly); DeepSpeed says it found no GPU on every rank of a CPU run.
+KNOWN_NOISE = (
+    ("", "No pretrained weights loaded for model"),
+    ("DeepSpeed", "Setting accelerator to CPU"),
+)
+# DDP on LoRA's Conv2d adapters: a performance hint about gradient layout, not a fault (once per rank)
+KNOWN_WARNINGS = ("Grad strides do not match bucket view strides",)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.start)
+
+
+def quiet_known_noise() -> None:
+    for name, start in KNOWN_NOISE:
+        logger = logging.getLogger(name or None)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(argv: list[str] | None = None) -> int:
     from clipit.errors import disk_full_is_an_error
 
+    quiet_known_noise()
     args = build_parser().parse_args(argv)
     try:
         with disk_full_is_an_error():  # ENOSPC/EDQUOT from a writer outside clipit/io.py: one line too

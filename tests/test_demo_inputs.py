@@ -96,3 +96,12 @@ def test_changed_demo_settings_are_prepared_again(prepared, tmp_path, capsys):
     assert cli_main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(out, changed)]) == 0
     assert "prepared the demo inputs: data.root" in capsys.readouterr().out
     assert json.loads((out / "data" / "images" / META_FILE).read_text())["size"] == 32
+
+
+def test_known_third_party_noise_is_dropped(tmp_path):
+    """open_clip's "No pretrained weights loaded" (clipit loads the weights itself) is not printed."""
+    from clipit_testing import cli
+
+    proc = cli("prepare", "demo", "--config", str(ROOT / TINY), *sets(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "demo CLIP" in proc.stderr and "No pretrained weights loaded" not in proc.stderr
