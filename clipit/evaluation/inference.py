@@ -74,6 +74,7 @@ def heatmap_path(out: Path, slide: Path, taken: set[Path]) -> Path:
     return path
 
 
+@termination_cleans_up()  # SIGTERM (preemption) ends through Python: no temporaries are left behind
 def run_predict(
     model_dir: str | Path,
     inputs: list[str],
@@ -100,52 +101,6 @@ def run_predict(
     if not 0 <= min_tissue <= 1:
         raise PredictError(f"--min-tissue {min_tissue}: must be a fraction in [0, 1]")
     check_outputs(out, features)
-    with termination_cleans_up():
-        return _predict(
-            model_dir,
-            inputs,
-            out,
-            features,
-            split,
-            device,
-            batch_size,
-            mpp,
-            target_mpp,
-            min_tissue,
-            tile,
-            heatmap_class,
-            stdout_json,
-        )
-
-
-def check_outputs(out: Path | None, features: Path | None) -> None:
-    """Before any work: an output named like a folder is refused, and temporaries a killed predict left
-    beside the outputs are swept."""
-    for flag, path in (("--out", out), ("--features", features)):
-        if path is None:
-            continue
-        if path.is_dir():
-            raise PredictError(f"{flag} {path}: is a folder; name a file (e.g. {path / 'predictions.csv'})")
-        sweep_stale_temps(path)
-    if out is not None and features is not None and out.resolve() == features.resolve():
-        raise PredictError(f"--out and --features both name {out}; give them different files")
-
-
-def _predict(
-    model_dir,
-    inputs,
-    out,
-    features,
-    split,
-    device,
-    batch_size,
-    mpp,
-    target_mpp,
-    min_tissue,
-    tile,
-    heatmap_class,
-    stdout_json,
-) -> dict:
     model, preprocess, config = load_exported(model_dir, device)
     classes = list(config["classes"])
     if heatmap_class is not None and heatmap_class not in classes:
@@ -210,3 +165,16 @@ def _predict(
         if feats is not None:
             feats.close()
     return summary
+
+
+def check_outputs(out: Path | None, features: Path | None) -> None:
+    """Before any work: an output named like a folder is refused, and temporaries a killed predict left
+    beside the outputs are swept."""
+    for flag, path in (("--out", out), ("--features", features)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise PredictError(f"{flag} {path}: is a folder; name a file (e.g. {path / 'predictions.csv'})")
+        sweep_stale_temps(path)
+    if out is not None and features is not None and out.resolve() == features.resolve():
+        raise PredictError(f"--out and --features both name {out}; give them different files")
