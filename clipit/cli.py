@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -247,6 +246,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    from clipit.evaluation.predict_output import reader_may_leave
+
+    with reader_may_leave():  # `clipit predict ... | head`
+        _predict(args)
+
+
+def _predict(args) -> None:
     from clipit.evaluation.inference import run_predict
 
     summary = run_predict(
@@ -591,10 +597,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"clipit: error: {one_line(err, limit=2000)}", file=sys.stderr)
         return err.exit_code
-    except BrokenPipeError:  # `clipit predict ... | head`: the reader left; end quietly, as `cat` does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
-        return 128 + signal.SIGPIPE
     return status if isinstance(status, int) else 0
 
 

@@ -15,6 +15,8 @@ import csv
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +27,21 @@ from clipit.evaluation.slide import PredictError
 from clipit.io import atomic_path, make_dirs, temp_prefix
 
 FIXED = ("image", "x", "y", "width", "height", "prediction")
+
+
+@contextlib.contextmanager
+def reader_may_leave():
+    """`clipit predict ... | head`: when the reader of stdout leaves, end quietly as `cat` does (exit 128 +
+    SIGPIPE), not with a BrokenPipeError traceback; stdout then points at /dev/null, so the interpreter's
+    last flush does not raise again. Outputs being written are removed by their writers' cleanup."""
+    try:
+        yield
+    except BrokenPipeError:
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # stdout without a descriptor: nothing to do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None
+
+
 FEATURES = "features"
 
 
