@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 KINDS = {
-    "torchrun": re.compile(r"torchrun"),
+    "torchrun": re.compile(r"torchrun", re.IGNORECASE),
     "accelerate launch": re.compile(r"accelerate[\"'/].*launch|\"launch\""),
     "slurm": re.compile(r"\[\s*\"(sbatch|srun|scontrol|squeue|scancel)\"|mark\.slurm|pytestmark = .*slurm|\.sbatch\b"),
     "kill -9": re.compile(r"SIGKILL|kill -9"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clipit.cells import ChainCell, ConfigSource, cell_argv, chain_error, child_env, last_error_line, run_chain
-from clipit_testing import ROOT, TINY, assert_refused, run_clipit
+from clipit_testing import ROOT, TINY, TORCHRUN_2, assert_refused, run_clipit
 
 
 def sets(*items: str) -> list[str]:
@@ -112,7 +112,7 @@ def test_ddp_cell_then_zero2_cell_in_one_chain(tiny_shards, tmp_path):
     DeepSpeed ZeRO-2. Each rank's parent starts its rank's process per cell; both cells finish."""
     out = tmp_path / "out"
     chain = demo_args(out, tiny_shards, "seeds=[0]", "methods.clipit.distributed=zero2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipit"]
+    cmd = list(TORCHRUN_2)
     proc = subprocess.run([*cmd, *chain], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "world size 2, backend gloo" in proc.stdout

@@ -13,7 +13,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 import clipit_testing
-from clipit_testing import RESUME_CELL, ROOT, cli, start_frozen_after, train_args, wait_stopped
+from clipit_testing import RESUME_CELL, ROOT, TORCHRUN_2, cli, start_frozen_after, train_args, wait_stopped
 
 CELL = RESUME_CELL  # CLIP-IT standing alone: 12 steps, resume checkpoints every 2 (the last at 10)
 OUTPUTS = ("train_summary.json", "metrics.json", "predictions-test.npz", "best.safetensors", "best.json")
@@ -409,14 +408,7 @@ def test_tensorboard_has_one_event_per_step_after_kill_9_and_resume(tiny_shards,
 
 def _torchrun(out: Path, shards, *extra: str):
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "clipit",
+        *TORCHRUN_2,
         *train_args(
             out,
             shards,

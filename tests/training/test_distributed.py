@@ -8,13 +8,12 @@ test balanced accuracy must agree within 5 points on the tiny demo's converged l
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from clipit_testing import ROOT, cli, train_args
+from clipit_testing import ROOT, TORCHRUN_2, cli, train_args
 
 pytestmark = pytest.mark.multiproc
 PROBE = ["methods.unimodal.epochs=10"]
@@ -22,14 +21,7 @@ PROBE = ["methods.unimodal.epochs=10"]
 
 def torchrun(out, shards, *extra):
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "clipit",
+        *TORCHRUN_2,
         *train_args(
             out,
             shards,
@@ -98,14 +90,7 @@ def test_text_tower_is_one_engine_under_ddp_and_zero2(tiny_shards, tmp_path):
     for name, extra in (("ddp", []), ("zero2", ["methods.clipit.distributed=zero2"])):
         out = tmp_path / name
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "clipit",
+            *TORCHRUN_2,
             *train_args(out, tiny_shards, *tower, *extra),
         ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -8,7 +8,6 @@ loss within 1e-4 absolute, test logits within 1e-4 absolute, on the tiny demo's 
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from clipit.shards.reader import iter_samples
 from clipit.training.features import uses_feature_cache
 from clipit.training.loader import train_loader
 from clipit.training.probe import train_order
-from clipit_testing import ROOT, TINY, assert_refused, cli, shard_copy, train_args, with_shards
+from clipit_testing import ROOT, TINY, TORCHRUN_2, assert_refused, cli, shard_copy, train_args, with_shards
 
 PROBE = ["methods.unimodal.epochs=10", "methods.unimodal.evals_per_epoch=2"]
 
@@ -150,14 +149,7 @@ def test_two_ranks_build_one_cache_and_match_online(own_shards, tmp_path):
     for name, extra in (("online", ["methods.unimodal.feature_cache=false"]), ("cached", [])):
         out = tmp_path / name
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "clipit",
+            *TORCHRUN_2,
             *train_args(out, own_shards, *PROBE, "methods.unimodal.batch_size=32", *extra, method="unimodal"),
         ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

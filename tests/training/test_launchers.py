@@ -8,7 +8,7 @@ import pytest
 
 from clipit.config import ConfigError, TrainConfig
 from clipit.training.accel import check_precision, requested_precision, requested_processes
-from clipit_testing import ROOT, TINY, cli, run_clipit
+from clipit_testing import ROOT, TINY, TORCHRUN_2, cli, run_clipit
 
 PROBE = ["methods.unimodal.epochs=1", "methods.unimodal.batch_size=32"]
 
@@ -127,10 +127,9 @@ def test_zero2_with_several_seeds_in_one_launch_runs_a_process_per_seed(tmp_path
     """accelerate ties one DeepSpeed engine to a process: each seed of a launch is a cell with a process
     of its own (on every rank), so the second seed trains instead of crashing in DeepSpeed's backward."""
     import subprocess
-    import sys
 
     sets = [f"output_dir={tmp_path}", *tiny_shards, *PROBE, "methods.unimodal.distributed=zero2", "seeds=[0, 1]"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipit"]
+    cmd = list(TORCHRUN_2)
     train = ["train", "--config", TINY, "--method", "unimodal", *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run([*cmd, *train], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
