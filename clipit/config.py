@@ -141,6 +141,8 @@ class ModelConfig:
     weights: str | None = None  # checkpoint path, hub ID or `random`; None = weights file, then hub (clipit/weights.py)
     weights_file: str | None = None  # YAML name -> checkpoint map (configs/weights.example.yaml); else $CLIPIT_WEIGHTS
     image_size: Side | None = None  # None = the backbone's native input size
+    # constructor options of a timm:<model> backbone (e.g. dynamic_img_size: true, img_size: 224); docs/models.md
+    timm_kwargs: dict[str, bool | int | float | str | list[int]] = field(default_factory=dict)
     lora: LoraConfig = field(default_factory=LoraConfig)
     text_dim: Positive = 512  # dimension of the report embeddings in the shards
     kd_layers: Annotated[int, Range(ge=1, le=2)] = 1  # P is Linear (1) or Linear-LeakyReLU-Linear (2)
@@ -234,9 +236,38 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
     return config
 
 
+# set by clipit itself (weights through model.weights, a headless backbone)
+TIMM_RESERVED = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "num_classes")
+
+
+def check_timm_kwargs(model: ModelConfig, where: str) -> None:
+    options = model.timm_kwargs
+    if not options:
+        return
+    if not model.backbone.startswith("timm:"):
+        raise ConfigError(
+            f"{where}: model.timm_kwargs is for timm:<model> backbones; {model.backbone!r} is built as the "
+            "registry defines it: remove model.timm_kwargs or use backbone timm:<model>"
+        )
+    reserved = [k for k in options if k in TIMM_RESERVED]
+    if reserved:
+        raise ConfigError(
+            f"{where}: model.timm_kwargs.{reserved[0]} is set by clipit itself; remove it (weights: model.weights)"
+        )
+    size = options.get("img_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int | list)):
+        raise ConfigError(f"{where}: model.timm_kwargs.img_size = {size!r} must be pixels, e.g. 224")
+    if isinstance(size, int) and model.image_size not in (None, size):
+        raise ConfigError(
+            f"{where}: model.timm_kwargs.img_size = {size} disagrees with model.image_size = {model.image_size}; "
+            "set one of them"
+        )
+
+
 def check_sections(cfg: ExperimentConfig, where: str = "<config>") -> None:
     """Settings of the data, reports, pairing and shards sections that only make sense together."""
     s, p = cfg.shards, cfg.pairing
+    check_timm_kwargs(cfg.model, where)
     if s.random_report_seed is None and s.use_rank > p.top_k:
         raise ConfigError(
             f"{where}: shards.use_rank = {s.use_rank} needs pairing.top_k >= {s.use_rank} (it is "

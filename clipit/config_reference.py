@@ -54,7 +54,7 @@ def _type_name(tp) -> str:
         rest = [a for a in args if a is not type(None)]
         return " or ".join(_type_name(a) for a in rest) + " or null"
     if args:
-        return str(tp).replace("typing.", "")
+        return str(tp).replace("typing.", "").replace(" | ", " or ")  # a | would split the table cell
     return getattr(tp, "__name__", str(tp))
 
 

@@ -126,13 +126,13 @@ def check_backbone(cfg: ExperimentConfig) -> list[Check]:
     name = cfg.model.backbone
     what = f"backbone {name}"
     try:
-        spec = get_spec(name)
+        spec = get_spec(name, cfg.model.timm_kwargs)
         source = resolve_weights(name, cfg.model.weights, cfg.model.weights_file)
     except (BackboneError, ConfigError) as err:
         return [Check(FAIL, what, one_line(err))]
     checks = [Check(OK, what, f"weights {source}, used by {', '.join(users)}")]
     try:
-        model, spec = build_backbone(name, source, cfg.model.image_size, cfg.model.weights_file)
+        model, spec = build_backbone(name, source, cfg.model.image_size, cfg.model.weights_file, cfg.model.timm_kwargs)
     except (BackboneError, ConfigError) as err:
         return checks + [Check(FAIL, what, one_line(err))]
     if source.kind != "random":

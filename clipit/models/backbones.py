@@ -16,11 +16,14 @@ kaiko models are built as kaiko's own `hubconf.py` and eva's `pathology/kaiko_*`
 normalisation. Every registered name `X` also has a random-init `X-tiny` variant (same architecture
 family and normalisation, 2 layers, width 32-64, small input) for tests.
 
+A `timm:<model>` backbone takes constructor options from `model.timm_kwargs` (e.g. `dynamic_img_size: true`,
+`img_size: 224`); its input size is their img_size, else timm's pretrained config (518 px for the DINOv2
+ViTs: set model.image_size to run them at 224).
+
 Weights are resolved by `clipit.weights.resolve` (explicit setting -> weights file -> hub) and loaded
-strictly: common wrappers (`state_dict`, `model`, `teacher`) and prefixes (`module.`, `backbone.`,
-`_model.` from eva/Lightning, `visual.` from CLIP checkpoints) are unwrapped, classifier heads are
-dropped, raw DINOv2-format checkpoints (kaiko ViT-L/14) are converted, and then every remaining key
-must match the model with its shape.
+strictly by clipit/models/backbone_loading.py: wrappers and prefixes unwrapped, Meta DINOv2 and HF
+Dinov2Model ViT checkpoints converted to timm's keys, position grids resampled to the input size, and
+then every remaining key must match the model with its shape (docs/models.md).
 """
 
 from __future__ import annotations
@@ -35,31 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipit import weights as weights_registry
-from clipit.errors import ClipitError, one_line
-from clipit.state_dict import load_strict
+from clipit.errors import one_line
+from clipit.models.backbone_loading import BackboneError, load_state, load_weights, read_checkpoint
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # kaiko.ai models' native normalisation
 OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CONCH
 KAIKO_REPO = "kaiko-ai/towards_large_pathology_fms"
 CONCH_PIP = "pip install conch-fork==0.1.0"
-# wrapper prefixes a checkpoint may put in front of the backbone's own keys
-WRAPPER_PREFIXES = (
-    "module.",
-    "_orig_mod.",
-    "teacher.",
-    "backbone.",
-    "_model.",
-    "model.",
-    "encoder.",
-    "visual.",
-    "trunk.",
-)
-HEAD_PREFIXES = ("head.", "fc.", "classifier.")
-
-
-class BackboneError(ClipitError):
-    """A backbone name or its weights are wrong (one line, names the file or key to fix)."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +153,9 @@ def _tiny(spec: BackboneSpec) -> BackboneSpec:
     )
 
 
-def get_spec(name: str) -> BackboneSpec:
+def get_spec(name: str, timm_kwargs: dict | None = None) -> BackboneSpec:
+    """The registry entry of `name`; a `timm:<model>` backbone takes `timm_kwargs` (model.timm_kwargs, checked
+    at config load) as constructor arguments, and its input size from their img_size, else timm's config."""
     if name in BACKBONES:
         return BACKBONES[name]
     if name.endswith("-tiny") and name[: -len("-tiny")] in BACKBONES:
@@ -177,9 +165,11 @@ def get_spec(name: str) -> BackboneSpec:
         if not timm.is_model(arch.split(".")[0]):
             raise BackboneError(f"unknown timm model {arch!r} in backbone {name!r}")
         cfg = timm.models.get_pretrained_cfg(arch)
-        size = cfg.input_size[-1] if cfg else 224
+        size = cfg.input_size[-1] if cfg else 224  # e.g. 518 for the DINOv2 ViTs: set model.image_size
+        img_size = (timm_kwargs or {}).get("img_size")
+        size = img_size[-1] if isinstance(img_size, list | tuple) else img_size or size
         mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg else IMAGENET
-        return BackboneSpec(name, arch, size, mean, std, hub_id=name)
+        return BackboneSpec(name, arch, size, mean, std, hub_id=name, kwargs=dict(timm_kwargs or {}))
     raise BackboneError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}, <name>-tiny or timm:<model>")
 
 
@@ -239,7 +229,11 @@ def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> nn.Mod
     try:
         return timm.create_model(spec.arch, pretrained=False, num_classes=0, **_timm_kwargs(spec, image_size))
     except (RuntimeError, TypeError, ValueError) as err:
-        raise BackboneError(f"cannot build backbone {spec.name!r} ({spec.arch}): {err}") from None
+        options = f" with model.timm_kwargs {spec.kwargs}" if spec.name.startswith("timm:") and spec.kwargs else ""
+        fix = "; fix or remove the option in model.timm_kwargs" if options else ""
+        raise BackboneError(
+            f"cannot build backbone {spec.name!r} ({spec.arch}){options}: {one_line(err)}{fix}"
+        ) from None
 
 
 def resolve_weights(name: str, weights: str | Path | None = None, weights_file: str | Path | None = None):
@@ -249,11 +243,16 @@ def resolve_weights(name: str, weights: str | Path | None = None, weights_file: 
 
 
 def build_backbone(
-    name: str, weights=None, image_size: int | None = None, weights_file: str | Path | None = None
+    name: str,
+    weights=None,
+    image_size: int | None = None,
+    weights_file: str | Path | None = None,
+    timm_kwargs: dict | None = None,
 ) -> tuple[nn.Module, BackboneSpec]:
     """A headless backbone with its weights loaded. `weights` is a path, a hub ID, `random`, a
-    resolved `WeightsSource`, or None (weights file, then hub, then random for demo/tiny models)."""
-    spec = get_spec(name)
+    resolved `WeightsSource`, or None (weights file, then hub, then random for demo/tiny models).
+    `timm_kwargs` are a timm: backbone's constructor options (model.timm_kwargs)."""
+    spec = get_spec(name, timm_kwargs)
     try:
         source = (
             weights
@@ -264,7 +263,7 @@ def build_backbone(
         raise BackboneError(str(err)) from None
     model = create_backbone(spec, image_size)
     if source.kind == "file":
-        load_weights(model, source.location, name)
+        load_weights(model, source.location, spec)
     elif source.kind == "hub":
         try:
             state = fetch_hub_state(spec, source.location, image_size)
@@ -288,105 +287,9 @@ def fetch_hub_state(spec: BackboneSpec, hub_id: str, image_size: int | None = No
         from huggingface_hub import hf_hub_download
 
         repo = hub_id.split(":", 1)[1]
-        return _read_checkpoint(Path(hf_hub_download(repo, filename="pytorch_model.bin")))
+        return read_checkpoint(Path(hf_hub_download(repo, filename="pytorch_model.bin")))
     kwargs = _timm_kwargs(spec, image_size)
     if hub_id.startswith("timm:"):
         return timm.create_model(hub_id.split(":", 1)[1], pretrained=True, num_classes=0, **kwargs).state_dict()
     hub_id = "hf-hub:" + hub_id.split(":", 1)[1]  # accept hf_hub: as CONCH spells it
     return timm.create_model(hub_id, pretrained=True, num_classes=0, **kwargs).state_dict()
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """Tensors of a weights file. Nothing in it is executed: safetensors holds tensors only, and .pt/.pth/
-    .bin files are read with torch.load(weights_only=True), which refuses any object but tensors and
-    plain containers."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise BackboneError(
-                f"{path}: not a readable safetensors file ({one_line(err)}); point model.weights "
-                "or the weights file at an intact checkpoint"
-            ) from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # objects beyond tensors (some Lightning checkpoints), or not a checkpoint at all
-        raise BackboneError(
-            f"{path}: cannot be read as tensors only ({type(err).__name__}); clipit never loads "
-            "the Python objects a checkpoint may carry (they can run code). Convert it where you "
-            "trust it: save its tensors alone with safetensors.torch.save_file(state_dict, "
-            "'weights.safetensors') and point model.weights there"
-        ) from None
-
-
-def unwrap_state(obj) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint: Lightning/eva `state_dict`, `model`, DINO `teacher`."""
-    for _ in range(4):
-        if not isinstance(obj, dict):
-            break
-        inner = next(
-            (obj[k] for k in ("state_dict", "model", "teacher", "module") if isinstance(obj.get(k), dict)), None
-        )
-        if inner is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
-        obj = inner
-    if not isinstance(obj, dict):
-        raise BackboneError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def match_keys(state: dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec | None = None) -> dict:
-    """Strip the wrapper prefix (e.g. `backbone._model.`, `teacher.backbone.`, `module.`) that makes the
-    most keys fit the model, and keep only the keys under it: the rest belong to the wrapper (heads,
-    the text tower of a CLIP, DINO's student)."""
-    own = set(model.state_dict())
-    segments = {p.rstrip(".") for p in WRAPPER_PREFIXES}
-    candidates = set()
-    for key in state:
-        parts = key.split(".")
-        for i in range(1, len(parts)):
-            if parts[i - 1] not in segments:
-                break
-            candidates.add(".".join(parts[:i]) + ".")
-    best, best_hits = None, sum(k in own for k in state)
-    for prefix in sorted(candidates):
-        hits = sum(k[len(prefix) :] in own for k in state if k.startswith(prefix))
-        if hits > best_hits:
-            best, best_hits = prefix, hits
-    if best is not None:
-        state = {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
-    if "mask_token" in state and "mask_token" not in own:  # raw DINOv2 format (kaiko ViT-L/14)
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        state = checkpoint_filter_fn(state, model)  # timm's own conversion (+ position-grid resampling)
-    ignore = tuple(spec.ignore_keys) if spec else ()
-    return {
-        k: v
-        for k, v in state.items()
-        if k in own or not (k.startswith(HEAD_PREFIXES) or (ignore and k.startswith(ignore)))
-    }
-
-
-def load_state(model: nn.Module, state: dict, spec: BackboneSpec, where: str | Path) -> None:
-    load_strict(
-        model,
-        match_keys(unwrap_state(state), model, spec),
-        where,
-        f"backbone {spec.name!r}",
-        "point model.weights or the weights file at this backbone's checkpoint",
-        BackboneError,
-    )
-
-
-def load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
-    path = Path(weights)
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights for backbone {name!r} not found; fix model.weights or the weights file")
-    load_state(model, _read_checkpoint(path), get_spec(name), path)

@@ -67,7 +67,7 @@ def build_method_model(
     if method_spec(tcfg.method).vision is None:
         return build_classifier(tcfg.method, None, num_classes, text_dim, mcfg.kd_layers), spec, None
     source = resolve_weights(mcfg.backbone, mcfg.weights, mcfg.weights_file)
-    backbone, spec = build_backbone(mcfg.backbone, source, mcfg.image_size, mcfg.weights_file)
+    backbone, spec = build_backbone(mcfg.backbone, source, mcfg.image_size, mcfg.weights_file, mcfg.timm_kwargs)
     return build_classifier(tcfg.method, backbone, num_classes, text_dim, mcfg.kd_layers), spec, source
 
 

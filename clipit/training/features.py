@@ -109,6 +109,7 @@ def cache_identity(
             "name": cfg.model.backbone,
             "class": type(model.backbone).__name__,
             "weights": cfg.model.weights,
+            **({"timm_kwargs": cfg.model.timm_kwargs} if cfg.model.timm_kwargs else {}),  # e.g. global_pool
             "tensors_sha256": tensors_sha256(model.backbone),
         },
         "preprocess": {

@@ -109,6 +109,7 @@ def run_identity(
             "backbone": mcfg.backbone,
             "weights": mcfg.weights,
             "image_size": mcfg.image_size,
+            **({"timm_kwargs": mcfg.timm_kwargs} if mcfg.timm_kwargs else {}),  # absent: older identities hold
             "lora": vars(mcfg.lora).copy(),
             "kd_layers": mcfg.kd_layers,
         },

