@@ -7,10 +7,12 @@ from pathlib import Path
 
 from clipit.config import ExperimentConfig, to_dict
 from clipit.errors import ClipitError
+from clipit.io import make_dirs
 from clipit.methods import method_spec
 from clipit.models import clip_baselines
 from clipit.models.backbones import resolve_weights
 from clipit.provenance import collect, write_provenance
+from clipit.training.accel import raise_together
 from clipit.weights import resolve_pairing_checkpoint
 
 
@@ -25,8 +27,8 @@ def weights_read(cfg: ExperimentConfig, method: str, warm_start: Path | None) ->
             found["backbone"] = source.location if source.kind != "random" else "random"
         except ClipitError:  # the model was built already; an unresolvable name here records nothing
             found["backbone"] = None
-    if tcfg.text_encoder == "tower":
-        found["pairing"] = resolve_pairing_checkpoint(cfg.pairing.model, cfg.pairing.checkpoint, cfg.model.weights_file)
+    # the pairing model chose every image's report (and is the text tower under text_encoder: tower)
+    found["pairing"] = resolve_pairing_checkpoint(cfg.pairing.model, cfg.pairing.checkpoint, cfg.model.weights_file)
     if warm_start is not None:
         found["warm_start"] = str(Path(warm_start).with_suffix(".safetensors"))
     return found
@@ -46,9 +48,18 @@ def transform_record(preprocess, augment: bool) -> dict:
 def record_provenance(
     cfg: ExperimentConfig, method: str, run_dir: Path, accelerator, data_sha256: str, preprocess, warm_start=None
 ) -> Path | None:
-    """Rank 0 writes <run>/provenance.json; the other ranks return None."""
-    if not accelerator.is_main_process:
-        return None
+    """Rank 0 writes <run>/provenance.json (called on every rank: a failure stops them all)."""
+    path, error = None, None
+    if accelerator.is_main_process:
+        try:
+            path = _write(cfg, method, run_dir, accelerator, data_sha256, preprocess, warm_start)
+        except ClipitError as err:  # e.g. a read-only run folder
+            error = err
+    raise_together(accelerator, error, ClipitError(f"{run_dir}: rank 0 could not write its provenance.json"))
+    return path
+
+
+def _write(cfg: ExperimentConfig, method: str, run_dir: Path, accelerator, data_sha256, preprocess, warm_start):
     tcfg = cfg.methods[method]
     record = collect(
         config=to_dict(cfg),
@@ -60,5 +71,5 @@ def record_provenance(
         precision=tcfg.precision,
     )
     record["run"] = {"method": method, "kind": tcfg.method, "experiment": cfg.name, "dataset": cfg.data.name}
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)
     return write_provenance(run_dir, record)

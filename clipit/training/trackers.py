@@ -21,6 +21,7 @@ from clipit import layout
 from clipit.config import ExperimentConfig
 from clipit.errors import ConfigError, one_line
 from clipit.provenance import read_provenance
+from clipit.training.accel import raise_together
 from clipit.training.tb import open_writer, run_hparams, write_hparams
 
 
@@ -78,9 +79,23 @@ class RunTrackers:
 
 def open_trackers(
     cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, accelerator, resumed_from: int | None
-) -> RunTrackers:
-    """Rank 0: the run's TensorBoard writer (+ HParams on a fresh start) and, when `logging.trackers` names
-    them, accelerate's trackers started with the hyperparameters and provenance as their config."""
+) -> RunTrackers | None:
+    """Called on every rank: rank 0 gets the run's TensorBoard writer (+ HParams on a fresh start) and, when
+    `logging.trackers` names them, accelerate's trackers started with the hyperparameters and provenance as
+    their config; the other ranks get None. A tracker that fails to start stops every rank."""
+    trackers, error = None, None
+    if accelerator.is_main_process:
+        try:
+            trackers = _open(cfg, method, seed, run_dir, accelerator, resumed_from)
+        except ConfigError as err:
+            error = err
+    raise_together(
+        accelerator, error, ConfigError("logging.trackers: rank 0 could not start them (see its error line)")
+    )
+    return trackers
+
+
+def _open(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, accelerator, resumed_from: int | None):
     hparams = run_hparams(cfg, method, seed, accelerator.num_processes)
     writer = open_writer(run_dir, resumed_from)
     if resumed_from is None:

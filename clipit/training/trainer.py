@@ -267,11 +267,10 @@ def setup_run(
     train_source, val_source, train_batches, val_batches = batches(
         cfg, method, seed, accelerator, manifest, plan, preprocess.size, cached, epoch
     )
-    writer = None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, layout.config_file(run_dir))
-        writer = open_trackers(cfg, method, seed, run_dir, accelerator, resumed_from)
+    writer = open_trackers(cfg, method, seed, run_dir, accelerator, resumed_from)  # rank 0's; None elsewhere
     return TrainingRun(
         cfg=cfg,
         method=method,
