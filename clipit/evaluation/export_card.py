@@ -94,6 +94,17 @@ METHOD_TEXT = {
 }
 
 
+def weights_line(record: dict | None) -> str:
+    """role: location (sha256 prefix) of every weights file the training run read."""
+    weights = (record or {}).get("weights") or {}
+    if not weights:
+        return "not recorded"
+    return "; ".join(
+        f"{role} `{w.get('location')}`" + (f" (sha256 {w['sha256'][:16]})" if w.get("sha256") else "")
+        for role, w in weights.items()
+    )
+
+
 def model_card(config: dict) -> str:
     """README.md of an export: what it is, how to load it with clipit or with plain timm, and where it came from."""
     c, t = config, config.get("training") or {}
@@ -117,6 +128,7 @@ def model_card(config: dict) -> str:
         f"| pairing model | `{t.get('pairing_model')}` ({t.get('pairing_texts')}); text side: {t.get('text_encoder')} |",
         f"| fine-tuning | {t.get('finetune')}, {t.get('epochs')} epochs, lambda {t.get('lam')}, seed {c.get('seed')}, step {c.get('step')} |",
         f"| test metrics | {', '.join(f'{k} {v:.4f}' for k, v in metrics.items()) if metrics else 'not evaluated'} |",
+        f"| weights read | {weights_line(prov)} |",
         f"| provenance | {summary_line(prov) if prov else 'not recorded (a run from before provenance.json)'} |",
         "",
         "## Use",
