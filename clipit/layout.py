@@ -13,11 +13,12 @@ An experiment config's `output_dir` holds one directory per trained (method, see
         predictions-<split>.npz   keys, labels, logits (the Omega analysis)
         state.json                the grid ledger's cell state (grid runs only)
 
-Offline W&B runs (logging.trackers: wandb, unless WANDB_DIR is set) go to <output_dir>/wandb/.
 TensorBoard events live apart, under one root per output_dir, so that `tensorboard --logdir
 <output_dir>/tb` names each run `<method>/seed-<n>` (and scans no checkpoints):
 
     <output_dir>/tb/<method>/seed-<n>/events.out.tfevents.*
+
+W&B's local run files (logging.trackers: wandb, unless WANDB_DIR is set) go to <output_dir>/wandb/.
 
 A method's warm start is the sibling cell of the same output_dir and seed (`sibling`), which is why
 grids that reuse another axis value's warm start link it into place at exactly that path.
