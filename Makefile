@@ -15,7 +15,7 @@ venv: $(STAMP) $(ASSETS)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,conch,test,wsi]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deepspeed,faiss,conch,test,wsi,wandb,mlflow]'
 	touch $(STAMP)
 
 $(ASSETS) &: $(STAMP)

@@ -242,7 +242,7 @@ def cmd_export(args) -> None:
     from clipit.evaluation.export import export_run
 
     out = export_run(args.run_dir, args.out_dir)
-    print(f"exported {args.run_dir} -> {out} (model.safetensors, config.json)")
+    print(f"exported {args.run_dir} -> {out} ({', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})")
 
 
 def cmd_predict(args) -> None:

@@ -198,6 +198,19 @@ class TrainConfig:
     word_drop_mode: Literal["mask", "remove"] = "mask"  # mask: a <mask> embedding (reference code); remove: delete
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers, through accelerate (clipit/training/trackers.py)
+
+
+@dataclass
+class LoggingConfig:
+    # where training scalars and hyperparameters go: tensorboard (always: the report's curves read it) plus
+    # wandb and/or mlflow (pip install 'clipit[wandb]' / 'clipit[mlflow]'; their own env variables: WANDB_MODE,
+    # MLFLOW_TRACKING_URI ...). The W&B project / MLflow experiment is the config's name
+    trackers: Annotated[list[Literal["tensorboard", "wandb", "mlflow"]], Items(min=1, unique=True)] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "demo"  # experiment name (labels only)
@@ -212,6 +225,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     methods: dict[str, TrainConfig] = field(default_factory=dict)  # method name -> its training settings
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +294,11 @@ def check_sections(cfg: ExperimentConfig, where: str = "<config>") -> None:
             f"{where}: reports.encoding = {cfg.reports.encoding!r} is not a text encoding Python "
             "knows; use e.g. utf-8, latin-1 or cp1252"
         ) from None
+    if "tensorboard" not in cfg.logging.trackers:
+        raise ConfigError(
+            f"{where}: logging.trackers = {cfg.logging.trackers} lacks tensorboard, which the report's training "
+            "curves read; list wandb or mlflow next to it, e.g. [tensorboard, wandb]"
+        )
     for i, template in enumerate(cfg.clip.templates or ()):
         if "CLASSNAME" not in template:
             raise ConfigError(

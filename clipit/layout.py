@@ -8,6 +8,7 @@ An experiment config's `output_dir` holds one directory per trained (method, see
         checkpoints/latest/       resume state; a rerun continues from it
         train.log                 plain progress lines of every training attempt (appended, rank 0)
         train_summary.json        written last by training: the run is trained
+        provenance.json           what the run ran on: commit, versions, device, hashes (clipit/provenance.py)
         metrics.json              written last by evaluation: the run is evaluated
         predictions-<split>.npz   keys, labels, logits (the Omega analysis)
         state.json                the grid ledger's cell state (grid runs only)
@@ -16,6 +17,8 @@ TensorBoard events live apart, under one root per output_dir, so that `tensorboa
 <output_dir>/tb` names each run `<method>/seed-<n>` (and scans no checkpoints):
 
     <output_dir>/tb/<method>/seed-<n>/events.out.tfevents.*
+
+W&B's local run files (logging.trackers: wandb, unless WANDB_DIR is set) go to <output_dir>/wandb/.
 
 A method's warm start is the sibling cell of the same output_dir and seed (`sibling`), which is why
 grids that reuse another axis value's warm start link it into place at exactly that path.
@@ -34,13 +37,15 @@ SEED_PREFIX = "seed-"
 BEST = "best"  # checkpoint stem: best.safetensors + best.json
 CONFIG = "config.yaml"
 TRAIN_SUMMARY = "train_summary.json"
+PROVENANCE = "provenance.json"
 METRICS = "metrics.json"
 STATE = "state.json"
 TENSORBOARD = "tb"  # <output_dir>/tb: the TensorBoard root, next to runs/
+WANDB = "wandb"  # <output_dir>/wandb: W&B's local run files (its `dir`), next to runs/
 TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 # folders inside a run directory (or next to the runs) that hold no runs: not searched for runs
-NOT_RUNS = frozenset({TENSORBOARD, CHECKPOINTS, "submitit", "report"})
+NOT_RUNS = frozenset({TENSORBOARD, WANDB, CHECKPOINTS, "submitit", "report"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -94,6 +99,10 @@ def train_summary(run: str | Path) -> Path:
     return Path(run) / TRAIN_SUMMARY
 
 
+def provenance_file(run: str | Path) -> Path:
+    return Path(run) / PROVENANCE
+
+
 def metrics_file(run: str | Path, split: str = "test") -> Path:
     """metrics.json for the test split (what marks a run evaluated); metrics-<split>.json for others."""
     return Path(run) / (METRICS if split == "test" else f"metrics-{split}.json")
@@ -119,6 +128,10 @@ def tensorboard_dir(run: str | Path) -> Path:
     if rid is None:
         return Path(run) / TENSORBOARD
     return tensorboard_root(rid.output_dir) / rid.method / f"{SEED_PREFIX}{rid.seed}"
+
+
+def wandb_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / WANDB
 
 
 def train_log(run: str | Path) -> Path:

@@ -28,6 +28,7 @@ LAYERS = [
             "clipit.config_reference",
             "clipit.locks",
             "clipit.progress",
+            "clipit.provenance",
         ],
     ),
     ("data", ["clipit.data"]),

@@ -4,9 +4,13 @@ predicts with it).
 `clipit export RUN_DIR OUT_DIR` rebuilds the run's model exactly as evaluation does (backbone weights,
 warm start, best checkpoint), merges every LoRA adapter into its base layer (W <- W + (alpha/r) B A,
 then the adapter is replaced by the plain layer), and writes
-    OUT_DIR/model.safetensors   all weights of backbone + W_v (+ P, H_t, F for CLIP-IT)
-    OUT_DIR/config.json         how to rebuild it: backbone, method, classes, input size, mean/std
-The exported model has no peft, no text branch and no dependency on the training config or on
+    OUT_DIR/model.safetensors     all weights of backbone + W_v (+ P, H_t, F for CLIP-IT)
+    OUT_DIR/backbone.safetensors  the backbone alone, timm's key names (timm backbones; export_card.py)
+    OUT_DIR/config.json           how to rebuild it: backbone, method, classes, input size, mean/std, timm
+                                  architecture and arguments, dataset and µm per input pixel, provenance
+    OUT_DIR/README.md             the model card: method, backbone, training data, metrics, provenance
+A copied export is self-contained (predict needs no training run; version-1 exports still load, their
+dataset read from the source run's config.yaml). The exported model has no peft, no text branch and no dependency on the training config or on
 pretrained weight files; a CLIP-IT export runs at the unimodal model's cost plus P, H_t and F.
 """
 
@@ -21,7 +25,8 @@ from safetensors.torch import save_file
 from clipit import layout
 from clipit.config import load_config
 from clipit.errors import ClipitError, output_setting
-from clipit.io import atomic_path, atomic_write_json, make_dirs, read_json_object
+from clipit.evaluation.export_card import MODEL_CARD, dataset_resolution, model_card, timm_fields, training_fields
+from clipit.io import atomic_path, atomic_write_json, atomic_write_text, make_dirs, read_json_object, sha256_file
 from clipit.methods import method_names, method_spec
 from clipit.models import clip_baselines
 from clipit.models.backbones import create_backbone, get_spec
@@ -32,7 +37,7 @@ from clipit.progress import Progress, progress
 from clipit.state_dict import load_strict
 
 FORMAT = "clipit-export"
-VERSION = 1
+VERSION = 2  # 2: portable (dataset resolution, timm architecture, backbone.safetensors, model card, provenance)
 
 
 class ExportError(ClipitError):
@@ -143,10 +148,21 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
     }
     if spec.uses_clip:  # the CLIP's vision tower: its architecture, and the cost record
         config |= clip_baselines.export_fields(model, run_dir)
+    # portable: dataset resolution, timm architecture, training data, metrics, provenance (export_card.py)
+    config |= dataset_resolution(str(cfg.data.name), preprocess.size)
+    config |= timm_fields(cfg, spec.uses_clip) | training_fields(cfg, run_dir, tcfg)
     make_dirs(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
+    files = {"model.safetensors": state}
+    if config["backbone_file"]:  # the backbone alone, under timm's own key names
+        files[config["backbone_file"]] = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
+    for name, tensors in files.items():
+        with atomic_path(out_dir / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    config["provenance"]["export"]["sha256"] = {name: sha256_file(out_dir / name) for name in files}
+    atomic_write_text(out_dir / MODEL_CARD, model_card(config))
     atomic_write_json(out_dir / "config.json", config)  # last: marks a complete export
     stages.update()
     return out_dir
@@ -179,6 +195,8 @@ def check_export_config(config: dict, path: Path) -> None:
         raise bad("classes", "a list of at least 2 class names")
     if len(set(classes)) != len(classes):
         raise bad("classes", "a list of distinct class names")
+    if config.get("field_um") is not None and not (number(config["field_um"]) and config["field_um"] > 0):
+        raise bad("field_um", "a positive number of µm (or null)")
 
 
 def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):

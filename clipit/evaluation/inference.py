@@ -39,9 +39,11 @@ def training_dataset(config: dict) -> str | None:
 
 
 def resolution(model_dir: Path, config: dict, target_mpp: float | None) -> Resolution:
+    """The field of one input: --target-mpp, else the export's own field_um (a copied export needs nothing
+    else), else the training dataset's (a version-1 export: from its source run)."""
     size = int(config["input_size"])
     dataset = training_dataset(config)
-    field = target_mpp * size if target_mpp else TRAINING_FIELD_UM.get(dataset)
+    field = target_mpp * size if target_mpp else (config.get("field_um") or TRAINING_FIELD_UM.get(dataset))
     advice = (
         f"the resolution {model_dir} was trained at is unknown (dataset {dataset or 'not recorded'}); pass "
         f"--target-mpp MICRONS_PER_INPUT_PIXEL (the training images' µm/px x their side in px / {size})"

@@ -222,6 +222,14 @@ def _timm_kwargs(spec: BackboneSpec, image_size: int | None) -> dict:
     return kwargs
 
 
+def timm_create_args(spec: BackboneSpec, image_size: int | None = None) -> dict | None:
+    """The keyword arguments of `timm.create_model(spec.arch, pretrained=False, **args)` that build this
+    backbone headless (an export's config.json records them); None for a backbone timm does not build."""
+    if spec.arch == "conch":
+        return None
+    return {"num_classes": 0, **_timm_kwargs(spec, image_size)}
+
+
 def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> nn.Module:
     """The architecture with random weights; forward returns pooled features [B, num_features]."""
     if spec.arch == "conch":

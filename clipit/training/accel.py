@@ -57,16 +57,17 @@ def claim_deepspeed_run(accelerator: Accelerator, run: str) -> None:
     accelerator.state.clipit_deepspeed_run = run
 
 
-def make_accelerator(tcfg: TrainConfig) -> Accelerator:
-    """The cell's Accelerator. A second call in the process (evaluation after training) shares
-    accelerate's process state, which must have been made for the same settings; they are recorded on
-    that state (under DeepSpeed accelerate itself keeps no precision: the DeepSpeed config has it)."""
+def make_accelerator(tcfg: TrainConfig, log_with: list[str] | None = None) -> Accelerator:
+    """The cell's Accelerator (`log_with`: accelerate's trackers, clipit/training/trackers.py). A second call
+    in the process (evaluation after training) shares accelerate's process state, which must have been made
+    for the same settings; they are recorded on that state (under DeepSpeed accelerate itself keeps no
+    precision: the DeepSpeed config has it)."""
     from accelerate.state import AcceleratorState
 
     want = {"distributed": tcfg.distributed, "precision": tcfg.precision}
     state = AcceleratorState._shared_state  # accelerate's per-process state; empty until the first Accelerator
     if not state:
-        accelerator = _build(tcfg)
+        accelerator = _build(tcfg, log_with)
         accelerator.state.clipit_settings = want
         return accelerator
     have = state.get("clipit_settings")
@@ -77,7 +78,7 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
             f"precision={want['precision']} needs its own: {ONE_CELL_PER_PROCESS}"
         )
     return Accelerator(
-        cpu=state.get("_cpu", False), mixed_precision=PRECISION[tcfg.precision]
+        cpu=state.get("_cpu", False), mixed_precision=PRECISION[tcfg.precision], log_with=log_with or None
     )  # plugins: from the state
 
 
@@ -157,10 +158,14 @@ def check_precision(tcfg: TrainConfig, asked: str | None) -> None:
         )
 
 
-def _build(tcfg: TrainConfig) -> Accelerator:
+def _build(tcfg: TrainConfig, log_with: list[str] | None = None) -> Accelerator:
     check_launch(int(os.environ.get("WORLD_SIZE", 1)))
     check_precision(tcfg, requested_precision())
-    kwargs: dict = {"cpu": not torch.cuda.is_available(), "mixed_precision": PRECISION[tcfg.precision]}
+    kwargs: dict = {
+        "cpu": not torch.cuda.is_available(),
+        "mixed_precision": PRECISION[tcfg.precision],
+        "log_with": log_with or None,
+    }
     if tcfg.distributed == "zero2":
         from accelerate.utils import DeepSpeedPlugin
 

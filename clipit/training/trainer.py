@@ -38,9 +38,10 @@ from clipit.training.loader import eval_loader, train_loader
 from clipit.training.predict import ShardSource
 from clipit.training.probe import cached_inputs
 from clipit.training.run_files import checkpoint_meta, save_untrained
+from clipit.training.run_provenance import record_provenance
 from clipit.training.state import ResumeError, identity_changes, load_training_state
-from clipit.training.tb import open_writer, run_hparams, write_hparams
 from clipit.training.text_side import TextInputs
+from clipit.training.trackers import accelerate_trackers, open_trackers
 from clipit.training.training_run import TrainingRun
 
 
@@ -133,7 +134,7 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
     summary_path = layout.train_summary(run_dir)
     if summary_path.exists():
         return finished_run(cfg, method, seed, run_dir, warm_start)
-    accelerator = make_accelerator(cfg.methods[method])
+    accelerator = make_accelerator(cfg.methods[method], accelerate_trackers(cfg))
     with main_process_lock(accelerator, run_dir, "run directory"):
         if summary_path.exists():  # finished by the previous holder of the lock
             return finished_run(cfg, method, seed, run_dir, warm_start)
@@ -200,6 +201,7 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
     set_seed(seed)
     manifest = verified_manifest(accelerator, cfg.shards.dir)
     model, preprocess = build_model(cfg, tcfg, len(manifest["classes"]), manifest["embedding"]["dim"], warm_start)
+    record_provenance(cfg, method, run_dir, accelerator, training_shards(manifest), preprocess, warm_start)
     if not method_spec(tcfg.method).trains:  # e.g. the zero-shot prompt ensemble: saved as it is built
         return save_untrained(cfg, method, seed, run_dir, model, preprocess, manifest, accelerator)
     if tcfg.head_from:  # an existing probe (e.g. kaiko eva's) instead of training one
@@ -266,13 +268,10 @@ def setup_run(
     train_source, val_source, train_batches, val_batches = batches(
         cfg, method, seed, accelerator, manifest, plan, preprocess.size, cached, epoch
     )
-    writer = None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, layout.config_file(run_dir))
-        writer = open_writer(run_dir, resumed_from)
-        if resumed_from is None:
-            write_hparams(writer, run_hparams(cfg, method, seed, world))
+    writer = open_trackers(cfg, method, seed, run_dir, accelerator, resumed_from)  # rank 0's; None elsewhere
     return TrainingRun(
         cfg=cfg,
         method=method,

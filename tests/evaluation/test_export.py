@@ -1,6 +1,7 @@
 """Export merges LoRA and keeps the predictions: the exported model's probabilities equal the
 unmerged model's evaluation output, and `clipit predict` on the stored PNGs gives the same numbers."""
 
+import io
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from safetensors.torch import load_file
 
 from clipit.cli import main
 from clipit.config import ExperimentConfig, LoraConfig, ModelConfig, ShardsConfig, TrainConfig, dump_config
@@ -173,3 +175,60 @@ def test_missing_warm_start_is_reported(trained, tmp_path):
     shutil.copytree(runs["clipit"][0], copy)
     with pytest.raises(ExportError, match="warm start of .* is missing"):
         load_trained_run(copy)
+
+
+def plain_timm(export, images) -> tuple[np.ndarray, np.ndarray]:
+    """(features, linear-head probabilities) the way a timm user computes them: timm + safetensors only."""
+    import safetensors.torch
+    import timm
+
+    cfg = json.loads((export / "config.json").read_text())
+    backbone = timm.create_model(cfg["timm"]["architecture"], pretrained=False, **cfg["timm"]["kwargs"])
+    backbone.load_state_dict(safetensors.torch.load_file(export / cfg["backbone_file"]), strict=True)
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for p in images])
+    mean, std = (torch.tensor(cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        features = backbone.eval()((torch.from_numpy(pixels).permute(0, 3, 1, 2) - mean) / std)
+    head = safetensors.torch.load_file(export / "model.safetensors")
+    logits = features @ head["head.weight"].T + head["head.bias"]
+    return features.numpy(), torch.softmax(logits, 1).numpy()
+
+
+@pytest.mark.parametrize("name", ["clipit", "unimodal"])
+def test_backbone_file_loads_in_plain_timm_and_matches_predict(trained, tmp_path, name, capsys):
+    """An eva / timm user's path: timm.create_model + safetensors + strict load, no clipit and no key
+    prefixes; the features equal `clipit predict --features` (LoRA merged), and for the linear probe the
+    logits of model.safetensors' head equal predict's probabilities."""
+    _, shards, runs = trained
+    out = export_run(runs[name][0], tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["timm"] == {
+        "architecture": "vit_small_patch16_224",
+        "kwargs": {
+            "num_classes": 0,
+            "dynamic_img_size": True,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "img_size": 64,
+        },
+    }
+    card = (out / "README.md").read_text()
+    assert "timm.create_model" in card and "kaiko-vits16-tiny" in card and "provenance" in card
+    files = []
+    for sample in iter_samples(split_urls(shards, "test")):  # 80 px PNGs: brought to 64 px as predict does
+        image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((64, 64), Image.BILINEAR)
+        files.append(tmp_path / f"{sample['__key__']}.png")
+        image.save(files[-1])
+    capsys.readouterr()
+    rows = tmp_path / "p.json"
+    assert (
+        main(["predict", str(out), *map(str, files), "--out", str(rows), "--features", str(tmp_path / "f.safetensors")])
+        == 0
+    )
+    want_features = load_file(str(tmp_path / "f.safetensors"))["features"].numpy()
+    features, probs = plain_timm(out, files)
+    np.testing.assert_allclose(features, want_features, atol=1e-5)
+    if name == "unimodal":  # the linear probe's logits: features @ W.T + b
+        predicted = [[r["probabilities"][c] for c in CLASSES] for r in json.loads(rows.read_text())]
+        np.testing.assert_allclose(probs, np.array(predicted), atol=1e-5)

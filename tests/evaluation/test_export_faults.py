@@ -37,6 +37,7 @@ def predict(export, tmp_path, capsys) -> str:
         ("std", [0.2, 0.0, 0.2], "3 positive numbers"),
         ("std", [0.2, float("nan"), 0.2], "3 finite numbers"),
         ("classes", ["tumor"], "a list of at least 2 class names"),
+        ("field_um", -112.0, "a positive number of µm (or null)"),
     ],
 )
 def test_an_edited_config_json_names_the_key(demo_export, tmp_path, capsys, key, value, what):

@@ -149,16 +149,35 @@ def test_bad_input_is_one_line(demo_export, tmp_path, case, capsys):
 def test_slide_needs_out_and_a_known_resolution(demo_export, cmu1_slide, tmp_path, capsys):
     assert main(["predict", str(demo_export), str(cmu1_slide)]) == 2
     assert "one row per tissue tile; pass --out" in capsys.readouterr().err
-    moved = tmp_path / "moved-export"  # an export whose training run is not around: its dataset is unknown
+    # a version-1 export (no dataset resolution of its own) whose training run is not around: resolution unknown
+    moved = tmp_path / "moved-export"
     shutil.copytree(demo_export, moved)
     config = json.loads((moved / "config.json").read_text())
     config["source_run"] = str(tmp_path / "elsewhere")
-    (moved / "config.json").write_text(json.dumps(config))
+    for key in ("dataset", "field_um", "input_mpp"):
+        del config[key]
+    (moved / "config.json").write_text(json.dumps(config | {"version": 1}))
     out = tmp_path / "o.csv"
     assert main(["predict", str(moved), str(cmu1_slide), "--out", str(out)]) == 2
     assert "pass --target-mpp" in capsys.readouterr().err and not out.exists()
     # 1.75 µm per input px x 64 px = the demo's 112 µm: the same 224 px tiles
     assert main(["predict", str(moved), str(cmu1_slide), "--out", str(out), "--target-mpp", "1.75"]) == 0
+    rows = read_csv(out)
+    assert {r["width"] for r in rows} == {"224"} and len(rows) == len(
+        tissue_grid(open_slide(cmu1_slide), cmu1_slide, 224, 0.5).cells
+    )
+
+
+def test_copied_export_predicts_a_slide_alone(demo_export, cmu1_slide, tmp_path):
+    """An export copied to a fresh folder, its training run gone: config.json's dataset resolution gives
+    the tile size, no --target-mpp (the demo's 112 µm field at 0.499 µm/px: 224 px tiles)."""
+    copy = tmp_path / "fresh" / "model"
+    shutil.copytree(demo_export, copy)
+    config = json.loads((copy / "config.json").read_text())
+    assert (config["dataset"], config["field_um"], config["input_mpp"]) == ("demo", 112.0, 1.75)
+    (copy / "config.json").write_text(json.dumps(config | {"source_run": str(tmp_path / "gone")}))
+    out = tmp_path / "cmu1.csv"
+    assert main(["predict", str(copy), str(cmu1_slide), "--out", str(out)]) == 0
     rows = read_csv(out)
     assert {r["width"] for r in rows} == {"224"} and len(rows) == len(
         tissue_grid(open_slide(cmu1_slide), cmu1_slide, 224, 0.5).cells
