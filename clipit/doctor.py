@@ -261,6 +261,8 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
         if t.text_encoder == "tower":
             text = ", text tower" + (f" with {t.word_drop:.0%} word drop ({t.word_drop_mode})" if t.word_drop else "")
         out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}{text}"))
+        if t.head_from and not Path(t.head_from).is_file():
+            out.append(Check(FAIL, f"method {name}", f"methods.{name}.head_from: {t.head_from} not found"))
     return out
 
 
