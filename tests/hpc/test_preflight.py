@@ -27,7 +27,10 @@ def test_prepare_dry_run_refuses_naming_each_missing_asset(tmp_path):
         assert f"  ✗ data: {missing} not found; fix data.root" in lines
     assert "  ✗ reports: data/tcga/reports.csv not found; fix reports.path" in lines
     assert any(line.startswith("  ✗ pairing model conch") and "no weights" in line for line in lines)
-    assert proc.stderr.startswith("clipit: error: pre-flight: data: data/pcam not found") and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.startswith("clipit: error: pre-flight: data: data/pcam not found")
+        and "Traceback" not in proc.stderr
+    )
     assert f"  {tmp_path / 'runs' / 'pcam' / 'shards'}  (config {ROOT / 'configs/grids/base/paper.yaml'}" in proc.stdout
     skipped = cli(*args, "--no-preflight", cwd=tmp_path)
     assert skipped.returncode == 0 and "pre-flight" not in skipped.stdout
@@ -88,6 +91,7 @@ def test_grid_files_name_configs_relative_to_their_folder(tmp_path, monkeypatch)
 
 def test_prepare_takes_the_grid_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    pairing, shards = units_from(PrepareRequest(stage="shards", grid=TABLE1, root=str(tmp_path / "r")))
-    assert [u.dir for u in shards] == [str(tmp_path / "r" / d / "shards") for d in ("pcam", "bach", "crc")]
-    assert [u.dir for u in pairing] == [str(tmp_path / "r" / d / "pairing") for d in ("pcam", "bach", "crc")]
+    grid = str(tiny_grid(tmp_path))
+    pairing, shards = units_from(PrepareRequest(stage="shards", grid=grid, root=str(tmp_path / "r")))
+    assert [u.dir for u in shards] == [str(tmp_path / "r" / v / "shards") for v in ("r4", "r8")]
+    assert [u.dir for u in pairing] == [str(tmp_path / "r" / v / "pairing") for v in ("r4", "r8")]
