@@ -2,7 +2,8 @@
 
 Errors users can fix (every `clipit.errors.ClipitError`) print one line and exit 2; `--debug` shows
 the traceback. The same flag means the same thing everywhere: `--config` (one YAML file), `--set
-KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`.
+KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`, `--root` (a grid's root
+folder), `--no-preflight`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ strict load, output width as declared), the pairing model's weights (found, load
 = model.text_dim), the shard manifest (embedding width = model.text_dim), and the methods'
 warm-start references. Exit status 0 when nothing failed, 2 otherwise. Which check runs now is
 shown on stderr (a bar on a terminal, a `[i/n] what` line otherwise: clipit/progress.py), because
-loading a dataset or a backbone can take minutes.
+loading a dataset or a backbone can take minutes. `clipit doctor GRID`, `clipit grid` and `clipit
+prepare` run these checks over every distinct config of a grid's cells (clipit/hpc/preflight.py).
 """
 
 from __future__ import annotations
