@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clipit.config import ConfigError
 from clipit.errors import ClipitError
+from clipit.hpc import executor as executor_module
 from clipit.hpc import ledger
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import (
@@ -176,7 +177,11 @@ def run_local(plan: Plan, todo: list[Task], profile: ClusterProfile, log_root: P
     width = max(1, profile.array_parallelism)
     queue, running, finished, failures = list(todo), [], {}, 0
     out(f"running {len(todo)} tasks locally, {width} at a time; logs in {folder}")
+    last = time.monotonic()
     while queue or running:
+        if time.monotonic() - last >= executor_module.PROGRESS_EVERY_S:  # as `clipit grid --wait`
+            out(f"[{time.strftime('%H:%M:%S')}] {progress_line(plan)}")
+            last = time.monotonic()
         for task in list(queue):
             if len(running) >= width:
                 break
