@@ -2,7 +2,8 @@
 
 Errors users can fix (every `clipit.errors.ClipitError`) print one line and exit 2; `--debug` shows
 the traceback. The same flag means the same thing everywhere: `--config` (one YAML file), `--set
-KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`.
+KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`, `--root` (a grid's root
+folder), `--no-preflight`.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def add_config_flags(parser: argparse.ArgumentParser, required: bool = True, wha
         required=required,
         metavar="YAML",
         help=f"{what} (YAML, e.g. configs/demo.yaml; relative paths in it are relative to the "
-        "working directory, ${VAR} and ${CONFIG_DIR} are expanded; keys: docs/config.md)",
+        "working directory, ${VAR} and ${CONFIG_DIR} are expanded; keys: docs/config.md)"
+        if "grid" not in what
+        else f"{what}; the config files it names (base, a value's config) are relative to its folder, "
+        "data and output paths to the working directory",
     )
     parser.add_argument(
         "--set",
@@ -86,6 +90,14 @@ def add_cluster_flags(parser: argparse.ArgumentParser, default_profile: str) -> 
     mode.add_argument("--dry-run", action="store_true", help="print what would run; submit nothing")
     mode.add_argument("--local", action="store_true", help="run with submitit's local executor on this machine (waits)")
     parser.add_argument("--wait", action="store_true", help="after submitting to SLURM, wait for the jobs")
+
+
+def add_root_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--root",
+        help="replace the grid's root folder (where {root} points); give the same --root (and --set) to "
+        "every command of one grid: prepare, grid, grid status, grid cancel, doctor",
+    )
 
 
 def add_cell_flags(parser: argparse.ArgumentParser) -> None:
@@ -123,10 +135,19 @@ def cmd_demo(args) -> None:
 def cmd_doctor(args) -> int:
     from clipit.config import ConfigError, load_config
     from clipit.doctor import run_doctor
+    from clipit.hpc.grid import is_grid_file
 
     if bool(args.config_path) == bool(args.config):
         raise ConfigError("give the config once: clipit doctor CONFIG (or --config CONFIG)")
-    return run_doctor(load_config(args.config_path or args.config, args.set))
+    path = args.config_path or args.config
+    if is_grid_file(path):
+        from clipit.hpc.preflight import doctor_grid
+        from clipit.hpc.requests import GridQuery
+
+        return doctor_grid(GridQuery(grid=path, overrides=tuple(args.set), root=args.root))
+    if args.root:
+        raise ConfigError(f"--root is for grid files; {path} is an experiment config (set output_dir instead)")
+    return run_doctor(load_config(path, args.set))
 
 
 def cmd_pair(args) -> None:
@@ -288,9 +309,12 @@ def cmd_report(args) -> None:
 
 
 def cmd_grid(args) -> int:
+    from clipit.config import ConfigError
     from clipit.hpc.requests import GridRequest
     from clipit.hpc.submit import run_grid
 
+    if not args.config:
+        raise ConfigError("give the grid file: clipit grid --config GRID (or clipit grid status|cancel --config GRID)")
     return run_grid(
         GridRequest(
             grid=args.config,
@@ -305,6 +329,24 @@ def cmd_grid(args) -> int:
             throughput=args.throughput,
         )
     )
+
+
+def _grid_query(args):
+    from clipit.hpc.requests import GridQuery
+
+    return GridQuery(grid=args.config, overrides=tuple(args.set), root=args.root)
+
+
+def cmd_grid_status(args) -> int:
+    from clipit.hpc.status import grid_status_command
+
+    return grid_status_command(_grid_query(args))
+
+
+def cmd_grid_cancel(args) -> int:
+    from clipit.hpc.status import grid_cancel_command
+
+    return grid_cancel_command(_grid_query(args))
 
 
 def resources(items: list[str], flag: str = "--resources") -> dict:
@@ -331,6 +373,7 @@ def prepare_request(args, stage: str):
         grid=args.grid,
         config=args.config,
         overrides=tuple(args.set),
+        root=args.root,
         profile=args.profile,
         dry_run=args.dry_run,
         local=args.local,
@@ -339,6 +382,7 @@ def prepare_request(args, stage: str):
         num_parts=args.num_parts if shards else 1,
         pair=shards and args.pair,
         pair_resources=resources(args.pair_resources, "--pair-resources") if shards else {},
+        preflight=not args.no_preflight,
     )
 
 
@@ -388,9 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
         "check the weights, paths and dimensions a config needs (exit 2 on a problem)",
         config=False,
     )
-    doctor.add_argument("config_path", nargs="?", metavar="CONFIG", help="same as --config")
+    doctor.add_argument(
+        "config_path",
+        nargs="?",
+        metavar="CONFIG",
+        help="same as --config; a grid file (configs/grids/*.yaml) checks every distinct config of its cells",
+    )
     doctor.lists_choices = True
     add_config_flags(doctor, required=False)
+    add_root_flag(doctor)
     command("pair", cmd_pair, "pair every image with its most similar report (Eq. 1)")
 
     shard = sub.add_parser("shard", help="build or validate WebDataset shards", parents=[common])
@@ -466,22 +516,47 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy"])
     report.add_argument("--no-plots", action="store_true", help="tables only")
 
-    grid = command("grid", cmd_grid, "submit a grid of runs (configs/grids/*.yaml) as SLURM job arrays", config=False)
-    add_config_flags(grid, what="grid file (configs/grids/*.yaml)")
+    grid = command(
+        "grid",
+        cmd_grid,
+        "submit a grid of runs (configs/grids/*.yaml) as SLURM job arrays; `grid status` and "
+        "`grid cancel` follow and stop it",
+        config=False,
+    )
+    add_config_flags(grid, required=False, what="grid file (configs/grids/*.yaml)")
     add_cluster_flags(grid, "the grid's `profile`")
-    grid.add_argument("--root", help="replace the grid's root folder (where {root} points)")
+    add_root_flag(grid)
     grid.add_argument(
         "--force-unknown",
         action="store_true",
         help="resubmit cells whose job state cannot be checked (no squeue, or an unreadable state.json)",
     )
-    grid.add_argument("--no-preflight", action="store_true", help="submit even if shards or weights are missing")
+    grid.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the pre-flight (`clipit doctor`'s checks of every config to submit): submit even if "
+        "shards, weights or warm starts are missing",
+    )
     grid.add_argument(
         "--throughput",
         metavar="FILE",
         help="--dry-run cost at the throughput a `make gpu-check` "
         "measured (its .md or .json; default runs/gpu-check.json if present, else assumed)",
     )
+
+    grid_actions = grid.add_subparsers(dest="action", metavar="ACTION", parser_class=ChoicesHelpParser)
+    for name, func, help_ in (
+        (
+            "status",
+            cmd_grid_status,
+            "the grid's cells by state (done, running, queued, failed with its error line, lost, unknown, "
+            "not submitted), counts and an ETA",
+        ),
+        ("cancel", cmd_grid_cancel, "cancel the grid's queued and running jobs (scancel the job ids in the ledger)"),
+    ):
+        action = command(name, func, help_, grid_actions, config=False)
+        add_config_flags(action, what="grid file (configs/grids/*.yaml)")
+        add_root_flag(action)
 
     prepare = sub.add_parser(
         "prepare",
@@ -518,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--print-config", action="store_true", help="print the resolved config (or grid) as YAML and exit"
         )
         add_cluster_flags(p, "the grid's profile, else local-cluster")
+        add_root_flag(p)
+        p.add_argument(
+            "--no-preflight",
+            action="store_true",
+            help="skip the pre-flight (`clipit doctor`'s checks of the data, corpus and pairing model)",
+        )
         p.add_argument(
             "--resources",
             action="append",
@@ -546,6 +627,10 @@ def print_config(args) -> None:
     from clipit.config import load_config, to_dict
 
     grid_file = getattr(args, "grid", None) or (args.config if args.command == "grid" else None)
+    if args.command == "doctor" and (args.config_path or args.config):
+        from clipit.hpc.grid import is_grid_file
+
+        grid_file = args.config_path or args.config if is_grid_file(args.config_path or args.config) else None
     if grid_file:
         from clipit.hpc.grid import load_grid
 

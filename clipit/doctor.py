@@ -10,7 +10,8 @@ strict load, output width as declared), the pairing model's weights (found, load
 = model.text_dim), the shard manifest (embedding width = model.text_dim), and the methods'
 warm-start references. Exit status 0 when nothing failed, 2 otherwise. Which check runs now is
 shown on stderr (a bar on a terminal, a `[i/n] what` line otherwise: clipit/progress.py), because
-loading a dataset or a backbone can take minutes.
+loading a dataset or a backbone can take minutes. `clipit doctor GRID`, `clipit grid` and `clipit
+prepare` run these checks over every distinct config of a grid's cells (clipit/hpc/preflight.py).
 """
 
 from __future__ import annotations
@@ -261,6 +262,8 @@ def check_methods(cfg: ExperimentConfig) -> list[Check]:
         if t.text_encoder == "tower":
             text = ", text tower" + (f" with {t.word_drop:.0%} word drop ({t.word_drop_mode})" if t.word_drop else "")
         out.append(Check(OK, f"method {name}", f"{t.method}, fine-tuning {mode}{warm}{text}"))
+        if t.head_from and not Path(t.head_from).is_file():
+            out.append(Check(FAIL, f"method {name}", f"methods.{name}.head_from: {t.head_from} not found"))
     return out
 
 

@@ -8,8 +8,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from clipit.cells import ERROR_PREFIX
 from clipit.hpc.cluster import ClusterProfile
 
 DEFAULT_MAX_ARRAY_SIZE = 1000  # SLURM's default MaxArraySize is 1001 (indices 0..1000)
@@ -53,7 +56,9 @@ def make_executor(profile: ClusterProfile, folder: Path, name: str, cluster: str
     import submitit
 
     executor = submitit.AutoExecutor(
-        folder=folder / "%j",
+        # SLURM: one folder per job (`%j`, filled in by sbatch). The local executor's job process makes
+        # the folder it is given as written (a literal `%j/`), and its log names carry the job id anyway.
+        folder=folder / "%j" if cluster == "slurm" else folder,
         cluster=cluster,
         slurm_max_num_timeout=profile.max_num_timeout,
         local_max_num_timeout=profile.max_num_timeout,
@@ -92,14 +97,57 @@ def make_executor(profile: ClusterProfile, folder: Path, name: str, cluster: str
     return executor
 
 
-def wait_for_jobs(jobs, out=print) -> int:
-    """Block until every job ends; print one line per failed job and return how many failed."""
+PROGRESS_EVERY_S = 60.0  # --wait: one progress line this often
+
+
+def job_error_line(job, err: BaseException) -> str:
+    """Why a job failed, in one line: the last `clipit: error:` line its log holds (what the task wrote
+    on stderr), else the exception's own last line (a traceback's, or submitit's 'no result, state X')."""
+    try:
+        with open(job.paths.stdout, "rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - 65536))
+            tail = log.read().decode("utf-8", "replace")
+    except OSError:
+        tail = ""
+    quoted = [line.strip() for line in tail.splitlines() if line.startswith(ERROR_PREFIX)]
+    if quoted:
+        return quoted[-1][len(ERROR_PREFIX) :].strip()
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("has not produced any output"):  # submitit: cancelled, killed or a lost node
+            return "no result (" + line.removeprefix("has not produced any output").strip(" ()") + ")"
+    # submitit's FailedJobError: the trace between dashed lines, then where the logs are
+    trace = [line for line in lines if not line.startswith(("---", "You can check", "- "))]
+    return trace[-1] if trace else repr(err)
+
+
+def wait_for_jobs(
+    jobs, out=print, progress: Callable[[], str] | None = None, every: float | None = None, clock=time.monotonic
+) -> int:
+    """Block until every job ends, printing a progress line every `every` seconds (and at the start and the
+    end); then one line per failed job quoting its error line. Returns how many failed."""
+    every = PROGRESS_EVERY_S if every is None else every
+    progress = progress or (lambda: job_counts(jobs))
+    out(f"waiting: {progress()}")
+    last = clock()
+    while not all(job.done() for job in jobs):
+        time.sleep(min(1.0, every))
+        if clock() - last >= every:
+            out(f"[{time.strftime('%H:%M:%S')}] {progress()}")
+            last = clock()
+    out(f"finished: {progress()}")
     failures = 0
     for job in jobs:
         try:
             job.results()
         except Exception as err:
             failures += 1
-            lines = str(err).strip().splitlines()
-            out(f"FAILED job {job.job_id}: {lines[-1] if lines else repr(err)} (log: {job.paths.stdout})")
+            out(f"FAILED job {job.job_id}: {job_error_line(job, err)} (log: {job.paths.stdout})")
     return failures
+
+
+def job_counts(jobs) -> str:
+    """'N of M jobs finished' for jobs without a ledger (the prepare arrays)."""
+    done = sum(job.done() for job in jobs)
+    return f"{done} of {len(jobs)} job(s) finished"

@@ -15,7 +15,7 @@ trains it in `after`, and the launcher submits it with an `afterok` dependency o
 task (docs/reproduce.md, "How cells become jobs").
 
     name: demo
-    base: configs/demo-tiny.yaml           # experiment config (paths are relative to the cwd)
+    base: ../demo-tiny.yaml                # experiment config, relative to this file's folder
     root: runs/grids/{name}                # {root} in templates; made absolute when expanded
     profile: local                         # a cluster profile (clipit/hpc/cluster.py)
     seeds: [0, 1]
@@ -79,6 +79,12 @@ class GridConfig:
     resources: dict[str, Any] = field(default_factory=dict)
 
 
+def is_grid_file(path: str | Path) -> bool:
+    """A grid file names a `base` experiment config (experiment configs have no such key)."""
+    raw = read_yaml(Path(path), "config file")
+    return isinstance(raw, dict) and "base" in raw
+
+
 def load_grid(path: str | Path) -> GridConfig:
     path = Path(path)
     raw = read_yaml(path, "grid file")
@@ -93,7 +99,13 @@ def load_grid(path: str | Path) -> GridConfig:
             raw["axes"][axis] = {str(k): {} for k in values}
     grid = from_dict(GridConfig, raw, str(path))
     grid.root = expand_path(grid.root, "root", str(path), path.parent.absolute())  # ${SCRATCH}/clipit, ...
-    grid.base = expand_path(grid.base, "base", str(path), path.parent.absolute())
+    grid.base = config_file_path(grid.base, "base", path)
+    if grid.profile.endswith((".yaml", ".yml")) or "/" in grid.profile:  # a profile file, not a name
+        grid.profile = config_file_path(grid.profile, "profile", path, "cluster profile")
+    for axis, values in grid.axes.items():
+        for name, value in values.items():
+            if value.config is not None:
+                value.config = config_file_path(value.config, f"axes.{axis}.{name}.config", path)
     for axis, values in grid.axes.items():
         if not values:
             raise ConfigError(f"{path}: axis {axis!r} has no values")
@@ -126,6 +138,21 @@ def load_grid(path: str | Path) -> GridConfig:
     if not grid.seeds:
         raise ConfigError(f"{path}: seeds must list at least one seed")
     return grid
+
+
+def config_file_path(value: str, key: str, grid_path: Path, what: str = "experiment config") -> str:
+    """A config file named in a grid file, absolute: a relative path belongs to the grid file's folder
+    (as an include does), so the grid works from any working directory."""
+    expanded = Path(expand_path(value, key, str(grid_path), grid_path.parent.absolute()))
+    resolved = expanded if expanded.is_absolute() else grid_path.parent.absolute() / expanded
+    if not resolved.is_file():
+        moved = ""
+        if not expanded.is_absolute() and expanded.is_file():  # written relative to the working directory
+            moved = f"; relative paths are relative to the grid file's folder: write {key}: " + os.path.relpath(
+                expanded.absolute(), grid_path.parent.absolute()
+            )
+        raise ConfigError(f"{grid_path}: {key} = {value!r}: {what} {resolved} not found{moved}")
+    return str(Path(os.path.normpath(resolved)))
 
 
 # ---------------------------------------------------------------------------------------------

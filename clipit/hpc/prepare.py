@@ -23,17 +23,19 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import submitit
 
-from clipit.cells import CellsFailed, ConfigSource, run_cell
+from clipit.cells import ERROR_PREFIX, CellsFailed, ConfigSource, run_cell
 from clipit.config import ConfigError, load_config, to_dict
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
 from clipit.hpc.grid import chunk, expand, load_grid
+from clipit.hpc.preflight import Hints, load_distinct, refuse_on_problems, run_checks
 from clipit.hpc.requests import PrepareRequest
 
 
@@ -80,6 +82,7 @@ class StageCall(submitit.helpers.Checkpointable):
         print("[clipit prepare] clipit " + shlex.join(argv), flush=True)
         failure = run_cell(argv)
         if failure is not None:
+            print(f"{ERROR_PREFIX} {failure}", file=sys.stderr, flush=True)  # what the launcher quotes
             raise CellsFailed(f"clipit {shlex.join(argv)}: {failure}")
         return "ok"
 
@@ -87,7 +90,7 @@ class StageCall(submitit.helpers.Checkpointable):
 def units_from(request: PrepareRequest) -> tuple[list[Unit], list[Unit]]:
     """(pairing units, shard units), deduplicated by directory; differing settings for one dir are an error."""
     if request.grid:
-        plan = expand(request.grid, list(request.overrides))
+        plan = expand(request.grid, list(request.overrides), root=request.root)
         sources = [(ConfigSource(c.config, tuple(c.overrides)), c.key) for c in plan.cells]
     else:
         config = str(Path(request.config).absolute())
@@ -159,6 +162,23 @@ def _profile(request: PrepareRequest, resources: dict, default_gpus: int | None 
     return profile, ("local" if request.local else profile.executor)
 
 
+def check_units(request: PrepareRequest, units: list[Unit]) -> None:
+    """`clipit doctor`'s input checks (data, corpus, weights file, pairing model) over the configs of the
+    jobs about to be submitted (clipit/hpc/preflight.py); refuses (exit 2) on a ✗, dry run included."""
+    if not request.preflight:
+        return
+    print(f"pre-flight (clipit doctor) of {len(units)} config(s):")
+    configs = load_distinct((u.source.path, u.source.overrides) for u in units)
+    hints = Hints(request.grid, request.root, request.overrides)
+    checks = run_checks(configs, request.stage, hints, echo=lambda line: print("  " + line))
+    refuse_on_problems(checks, "the jobs are submitted")
+
+
+def next_step(request: PrepareRequest) -> None:
+    if request.grid:
+        print(f"then: `{Hints(request.grid, request.root, request.overrides).command('grid')}`")
+
+
 def prepare_pair(request: PrepareRequest) -> int:
     """`clipit prepare pair` (and `python launchers/pair.py`)."""
     pairing, _ = units_from(request)
@@ -168,11 +188,15 @@ def prepare_pair(request: PrepareRequest) -> int:
         _print_units("pairing dirs", pairing)
         for job in jobs:
             print("  " + shlex.join(["clipit", *job.argv()]))
+    check_units(request, pairing)
+    if request.dry_run:
         return 0
     folder = _folder(Path(pairing[0].dir).parent / "submitit-pair")
     print(f"submitting {len(pairing)} pairing task(s) to {cluster}; logs in {folder}")
     handles = run_jobs(profile, cluster, folder, "clipit-pair", jobs, [u.dir for u in pairing])
-    return 1 if (request.local or request.wait) and wait_for_jobs(handles) else 0
+    status = 1 if (request.local or request.wait) and wait_for_jobs(handles) else 0
+    next_step(request)
+    return status
 
 
 def prepare_shards(request: PrepareRequest) -> int:
@@ -189,6 +213,8 @@ def prepare_shards(request: PrepareRequest) -> int:
         _print_units(f"shard dirs ({n} parts each, then --finalize)", shard_units)
         for u in shard_units:
             print("  " + shlex.join(["clipit", *u.job("shards").argv()]) + f" --part $I --num-parts {n}")
+    check_units(request, shard_units)
+    if request.dry_run:
         return 0
     folder = _folder(Path(shard_units[0].dir).parent / "submitit-shards")
     print(f"logs in {folder}")
@@ -230,4 +256,6 @@ def prepare_shards(request: PrepareRequest) -> int:
             ["finalize (manifest)"],
             dependency=final_dep,
         )
-    return 1 if (request.local or request.wait) and wait_for_jobs(jobs_all) else 0
+    status = 1 if (request.local or request.wait) and wait_for_jobs(jobs_all) else 0
+    next_step(request)
+    return status

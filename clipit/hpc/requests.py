@@ -24,6 +24,15 @@ class GridRequest:
 
 
 @dataclass(frozen=True)
+class GridQuery:
+    """`clipit grid status|cancel`: the cells of a grid file (with the same --set and --root it was submitted with)."""
+
+    grid: str
+    overrides: tuple[str, ...] = ()
+    root: str | None = None
+
+
+@dataclass(frozen=True)
 class PrepareRequest:
     """`clipit prepare pair|shards`: pairing and shard building as job arrays, for a grid or one config."""
 
@@ -31,6 +40,7 @@ class PrepareRequest:
     grid: str | None = None  # exactly one of grid and config
     config: str | None = None
     overrides: tuple[str, ...] = ()
+    root: str | None = None  # with grid: replaces the grid's root folder, as `clipit grid --root`
     profile: str | None = None  # default: the grid's, else local-cluster
     dry_run: bool = False
     local: bool = False
@@ -39,3 +49,4 @@ class PrepareRequest:
     num_parts: int = 16  # shards: array tasks per shard directory
     pair: bool = False  # shards: submit the pairing first; parts wait for it
     pair_resources: dict[str, Any] = field(default_factory=dict)  # profile fields for the pairing jobs
+    preflight: bool = True  # refuse to submit when an input or the pairing model is missing

@@ -18,13 +18,21 @@ from pathlib import Path
 
 from clipit.config import ConfigError
 from clipit.errors import ClipitError
+from clipit.hpc import executor as executor_module
 from clipit.hpc import ledger
 from clipit.hpc.cluster import ClusterProfile, load_profile
-from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
-from clipit.hpc.grid import Cell, Plan, Task, cell_is_done, chunk, expand
+from clipit.hpc.executor import (
+    array_chunk_size,
+    cluster_max_array_size,
+    job_error_line,
+    make_executor,
+    wait_for_jobs,
+)
+from clipit.hpc.grid import Plan, Task, cell_is_done, chunk, expand
+from clipit.hpc.preflight import Hints, load_distinct, refuse_on_problems, run_checks
 from clipit.hpc.requests import GridRequest
+from clipit.hpc.status import progress_line
 from clipit.hpc.task import CellRunner
-from clipit.methods import method_spec
 
 # ---------------------------------------------------------------------------------------------
 # Submitting
@@ -82,39 +90,6 @@ def dependency_ids(plan: Plan, task: Task, new_jobs: dict[int, str], statuses: d
                 ids.append(str(state["job_id"]))
                 break
     return sorted(set(ids))
-
-
-def preflight(cells: list[Cell], grid_path: str = "<grid>") -> tuple[list[str], list[str]]:
-    """(problems, warnings) found before anything is queued: missing shard sets and backbone weights
-    would make every task fail on its node, hub downloads fail on offline nodes."""
-    problems, warnings, seen = [], [], set()
-    for cell in cells:
-        cfg = cell.load()
-        manifest = Path(cfg.shards.dir) / "manifest.json"
-        if manifest not in seen and not manifest.exists():
-            problems.append(f"{manifest}: shards not built; run `clipit prepare shards --grid {grid_path}` first")
-        seen.add(manifest)
-        if method_spec(cell.kind).vision is None:  # no backbone (e.g. the text-only model)
-            continue
-        key = (cfg.model.backbone, cfg.model.weights, cfg.model.weights_file)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            from clipit.models.backbones import resolve_weights
-
-            source = resolve_weights(*key)
-        except ConfigError as err:
-            problems.append(str(err))
-        except Exception as err:
-            problems.append(f"backbone {cfg.model.backbone!r}: {' '.join(str(err).split())}")
-        else:
-            if source.kind == "hub":
-                warnings.append(
-                    f"backbone {cfg.model.backbone!r}: weights will be downloaded from {source.location} "
-                    "on the compute node; offline nodes need a weights file (docs/reproduce.md)"
-                )
-    return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
 
 
 def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
@@ -202,7 +177,11 @@ def run_local(plan: Plan, todo: list[Task], profile: ClusterProfile, log_root: P
     width = max(1, profile.array_parallelism)
     queue, running, finished, failures = list(todo), [], {}, 0
     out(f"running {len(todo)} tasks locally, {width} at a time; logs in {folder}")
+    last = time.monotonic()
     while queue or running:
+        if time.monotonic() - last >= executor_module.PROGRESS_EVERY_S:  # as `clipit grid --wait`
+            out(f"[{time.strftime('%H:%M:%S')}] {progress_line(plan)}")
+            last = time.monotonic()
         for task in list(queue):
             if len(running) >= width:
                 break
@@ -237,8 +216,7 @@ def run_local(plan: Plan, todo: list[Task], profile: ClusterProfile, log_root: P
                 except Exception as err:
                     finished[index[id(task)]] = False
                     failures += 1
-                    last = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-                    out(f"FAILED {task.label}: {last} (log: {job.paths.stdout})")
+                    out(f"FAILED {task.label}: {job_error_line(job, err)} (log: {job.paths.stdout})")
     return failures
 
 
@@ -266,7 +244,6 @@ def run_grid(request: GridRequest) -> int:
     cluster = "local" if request.local else profile.executor
     statuses = cell_statuses(plan)
     todo, notes = tasks_to_submit(plan, statuses, request.force_unknown)
-    problems, warnings = preflight([c for t in todo for c in t.cells if not cell_is_done(c)], request.grid)
     if request.dry_run:
         print_plan(plan, statuses, todo)
         print(
@@ -275,18 +252,15 @@ def run_grid(request: GridRequest) -> int:
             f"{profile.gpus_per_node} GPU(s)/node, {profile.cpus_per_task} CPUs/task, {profile.mem_gb:g} GB, "
             f"{profile.timeout_min} min, parallelism {profile.array_parallelism}"
         )
-        for line in notes + [f"pre-flight: {p}" for p in problems + warnings]:
+        for line in notes:
             print(line)
         print(f"would submit {len(todo)} tasks ({sum(len(t.cells) for t in todo)} cells)")
         print_cost(plan, profile, request.throughput)
+        check_before_submitting(request, todo)
         return 0
-    for line in notes + [f"warning: {w}" for w in warnings]:
+    for line in notes:
         print(line)
-    if problems and request.preflight:  # one error line; the full list goes to stdout
-        for problem in problems:
-            print(f"pre-flight: {problem}")
-        more = f" (and {len(problems) - 1} more pre-flight problem(s) listed above)" if len(problems) > 1 else ""
-        raise ConfigError(f"{problems[0]}{more}; fix them or submit anyway with --no-preflight")
+    check_before_submitting(request, todo)
     if not todo:
         print(f"nothing to submit: cells {ledger.summarize(s for s, _ in statuses.values())}")
         return 0
@@ -297,5 +271,19 @@ def run_grid(request: GridRequest) -> int:
         return 1 if failures else 0
     jobs = submit(plan, todo, profile, cluster, log_root, statuses)
     if request.wait:
-        return 1 if wait_for_jobs(jobs) else 0
+        return 1 if wait_for_jobs(jobs, progress=lambda: progress_line(plan)) else 0
+    hints = Hints(request.grid, request.root, request.overrides)
+    print(f"follow: `{hints.command('grid', 'status')}`; stop: `{hints.command('grid', 'cancel')}`")
     return 0
+
+
+def check_before_submitting(request: GridRequest, todo: list[Task]) -> None:
+    """`clipit doctor`'s training checks over the distinct configs of the cells about to be submitted
+    (clipit/hpc/preflight.py); refuses (exit 2) on a ✗ unless --no-preflight."""
+    cells = [c for t in todo for c in t.cells if not cell_is_done(c)]
+    if not request.preflight or not cells:
+        return
+    print(f"pre-flight (clipit doctor) of {len(cells)} cell(s) to submit:")
+    configs = load_distinct((c.config, c.overrides) for c in cells)
+    hints = Hints(request.grid, request.root, request.overrides)
+    refuse_on_problems(run_checks(configs, "train", hints, echo=lambda line: print("  " + line)), "submitting")

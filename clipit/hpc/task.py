@@ -19,7 +19,7 @@ from pathlib import Path
 import submitit
 
 from clipit import layout
-from clipit.cells import CellsFailed, run_cell
+from clipit.cells import ERROR_PREFIX, CellsFailed, last_error_line, run_cell
 from clipit.hpc import ledger
 from clipit.hpc.grid import Cell, Task, cell_is_done
 from clipit.io import read_json
@@ -124,7 +124,10 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
             metrics = train(cell, slot)
         except Exception as err:  # the cell's own output (its traceback, if any) is in this job's log above
             text = str(err) if isinstance(err, CellsFailed) else traceback.format_exc()
-            print(f"[clipit grid] {cell.key}: failed: {text}", file=sys.stderr, flush=True)
+            if not isinstance(err, CellsFailed):
+                print(f"[clipit grid] {cell.key}: failed: {text}", file=sys.stderr, flush=True)
+            # the line the launcher's FAILED summary and `clipit grid status` quote
+            print(f"{ERROR_PREFIX} {cell.key}: {last_error_line(text)}", file=sys.stderr, flush=True)
             if rank0:
                 ledger.mark_failed(cell.run_dir, text, job)
             failed_dirs.add(os.path.realpath(cell.run_dir))

@@ -45,7 +45,7 @@ def test_paper_table1_dry_run_prints_the_cost_with_totals():
 def tiny_grid(tmp_path, **extra):
     grid = {
         "name": "tiny-cost",
-        "base": "configs/demo-tiny.yaml",
+        "base": str(ROOT / "configs/demo-tiny.yaml"),
         "root": str(tmp_path / "grid"),
         "seeds": [0, 1],
         "set": {"output_dir": "{root}/out"},

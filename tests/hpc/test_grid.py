@@ -138,7 +138,7 @@ def test_paper_eva_probe_runs_12500_steps_with_early_stopping():
 
 
 def test_dry_run_lists_the_216_cells_of_table1():
-    proc = cli("grid", "--config", "configs/grids/paper_table1.yaml", "--dry-run")  # = launchers/grid.py
+    proc = cli("grid", "--config", "configs/grids/paper_table1.yaml", "--dry-run", "--no-preflight")
     assert proc.returncode == 0, proc.stderr[-2000:]
     cell_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ") and "/runs/" in line]
     assert len(cell_lines) == 216
@@ -146,7 +146,14 @@ def test_dry_run_lists_the_216_cells_of_table1():
     assert sum("clipit, lora, text tower" in line for line in cell_lines) == 54
     methods = [line.split()[0] for line in cell_lines]
     assert methods.count("late_fusion") == 54 and methods.count("text") == 54
-    assert "pre-flight:" in proc.stdout  # no shards or weights here: reported, not fatal in a dry run
+    assert "pre-flight" not in proc.stdout
+    # with the pre-flight (the default) the same listing, then the doctor's lines, and a refusal
+    checked = cli("grid", "--config", "configs/grids/paper_table1.yaml", "--dry-run")
+    assert checked.returncode == 2 and checked.stdout.startswith(proc.stdout.split("pre-flight")[0][:2000])
+    assert "clipit: error: pre-flight:" in checked.stderr and "--no-preflight" in checked.stderr
+    assert "✗ shards: " in checked.stdout and "run `clipit prepare shards --grid configs/grids/paper_table1.yaml`" in (
+        checked.stdout
+    )
 
 
 # ------------------------------------------------------------------------------- small grids

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from clipit.hpc.ledger import live_slurm_jobs
 from clipit_testing import ROOT, wait_for
 
 SCRIPT = ROOT / "slurm" / "local-cluster.sh"
@@ -215,3 +216,57 @@ def test_reused_warm_start_waits_with_afterok(slurm_cluster, tiny_shards, tmp_pa
     lam0 = tmp_path / "runs" / "lam0" / "runs"
     assert (lam0 / "clipit" / "seed-0" / "metrics.json").exists()
     assert (lam0 / "unimodal" / "seed-0").is_symlink()
+
+
+@pytest.mark.slow
+def test_a_failed_task_is_quoted_and_queued_tasks_cancel(slurm_cluster, tiny_shards, tmp_path):
+    """`--wait` quotes the failed cell's error line (not only the log path) and `grid status` shows it;
+    `grid cancel` scancels the queued tasks of a grid from the ledger; no literal `%j/` log folder."""
+    shards = Path(next(s for s in tiny_shards if s.startswith("shards.dir=")).split("=", 1)[1])
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    lost = sorted(broken.glob("train/*.tar"))[0]
+    lost.unlink()  # a scratch purge took one shard: the manifest (what the pre-flight reads) still lists it
+    sets = [s for s in tiny_shards if not s.startswith("shards.dir=")] + [f"shards.dir={broken}"]
+    grid = write_grid(tmp_path, sets, [0], {"methods.unimodal.epochs": 1}, ["unimodal"], name="slurm-fail")
+    proc = launch("--config", str(grid), "--wait", timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [failed] = [line for line in proc.stdout.splitlines() if line.startswith("FAILED job ")]
+    assert "method=unimodal,seed=0: " in failed and " - /" not in failed, failed
+    assert proc.stdout.count("waiting: cells: ") == 1 and "finished: cells: 1 failed;" in proc.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "clipit", "grid", "status", "--config", str(grid)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    [row] = [line for line in status.stdout.splitlines() if line.startswith("failed ")]
+    assert failed.split("seed=0: ", 1)[1].startswith(row.split(None, 3)[3][:60]), (failed, row)
+    logs = next((tmp_path / "runs" / "submitit").iterdir())
+    assert "%j" not in [p.name for p in logs.iterdir()]
+
+    later = tmp_path / "later"
+    later.mkdir()
+    grid = write_grid(later, tiny_shards, [0, 1], {}, ["unimodal"])
+    grid.write_text(grid.read_text() + "resources: {additional: {begin: now+600}}\n")  # queued for 10 min
+    proc = launch("--config", str(grid))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = [job for job, _ in job_lines(proc.stdout)]
+    cancel = subprocess.run(
+        [sys.executable, "-m", "clipit", "grid", "cancel", "--config", str(grid)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cancel.returncode == 0 and f"cancelled 2 job(s) (2 cell(s)): {' '.join(sorted(jobs))}" in cancel.stdout
+
+    def gone() -> bool:
+        live = live_slurm_jobs()
+        return live is not None and not set(jobs) & live
+
+    wait_for(gone, 60, "the cancelled jobs to leave squeue")
+    for seed, job in zip([0, 1], jobs):
+        s = state(later, "unimodal", seed)
+        assert s["state"] == "failed" and s["error"] == f"cancelled by `clipit grid cancel` (job {job})", s

@@ -58,6 +58,7 @@ def test_dry_runs_print_the_commands():
             "--num-parts",
             "8",
             "--dry-run",
+            "--no-preflight",  # no data here: tests/hpc/test_preflight.py has the refusal
         ],
         cwd=ROOT,
         capture_output=True,
