@@ -282,7 +282,14 @@ def _predict(args) -> None:
 def cmd_report(args) -> None:
     from clipit.results.report import build_report
 
-    result = build_report(args.runs_dir, args.out, metric=args.metric, plots=not args.no_plots)
+    result = build_report(
+        args.runs_dir,
+        args.out,
+        metric=args.metric,
+        plots=not args.no_plots,
+        tolerance=args.tolerance,
+        references=args.references,
+    )
     print(result["markdown"])
     print("wrote " + ", ".join(result["files"]))
 
@@ -465,6 +472,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output folder (default RUNS_DIR/report)")
     report.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy"])
     report.add_argument("--no-plots", action="store_true", help="tables only")
+    from clipit.results.references import DEFAULT_TOLERANCE  # stdlib only: cheap at parser build time
+
+    report.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        metavar="POINTS",
+        help=f"flag a cell further than this many percentage points from a published number (default {DEFAULT_TOLERANCE:g})",
+    )
+    report.add_argument(
+        "--references",
+        action="append",
+        default=[],
+        metavar="FILE.csv",
+        help="more reference rows (columns as clipit/results/reference_data/*.csv); repeatable",
+    )
 
     grid = command("grid", cmd_grid, "submit a grid of runs (configs/grids/*.yaml) as SLURM job arrays", config=False)
     add_config_flags(grid, what="grid file (configs/grids/*.yaml)")
