@@ -12,6 +12,7 @@ from clipit.results.runs import (
     DATASET_NAMES,
     MAIN_VARIANTS,
     Run,
+    kind_order,
     main_runs,
     method_label,
     order,
@@ -133,7 +134,10 @@ def comparison_table(
     rows, records = [], []
     datasets = order({c[0] for c in cells}, DATASET_NAMES)
     backbones = order({c[1] for c in cells}, BACKBONE_NAMES)
-    for cell in sorted(cells, key=lambda c: (datasets.index(c[0]), backbones.index(c[1]), c[3] != "", c[3], c[2])):
+    kinds = kind_order({c[2] for c in cells})
+    for cell in sorted(
+        cells, key=lambda c: (datasets.index(c[0]), backbones.index(c[1]), c[3] != "", c[3], kinds.index(c[2]))
+    ):
         by_source = cells[cell]
         ours = cell_runs(runs, next(iter(by_source.values())))
         if not ours:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from clipit import layout
+from clipit.methods import known_spec
 from clipit.results.plots import GREY, NO_BACKBONE, backbone_colors, line_style, save
 from clipit.results.runs import (
     BACKBONE_NAMES,
@@ -23,6 +24,7 @@ from clipit.results.runs import (
     MAIN_VARIANTS,
     Run,
     has_images,
+    kind_order,
     method_label,
     order,
 )
@@ -164,8 +166,11 @@ def _ablation_curves(runs: list[Run], scalars, offsets, d: str, b: str, out: Pat
     cmap = plt.get_cmap("tab20")
     colors = {v: cmap(i % 20) for i, v in enumerate(variants)} | {"": (0, 0, 0, 1)}
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.2))
-    for (variant, kind), items in sorted(groups.items(), key=lambda kv: (kv[0][0] != "", kv[0])):
-        name = method_label(kind) + (f": {items[0].label or variant}" if variant else "")
+    kinds = kind_order({k for _, k in groups})
+    for (variant, kind), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kinds.index(kv[0][1]))):
+        spec = known_spec(kind)
+        main_name = (spec.row_label or spec.label) if spec else method_label(kind)
+        name = f"{method_label(kind)}: {items[0].label or variant}" if variant else main_name
         _draw_group(axes, items, scalars, offsets, colors[variant], line_style(kind), name)
     starts = {offsets[r.path] for r in runs if r.path in offsets}
     for ax in axes:

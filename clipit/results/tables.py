@@ -400,7 +400,18 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # record keys that hold a fraction of samples: the CSVs give them in percent, named with the unit
-PERCENT_KEYS = ("mean", "std", "delta", "val_mean", "table1_mean", "balanced_accuracy", "accuracy", "omega_std")
+PERCENT_KEYS = (
+    "mean",
+    "std",
+    "delta",
+    "val_mean",
+    "table1_mean",
+    "balanced_accuracy",
+    "accuracy",
+    "omega_std",
+    "gain_ci_low",
+    "gain_ci_high",
+)
 
 
 def _is_percent(key: str) -> bool:

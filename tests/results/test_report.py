@@ -45,7 +45,8 @@ def make_run(
     out = root / dataset / (backbone if variant is None else f"{backbone}-ablations/{variant}")
     run = out / "runs" / method / f"seed-{seed}"
     run.mkdir(parents=True)
-    cfg = {"model": {"backbone": backbone}, "data": {"name": dataset}, "methods": {method: {"method": kind}}}
+    method_cfg = {"method": kind} | ({"warm_start": "unimodal"} if kind == "clipit" else {})
+    cfg = {"model": {"backbone": backbone}, "data": {"name": dataset}, "methods": {method: method_cfg}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     extra = 0.02 * PARAMS[backbone] if kind == "clipit" else 0
     (run / "metrics.json").write_text(
@@ -95,7 +96,7 @@ def paper_runs(tmp_path_factory):
             make_run(root, "uni", d, "text", "text", seed, 0.6 + 0.01 * rng.random())
     for variant, acc in (("no-lora", 0.9386), ("no-text", 0.9431)):
         for seed in range(3):
-            make_run(root, "uni", "pcam", "clipit", "clipit", seed, acc + 0.001 * seed, variant=variant)
+            make_run(root, "uni", "pcam", "clipit", "clipit", seed, acc + 0.001 * seed, variant=variant, tb=seed < 2)
             link = root / "pcam" / "uni-ablations" / variant / "runs" / "unimodal"
             link.mkdir(parents=True, exist_ok=True)
             os.symlink(root / "pcam" / "uni" / "runs" / "unimodal" / f"seed-{seed}", link / f"seed-{seed}")
