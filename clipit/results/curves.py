@@ -146,7 +146,10 @@ def training_curves(runs: list[Run], out: Path) -> list[Path]:
             backbones = order({k[0] for k in groups}, BACKBONE_NAMES | {NO_BACKBONE: NO_BACKBONE})
             colors = backbone_colors([b for b in backbones if b != NO_BACKBONE]) | {NO_BACKBONE: GREY}
             fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
-            for (b, kind), items in sorted(groups.items(), key=lambda kv: (backbones.index(kv[0][0]), kv[0][1])):
+            kinds = kind_order({k for _, k in groups})
+            for (b, kind), items in sorted(
+                groups.items(), key=lambda kv: (backbones.index(kv[0][0]), kinds.index(kv[0][1]))
+            ):
                 label = f"{BACKBONE_NAMES.get(b, b)} {method_label(kind)}" if b != NO_BACKBONE else method_label(kind)
                 _draw_group(axes, items, scalars, offsets, colors[b], line_style(kind), label)
             n_seeds = max(len({r.seed for r in v}) for v in groups.values())
