@@ -229,7 +229,18 @@ def cmd_evaluate(args) -> None:
     check_method(cfg, args.method)
     seeds = _seeds(cfg, args)
     if len(seeds) > 1:
-        return run_seed_chain(args, "evaluate", seeds, "--split", args.split)
+        return run_seed_chain(args, "evaluate", seeds, "--split", args.split, *(["--frozen"] if args.frozen else []))
+    if args.frozen:
+        from clipit.pipeline import frozen_eval_cell
+
+        with one_cell():
+            result = frozen_eval_cell(cfg, args.method, seeds[0])
+        shots = ", ".join(f"{n}-shot {100 * s['mean']:.2f}" for n, s in result["simpleshot"]["shots"].items())
+        print(
+            f"{args.method} seed {seeds[0]} frozen features: k-NN balanced accuracy {100 * result['knn']['balanced_accuracy']:.2f}%; "
+            f"SimpleShot balanced accuracy {shots}"
+        )
+        return None
     with one_cell():
         metrics = evaluate_cell(cfg, args.method, seeds[0], split=args.split)
         print(
@@ -437,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", cmd_evaluate, "evaluate a trained method on a split (metrics, predictions)")
     add_cell_flags(evaluate)
     evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+    evaluate.add_argument(
+        "--frozen",
+        action="store_true",
+        help="k-NN (cosine, k=20) and SimpleShot (1-16 shots) on the run's frozen backbone features: "
+        "train as the labelled set, test as queries (frozen_eval.json)",
+    )
 
     export = command("export", cmd_export, "merge LoRA and save a run as a vision-only inference model", config=False)
     export.add_argument("run_dir", metavar="RUN_DIR", help="<output_dir>/runs/<method>/seed-<n> of a finished run")
