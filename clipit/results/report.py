@@ -11,7 +11,9 @@ data.name) and its path (`runs/<method>/seed-<n>`). Writes into `--out` (default
     table1.csv, gains.csv, comparison.csv, ablations.csv, omega.csv, multimodal.csv, lora_search.csv,
                      runs.csv  (fractions in percent, columns `*_pct`; a table without rows is a file
                      with its header only; a single seed's std is an empty cell)
-    table1.tex, gains.tex, comparison.tex, ablations.tex   the same tables for a paper (booktabs)
+    frozen.csv       k-NN and SimpleShot on each backbone's frozen features (runs with a frozen_eval.json,
+                     written by `clipit evaluate --frozen`)
+    table1.tex, gains.tex, comparison.tex, ablations.tex, frozen.tex   the tables for a paper (booktabs)
     pareto.{png,pdf,svg}   accuracy vs parameter count per dataset (Pareto frontier); the vision models
                      in the top row, every model (multimodal hollow) below
     omega.{png,pdf,svg}    Ω x 100 per dataset and backbone
@@ -42,13 +44,13 @@ from pathlib import Path
 from clipit import layout
 from clipit.errors import ClipitError, output_setting
 from clipit.io import atomic_write_text, make_dirs
-from clipit.methods import role_method
 from clipit.results import plots as P
 from clipit.results.comparison import comparison_table, gains_table, source_lines
 from clipit.results.curves import training_curves
-from clipit.results.latex import latex_table
+from clipit.results.frozen_table import frozen_table
 from clipit.results.references import DEFAULT_TOLERANCE, load_references
 from clipit.results.runs import find_runs
+from clipit.results.table_files import write_csvs, write_latex
 from clipit.results.tables import (
     ablation_table,
     lora_table,
@@ -59,7 +61,6 @@ from clipit.results.tables import (
     status_lines,
     table1,
     text_table,
-    write_csv,
 )
 
 
@@ -116,87 +117,47 @@ def _write_report(
     hl, rl, recl = lora_table(runs, metric)
     hg, rg, recg = gains_table(runs, metric)
     hc, rc, recc = comparison_table(runs, refs, metric, tolerance)
-    files = []
-    for name, records, empty_header in (
-        (
-            "table1.csv",
-            rec1,
-            ["backbone", "dataset"]
-            + [f"{role_method(r)}_{k}" for r in ("probe", "proposed") for k in ("mean", "std", "n")]
-            + ["delta"],
-        ),
-        (
-            "ablations.csv",
-            reca,
-            [
-                "backbone",
-                "dataset",
-                "variant",
-                "label",
-                "method",
-                "kind",
-                "mean",
-                "std",
-                "n",
-                "compared_to",
-                "delta_unimodal",
-                "delta_clipit",
-            ],
-        ),
-        (
-            "gains.csv",
-            recg,
-            ["dataset", "backbone", "seeds", "n", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high", "verdict"],
-        ),
-        ("comparison.csv", recc, ["dataset", "backbone", "method", "variant", "mean", "std", "n", "outside_tolerance"]),
-        ("omega.csv", reco, ["backbone", "dataset", "omega_mean", "omega_std", "n_seeds", "seeds", "matched"]),
-        ("multimodal.csv", recm, ["dataset", "model", "kind", "mean", "std", "n", "params_inference"]),
-        (
-            "lora_search.csv",
-            recl,
-            ["backbone", "dataset", "chosen", "label", "settings", "val_mean", "mean", "std", "n", "table1_mean"],
-        ),
-        (
-            "runs.csv",
-            run_records(runs),
-            [
-                "backbone",
-                "dataset",
-                "variant",
-                "method",
-                "kind",
-                "seed",
-                "balanced_accuracy",
-                "accuracy",
-                "params_total",
-                "params_trainable",
-                "run_dir",
-            ],
-        ),
-    ):
-        write_csv(out / name, records, empty_header)
-        files.append(out / name)
+    hf, rf, recf = frozen_table(runs, note)
+    files = write_csvs(
+        out,
+        {
+            "table1.csv": rec1,
+            "ablations.csv": reca,
+            "gains.csv": recg,
+            "frozen.csv": recf,
+            "comparison.csv": recc,
+            "omega.csv": reco,
+            "multimodal.csv": recm,
+            "lora_search.csv": recl,
+            "runs.csv": run_records(runs),
+        },
+    )
     mean_rows = {i for i, row in enumerate(r1) if row[0].startswith("Mean gain")}
-    for name, header, rows, caption, rules in (
-        (
-            "table1.tex",
-            h1,
-            r1,
-            f"Test {metric.replace('_', ' ')} (%), mean ± std over seeds; Δ: CLIP-IT minus unimodal.",
-            mean_rows,
-        ),
-        (
-            "gains.tex",
-            hg,
-            rg,
-            "Paired gain of CLIP-IT over its warm start (same seed), points, with a bootstrap interval over seeds.",
-            {i for i, row in enumerate(rg) if row[1].startswith("Mean over")},
-        ),
-        ("comparison.tex", hc, rc, f"Ours beside published numbers; flagged beyond ±{tolerance:g} points.", set()),
-        ("ablations.tex", ha, ra, "Ablations: Δ vs unimodal and vs the run each one varies.", set()),
-    ):
-        atomic_write_text(out / name, latex_table(header, rows, caption, f"tab:{name[:-4]}", rules))
-        files.append(out / name)
+    files += write_latex(
+        out,
+        {
+            "table1.tex": (
+                h1,
+                r1,
+                f"Test {metric.replace('_', ' ')} (%), mean ± std over seeds; Δ: CLIP-IT minus unimodal.",
+                mean_rows,
+            ),
+            "gains.tex": (
+                hg,
+                rg,
+                "Paired gain of CLIP-IT over its warm start (same seed), points, with a bootstrap interval over seeds.",
+                {i for i, row in enumerate(rg) if row[1].startswith("Mean over")},
+            ),
+            "comparison.tex": (hc, rc, f"Ours beside published numbers; flagged beyond ±{tolerance:g} points.", set()),
+            "ablations.tex": (ha, ra, "Ablations: Δ vs unimodal and vs the run each one varies.", set()),
+            "frozen.tex": (
+                hf,
+                rf,
+                "Frozen features: k-NN (cosine, k=20) and SimpleShot balanced accuracy (%), mean ± std over seeds.",
+                set(),
+            ),
+        },
+    )
     figures = []
     if plots and runs:
         figures += P.pareto(runs, metric, out / "pareto.png")
@@ -236,6 +197,16 @@ def _write_report(
         markdown_table(hc, rc) if rc else "(no run matches a reference cell: dataset, backbone, method and variant)",
         "",
     ]
+    if rf:
+        md += [
+            "## Frozen features: k-NN and few-shot",
+            "",
+            "Each run's backbone with no head (`clipit evaluate --frozen`): k-NN (cosine, k=20) and SimpleShot "
+            "(support drawn from train, mean over 100 episodes) on the test split, balanced accuracy in %.",
+            "",
+            markdown_table(hf, rf),
+            "",
+        ]
     if rm:
         md += [
             "## Multimodal and CLIP-based baselines",
@@ -298,6 +269,7 @@ def _write_report(
         "lora": recl,
         "gains": recg,
         "comparison": recc,
+        "frozen": recf,
         "markdown": "\n".join(md),
         "warnings": left_out,
     }
