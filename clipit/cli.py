@@ -250,7 +250,18 @@ def cmd_evaluate(args) -> None:
     check_method(cfg, args.method)
     seeds = _seeds(cfg, args)
     if len(seeds) > 1:
-        return run_seed_chain(args, "evaluate", seeds, "--split", args.split)
+        return run_seed_chain(args, "evaluate", seeds, "--split", args.split, *(["--frozen"] if args.frozen else []))
+    if args.frozen:
+        from clipit.pipeline import frozen_eval_cell
+
+        with one_cell():
+            result = frozen_eval_cell(cfg, args.method, seeds[0])
+        shots = ", ".join(f"{n}-shot {100 * s['mean']:.2f}" for n, s in result["simpleshot"]["shots"].items())
+        print(
+            f"{args.method} seed {seeds[0]} frozen features: k-NN balanced accuracy {100 * result['knn']['balanced_accuracy']:.2f}%; "
+            f"SimpleShot balanced accuracy {shots}"
+        )
+        return None
     with one_cell():
         metrics = evaluate_cell(cfg, args.method, seeds[0], split=args.split)
         print(
@@ -303,7 +314,14 @@ def _predict(args) -> None:
 def cmd_report(args) -> None:
     from clipit.results.report import build_report
 
-    result = build_report(args.runs_dir, args.out, metric=args.metric, plots=not args.no_plots)
+    result = build_report(
+        args.runs_dir,
+        args.out,
+        metric=args.metric,
+        plots=not args.no_plots,
+        tolerance=args.tolerance,
+        references=args.references,
+    )
     print(result["markdown"])
     print("wrote " + ", ".join(result["files"]))
 
@@ -480,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", cmd_evaluate, "evaluate a trained method on a split (metrics, predictions)")
     add_cell_flags(evaluate)
     evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+    evaluate.add_argument(
+        "--frozen",
+        action="store_true",
+        help="k-NN (cosine, k=20) and SimpleShot (1-16 shots) on the run's frozen backbone features: "
+        "train as the labelled set, test as queries (frozen_eval.json)",
+    )
 
     export = command("export", cmd_export, "merge LoRA and save a run as a vision-only inference model", config=False)
     export.add_argument("run_dir", metavar="RUN_DIR", help="<output_dir>/runs/<method>/seed-<n> of a finished run")
@@ -515,6 +539,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output folder (default RUNS_DIR/report)")
     report.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy"])
     report.add_argument("--no-plots", action="store_true", help="tables only")
+    from clipit.results.references import DEFAULT_TOLERANCE  # stdlib only: cheap at parser build time
+
+    report.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        metavar="POINTS",
+        help=f"flag a cell further than this many percentage points from a published number (default {DEFAULT_TOLERANCE:g})",
+    )
+    report.add_argument(
+        "--references",
+        action="append",
+        default=[],
+        metavar="FILE.csv",
+        help="more reference rows (columns as clipit/results/reference_data/*.csv); repeatable",
+    )
 
     grid = command(
         "grid",

@@ -108,6 +108,11 @@ def metrics_file(run: str | Path, split: str = "test") -> Path:
     return Path(run) / (METRICS if split == "test" else f"metrics-{split}.json")
 
 
+def frozen_eval_file(run: str | Path) -> Path:
+    """`clipit evaluate --frozen`'s k-NN and SimpleShot numbers for the run's backbone."""
+    return Path(run) / "frozen_eval.json"
+
+
 def predictions_file(run: str | Path, split: str = "test") -> Path:
     return Path(run) / f"predictions-{split}.npz"
 

@@ -214,6 +214,20 @@ def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "t
     return evaluate_run(cfg, method, run_dir, split=split, warm_start=warm_start_of(cfg, method, seed))
 
 
+def frozen_eval_cell(cfg: ExperimentConfig, method: str, seed: int) -> dict:
+    """`clipit evaluate --frozen`: k-NN and SimpleShot on a trained cell's backbone."""
+    from clipit.evaluation.frozen import frozen_eval_run
+
+    check_method(cfg, method)
+    run_dir = layout.run_dir(cfg.output_dir, method, seed)
+    if not layout.is_trained(run_dir):
+        raise ConfigError(
+            f"{layout.train_summary(run_dir)}: {method} seed {seed} is not trained; run "
+            f"`clipit train --config <config> --method {method} --seed {seed}` first"
+        )
+    return frozen_eval_run(cfg, method, run_dir, warm_start=warm_start_of(cfg, method, seed))
+
+
 def train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int) -> dict:
     """One cell in this process: what `clipit train --method M --seed S` runs."""
     from clipit.training.trainer import fit

@@ -238,3 +238,26 @@ def wait_stopped(proc, timeout: float, what: str) -> None:
         return is_stopped(proc.pid)
 
     wait_for(stopped, timeout, f"the process to freeze at {what}", interval=0.05)
+
+
+def finished_run(
+    root: Path, backbone: str, dataset: str, method: str, kind: str, seed: int, acc: float, axes: dict | None = None
+) -> Path:
+    """A finished run as a grid cell leaves it, for `clipit report`: config.yaml and metrics.json (and a
+    state.json holding the grid `axes` when given, e.g. {"ablation": "no-lora"})."""
+    import json
+
+    import yaml
+
+    where = root / dataset / backbone / "-".join(f"{v}" for v in (axes or {}).values())
+    run = where / "runs" / method / f"seed-{seed}"
+    run.mkdir(parents=True)
+    method_cfg = {"method": kind} | ({"warm_start": "unimodal"} if kind == "clipit" else {})
+    cfg = {"model": {"backbone": backbone}, "data": {"name": dataset}, "methods": {method: method_cfg}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = {"method": method, "balanced_accuracy": acc, "accuracy": acc, "parameters": {"total": 1000}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    if axes:
+        cell = {"axes": {"backbone": backbone, "dataset": dataset} | axes, "method": method, "seed": seed, "kind": kind}
+        (run / "state.json").write_text(json.dumps({"state": "done", "cell": cell}))
+    return run

@@ -1,5 +1,5 @@
 """A non-editable install carries what clipit reads at run time: cluster profiles, the demo CLIP config,
-and the `python -m clipit` entry point."""
+the report's reference numbers and the `python -m clipit` entry point."""
 
 import shutil
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import zipfile
 
 from clipit.hpc.cluster import PROFILE_DIR
+from clipit.results.references import SHIPPED
 from clipit_testing import ROOT
 
 
@@ -38,3 +39,5 @@ def test_wheel_ships_profiles_and_package_data(tmp_path):
     shipped = {f"clipit/hpc/profiles/{p.name}" for p in PROFILE_DIR.glob("*.yaml")}
     assert shipped and shipped <= names
     assert {"clipit/pairing/clipit-demo-clip.json", "clipit/__main__.py"} <= names
+    references = {f"clipit/results/reference_data/{name}" for name in SHIPPED}  # `clipit report`'s published numbers
+    assert references <= names

@@ -5,13 +5,25 @@ followed, so a reused unimodal probe counts once). Its labels come from the grid
 (`state.json`: the cell's axes) when present, otherwise from its config.yaml (model.backbone,
 data.name) and its path (`runs/<method>/seed-<n>`). Writes into `--out` (default RUNS_DIR/report):
 
-    report.md        Table 1 (unimodal vs CLIP-IT per backbone x dataset, mean ± std over seeds, Δ),
-                     ablations, Ω, grid status, figure links
-    table1.csv, ablations.csv, omega.csv, multimodal.csv, lora_search.csv, runs.csv  (fractions in
-                     percent, columns `*_pct`; a table without rows is a file with its header only)
-    pareto.png       accuracy vs parameter count per dataset (with the Pareto frontier)
-    omega.png        Ω x 100 per dataset and backbone
-    curves-<dataset>.png   training loss and validation balanced accuracy from the TensorBoard files
+    report.md        Table 1 (unimodal vs CLIP-IT per backbone x dataset, mean ± std over seeds, Δ), the
+                     paired gain over the warm start with a bootstrap interval, our cells beside the
+                     published ones (paper, authors' README, eva) with flags, ablations, Ω, grid status
+    table1.csv, gains.csv, comparison.csv, ablations.csv, omega.csv, multimodal.csv, lora_search.csv,
+                     runs.csv  (fractions in percent, columns `*_pct`; a table without rows is a file
+                     with its header only; a single seed's std is an empty cell)
+    frozen.csv       k-NN and SimpleShot on each backbone's frozen features (runs with a frozen_eval.json,
+                     written by `clipit evaluate --frozen`)
+    table1.tex, gains.tex, comparison.tex, ablations.tex, frozen.tex   the tables for a paper (booktabs)
+    pareto.{png,pdf,svg}   accuracy vs parameter count per dataset (Pareto frontier); the vision models
+                     in the top row, every model (multimodal hollow) below
+    omega.{png,pdf,svg}    Ω x 100 per dataset and backbone
+    curves-<dataset>.{png,pdf,svg}   training loss and validation balanced accuracy (TensorBoard files);
+                     warm-started runs continue after their warm start; curves-<dataset>-<backbone>-
+                     ablations.* draws every ablation variant
+
+The published numbers are package data (clipit/results/reference_data/, clipit/results/references.py);
+`--references FILE.csv` adds rows, `--tolerance POINTS` (default 2) sets how far ours may be from one
+before the cell is flagged.
 
 A run whose metrics.json, state.json or config.yaml exists but cannot be read, or an Ω seed whose
 predictions cannot, is left out with a warning naming the file (stderr, and report.md's "Left out"
@@ -32,9 +44,13 @@ from pathlib import Path
 from clipit import layout
 from clipit.errors import ClipitError, output_setting
 from clipit.io import atomic_write_text, make_dirs
-from clipit.methods import role_method
 from clipit.results import plots as P
+from clipit.results.comparison import comparison_table, gains_table, source_lines
+from clipit.results.curves import training_curves
+from clipit.results.frozen_table import frozen_table
+from clipit.results.references import DEFAULT_TOLERANCE, load_references
 from clipit.results.runs import find_runs
+from clipit.results.table_files import write_csvs, write_latex
 from clipit.results.tables import (
     ablation_table,
     lora_table,
@@ -45,7 +61,6 @@ from clipit.results.tables import (
     status_lines,
     table1,
     text_table,
-    write_csv,
 )
 
 
@@ -63,6 +78,8 @@ def build_report(
     metric: str = "balanced_accuracy",
     plots: bool = True,
     warn: Callable[[str], None] = warn_on_stderr,
+    tolerance: float = DEFAULT_TOLERANCE,
+    references: list[str | Path] = (),
 ) -> dict:
     """Write the report files; returns {"runs": n, "files": [...], "table1": records, "warnings": [...], ...}.
 
@@ -72,12 +89,17 @@ def build_report(
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"{root}: no such directory; give the folder that holds the runs (e.g. runs/grids/NAME)")
+    if not tolerance >= 0:
+        raise ReportError(f"--tolerance {tolerance}: give a non-negative number of percentage points (e.g. 2)")
+    refs = load_references(list(references))  # a broken reference file stops before anything is written
     out = Path(out) if out else root / "report"
     with output_setting("give `clipit report` another --out folder"):  # advice of a full disk
-        return _write_report(root, out, metric, plots, warn)
+        return _write_report(root, out, metric, plots, warn, refs, tolerance)
 
 
-def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callable[[str], None]) -> dict:
+def _write_report(
+    root: Path, out: Path, metric: str, plots: bool, warn: Callable[[str], None], refs: list, tolerance: float
+) -> dict:
     make_dirs(out)
     left_out: list[str] = []
 
@@ -93,66 +115,55 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
     ho, ro, reco = omega_table(runs, note)
     hm, rm, recm = multimodal_table(runs, metric)
     hl, rl, recl = lora_table(runs, metric)
-    files = []
-    for name, records, empty_header in (
-        (
-            "table1.csv",
-            rec1,
-            ["backbone", "dataset"]
-            + [f"{role_method(r)}_{k}" for r in ("probe", "proposed") for k in ("mean", "std", "n")]
-            + ["delta"],
-        ),
-        (
-            "ablations.csv",
-            reca,
-            [
-                "backbone",
-                "dataset",
-                "variant",
-                "label",
-                "method",
-                "kind",
-                "mean",
-                "std",
-                "n",
-                "compared_to",
-                "delta_unimodal",
-                "delta_clipit",
-            ],
-        ),
-        ("omega.csv", reco, ["backbone", "dataset", "omega_mean", "omega_std", "n_seeds", "seeds", "matched"]),
-        ("multimodal.csv", recm, ["dataset", "model", "kind", "mean", "std", "n", "params_inference"]),
-        (
-            "lora_search.csv",
-            recl,
-            ["backbone", "dataset", "chosen", "label", "settings", "val_mean", "mean", "std", "n", "table1_mean"],
-        ),
-        (
-            "runs.csv",
-            run_records(runs),
-            [
-                "backbone",
-                "dataset",
-                "variant",
-                "method",
-                "kind",
-                "seed",
-                "balanced_accuracy",
-                "accuracy",
-                "params_total",
-                "params_trainable",
-                "run_dir",
-            ],
-        ),
-    ):
-        write_csv(out / name, records, empty_header)
-        files.append(out / name)
+    hg, rg, recg = gains_table(runs, metric)
+    hc, rc, recc = comparison_table(runs, refs, metric, tolerance)
+    hf, rf, recf = frozen_table(runs, note)
+    files = write_csvs(
+        out,
+        {
+            "table1.csv": rec1,
+            "ablations.csv": reca,
+            "gains.csv": recg,
+            "frozen.csv": recf,
+            "comparison.csv": recc,
+            "omega.csv": reco,
+            "multimodal.csv": recm,
+            "lora_search.csv": recl,
+            "runs.csv": run_records(runs),
+        },
+    )
+    mean_rows = {i for i, row in enumerate(r1) if row[0].startswith("Mean gain")}
+    files += write_latex(
+        out,
+        {
+            "table1.tex": (
+                h1,
+                r1,
+                f"Test {metric.replace('_', ' ')} (%), mean ± std over seeds; Δ: CLIP-IT minus unimodal.",
+                mean_rows,
+            ),
+            "gains.tex": (
+                hg,
+                rg,
+                "Paired gain of CLIP-IT over its warm start (same seed), points, with a bootstrap interval over seeds.",
+                {i for i, row in enumerate(rg) if row[1].startswith("Mean over")},
+            ),
+            "comparison.tex": (hc, rc, f"Ours beside published numbers; flagged beyond ±{tolerance:g} points.", set()),
+            "ablations.tex": (ha, ra, "Ablations: Δ vs unimodal and vs the run each one varies.", set()),
+            "frozen.tex": (
+                hf,
+                rf,
+                "Frozen features: k-NN (cosine, k=20) and SimpleShot balanced accuracy (%), mean ± std over seeds.",
+                set(),
+            ),
+        },
+    )
     figures = []
     if plots and runs:
         figures += P.pareto(runs, metric, out / "pareto.png")
         if reco:
             figures += P.omega_bars(reco, out / "omega.png")
-        figures += P.training_curves(runs, out)
+        figures += training_curves(runs, out)
     files += figures
     metric_name = "balanced accuracy" if metric == "balanced_accuracy" else metric
     md = [
@@ -167,6 +178,35 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
     if left_out:
         md += ["## Left out", ""] + [f"- {m}" for m in left_out] + [""]
     md += ["## Table 1: unimodal vs CLIP-IT", "", markdown_table(h1, r1) if r1 else "(no unimodal/CLIP-IT runs)", ""]
+    md += [
+        "## Gain over the warm start (paired by seed)",
+        "",
+        "CLIP-IT minus the unimodal probe it warm-starts from, seed by seed (seeds with both runs); the interval is "
+        "a percentile bootstrap over seeds (10,000 resamples, fixed seed). The mean row averages the backbones that "
+        "have a pair. 'within seed noise': the interval holds 0.",
+        "",
+        markdown_table(hg, rg) if rg else "(no backbone and dataset with a unimodal and a CLIP-IT run of one seed)",
+        "",
+        "## Against published numbers",
+        "",
+        f"Δ = ours minus the reference, in points; a cell further than ±{tolerance:g} points from a reference is "
+        "flagged in the last column (`clipit report --tolerance`). Sources:",
+        "",
+        *source_lines(refs),
+        "",
+        markdown_table(hc, rc) if rc else "(no run matches a reference cell: dataset, backbone, method and variant)",
+        "",
+    ]
+    if rf:
+        md += [
+            "## Frozen features: k-NN and few-shot",
+            "",
+            "Each run's backbone with no head (`clipit evaluate --frozen`): k-NN (cosine, k=20) and SimpleShot "
+            "(support drawn from train, mean over 100 episodes) on the test split, balanced accuracy in %.",
+            "",
+            markdown_table(hf, rf),
+            "",
+        ]
     if rm:
         md += [
             "## Multimodal and CLIP-based baselines",
@@ -215,7 +255,8 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
     if status:
         md += ["## Grid status", ""] + status + [""]
     if figures:
-        md += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+        md += ["## Figures", "", "Each also as PDF and SVG beside the PNG.", ""]
+        md += [f"![{f.stem}]({f.name})" for f in figures if f.suffix == ".png"] + [""]
     atomic_write_text(out / "report.md", "\n".join(md))
     files.insert(0, out / "report.md")
     return {
@@ -226,6 +267,9 @@ def _write_report(root: Path, out: Path, metric: str, plots: bool, warn: Callabl
         "omega": reco,
         "multimodal": recm,
         "lora": recl,
+        "gains": recg,
+        "comparison": recc,
+        "frozen": recf,
         "markdown": "\n".join(md),
         "warnings": left_out,
     }

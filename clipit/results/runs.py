@@ -79,6 +79,7 @@ class Run:
     compare_to: str = ""  # the variant this one varies (grid `compare_to`); "" = the main runs
     axes: dict | None = None  # the grid axes other than backbone and dataset
     best_val: dict | None = None  # val metrics of the selected checkpoint (train_summary.json)
+    warm_start: str = ""  # the method whose best checkpoint initialised this run (same seed), "" for none
 
     def value(self, metric: str) -> float:
         return float(self.metrics[metric])
@@ -180,7 +181,8 @@ def load_run(run_dir: Path) -> Run | None:
     except (AttributeError, TypeError, ValueError) as err:
         raise Unreadable(layout.state_file(run_dir), f"unexpected content ({type(err).__name__}: {err})") from None
     try:
-        kind = ((cfg.get("methods") or {}).get(method) or {}).get("method") or cell.get("kind") or method
+        method_cfg = (cfg.get("methods") or {}).get(method) or {}
+        kind = method_cfg.get("method") or cell.get("kind") or method
         clip = axes.pop("clip", None)  # the CLIP-based baselines: the CLIP is the model
         spec = known_spec(str(kind))
         if spec is not None and spec.uses_clip:  # their model is the CLIP (grid axis `clip`, else clip.model)
@@ -218,6 +220,7 @@ def load_run(run_dir: Path) -> Run | None:
         compare_to=compare_to,
         axes=axes,
         best_val=best_val,
+        warm_start=str(method_cfg.get("warm_start") or ""),
     )
 
 

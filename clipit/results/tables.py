@@ -27,22 +27,8 @@ from clipit.results.runs import (
     vision_kinds,
     warn_to_log,
 )
-
-
-def _stats(values: list[float]) -> tuple[float, float | None, int]:
-    """(mean, sample std with ddof 1, n); one value has no spread: std None (an empty CSV cell, not 0)."""
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None, len(a)
-
-
-def _seed_stats(runs: list[Run], metric: str) -> tuple[float, float | None, int]:
-    """`_stats` over seeds: runs of one seed count once (their mean). A method without a vision model
-    (the text-only classifier) is trained once per backbone of a grid, each copy the same model: pooling
-    the copies would count each seed six times and shrink the std."""
-    by_seed: dict[int, list[float]] = {}
-    for r in runs:
-        by_seed.setdefault(r.seed, []).append(r.value(metric))
-    return _stats([float(np.mean(v)) for _, v in sorted(by_seed.items())])
+from clipit.results.stats import seed_stats as _seed_stats
+from clipit.results.stats import stats as _stats
 
 
 def _fmt(stat: tuple[float, float, int] | None, scale: float = 100.0, digits: int = 2) -> str:
@@ -414,7 +400,18 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # record keys that hold a fraction of samples: the CSVs give them in percent, named with the unit
-PERCENT_KEYS = ("mean", "std", "delta", "val_mean", "table1_mean", "balanced_accuracy", "accuracy", "omega_std")
+PERCENT_KEYS = (
+    "mean",
+    "std",
+    "delta",
+    "val_mean",
+    "table1_mean",
+    "balanced_accuracy",
+    "accuracy",
+    "omega_std",
+    "gain_ci_low",
+    "gain_ci_high",
+)
 
 
 def _is_percent(key: str) -> bool:

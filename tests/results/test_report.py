@@ -45,7 +45,8 @@ def make_run(
     out = root / dataset / (backbone if variant is None else f"{backbone}-ablations/{variant}")
     run = out / "runs" / method / f"seed-{seed}"
     run.mkdir(parents=True)
-    cfg = {"model": {"backbone": backbone}, "data": {"name": dataset}, "methods": {method: {"method": kind}}}
+    method_cfg = {"method": kind} | ({"warm_start": "unimodal"} if kind == "clipit" else {})
+    cfg = {"model": {"backbone": backbone}, "data": {"name": dataset}, "methods": {method: method_cfg}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     extra = 0.02 * PARAMS[backbone] if kind == "clipit" else 0
     (run / "metrics.json").write_text(
@@ -95,7 +96,7 @@ def paper_runs(tmp_path_factory):
             make_run(root, "uni", d, "text", "text", seed, 0.6 + 0.01 * rng.random())
     for variant, acc in (("no-lora", 0.9386), ("no-text", 0.9431)):
         for seed in range(3):
-            make_run(root, "uni", "pcam", "clipit", "clipit", seed, acc + 0.001 * seed, variant=variant)
+            make_run(root, "uni", "pcam", "clipit", "clipit", seed, acc + 0.001 * seed, variant=variant, tb=seed < 2)
             link = root / "pcam" / "uni-ablations" / variant / "runs" / "unimodal"
             link.mkdir(parents=True, exist_ok=True)
             os.symlink(root / "pcam" / "uni" / "runs" / "unimodal" / f"seed-{seed}", link / f"seed-{seed}")
@@ -223,3 +224,46 @@ def test_cli_report(paper_runs, tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_every_figure_as_png_pdf_and_svg(paper_runs):
+    root, result = paper_runs
+    out = root / "report"
+    magic = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF-"}
+    for stem in ("pareto", "omega", "curves-pcam", "curves-pcam-uni-ablations"):
+        for suffix in (".png", ".pdf", ".svg"):
+            path = out / f"{stem}{suffix}"
+            assert str(path) in result["files"] and path.stat().st_size > 1000, path
+            head = path.read_bytes()[:200]
+            assert head.startswith(magic[suffix]) if suffix in magic else b"<svg" in head, path
+        assert f"![{stem}]({stem}.png)" in result["markdown"]  # report.md shows the PNG
+    assert "</svg>" in (out / "pareto.svg").read_text()[-100:]  # written whole
+
+
+def test_curves_continue_after_the_warm_start(paper_runs):
+    from clipit.results.curves import _scalars, warm_start_offsets
+
+    root, _ = paper_runs
+    runs, _ = find_runs(root)
+    scalars = _scalars(runs)
+    offsets = warm_start_offsets(runs, scalars)
+    drawn = [r for r in runs if r.path in scalars]
+    clipit = [r for r in drawn if r.kind == "clipit"]
+    assert clipit and all(offsets[r.path] == 100 for r in clipit)  # the probe's last logged step
+    assert {r.variant for r in clipit} == {"", "no-lora", "no-text"}  # ablations reuse the main probe
+    assert not any(r.path in offsets for r in drawn if r.kind == "unimodal")
+
+
+def test_latex_tables_beside_markdown_and_csv(paper_runs):
+    root, _ = paper_runs
+    tex = (root / "report" / "table1.tex").read_text()
+    lines = tex.splitlines()
+    assert lines.index(r"\toprule") < lines.index(r"\midrule") < lines.index(r"\bottomrule")
+    assert tex.count(r"\midrule") == 2  # under the header, and above the mean-gain row
+    rows = [line for line in lines if line.endswith(r"\\")]
+    assert len(rows) == 1 + 6 + 1 and all(row.count(" & ") == 9 for row in rows)
+    assert r"UNI & 88.30 $\pm$ 0.30 & 90.40 $\pm$ 0.40 & +2.10" in tex
+    assert r"\caption{Test balanced accuracy (\%)" in tex and r"\label{tab:table1}" in tex
+    assert tex.count(r"\begin{") == tex.count(r"\end{") == 2
+    for name in ("gains.tex", "comparison.tex", "ablations.tex"):
+        assert r"\bottomrule" in (root / "report" / name).read_text()

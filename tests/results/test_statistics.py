@@ -7,22 +7,11 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from clipit.results.report import build_report
 from clipit.results.runs import find_runs
 from clipit.results.tables import table1, text_table
-
-
-def make_run(root, backbone: str, dataset: str, method: str, kind: str, seed: int, acc: float):
-    """A finished run as a grid cell leaves it: config.yaml and metrics.json."""
-    run = root / dataset / backbone / "runs" / method / f"seed-{seed}"
-    run.mkdir(parents=True)
-    cfg = {"model": {"backbone": backbone}, "data": {"name": dataset}, "methods": {method: {"method": kind}}}
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    metrics = {"method": method, "balanced_accuracy": acc, "accuracy": acc, "parameters": {"total": 1000}}
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    return run
+from clipit_testing import finished_run as make_run
 
 
 def read_csv(path):
