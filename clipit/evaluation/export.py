@@ -133,6 +133,7 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
         "run_method": meta["method"],
         "backbone": cfg.model.backbone,
         "model_image_size": cfg.model.image_size,
+        "timm_kwargs": dict(cfg.model.timm_kwargs),  # a timm: backbone's options (absent in older exports: none)
         "input_size": preprocess.size,
         "mean": preprocess.mean.flatten().tolist(),
         "std": preprocess.std.flatten().tolist(),
@@ -197,6 +198,9 @@ def check_export_config(config: dict, path: Path) -> None:
         raise bad("classes", "a list of distinct class names")
     if config.get("field_um") is not None and not (number(config["field_um"]) and config["field_um"] > 0):
         raise bad("field_um", "a positive number of µm (or null)")
+    options = config.get("timm_kwargs", {})
+    if not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
+        raise bad("timm_kwargs", "a mapping of timm create_model options")
 
 
 def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
@@ -238,7 +242,7 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
     if "clip_architecture" in config:  # a CLIP baseline: the CLIP's vision tower, not a registry backbone
         backbone = clip_baselines.vision_from_architecture(config["clip_architecture"])
     else:
-        backbone = create_backbone(get_spec(config["backbone"]), config["model_image_size"])
+        backbone = create_backbone(get_spec(config["backbone"], config.get("timm_kwargs")), config["model_image_size"])
     model = build_classifier(
         config["method"], backbone, len(config["classes"]), config["text_dim"], config["kd_layers"]
     )

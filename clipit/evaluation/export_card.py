@@ -41,10 +41,11 @@ def dataset_resolution(dataset: str, input_size: int) -> dict:
 def timm_fields(cfg: ExperimentConfig, uses_clip: bool) -> dict:
     """`timm`: architecture and create_model arguments of the backbone, and the file with its weights; null
     for a backbone timm does not build (CONCH, a CLIP's vision tower)."""
-    args = None if uses_clip else timm_create_args(get_spec(cfg.model.backbone), cfg.model.image_size)
+    spec = get_spec(cfg.model.backbone, cfg.model.timm_kwargs)
+    args = None if uses_clip else timm_create_args(spec, cfg.model.image_size)
     if args is None:
         return {"timm": None, "backbone_file": None}
-    return {"timm": {"architecture": get_spec(cfg.model.backbone).arch, "kwargs": args}, "backbone_file": BACKBONE_FILE}
+    return {"timm": {"architecture": spec.arch, "kwargs": args}, "backbone_file": BACKBONE_FILE}
 
 
 def headline_metrics(run_dir: Path) -> dict | None:

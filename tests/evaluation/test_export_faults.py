@@ -38,6 +38,7 @@ def predict(export, tmp_path, capsys) -> str:
         ("std", [0.2, float("nan"), 0.2], "3 finite numbers"),
         ("classes", ["tumor"], "a list of at least 2 class names"),
         ("field_um", -112.0, "a positive number of µm (or null)"),
+        ("timm_kwargs", ["dynamic_img_size"], "a mapping of timm create_model options"),
     ],
 )
 def test_an_edited_config_json_names_the_key(demo_export, tmp_path, capsys, key, value, what):
