@@ -60,6 +60,7 @@ def load_corpus(cfg: ExperimentConfig) -> list[Report]:
         id_field=r.id_field,
         project_map=r.project_map,
         encoding=r.encoding,
+        whitespace=r.whitespace,
     )
 
 
@@ -88,6 +89,15 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
         return done
     prepare_demo_clip(cfg)
     checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
+    if p.from_reference:  # the authors' pair indices instead of a search (config.check_reference_pairing)
+        from clipit.pairing.reference import import_reference_pairs
+
+        def build_model():
+            return build_pairing_model(p.model, checkpoint, p.device, p.precision)
+
+        return import_reference_pairs(
+            build_model, dataset, texts, cfg.reports.path, p.from_reference, p.dir, p.batch_size, pairing_spec(cfg)
+        )
     model = build_pairing_model(p.model, checkpoint, p.device, p.precision)
     return pair_dataset(
         model,
