@@ -94,7 +94,7 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
         return build_pairing_model(p.model, checkpoint, p.device, p.precision)
 
     if p.from_reference:  # the authors' pair indices instead of a search (config.check_reference_pairing)
-        from clipit.pairing.reference import import_reference_pairs
+        from clipit.pairing.engine import import_reference_pairs
 
         return import_reference_pairs(
             build_model, dataset, texts, cfg.reports.path, p.from_reference, p.dir, p.batch_size, pairing_spec(cfg)

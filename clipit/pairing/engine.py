@@ -221,3 +221,30 @@ def current_pairs(cfg, dataset: ImageDataset, texts: list[Report]) -> dict[str, 
         ):
             return None
     return paths
+
+
+def import_reference_pairs(
+    build_model,
+    dataset: ImageDataset,
+    reports: list[Report],
+    corpus_path,
+    ref_dir,
+    out_dir,
+    batch_size: int,
+    spec: dict,
+) -> dict[str, Path]:
+    """`clipit pair` with pairing.from_reference: every file checked and mapped first, then the corpus
+    embedded with the pairing model `build_model()` (the shards and the cached teacher need the
+    embeddings) and one pairs file per split written (top-1, in our sample order)."""
+    from clipit.pairing.reference import map_reference_pairs
+
+    out_dir = Path(out_dir)
+    pairs = map_reference_pairs(dataset, reports, corpus_path, ref_dir)
+    model = build_model()
+    prepare_texts(model, reports, out_dir, batch_size)
+    meta = pairs_meta(model.identity, reports, 1, spec)
+    paths = {}
+    for split, (indices, scores) in pairs.items():
+        paths[split] = out_dir / f"pairs-{split}.npz"
+        write_pairs(paths[split], indices, scores, dataset, split, meta)
+    return paths

@@ -17,7 +17,7 @@ Data/*TDataLoaderConch.py:
 
 A value j is a line index into the report file (the reference reads `[line.rstrip() for line in file]`),
 which our txt corpus keeps as report id `<stem>-<j>` (clipit/corpus.py). Every file is checked before
-anything is written: present, an integer array (np.load, no pickle), one entry per image, and every
+anything is written: present, an integer array (plain numpy data, never objects), one entry per image, and every
 index a non-blank line of the corpus; each problem is one line naming the file and the fix.
 """
 
@@ -84,7 +84,7 @@ def reference_layout(dataset: ImageDataset) -> dict[str, ReferenceSplit]:
 
 def _load(path: Path, what: str) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path)  # numpy refuses object arrays by default: no code runs from the file
     except (OSError, ValueError, EOFError) as err:
         raise ReferencePairsError(
             f"{path}: not a numpy {what} array ({one_line(err)}); copy the reference's file unchanged"
@@ -198,30 +198,3 @@ def reference_digest(ref_dir: str | Path) -> str | None:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def import_reference_pairs(
-    build_model,
-    dataset: ImageDataset,
-    reports: list[Report],
-    corpus_path,
-    ref_dir,
-    out_dir,
-    batch_size: int,
-    spec: dict,
-) -> dict[str, Path]:
-    """`clipit pair` with pairing.from_reference: every file checked and mapped first, then the corpus
-    embedded with the pairing model `build_model()` (the shards and the cached teacher need the
-    embeddings) and one pairs file per split written (top-1, in our sample order)."""
-    from clipit.pairing.engine import pairs_meta, prepare_texts, write_pairs
-
-    out_dir = Path(out_dir)
-    pairs = map_reference_pairs(dataset, reports, corpus_path, ref_dir)
-    model = build_model()
-    prepare_texts(model, reports, out_dir, batch_size)
-    meta = pairs_meta(model.identity, reports, 1, spec)
-    paths = {}
-    for split, (indices, scores) in pairs.items():
-        paths[split] = out_dir / f"pairs-{split}.npz"
-        write_pairs(paths[split], indices, scores, dataset, split, meta)
-    return paths

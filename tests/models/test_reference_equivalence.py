@@ -23,7 +23,8 @@ from clipit.data.crc import CRC_CLASSES, CRCDataset
 from clipit.data.pcam import PCamDataset
 from clipit.models.clipit import ClipItModel, clipit_loss
 from clipit.models.preprocess import DevicePreprocess
-from clipit.pairing.reference import ReferencePairsError, import_reference_pairs, map_reference_pairs
+from clipit.pairing.engine import import_reference_pairs
+from clipit.pairing.reference import ReferencePairsError, map_reference_pairs
 from clipit.training.trainer import make_scheduler
 from clipit_testing import ROOT, cli, train_args
 
@@ -411,6 +412,7 @@ def test_strict_table1_grid_dry_runs():
     assert "216" in proc.stdout or "total" in proc.stdout
 
 
+@pytest.mark.slow  # two in-process trains, ~20 s on 2 cores
 def test_strict_switches_train_a_tiny_model(tiny_shards, tmp_path):
     """The probe with the epoch-stepped cosine, double softmax, fp32, flips + jitter and other statistics,
     then CLIP-IT without LoRA and with a trainable head, warm-started from it."""
