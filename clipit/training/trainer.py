@@ -121,6 +121,8 @@ def run_identity(
         "processes": world,
         "shards": {"manifest_sha256": shards},
     }
+    if mcfg.mean is not None:  # normalisation override (only when set: earlier identities stay valid)
+        identity["model"] |= {"mean": mcfg.mean, "std": mcfg.std}
     if tcfg.text_encoder == "tower":
         identity["pairing"] = {"model": cfg.pairing.model, "checkpoint": cfg.pairing.checkpoint}
     if warm_start is not None and Path(warm_start).with_suffix(".safetensors").exists():

@@ -406,10 +406,26 @@ def test_strict_profile_sets_every_reference_switch():
     assert cfg.methods["clipit"].augment_policy == "flips_jitter"
 
 
-def test_strict_table1_grid_dry_runs():
+def test_strict_table1_grid_dry_runs_and_its_cells_are_the_reference_recipe(monkeypatch):
+    from clipit.hpc.grid import expand
+
     proc = cli("grid", "--config", "configs/grids/paper_table1_strict.yaml", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "216" in proc.stdout or "total" in proc.stdout
+    assert "total (219 stages)" in proc.stdout  # 216 cells + pairing and shards of 3 datasets
+    monkeypatch.chdir(ROOT)
+    plan = expand(ROOT / "configs/grids/paper_table1_strict.yaml")
+    assert len(plan.cells) == 216 and len(plan.tasks) == 54
+    sample = plan.cells[::13]  # 17 cells: the stride walks across methods, datasets and backbones
+    assert {c.labels["dataset"] for c in sample} == {"pcam", "bach", "crc"} and len({c.method for c in sample}) == 4
+    for cell in sample:
+        cfg = cell.load()
+        dataset = cell.labels["dataset"]
+        assert cfg.reports.path.endswith("text_colo.txt" if dataset == "crc" else "text_breast.txt")
+        assert (cfg.model.mean is not None) == (dataset == "pcam")
+        m = cfg.methods[cell.method]
+        assert (m.ce_input, m.precision) == ("softmax", "fp32")
+        if cell.method != "text":
+            assert m.augment == (dataset == "pcam")
 
 
 @pytest.mark.slow  # two in-process trains, ~20 s on 2 cores
