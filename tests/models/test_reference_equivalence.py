@@ -6,6 +6,7 @@ double-softmax loss, the epoch-stepped cosine, whitespace-preserving tokens, the
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import h5py
@@ -465,3 +466,23 @@ def test_strict_switches_train_a_tiny_model(tiny_shards, tmp_path):
     assert not torch.equal(warm["head.weight"], tuned["head.weight"])  # the head trained
     backbone = [k for k in warm if k.startswith("backbone.")]
     assert backbone and all(torch.equal(warm[k], tuned[k]) for k in backbone)  # the backbone did not
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["methods.clipit.train_head=true"], "methods.clipit.train_head is for a frozen backbone"),
+        (["model.mean=[0.5, 0.5, 0.5]"], "set model.mean and model.std together"),
+        (["model.mean=[0.5, 0.5]", "model.std=[0.5, 0.5, 0.5]"], "model.mean = [0.5, 0.5] must have at least 3 items"),
+        (["model.std=[0.5, 0.5, 0.5, 0.5]", "model.mean=[0.5, 0.5, 0.5]"], "must have at most 3 items"),
+        (["model.std=[0.5, 0.0, 0.5]", "model.mean=[0.5, 0.5, 0.5]"], "model.std[1] = 0.0 is out of range"),
+        (["methods.unimodal.schedule=cosine_epochs", "methods.unimodal.t_max=0"], "methods.unimodal.t_max = 0"),
+        (["methods.clipit.ce_input=probabilities"], "methods.clipit.ce_input = 'probabilities' is not one of"),
+        (["reports.whitespace=strip"], "reports.whitespace = 'strip' is not one of"),
+    ],
+)
+def test_strict_switches_are_validated_at_load(overrides, message):
+    from clipit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs/demo-tiny.yaml", overrides)
