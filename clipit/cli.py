@@ -153,6 +153,8 @@ def cmd_doctor(args) -> int:
 def cmd_pair(args) -> None:
     from clipit.pipeline import pair_stage
 
+    if args.from_reference:  # = --set pairing.from_reference=DIR (a JSON string is a YAML string)
+        args.set = [*(args.set or []), f"pairing.from_reference={json.dumps(args.from_reference)}"]
     paths = pair_stage(_config(args))
     print(json.dumps({s: str(p) for s, p in paths.items()}, indent=2))
 
@@ -459,7 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.lists_choices = True
     add_config_flags(doctor, required=False)
     add_root_flag(doctor)
-    command("pair", cmd_pair, "pair every image with its most similar report (Eq. 1)")
+    pair = command("pair", cmd_pair, "pair every image with its most similar report (Eq. 1)")
+    pair.add_argument(
+        "--from-reference",
+        metavar="DIR",
+        help="map the reference code's <dataset>_<split>_indexes.npy in DIR onto the samples instead of searching "
+        "(= --set pairing.from_reference=DIR; docs/reproduce.md)",
+    )
 
     shard = sub.add_parser("shard", help="build or validate WebDataset shards", parents=[common])
     shard_sub = shard.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ChoicesHelpParser)

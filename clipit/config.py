@@ -31,6 +31,8 @@ PositiveFloat = Annotated[float, Range(gt=0)]
 NonNegative = Annotated[float, Range(ge=0)]
 Fraction = Annotated[float, Range(ge=0, lt=1)]
 Side = Annotated[int, Range(ge=8)]  # an image side in pixels
+ChannelMeans = Annotated[list[Annotated[float, Range(ge=0, le=1)]], Items(min=3, max=3)]  # R, G, B of [0, 1] pixels
+ChannelStds = Annotated[list[Annotated[float, Range(gt=0)]], Items(min=3, max=3)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +77,9 @@ class ReportsConfig:
     # csv (patient_id,cancer_type) or json mapping TCGA patient barcodes to projects, for corpora without a
     # project column (TCGA_Reports.csv): tcga_patient_to_cancer_type.csv of the same repository
     project_map: str | None = None
+    # keep: each text as written (a txt line without its line break, as the reference reads it), so the
+    # tokenizer sees the same line breaks and double spaces; collapse: runs of whitespace -> one space
+    whitespace: Literal["keep", "collapse"] = "keep"
 
 
 @dataclass
@@ -91,6 +96,9 @@ class PairingConfig:
     texts: Literal["reports", "class_prompts"] = "reports"  # class_prompts: 22 CONCH templates x class names
     # prompt name per class (label order), for class_prompts and the CLIP baselines' prompts; default per dataset
     class_names: Annotated[list[str], Items(min=1)] | None = None
+    # a folder of the reference code's pair indices (<dataset>_<split>_indexes.npy, optional _values.npy):
+    # `clipit pair` maps them onto this dataset's samples instead of searching (clipit/pairing/reference.py)
+    from_reference: str | None = None
 
 
 @dataclass
@@ -143,6 +151,8 @@ class ModelConfig:
     image_size: Side | None = None  # None = the backbone's native input size
     # constructor options of a timm:<model> backbone (e.g. dynamic_img_size: true, img_size: 224); docs/models.md
     timm_kwargs: dict[str, bool | int | float | str | list[int]] = field(default_factory=dict)
+    mean: ChannelMeans | None = None  # input normalisation mean per channel; None = the backbone's own
+    std: ChannelStds | None = None  # input normalisation std per channel; None = the backbone's own
     lora: LoraConfig = field(default_factory=LoraConfig)
     text_dim: Positive = 512  # dimension of the report embeddings in the shards
     kd_layers: Annotated[int, Range(ge=1, le=2)] = 1  # P is Linear (1) or Linear-LeakyReLU-Linear (2)
@@ -169,10 +179,15 @@ class TrainConfig:
     )
     weight_decay: NonNegative = 1e-4  # decoupled for adamw, L2 for adam and sgd
     momentum: Fraction = 0.9  # sgd only (Nesterov, so > 0 with sgd)
-    schedule: Literal["none", "cosine"] = "none"  # cosine: from lr to min_lr over the run
+    # cosine: from lr to min_lr over the run's steps. cosine_epochs: torch's CosineAnnealingLR(T_max=t_max,
+    # eta_min=min_lr) stepped once per epoch, as Lightning steps the reference's probe and text model
+    schedule: Literal["none", "cosine", "cosine_epochs"] = "none"
     min_lr: NonNegative = 0.0  # the cosine schedule's floor (at most lr)
+    t_max: Positive = 12500  # cosine_epochs: the period in epochs (the reference's T_max)
     grad_clip: NonNegative = 0.5  # max gradient norm (0 = off)
     lam: NonNegative = 1.0  # weight of the cosine distillation term
+    # what the cross-entropy reads: logits, or softmax probabilities (the reference code's double softmax)
+    ce_input: Literal["logits", "softmax"] = "logits"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the only precision setting (accelerate + DeepSpeed)
     distributed: Literal["ddp", "zero2"] = "ddp"  # zero2: DeepSpeed ZeRO-2 with a config derived from this one
     checkpoint_every: Count = 0  # steps between resume checkpoints; 0 = at every evaluation
@@ -186,7 +201,12 @@ class TrainConfig:
         None  # unimodal: import this probe checkpoint's linear head (e.g. kaiko eva's) instead of training
     )
     text_warm_start: str | None = None  # late_fusion: method (text) whose H_t initialises the text branch, same seed
-    augment: bool = True  # flips and 90-degree rotations: histology has no canonical orientation
+    augment: bool = True  # training augmentation (augment_policy)
+    # dihedral: flips and 90-degree rotations (histology has no canonical orientation). flips_jitter: h/v
+    # flips + ColorJitter(0.5, 0.5, 0.5, 0.05), the reference's Feb-2025 PCAM loader
+    augment_policy: Literal["dihedral", "flips_jitter"] = "dihedral"
+    # finetune frozen with a warm start: the warm-started head W_v still trains (the reference's no-LoRA run)
+    train_head: bool = False
     # true: a frozen backbone on unaugmented images runs once per image into <shards.dir>/features/ (shared by
     # seeds and methods) and only what follows it trains, on the cached features; false: the backbone runs every step
     feature_cache: bool = True
@@ -299,12 +319,38 @@ def check_sections(cfg: ExperimentConfig, where: str = "<config>") -> None:
             f"{where}: logging.trackers = {cfg.logging.trackers} lacks tensorboard, which the report's training "
             "curves read; list wandb or mlflow next to it, e.g. [tensorboard, wandb]"
         )
+    if p.from_reference is not None:
+        check_reference_pairing(cfg, where)
+    if (cfg.model.mean is None) != (cfg.model.std is None):
+        raise ConfigError(f"{where}: set model.mean and model.std together (or neither: the backbone's own)")
     for i, template in enumerate(cfg.clip.templates or ()):
         if "CLASSNAME" not in template:
             raise ConfigError(
                 f"{where}: clip.templates[{i}] = {template!r} has no CLASSNAME (where the class name "
                 "goes); write e.g. 'an H&E image of CLASSNAME.'"
             )
+
+
+def check_reference_pairing(cfg: ExperimentConfig, where: str) -> None:
+    """pairing.from_reference holds top-1 indices into the reference's one-report-per-line files."""
+    r, p = cfg.reports, cfg.pairing
+    fmt = r.format if r.format != "auto" else ("txt" if str(r.path or "").lower().endswith(".txt") else r.format)
+    problems = [
+        (p.top_k != 1, "pairing.top_k: 1 (the reference kept the top-1 report only)"),
+        (p.texts != "reports", "pairing.texts: reports"),
+        (
+            fmt != "txt",
+            "reports.path: the reference's report file (text/text_breast.txt, text_colo.txt) read as format txt",
+        ),
+        (r.organ is not None or r.projects is not None, "no reports.organ / reports.projects (the file is the corpus)"),
+        (
+            cfg.data.name not in ("pcam", "crc", "bach"),
+            "data.name pcam, crc or bach (the datasets the reference paired)",
+        ),
+    ]
+    for bad, need in problems:
+        if bad:
+            raise ConfigError(f"{where}: pairing.from_reference needs {need}")
 
 
 def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
@@ -364,12 +410,17 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
                 f"{where}: {key}.patience needs a validation score to watch (select is 'last'); set "
                 "select: val_bacc or val_loss, or patience: 0"
             )
+        if m.train_head and not (m.warm_start and spec.finetune(m.finetune, cfg.model.lora.enabled) == "frozen"):
+            raise ConfigError(
+                f"{where}: {key}.train_head is for a frozen backbone with a warm-started head (finetune: frozen, "
+                "or model.lora.enabled: false, and warm_start); remove train_head"
+            )
         if m.optimizer == "sgd" and m.momentum == 0:
             raise ConfigError(
                 f"{where}: {key}.momentum = 0 with optimizer sgd: Nesterov SGD needs momentum in "
                 "(0, 1); set momentum (e.g. 0.9) or use optimizer adam"
             )
-        if m.schedule == "cosine" and m.min_lr > m.lr:
+        if m.schedule != "none" and m.min_lr > m.lr:
             raise ConfigError(
                 f"{where}: {key}.min_lr = {m.min_lr:g} is above lr = {m.lr:g}; the cosine schedule "
                 "decays from lr to min_lr, so set min_lr <= lr"
@@ -411,6 +462,7 @@ PATH_KEYS = (
     "reports.project_map",
     "pairing.dir",
     "pairing.checkpoint",
+    "pairing.from_reference",
     "shards.dir",
     "model.weights",
     "model.weights_file",

@@ -10,9 +10,13 @@ Formats (``fmt="auto"`` picks by suffix):
 * ``txt``: one report per line, as the reference's ``text_colo.txt``; ids are ``<stem>-<i>`` with ``i`` the
   0-based line index, i.e. the number the reference's ``*_indexes.npy`` pairing arrays hold.
 
-Texts are whitespace-normalised (runs of spaces/newlines -> one space): CONCH's tokenizer does the same,
-and it keeps every report on one line for the txt format. Empty texts are skipped with a warning (OCR'd
-corpora have blank rows; one blank report should not stop a run); a corpus left empty is an error.
+Whitespace (``reports.whitespace``): ``keep`` (the default) leaves each text as written, except that a txt
+line loses its trailing whitespace and line break (the reference reads ``line.rstrip()``). CONCH's
+tokenizer does *not* normalise whitespace: a line break or a double space changes its tokens (123 of
+the 376 reports of the reference's colon file tokenize differently once collapsed), so keeping the text
+is what the reference encodes. ``collapse`` turns runs of spaces/newlines into one space. Texts that are
+empty or blank are skipped with a warning (OCR'd corpora have blank rows; one blank report should not stop a
+run); a txt report keeps its line index as its id either way. A corpus left empty is an error.
 
 Text files are read in one declared encoding (``reports.encoding``, default UTF-8), never guessed: a
 wrong guess (latin-1 vs cp1252, say) would silently change texts and with them the corpus
@@ -235,7 +239,7 @@ def _records(path: Path, fmt: str, encoding: str = "utf-8") -> Iterator[tuple[st
     else:  # txt
         with open(path, encoding=text_encoding) as f:
             for i, line in enumerate(f):
-                yield f"line {i + 1}", {"id": f"{path.stem}-{i}", "text": line}
+                yield f"line {i + 1}", {"id": f"{path.stem}-{i}", "text": line.rstrip()}
 
 
 def _fields(rec: dict) -> str:
@@ -244,7 +248,13 @@ def _fields(rec: dict) -> str:
 
 
 def _to_report(
-    rec: dict, where: str, path: Path, text_field: str | None, id_field: str | None, pmap: Mapping[str, str]
+    rec: dict,
+    where: str,
+    path: Path,
+    text_field: str | None,
+    id_field: str | None,
+    pmap: Mapping[str, str],
+    whitespace: str = "keep",
 ) -> Report | None:
     tk, text = (text_field, rec.get(text_field)) if text_field else _pick(rec, _TEXT_FIELDS)
     if tk is None or tk not in rec:
@@ -255,8 +265,10 @@ def _to_report(
         )
     if isinstance(text, (list, tuple)):  # HF Lab-Rasool/TCGA: report_text is a list; the reference takes [0]
         text = text[0] if text else None
-    text = " ".join(str(text).split()) if text is not None else ""
-    if not text:
+    text = str(text) if text is not None else ""
+    if whitespace == "collapse":
+        text = " ".join(text.split())
+    if not text.strip():
         return None
     ik, rid = (id_field, rec.get(id_field)) if id_field else _pick(rec, _ID_FIELDS)
     if ik is None or rid is None or not str(rid).strip():
@@ -294,10 +306,13 @@ def load_reports(
     id_field: str | None = None,
     project_map: str | os.PathLike | Mapping[str, str] | None = None,
     encoding: str = "utf-8",
+    whitespace: str = "keep",
 ) -> list[Report]:
     """Read a report corpus in file order, optionally keeping only one organ and/or TCGA projects
     (both filters must match). ``project_map`` fills ``project`` for records with a TCGA barcode id.
     The arguments are the config's ``reports.*`` keys of the same names (``fmt``: ``reports.format``)."""
+    if whitespace not in ("keep", "collapse"):
+        raise CorpusError(f"{path}: unknown whitespace mode {whitespace!r}; set reports.whitespace to keep or collapse")
     path = Path(path)
     if not path.is_file():
         raise CorpusError(
@@ -321,7 +336,7 @@ def load_reports(
     records = _records(path, fmt, encoding)
     try:
         for where, rec in records:
-            r = _to_report(rec, where, path, text_field, id_field, pmap)
+            r = _to_report(rec, where, path, text_field, id_field, pmap, whitespace)
             if r is None:
                 skipped += 1
                 continue

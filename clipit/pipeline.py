@@ -60,6 +60,7 @@ def load_corpus(cfg: ExperimentConfig) -> list[Report]:
         id_field=r.id_field,
         project_map=r.project_map,
         encoding=r.encoding,
+        whitespace=r.whitespace,
     )
 
 
@@ -86,11 +87,20 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
     done = current_pairs(cfg, dataset, texts)
     if done is not None:
         return done
-    prepare_demo_clip(cfg)
-    checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
-    model = build_pairing_model(p.model, checkpoint, p.device, p.precision)
+
+    def build_model():
+        prepare_demo_clip(cfg)
+        checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
+        return build_pairing_model(p.model, checkpoint, p.device, p.precision)
+
+    if p.from_reference:  # the authors' pair indices instead of a search (config.check_reference_pairing)
+        from clipit.pairing.engine import import_reference_pairs
+
+        return import_reference_pairs(
+            build_model, dataset, texts, cfg.reports.path, p.from_reference, p.dir, p.batch_size, pairing_spec(cfg)
+        )
     return pair_dataset(
-        model,
+        build_model(),
         dataset,
         texts,
         Path(p.dir),

@@ -53,16 +53,19 @@ class Range:
 
 @dataclass(frozen=True)
 class Items:
-    """Constraints on a list: at least `min` items, and no repeats when `unique`."""
+    """Constraints on a list: at least `min` items (at most `max`), and no repeats when `unique`."""
 
     min: int = 0
     unique: bool = False
+    max: int | None = None
 
     def text(self) -> str:
-        parts = (["non-empty"] if self.min == 1 else [f">= {self.min} items"] if self.min else []) + (
-            ["no repeats"] if self.unique else []
-        )
-        return ", ".join(parts)
+        if self.max is not None and self.max == self.min:
+            size = [f"exactly {self.min} items"]
+        else:
+            size = ["non-empty"] if self.min == 1 else [f">= {self.min} items"] if self.min else []
+            size += [f"<= {self.max} items"] if self.max is not None else []
+        return ", ".join(size + (["no repeats"] if self.unique else []))
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ def _coerce(tp, value, where: str, key: str):
                     if rule.min == 1
                     else f"{where}: {key} = {out!r} must have at least {rule.min} items"
                 )
+            if isinstance(rule, Items) and rule.max is not None and len(out) > rule.max:
+                raise ConfigError(f"{where}: {key} = {out!r} must have at most {rule.max} items")
             if isinstance(rule, Items) and rule.unique and len(set(out)) != len(out):
                 raise ConfigError(f"{where}: {key} = {out!r} repeats an item; list each once")
             if isinstance(rule, OneOf) and out not in (names := list(rule.names())):

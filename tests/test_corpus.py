@@ -87,7 +87,9 @@ def test_tcga_csv_with_project_map(tcga_csv, map_csv, caplog):
     assert [r.id for r in reps] == [row[0] for row in TCGA_ROWS[:5]]
     r0 = reps[0]
     assert r0.project == "BRCA" and r0.organ is None and r0.meta == {"patient": "TCGA-BP-5195"}
-    assert "\n" not in r0.text and "  " not in r0.text and len(r0.text) > 131_072
+    assert "\n" in r0.text and len(r0.text) > 131_072  # as written: reports.whitespace keep (the default)
+    collapsed = load_reports(tcga_csv, project_map=map_csv, whitespace="collapse")[0].text
+    assert collapsed == " ".join(r0.text.split()) and "\n" not in collapsed and "  " not in collapsed
     assert [r.project for r in reps] == ["BRCA", "BRCA", "COAD", "READ", "LUAD"]
 
 
@@ -242,7 +244,8 @@ def test_chunk_word_counter(tcga_csv, map_csv):
     _check_passages(reps, passages, 40, words)
     assert len([p for p in passages if p.parent_id == reps[0].id]) > 50
     short = chunk_reports(reps[4:], 40, words)  # the lung report fits: one passage, still with #p0
-    assert [(p.id, p.text) for p in short] == [(reps[4].id + "#p0", reps[4].text)]
+    # passages are built from the whitespace-collapsed text
+    assert [(p.id, p.text) for p in short] == [(reps[4].id + "#p0", " ".join(reps[4].text.split()))]
     # sentences are never cut when they fit: every passage of the colon report ends a sentence
     assert all(p.text.endswith(".") for p in chunk_reports(reps[2:3], 40, words))
 

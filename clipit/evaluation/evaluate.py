@@ -78,6 +78,7 @@ def evaluate_run(
             tcfg.lam,
             what=f"evaluation of {run_dir} on {split}",
             source=source,
+            ce_input=tcfg.ce_input,
             hint=f"if the shards are fine, the run's best checkpoint is broken: retrain it "
             f"(`clipit train --config <config> --method {method} --resume none`)",
         )

@@ -128,10 +128,14 @@ def build_clipit(parts: ModelParts) -> ClipItModel:
     return ClipItModel(parts.backbone, parts.num_classes, text_dim=parts.text_dim, kd_layers=parts.kd_layers)
 
 
-def clipit_loss(outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | None, lam: float) -> dict:
-    """CE on the fused logits (plain CE, not the reference code's double softmax) + lam * (1 - cos(P e, t)).
-    t is the text tower's output when the model has one, else the cached embedding from the shards."""
-    ce = F.cross_entropy(outputs["logits"].float(), labels)
+def clipit_loss(
+    outputs: dict, labels: torch.Tensor, text_emb: torch.Tensor | None, lam: float, ce_input: str = "logits"
+) -> dict:
+    """CE on the fused logits + lam * (1 - cos(P e, t)). t is the text tower's output when the model has
+    one, else the cached embedding from the shards. ce_input "softmax" feeds softmax(z) to the CE, i.e.
+    -log softmax(softmax(z))_y: the reference code's double softmax (methods.<m>.ce_input)."""
+    logits = outputs["logits"].float()
+    ce = F.cross_entropy(logits.softmax(dim=1) if ce_input == "softmax" else logits, labels)
     text_emb = outputs.get("text_emb", text_emb)
     if "proj" not in outputs or text_emb is None or lam == 0:
         return {"loss": ce, "ce": ce.detach()}

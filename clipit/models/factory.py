@@ -107,8 +107,11 @@ def build_model(
             load_model_state(text_best, model, prefixes=("text_head.",))
     if text_tower:
         attach_text_tower(model, cfg, tcfg, text_dim)
-    prepare_finetune(model, finetune, cfg.model.lora, warm_head=tcfg.warm_start is not None)
-    preprocess = DevicePreprocess(cfg.model.image_size or spec.input_size, spec.mean, spec.std)
+    # train_head: the warm-started W_v is not a pretrained module, so it trains in full (config.check_methods)
+    warm_head = tcfg.warm_start is not None and not tcfg.train_head
+    prepare_finetune(model, finetune, cfg.model.lora, warm_head=warm_head)
+    mean, std = (cfg.model.mean, cfg.model.std) if cfg.model.mean is not None else (spec.mean, spec.std)
+    preprocess = DevicePreprocess(cfg.model.image_size or spec.input_size, mean, std)
     return model, preprocess
 
 

@@ -146,11 +146,7 @@ def pair_dataset(
         raise ValueError("no texts to pair with")
     if top_k > len(reports):
         raise ConfigError(f"pairing.top_k={top_k} but the corpus has only {len(reports)} texts; lower pairing.top_k")
-    text = torch.from_numpy(embed_reports(model, reports, out_dir / "text-embeddings", batch_size))
-    # what a method that needs the retrieved report at test time runs besides itself (the report's cost)
-    atomic_write_json(
-        out_dir / ENCODER_FILE, {"model": model.name, "image_encoder_parameters": model.image_encoder_parameters()}
-    )
+    text = torch.from_numpy(prepare_texts(model, reports, out_dir, batch_size))
     meta = pairs_meta(model.identity, reports, top_k, spec)
     paths = {}
     for split in dataset.splits:
@@ -162,16 +158,30 @@ def pair_dataset(
             log.info("%s: made by another model, corpus or top_k; recomputing", path)
         images = embed_images(model, dataset, split, batch_size, num_workers)
         indices, scores = topk_cosine(images, text.to(images.device), k=top_k, backend=search)
-        keys = np.array(dataset.keys(split))
-        atomic_save_npz(
-            path,
-            indices=indices,
-            scores=scores,
-            keys=keys,
-            labels=dataset.labels(split),
-            meta=np.array(json.dumps(meta, sort_keys=True)),
-        )
+        write_pairs(path, indices, scores, dataset, split, meta)
     return paths
+
+
+def prepare_texts(model: PairingModel, reports: list[Report], out_dir: Path, batch_size: int) -> np.ndarray:
+    """The corpus embeddings (cached under <out_dir>/text-embeddings) and the encoder-size record."""
+    text = embed_reports(model, reports, out_dir / "text-embeddings", batch_size)
+    # what a method that needs the retrieved report at test time runs besides itself (the report's cost)
+    atomic_write_json(
+        out_dir / ENCODER_FILE, {"model": model.name, "image_encoder_parameters": model.image_encoder_parameters()}
+    )
+    return text
+
+
+def write_pairs(path: Path, indices, scores, dataset: ImageDataset, split: str, meta: dict) -> None:
+    """One split's pairs file: indices/scores [N, k] in the dataset's sample order, with keys, labels, meta."""
+    atomic_save_npz(
+        path,
+        indices=indices,
+        scores=scores,
+        keys=np.array(dataset.keys(split)),
+        labels=dataset.labels(split),
+        meta=np.array(json.dumps(meta, sort_keys=True)),
+    )
 
 
 def load_pairs(path: str | Path) -> dict[str, np.ndarray]:
@@ -186,7 +196,12 @@ def pairing_spec(cfg) -> dict:
     """What the config asks of pairing (known without loading the model): a pairs file records it, so a
     rerun can tell without building the model whether the files on disk are the ones asked for."""
     p = cfg.pairing
-    return {"model": p.model, "checkpoint": p.checkpoint, "precision": p.precision}
+    spec = {"model": p.model, "checkpoint": p.checkpoint, "precision": p.precision}
+    if p.from_reference:  # imported pairs (pairing/reference.py): current while the same files are there
+        from clipit.pairing.reference import reference_digest
+
+        spec |= {"from_reference": p.from_reference, "reference_sha256": reference_digest(p.from_reference)}
+    return spec
 
 
 def current_pairs(cfg, dataset: ImageDataset, texts: list[Report]) -> dict[str, Path] | None:
@@ -205,4 +220,31 @@ def current_pairs(cfg, dataset: ImageDataset, texts: list[Report]) -> dict[str, 
             or meta.get("spec") != json.loads(json.dumps(pairing_spec(cfg)))
         ):
             return None
+    return paths
+
+
+def import_reference_pairs(
+    build_model,
+    dataset: ImageDataset,
+    reports: list[Report],
+    corpus_path,
+    ref_dir,
+    out_dir,
+    batch_size: int,
+    spec: dict,
+) -> dict[str, Path]:
+    """`clipit pair` with pairing.from_reference: every file checked and mapped first, then the corpus
+    embedded with the pairing model `build_model()` (the shards and the cached teacher need the
+    embeddings) and one pairs file per split written (top-1, in our sample order)."""
+    from clipit.pairing.reference import map_reference_pairs
+
+    out_dir = Path(out_dir)
+    pairs = map_reference_pairs(dataset, reports, corpus_path, ref_dir)
+    model = build_model()
+    prepare_texts(model, reports, out_dir, batch_size)
+    meta = pairs_meta(model.identity, reports, 1, spec)
+    paths = {}
+    for split, (indices, scores) in pairs.items():
+        paths[split] = out_dir / f"pairs-{split}.npz"
+        write_pairs(paths[split], indices, scores, dataset, split, meta)
     return paths

@@ -119,6 +119,7 @@ def predict(
     what: str = "prediction",
     source: ShardSource | None = None,
     hint: str = "",
+    ce_input: str = "logits",
 ) -> dict:
     """Logits, labels and keys of every sample (gathered over ranks) and the mean loss terms.
 
@@ -135,7 +136,7 @@ def predict(
         with accelerator.autocast():
             out = model(images, **inputs)
         target = batch["labels"].to(accelerator.device, non_blocking=True)
-        losses = clipit_loss(out, target, inputs["text_emb"], lam)
+        losses = clipit_loss(out, target, inputs["text_emb"], lam, ce_input)
         n = len(target)
         terms.append({k: float(v) * n for k, v in losses.items()} | {"n": n})
         logits.append(out["logits"].float().cpu().numpy())

@@ -56,7 +56,7 @@ class Features(nn.Module):
         super().__init__()
         self.size = size
 
-    def forward(self, feats: torch.Tensor, augment: bool = False, generator=None) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, augment: str | None = None, generator=None) -> torch.Tensor:
         return feats
 
 

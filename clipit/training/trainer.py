@@ -85,10 +85,15 @@ def use_fused(params) -> bool:
     return bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
 
 
-def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int):
+def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int, batches_per_epoch: int = 1):
     if tcfg.schedule == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     floor = tcfg.min_lr / tcfg.lr if tcfg.lr else 0.0
+    if tcfg.schedule == "cosine_epochs":  # CosineAnnealingLR's closed form at T_cur = finished epochs
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step // batches_per_epoch) / tcfg.t_max)),
+        )
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
@@ -118,6 +123,8 @@ def run_identity(
         "processes": world,
         "shards": {"manifest_sha256": shards},
     }
+    if mcfg.mean is not None:  # normalisation override (only when set: earlier identities stay valid)
+        identity["model"] |= {"mean": mcfg.mean, "std": mcfg.std}
     if tcfg.text_encoder == "tower":
         identity["pairing"] = {"model": cfg.pairing.model, "checkpoint": cfg.pairing.checkpoint}
     if warm_start is not None and Path(warm_start).with_suffix(".safetensors").exists():
@@ -238,7 +245,7 @@ def setup_run(
         )
     plan = step_plan(manifest, tcfg, world)
     optimizer = make_optimizer(tcfg, groups)
-    scheduler = make_scheduler(tcfg, optimizer, plan.total_steps)
+    scheduler = make_scheduler(tcfg, optimizer, plan.total_steps, plan.batches_per_epoch)
     # a frozen backbone on unaugmented images: its features once (shared by seeds), then only what follows it
     cached = cached_inputs(cfg, method, accelerator, manifest, model, preprocess)
     if cached:

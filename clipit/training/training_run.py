@@ -153,12 +153,15 @@ class TrainingRun:
         acc, tcfg, world = self.accelerator, self.tcfg, self.accelerator.num_processes
         self.window.waited += waited
         images = self.preprocess(
-            batch["images"].to(acc.device, non_blocking=True), augment=tcfg.augment, generator=self.generator
+            batch["images"].to(acc.device, non_blocking=True),
+            augment=tcfg.augment_policy if tcfg.augment else None,
+            generator=self.generator,
         )
         inputs = self.text_inputs(batch, acc.device, train=True, generator=self.generator)
         with acc.autocast():
             out = self.model(images, **inputs)
-        losses = clipit_loss(out, batch["labels"].to(acc.device, non_blocking=True), inputs["text_emb"], tcfg.lam)
+        labels = batch["labels"].to(acc.device, non_blocking=True)
+        losses = clipit_loss(out, labels, inputs["text_emb"], tcfg.lam, tcfg.ce_input)
         local_bad = ~torch.isfinite(losses["loss"].detach())
         # one collective per step: a stop signal or a non-finite loss on any rank stops every rank here
         stopping, nonfinite = stop.poll(acc.device, local_bad)
@@ -202,6 +205,7 @@ class TrainingRun:
             what=what,
             source=self.val_source,
             hint=self.hint,
+            ce_input=tcfg.ce_input,
         )
         metrics = classification_metrics(val["labels"], val["logits"], self.meta["classes"])
         score = {"val_loss": -val["loss"], "val_bacc": metrics["balanced_accuracy"], "last": step}[tcfg.select]
