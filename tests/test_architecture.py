@@ -17,6 +17,7 @@ LAYERS = [
         [
             "clipit",
             "clipit.errors",
+            "clipit.identity",
             "clipit.io",
             "clipit.layout",
             "clipit.typed_yaml",

@@ -21,7 +21,7 @@ from clipit.errors import ClipitError
 from clipit.hpc import ledger
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
-from clipit.hpc.grid import Cell, Plan, Task, cell_is_done, chunk, expand
+from clipit.hpc.grid import Cell, Plan, Task, cell_changes, cell_is_done, chunk, expand
 from clipit.hpc.requests import GridRequest
 from clipit.hpc.task import CellRunner
 from clipit.methods import method_spec
@@ -37,8 +37,16 @@ class SubmissionError(ClipitError):
 
 
 def cell_statuses(plan: Plan, alive=None) -> dict[str, tuple[str, dict | None]]:
+    """Each cell's ledger status; a finished cell made under another config than the grid's is *changed*
+    (its state carries `changes`, the differing keys), never done."""
     alive = alive or ledger.JobChecker()
-    return {c.run_dir: ledger.classify(c.run_dir, cell_is_done(c), alive) for c in plan.cells}
+    statuses = {}
+    for c in plan.cells:
+        status, state = ledger.classify(c.run_dir, cell_is_done(c), alive)
+        if status == "done" and (changes := cell_changes(c)):
+            status, state = "changed", (state or {}) | {"changes": changes}
+        statuses[c.run_dir] = (status, state)
+    return statuses
 
 
 def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> tuple[list[Task], list[str]]:
@@ -47,6 +55,16 @@ def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> 
     for i, task in enumerate(plan.tasks):
         states = [statuses[c.run_dir][0] for c in task.cells]
         if all(s == "done" for s in states):
+            continue
+        changed = [c for c, s in zip(task.cells, states) if s == "changed"]
+        if changed:  # its train would stop on the finished run: keep it, as the cell's own rerun does
+            c = changed[0]
+            notes.append(
+                f"not submitted: {task.label} ({c.method} seed {c.seed} finished under another config: "
+                f"{statuses[c.run_dir][1]['changes']}; to keep it, give the grid another --root; to replace it, "
+                f"delete {c.run_dir})"
+            )
+            skipped.add(i)
             continue
         busy = [c for c, s in zip(task.cells, states) if s == "in-flight" or (s == "unknown" and not force_unknown)]
         if busy:
@@ -130,6 +148,8 @@ def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
             job = f" job {state.get('job_id')}" if state and state.get("job_id") and status != "done" else ""
             if state and state.get("unreadable"):
                 job += " (state.json unreadable)"
+            if status == "changed":
+                job += f" ({state['changes']})"
             link = f" (warm start from {cell.warm_start_link})" if cell.warm_start_link else ""
             out(f"  {cell.method:<12} seed {cell.seed}  {status:<9}{job}  {cell.detail:<32} {cell.run_dir}{link}")
     for note in plan.notes:
