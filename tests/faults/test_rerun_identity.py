@@ -67,6 +67,12 @@ def test_pairing_rerun_compares_its_identity(tiny_shards, tmp_path):
     assert "set pairing.dir to a new folder" in changed and "`--overwrite`" in changed
     assert (pairing / "pairs-train.npz").read_bytes() == before
 
+
+@pytest.mark.slow  # pairs the tiny demo again (~25 s on 2 cores)
+def test_overwritten_pairs_are_current_and_stop_the_shards_made_from_the_old_ones(tiny_shards, tmp_path):
+    pairing = tmp_path / "pairing"
+    shutil.copytree(setting(tiny_shards, "pairing.dir"), pairing)
+    base = [*tiny_shards, f"pairing.dir={pairing}", f"output_dir={tmp_path}"]
     replaced = cli("pair", "--config", TINY, "--overwrite", *sets(*base, "pairing.top_k=1"))
     assert replaced.code == 0, replaced.stderr[-2000:]
     meta = json.loads(str(__import__("numpy").load(pairing / "pairs-train.npz")["meta"]))
