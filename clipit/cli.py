@@ -2,7 +2,8 @@
 
 Errors users can fix (every `clipit.errors.ClipitError`) print one line and exit 2; `--debug` shows
 the traceback. The same flag means the same thing everywhere: `--config` (one YAML file), `--set
-KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`.
+KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`, `--overwrite` (replace
+output made under another config; clipit/identity.py).
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def overwrite_flag(args) -> list[str]:
 def stale_run(cfg, method: str, seed: int) -> bool:
     """`--overwrite`: whether the cell's run directory holds a run (or resume checkpoint) made under
     another config; says so in one line on stdout."""
-    from clipit.pipeline import stale_run_changes
+    from clipit.reruns import stale_run_changes
 
     changes = stale_run_changes(cfg, method, seed)
     if changes:

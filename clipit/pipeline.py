@@ -18,8 +18,9 @@ from clipit.config import ConfigError, ExperimentConfig, method_order
 from clipit.corpus import Report, load_reports
 from clipit.data.base import DatasetError, ImageDataset
 from clipit.demo_inputs import prepare_demo_clip, prepare_demo_data
-from clipit.errors import ClipitError
+from clipit.identity import OVERWRITE
 from clipit.io import atomic_write_json, atomic_write_text, read_json
+from clipit.reruns import cells_to_run
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
@@ -213,17 +214,6 @@ def warm_start_of(cfg: ExperimentConfig, method: str, seed: int) -> Path | None:
     return warm
 
 
-def stale_run_changes(cfg: ExperimentConfig, method: str, seed: int) -> str:
-    """How the cell's finished run (or resume checkpoint) differs from the config's identity ('' if current
-    or absent): what `--overwrite` replaces and what `clipit demo` checks before it starts the cells."""
-    from clipit.training.run_identity import stale_run_changes as changes
-
-    run_dir = layout.run_dir(cfg.output_dir, method, seed)
-    warm = cfg.methods[method].warm_start
-    warm_start = layout.warm_start(run_dir, warm) if warm else None
-    return changes(cfg, method, seed, run_dir, warm_start)
-
-
 def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "test", overwrite: bool = False) -> dict:
     """`clipit evaluate`: metrics of a trained cell on one split (skipped when written already)."""
     from clipit.evaluation.evaluate import evaluate_run
@@ -259,52 +249,6 @@ def training_cells(cfg: ExperimentConfig, source: ConfigSource, command: str = "
             argv = tuple(cell_argv(command, source, method, seed, *extra))
             cells.append(ChainCell(f"{method} seed {seed}", argv, needs))
     return cells
-
-
-def cell_changes(cfg: ExperimentConfig, method: str, seed: int) -> tuple[Path, str]:
-    """(the file that records it, how it differs) for a finished cell made under another config than `cfg`:
-    its training (train_summary.json), else its test evaluation (metrics.json); '' when current."""
-    from clipit.shards.manifest import load_manifest
-    from clipit.training.run_identity import evaluated_changes
-
-    run_dir = layout.run_dir(cfg.output_dir, method, seed)
-    changes = stale_run_changes(cfg, method, seed)
-    if changes:
-        return layout.train_summary(run_dir), changes
-    try:
-        manifest = load_manifest(cfg.shards.dir)
-    except ClipitError:
-        manifest = None
-    metrics = layout.metrics_file(run_dir)
-    return metrics, evaluated_changes(read_json(metrics), manifest, "test")
-
-
-def cells_to_run(cfg: ExperimentConfig, source: ConfigSource, overwrite: bool = False) -> list[ChainCell]:
-    """The training cells with work left, before any process starts: a finished cell made under this config
-    is reused as it is (no process); one made under another config stops `clipit demo` with one line naming
-    the changed keys, or with `overwrite` runs (its process replaces it), as does every cell that warm-starts
-    from a cell that runs."""
-    from clipit.identity import OVERWRITE, changed_output
-
-    todo, running = [], set()
-    for cell in training_cells(cfg, source, "train", *([OVERWRITE] if overwrite else [])):
-        method, _, seed = cell.label.partition(" seed ")
-        run_dir = layout.run_dir(cfg.output_dir, method, int(seed))
-        if layout.is_finished(run_dir) and not running.intersection(cell.needs):
-            where, changes = cell_changes(cfg, method, int(seed))
-            if not changes:
-                continue
-            if not overwrite:
-                raise changed_output(
-                    where,
-                    f"{cell.label} finished",
-                    changes,
-                    "set output_dir to a new folder",
-                    f"rerun `clipit demo` with `{OVERWRITE}`",
-                )
-        todo.append(cell)
-        running.add(cell.label)
-    return todo
 
 
 def seed_cells(source: ConfigSource, command: str, method: str, seeds: list[int], *extra: str) -> list[ChainCell]:
@@ -346,7 +290,7 @@ def run_all(cfg: ExperimentConfig, source: ConfigSource, log=print, overwrite: b
         )
     manifest = run_shards(cfg, dataset, reports, pair_paths, overwrite=overwrite)
     log(f"[3/4] shards: {manifest.parent}")
-    cells = cells_to_run(cfg, source, overwrite)
+    cells = cells_to_run(cfg, training_cells(cfg, source, "train", *([OVERWRITE] if overwrite else [])), overwrite)
     if len(cells) < len(cfg.methods) * len(cfg.seeds):
         log(f"[clipit] {len(cfg.methods) * len(cfg.seeds) - len(cells)} cells finished under this config: reused")
     run_cells(cells, log=log)

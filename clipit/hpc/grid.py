@@ -478,7 +478,7 @@ def cell_changes(cell: Cell) -> str:
     """How a finished cell's recorded identity (train_summary.json, metrics.json) differs from the config
     the grid asks for now ('' when equal): such a cell is *changed*, not done (clipit/identity.py)."""
     from clipit.errors import ClipitError, one_line
-    from clipit.pipeline import cell_changes as changes
+    from clipit.reruns import cell_changes as changes
 
     try:
         return changes(cell.load(), cell.method, cell.seed)[1]
