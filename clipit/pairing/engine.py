@@ -201,7 +201,9 @@ def pairing_identity(cfg, dataset: ImageDataset, texts: list[Report]) -> dict:
     """What the pairs depend on, keyed as the config spells it: the pairing model and k, the texts (the
     corpus that reports.* and pairing.texts select, by content) and the images (the dataset, its split sizes
     and sample keys; the demo's generator settings). Not data.root (a moved dataset is the same one),
-    batch_size, num_workers, device or search (both backends are exact)."""
+    batch_size, num_workers, device or search (both backends are exact). Not pairing.checkpoint either:
+    a path, compared as before through `pairing_spec` (another path pairs again, which a copied output
+    folder needs; the weights' sha256 is in the pairs' `model` record, and the shards compare it)."""
     p, d = cfg.pairing, cfg.data
     keys = hashlib.sha256(json.dumps({s: list(map(str, dataset.keys(s))) for s in dataset.splits}).encode())
     data = {
@@ -216,7 +218,6 @@ def pairing_identity(cfg, dataset: ImageDataset, texts: list[Report]) -> dict:
             {
                 "pairing": {
                     "model": p.model,
-                    "checkpoint": p.checkpoint,
                     "precision": p.precision,
                     "top_k": p.top_k,
                     "texts": p.texts,
