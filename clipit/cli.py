@@ -3,7 +3,7 @@
 Errors users can fix (every `clipit.errors.ClipitError`) print one line and exit 2; `--debug` shows
 the traceback. The same flag means the same thing everywhere: `--config` (one YAML file), `--set
 KEY=VALUE` (repeatable override), `--profile`, `--dry-run`, `--local`, `--wait`, `--root` (a grid's root
-folder), `--no-preflight`.
+folder), `--no-preflight`, `--overwrite` (replace output made under another config; clipit/identity.py).
 """
 
 from __future__ import annotations
@@ -100,6 +100,15 @@ def add_root_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} made under another config (without it such output stops the command with "
+        "one line naming the changed keys; output made under this config is reused either way)",
+    )
+
+
 def add_cell_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", required=True, help="a method name from the config's `methods` (its kinds are listed below)"
@@ -128,7 +137,7 @@ def cmd_demo(args) -> None:
     from clipit.pipeline import run_all
 
     start = time.time()
-    run_all(_config(args), _source(args))
+    run_all(_config(args), _source(args), overwrite=args.overwrite)
     print(f"demo finished in {time.time() - start:.0f} s")
 
 
@@ -155,14 +164,16 @@ def cmd_pair(args) -> None:
 
     if args.from_reference:  # = --set pairing.from_reference=DIR (a JSON string is a YAML string)
         args.set = [*(args.set or []), f"pairing.from_reference={json.dumps(args.from_reference)}"]
-    paths = pair_stage(_config(args))
+    paths = pair_stage(_config(args), overwrite=args.overwrite)
     print(json.dumps({s: str(p) for s, p in paths.items()}, indent=2))
 
 
 def cmd_shard_build(args) -> None:
     from clipit.pipeline import shard_stage
 
-    manifest = shard_stage(_config(args), part=args.part, num_parts=args.num_parts, finalize=args.finalize)
+    manifest = shard_stage(
+        _config(args), part=args.part, num_parts=args.num_parts, finalize=args.finalize, overwrite=args.overwrite
+    )
     if manifest is not None:
         print(manifest)
 
@@ -213,17 +224,39 @@ def cmd_train(args) -> None:
     check_method(cfg, args.method)
     seeds = _seeds(cfg, args)
     if len(seeds) > 1:
-        return run_seed_chain(args, "train", seeds, "--resume", args.resume)
+        return run_seed_chain(args, "train", seeds, "--resume", args.resume, *overwrite_flag(args))
     seed = seeds[0]
     with one_cell():
         accelerator = make_accelerator(cfg.methods[args.method])
-        if args.resume == "none":  # start over: rank 0 drops this cell's resume checkpoint and outputs
-            if accelerator.is_main_process:
-                clear_run_dir(layout.run_dir(cfg.output_dir, args.method, seed))
-            accelerator.wait_for_everyone()
-        metrics = train_and_evaluate(cfg, args.method, seed)
+        run_dir = layout.run_dir(cfg.output_dir, args.method, seed)
+        # start over (--resume none), or replace a run made under another config (--overwrite): rank 0
+        # drops this cell's resume checkpoint and outputs
+        if accelerator.is_main_process and (
+            args.resume == "none" or (args.overwrite and stale_run(cfg, args.method, seed))
+        ):
+            clear_run_dir(run_dir)
+        accelerator.wait_for_everyone()
+        metrics = train_and_evaluate(cfg, args.method, seed, overwrite=args.overwrite)
         if accelerator.is_main_process:  # one result line, not one per rank
             print(f"{args.method} seed {seed}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%")
+
+
+def overwrite_flag(args) -> list[str]:
+    """`--overwrite` again for the cells a chain starts, when this command got it."""
+    from clipit.identity import OVERWRITE
+
+    return [OVERWRITE] if getattr(args, "overwrite", False) else []
+
+
+def stale_run(cfg, method: str, seed: int) -> bool:
+    """`--overwrite`: whether the cell's run directory holds a run (or resume checkpoint) made under
+    another config; says so in one line on stdout."""
+    from clipit.reruns import stale_run_changes
+
+    changes = stale_run_changes(cfg, method, seed)
+    if changes:
+        print(f"--overwrite: replacing {method} seed {seed}, made under another config ({changes})", flush=True)
+    return bool(changes)
 
 
 def clear_run_dir(run_dir) -> None:
@@ -252,7 +285,15 @@ def cmd_evaluate(args) -> None:
     check_method(cfg, args.method)
     seeds = _seeds(cfg, args)
     if len(seeds) > 1:
-        return run_seed_chain(args, "evaluate", seeds, "--split", args.split, *(["--frozen"] if args.frozen else []))
+        return run_seed_chain(
+            args,
+            "evaluate",
+            seeds,
+            "--split",
+            args.split,
+            *(["--frozen"] if args.frozen else []),
+            *overwrite_flag(args),
+        )
     if args.frozen:
         from clipit.pipeline import frozen_eval_cell
 
@@ -265,7 +306,7 @@ def cmd_evaluate(args) -> None:
         )
         return None
     with one_cell():
-        metrics = evaluate_cell(cfg, args.method, seeds[0], split=args.split)
+        metrics = evaluate_cell(cfg, args.method, seeds[0], split=args.split, overwrite=args.overwrite)
         print(
             f"{args.method} seed {seeds[0]} {args.split}: balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
             f"accuracy {100 * metrics['accuracy']:.2f}%"
@@ -273,9 +314,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from clipit.evaluation.export import export_run
+    from clipit.evaluation.export import current_export, export_run
 
-    out = export_run(args.run_dir, args.out_dir)
+    if current_export(args.run_dir, args.out_dir, args.overwrite):
+        print(f"{args.out_dir}: holds the export of {args.run_dir} already (same run identity and checkpoint)")
+        return
+    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
     print(f"exported {args.run_dir} -> {out} ({', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})")
 
 
@@ -409,7 +453,7 @@ def prepare_request(args, stage: str):
 def cmd_prepare_demo(args) -> None:
     from clipit.demo_inputs import prepare_demo
 
-    if not prepare_demo(_config(args)):
+    if not prepare_demo(_config(args), overwrite=args.overwrite):
         print("the demo inputs are prepared already")
 
 
@@ -445,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("demo", cmd_demo, "run every stage on the embedded demo data")
+    demo_ = command("demo", cmd_demo, "run every stage on the embedded demo data")
+    add_overwrite_flag(demo_, "inputs, pairs, shards and runs")
     doctor = command(
         "doctor",
         cmd_doctor,
@@ -468,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="map the reference code's <dataset>_<split>_indexes.npy in DIR onto the samples instead of searching "
         "(= --set pairing.from_reference=DIR; docs/reproduce.md)",
     )
+    add_overwrite_flag(pair, "pairs (and demo images)")
 
     shard = sub.add_parser("shard", help="build or validate WebDataset shards", parents=[common])
     shard_sub = shard.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ChoicesHelpParser)
@@ -479,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--num-parts", type=int, help="number of parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
     build.add_argument("--finalize", action="store_true", help="only write the manifest (all shards must exist)")
+    add_overwrite_flag(build, "a shard set (and its pairs)")
     validate = command(
         "validate",
         cmd_shard_validate,
@@ -503,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="latest",
         help="latest (default): continue from the cell's latest checkpoint; none: start over",
     )
+    add_overwrite_flag(train, "a finished run or resume checkpoint of this cell")
     evaluate = command("evaluate", cmd_evaluate, "evaluate a trained method on a split (metrics, predictions)")
     add_cell_flags(evaluate)
     evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
@@ -512,10 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="k-NN (cosine, k=20) and SimpleShot (1-16 shots) on the run's frozen backbone features: "
         "train as the labelled set, test as queries (frozen_eval.json)",
     )
+    add_overwrite_flag(evaluate, "metrics of this split")
 
     export = command("export", cmd_export, "merge LoRA and save a run as a vision-only inference model", config=False)
     export.add_argument("run_dir", metavar="RUN_DIR", help="<output_dir>/runs/<method>/seed-<n> of a finished run")
     export.add_argument("out_dir", metavar="OUT_DIR")
+    add_overwrite_flag(export, "an export in OUT_DIR")
     predict = command(
         "predict",
         cmd_predict,
@@ -612,12 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     prepare_sub = prepare.add_subparsers(dest="action", required=True, metavar="STAGE", parser_class=ChoicesHelpParser)
-    command(
+    prepare_demo_ = command(
         "demo",
         cmd_prepare_demo,
         "generate the demo's images, report corpus and demo CLIP into the config's paths (skips what exists)",
         prepare_sub,
     )
+    add_overwrite_flag(prepare_demo_, "demo images")
     for name, func, help_ in (
         ("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
         (

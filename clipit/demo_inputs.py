@@ -11,12 +11,14 @@ checkpoint the user put there is never overwritten, so it is checked like any ot
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 from clipit.config import ExperimentConfig
 from clipit.data import demo
 from clipit.data.registry import check_split_names
+from clipit.identity import OVERWRITE, changed_output, identity_changes
 
 PREPARE = "clipit prepare demo --config CONFIG"
 
@@ -38,18 +40,49 @@ def pending(cfg: ExperimentConfig) -> dict[str, str]:
     return out
 
 
-def prepare_demo(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[str]:
-    """`clipit prepare demo`: make whatever of the demo's inputs the config uses and is missing (or was
-    generated with other settings); returns the config keys whose input was made."""
-    return prepare_demo_data(cfg, log) + prepare_demo_clip(cfg, log)
+def prepare_demo(cfg: ExperimentConfig, log: Callable[[str], None] = print, overwrite: bool = False) -> list[str]:
+    """`clipit prepare demo`: make whatever of the demo's inputs the config uses and is missing (or, with
+    `overwrite`, was generated with other settings); returns the config keys whose input was made."""
+    return prepare_demo_data(cfg, log, overwrite) + prepare_demo_clip(cfg, log)
 
 
-def prepare_demo_data(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[str]:
+def _as_config(request: dict) -> dict:
+    """A demo folder's record (data/demo.py::image_request) keyed as the config spells its settings."""
+    demo_keys = {"counts": request.get("counts"), "image_size": request.get("size"), "seed": request.get("seed")}
+    rest = {k: v for k, v in request.items() if k not in ("counts", "size", "seed")}
+    return {"data": {"demo": demo_keys}, **rest}
+
+
+def check_demo_images(cfg: ExperimentConfig, overwrite: bool = False) -> None:
+    """Demo images generated with other settings are replaced only with `--overwrite`: without it, one line
+    naming the changed data.demo keys (the pairs, shards and runs made from them would go stale)."""
+    d, meta = cfg.data.demo, Path(cfg.data.root) / demo.META_FILE
+    if overwrite or not meta.is_file():
+        return
+    try:
+        stored = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return  # an unreadable record is regenerated, as before (nothing made from it can be trusted)
+    if not isinstance(stored, dict):
+        return
+    changes = identity_changes(_as_config(stored), _as_config(demo.image_request(d.counts, d.image_size, d.seed)))
+    if changes:
+        raise changed_output(
+            meta,
+            f"the demo images in {cfg.data.root} were generated",
+            changes,
+            "set data.root (or output_dir) to a new folder",
+            f"rerun with `{OVERWRITE}` (e.g. `clipit prepare demo --config <config> {OVERWRITE}`)",
+        )
+
+
+def prepare_demo_data(cfg: ExperimentConfig, log: Callable[[str], None] = print, overwrite: bool = False) -> list[str]:
     """The demo images and report corpus (seconds): the stages make them before they read their inputs."""
     if cfg.data.name != "demo":
         return []
     d = cfg.data.demo
     check_split_names(cfg.data.expected_sizes, tuple(d.counts))  # before anything is written
+    check_demo_images(cfg, overwrite)
     made = {k: v for k, v in pending(cfg).items() if k in ("data.root", "reports.path")}
     demo.write_demo_images(Path(cfg.data.root), d.counts, d.image_size, d.seed)
     if not Path(cfg.reports.path).exists():

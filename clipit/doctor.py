@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from clipit.config import ExperimentConfig
-from clipit.demo_inputs import PREPARE, pending
+from clipit.demo_inputs import PREPARE, check_demo_images, pending
 from clipit.errors import ClipitError, one_line
 from clipit.methods import method_spec
 from clipit.progress import Progress
@@ -46,11 +46,22 @@ def _to_prepare(path: str) -> str:
     return f"{path}: not prepared yet; `{PREPARE}` makes it (`clipit demo`, `pair` and `shard build` run it first)"
 
 
+def _demo_images_changed(cfg: ExperimentConfig) -> str | None:
+    """The line the stages stop with when the demo images on disk were generated with other settings."""
+    try:
+        check_demo_images(cfg)
+    except ClipitError as err:
+        return one_line(err, limit=2000)
+    return None
+
+
 def check_paths(cfg: ExperimentConfig) -> list[Check]:
     out = []
     waiting = pending(cfg)
     for what, key, value in [("data", "data.root", cfg.data.root), ("reports", "reports.path", cfg.reports.path)]:
-        if key in waiting:
+        if key in waiting and (changed := _demo_images_changed(cfg) if key == "data.root" else None):
+            out.append(Check(FAIL, what, changed))  # what `clipit prepare demo` (and pair) would stop with
+        elif key in waiting:
             out.append(Check(INFO, what, _to_prepare(value)))
         elif value and Path(value).exists():
             out.append(Check(OK, what, f"{value} exists"))

@@ -18,7 +18,9 @@ from clipit.config import ConfigError, ExperimentConfig, method_order
 from clipit.corpus import Report, load_reports
 from clipit.data.base import DatasetError, ImageDataset
 from clipit.demo_inputs import prepare_demo_clip, prepare_demo_data
+from clipit.identity import OVERWRITE
 from clipit.io import atomic_write_json, atomic_write_text, read_json
+from clipit.reruns import cells_to_run
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> ImageDataset:
@@ -76,15 +78,18 @@ def pairing_inputs(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[R
     return texts
 
 
-def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report]) -> dict[str, Path]:
-    """Pairs per split; skipped when the files on disk were made for this config (clipit/pairing/engine.py)."""
+def run_pairing(
+    cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Report], overwrite: bool = False
+) -> dict[str, Path]:
+    """Pairs per split; skipped when the files on disk were made for this config, one line when they were
+    made under another one, recomputed then with `overwrite` (clipit/pairing/engine.py)."""
     from clipit.pairing.encoders import build_pairing_model
-    from clipit.pairing.engine import current_pairs, pair_dataset, pairing_spec
+    from clipit.pairing.engine import current_pairs, pair_dataset, pairing_identity, pairing_spec
     from clipit.weights import resolve_pairing_checkpoint
 
     p = cfg.pairing
     texts = pairing_inputs(cfg, dataset, reports)  # the report corpus, or class prompts (pairing.texts)
-    done = current_pairs(cfg, dataset, texts)
+    done = current_pairs(cfg, dataset, texts, overwrite)
     if done is not None:
         return done
 
@@ -97,7 +102,15 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
         from clipit.pairing.engine import import_reference_pairs
 
         return import_reference_pairs(
-            build_model, dataset, texts, cfg.reports.path, p.from_reference, p.dir, p.batch_size, pairing_spec(cfg)
+            build_model,
+            dataset,
+            texts,
+            cfg.reports.path,
+            p.from_reference,
+            p.dir,
+            p.batch_size,
+            pairing_spec(cfg),
+            pairing_identity(cfg, dataset, texts),
         )
     return pair_dataset(
         build_model(),
@@ -109,6 +122,7 @@ def run_pairing(cfg: ExperimentConfig, dataset: ImageDataset, reports: list[Repo
         num_workers=p.num_workers,
         search=p.search,
         spec=pairing_spec(cfg),
+        identity=pairing_identity(cfg, dataset, texts),
     )
 
 
@@ -143,6 +157,7 @@ def run_shards(
     part: int | None = None,
     num_parts: int | None = None,
     finalize: bool = False,
+    overwrite: bool = False,
 ) -> Path | None:
     """All shards and the manifest, or one part of a compute-node build (clipit/shards/stage.py); returns the
     manifest once the set is complete, None while other parts' shards are still missing."""
@@ -158,16 +173,17 @@ def run_shards(
         num_parts=num_parts,
         finalize=finalize,
         echo=print,
+        overwrite=overwrite,
     )
 
 
-def pair_stage(cfg: ExperimentConfig, log=print) -> dict[str, Path]:
+def pair_stage(cfg: ExperimentConfig, log=print, overwrite: bool = False) -> dict[str, Path]:
     """`clipit pair`: pairs of every split (skipped when current), and the class agreement where known."""
     from clipit.pairing.texts import pairing_texts
 
-    prepare_demo_data(cfg, log)
+    prepare_demo_data(cfg, log, overwrite)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
-    paths = run_pairing(cfg, dataset, reports)
+    paths = run_pairing(cfg, dataset, reports, overwrite)
     agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), paths)
     if agreement:
         log(f"class agreement {100 * agreement['all']:.1f}% (chance {100 * agreement['chance']:.1f}%)")
@@ -175,7 +191,11 @@ def pair_stage(cfg: ExperimentConfig, log=print) -> dict[str, Path]:
 
 
 def shard_stage(
-    cfg: ExperimentConfig, part: int | None = None, num_parts: int | None = None, finalize: bool = False
+    cfg: ExperimentConfig,
+    part: int | None = None,
+    num_parts: int | None = None,
+    finalize: bool = False,
+    overwrite: bool = False,
 ) -> Path | None:
     """`clipit shard build`: the whole set (pairing first if needed), or one part of it, or only the
     manifest; returns the manifest once the set is complete."""
@@ -185,13 +205,15 @@ def shard_stage(
     if (part is None) != (num_parts is None):
         raise ShardError("give --part I and --num-parts N together (0 <= I < N)")
     if part is None:  # array parts find the inputs prepared by `clipit prepare demo` or `clipit pair`
-        prepare_demo_data(cfg)
+        prepare_demo_data(cfg, overwrite=overwrite)
     dataset, reports = build_image_dataset(cfg), load_corpus(cfg)
     if part is None and not finalize:
-        pairs = run_pairing(cfg, dataset, reports)
+        pairs = run_pairing(cfg, dataset, reports, overwrite)
     else:  # parts never pair (N jobs would each pair everything): `clipit pair` runs once before them
         pairs = require_pairs(cfg, dataset, reports)
-    return run_shards(cfg, dataset, reports, pairs, part=part, num_parts=num_parts, finalize=finalize)
+    return run_shards(
+        cfg, dataset, reports, pairs, part=part, num_parts=num_parts, finalize=finalize, overwrite=overwrite
+    )
 
 
 def check_method(cfg: ExperimentConfig, method: str) -> None:
@@ -210,7 +232,7 @@ def warm_start_of(cfg: ExperimentConfig, method: str, seed: int) -> Path | None:
     return warm
 
 
-def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "test") -> dict:
+def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "test", overwrite: bool = False) -> dict:
     """`clipit evaluate`: metrics of a trained cell on one split (skipped when written already)."""
     from clipit.evaluation.evaluate import evaluate_run
 
@@ -221,7 +243,8 @@ def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "t
             f"{layout.train_summary(run_dir)}: {method} seed {seed} is not trained; run "
             f"`clipit train --config <config> --method {method} --seed {seed}` first"
         )
-    return evaluate_run(cfg, method, run_dir, split=split, warm_start=warm_start_of(cfg, method, seed))
+    warm_start = warm_start_of(cfg, method, seed)
+    return evaluate_run(cfg, method, run_dir, split=split, warm_start=warm_start, overwrite=overwrite)
 
 
 def frozen_eval_cell(cfg: ExperimentConfig, method: str, seed: int) -> dict:
@@ -238,24 +261,25 @@ def frozen_eval_cell(cfg: ExperimentConfig, method: str, seed: int) -> dict:
     return frozen_eval_run(cfg, method, run_dir, warm_start=warm_start_of(cfg, method, seed))
 
 
-def train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int) -> dict:
+def train_and_evaluate(cfg: ExperimentConfig, method: str, seed: int, overwrite: bool = False) -> dict:
     """One cell in this process: what `clipit train --method M --seed S` runs."""
     from clipit.training.trainer import fit
 
     check_method(cfg, method)
     run_dir = layout.run_dir(cfg.output_dir, method, seed)
     fit(cfg, method, seed, run_dir, warm_start=warm_start_of(cfg, method, seed))
-    return evaluate_cell(cfg, method, seed)
+    return evaluate_cell(cfg, method, seed, overwrite=overwrite)
 
 
-def training_cells(cfg: ExperimentConfig, source: ConfigSource, command: str = "train") -> list[ChainCell]:
+def training_cells(cfg: ExperimentConfig, source: ConfigSource, command: str = "train", *extra: str) -> list[ChainCell]:
     """Every (method, seed) of the config as a cell, warm starts first, each naming the cells it needs."""
     cells = []
     for method in method_order(cfg):
         tcfg = cfg.methods[method]
         for seed in cfg.seeds:
             needs = tuple(f"{w} seed {seed}" for w in dict.fromkeys((tcfg.warm_start, tcfg.text_warm_start)) if w)
-            cells.append(ChainCell(f"{method} seed {seed}", tuple(cell_argv(command, source, method, seed)), needs))
+            argv = tuple(cell_argv(command, source, method, seed, *extra))
+            cells.append(ChainCell(f"{method} seed {seed}", argv, needs))
     return cells
 
 
@@ -272,19 +296,20 @@ def run_cells(cells: list[ChainCell], log=print) -> None:
         raise error
 
 
-def run_all(cfg: ExperimentConfig, source: ConfigSource, log=print) -> dict:
+def run_all(cfg: ExperimentConfig, source: ConfigSource, log=print, overwrite: bool = False) -> dict:
     """The whole slice (`source` is where `cfg` came from: what each cell's process loads); returns
-    {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}."""
+    {"agreement": ..., "results": {method: [metrics per seed]}, "table": str}. Every stage reuses what it
+    made under this config; output made under another one stops it with one line, unless `overwrite`."""
     from clipit.evaluation.evaluate import format_table, summarize
 
-    prepare_demo_data(cfg, log)
+    prepare_demo_data(cfg, log, overwrite)
     dataset = build_image_dataset(cfg)
     reports = load_corpus(cfg)
     log(
         f"[1/4] corpus: {len(reports)} reports; images: "
         + ", ".join(f"{s} {dataset.split_size(s)}" for s in dataset.splits)
     )
-    pair_paths = run_pairing(cfg, dataset, reports)
+    pair_paths = run_pairing(cfg, dataset, reports, overwrite)
     from clipit.pairing.texts import pairing_texts
 
     agreement = class_agreement(dataset, pairing_texts(cfg, dataset, reports), pair_paths)
@@ -295,9 +320,12 @@ def run_all(cfg: ExperimentConfig, source: ConfigSource, log=print) -> dict:
             + ", ".join(f"{s} {100 * agreement[s]:.1f}%" for s in dataset.splits)
             + ")"
         )
-    manifest = run_shards(cfg, dataset, reports, pair_paths)
+    manifest = run_shards(cfg, dataset, reports, pair_paths, overwrite=overwrite)
     log(f"[3/4] shards: {manifest.parent}")
-    run_cells(training_cells(cfg, source), log=log)
+    cells = cells_to_run(cfg, training_cells(cfg, source, "train", *([OVERWRITE] if overwrite else [])), overwrite)
+    if len(cells) < len(cfg.methods) * len(cfg.seeds):
+        log(f"[clipit] {len(cfg.methods) * len(cfg.seeds) - len(cells)} cells finished under this config: reused")
+    run_cells(cells, log=log)
     results: dict[str, list[dict]] = {}
     for method in method_order(cfg):
         for seed in cfg.seeds:

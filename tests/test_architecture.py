@@ -17,6 +17,7 @@ LAYERS = [
         [
             "clipit",
             "clipit.errors",
+            "clipit.identity",
             "clipit.io",
             "clipit.layout",
             "clipit.typed_yaml",
@@ -39,7 +40,7 @@ LAYERS = [
     ("training", ["clipit.training"]),
     ("evaluation", ["clipit.evaluation"]),
     ("results", ["clipit.results"]),
-    ("stages", ["clipit.demo_inputs", "clipit.pipeline", "clipit.doctor", "clipit.cells"]),
+    ("stages", ["clipit.demo_inputs", "clipit.pipeline", "clipit.doctor", "clipit.cells", "clipit.reruns"]),
     ("hpc", ["clipit.hpc"]),
     ("cli", ["clipit.cli", "clipit.__main__"]),
 ]

@@ -85,15 +85,20 @@ def test_a_demo_folder_that_disagrees_with_its_record_is_refused(prepared, tmp_p
         DemoDataset(root)
 
 
-def test_changed_demo_settings_are_prepared_again(prepared, tmp_path, capsys):
+def test_changed_demo_settings_are_named_then_prepared_again_with_overwrite(prepared, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "out"
     shutil.copytree(prepared, out)
     changed = "data.demo.image_size=32"
-    code, lines = doctor(capsys, out, changed)
-    assert code == 0 and any(line.startswith("· data:") and "not prepared yet" in line for line in lines)
-    assert cli_main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(out, changed)]) == 0
+    code, lines = doctor(capsys, out, changed)  # doctor fails with the line prepare stops with
+    failed = [line for line in lines if line.startswith("✗ data:")]
+    assert code == 2 and len(failed) == 1 and "data.demo.image_size: 64 then, 32 now" in failed[0]
+    assert cli_main(["prepare", "demo", "--config", str(ROOT / TINY), *sets(out, changed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.demo.image_size: 64 then, 32 now" in err[0] and "--overwrite" in err[0]
+    assert err[0].removeprefix("clipit: error: ") in failed[0]
+    assert cli_main(["prepare", "demo", "--config", str(ROOT / TINY), "--overwrite", *sets(out, changed)]) == 0
     assert "prepared the demo inputs: data.root" in capsys.readouterr().out
     assert json.loads((out / "data" / "images" / META_FILE).read_text())["size"] == 32
 

@@ -122,7 +122,7 @@ def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(np.arange(n) % len(DEMO_CLASSES))
 
 
-def _request(counts: dict[str, int], size: int, seed: int) -> dict:
+def image_request(counts: dict[str, int], size: int, seed: int) -> dict:
     return {
         "counts": {k: int(v) for k, v in counts.items()},
         "size": int(size),
@@ -135,7 +135,7 @@ def _request(counts: dict[str, int], size: int, seed: int) -> dict:
 def images_current(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0) -> bool:
     """Whether `root` holds a complete demo folder generated with exactly these settings."""
     try:
-        return json.loads((Path(root) / META_FILE).read_text()) == _request(counts, size, seed)
+        return json.loads((Path(root) / META_FILE).read_text()) == image_request(counts, size, seed)
     except (OSError, ValueError):
         return False
 
@@ -144,7 +144,7 @@ def write_demo_images(root: Path, counts: dict[str, int], size: int = 64, seed: 
     """Write root/<split>/<class>/<split>_<idx:06d>.png. Skips if root holds the same (counts, size, seed);
     rebuilds otherwise. Built in a temp sibling then renamed, so root is never half-written."""
     root = Path(root)
-    meta = _request(counts, size, seed)
+    meta = image_request(counts, size, seed)
     if images_current(root, counts, size, seed):
         return root
     with atomic_dir(root) as tmp:  # never a half-built tree: the old one or the new one

@@ -12,6 +12,8 @@ import torch
 
 from clipit import layout
 from clipit.config import ExperimentConfig
+from clipit.errors import ClipitError
+from clipit.identity import OVERWRITE, changed_output
 from clipit.io import atomic_save_npz, atomic_write_json, read_json
 from clipit.methods import method_spec
 from clipit.metrics import classification_metrics
@@ -22,30 +24,37 @@ from clipit.shards.manifest import load_manifest
 from clipit.training.accel import main_process_lock, make_accelerator
 from clipit.training.loader import eval_loader
 from clipit.training.predict import ShardSource, predict
+from clipit.training.run_identity import evaluated_changes, evaluation_identity, finished_run
 from clipit.training.tb import log_evaluation
-from clipit.training.trainer import finished_run
 
 
 def evaluate_run(
-    cfg: ExperimentConfig, method: str, run_dir: str | Path, split: str = "test", warm_start: Path | None = None
+    cfg: ExperimentConfig,
+    method: str,
+    run_dir: str | Path,
+    split: str = "test",
+    warm_start: Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Rebuild the run's model exactly as training did (same warm start: its frozen base weights are not
     in the trainable-only checkpoint), load the selected checkpoint, evaluate.
 
     Rank 0 holds the run directory's lock while it evaluates and writes (one writer per run directory).
-    A non-finite prediction or loss, or an unreadable shard, stops with one line and writes nothing."""
+    A non-finite prediction or loss, or an unreadable shard, stops with one line and writes nothing.
+    Metrics on disk are reused when the trained run and the evaluated split are the ones requested now
+    (run_identity.py); metrics of another split content stop with one line, or are replaced with `overwrite`."""
     run_dir = Path(run_dir)
     metrics_path = layout.metrics_file(run_dir, split)
     run_id = layout.parse_run_dir(run_dir)
     if run_id is not None and layout.is_trained(run_dir):  # the trained run is the one requested now
         finished_run(cfg, method, run_id.seed, run_dir, warm_start)
-    if metrics_path.exists():
-        return read_json(metrics_path)
+    if metrics_path.exists() and (current := current_metrics(cfg, method, metrics_path, split, overwrite)):
+        return current
     tcfg = cfg.methods[method]
     accelerator = make_accelerator(tcfg)
     with main_process_lock(accelerator, run_dir, "run directory"):
-        if metrics_path.exists():  # written by the previous holder of the lock
-            return read_json(metrics_path)
+        if metrics_path.exists() and (current := current_metrics(cfg, method, metrics_path, split, overwrite)):
+            return current  # written by the previous holder of the lock
         manifest = load_manifest(cfg.shards.dir)
         classes = manifest["classes"]
         # the vision model only: a trained text tower shaped the weights but takes no part in the prediction
@@ -88,6 +97,7 @@ def evaluate_run(
             **classification_metrics(out["labels"], out["logits"], classes),
             "loss": out["loss"],
             "parameters": count_parameters(model) | extra_inference(cfg, tcfg.method),
+            "identity": evaluation_identity(manifest, split),  # what a rerun compares before reusing these
         }
         if accelerator.is_main_process:
             atomic_save_npz(
@@ -99,6 +109,28 @@ def evaluate_run(
             log_evaluation(run_dir, split, metrics)
             atomic_write_json(metrics_path, metrics)
     return metrics
+
+
+def current_metrics(cfg: ExperimentConfig, method: str, path: Path, split: str, overwrite: bool) -> dict | None:
+    """The metrics on disk when they were computed on the split requested now; None when `overwrite` asks
+    to replace metrics of another split content; else one line naming what changed."""
+    metrics = read_json(path)
+    try:
+        manifest = load_manifest(cfg.shards.dir)
+    except ClipitError:
+        manifest = None  # a gone shard set is evaluation's to report when it has to evaluate
+    changes = evaluated_changes(metrics, manifest, split)
+    if not changes:
+        return metrics
+    if overwrite:
+        return None
+    raise changed_output(
+        path,
+        f"{method} was evaluated on {split}",
+        changes,
+        "set output_dir to a new folder",
+        f"rerun `clipit evaluate --method {method} --split {split}` with `{OVERWRITE}`",
+    )
 
 
 def extra_inference(cfg: ExperimentConfig, kind: str) -> dict:

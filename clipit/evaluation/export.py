@@ -26,6 +26,7 @@ from clipit import layout
 from clipit.config import load_config
 from clipit.errors import ClipitError, output_setting
 from clipit.evaluation.export_card import MODEL_CARD, dataset_resolution, model_card, timm_fields, training_fields
+from clipit.identity import OVERWRITE, changed_output, identity_changes
 from clipit.io import atomic_path, atomic_write_json, atomic_write_text, make_dirs, read_json_object, sha256_file
 from clipit.methods import method_names, method_spec
 from clipit.models import clip_baselines
@@ -100,8 +101,45 @@ def merge_lora(model: torch.nn.Module, show: bool = False) -> torch.nn.Module:
 # Export
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Export `run_dir` into `out_dir`; its stages show on stderr (clipit/progress.py)."""
+def export_identity(run_dir: Path) -> dict:
+    """What an export depends on: the trained run's identity (train_summary.json: its config keys, warm
+    start and shard set; not the process count) and the sha256 of its selected checkpoint."""
+    summary = read_json_object(layout.train_summary(run_dir), "finish it with `clipit train` (it resumes)")
+    identity = {k: v for k, v in (summary.get("identity") or {}).items() if k != "processes"}
+    return identity | {"best_sha256": sha256_file(layout.best(run_dir).with_suffix(".safetensors"))}
+
+
+def current_export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> bool:
+    """True when `out_dir` holds the export of this run already (same identity): nothing to do. An export
+    of another run or config stops with one line naming the changed keys, unless `overwrite` (then False,
+    as for no export or one that recorded no identity: it is written again)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config_path = out_dir / "config.json"
+    trained = layout.is_trained(run_dir) and layout.best(run_dir).with_suffix(".safetensors").is_file()
+    if not (trained and config_path.is_file() and (out_dir / "model.safetensors").is_file()):
+        return False  # nothing to compare (or an unfinished run: exporting it says so)
+    stored = read_json_object(config_path, f"delete {out_dir} and {REEXPORT}").get("identity")
+    if not isinstance(stored, dict):
+        return False
+    changes = identity_changes(stored, export_identity(run_dir))
+    if not changes:
+        return True
+    if overwrite:
+        return False
+    raise changed_output(
+        config_path,
+        f"the export in {out_dir} was made",
+        changes,
+        "give `clipit export` another OUT_DIR",
+        f"rerun `clipit export RUN_DIR OUT_DIR` with `{OVERWRITE}`",
+    )
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Export `run_dir` into `out_dir`; its stages show on stderr (clipit/progress.py). An export of this
+    run already there is kept (current_export); one of another run or config needs `overwrite`."""
+    if current_export(run_dir, out_dir, overwrite):
+        return Path(out_dir)
     # a full disk or a read-only folder names the command's own argument (there is no output_dir here)
     with output_setting("give `clipit export` another OUT_DIR"):
         with Progress(total=3, desc="clipit export", unit="stage", every=3) as stages:
@@ -146,6 +184,7 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
         "seed": meta.get("seed"),
         "step": meta.get("step"),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "identity": export_identity(run_dir),  # what a rerun compares before it keeps this export
     }
     if spec.uses_clip:  # the CLIP's vision tower: its architecture, and the cost record
         config |= clip_baselines.export_fields(model, run_dir)

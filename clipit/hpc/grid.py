@@ -501,6 +501,18 @@ def cell_is_done(cell: Cell) -> bool:
     return layout.is_finished(cell.run_dir)
 
 
+def cell_changes(cell: Cell) -> str:
+    """How a finished cell's recorded identity (train_summary.json, metrics.json) differs from the config
+    the grid asks for now ('' when equal): such a cell is *changed*, not done (clipit/identity.py)."""
+    from clipit.errors import ClipitError, one_line
+    from clipit.reruns import cell_changes as changes
+
+    try:
+        return changes(cell.load(), cell.method, cell.seed)[1]
+    except ClipitError as err:  # an unreadable record cannot vouch for the cell either
+        return one_line(err, limit=200)
+
+
 def chunk(items: list, size: int) -> list[list]:
     """Split into consecutive chunks of at most `size` (an array may hold at most MaxArraySize tasks)."""
     if size < 1:

@@ -6,6 +6,9 @@ States (what the file says):
     done      trained and evaluated (train_summary.json + metrics.json exist)
     failed    the task raised (last lines of the traceback in `error`)
 
+A finished cell whose recorded identity differs from the config asked for now is *changed*, not done
+(clipit/hpc/submit.py::cell_statuses; the changed keys are shown and its task is not submitted).
+
 The artifacts are the ground truth for *done*: a rerun skips a cell whose train_summary.json and
 metrics.json exist, whatever the file says. For the other states the launcher asks the scheduler:
 a pending/running cell whose job is still queued or running is *in flight* and is not submitted

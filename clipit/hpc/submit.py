@@ -28,7 +28,7 @@ from clipit.hpc.executor import (
     make_executor,
     wait_for_jobs,
 )
-from clipit.hpc.grid import Plan, Task, cell_is_done, chunk, expand
+from clipit.hpc.grid import Plan, Task, cell_changes, cell_is_done, chunk, expand
 from clipit.hpc.preflight import Hints, load_distinct, refuse_on_problems, run_checks
 from clipit.hpc.requests import GridRequest
 from clipit.hpc.status import progress_line
@@ -45,8 +45,16 @@ class SubmissionError(ClipitError):
 
 
 def cell_statuses(plan: Plan, alive=None) -> dict[str, tuple[str, dict | None]]:
+    """Each cell's ledger status; a finished cell made under another config than the grid's is *changed*
+    (its state carries `changes`, the differing keys), never done."""
     alive = alive or ledger.JobChecker()
-    return {c.run_dir: ledger.classify(c.run_dir, cell_is_done(c), alive) for c in plan.cells}
+    statuses = {}
+    for c in plan.cells:
+        status, state = ledger.classify(c.run_dir, cell_is_done(c), alive)
+        if status == "done" and (changes := cell_changes(c)):
+            status, state = "changed", (state or {}) | {"changes": changes}
+        statuses[c.run_dir] = (status, state)
+    return statuses
 
 
 def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> tuple[list[Task], list[str]]:
@@ -55,6 +63,16 @@ def tasks_to_submit(plan: Plan, statuses: dict, force_unknown: bool = False) -> 
     for i, task in enumerate(plan.tasks):
         states = [statuses[c.run_dir][0] for c in task.cells]
         if all(s == "done" for s in states):
+            continue
+        changed = [c for c, s in zip(task.cells, states) if s == "changed"]
+        if changed:  # its train would stop on the finished run: keep it, as the cell's own rerun does
+            c = changed[0]
+            notes.append(
+                f"not submitted: {task.label} ({c.method} seed {c.seed} finished under another config: "
+                f"{statuses[c.run_dir][1]['changes']}; to keep it, give the grid another --root; to replace it, "
+                f"delete {c.run_dir})"
+            )
+            skipped.add(i)
             continue
         busy = [c for c, s in zip(task.cells, states) if s == "in-flight" or (s == "unknown" and not force_unknown)]
         if busy:
@@ -105,6 +123,8 @@ def print_plan(plan: Plan, statuses: dict, todo: list[Task], out=print) -> None:
             job = f" job {state.get('job_id')}" if state and state.get("job_id") and status != "done" else ""
             if state and state.get("unreadable"):
                 job += " (state.json unreadable)"
+            if status == "changed":
+                job += f" ({state['changes']})"
             link = f" (warm start from {cell.warm_start_link})" if cell.warm_start_link else ""
             out(f"  {cell.method:<12} seed {cell.seed}  {status:<9}{job}  {cell.detail:<32} {cell.run_dir}{link}")
     for note in plan.notes:

@@ -2,14 +2,16 @@
 
 Outputs, per split, `<pairing.dir>/pairs-<split>.npz` with `indices` [N, k], `scores` [N, k], the
 dataset `keys` and `labels`, and `meta` (JSON: the model identity, the text corpus fingerprint, k and
-the config spec that made it), written atomically. A rerun skips a split whose file exists *and*
-whose meta matches; a file made by another model, corpus or k is recomputed, so switching an
-ablation (class prompts, top-k) never reuses stale pairs.
+the config spec and identity that made it), written atomically. A rerun skips a split whose file exists
+*and* whose meta matches. A file made under another config (`pairing_identity`: another model, corpus,
+top_k or dataset) stops the stage with one line naming the changed keys (clipit/identity.py), unless
+`--overwrite` asks to recompute it: an ablation never reuses stale pairs, nor silently replaces them.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +24,7 @@ from clipit.config import ConfigError
 from clipit.corpus import Report, corpus_fingerprint
 from clipit.data.base import DatasetError, ImageDataset, ImageDecodeError, ImageSample, decode_image, worker_error
 from clipit.errors import one_line
+from clipit.identity import OVERWRITE, changed_output, identity_changes
 from clipit.io import atomic_save_npz, atomic_write_json
 from clipit.pairing.embedding_cache import load_text_embeddings, save_text_embeddings
 from clipit.pairing.encoders import PairingModel
@@ -110,13 +113,16 @@ def embed_images(
 ENCODER_FILE = "encoder.json"  # in the pairing dir: the pairing model's image-encoder size
 
 
-def pairs_meta(model_identity: dict, texts: list[Report], top_k: int, spec: dict | None) -> dict:
+def pairs_meta(
+    model_identity: dict, texts: list[Report], top_k: int, spec: dict | None, identity: dict | None = None
+) -> dict:
     return {
         "model": model_identity,
         "fingerprint": corpus_fingerprint(texts),
         "num_texts": len(texts),
         "top_k": int(top_k),
         "spec": spec or {},
+        **({"identity": identity} if identity is not None else {}),
     }
 
 
@@ -139,15 +145,17 @@ def pair_dataset(
     num_workers: int = 0,
     search: str = "auto",
     spec: dict | None = None,
+    identity: dict | None = None,
 ) -> dict[str, Path]:
-    """Pair every split of `dataset` with its top-k texts; returns split -> pairs file."""
+    """Pair every split of `dataset` with its top-k texts; returns split -> pairs file. `identity` (the
+    config's `pairing_identity`) is recorded in each file for the rerun's comparison."""
     out_dir = Path(out_dir)
     if not reports:
         raise ValueError("no texts to pair with")
     if top_k > len(reports):
         raise ConfigError(f"pairing.top_k={top_k} but the corpus has only {len(reports)} texts; lower pairing.top_k")
     text = torch.from_numpy(prepare_texts(model, reports, out_dir, batch_size))
-    meta = pairs_meta(model.identity, reports, top_k, spec)
+    meta = pairs_meta(model.identity, reports, top_k, spec, identity)
     paths = {}
     for split in dataset.splits:
         path = out_dir / f"pairs-{split}.npz"
@@ -204,10 +212,67 @@ def pairing_spec(cfg) -> dict:
     return spec
 
 
-def current_pairs(cfg, dataset: ImageDataset, texts: list[Report]) -> dict[str, Path] | None:
-    """split -> pairs file if every split's pairs exist and were made for this config and these texts."""
+def pairing_identity(cfg, dataset: ImageDataset, texts: list[Report]) -> dict:
+    """What the pairs depend on, keyed as the config spells it: the pairing model and k, the texts (the
+    corpus that reports.* and pairing.texts select, by content) and the images (the dataset, its split sizes
+    and sample keys; the demo's generator settings). Not data.root (a moved dataset is the same one),
+    batch_size, num_workers, device or search (both backends are exact). Not pairing.checkpoint either:
+    a path, compared as before through `pairing_spec` (another path pairs again, which a copied output
+    folder needs; the weights' sha256 is in the pairs' `model` record, and the shards compare it)."""
+    p, d = cfg.pairing, cfg.data
+    keys = hashlib.sha256(json.dumps({s: list(map(str, dataset.keys(s))) for s in dataset.splits}).encode())
+    data = {
+        "name": d.name,
+        "sizes": {s: dataset.split_size(s) for s in dataset.splits},
+        "keys_sha256": keys.hexdigest(),
+    }
+    if d.name == "demo":
+        data["demo"] = {"counts": dict(d.demo.counts), "image_size": d.demo.image_size, "seed": d.demo.seed}
+    return json.loads(
+        json.dumps(
+            {
+                "pairing": {
+                    "model": p.model,
+                    "precision": p.precision,
+                    "top_k": p.top_k,
+                    "texts": p.texts,
+                },
+                "texts": {"count": len(texts), "fingerprint": corpus_fingerprint(texts)},
+                "data": data,
+            },
+            default=str,
+        )
+    )
+
+
+def check_pairs_identity(paths: dict[str, Path], identity: dict, overwrite: bool = False) -> bool:
+    """False when a pairs file on disk was made under another config and `--overwrite` replaces it; one
+    line naming the changed keys without it; True when every file records this identity (or none: files
+    written before identities were recorded keep the older comparison, current_pairs)."""
+    for split, path in paths.items():
+        stored = (read_pairs_meta(path) or {}).get("identity") if path.exists() else None
+        changes = identity_changes(stored, identity) if isinstance(stored, dict) else ""
+        if not changes:
+            continue
+        if overwrite:
+            return False
+        raise changed_output(
+            path,
+            f"the {split} pairs were made",
+            changes,
+            "set pairing.dir to a new folder",
+            f"rerun `clipit pair --config <config>` with `{OVERWRITE}`",
+        )
+    return True
+
+
+def current_pairs(cfg, dataset: ImageDataset, texts: list[Report], overwrite: bool = False) -> dict[str, Path] | None:
+    """split -> pairs file if every split's pairs exist and were made for this config and these texts;
+    pairs made under another config stop with one line unless `--overwrite` (then None: recompute)."""
     out = Path(cfg.pairing.dir)
     paths = {s: out / f"pairs-{s}.npz" for s in dataset.splits}
+    if not check_pairs_identity(paths, pairing_identity(cfg, dataset, texts), overwrite):
+        return None
     if not (out / "text-embeddings" / "identity.json").exists():
         return None
     fingerprint = corpus_fingerprint(texts)
@@ -232,6 +297,7 @@ def import_reference_pairs(
     out_dir,
     batch_size: int,
     spec: dict,
+    identity: dict | None = None,
 ) -> dict[str, Path]:
     """`clipit pair` with pairing.from_reference: every file checked and mapped first, then the corpus
     embedded with the pairing model `build_model()` (the shards and the cached teacher need the
@@ -242,7 +308,7 @@ def import_reference_pairs(
     pairs = map_reference_pairs(dataset, reports, corpus_path, ref_dir)
     model = build_model()
     prepare_texts(model, reports, out_dir, batch_size)
-    meta = pairs_meta(model.identity, reports, 1, spec)
+    meta = pairs_meta(model.identity, reports, 1, spec, identity)
     paths = {}
     for split, (indices, scores) in pairs.items():
         paths[split] = out_dir / f"pairs-{split}.npz"

@@ -6,7 +6,8 @@ Layout under the shard directory:
     build.json                        the build plan (dataset, counts, embedding, texts, selection, image codec), written first
     manifest.json                     the plan + shard list with sha256 and class counts, written last
     texts.jsonl                       the paired texts in report_index order
-A rerun with another plan stops with one line instead of mixing two builds (`check_plan`).
+A rerun with another plan stops with one line naming the changed config keys instead of mixing two builds
+(`check_plan`); `clipit shard build --overwrite` replaces the set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from clipit.data.base import ImageDataset
 from clipit.errors import ClipitError, one_line
+from clipit.identity import OVERWRITE, changed_output, identity_changes
 from clipit.io import atomic_write_text, read_json
 from clipit.shards.codec import image_spec, spec_problem
 
@@ -28,6 +30,7 @@ LOCKS = ".locks"  # one lock folder per shard being written (clipit.locks)
 FORMAT = "clipit-shards/1"
 # Plan keys that must agree between parts, reruns and the manifest.
 PLAN_KEYS = ("format", "dataset", "classes", "samples_per_shard", "counts", "embedding", "texts", "selection", "image")
+PAIRS = "pairs"  # the pairs' identity: compared when the set on disk records it (sets built before did not)
 # The fix of a bad shard. A rerun rebuilds exactly the missing shards (byte-identical) and writes the manifest again.
 REBUILD = "delete this shard and rerun `clipit shard build --config <config>` (it rebuilds the missing shards)"
 MANIFEST_FIX = (
@@ -73,7 +76,9 @@ def build_plan(
     texts: dict,
     selection: dict,
     image: dict,
+    pairs: dict | None = None,
 ) -> dict:
+    """`pairs`: the identity the pairs were made under (pairing/engine.py::pairing_identity)."""
     return json.loads(
         json.dumps(
             {
@@ -86,9 +91,30 @@ def build_plan(
                 "texts": texts,
                 "selection": selection,
                 "image": image,
+                **({"pairs": pairs} if pairs is not None else {}),
             }
         )
     )
+
+
+def config_view(plan: dict) -> dict:
+    """A plan keyed as the config spells what made it, so that a changed plan names config keys: the
+    shards.* settings, the dataset (data.*), the paired texts and the model of their embeddings (pairing.*)."""
+    selection = plan.get("selection") or {}
+    chosen = (
+        {"random_report_seed": selection.get("seed")}
+        if selection.get("mode") == "random"
+        else {"use_rank": selection.get("rank")}
+    )
+    texts = plan.get("texts") or {}
+    return {
+        "format": plan.get("format"),
+        "shards": {"samples_per_shard": plan.get("samples_per_shard"), "codec": image_spec(plan), **chosen},
+        "data": {"name": plan.get("dataset"), "classes": plan.get("classes"), "sizes": plan.get("counts")},
+        "pairing": {"texts": texts.get("kind"), "embedding": plan.get("embedding")},
+        "texts": {k: v for k, v in texts.items() if k != "kind"},
+        **({"paired_under": plan[PAIRS]} if PAIRS in plan else {}),
+    }
 
 
 def _plan_value(plan: dict, key: str):
@@ -103,22 +129,20 @@ def check_plan(out_dir: Path, plan: dict) -> bool:
             continue
         try:
             old = read_json(path)
-            diff = [k for k in PLAN_KEYS if _plan_value(old, k) != _plan_value(plan, k)]
+            keys = PLAN_KEYS + ((PAIRS,) if PAIRS in old else ())
+            diff = [k for k in keys if _plan_value(old, k) != _plan_value(plan, k)]
         except (ValueError, OSError, AttributeError):
             raise ShardError(
                 f"{path}: unreadable; delete it and rerun `clipit shard build --config <config>`"
             ) from None
         if diff:
-            key = diff[0]
-            fix = (
-                f" or set shards.codec: {image_spec(old).get('codec')}"
-                if key == "image"
-                else " or set shards.dir to a new folder"
-            )
-            raise ShardError(
-                f"{path}: the shards in {out_dir} were built with another {key} "
-                f"({short(_plan_value(old, key))} vs now {short(_plan_value(plan, key))}); delete {out_dir}"
-                f"{fix}"
+            codec = f" or set shards.codec: {image_spec(old).get('codec')}" if "image" in diff else ""
+            raise changed_output(
+                path,
+                f"the shards in {out_dir} were built",
+                identity_changes(config_view(old), config_view(plan)) or f"{diff[0]} differs",
+                f"set shards.dir to a new folder{codec}",
+                f"rerun `clipit shard build --config <config>` with `{OVERWRITE}`",
             )
         if name == MANIFEST:
             return True

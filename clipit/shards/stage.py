@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,16 @@ import numpy as np
 
 from clipit.data.base import ImageDataset, ImageDecodeError
 from clipit.errors import one_line
+from clipit.identity import OVERWRITE, OutputChanged
 from clipit.io import atomic_write_json, read_json
+from clipit.layout import FEATURES
 from clipit.locks import LockError, exclusive
 from clipit.shards.codec import resolve_image
 from clipit.shards.manifest import (
     MANIFEST,
     PLAN,
     TEXTS,
+    VERIFIED,
     ShardError,
     build_plan,
     check_plan,
@@ -71,8 +75,11 @@ def run_shard_stage(
     num_parts: int | None = None,
     finalize: bool = False,
     echo: Callable[[str], None] = log.info,
+    overwrite: bool = False,
 ) -> Path | None:
     """Build (a part of) the shard set for a config; returns the manifest once the set is complete.
+    A set of another plan stops with one line naming the changed keys (manifest.check_plan); a whole
+    build with `overwrite` deletes it first.
 
     Without `part`, all missing shards are written, then the manifest. With `part`/`num_parts`, only that
     part's missing shards; the manifest follows if no shard of any part is missing. `finalize` only writes
@@ -86,8 +93,10 @@ def run_shard_stage(
     out = Path(cfg.shards.dir)
     cache = _text_cache(cfg, texts)
     pairs = _load_pairs(cfg, dataset, pair_paths, cache)
-    plan = _plan(cfg, dataset, cache)
+    plan = _plan(cfg, dataset, cache, texts)
     per_shard = cfg.shards.samples_per_shard
+    if overwrite:
+        _replace_changed_set(out, plan, part is not None or finalize, echo)
     state = _state(out, plan, dataset, per_shard)
     if state == "complete":
         return out / MANIFEST
@@ -124,6 +133,32 @@ def run_shard_stage(
 
 
 LOCK_WHAT = "shard directory"
+
+
+def _replace_changed_set(out: Path, plan: dict, partial: bool, echo: Callable[[str], None]) -> None:
+    """`--overwrite`: delete a set built under another plan (its shards, JSON files and feature caches),
+    holding the directory; a set of this plan is kept (and completed as usual)."""
+    if partial:
+        raise ShardError(f"{OVERWRITE} replaces a whole shard set: give it without --part and --finalize")
+    with exclusive(out, LOCK_WHAT):
+        try:
+            check_plan(out, plan)
+            return
+        except OutputChanged as err:
+            echo(f"{OVERWRITE}: deleting {out} ({one_line(err)})")
+        splits = set(plan["counts"])
+        for name in (MANIFEST, PLAN):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                splits |= set(read_json(out / name).get("counts") or {})
+        for split in sorted(splits):
+            folder = out / split
+            for tar in folder.glob(f"{split}-*.tar") if folder.is_dir() else ():
+                tar.unlink()
+        for name in (MANIFEST, PLAN, TEXTS, VERIFIED):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / FEATURES, ignore_errors=True)  # made from the deleted shards
+
+
 PART_WAIT_S = 1800.0  # a part waits this long for the directory (another part checking shards for the manifest)
 
 
@@ -233,7 +268,9 @@ def _load_pairs(cfg, dataset: ImageDataset, pair_paths: dict[str, Path], cache: 
     return pairs
 
 
-def _plan(cfg, dataset: ImageDataset, cache: _TextCache) -> dict:
+def _plan(cfg, dataset: ImageDataset, cache: _TextCache, texts: list) -> dict:
+    from clipit.pairing.engine import pairing_identity
+
     s = cfg.shards
     selection = (
         {"mode": "random", "seed": int(s.random_report_seed)}
@@ -254,6 +291,7 @@ def _plan(cfg, dataset: ImageDataset, cache: _TextCache) -> dict:
         {"kind": cfg.pairing.texts, "count": len(cache.ids), "fingerprint": cache.fingerprint},
         selection,
         image,
+        pairing_identity(cfg, dataset, texts),
     )
 
 
@@ -299,7 +337,7 @@ def _write_manifest(
     process did not write are read back against the pairs first (writer.write_manifest)."""
     s = cfg.shards
     out = Path(s.dir)
-    extra = {k: plan[k] for k in ("texts", "selection", "image")}
+    extra = {k: plan[k] for k in ("texts", "selection", "image", "pairs")}
     extra.update({"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
     selected = {
         split: SplitTexts.select(pairs[split], split, cache.embeddings, cache.ids, s.use_rank, s.random_report_seed)

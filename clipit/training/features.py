@@ -20,8 +20,8 @@ precision it runs at, and the shard set's checksums. Files:
 Every file is written atomically. A build holds the cache directory's lock (rank 0 for a multi-process
 launch; another job waits for it, then reuses the cache); ranks encode disjoint shards, rank 0 writes the
 manifest. A killed build resumes at the first missing shard file. Each use checks every file against
-the manifest (sha256, dtype, shape, count); anything else is one FeatureCacheError line naming the
-file and the fix.
+the manifest (sha256, dtype, shape, count) and its recorded identity against the requested one (a reused
+cache is exactly the one asked for); anything else is one FeatureCacheError line naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from clipit import layout
 from clipit.config import ExperimentConfig, TrainConfig
 from clipit.errors import ClipitError, one_line
+from clipit.identity import identity_changes
 from clipit.io import atomic_path, atomic_write_json, read_json, sha256_file
 from clipit.locks import LockHeld, exclusive
 from clipit.methods import method_spec
@@ -174,6 +175,7 @@ def ensure_cache(
     if main:
         try:
             cache_manifest = verify_cache(cache_dir)
+            check_cache_identity(cache_dir, cache_manifest, identity)
         except ClipitError as err:
             error = err
     raise_together(
@@ -352,6 +354,15 @@ def _header(file: Path, cache_dir: Path) -> tuple[dict, list[str]]:
     ):
         raise damaged(file, cache_dir, "not a feature-cache shard file (tensors or keys missing or of other lengths)")
     return shapes, keys
+
+
+def check_cache_identity(cache_dir: Path, cache_manifest: dict, identity: dict) -> None:
+    """The cache's recorded identity must be the one its key was hashed from: the key is content-addressed,
+    so another config finds another folder and never this one; a mismatch means the folder was copied or
+    edited by hand, and its features are not the ones asked for."""
+    changes = identity_changes(cache_manifest.get("identity") or {}, identity)
+    if changes:
+        raise damaged(cache_dir / MANIFEST, cache_dir, f"it records another identity than its key ({changes})")
 
 
 def verify_cache(cache_dir: Path) -> dict:

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from clipit import layout
 from clipit.errors import ClipitError, one_line
+from clipit.identity import identity_changes
 from clipit.io import atomic_path, atomic_write_json, read_json_object, replace_dir, sha256_file
 from clipit.training.accel import uses_deepspeed
 
@@ -367,15 +368,6 @@ def _read_progress(path: Path) -> dict | None:
     return progress
 
 
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict) and tree:
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
 def _check_identity(marker: Path, progress: dict, identity: dict | None, world: int) -> None:
     if progress["world_size"] != world:
         raise _Bad(
@@ -391,15 +383,6 @@ def _check_identity(marker: Path, progress: dict, identity: dict | None, world: 
             f"{marker}: written for another config ({detail}); put those settings back to resume exactly",
             damaged=False,
         )
-
-
-def identity_changes(then: dict, now: dict, limit: int = 4) -> str:
-    """The keys whose values differ between two run identities, as `key: old then, new now` ('' if none)."""
-    then, now = _flat(json.loads(json.dumps(then))), _flat(json.loads(json.dumps(now)))
-    same = lambda k: json.dumps(then.get(k, "<unset>")) == json.dumps(now.get(k, "<unset>"))  # noqa: E731 (NaN == NaN)
-    changed = sorted(k for k in then.keys() | now.keys() if not same(k))
-    detail = ", ".join(f"{k}: {then.get(k, '<unset>')!r} then, {now.get(k, '<unset>')!r} now" for k in changed[:limit])
-    return detail + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
 def _verify_files(path: Path, progress: dict) -> None:

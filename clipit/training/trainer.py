@@ -12,8 +12,6 @@ SIGTERM/SIGUSR2 save a resume checkpoint at the next step boundary, then stop (o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +20,9 @@ import torch
 from accelerate.utils import set_seed
 
 from clipit import layout
-from clipit.config import ConfigError, ExperimentConfig, TrainConfig, dump_config
+from clipit.config import ExperimentConfig, TrainConfig, dump_config
 from clipit.errors import ClipitError
-from clipit.io import read_json_object, sha256_file, sweep_stale_temps_in
+from clipit.io import sweep_stale_temps_in
 from clipit.methods import method_spec
 from clipit.models.clipit import param_groups
 from clipit.models.factory import build_model
@@ -38,8 +36,9 @@ from clipit.training.loader import eval_loader, train_loader
 from clipit.training.predict import ShardSource
 from clipit.training.probe import cached_inputs
 from clipit.training.run_files import checkpoint_meta, save_untrained
+from clipit.training.run_identity import finished_run, run_identity, training_shards
 from clipit.training.run_provenance import record_provenance
-from clipit.training.state import ResumeError, identity_changes, load_training_state
+from clipit.training.state import ResumeError, load_training_state
 from clipit.training.text_side import TextInputs
 from clipit.training.trackers import accelerate_trackers, open_trackers
 from clipit.training.training_run import TrainingRun
@@ -100,38 +99,6 @@ def make_scheduler(tcfg: TrainConfig, optimizer, total_steps: int, batches_per_e
     )
 
 
-def run_identity(
-    cfg: ExperimentConfig, method: str, seed: int, manifest: dict, world: int, warm_start: Path | None
-) -> dict:
-    """What a run's trajectory depends on, keyed as the config spells it: a resume checkpoint is only
-    continued by a launch with the same identity (checkpoint_every and log_every change no result: left out)."""
-    tcfg, mcfg = cfg.methods[method], cfg.model
-    shards = hashlib.sha256(
-        json.dumps({k: manifest.get(k) for k in ("splits", "embedding", "texts", "classes")}, sort_keys=True).encode()
-    ).hexdigest()
-    identity = {
-        "methods": {method: {k: v for k, v in vars(tcfg).items() if k not in ("checkpoint_every", "log_every")}},
-        "model": {
-            "backbone": mcfg.backbone,
-            "weights": mcfg.weights,
-            "image_size": mcfg.image_size,
-            **({"timm_kwargs": mcfg.timm_kwargs} if mcfg.timm_kwargs else {}),  # absent: older identities hold
-            "lora": vars(mcfg.lora).copy(),
-            "kd_layers": mcfg.kd_layers,
-        },
-        "seed": seed,
-        "processes": world,
-        "shards": {"manifest_sha256": shards},
-    }
-    if mcfg.mean is not None:  # normalisation override (only when set: earlier identities stay valid)
-        identity["model"] |= {"mean": mcfg.mean, "std": mcfg.std}
-    if tcfg.text_encoder == "tower":
-        identity["pairing"] = {"model": cfg.pairing.model, "checkpoint": cfg.pairing.checkpoint}
-    if warm_start is not None and Path(warm_start).with_suffix(".safetensors").exists():
-        identity["warm_start"] = {"sha256": sha256_file(Path(warm_start).with_suffix(".safetensors"))}
-    return json.loads(json.dumps(identity, default=str))
-
-
 def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm_start: Path | None = None) -> dict:
     """Train one cell (resuming from its latest checkpoint); returns the summary. Finished runs are skipped.
 
@@ -148,42 +115,6 @@ def fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: str | Path, warm
         if accelerator.is_main_process:  # a killed writer's half-written files (e.g. .best.safetensors.*.tmp)
             sweep_stale_temps_in(run_dir)
         return _fit(cfg, method, seed, run_dir, warm_start, accelerator)
-
-
-def training_shards(manifest: dict) -> str:
-    """sha256 of what a trained run depends on in a shard set: its train and val shards, embedding and texts."""
-    record = {k: manifest.get(k) for k in ("embedding", "texts", "classes")}
-    record["splits"] = {s: (manifest.get("splits") or {}).get(s) for s in ("train", "val")}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def finished_run(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_start: Path | None) -> dict:
-    """The summary of a finished run, once its recorded identity equals the one requested now: a rerun with
-    another config (a changed --set, backbone, warm start or shard set) must not print the old result as its
-    own. The process count is not compared (it is how a finished run was made, not what it is); the shard
-    set only while it is on disk. Runs written before identities were recorded are reused as they are."""
-    summary_path = layout.train_summary(run_dir)
-    summary = read_json_object(summary_path, "rerun with `--resume none` to train this run again")
-    stored = summary.get("identity")
-    if not isinstance(stored, dict):
-        return summary
-    try:
-        manifest = load_manifest(cfg.shards.dir)
-    except ClipitError:
-        manifest = None
-    # the shard set counts by its training splits (training_shards): a test split rebuilt or damaged after
-    # training changes no trained result, and evaluation checks that split itself
-    now = run_identity(cfg, method, seed, manifest or {}, stored.get("processes"), warm_start)
-    stored, now = {k: v for k, v in stored.items() if k != "shards"}, {k: v for k, v in now.items() if k != "shards"}
-    if manifest is not None and summary.get("training_shards") not in (None, training_shards(manifest)):
-        stored["training_shards"], now["training_shards"] = summary["training_shards"], training_shards(manifest)
-    changes = identity_changes(stored, now)
-    if changes:
-        raise ConfigError(
-            f"{summary_path}: {method} seed {seed} finished under another config ({changes}); to keep it, set "
-            f"output_dir to a new folder; to replace it, rerun `clipit train` with `--resume none`"
-        )
-    return summary
 
 
 def verified_manifest(accelerator, shard_dir: str | Path) -> dict:

@@ -62,7 +62,7 @@ class TrainingRun:
     train_source: ShardSource
     val_source: ShardSource
     progress: dict  # step, best score and step, best_val, identity: what a resume checkpoint stores
-    training_shards: str  # trainer.training_shards of the shard set: recorded in train_summary.json
+    training_shards: str  # run_identity.training_shards of the shard set: recorded in train_summary.json
     resumed_from: int | None
     skip: int  # batches of the current epoch a resume has already trained
     meta: dict  # the best checkpoint's sidecar

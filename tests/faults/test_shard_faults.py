@@ -273,7 +273,8 @@ def test_a_rebuild_with_another_codec_is_refused(copy):
     out, overrides = copy
     refused(
         build([*overrides, "shards.codec=png"]),
-        f"{out / MANIFEST}: the shards in {out} were built with another image",
+        f"{out / MANIFEST}: the shards in {out} were built under another config (",
+        "shards.codec.codec: 'raw' then, 'png' now",
         "set shards.codec: raw",
     )
 

@@ -177,6 +177,7 @@ def test_shards_of_another_embedding_model_are_not_mixed(setup, capsys):
     code, line = run(capsys, "shard", "build", "--config", str(config), "--set", "model.text_dim=8")
     plan = base / "run" / "shards" / "build.json"
     assert code == 2 and line.startswith(
-        f"clipit: error: {plan}: the shards in {plan.parent} were built with another embedding"
+        f"clipit: error: {plan}: the shards in {plan.parent} were built under another config ("
     )
-    assert "delete" in line and not (plan.parent / "manifest.json").exists()
+    assert "pairing.embedding.dim: 16 then, 8 now" in line and "set shards.dir to a new folder" in line
+    assert not (plan.parent / "manifest.json").exists()

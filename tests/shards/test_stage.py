@@ -104,7 +104,9 @@ def test_finalize_refuses_missing_shards_and_settings_cannot_change_midway(setup
         == 2
     )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"clipit: error: {out / PLAN}: the shards in {out} were built with another samples_per_shard")
+    assert err.startswith(
+        f"clipit: error: {out / PLAN}: the shards in {out} were built under another config (shards.samples_per_shard: "
+    )
     assert shard(config, out, "--part", "1", "--num-parts", "2") == 0
     assert shard(config, out, "--finalize") == 0 and (out / MANIFEST).exists()
     assert shard(config, out, "--part", "5") == 2  # --part without --num-parts

@@ -1,6 +1,6 @@
 """A finished run is reused only under the config that made it: a rerun of `clipit train` or `clipit evaluate`
 with a changed setting stops with one line naming the changed key and the ways forward; the same rerun
-with the same config still skips; `--resume none` replaces the run."""
+with the same config still skips; `--overwrite` replaces only a run of another config, `--resume none` any."""
 
 import json
 
@@ -10,8 +10,9 @@ EPOCHS = "methods.unimodal.epochs=1"
 
 
 def run(capsys, command: str, out, shards, *extra: str) -> tuple[int, str, list[str]]:
-    sets = [f"output_dir={out}", *shards, EPOCHS, *extra]
-    argv = [command, "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0"]
+    sets = [f"output_dir={out}", *shards, EPOCHS, *(e for e in extra if not e.startswith("--"))]
+    flags = [e for e in extra if e.startswith("--")]
+    argv = [command, "--config", str(ROOT / TINY), "--method", "unimodal", "--seed", "0", *flags]
     code = cli_main(argv + [a for s in sets for a in ("--set", s)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip().splitlines()
@@ -34,7 +35,7 @@ def test_a_changed_setting_is_named_not_answered_with_the_old_result(tiny_shards
         code, _, err = run(capsys, command, out, tiny_shards, "methods.unimodal.lr=0.5")
         assert code == 2 and len(err) == 1, err
         assert f"{summary}: unimodal seed 0 finished under another config (methods.unimodal.lr: " in err[0]
-        assert "set output_dir to a new folder" in err[0] and "`--resume none`" in err[0]
+        assert "set output_dir to a new folder" in err[0] and "with `--overwrite`" in err[0]
     code, _, err = run(capsys, "train", out, tiny_shards, "model.lora.r=4")
     assert code == 2 and "model.lora.r: 8 then, 4 now" in err[0]
 
@@ -50,3 +51,19 @@ def test_resume_none_replaces_a_run_made_under_another_config(tiny_shards, tmp_p
     assert summary["identity"]["methods"]["unimodal"]["lr"] == 0.5
     code, _, _ = run(capsys, "evaluate", out, tiny_shards, "methods.unimodal.lr=0.5")
     assert code == 0
+
+
+def test_overwrite_keeps_a_current_run_and_replaces_one_of_another_config(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    summary = out / "runs" / "unimodal" / "seed-0" / "train_summary.json"
+    assert run(capsys, "train", out, tiny_shards)[0] == 0
+    first = json.loads(summary.read_text())
+    code, printed, _ = run(capsys, "train", out, tiny_shards, "--overwrite")  # current: kept as it is
+    assert code == 0 and "--overwrite: replacing" not in printed and json.loads(summary.read_text()) == first
+
+    code, printed, _ = run(capsys, "train", out, tiny_shards, "methods.unimodal.lr=0.5", "--overwrite")
+    assert (
+        code == 0
+        and "--overwrite: replacing unimodal seed 0, made under another config (methods.unimodal.lr: " in printed
+    )
+    assert json.loads(summary.read_text())["identity"]["methods"]["unimodal"]["lr"] == 0.5
