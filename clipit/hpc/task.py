@@ -21,7 +21,7 @@ import submitit
 from clipit import layout
 from clipit.cells import ERROR_PREFIX, CellsFailed, last_error_line, run_cell
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, Task, cell_is_done
+from clipit.hpc.grid import Cell, Task, cell_changes, cell_is_done
 from clipit.io import read_json
 
 
@@ -90,10 +90,12 @@ def link_warm_start(cell: Cell) -> None:
         pass
 
 
-def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
+def run_task(task: Task, train=train_cell, executor: str = "slurm", changes=cell_changes) -> dict:
     """Run a task's cells in order; returns {cell key: outcome}. Raises CellsFailed if any failed.
 
-    A finished cell is skipped, a cell whose warm start failed in this task is marked failed without
+    A finished cell is skipped unless it was made under another config than the cell's (the grid file or a
+    config it names was edited after submission): that cell runs, and its train stops with the one line
+    naming the changed keys, recorded as its failure. A cell whose warm start failed in this task is marked failed without
     running, and the other cells still run (ablation variants do not depend on each other).
     """
     os.chdir(task.workdir)
@@ -103,7 +105,7 @@ def run_task(task: Task, train=train_cell, executor: str = "slurm") -> dict:
     outcomes: dict[str, str] = {}
     failed_dirs: set[str] = set()
     for slot, cell in enumerate(task.cells):
-        if cell_is_done(cell):
+        if cell_is_done(cell) and not changes(cell):
             if rank0 and (ledger.read_state(cell.run_dir) or {}).get("state") != "done":
                 ledger.mark_done(cell.run_dir, job, note="already finished")
             outcomes[cell.key] = "skipped (done)"

@@ -23,6 +23,10 @@ def cell(root: Path, method: str, warm: str | None = None, seed: int = 0, out: s
     return Cell("g", (("variant", out),), method, method, seed, "c.yaml", (), str(run), warm, link)
 
 
+def unchanged(c: Cell) -> str:
+    return ""  # the stand-in runs record no identity: every finished one is current
+
+
 def fake_train(fail: set[str] = frozenset(), calls: list | None = None):
     def train(c: Cell, slot: int = 0) -> dict:
         if calls is not None:
@@ -54,8 +58,19 @@ def test_chain_runs_in_order_and_records_states(tmp_path):
             "done",
         ]
     calls.clear()
-    out = run_task(Task(cells, str(tmp_path)), train=fake_train(calls=calls))  # a requeue or a rerun
+    out = run_task(Task(cells, str(tmp_path)), train=fake_train(calls=calls), changes=unchanged)  # a requeue or a rerun
     assert calls == [] and set(out.values()) == {"skipped (done)"}
+
+
+def test_a_finished_cell_of_another_config_runs_again_and_its_train_decides(tmp_path):
+    """The grid file was edited after submission: the finished cell is not skipped as done; its train runs
+    (and, for real, stops with the line naming the changed keys, recorded as the cell's failure)."""
+    cells = [cell(tmp_path, "unimodal"), cell(tmp_path, "text")]
+    run_task(Task(cells, str(tmp_path)), train=fake_train(), changes=unchanged)
+    calls = []
+    edited = {cells[0].key: "methods.unimodal.lr: 0.001 then, 0.01 now"}
+    out = run_task(Task(cells, str(tmp_path)), train=fake_train(calls=calls), changes=lambda c: edited.get(c.key, ""))
+    assert calls == ["unimodal"] and out == {cells[0].key: "done", cells[1].key: "skipped (done)"}
 
 
 def test_failed_warm_start_blocks_its_dependents_only(tmp_path):
