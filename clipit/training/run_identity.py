@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from clipit import layout
-from clipit.config import ExperimentConfig
+from clipit.config import ExperimentConfig, TrainConfig
 from clipit.errors import ClipitError
 from clipit.identity import OVERWRITE, changed_output, identity_changes
 from clipit.io import read_json_object, sha256_file
@@ -21,6 +22,11 @@ from clipit.shards.manifest import load_manifest
 
 # how a run is made, not what it is (num_workers counts: each worker shuffles its own stream of shards)
 NOT_COMPARED = ("checkpoint_every", "log_every")
+# settings added after identities were first recorded: left out at their default (the behaviour before
+# they existed), so a run recorded earlier stays current; any other value is compared
+LATER_DEFAULTS = {
+    f.name: f.default for f in fields(TrainConfig) if f.name in ("t_max", "ce_input", "augment_policy", "train_head")
+}
 
 
 def run_identity(
@@ -33,7 +39,13 @@ def run_identity(
         json.dumps({k: manifest.get(k) for k in ("splits", "embedding", "texts", "classes")}, sort_keys=True).encode()
     ).hexdigest()
     identity = {
-        "methods": {method: {k: v for k, v in vars(tcfg).items() if k not in NOT_COMPARED}},
+        "methods": {
+            method: {
+                k: v
+                for k, v in vars(tcfg).items()
+                if k not in NOT_COMPARED and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])
+            }
+        },
         "model": {
             "backbone": mcfg.backbone,
             "weights": mcfg.weights,

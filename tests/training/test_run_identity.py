@@ -67,3 +67,18 @@ def test_overwrite_keeps_a_current_run_and_replaces_one_of_another_config(tiny_s
         and "--overwrite: replacing unimodal seed 0, made under another config (methods.unimodal.lr: " in printed
     )
     assert json.loads(summary.read_text())["identity"]["methods"]["unimodal"]["lr"] == 0.5
+
+
+def test_settings_added_later_are_left_out_at_their_default_and_compared_otherwise():
+    """A run recorded before ce_input/t_max/augment_policy/train_head existed stays current under their
+    defaults (the behaviour it was trained with); a strict-profile value is part of the identity."""
+    from clipit.config import load_config
+    from clipit.training.run_identity import LATER_DEFAULTS, run_identity
+
+    cfg = load_config("configs/demo-tiny.yaml")
+    method = next(iter(cfg.methods))
+    recorded = run_identity(cfg, method, 0, {}, 1, None)["methods"][method]
+    assert set(LATER_DEFAULTS) == {"t_max", "ce_input", "augment_policy", "train_head"}
+    assert not set(LATER_DEFAULTS) & set(recorded)
+    cfg.methods[method].ce_input = "softmax"
+    assert run_identity(cfg, method, 0, {}, 1, None)["methods"][method]["ce_input"] == "softmax"
