@@ -410,7 +410,7 @@ def test_strict_profile_sets_every_reference_switch():
 def test_strict_table1_grid_dry_runs_and_its_cells_are_the_reference_recipe(monkeypatch):
     from clipit.hpc.grid import expand
 
-    proc = cli("grid", "--config", "configs/grids/paper_table1_strict.yaml", "--dry-run")
+    proc = cli("grid", "--config", "configs/grids/paper_table1_strict.yaml", "--dry-run", "--no-preflight")
     assert proc.returncode == 0, proc.stderr
     assert "total (219 stages)" in proc.stdout  # 216 cells + pairing and shards of 3 datasets
     monkeypatch.chdir(ROOT)
