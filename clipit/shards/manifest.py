@@ -2,10 +2,16 @@
 and texts.jsonl.
 
 Layout under the shard directory:
-    <split>/<split>-<shard:06d>.tar   samples [i * samples_per_shard, (i + 1) * samples_per_shard)
+    <split>/<split>-<shard:06d>.tar   positions [i * samples_per_shard, (i + 1) * samples_per_shard) of the
+                                      split's write order: the dataset order, or for a shuffled split (the
+                                      train split) a seeded permutation of it (`order` below)
     build.json                        the build plan (dataset, counts, embedding, texts, selection, image codec), written first
     manifest.json                     the plan + shard list with sha256 and class counts, written last
     texts.jsonl                       the paired texts in report_index order
+Every sample keeps its dataset index in its key (`<split>_<index:08d>`), whatever shard holds it. The
+plan's `order` records how each shuffled split (train) was permuted (clipit/shards/order.py); training
+refuses a set without it (order.require_shuffled_train): shards written in dataset order are class-sorted
+for most datasets, so an epoch's batches would hold few classes.
 A rerun with another plan stops with one line naming the changed config keys instead of mixing two builds
 (`check_plan`); `clipit shard build --overwrite` replaces the set.
 """
@@ -29,8 +35,20 @@ VERIFIED = ".manifest.verified.json"  # verify_shard_set's cache: stat + sha256 
 LOCKS = ".locks"  # one lock folder per shard being written (clipit.locks)
 FORMAT = "clipit-shards/1"
 # Plan keys that must agree between parts, reruns and the manifest.
-PLAN_KEYS = ("format", "dataset", "classes", "samples_per_shard", "counts", "embedding", "texts", "selection", "image")
+PLAN_KEYS = (
+    "format",
+    "dataset",
+    "classes",
+    "samples_per_shard",
+    "counts",
+    "embedding",
+    "texts",
+    "selection",
+    "image",
+    "order",
+)
 PAIRS = "pairs"  # the pairs' identity: compared when the set on disk records it (sets built before did not)
+REBUILD_SET = f"rebuild the set: rerun `clipit shard build --config <config>` with `{OVERWRITE}`"
 # The fix of a bad shard. A rerun rebuilds exactly the missing shards (byte-identical) and writes the manifest again.
 REBUILD = "delete this shard and rerun `clipit shard build --config <config>` (it rebuilds the missing shards)"
 MANIFEST_FIX = (
@@ -60,6 +78,19 @@ def shard_count(n_samples: int, samples_per_shard: int, index: int) -> int:
     return min(n_samples, (index + 1) * samples_per_shard) - index * samples_per_shard
 
 
+def sample_index(key: str) -> int:
+    """The dataset index in a sample key (`sample_key`'s inverse)."""
+    try:
+        return int(str(key).rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise ShardError(f"sample key {key!r} is not <split>_<index> (a shard of another build); {REBUILD}") from None
+
+
+def split_counts(manifest: dict, split: str) -> list[int]:
+    """Samples per shard of `split`, in shard order."""
+    return [int(s["count"]) for s in manifest["splits"][split]["shards"]]
+
+
 def short(value, limit: int = 80) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -76,9 +107,12 @@ def build_plan(
     texts: dict,
     selection: dict,
     image: dict,
+    order: dict,
     pairs: dict | None = None,
 ) -> dict:
-    """`pairs`: the identity the pairs were made under (pairing/engine.py::pairing_identity)."""
+    """`order`: order.plan_order of the split sizes (which splits are shuffled, how); `pairs`: the identity
+    the pairs were made under (pairing/engine.py::pairing_identity)."""
+    counts = {split: dataset.split_size(split) for split in dataset.splits}
     return json.loads(
         json.dumps(
             {
@@ -86,11 +120,12 @@ def build_plan(
                 "dataset": dataset.name,
                 "classes": list(dataset.classes),
                 "samples_per_shard": int(samples_per_shard),
-                "counts": {split: dataset.split_size(split) for split in dataset.splits},
+                "counts": counts,
                 "embedding": {"dim": int(embedding_dim), "dtype": "float16", "model": embedding_identity},
                 "texts": texts,
                 "selection": selection,
                 "image": image,
+                "order": order,
                 **({"pairs": pairs} if pairs is not None else {}),
             }
         )
@@ -137,10 +172,13 @@ def check_plan(out_dir: Path, plan: dict) -> bool:
             ) from None
         if diff:
             codec = f" or set shards.codec: {image_spec(old).get('codec')}" if "image" in diff else ""
+            in_dataset_order = "order" in diff and not old.get("order")  # built before training splits were shuffled
             raise changed_output(
                 path,
                 f"the shards in {out_dir} were built",
-                identity_changes(config_view(old), config_view(plan)) or f"{diff[0]} differs",
+                identity_changes(config_view(old), config_view(plan))
+                or ("the train split written in dataset order then, shuffled now" if in_dataset_order else "")
+                or f"{diff[0]} differs",
                 f"set shards.dir to a new folder{codec}",
                 f"rerun `clipit shard build --config <config>` with `{OVERWRITE}`",
             )
@@ -222,6 +260,9 @@ def check_manifest(shard_dir: str | Path, manifest: dict) -> None:
                 sha = shard["sha256"]
                 if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
                     raise bad(f"{want} has no sha256 ({short(sha, 20)})")
+            record = (manifest.get("order") or {}).get(split)
+            if record is not None and (not isinstance(record, dict) or record.get("count") != n):
+                raise bad(f"order of split {split} is {short(record, 40)}, not a permutation of its {n} samples")
             class_counts = info["class_counts"]
             if (
                 not all(k.isdigit() and int(k) < len(classes) and isinstance(v, int) for k, v in class_counts.items())

@@ -38,6 +38,7 @@ from clipit.shards.manifest import (
     existing_codec,
     write_texts,
 )
+from clipit.shards.order import plan_order, split_order
 from clipit.shards.writer import (
     SplitTexts,
     missing_shards,
@@ -291,6 +292,7 @@ def _plan(cfg, dataset: ImageDataset, cache: _TextCache, texts: list) -> dict:
         {"kind": cfg.pairing.texts, "count": len(cache.ids), "fingerprint": cache.fingerprint},
         selection,
         image,
+        plan_order({split: dataset.split_size(split) for split in dataset.splits}),
         pairing_identity(cfg, dataset, texts),
     )
 
@@ -326,6 +328,7 @@ def _write_part(
             use_rank=s.use_rank,
             random_seed=s.random_report_seed,
             image=plan["image"],
+            order=split_order(plan, split, Path(s.dir) / PLAN),
         )
     return written
 
@@ -337,7 +340,7 @@ def _write_manifest(
     process did not write are read back against the pairs first (writer.write_manifest)."""
     s = cfg.shards
     out = Path(s.dir)
-    extra = {k: plan[k] for k in ("texts", "selection", "image", "pairs")}
+    extra = {k: plan[k] for k in ("texts", "selection", "image", "pairs", "order")}
     extra.update({"reports": cfg.reports.path, "pairing_model": cfg.pairing.model})
     selected = {
         split: SplitTexts.select(pairs[split], split, cache.embeddings, cache.ids, s.use_rank, s.random_report_seed)

@@ -31,6 +31,7 @@ from clipit.shards.manifest import (
     sample_key,
     short,
 )
+from clipit.shards.order import split_order
 from clipit.shards.reader import scan_shard
 
 META_KEYS = ("report_id", "report_index", "score", "rank", "topk_report_indices", "split", "source_key")
@@ -170,13 +171,16 @@ def on_sample(
     per_shard: int,
     count: int,
     expect: Callable[[int], dict] | None = None,
+    order: np.ndarray | None = None,
 ) -> Callable[[dict, int], None]:
-    """scan_shard's callback for shard `shard` of `split`: sample j is sample shard * per_shard + j of the split."""
+    """scan_shard's callback for shard `shard` of `split`: sample j is at write position shard * per_shard + j
+    of the split, which holds dataset sample `order[position]` (the position itself without an order)."""
 
     def check(sample: dict, j: int) -> None:
         if j >= count:
             raise ShardError(f"{path}: more samples than the {count} this shard holds; {REBUILD}")
         index = shard * per_shard + j
+        index = index if order is None else int(order[index])
         checker.check(sample, path, split, index, expect(index) if expect else None)
 
     return check
@@ -205,6 +209,7 @@ def validate_shards(shard_dir: str | Path, quick: bool = False) -> dict:
     check_manifest(shard_dir, manifest)
     per_shard = manifest["samples_per_shard"]
     checker = SampleChecker.of(manifest)
+    orders = {split: split_order(manifest, split, shard_dir / MANIFEST) for split in manifest["splits"]}
     listed = [(split, i, shard) for split, info in manifest["splits"].items() for i, shard in enumerate(info["shards"])]
     for split, i, shard in progress(listed, desc=f"{'hash' if quick else 'validate'} {shard_dir}", unit="shard"):
         path = shard_dir / shard["path"]
@@ -213,7 +218,8 @@ def validate_shards(shard_dir: str | Path, quick: bool = False) -> dict:
         if quick:
             sha, count, problem = sha256_file(path), shard["count"], None
         else:
-            sha, count, problem = scan_shard(path, on_sample(checker, path, split, i, per_shard, shard["count"]))
+            check = on_sample(checker, path, split, i, per_shard, shard["count"], order=orders[split])
+            sha, count, problem = scan_shard(path, check)
         if sha != shard["sha256"]:
             raise _checksum_error(path)
         if problem is not None:

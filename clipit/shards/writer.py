@@ -3,6 +3,8 @@
 source key; raw sets add the image shape). Names and the manifest's files: clipit/shards/manifest.py.
 
 Building a config's set (pairing checks, parts, manifest) is clipit/shards/stage.py.
+The train split is written in a seeded permutation (clipit/shards/order.py), so every shard holds a random
+sample of it rather than a run of one class; evaluation splits stay in dataset order.
 Compute nodes: the shards of all splits are enumerated in a fixed order (split by split, index by
 index) and part I of N writes every N-th of them, so a SLURM array builds the set in parallel. Every
 shard is written under a temporary name, fsynced and renamed; a killed part leaves only whole shards
@@ -46,6 +48,7 @@ from clipit.shards.manifest import (
     shard_count,
     shard_path,
 )
+from clipit.shards.order import split_order
 from clipit.shards.reader import scan_shard
 from clipit.shards.validate import SampleChecker, on_sample
 
@@ -178,10 +181,13 @@ def write_split_shards(
     use_rank: int = 1,
     random_seed: int | None = None,
     image: dict = PNG,
+    order: np.ndarray | None = None,
 ) -> list[Path]:
     """Write the shards of one split (or just the shard indices in `only`) with the `image` codec
     (codec.resolve_image); returns the shards this call wrote. Shards that exist are skipped; a shard
-    another process is writing is waited for, then skipped."""
+    another process is writing is waited for, then skipped. `order`: the dataset index at each write
+    position (order.split_order: the train split's seeded permutation); None writes dataset order.
+    A sample keeps its dataset index (key, text, label) wherever it is written."""
     from clipit.pairing.engine import decode_error
 
     n = dataset.split_size(split)
@@ -196,7 +202,8 @@ def write_split_shards(
             continue
 
         def samples(shard=shard):
-            for index in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
+            for position in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
+                index = position if order is None else int(order[position])
                 item = dataset.sample(split, index)
                 try:
                     field, payload, _ = encode_image(item.data, item.ext, image)
@@ -252,7 +259,8 @@ def write_manifest(
     written: Iterable[str | Path] = (),
 ) -> Path:
     """Summarise finished shards; written last, so its presence means the shard set is complete. `extra`
-    holds the plan's other keys (texts, selection, image; without `image` the set is png).
+    holds the plan's other keys (texts, selection, image, order; without `image` the set is png, without
+    `order` every split is in dataset order).
 
     Never blesses unchecked bytes: a shard in `written` (written by this process, in this run) is hashed;
     every other one is read back once, sample by sample, before it is listed: the tar must be whole, the
@@ -269,6 +277,7 @@ def write_manifest(
         len(dataset.classes), int(embedding_dim), (extra.get("texts") or {}).get("count"), extra.get("selection"), image
     )
     units = shard_units(dataset, samples_per_shard)
+    orders = {split: split_order(extra, split, out_dir / MANIFEST) for split in dataset.splits}
     for path in (shard_path(out_dir, split, i) for split, i in units):
         if not path.exists():
             raise ShardError(
@@ -288,7 +297,8 @@ def write_manifest(
             if split not in keys:
                 keys[split] = dataset.keys(split)
             expect = _expectation(split, keys[split], labels[split], (texts or {}).get(split), image)
-            sha, got, problem = scan_shard(path, on_sample(checker, path, split, i, samples_per_shard, count, expect))
+            check = on_sample(checker, path, split, i, samples_per_shard, count, expect, orders[split])
+            sha, got, problem = scan_shard(path, check)
             if problem is not None:
                 raise problem
             if got != count:

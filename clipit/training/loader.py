@@ -1,7 +1,8 @@
 """Shard loaders for training and evaluation.
 
-Training: shards are resampled with a deterministic per-(rank, worker) seed, so every rank gets
-the same number of batches and no rank ever hangs at a collective, whatever the shard count.
+Training: each epoch reads every train sample at most once across all ranks and workers, in an order
+seeded by (seed, epoch) (clipit/training/epochs.py: the order, the per-(rank, worker) share, the
+remainder rule); every rank gets the same number of full batches, so none hangs at a collective.
 The loader is never passed through `accelerator.prepare` (it would shard the data a second time).
 Evaluation: each rank reads a disjoint, ordered subset of the shards exactly once.
 Images stay uint8 until they reach the device, where they are augmented and normalised; every image
@@ -27,7 +28,8 @@ from clipit.data.base import ImageDecodeError, decode_image, worker_error
 from clipit.errors import one_line
 from clipit.shards.codec import IMAGE_FIELDS, RAW_FIELD, decode_embedding, image_field, sample_pixels
 from clipit.shards.manifest import REBUILD, ShardError
-from clipit.shards.reader import tar_samples
+from clipit.shards.reader import read_shard, tar_samples
+from clipit.training.epochs import pick, slot_plan
 
 __all__ = ["IMAGE_FIELDS", "collate", "decode_sample", "eval_loader", "load_image", "train_loader", "train_stream"]
 
@@ -131,60 +133,95 @@ class _Loader(wds.WebLoader):
 
 def train_loader(
     urls: list[str],
+    counts: list[int],
     batch_size: int,
-    batches_per_epoch: int,
     seed: int,
+    rank: int = 0,
+    world: int = 1,
     num_workers: int = 0,
     load_size: int | None = None,
-    shuffle_buffer: int = 2000,
     start_epoch: int = 0,
     image: dict | None = None,
 ) -> wds.WebLoader:
-    """Deterministic full batches for this rank; each `iter()` starts the next epoch.
-
-    Epoch e of (rank, worker) always draws the same shards and samples, which is what makes a
-    resumed run see the data an uninterrupted one would. With several workers each has its own
-    stream and yields at least its share; the trainer takes exactly `batches_per_epoch` per epoch.
-    """
-    per_worker = -(-batches_per_epoch // max(1, num_workers))
-    pipeline = train_stream(
+    """This rank's full batches of each epoch (epochs.batches_per_rank of them); each `iter()` starts the
+    next epoch. `counts`: the samples of each shard, from the manifest (a tar holding another number is a
+    ShardError). Epoch e of a rank always gives the same batches in the same order, which is what makes a
+    resumed run see the data an uninterrupted one would."""
+    stream = train_stream(
         urls,
-        tar_samples,
-        [wds.map(lambda s: decode_sample(s, load_size, image))],
+        counts,
+        lambda index: read_shard(urls[index]),
+        lambda s: decode_sample(s, load_size, image),
         collate,
         batch_size,
-        per_worker,
         seed,
-        shuffle_buffer,
+        rank,
+        world,
+        num_workers,
         start_epoch,
     )
-    return _Loader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return _Loader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+class _EpochBatches(torch.utils.data.IterableDataset):
+    """One (rank, worker)'s batches of the next epoch per iter(); in a loader worker process, the worker
+    is torch's (its copy of this object counts its own epochs, as persistent workers keep it)."""
+
+    def __init__(
+        self, urls, counts, expand, transform, collation_fn, batch_size, seed, rank, world, workers, epoch, worker
+    ):
+        super().__init__()
+        self.urls, self.counts, self.expand, self.transform = urls, list(counts), expand, transform
+        self.collation_fn, self.batch_size, self.seed = collation_fn, batch_size, seed
+        self.rank, self.world, self.workers, self.epoch, self.worker = rank, world, max(1, workers), epoch, worker
+
+    def __iter__(self):
+        self.epoch += 1
+        worker = self.worker
+        if worker is None:
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info is not None else 0
+        plan = slot_plan(
+            self.counts, self.batch_size, self.world, self.workers, self.seed, self.epoch, self.rank, worker
+        )
+        batch = []
+        for shard, positions in plan:
+            for sample in pick(self.expand(shard), positions, self.counts[shard], self._miscount(shard)):
+                batch.append(self.transform(sample))
+                if len(batch) == self.batch_size:
+                    yield self.collation_fn(batch)
+                    batch = []
+
+    def _miscount(self, shard: int):
+        def raise_(got: int):
+            raise ShardError(
+                f"{self.urls[shard]}: {got} samples where the manifest lists {self.counts[shard]}; {REBUILD}"
+            )
+
+        return raise_
 
 
 def train_stream(
     urls: list[str],
+    counts: list[int],
     expand,
-    stages: list,
+    transform,
     collation_fn,
     batch_size: int,
-    per_worker: int,
     seed: int,
-    shuffle_buffer: int = 2000,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
     start_epoch: int = 0,
-    worker_seed=None,
-) -> wds.DataPipeline:
-    """The training order, in one place: resampled shards -> `expand` (shard dicts -> samples) -> seeded
-    shuffle -> `stages` -> full batches. The cached-feature probe (training/probe.py) expands shards into
-    cached rows instead of tar samples and so replays exactly the batches `train_loader` gives."""
-    shards = wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=worker_seed)
-    shards.epoch = start_epoch - 1  # incremented on every iter(); workers inherit it
-    return wds.DataPipeline(
-        shards,
-        expand,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed),
-        *stages,
-        wds.batched(batch_size, collation_fn=collation_fn, partial=False),
-    ).with_epoch(per_worker)
+    worker: int | None = None,
+) -> _EpochBatches:
+    """The training order, in one place: epochs.slot_plan's shards and positions -> `expand` (shard index ->
+    its samples in stored order) -> `transform` per sample -> full batches. The cached-feature probe
+    (training/probe.py) expands shards into cached rows instead of tar samples, one stream per `worker`,
+    and so replays exactly the batches `train_loader` gives."""
+    return _EpochBatches(
+        urls, counts, expand, transform, collation_fn, batch_size, seed, rank, world, workers, start_epoch - 1, worker
+    )
 
 
 def eval_loader(

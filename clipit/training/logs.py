@@ -1,10 +1,11 @@
 """Training progress for people and clusters: plain lines on rank 0, to stdout and `<run>/train.log`.
 
-Every `log_every` steps (and at the last step) one line; one at every validation; one when an
-attempt starts and when it finishes:
+Every `log_every` steps (and at the last step) one line; one at every validation; one per epoch with the
+samples its batches held (training/coverage.py); one when an attempt starts and when it finishes:
 
     2025-01-31 12:00:00 clipit seed 0: step 50/400 (12%) epoch 1/4 loss 1.2345 lr 1.00e-03 images/s 812.5 data wait 3.1% ETA 0:04:10
     2025-01-31 12:00:09 clipit seed 0: validation at step 100: val loss 0.9876 val bacc 61.23% best val_loss 0.9876 at step 100
+    2025-01-31 12:00:09 clipit seed 0: epoch 1/4 coverage: 6400/6437 training samples seen (99.4%), none drawn twice, 37 not drawn; 8.91 of 9 classes per batch (a random batch: 8.93)
 
 loss is rank 0's mean over the steps since the previous line; images/s counts every rank; data wait
 is the share of that time rank 0 waited for its loader; ETA extrapolates this attempt's pace
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from clipit import layout
 from clipit.progress import Progress, format_duration, is_terminal
+from clipit.training.coverage import coverage_line
 
 
 class TrainLog:
@@ -91,6 +93,11 @@ class TrainLog:
             f"validation at step {step}: val loss {val['loss']:.4f} val bacc "
             f"{100 * val['balanced_accuracy']:.2f}% best {select} {best} at step {best_step}"
         )
+
+    def coverage(self, record: dict | None) -> None:
+        """One line per epoch: the samples its batches held and their class mix (training/coverage.py)."""
+        if record is not None:
+            self.line(coverage_line(record, -(-self.total // self.per_epoch)))
 
     def finish(self, summary: dict) -> None:
         stopped = summary.get("stopped_early_at_step")

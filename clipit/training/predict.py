@@ -8,6 +8,7 @@ Nothing here passes silently: a non-finite logit or loss is a `NonFiniteError` n
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import tarfile
@@ -24,7 +25,8 @@ from accelerate.utils import gather_object
 from clipit.errors import ClipitError, one_line
 from clipit.io import sha256_file
 from clipit.models.clipit import clipit_loss
-from clipit.shards.manifest import ShardError, shard_path, split_urls
+from clipit.shards.manifest import MANIFEST, ShardError, shard_path, split_urls
+from clipit.shards.order import split_order
 from clipit.training.text_side import TextInputs, cached_text
 
 # what a damaged shard raises while it is read and decoded (tar, PNG/JPEG/TIFF, npy, JSON, the label)
@@ -49,12 +51,30 @@ class ShardSource:
     def urls(self) -> list[str]:
         return split_urls(self.shard_dir, self.split, self.manifest)
 
+    @functools.cached_property
+    def _positions(self) -> np.ndarray | None:
+        """Write position of each dataset index of a shuffled split (shards/order.py); None: dataset order."""
+        try:
+            order = split_order(self.manifest, self.split, self.shard_dir / MANIFEST)
+        except ClipitError:  # only names shards in messages: a set that cannot say is named without them
+            return None
+        if order is None:
+            return None
+        positions = np.empty_like(order)
+        positions[order] = np.arange(len(order))
+        return positions
+
     def shard_of(self, key: str) -> str | None:
         match = _KEY.match(str(key))
         per_shard = self.manifest.get("samples_per_shard")
         if not match or not per_shard:
             return None
-        return str(shard_path(self.shard_dir, match.group(1), int(match.group(2)) // int(per_shard)))
+        split, index = match.group(1), int(match.group(2))
+        if split == self.split and self._positions is not None:
+            if index >= len(self._positions):
+                return None
+            index = int(self._positions[index])
+        return str(shard_path(self.shard_dir, split, index // int(per_shard)))
 
     def describe(self, keys: list[str], limit: int = 3) -> str:
         """'train_00000003 (…/train-000000.tar), …' for the first `limit` keys."""

@@ -6,7 +6,7 @@ backbone's cached features instead of images (training/features.py).
               its checkpoint (best.safetensors, resume state) is the model's, so warm starts,
               evaluation and export read it as before
   preprocess  the identity (features need none)
-  batches     `train_order` replays the shard loader's resampling and shuffle (loader.train_stream)
+  batches     `train_order` replays the shard loader's epoch order (loader.train_stream, epochs.py)
               over cached rows instead of tar samples, per rank and per loader worker, so every step
               sees exactly the samples, in exactly the order, that the online loop sees; validation
               takes each rank's shards as loader.eval_loader does
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from webdataset.utils import pytorch_worker_info
 
 from clipit.config import ExperimentConfig
 from clipit.training.features import FeatureSplit, ensure_cache, load_split, uses_feature_cache
@@ -64,37 +63,32 @@ def train_order(
     urls: list[str],
     rows: list[range],
     batch_size: int,
-    batches_per_epoch: int,
     seed: int,
     num_workers: int = 0,
-    rank: int | None = None,
+    rank: int = 0,
+    world: int = 1,
     start_epoch: int = 0,
 ):
     """Per epoch, the row-index batches that `loader.train_loader(urls, ...)` gives this rank.
 
-    Each loader worker w has its own stream (webdataset seeds it with rank * 1000 + w); torch's
-    DataLoader hands out their batches in turn, worker 0 first. Every call of the returned function
-    starts the next epoch, as every `iter()` of the real loader does."""
-    rank = pytorch_worker_info()[0] if rank is None else rank
+    Each loader worker w reads its own share of the epoch (training/epochs.py); torch's DataLoader hands
+    out their batches in turn, worker 0 first, skipping a worker that has run out. Every call of the
+    returned function starts the next epoch, as every `iter()` of the real loader does."""
     workers = max(1, num_workers)
-    per_worker = -(-batches_per_epoch // workers)
-    rows_of = dict(zip(urls, rows))
-
-    def expand(src):
-        for shard in src:
-            yield from rows_of[shard["url"]]
-
     streams = [
         train_stream(
             urls,
-            expand,
-            [],
+            [len(r) for r in rows],
+            lambda index: iter(rows[index]),
+            lambda row: row,
             torch.tensor,
             batch_size,
-            per_worker,
             seed,
-            start_epoch=start_epoch,
-            worker_seed=lambda w=w: rank * 1000 + w,
+            rank,
+            world,
+            workers,
+            start_epoch,
+            worker=w,
         )
         for w in range(workers)
     ]
@@ -102,10 +96,12 @@ def train_order(
     def next_epoch() -> list[torch.Tensor]:
         iterators = [iter(stream) for stream in streams]
         batches = []
-        while len(batches) < batches_per_epoch:
-            for it in iterators:
+        while iterators:
+            for it in list(iterators):
                 batch = next(it, None)
-                if batch is not None and len(batches) < batches_per_epoch:
+                if batch is None:
+                    iterators.remove(it)
+                else:
                     batches.append(batch)
         return batches
 
@@ -145,13 +141,11 @@ class CachedInputs:
     urls: list[str] = field(repr=False)
 
     def train_batches(
-        self, batch_size: int, batches_per_epoch: int, seed: int, num_workers: int, start_epoch: int
+        self, batch_size: int, seed: int, num_workers: int, rank: int, world: int, start_epoch: int
     ) -> _TrainBatches:
         return _TrainBatches(
             self.train,
-            train_order(
-                self.urls, self.train.rows, batch_size, batches_per_epoch, seed, num_workers, start_epoch=start_epoch
-            ),
+            train_order(self.urls, self.train.rows, batch_size, seed, num_workers, rank, world, start_epoch),
         )
 
     def val_batches(self, batch_size: int, rank: int, world: int) -> list[dict]:

@@ -27,9 +27,11 @@ from clipit.methods import method_spec
 from clipit.models.clipit import param_groups
 from clipit.models.factory import build_model
 from clipit.models.speed import apply_speed_settings
-from clipit.shards.manifest import ShardError, load_manifest
+from clipit.shards.manifest import ShardError, load_manifest, split_counts
+from clipit.shards.order import require_shuffled_train
 from clipit.shards.validate import verify_shard_set
 from clipit.training.accel import claim_deepspeed_run, main_process_lock, make_accelerator, raise_together
+from clipit.training.epochs import batches_per_rank
 from clipit.training.features import backbone_forwards_so_far
 from clipit.training.imported import import_probe_head
 from clipit.training.loader import eval_loader, train_loader
@@ -54,9 +56,11 @@ class StepPlan:
     checkpoint_every: int
 
 
-def step_plan(manifest: dict, tcfg: TrainConfig, world: int) -> StepPlan:
-    """The step plan for the train split of `manifest` over `world` processes of `tcfg.batch_size` each."""
-    batches_per_epoch = max(1, manifest["splits"]["train"]["count"] // (tcfg.batch_size * world))
+def step_plan(manifest: dict, tcfg: TrainConfig, world: int, method: str | None = None) -> StepPlan:
+    """The step plan for the train split of `manifest` over `world` processes of `tcfg.batch_size` each: an
+    epoch is train samples // (batch_size x world) steps (training/epochs.py: each sample at most once)."""
+    key = f"methods.{method}.batch_size" if method else "batch_size"
+    batches_per_epoch = batches_per_rank(manifest["splits"]["train"]["count"], tcfg.batch_size, world, key)
     eval_every = max(1, batches_per_epoch // tcfg.evals_per_epoch)
     return StepPlan(
         batches_per_epoch=batches_per_epoch,
@@ -144,6 +148,7 @@ def _fit(cfg: ExperimentConfig, method: str, seed: int, run_dir: Path, warm_star
         return save_untrained(cfg, method, seed, run_dir, model, preprocess, manifest, accelerator)
     if tcfg.head_from:  # an existing probe (e.g. kaiko eva's) instead of training one
         return import_probe_head(cfg, method, seed, run_dir, model, preprocess, manifest, accelerator)
+    require_shuffled_train(cfg.shards.dir, manifest)
     return setup_run(cfg, method, seed, run_dir, warm_start, accelerator, manifest, model, preprocess).train(
         forwards_before
     )
@@ -174,7 +179,7 @@ def setup_run(
             f"{accelerator.device}, precision {tcfg.precision}, distributed {tcfg.distributed}",
             flush=True,
         )
-    plan = step_plan(manifest, tcfg, world)
+    plan = step_plan(manifest, tcfg, world, method)
     optimizer = make_optimizer(tcfg, groups)
     scheduler = make_scheduler(tcfg, optimizer, plan.total_steps, plan.batches_per_epoch)
     # a frozen backbone on unaugmented images: its features once (shared by seeds), then only what follows it
@@ -246,14 +251,18 @@ def batches(cfg: ExperimentConfig, method: str, seed: int, accelerator, manifest
     train_source = ShardSource(Path(cfg.shards.dir), "train", manifest)
     val_source = ShardSource(Path(cfg.shards.dir), "val", manifest)
     if cached:  # the same batches as the loaders below would give, from the cached features
-        train_batches = cached.train_batches(tcfg.batch_size, plan.batches_per_epoch, seed, tcfg.num_workers, epoch)
+        train_batches = cached.train_batches(
+            tcfg.batch_size, seed, tcfg.num_workers, accelerator.process_index, world, epoch
+        )
         val_batches = cached.val_batches(2 * tcfg.batch_size, accelerator.process_index, world)
     else:
         train_batches = train_loader(
             train_source.urls,
+            split_counts(manifest, "train"),
             tcfg.batch_size,
-            plan.batches_per_epoch,
             seed=seed,
+            rank=accelerator.process_index,
+            world=world,
             num_workers=tcfg.num_workers,
             load_size=size,
             start_epoch=epoch,

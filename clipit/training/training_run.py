@@ -22,6 +22,7 @@ from clipit.io import atomic_write_json
 from clipit.metrics import classification_metrics
 from clipit.models.checkpoint import save_model
 from clipit.models.clipit import clipit_loss
+from clipit.training.coverage import EpochCoverage
 from clipit.training.features import backbone_forwards_so_far
 from clipit.training.logs import TrainLog
 from clipit.training.predict import NonFiniteError, ShardSource, predict, samples
@@ -71,6 +72,7 @@ class TrainingRun:
     restart: str = ""  # the command that starts the cell over
     stopped_early: int | None = None  # step at which `patience` validations without improvement ended the run
     window: Window = field(default_factory=Window)
+    coverage: EpochCoverage | None = None  # what each epoch's batches held (train.log, train_summary.json)
 
     @property
     def tcfg(self) -> TrainConfig:
@@ -109,11 +111,24 @@ class TrainingRun:
             self.accelerator.is_main_process,
         )
         log.start(self.resumed_from, self.accelerator.num_processes, plan.eval_every)
+        train = self.train_source.manifest["splits"]["train"]
+        self.coverage = EpochCoverage(
+            train["count"],
+            train["class_counts"],
+            tcfg.batch_size,
+            self.accelerator.num_processes,
+            plan.batches_per_epoch,
+        )
+        self.coverage.restore(
+            self.progress.get("coverage"), self.step // plan.batches_per_epoch, self.accelerator.is_main_process
+        )
         stop = GracefulStop()
         self.model.train()
         try:
             while self.step < plan.total_steps and self.stopped_early is None:
-                if self._epoch(log, stop):
+                ended = self._epoch(log, stop)
+                log.coverage(self.coverage.close(self.accelerator))
+                if ended:
                     break
         finally:
             stop.restore()
@@ -127,9 +142,11 @@ class TrainingRun:
         plan = self.plan
         batches = islice(iter(self.train_batches), self.skip, plan.batches_per_epoch)
         self.skip = 0
+        epoch = self.step // plan.batches_per_epoch
         fetch_start = time.time()
         for batch in self.train_source.batches(batches, f"training of {self.name}"):
             waited = time.time() - fetch_start
+            self.coverage.add(batch, epoch)
             stopping = self.train_step(batch, waited, stop, log)
             step = self.step
             if step % plan.eval_every == 0 or step == plan.total_steps:
@@ -258,6 +275,7 @@ class TrainingRun:
         self.check_weights("saving a resume checkpoint")
         if self.writer:
             self.writer.flush()
+        self.progress["coverage"] = self.coverage.state(self.accelerator)  # a collective: every rank is here
         save_training_state(
             self.run_dir,
             self.accelerator,
@@ -284,6 +302,7 @@ class TrainingRun:
             "backbone_forwards": backbone_forwards_so_far() - forwards_before,
             "wall_s": round(time.time() - start, 2),
             **({"feature_cache": str(self.cached.cache_dir)} if self.cached else {}),
+            "coverage": self.coverage.epochs if self.coverage else [],  # per epoch (training/coverage.py)
             "identity": progress.get("identity"),  # what a rerun compares before it reuses this run
             "training_shards": self.training_shards,
         }
@@ -313,7 +332,7 @@ class TrainingRun:
         if not local:
             return f"{where}: the loss is not finite on another rank (its error line names the batch); {hint}"
         terms = ", ".join(f"{k} {float(v.detach())}" for k, v in losses.items() if not torch.isfinite(v.detach()))
-        keys = list(dict.fromkeys(batch["keys"]))  # resampling can draw a sample twice into one batch
+        keys = list(dict.fromkeys(batch["keys"]))
         text = inputs.get("text_emb")
         bad_text = (
             (~torch.isfinite(text.float()).all(dim=1)).cpu().tolist() if text is not None and text.numel() else []

@@ -10,10 +10,12 @@ from pairing.fakes import make_images, make_reports, pair_with_tiny_model, tiny_
 import clipit.pairing.encoders
 from clipit.cli import main
 from clipit.data.base import DatasetError
+from clipit.data.folder import ImageFolderDataset
 from clipit.data.pcam import PCamDataset, pcam_file
 from clipit.locks import LOCK_FILE
 from clipit.pairing.engine import embed_images, load_pairs
 from clipit.shards.manifest import LOCKS
+from clipit.shards.order import split_order
 from clipit.shards.writer import write_split_shards
 
 
@@ -53,8 +55,14 @@ def test_corrupt_image_fails_the_shard_build(setup, capsys):
     code, line = run(capsys, "shard", "build", "--config", str(config))
     assert code == 2 and line.startswith(f"clipit: error: {bad}: cannot decode image") and "replace or delete" in line
     shards = base / "run" / "shards"
-    assert (shards / "train" / "train-000000.tar").exists()  # shard 0 (images 0-3) was fine
-    assert not (shards / "train" / "train-000001.tar").exists() and no_partial_shards(shards)
+    # the train split is written in a seeded permutation (build.json's order): the bad image's shard stops
+    # the build, the shards written before it stay
+    order = split_order(json.loads((shards / "build.json").read_text()), "train")
+    keys = ImageFolderDataset(images).keys("train")
+    bad_shard = int(np.flatnonzero(order == keys.index(next(k for k in keys if k.endswith("train_0005"))))[0]) // 4
+    for index in range(3):
+        assert (shards / "train" / f"train-{index:06d}.tar").exists() == (index < bad_shard), index
+    assert no_partial_shards(shards)
 
 
 def test_corrupt_image_fails_pairing(setup, capsys, monkeypatch):

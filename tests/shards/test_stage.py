@@ -45,13 +45,13 @@ def test_rebuild_is_byte_identical_with_fixed_tar_headers(setup, monkeypatch):
     monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)  # a later wall clock must not leak into tars
     assert shard(config, base / "b") == 0
     assert digests(base / "a") == digests(base / "b") and len(digests(base / "a")) == 6 + 2 + 3 + 1
-    with tarfile.open(base / "a" / "train" / "train-000000.tar") as tar:
+    with tarfile.open(base / "a" / "val" / "val-000000.tar") as tar:
         members = tar.getmembers()
     assert [m.name for m in members[:4]] == [
-        "train_00000000.cls",
-        "train_00000000.emb.npy",
-        "train_00000000.json",
-        "train_00000000.png",
+        "val_00000000.cls",
+        "val_00000000.emb.npy",
+        "val_00000000.json",
+        "val_00000000.png",
     ]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
         (0, 0, 0, "clipit", "clipit", 0o444)
@@ -164,7 +164,7 @@ def test_ablation_selections_reach_the_shards(setup, sets, rank):
     from clipit.pairing.embedding_cache import load_text_embeddings
     from clipit.pairing.engine import load_pairs
     from clipit.shards.codec import decode_embedding
-    from clipit.shards.manifest import load_manifest, split_urls
+    from clipit.shards.manifest import load_manifest, sample_index, split_urls
     from clipit.shards.reader import iter_samples
 
     base, config = setup
@@ -188,7 +188,8 @@ def test_ablation_selections_reach_the_shards(setup, sets, rank):
     pairs = load_pairs(base / "run" / "pairing" / "pairs-train.npz")
     text, ids = load_text_embeddings(base / "run" / "pairing" / "text-embeddings")
     chosen = []
-    for i, sample in enumerate(iter_samples(split_urls(out, "train"))):
+    for sample in iter_samples(split_urls(out, "train")):
+        i = sample_index(sample["__key__"])  # the train split is shuffled: the key holds the dataset index
         meta = json.loads(sample["json"])
         assert meta["rank"] == rank and meta["report_id"] == ids[meta["report_index"]]
         np.testing.assert_array_equal(
