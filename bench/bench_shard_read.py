@@ -7,9 +7,10 @@ The same H&E-like 96-px tiles (the demo generator, the size of PCAM patches) are
 writer twice, with shards.codec png (the PNG bytes as stored) and raw (uint8 pixels, `img.u8`), each
 sample with a 512-d fp16 embedding and its json, like real shards. The baseline, measured in this
 process for each set: iterating its tars without decoding anything (webdataset's tar reader, one
-process), an upper bound for any single-process reader. clipit's train loader (resampled, shuffled,
-decoded, uint8 batches collated with np.stack) is timed with each worker count; the goal is a
-loader at >= 70% of the raw tar read.
+process), an upper bound for any single-process reader. clipit's train loader (the train split written
+in its seeded permutation, as `clipit shard build` writes it; one epoch: shards in an epoch permutation,
+each shard's samples shuffled, decoded, uint8 batches collated with np.stack) is timed with each worker
+count; the goal is a loader at >= 90% of the raw tar read.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import webdataset as wds
 from clipit.data.demo import DEMO_CLASSES, write_demo_images
 from clipit.data.folder import ImageFolderDataset
 from clipit.shards.codec import resolve_image
+from clipit.shards.manifest import shard_count
+from clipit.shards.order import plan_order, split_order
 from clipit.shards.reader import iter_samples
 from clipit.shards.writer import write_split_shards
 from clipit.training.loader import eval_loader, train_loader
-
-SHUFFLE_BUFFER = 2000  # the train loader's default
 
 
 def build_shards(dataset, out: Path, per_shard: int, codec: str) -> tuple[list[str], float]:
@@ -43,6 +44,7 @@ def build_shards(dataset, out: Path, per_shard: int, codec: str) -> tuple[list[s
     rng = np.random.default_rng(0)
     text = rng.normal(size=(300, 512)).astype(np.float32)
     pairs = {"indices": rng.integers(0, 300, (n, 1)), "scores": rng.random((n, 1)).astype(np.float32)}
+    order = split_order({"order": plan_order({"train": n})}, "train")  # the train split's write order
     start = time.perf_counter()
     paths = write_split_shards(
         dataset,
@@ -53,14 +55,15 @@ def build_shards(dataset, out: Path, per_shard: int, codec: str) -> tuple[list[s
         out,
         per_shard,
         image=resolve_image(codec, dataset),
+        order=order,
     )
     return [str(p) for p in paths], time.perf_counter() - start
 
 
 def rate(iterable, limit: int, count, warmup: int = 0) -> tuple[float, int]:
     """Steady-state samples per second over `limit` samples (items counted by `count`): the clock starts
-    after the first item and `warmup` more samples (worker start-up, and the shuffle buffers filling: a
-    train loader reads 2,000 samples per worker ahead before it is in step, once per epoch)."""
+    after the first item and `warmup` more samples (worker start-up, and each worker's first shard: a
+    train loader reads a whole shard before it yields its samples in the epoch's order)."""
     it = iter(iterable)
     seen = count(next(it))
     while seen < warmup:
@@ -108,9 +111,9 @@ def main() -> None:
             rows.append((codec, "raw tar read, no decode (baseline)", *rate(raw, limit, lambda s: 1)))
             rows.append((codec, "clipit strict tar read, no decode", *rate(iter_samples(urls), limit, lambda s: 1)))
             for workers in args.workers:
-                warmup = SHUFFLE_BUFFER * max(1, workers)
-                batches = -(-(limit + warmup) // bs) + 2
-                loader = train_loader(urls, bs, batches, seed=0, num_workers=workers, shuffle_buffer=SHUFFLE_BUFFER)
+                warmup = args.per_shard * max(1, workers)
+                counts = [shard_count(total, args.per_shard, i) for i in range(len(urls))]
+                loader = train_loader(urls, counts, bs, seed=0, num_workers=workers)
                 rows.append(
                     (
                         codec,

@@ -284,6 +284,7 @@ def section_loader(args) -> dict:
 
     from clipit.data.demo import DEMO_CLASSES, write_demo_images
     from clipit.data.folder import ImageFolderDataset
+    from clipit.shards.manifest import shard_count
     from clipit.training.loader import train_loader
 
     workers = os.cpu_count() or 1
@@ -295,8 +296,9 @@ def section_loader(args) -> dict:
         dataset = ImageFolderDataset(images, splits=("train",), classes=DEMO_CLASSES)
         for codec in ("raw", "png"):
             urls, _ = build_shards(dataset, Path(tmp) / f"shards-{codec}", args.loader_per_shard, codec)
-            loader = train_loader(urls, bs, max(2, total // bs), seed=0, num_workers=workers)
-            out[codec], _ = rate(loader, max(2, total // bs) * bs, lambda b: len(b["labels"]))
+            counts = [shard_count(total, args.loader_per_shard, i) for i in range(len(urls))]
+            loader = train_loader(urls, counts, bs, seed=0, num_workers=workers)
+            out[codec], _ = rate(loader, (total // bs) * bs, lambda b: len(b["labels"]))
     return out | {"samples_per_s": out["raw"]}
 
 

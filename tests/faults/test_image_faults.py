@@ -298,7 +298,7 @@ def loader_error(urls, kind: str, workers: int) -> str:
     loader = (
         eval_loader(urls, 2, num_workers=workers)
         if kind == "eval"
-        else train_loader(urls, 2, 4, seed=0, num_workers=workers, shuffle_buffer=1)
+        else train_loader(urls, [4] * len(urls), 2, seed=0, num_workers=workers)
     )
     with pytest.raises(ShardError) as err:
         for _ in loader:

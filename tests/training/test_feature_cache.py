@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipit.config import load_config
-from clipit.shards.manifest import load_manifest, split_urls
+from clipit.shards.manifest import load_manifest, split_counts, split_urls
 from clipit.shards.reader import iter_samples
 from clipit.training.features import uses_feature_cache
 from clipit.training.loader import train_loader
@@ -117,11 +117,14 @@ def test_train_order_replays_the_loader(tiny_shards):
         keys += shard
         rows.append(range(start, start + len(shard)))
         start += len(shard)
+    counts = split_counts(manifest, "train")
+    # 256 samples in batches of 48: 5 per epoch, so the 2 workers' shares differ (3 and 2)
     for workers in (0, 2):
-        loader = train_loader(urls, 16, 5, seed=3, num_workers=workers, load_size=8)
-        next_epoch = train_order(urls, rows, 16, 5, seed=3, num_workers=workers, rank=0)
+        loader = train_loader(urls, counts, 48, seed=3, num_workers=workers, load_size=8)
+        next_epoch = train_order(urls, rows, 48, seed=3, num_workers=workers)
         for _ in range(2):
-            expected = [batch["keys"] for batch in list(iter(loader))[:5]]
+            expected = [batch["keys"] for batch in loader]
+            assert len(expected) == 5
             assert [[keys[i] for i in b.tolist()] for b in next_epoch()] == expected
 
 

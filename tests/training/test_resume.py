@@ -27,16 +27,17 @@ def outputs(out):
 @pytest.fixture(scope="module")
 def uninterrupted(resume_cell, tiny_shards, tmp_path_factory):
     """Outputs of the uninterrupted run of a variant (each trained once; "cached" is the session's)."""
-    done = {"cached": outputs(resume_cell)}
+    done, dirs = {"cached": outputs(resume_cell)}, {"cached": resume_cell}
 
     def run(variant):
         if variant not in done:
             out = tmp_path_factory.mktemp(f"straight-{variant}")
             proc = cli(*train_args(out, tiny_shards, *CELLS[variant]))
             assert proc.returncode == 0, proc.stderr[-3000:]
-            done[variant] = outputs(out)
+            done[variant], dirs[variant] = outputs(out), out
         return done[variant]
 
+    run.dirs = dirs
     return run
 
 
@@ -80,8 +81,13 @@ def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, tiny_shards
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir(tmp_path) / "train_summary.json").read_text())
     assert summary["resumed_from_step"] and summary["resumed_from_step"] >= 2
-    metrics, logits, keys = outputs(tmp_path)
+    # killed mid-epoch (4 steps each): the resumed epoch draws the rest of the same permutation, so every
+    # epoch's samples and class mix are the uninterrupted run's, each sample once
     want_metrics, want_logits, want_keys = uninterrupted(variant)
+    straight = json.loads((run_dir(uninterrupted.dirs[variant]) / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] % 4 and summary["coverage"] == straight["coverage"]
+    assert all(c["unique_samples"] == c["samples_drawn"] == 256 for c in summary["coverage"])
+    metrics, logits, keys = outputs(tmp_path)
     assert metrics["balanced_accuracy"] == want_metrics["balanced_accuracy"]
     assert (keys == want_keys).all()
     np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-6)
