@@ -61,6 +61,8 @@ def slot_plan(
     mine = worker_batches(per_rank, workers)
     start = (rank * per_rank + sum(mine[:worker])) * batch_size
     stop = start + mine[worker] * batch_size
+    if stop == start:  # more workers than batches: this one reads nothing
+        return []
     order = np.random.default_rng([EPOCH_STREAM, seed, epoch]).permutation(len(counts))
     ends = np.cumsum(counts[order])
     plan, begin = [], 0

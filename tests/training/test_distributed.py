@@ -1,7 +1,7 @@
 """Real multi-process training on CPU (gloo): torchrun DDP and DeepSpeed ZeRO-2 against one process.
 
 Tolerance: DDP and ZeRO-2 at the same world size see the same data and must agree to float
-precision. One process vs two differ by design (each rank resamples its own shards), so their
+precision. One process vs two differ by design (a global batch is cut from the epoch's order per rank), so their
 test balanced accuracy must agree within 5 points on the tiny demo's converged linear probe.
 """
 
