@@ -234,6 +234,7 @@ def check_pairing(cfg: ExperimentConfig, shards_built: bool) -> list[Check]:
 
 def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
     from clipit.shards.manifest import MANIFEST, ShardError, load_manifest
+    from clipit.shards.order import require_shuffled_train
 
     path = Path(cfg.shards.dir) / MANIFEST
     if not path.exists():
@@ -253,6 +254,10 @@ def check_shards(cfg: ExperimentConfig) -> tuple[list[Check], bool]:
                 f"{cfg.model.text_dim}; fix model.text_dim or rebuild the shards",
             )
         ], True
+    try:
+        require_shuffled_train(cfg.shards.dir, manifest)
+    except ShardError as err:
+        return [Check(FAIL, "shards", str(err))], True
     return [
         Check(
             OK, "shards", f"{len(manifest.get('classes', []))} classes, {counts}; embeddings {dim}-d = model.text_dim"

@@ -89,9 +89,8 @@ def test_mismatched_shapes_exit_2(site, capsys):
 def test_shard_dims_paths_and_pairing(site, capsys):
     shards = site / "out" / "shards"
     shards.mkdir(parents=True)
-    (shards / "manifest.json").write_text(
-        json.dumps({"classes": ["a", "b"], "embedding": {"dim": 384}, "splits": {"train": {"count": 5}}})
-    )
+    manifest = {"classes": ["a", "b"], "embedding": {"dim": 384}, "splits": {"train": {"count": 5}}}
+    (shards / "manifest.json").write_text(json.dumps(manifest | {"order": {"train": {"count": 5}}}))
     path = write_config(site, "good.ckpt")
     code, lines, _ = doctor(capsys, path, "--set", "data.root=/no/such/dir")
     assert code == 2
@@ -118,6 +117,12 @@ def test_shard_dims_paths_and_pairing(site, capsys):
     )
     assert (
         "✓ method clipit: clipit, fine-tuning lora, warm start unimodal, text tower with 30% word drop (mask)" in lines
+    )
+    (shards / "manifest.json").write_text(json.dumps(manifest))  # written in dataset order: training refuses it
+    code, lines, _ = doctor(capsys, path, "--set", "model.text_dim=384")
+    assert code == 2 and any(
+        line.startswith("✗ shards:") and "written in dataset order" in line and "clipit shard build" in line
+        for line in lines
     )
     (shards / "manifest.json").unlink()
     code, lines, _ = doctor(capsys, path, "--set", "pairing.model=conch")

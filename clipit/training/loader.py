@@ -219,6 +219,8 @@ def train_stream(
     its samples in stored order) -> `transform` per sample -> full batches. The cached-feature probe
     (training/probe.py) expands shards into cached rows instead of tar samples, one stream per `worker`,
     and so replays exactly the batches `train_loader` gives."""
+    if len(counts) != len(urls):
+        raise ShardError(f"{len(urls)} train shards but {len(counts)} shard counts; {REBUILD}")
     return _EpochBatches(
         urls, counts, expand, transform, collation_fn, batch_size, seed, rank, world, workers, start_epoch - 1, worker
     )
