@@ -151,6 +151,17 @@ def with_shards(overrides: list[str], shard_dir: Path) -> list[str]:
     return [o for o in overrides if not o.startswith("shards.dir=")] + [f"shards.dir={shard_dir}"]
 
 
+def written_key(split: str, position: int, count: int = 256) -> str:
+    """The key of the sample at write position `position` of a split of `count` samples (the tiny demo's
+    train split: 256): train is written as a seeded permutation (clipit/shards/order.py), val and test in
+    dataset order."""
+    from clipit.shards.manifest import sample_key
+    from clipit.shards.order import plan_order, split_order
+
+    order = split_order({"order": plan_order({split: count})}, split)
+    return sample_key(split, position if order is None else int(order[position]))
+
+
 def train_args(out: Path, shards: list[str], *extra: str, method: str = "clipit", seed: int = 0) -> list[str]:
     sets = [f"output_dir={out}", *shards, *extra]
     return ["train", "--config", TINY, "--method", method, "--seed", str(seed)] + [

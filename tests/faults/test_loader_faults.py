@@ -11,9 +11,9 @@ import pytest
 
 from clipit.shards.manifest import MANIFEST, ShardError, load_manifest, split_urls
 from clipit.training.loader import eval_loader
-from clipit_testing import ROOT, TINY, cli_main, shard_copy, with_shards
+from clipit_testing import ROOT, TINY, cli_main, shard_copy, with_shards, written_key
 
-SHARD, KEY = "train/train-000001.tar", "train_00000070"
+SHARD, KEY = "train/train-000001.tar", written_key("train", 70)  # the train split is written shuffled
 
 
 def garble_shape(shard_dir) -> None:

@@ -23,7 +23,7 @@ from clipit.locks import LOCK_FILE
 from clipit.shards.codec import encode_embedding
 from clipit.shards.manifest import LOCKS, MANIFEST, VERIFIED, ShardError, load_manifest
 from clipit.shards.validate import verify_shard_set
-from clipit_testing import ROOT, TINY, cli
+from clipit_testing import ROOT, TINY, cli, written_key
 
 REBUILD = "delete this shard and rerun `clipit shard build --config <config>`"
 
@@ -144,7 +144,7 @@ def stray(shard_dir: Path) -> list[Path]:
 
 SHARD = "train/train-000001.tar"
 RAW = "img.u8"  # the raw codec's field (the tiny demo's set is raw)
-KEY = "train_00000070"  # a sample of that shard (64 per shard)
+KEY = written_key("train", 70)  # a sample of that shard (64 per shard; the train split is written shuffled)
 
 
 # ------------------------------------------------------------------------ `clipit shard validate`
@@ -229,7 +229,7 @@ def test_codec_mismatch_between_a_sample_and_the_manifest(copy, tiny_png, valida
     out, _ = copy
     png = dict(members(original(tiny_png) / SHARD))[f"{KEY}.png"]
     items = [(f"{KEY}.png", png) if n == f"{KEY}.{RAW}" else (n, d) for n, d in members(out / SHARD)]
-    write_members(out / SHARD, sorted(items))  # one sample stored as png in a raw set
+    write_members(out / SHARD, items)  # one sample stored as png in a raw set (in the raw field's place)
     rehash(out)
     refused(validate(out), f"sample {KEY}: its image is stored as png, but the manifest's image codec is raw", REBUILD)
 
@@ -321,17 +321,18 @@ def test_zero_byte_shard(copy, validate):
 
 def test_duplicate_key_across_shards(copy, validate):
     out, _ = copy
-    first = [(n, d) for n, d in members(out / "train/train-000000.tar") if n.startswith("train_00000003.")]
+    first = [(n, d) for n, d in members(out / "train/train-000000.tar") if n.startswith(written_key("train", 3) + ".")]
     items = members(out / SHARD)
     write_members(out / SHARD, first + items[4:])  # the first sample of shard 1 replaced by a copy of sample 3
     rehash(out)
-    refused(validate(out), f"{out / SHARD}: sample train_00000003: key appears twice in the set", REBUILD)
+    refused(validate(out), f"{out / SHARD}: sample {written_key('train', 3)}: key appears twice in the set", REBUILD)
 
 
 def test_extra_sample_in_a_shard(copy, validate):
     out, _ = copy
     items = members(out / SHARD)
-    write_members(out / SHARD, items + [(n.replace("train_00000127", "train_00000999"), d) for n, d in items[-4:]])
+    last = written_key("train", 127)
+    write_members(out / SHARD, items + [(n.replace(last, "train_00000999"), d) for n, d in items[-4:]])
     rehash(out)
     refused(validate(out), f"{out / SHARD}: more samples than the 64 this shard holds")
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import clipit_testing
-from clipit_testing import ROOT, TINY, cli, shard_copy, train_args, with_shards
+from clipit_testing import ROOT, TINY, cli, shard_copy, train_args, with_shards, written_key
 
 ALONE = ["methods.clipit.warm_start=null"]  # one CLIP-IT cell that needs no unimodal run
 OUTPUTS = ("train_summary.json", "metrics.json", "predictions-test.npz", "best.safetensors", "best.json")
@@ -61,13 +61,14 @@ def rehash(shard_dir: Path, *tars: Path) -> None:
 
 
 def nan_embedding(shard_dir: Path, split: str, indices: list[int], per_shard: int = 64) -> list[str]:
-    """Set the report embedding of samples `indices` of `split` to NaN (re-hashed); returns their keys."""
+    """Set the report embedding of the samples at write positions `indices` of `split` to NaN (re-hashed);
+    returns their keys."""
     from clipit.shards.codec import encode_embedding
 
     dim = json.loads((shard_dir / "manifest.json").read_text())["embedding"]["dim"]
     keys, tars = [], []
     for index in indices:
-        key = f"{split}_{index:08d}"
+        key = written_key(split, index)
         tar = shard_dir / split / f"{split}-{index // per_shard:06d}.tar"
         rewrite_member(tar, f"{key}.emb.npy", encode_embedding(np.full(dim, np.nan, np.float32)))
         keys.append(key)
@@ -77,14 +78,14 @@ def nan_embedding(shard_dir: Path, split: str, indices: list[int], per_shard: in
 
 
 def corrupt_image(shard_dir: Path, split: str, indices: list[int], per_shard: int = 64) -> list[Path]:
-    """Garble the image of samples `indices`, whichever codec stores it (a PNG that does not decode, raw
+    """Garble the image of the samples at write positions `indices`, whichever codec stores it (a PNG that does not decode, raw
     pixels cut short); the manifest is untouched: a shard damaged on disk."""
     from clipit.shards.codec import IMAGE_FIELDS
 
     tars = []
     for index in indices:
         tar = shard_dir / split / f"{split}-{index // per_shard:06d}.tar"
-        key = f"{split}_{index:08d}"
+        key = written_key(split, index)
         with tarfile.open(tar) as src:
             member = next(n for n in src.getnames() if n.startswith(key + ".") and n[len(key) + 1 :] in IMAGE_FIELDS)
         rewrite_member(tar, member, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
