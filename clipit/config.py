@@ -171,7 +171,7 @@ class TrainConfig:
     # auto: the method's default (unimodal, clip_probe and zero_shot frozen), else lora if model.lora.enabled
     finetune: Literal["auto", "frozen", "lora", "full"] = "auto"
     epochs: PositiveFloat = 1.0  # passes over the train split (fractions allowed)
-    batch_size: Positive = 64  # per process
+    batch_size: Positive = 64  # per process; x processes <= train split size (each sample once per epoch)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # the optimizer of every trainable parameter
     lr: PositiveFloat = 1e-3  # peak learning rate
     pretrained_lr: PositiveFloat | None = (
