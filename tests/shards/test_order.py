@@ -73,8 +73,10 @@ def test_a_set_in_dataset_order_is_refused_by_shard_build(built, capsys):
         (shards / name).write_text(json.dumps(plan))
     assert main(["shard", "build", "--config", str(config)]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("clipit: error:")]
-    assert len(errors) == 1 and "written in dataset order" in errors[0]
-    assert f"delete {shards} and rerun `clipit shard build --config <config>`" in errors[0]
+    assert len(errors) == 1 and "the train split written in dataset order then, shuffled now" in errors[0]
+    assert "rerun `clipit shard build --config <config>` with `--overwrite`" in errors[0]
+    assert main(["shard", "build", "--config", str(config), "--overwrite"]) == 0  # the advice rebuilds it
+    assert "train" in load_manifest(shards)["order"]
 
 
 def test_written_order_is_seeded_not_random():

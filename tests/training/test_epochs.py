@@ -135,7 +135,7 @@ def test_shards_in_dataset_order_are_refused_at_train_time(tiny_shards, tmp_path
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"{shards / 'manifest.json'}: the train split was written in dataset order" in errors[0]
-    assert f"delete {shards} and rerun `clipit shard build --config <config>`" in errors[0]
+    assert "rebuild the set: rerun `clipit shard build --config <config>` with `--overwrite`" in errors[0]
 
 
 @pytest.mark.slow
