@@ -13,7 +13,8 @@ data.name) and its path (`runs/<method>/seed-<n>`). Writes into `--out` (default
                      with its header only; a single seed's std is an empty cell)
     frozen.csv       k-NN and SimpleShot on each backbone's frozen features (runs with a frozen_eval.json,
                      written by `clipit evaluate --frozen`)
-    table1.tex, gains.tex, comparison.tex, ablations.tex, frozen.tex   the tables for a paper (booktabs)
+    table1.tex, gains.tex, comparison.tex, ablations.tex, frozen.tex   the tables for a paper (booktabs),
+                     each with provenance footnotes (clipit/results/provenance_notes.py; report.md too)
     pareto.{png,pdf,svg}   accuracy vs parameter count per dataset (Pareto frontier); the vision models
                      in the top row, every model (multimodal hollow) below
     omega.{png,pdf,svg}    Ω x 100 per dataset and backbone
