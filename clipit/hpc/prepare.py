@@ -97,7 +97,11 @@ def units_from(request: PrepareRequest) -> tuple[list[Unit], list[Unit]]:
         sources = [(ConfigSource(config, tuple(request.overrides)), Path(request.config).name)]
     pairing: dict[str, tuple[Unit, dict]] = {}
     shards: dict[str, tuple[Unit, dict]] = {}
+    # cells that differ only by method or seed share one config: load each distinct one once
+    distinct: dict[ConfigSource, str] = {}
     for source, label in sources:
+        distinct.setdefault(source, label)
+    for source, label in distinct.items():
         cfg = load_config(source.path, list(source.overrides))
         d = to_dict(cfg)
         pdir, sdir = str(Path(cfg.pairing.dir).absolute()), str(Path(cfg.shards.dir).absolute())
