@@ -469,6 +469,62 @@ def cmd_prepare_shards(args) -> int:
     return prepare_shards(prepare_request(args, "shards"))
 
 
+def cmd_prepare_reports(args) -> None:
+    from clipit.corpus_join import join_reports
+
+    done = join_reports(args.csv, args.project_map, args.out, overwrite=args.overwrite)
+    counts = ", ".join(f"{p} {n}" for p, n in sorted(done["projects"].items()))
+    print(f"wrote {done['out']}: {done['reports']} reports ({counts}; {done['unmapped']} without a project)")
+
+
+def cmd_reproduce(args) -> int:
+    from clipit.hpc.reproduce import run_reproduce
+    from clipit.hpc.requests import ReproduceRequest
+
+    return run_reproduce(
+        ReproduceRequest(
+            grids=tuple(args.grid),
+            overrides=tuple(args.set),
+            root=args.root,
+            profile=args.profile,
+            dry_run=args.dry_run,
+            local=args.local,
+            preflight=not args.no_preflight,
+            num_parts=args.num_parts,
+            resources=resources(args.resources),
+            pair_resources=resources(args.pair_resources, "--pair-resources"),
+            throughput=args.throughput,
+            stage=args.stage,
+        )
+    )
+
+
+def add_reproduce_parser(command) -> None:
+    p = command(
+        "reproduce",
+        cmd_reproduce,
+        "the whole chain: doctor, pairing and shards, the grid(s), the report (SLURM jobs with dependencies)",
+        config=False,
+    )
+    p.add_argument("--grid", action="append", required=True, help="grid file (configs/grids/*.yaml); repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every cell")
+    add_root_flag(p)
+    p.add_argument("--profile", help="cluster profile (name or path); default: the first grid's `profile`")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the chain, its checks and cost; submit nothing")
+    mode.add_argument("--local", action="store_true", help="run every stage here (submitit's local executor)")
+    p.add_argument("--no-preflight", action="store_true", help="skip the doctor stage and the grids' pre-flight")
+    p.add_argument("--num-parts", type=int, default=16, help="shard parts per shard directory (default 16)")
+    for flag, what in (("--resources", "shard"), ("--pair-resources", "pairing")):
+        p.add_argument(
+            flag, action="append", default=[], metavar="KEY=VALUE", help=f"profile field for the {what} jobs"
+        )
+    p.add_argument("--throughput", metavar="FILE", help="--dry-run cost at a measured throughput (as clipit grid)")
+    p.add_argument(
+        "--stage", choices=["all", "grids"], default="all", help="grids: from the grids on (what the chain's job runs)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -669,6 +725,18 @@ def build_parser() -> argparse.ArgumentParser:
         prepare_sub,
     )
     add_overwrite_flag(prepare_demo_, "demo images")
+    reports = command(
+        "reports",
+        cmd_prepare_reports,
+        "join TCGA-Reports with its cancer types into the id,text,project csv the paper configs read",
+        prepare_sub,
+        config=False,
+    )
+    reports.add_argument("--csv", required=True, help="TCGA_Reports.csv (or its .zip): patient_filename,text")
+    reports.add_argument("--project-map", required=True, help="tcga_patient_to_cancer_type.csv: patient_id,cancer_type")
+    reports.add_argument("--out", required=True, help="the csv to write, e.g. data/tcga/reports.csv")
+    reports.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_reproduce_parser(command)
     for name, func, help_ in (
         ("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
         (

@@ -169,3 +169,12 @@ def feature_cache_dir(shard_dir: str | Path, key: str) -> Path:
 def feature_part(cache_dir: str | Path, split: str, index: int) -> Path:
     """Features of shard `index` of `split` (the same samples, in the same order)."""
     return Path(cache_dir) / split / f"{split}-{int(index):06d}.safetensors"
+
+
+REPRODUCE_CHAIN = "reproduce-chain.json"
+
+
+def reproduce_chain_file(grid_root: str | Path) -> Path:
+    """The job ids `clipit reproduce` queued last for a grid root (in its submitit/ log folder), so that a
+    rerun does not queue a second chain beside one still in flight."""
+    return Path(grid_root) / "submitit" / REPRODUCE_CHAIN

@@ -18,6 +18,7 @@ def test_python_m_clipit_and_version():
 @pytest.mark.parametrize(
     "wrapper, command",
     [
+        ("launchers/reproduce.py", "clipit reproduce"),
         ("launchers/grid.py", "clipit grid"),
         ("launchers/pair.py", "clipit prepare pair"),
         ("launchers/shards.py", "clipit prepare shards"),
@@ -48,6 +49,7 @@ def test_config_flags_are_the_same_everywhere():
         ["grid", "--config", "g.yaml"],
         ["prepare", "pair", "--grid", "g.yaml"],
         ["prepare", "shards", "--config", "c.yaml"],
+        ["reproduce", "--grid", "g.yaml"],
     ):
         args = parser.parse_args([*argv, "--profile", "p", "--dry-run"])
         assert args.profile == "p" and args.dry_run and not args.local, argv

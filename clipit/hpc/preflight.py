@@ -8,6 +8,7 @@ Each stage runs the doctor groups its jobs need:
     pair, shards   input paths, inputs (dataset, corpus, pairing texts), weights file, pairing model
     train (grid)   weights file, methods (warm starts, imported probes), backbone, pairing model, shards
     all            every group (`clipit doctor GRID`)
+    chain          every group but shards (`clipit reproduce`, whose prepare stage builds them)
 
 A group runs once per distinct value of the settings it reads (the paper grid's 18 cell configs
 load 6 backbones and one pairing model, and read 3 datasets), and each line is printed once.
@@ -33,6 +34,8 @@ STAGES = {
     "shards": INPUTS,
     "train": ("weights file", "methods", "backbone", "pairing model", "shards"),
     "all": ("input paths", "inputs", "weights file", "methods", "backbone", "pairing model", "shards"),
+    # `clipit reproduce` before its prepare stage: everything but the shards it is about to build
+    "chain": ("input paths", "inputs", "weights file", "methods", "backbone", "pairing model"),
 }
 
 
@@ -79,7 +82,7 @@ def _groups(cfg: ExperimentConfig, stage: str, hints: Hints) -> dict[str, tuple[
             Check(FAIL, "shards", f"{manifest}: not built; run `{hints.command('prepare', 'shards')}` first")
         ]
     # prepare builds what the pairing model makes, so it is required there even for tower-less methods
-    needs_pairing = stage in ("pair", "shards")
+    needs_pairing = stage in ("pair", "shards", "chain")
     towers = sorted(m for m, t in cfg.methods.items() if t.text_encoder == "tower")
     vision = sorted(m for m, t in cfg.methods.items() if method_spec(t.method).vision is not None)
     return {

@@ -97,7 +97,11 @@ def units_from(request: PrepareRequest) -> tuple[list[Unit], list[Unit]]:
         sources = [(ConfigSource(config, tuple(request.overrides)), Path(request.config).name)]
     pairing: dict[str, tuple[Unit, dict]] = {}
     shards: dict[str, tuple[Unit, dict]] = {}
+    # cells that differ only by method or seed share one config: load each distinct one once
+    distinct: dict[ConfigSource, str] = {}
     for source, label in sources:
+        distinct.setdefault(source, label)
+    for source, label in distinct.items():
         cfg = load_config(source.path, list(source.overrides))
         d = to_dict(cfg)
         pdir, sdir = str(Path(cfg.pairing.dir).absolute()), str(Path(cfg.shards.dir).absolute())
@@ -216,16 +220,35 @@ def prepare_shards(request: PrepareRequest) -> int:
     check_units(request, shard_units)
     if request.dry_run:
         return 0
+    failed, jobs_all = launch_shards(
+        pairing if request.pair else [], shard_units, n, profile, pair_profile, cluster, request.local or request.wait
+    )
+    next_step(request)
+    return 1 if failed else 0
+
+
+def launch_shards(
+    pairing: list[Unit],
+    shard_units: list[Unit],
+    n: int,
+    profile: ClusterProfile,
+    pair_profile: ClusterProfile | None,
+    cluster: str,
+    wait: bool,
+) -> tuple[bool, list]:
+    """Submit the pairing tasks (when `pairing` is given), then each shard dir's parts and its --finalize
+    job; under SLURM with afterok dependencies, elsewhere (local) stage by stage, waiting. Returns (a job
+    failed, the submitted jobs). Also the prepare stage of `clipit reproduce` (clipit/hpc/reproduce.py)."""
     folder = _folder(Path(shard_units[0].dir).parent / "submitit-shards")
     print(f"logs in {folder}")
     jobs_all, pair_job = [], {}
-    if request.pair:
+    if pairing:
         print(f"pairing: {len(pairing)} task(s)")
         pair_jobs = run_jobs(
             pair_profile, cluster, folder, "clipit-pair", [u.job("pair") for u in pairing], [u.dir for u in pairing]
         )
         if cluster != "slurm" and wait_for_jobs(pair_jobs):  # local: run the stages in order
-            return 1
+            return True, pair_jobs
         pair_job = {u.dir: j.job_id for u, j in zip(pairing, pair_jobs)}
         jobs_all += pair_jobs
     for unit in shard_units:
@@ -242,7 +265,7 @@ def prepare_shards(request: PrepareRequest) -> int:
         )
         if cluster != "slurm":
             if wait_for_jobs(parts):
-                return 1
+                return True, jobs_all + parts
             final_dep = None
         else:
             final_dep = "afterok:" + ":".join(str(j.job_id) for j in parts)
@@ -256,6 +279,4 @@ def prepare_shards(request: PrepareRequest) -> int:
             ["finalize (manifest)"],
             dependency=final_dep,
         )
-    status = 1 if (request.local or request.wait) and wait_for_jobs(jobs_all) else 0
-    next_step(request)
-    return status
+    return bool(wait and wait_for_jobs(jobs_all)), jobs_all

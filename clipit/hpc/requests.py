@@ -50,3 +50,21 @@ class PrepareRequest:
     pair: bool = False  # shards: submit the pairing first; parts wait for it
     pair_resources: dict[str, Any] = field(default_factory=dict)  # profile fields for the pairing jobs
     preflight: bool = True  # refuse to submit when an input or the pairing model is missing
+
+
+@dataclass(frozen=True)
+class ReproduceRequest:
+    """`clipit reproduce`: doctor, pairing and shards, the grids, the report, chained (clipit/hpc/reproduce.py)."""
+
+    grids: tuple[str, ...]  # grid files, in the order their stage runs
+    overrides: tuple[str, ...] = ()  # --set, applied to every cell of every grid
+    root: str | None = None  # replaces each grid's root folder
+    profile: str | None = None  # default: the first grid's
+    dry_run: bool = False
+    local: bool = False
+    preflight: bool = True  # stage 1 (the doctor's checks) and each grid's pre-flight
+    num_parts: int = 16  # shard parts per shard directory
+    resources: dict[str, Any] = field(default_factory=dict)  # profile fields for the shard jobs
+    pair_resources: dict[str, Any] = field(default_factory=dict)  # profile fields for the pairing jobs
+    throughput: str | None = None  # measured throughput for the dry run's cost
+    stage: Literal["all", "grids"] = "all"  # grids: stages 3 and 4 only (what the chain's stage job runs)

@@ -256,8 +256,9 @@ def print_cost(plan: Plan, profile: ClusterProfile, throughput_file=None, out=pr
         out(line)
 
 
-def run_grid(request: GridRequest) -> int:
-    """`clipit grid` (and `python launchers/grid.py`): plan, pre-flight, then print, run locally or submit."""
+def run_grid(request: GridRequest, jobs_out: list | None = None) -> int:
+    """`clipit grid` (and `python launchers/grid.py`): plan, pre-flight, then print, run locally or submit.
+    The submitted jobs are appended to `jobs_out` (`clipit reproduce`'s report job waits for them)."""
     plan = expand(request.grid, list(request.overrides), root=request.root)
     profile_name = request.profile or plan.grid.profile
     profile = load_profile(profile_name, plan.grid.resources)
@@ -290,6 +291,8 @@ def run_grid(request: GridRequest) -> int:
         print(f"local run finished: {len(todo) - failures} tasks ok, {failures} failed")
         return 1 if failures else 0
     jobs = submit(plan, todo, profile, cluster, log_root, statuses)
+    if jobs_out is not None:
+        jobs_out.extend(jobs)
     if request.wait:
         return 1 if wait_for_jobs(jobs, progress=lambda: progress_line(plan)) else 0
     hints = Hints(request.grid, request.root, request.overrides)

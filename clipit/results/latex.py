@@ -63,22 +63,3 @@ def latex_table(
         lines.append(r"\par\footnotesize " + escape(note))
     lines += [rf"\caption{{{escape(caption)}}}", rf"\label{{{label}}}", r"\end{table}", ""]
     return "\n".join(lines)
-
-
-def provenance_notes(provenance: dict[str, dict]) -> list[str]:
-    """Footnotes from per-cell provenance (cell name -> provenance dict, e.g. a run's provenance.json):
-    a key with one value in every cell is stated once, a key whose value differs is named with the cells
-    that hold each value, so a table says what it was built from."""
-    if not provenance:
-        return []
-    keys = list(dict.fromkeys(k for p in provenance.values() for k in p))
-    notes = []
-    for key in keys:
-        values: dict[str, list[str]] = {}
-        for cell, p in provenance.items():
-            values.setdefault(str(p.get(key, "not recorded")), []).append(cell)
-        if len(values) == 1:
-            notes.append(f"{key}: {next(iter(values))} (all cells)")
-        else:
-            notes.append(f"{key}: " + "; ".join(f"{v} ({', '.join(cells)})" for v, cells in values.items()))
-    return notes

@@ -13,7 +13,8 @@ data.name) and its path (`runs/<method>/seed-<n>`). Writes into `--out` (default
                      with its header only; a single seed's std is an empty cell)
     frozen.csv       k-NN and SimpleShot on each backbone's frozen features (runs with a frozen_eval.json,
                      written by `clipit evaluate --frozen`)
-    table1.tex, gains.tex, comparison.tex, ablations.tex, frozen.tex   the tables for a paper (booktabs)
+    table1.tex, gains.tex, comparison.tex, ablations.tex, frozen.tex   the tables for a paper (booktabs),
+                     each with provenance footnotes (clipit/results/provenance_notes.py; report.md too)
     pareto.{png,pdf,svg}   accuracy vs parameter count per dataset (Pareto frontier); the vision models
                      in the top row, every model (multimodal hollow) below
     omega.{png,pdf,svg}    Ω x 100 per dataset and backbone
@@ -48,6 +49,7 @@ from clipit.results import plots as P
 from clipit.results.comparison import comparison_table, gains_table, source_lines
 from clipit.results.curves import training_curves
 from clipit.results.frozen_table import frozen_table
+from clipit.results.provenance_notes import runs_notes, table1_runs
 from clipit.results.references import DEFAULT_TOLERANCE, load_references
 from clipit.results.runs import find_runs
 from clipit.results.table_files import write_csvs, write_latex
@@ -133,6 +135,8 @@ def _write_report(
         },
     )
     mean_rows = {i for i, row in enumerate(r1) if row[0].startswith("Mean gain")}
+    # footnotes: what the runs of each table ran on, and which runs differ (clipit/results/provenance_notes.py)
+    notes1, notes_all = runs_notes(table1_runs(runs)), runs_notes(runs)
     files += write_latex(
         out,
         {
@@ -141,20 +145,29 @@ def _write_report(
                 r1,
                 f"Test {metric.replace('_', ' ')} (%), mean ± std over seeds; Δ: CLIP-IT minus unimodal.",
                 mean_rows,
+                notes1,
             ),
             "gains.tex": (
                 hg,
                 rg,
                 "Paired gain of CLIP-IT over its warm start (same seed), points, with a bootstrap interval over seeds.",
                 {i for i, row in enumerate(rg) if row[1].startswith("Mean over")},
+                notes1,
             ),
-            "comparison.tex": (hc, rc, f"Ours beside published numbers; flagged beyond ±{tolerance:g} points.", set()),
-            "ablations.tex": (ha, ra, "Ablations: Δ vs unimodal and vs the run each one varies.", set()),
+            "comparison.tex": (
+                hc,
+                rc,
+                f"Ours beside published numbers; flagged beyond ±{tolerance:g} points.",
+                set(),
+                notes1,
+            ),
+            "ablations.tex": (ha, ra, "Ablations: Δ vs unimodal and vs the run each one varies.", set(), notes_all),
             "frozen.tex": (
                 hf,
                 rf,
                 "Frozen features: k-NN (cosine, k=20) and SimpleShot balanced accuracy (%), mean ± std over seeds.",
                 set(),
+                notes_all,
             ),
         },
     )
@@ -178,6 +191,7 @@ def _write_report(
     if left_out:
         md += ["## Left out", ""] + [f"- {m}" for m in left_out] + [""]
     md += ["## Table 1: unimodal vs CLIP-IT", "", markdown_table(h1, r1) if r1 else "(no unimodal/CLIP-IT runs)", ""]
+    md += [f"<sub>{n}</sub>  " for n in notes1] + ([""] if notes1 else [])
     md += [
         "## Gain over the warm start (paired by seed)",
         "",
@@ -251,6 +265,9 @@ def _write_report(
         else "(needs text-only runs, method kind `text`, next to the unimodal runs of the same dataset and seed)",
         "",
     ]
+    if notes_all:
+        md += ["## Provenance", "", "Every run of this report (each run folder's provenance.json):", ""]
+        md += [f"- {n}" for n in notes_all] + [""]
     status = status_lines(states)
     if status:
         md += ["## Grid status", ""] + status + [""]
@@ -272,4 +289,5 @@ def _write_report(
         "frozen": recf,
         "markdown": "\n".join(md),
         "warnings": left_out,
+        "provenance": notes_all,
     }

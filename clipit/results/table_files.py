@@ -37,7 +37,8 @@ def write_csvs(out: Path, tables: dict[str, list[dict]]) -> list[Path]:
 
 
 def write_latex(out: Path, tables: dict[str, tuple]) -> list[Path]:
-    """{file name: (header, rows, caption, indices of rows with a rule above)} as LaTeX tables."""
-    for name, (header, rows, caption, rules) in tables.items():
-        atomic_write_text(out / name, latex_table(header, rows, caption, f"tab:{name.removesuffix('.tex')}", rules))
+    """{file name: (header, rows, caption, indices of rows with a rule above[, footnotes])} as LaTeX tables."""
+    for name, (header, rows, caption, rules, *notes) in tables.items():
+        label = f"tab:{name.removesuffix('.tex')}"
+        atomic_write_text(out / name, latex_table(header, rows, caption, label, rules, notes[0] if notes else ()))
     return [out / name for name in tables]

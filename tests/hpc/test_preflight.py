@@ -25,7 +25,9 @@ def test_prepare_dry_run_refuses_naming_each_missing_asset(tmp_path):
     lines = proc.stdout.splitlines()
     for missing in ("data/pcam", "data/bach", "data/crc"):
         assert f"  ✗ data: {missing} not found; fix data.root" in lines
-    assert "  ✗ reports: data/tcga/reports.csv not found; fix reports.path" in lines
+    assert (
+        "  ✗ reports: data/tcga/reports.csv not found; fix reports.path (or make it: `clipit prepare reports`)" in lines
+    )
     assert any(line.startswith("  ✗ pairing model conch") and "no weights" in line for line in lines)
     assert (
         proc.stderr.startswith("clipit: error: pre-flight: data: data/pcam not found")

@@ -1,7 +1,7 @@
 """LaTeX output of `clipit report` (clipit/results/latex.py): booktabs rules, escaped special characters,
-provenance footnotes."""
+footnotes."""
 
-from clipit.results.latex import escape, latex_table, provenance_notes
+from clipit.results.latex import escape, latex_table
 
 
 def test_special_characters_are_escaped():
@@ -33,14 +33,3 @@ def test_a_booktabs_table_is_well_formed():
     assert tex.endswith("\\label{tab:x}\n\\end{table}\n")
     # a short row is padded: every row has the header's columns
     assert latex_table(["a", "b", "c"], [["x"]], "c", "l").count(r"x &  &  \\") == 1
-
-
-def test_provenance_footnotes_say_what_is_shared_and_what_differs():
-    notes = provenance_notes(
-        {
-            "UNI/PCAM": {"commit": "abc", "torch": "2.3"},
-            "UNI/BACH": {"commit": "abc", "torch": "2.4"},
-        }
-    )
-    assert notes == ["commit: abc (all cells)", "torch: 2.3 (UNI/PCAM); 2.4 (UNI/BACH)"]
-    assert provenance_notes({}) == []
