@@ -178,7 +178,8 @@ class TrainConfig:
         None  # lr of the pretrained weights under finetune full (new heads, LoRA: lr); None = lr
     )
     weight_decay: NonNegative = 1e-4  # decoupled for adamw, L2 for adam and sgd
-    momentum: Fraction = 0.9  # sgd only (Nesterov, so > 0 with sgd)
+    momentum: Fraction = 0.9  # sgd only (> 0 with sgd)
+    nesterov: bool = True  # sgd only: Nesterov momentum (the reference's probe); false: plain SGD (kaiko eva's)
     # cosine: from lr to min_lr over the run's steps. cosine_epochs: torch's CosineAnnealingLR(T_max=t_max,
     # eta_min=min_lr) stepped once per epoch, as Lightning steps the reference's probe and text model
     schedule: Literal["none", "cosine", "cosine_epochs"] = "none"
@@ -194,7 +195,8 @@ class TrainConfig:
     num_workers: Count = 0  # loader worker processes per rank
     evals_per_epoch: Positive = 1  # validations per epoch
     log_every: Positive = 50  # steps between progress lines on stdout and in <run>/train.log (rank 0)
-    select: Literal["val_loss", "val_bacc", "last"] = "val_loss"  # which validation picks best.safetensors
+    # which validation picks best.safetensors (val_acc: accuracy, the score kaiko eva's probe monitors)
+    select: Literal["val_loss", "val_bacc", "val_acc", "last"] = "val_loss"
     patience: Count = 0  # stop after this many validations without a better selection score (early stopping); 0 = off
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
     head_from: str | None = (
@@ -415,10 +417,10 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
                 f"{where}: {key}.train_head is for a frozen backbone with a warm-started head (finetune: frozen, "
                 "or model.lora.enabled: false, and warm_start); remove train_head"
             )
-        if m.optimizer == "sgd" and m.momentum == 0:
+        if m.optimizer == "sgd" and m.nesterov and m.momentum == 0:
             raise ConfigError(
                 f"{where}: {key}.momentum = 0 with optimizer sgd: Nesterov SGD needs momentum in "
-                "(0, 1); set momentum (e.g. 0.9) or use optimizer adam"
+                "(0, 1); set momentum (e.g. 0.9), nesterov: false, or use optimizer adam"
             )
         if m.schedule != "none" and m.min_lr > m.lr:
             raise ConfigError(

@@ -175,6 +175,18 @@ _builtin(
     line="--",
 )
 _builtin(
+    name="eva_probe",  # the same model as unimodal, trained under kaiko eva's offline protocol (the paper's column)
+    builder="clipit.models.clipit:build_vision_classifier",
+    label="Unimodal (eva protocol)",
+    group="main",
+    finetune_auto="frozen",
+    imports_head=True,
+    description="linear probe, kaiko eva 0.1.0 recipe",
+    row_label="unimodal (eva-protocol linear probe)",
+    marker="s",
+    line="--",
+)
+_builtin(
     name="clipit",
     builder="clipit.models.clipit:build_clipit",
     label="CLIP-IT",
