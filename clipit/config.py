@@ -141,6 +141,9 @@ class ClipConfig:
         None  # multiplier of the cosine similarities; null = the CLIP's own (exp of its logit_scale)
     )
     learn_logit_scale: bool = False  # prompt_ft also trains the scale (log-parametrised, at most 100 as in CLIP)
+    # how the templates of a class combine: embeddings (mean of the L2-normalised prompt embeddings,
+    # renormalised, as CONCH's zero-shot) or logits (mean of the per-template logits, the reference code's test)
+    ensemble: Literal["embeddings", "logits"] = "embeddings"
 
 
 @dataclass
@@ -218,6 +221,9 @@ class TrainConfig:
     text_encoder: Literal["cached", "tower"] = "cached"
     word_drop: Fraction = 0.0  # fraction of each report's tokens (between start and end of text) corrupted per step
     word_drop_mode: Literal["mask", "remove"] = "mask"  # mask: a <mask> embedding (reference code); remove: delete
+    # prompt_ft's loss: ce (cross-entropy over the prompt-ensemble logits) or infonce (the reference's symmetric
+    # InfoNCE, tau 0.07, between the images and their class's first-template prompt; models/losses.py)
+    prompt_loss: Literal["ce", "infonce"] = "ce"
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers, through accelerate (clipit/training/trackers.py)
@@ -401,6 +407,11 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
             raise ConfigError(
                 f"{where}: {key}.pretrained_lr is for finetune: full (got finetune {m.finetune!r}: the "
                 "pretrained weights do not train); remove pretrained_lr or set finetune: full"
+            )
+        if m.prompt_loss != "ce" and not spec.trains_prompts:
+            prompts = " or ".join(n for n in method_names() if method_spec(n).trains_prompts)
+            raise ConfigError(
+                f"{where}: {key}.prompt_loss is for method {prompts} (got {m.method!r}); remove prompt_loss"
             )
         if m.head_from and not spec.imports_head:
             raise ConfigError(

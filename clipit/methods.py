@@ -61,6 +61,7 @@ class MethodSpec:
     text_tower: bool = False  # may encode the paired reports with the pairing text tower (text_encoder: tower)
     imports_head: bool = False  # a linear probe whose head may be imported (head_from) instead of trained
     towers_only: bool = False  # trains the pretrained towers alone: frozen, it would train nothing
+    trains_prompts: bool = False  # trains against class prompts: methods.<m>.prompt_loss applies (ce | infonce)
     role: str = ""  # its part in the paper's comparisons, one of ROLES, or ""
     description: str = ""  # a few words for listings (grid dry run); default: the label
     row_label: str = ""  # its row among the ablation table's main runs; default: the label
@@ -249,6 +250,7 @@ _builtin(
     group="clip",
     vision="clip",
     towers_only=True,
+    trains_prompts=True,
     hint="or use method zero_shot",
     marker="v",
 )

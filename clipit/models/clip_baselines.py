@@ -41,15 +41,18 @@ from clipit.weights import resolve_pairing_checkpoint
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp
 
 
-def prompt_ensemble(prompt_emb: torch.Tensor, templates: int) -> torch.Tensor:
+def prompt_ensemble(prompt_emb: torch.Tensor, templates: int, ensemble: str = "embeddings") -> torch.Tensor:
     """[C*T, D] prompt embeddings (class-major) -> [C, D]: per class the mean of the L2-normalised
-    embeddings of its T prompts, renormalised."""
+    embeddings of its T prompts, renormalised (ensemble "embeddings"), or not (ensemble "logits"): cosine
+    is linear in the normalised text side, so s * cos(x, mean) is then the mean of the T per-template
+    logits s * cos(x, t), the reference code's prompt ensemble."""
     emb = F.normalize(prompt_emb.float(), dim=-1)
-    return F.normalize(emb.view(-1, templates, emb.shape[-1]).mean(1), dim=-1)
+    mean = emb.view(-1, templates, emb.shape[-1]).mean(1)
+    return F.normalize(mean, dim=-1) if ensemble == "embeddings" else mean
 
 
 def similarity_logits(image_emb: torch.Tensor, class_emb: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """scale * cos(image, class): [B, D] x [C, D] -> [B, C]."""
+    """scale * normalise(image) @ class.T: [B, D] x [C, D] -> [B, C] (cos(image, class) for unit class rows)."""
     return scale * F.normalize(image_emb.float(), dim=-1) @ class_emb.float().T
 
 
@@ -86,12 +89,17 @@ class PromptClassifier(BackboneModel):
             self.register_buffer("log_scale", log_scale)
         self.text_tower: nn.Module | None = None
         self.templates = 1
+        self.ensemble = "embeddings"  # clip.ensemble: how the training forward combines the templates
+        self.prompt_loss = "ce"  # infonce: the forward also returns the first-template class embeddings
         self.text_parameters = 0  # of the text tower that (once) encodes the prompts: the cost record
         self._cached = False
 
-    def attach_prompts(self, tower: nn.Module, prompts: list[str], templates: int) -> None:
-        self.text_tower, self.templates = tower, templates
+    def attach_prompts(
+        self, tower: nn.Module, prompts: list[str], templates: int, ensemble: str = "embeddings", loss: str = "ce"
+    ) -> None:
+        self.text_tower, self.templates, self.ensemble, self.prompt_loss = tower, templates, ensemble, loss
         self.register_buffer("prompt_tokens", tower.tokenize(prompts), persistent=False)
+        self.anchor_emb: torch.Tensor | None = None  # first-template class embeddings of the last encoding
 
     def train(self, mode: bool = True):
         self._cached = False  # the tower may change: the next evaluation pass encodes the prompts again
@@ -100,9 +108,17 @@ class PromptClassifier(BackboneModel):
     def class_embeddings(self) -> torch.Tensor:
         if self.text_tower is None or (self._cached and not self.training):
             return self.class_emb
-        cls = prompt_ensemble(self.text_tower(self.prompt_tokens), self.templates)
+        if self.training and self.prompt_loss == "infonce":  # the reference encodes the first template only
+            tokens = self.prompt_tokens.view(-1, self.templates, self.prompt_tokens.shape[-1])[:, 0]
+            anchors = F.normalize(self.text_tower(tokens).float(), dim=-1)
+            self.anchor_emb = anchors
+            return anchors
+        prompt_emb = self.text_tower(self.prompt_tokens)
+        cls = prompt_ensemble(prompt_emb, self.templates, self.ensemble)
         with torch.no_grad():
             self.class_emb.copy_(cls.detach())
+            anchors = F.normalize(prompt_emb.float(), dim=-1).view(-1, self.templates, cls.shape[-1])[:, 0]
+            self.anchor_emb = anchors.detach()
         self._cached = not self.training
         return cls
 
@@ -111,7 +127,10 @@ class PromptClassifier(BackboneModel):
 
     def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         scale = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        return {"logits": similarity_logits(feats, self.class_embeddings(), scale)}
+        out = {"logits": similarity_logits(feats, self.class_embeddings(), scale)}
+        if self.text_tower is not None and self.prompt_loss == "infonce":
+            out |= {"image_emb": feats, "anchor_emb": self.anchor_emb}
+        return out
 
     def pretrained_modules(self, warm_head: bool) -> tuple[str, ...]:
         return ("backbone", "text_tower") if self.text_tower is not None else ("backbone",)
@@ -238,6 +257,7 @@ class ClipSource:
     vision: nn.Module  # its image tower, the model's backbone
     preprocess: DevicePreprocess
     encode_prompts: bool  # training: the class prompts are encoded (zero_shot once, prompt_ft every step)
+    prompt_loss: str = "ce"  # the trained method's methods.<m>.prompt_loss
 
     def prompts(self) -> tuple[list[str], int]:
         from clipit.shards.manifest import load_manifest
@@ -260,7 +280,7 @@ class ClipSource:
         }
 
 
-def load_clip(cfg: ExperimentConfig, text_tower: bool = True) -> ClipSource:
+def load_clip(cfg: ExperimentConfig, text_tower: bool = True, prompt_loss: str = "ce") -> ClipSource:
     """The CLIP of a CLIP method. `text_tower` (training) encodes the class prompts; without it (evaluation,
     export) the checkpoint's cached class embeddings are loaded after the model is built."""
     name, checkpoint = clip_source(cfg)
@@ -268,7 +288,9 @@ def load_clip(cfg: ExperimentConfig, text_tower: bool = True) -> ClipSource:
     vision = vision_tower(pairing)
     vision.weights_from_clip = True  # checkpoints never hold its base weights (clipit/models/checkpoint.py)
     size, mean, std = input_spec(pairing, vision)
-    return ClipSource(cfg, name, checkpoint, pairing, vision, DevicePreprocess(size, mean, std), text_tower)
+    return ClipSource(
+        cfg, name, checkpoint, pairing, vision, DevicePreprocess(size, mean, std), text_tower, prompt_loss
+    )
 
 
 def _prompt_classifier(parts: ModelParts, learn_scale: bool) -> PromptClassifier:
@@ -285,7 +307,8 @@ def build_zero_shot(parts: ModelParts) -> PromptClassifier:
     model = _prompt_classifier(parts, learn_scale=False)
     if parts.clip is not None and parts.clip.encode_prompts:
         prompts, templates = parts.clip.prompts()
-        model.class_emb.copy_(prompt_ensemble(parts.clip.pairing.encode_texts(prompts).cpu(), templates))
+        emb = parts.clip.pairing.encode_texts(prompts).cpu()
+        model.class_emb.copy_(prompt_ensemble(emb, templates, parts.clip.cfg.clip.ensemble))
     return model
 
 
@@ -297,7 +320,8 @@ def build_prompt_ft(parts: ModelParts) -> PromptClassifier:
         from clipit.pairing.text_tower import text_tower_from
 
         prompts, templates = clip.prompts()
-        model.attach_prompts(text_tower_from(clip.pairing, copy=False), prompts, templates)
+        tower = text_tower_from(clip.pairing, copy=False)
+        model.attach_prompts(tower, prompts, templates, clip.cfg.clip.ensemble, clip.prompt_loss)
     return model
 
 
