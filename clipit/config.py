@@ -84,7 +84,7 @@ class ReportsConfig:
 
 @dataclass
 class PairingConfig:
-    model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch>
+    model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch> | hf-clip:<name>
     checkpoint: str | None = None  # local weights; the demo CLIP defaults to <output_dir>/demo-clip/
     top_k: Positive = 1  # texts kept per image (shards.use_rank picks among them)
     batch_size: Positive = 256  # images per encoder batch
@@ -131,7 +131,8 @@ class ClipConfig:
     """The CLIP of the CLIP baselines (methods zero_shot, prompt_ft, clip_probe) and their class prompts;
     class names: pairing.class_names (clipit/models/clip_baselines.py)."""
 
-    model: str | None = None  # pairing-model registry name (conch | open_clip:<arch> | demo-clip); null = pairing.model
+    # pairing-model registry name (conch | open_clip:<arch> | hf-clip:<name> | demo-clip); null = pairing.model
+    model: str | None = None
     checkpoint: str | None = (
         None  # its weights, as pairing.checkpoint; null = pairing.checkpoint for the same model, else the weights file
     )

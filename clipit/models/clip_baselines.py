@@ -34,7 +34,9 @@ from clipit.methods import ModelParts
 from clipit.models.backbones import OPENAI, ConchVision
 from clipit.models.clipit import BackboneModel
 from clipit.models.preprocess import DevicePreprocess
+from clipit.pairing import hf_clip
 from clipit.pairing.encoders import ConchPairingModel, PairingModel, PairingModelError, build_pairing_model
+from clipit.pairing.hf_clip import HFClipVisual
 from clipit.pairing.texts import CONCH_TEMPLATES, class_names_for
 from clipit.weights import resolve_pairing_checkpoint
 
@@ -178,7 +180,7 @@ def vision_tower(pairing: PairingModel) -> nn.Module:
     if not isinstance(visual, nn.Module) or not hasattr(visual, "output_dim"):
         raise PairingModelError(
             f"{pairing.name}: {type(clip).__name__} has no open_clip image tower (`visual`); "
-            "the CLIP baselines take conch, open_clip:<arch> or demo-clip"
+            "the CLIP baselines take conch, open_clip:<arch>, hf-clip:<name> or demo-clip"
         )
     return ClipVision(visual, int(visual.output_dim))
 
@@ -196,6 +198,8 @@ def input_spec(pairing: PairingModel, vision: nn.Module) -> tuple[int, tuple, tu
 def architecture(pairing: PairingModel, vision: nn.Module) -> dict | None:
     """What rebuilds the vision tower without weights (an export's config.json); None if unknown."""
     try:
+        if isinstance(vision.visual if isinstance(vision, ClipVision) else None, HFClipVisual):
+            return hf_clip.vision_architecture(vision.visual)
         if isinstance(vision, ConchVision):
             from clipit.pairing.encoders import conch_config
 
@@ -232,6 +236,8 @@ def vision_from_architecture(arch: dict) -> nn.Module:
         return ConchVision(
             coca_model._build_vision_tower(arch["embed_dim"], arch["vision_cfg"], arch["embed_dim_caption"])
         )
+    if arch["family"] == "hf-clip":
+        return ClipVision(hf_clip.vision_from_architecture(arch), int(arch["projection_dim"]))
     from open_clip.model import _build_vision_tower
 
     return ClipVision(
