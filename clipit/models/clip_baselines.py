@@ -333,14 +333,15 @@ def build_prompt_ft(parts: ModelParts) -> PromptClassifier:
 
 def export_fields(model: nn.Module, where: Path | str) -> dict:
     """What an export's config.json adds for a CLIP baseline (rebuilt by `vision_from_architecture`)."""
-    arch = getattr(model, "clip_architecture", None)
+    owner = model if hasattr(model, "clip_architecture") else model.backbone  # a CLIP method, or clip:<name>
+    arch = getattr(owner, "clip_architecture", None)
     if arch is None:
         raise PairingModelError(
-            f"{where}: the architecture of its CLIP ({getattr(model, 'clip_identity', {})}) cannot "
+            f"{where}: the architecture of its CLIP ({getattr(owner, 'clip_identity', {})}) cannot "
             "be described offline, so the export could not be rebuilt; export needs conch, "
             "demo-clip or an open_clip architecture"
         )
-    fields = {"clip_architecture": arch, "clip": model.clip_identity}
+    fields = {"clip_architecture": arch, "clip": owner.clip_identity}
     if isinstance(model, PromptClassifier):  # test time: vision tower + cached class embeddings
         fields["inference_cost"] = model.inference_cost({"inference": sum(p.numel() for p in model.parameters())})
     return fields

@@ -94,3 +94,36 @@ def test_config_accepts_hf_clip_names():
 
     cfg = load_config(TINY, ["clip.model=hf-clip:plip"])
     assert cfg.clip.model == "hf-clip:plip"
+
+
+def test_clipit_trains_on_a_clip_vision_tower_backbone(tiny_hf_clip, tiny_shards, tmp_path):
+    """model.backbone clip:<pairing model>: the unimodal probe and CLIP-IT warm-started from it run on a
+    CLIP's image tower (the reference's CLIP-IT on CONCH/QuiltNet/PLIP/PathCLIP); checkpoints hold what
+    training changed, never the tower's base weights, and the export rebuilds the tower without the CLIP."""
+    from safetensors.torch import load_file
+
+    from clipit.models.backbones import get_spec
+
+    assert get_spec("clip:hf-clip:plip").arch == "clip"
+    sets = [
+        "model.backbone=clip:hf-clip:tiny",
+        f"model.weights={tiny_hf_clip}",
+        "methods.unimodal={method: unimodal, epochs: 1, augment: false}",
+        "methods.clipit={method: clipit, warm_start: unimodal, epochs: 0.5, augment: false}",
+    ]
+    for method in ("unimodal", "clipit"):
+        proc = cli(*train_args(tmp_path, tiny_shards, *sets, method=method))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "clipit" / "seed-0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 128 and 0 <= metrics["balanced_accuracy"] <= 1
+    saved = load_file(str(run / "best.safetensors"))
+    assert saved and all("lora_" in k or not k.startswith("backbone.") for k in saved)
+    assert saved["proj.weight"].shape == (512, 16)  # the tower's 16-d joint space -> the 512-d report space
+    out = tmp_path / "export"
+    export_run(run, out)
+    model, preprocess, _ = load_exported(out)
+    reference, _, _, _ = load_trained_run(run)
+    images = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(preprocess(images))["logits"], reference(preprocess(images))["logits"])
