@@ -219,6 +219,7 @@ _builtin(
     group="multimodal",
     text_at_test=True,
     reads_reports=True,
+    text_tower=True,  # text_encoder: tower: the reference's LoRA on the text side, also at test time
     marker="D",
     line="-.",
 )

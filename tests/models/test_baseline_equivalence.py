@@ -117,3 +117,27 @@ def test_prompt_ft_reference_recipe_trains_and_evaluates(tiny_shards, tmp_path):
 
     class_emb = load_file(str(run / "best.safetensors"))["class_emb"]
     assert (class_emb.norm(dim=1) < 1 - 1e-4).all()  # mean of unit template embeddings: not renormalised
+
+
+@pytest.mark.slow
+def test_late_fusion_with_a_lora_text_tower_trains_and_predicts_with_it(tiny_shards, tmp_path):
+    """late_fusion text_encoder: tower: the reference's FuserModel_ text side carries LoRA; the report is
+    encoded by the trained tower in training and at test time (not the frozen embeddings of the shards)."""
+    from safetensors.torch import load_file
+
+    proc = cli(
+        *train_args(
+            tmp_path,
+            tiny_shards,
+            "methods.late_fusion={method: late_fusion, epochs: 0.5, augment: false, text_encoder: tower}",
+            method="late_fusion",
+        )
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "late_fusion" / "seed-0"
+    best = load_file(str(run / "best.safetensors"))
+    tower_lora = [v for k, v in best.items() if k.startswith("text_tower.") and "lora_B" in k]
+    assert tower_lora and any(v.abs().sum() > 0 for v in tower_lora)
+    assert not [k for k in best if k.startswith("text_tower.") and "lora_" not in k]  # base weights: the CLIP's
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 128 and 0 <= metrics["balanced_accuracy"] <= 1
