@@ -29,6 +29,7 @@ then every remaining key must match the model with its shape (docs/models.md).
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,9 @@ class BackboneSpec:
     dim: int | None = None  # pooled feature width the backbone must produce (checked by `clipit doctor`)
     random_init: bool = False  # no pretrained weights exist (demo, -tiny variants)
     ignore_keys: tuple[str, ...] = ()  # checkpoint key prefixes that belong to unused parts (CONCH caption pooler)
+    # "package.module:function" that builds it instead of timm: (spec, weights, weights_file) -> (module, spec),
+    # resolved on first use like a method's builder (a CLIP's image tower: models/clip_backbone.py)
+    builder: str | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -162,7 +166,8 @@ def get_spec(name: str, timm_kwargs: dict | None = None) -> BackboneSpec:
     if name.endswith("-tiny") and name[: -len("-tiny")] in BACKBONES:
         return _tiny(BACKBONES[name[: -len("-tiny")]])
     if name.startswith("clip:") and len(name) > len("clip:"):  # a CLIP's image tower (models/clip_backbone.py)
-        return BackboneSpec(name, "clip", 224, *OPENAI)  # input and width: the loaded CLIP's (build_backbone)
+        # input size, normalisation and width: the loaded CLIP's (build_backbone)
+        return BackboneSpec(name, "clip", 224, *OPENAI, builder="clipit.models.clip_backbone:build_clip_backbone")
     if name.startswith("timm:"):  # any timm model with its own pretrained config
         arch = name.split(":", 1)[1]
         if not timm.is_model(arch.split(".")[0]):
@@ -257,8 +262,6 @@ def resolve_weights(name: str, weights: str | Path | None = None, weights_file: 
     """Where backbone `name` gets its weights (a `clipit.weights.WeightsSource`)."""
     spec = get_spec(name)
     if spec.arch == "clip":
-        from clipit.models.clip_backbone import clip_weights
-
         return clip_weights(name, weights, weights_file)
     return weights_registry.resolve(name, weights, weights_file, spec.hub_id, spec.random_init)
 
@@ -274,10 +277,9 @@ def build_backbone(
     resolved `WeightsSource`, or None (weights file, then hub, then random for demo/tiny models).
     `timm_kwargs` are a timm: backbone's constructor options (model.timm_kwargs)."""
     spec = get_spec(name, timm_kwargs)
-    if spec.arch == "clip":
-        from clipit.models.clip_backbone import build_clip_backbone
-
-        return build_clip_backbone(spec, weights, weights_file)
+    if spec.builder is not None:
+        module, _, function = spec.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(spec, weights, weights_file)
     try:
         source = (
             weights
@@ -318,3 +320,17 @@ def fetch_hub_state(spec: BackboneSpec, hub_id: str, image_size: int | None = No
         return timm.create_model(hub_id.split(":", 1)[1], pretrained=True, num_classes=0, **kwargs).state_dict()
     hub_id = "hf-hub:" + hub_id.split(":", 1)[1]  # accept hf_hub: as CONCH spells it
     return timm.create_model(hub_id, pretrained=True, num_classes=0, **kwargs).state_dict()
+
+
+def clip_weights(name: str, weights=None, weights_file: str | Path | None = None) -> weights_registry.WeightsSource:
+    """Where the CLIP of backbone clip:<pairing model> comes from: model.weights, else the weights file's
+    entry for the pairing-model name (`conch:`), else its own (open_clip:hf-hub:<repo>); the pairing
+    loader checks it (it takes folders too)."""
+    if isinstance(weights, weights_registry.WeightsSource):
+        return weights
+    pairing = name.split(":", 1)[1]
+    origin = "model.weights" if weights else f"weights file entry {pairing!r}"
+    checkpoint = weights_registry.resolve_pairing_checkpoint(pairing, weights, weights_file)
+    if checkpoint is None:
+        return weights_registry.WeightsSource("hub", None, f"{pairing} itself")
+    return weights_registry.WeightsSource("file", str(checkpoint), origin)

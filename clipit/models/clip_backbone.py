@@ -16,34 +16,16 @@ from pathlib import Path
 
 from torch import nn
 
-from clipit import weights as weights_registry
-
-PREFIX = "clip:"
-
-
-def is_clip_backbone(name: str) -> bool:
-    return name.startswith(PREFIX) and len(name) > len(PREFIX)
-
-
-def clip_weights(name: str, weights=None, weights_file: str | Path | None = None) -> weights_registry.WeightsSource:
-    """Where the CLIP of backbone `name` comes from (checked by the pairing loader, which takes folders too)."""
-    if isinstance(weights, weights_registry.WeightsSource):
-        return weights
-    pairing = name[len(PREFIX) :]
-    origin = "model.weights" if weights else f"weights file entry {pairing!r}"
-    checkpoint = weights_registry.resolve_pairing_checkpoint(pairing, weights, weights_file)
-    if checkpoint is None:  # e.g. open_clip:hf-hub:<repo>: config and weights from the hub repository
-        return weights_registry.WeightsSource("hub", None, f"{pairing} itself")
-    return weights_registry.WeightsSource("file", str(checkpoint), origin)
+from clipit.models import clip_baselines
+from clipit.models.backbones import clip_weights
+from clipit.pairing.encoders import build_pairing_model
 
 
 def build_clip_backbone(spec, weights=None, weights_file: str | Path | None = None) -> tuple[nn.Module, object]:
-    """(the CLIP's image tower, `spec` with the CLIP's input size, normalisation and width)."""
-    from clipit.models import clip_baselines
-    from clipit.pairing.encoders import build_pairing_model
-
+    """(the CLIP's image tower, `spec` with the CLIP's input size, normalisation and width); the
+    BackboneSpec builder of clip:<pairing model> (models/backbones.py)."""
     source = clip_weights(spec.name, weights, weights_file)
-    pairing = build_pairing_model(spec.name[len(PREFIX) :], source.location, device="cpu")
+    pairing = build_pairing_model(spec.name.split(":", 1)[1], source.location, device="cpu")
     vision = clip_baselines.vision_tower(pairing)
     vision.weights_from_clip = True  # run checkpoints never hold its base weights (models/checkpoint.py)
     size, mean, std = clip_baselines.input_spec(pairing, vision)

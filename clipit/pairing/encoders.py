@@ -347,9 +347,13 @@ def build_pairing_model(
     if name.startswith("open_clip:") and len(name) > len("open_clip:"):
         return load_open_clip(name.split(":", 1)[1], checkpoint, dev, precision)
     if name.startswith("hf-clip:") and len(name) > len("hf-clip:"):
-        from clipit.pairing.hf_clip import load_hf_clip
+        from clipit.pairing.hf_clip import HFClipError, load_hf_clip
 
-        return load_hf_clip(name, checkpoint, dev, precision)
+        try:
+            model, preprocess, tokenizer, identity = load_hf_clip(name, checkpoint)
+        except HFClipError as err:
+            raise PairingModelError(str(err)) from None
+        return PairingModel(name, model, preprocess, tokenizer, identity, dev, precision)
     raise PairingModelError(
         f"unknown pairing model {name!r}; set pairing.model to conch, demo-clip, open_clip:<arch> or hf-clip:<name>"
     )

@@ -21,11 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipit.errors import one_line
+from clipit.errors import ClipitError, one_line
 from clipit.io import sha256_file
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class HFClipError(ClipitError):
+    """A transformers CLIP checkpoint is missing or does not load (encoders.py reports it as PairingModelError)."""
+
+
 HINT = "set the checkpoint to a folder written by transformers' CLIPModel.save_pretrained (config.json + model.safetensors)"
 
 
@@ -113,15 +119,14 @@ def _image_stats(folder: Path | None, vision_size: int) -> tuple[int, tuple, tup
     return int(size), tuple(pre.get("image_mean", OPENAI_MEAN)), tuple(pre.get("image_std", OPENAI_STD))
 
 
-def load_hf_clip(name: str, checkpoint, device, precision: str):
-    """The `hf-clip:<label>` pairing model (clipit/pairing/encoders.py registry)."""
+def load_hf_clip(name: str, checkpoint) -> tuple[HFClip, object, object, dict]:
+    """(model, PIL preprocess, tokenizer, identity) of the `hf-clip:<label>` pairing model (wrapped by
+    clipit/pairing/encoders.py's registry)."""
     from open_clip.transform import image_transform
     from transformers import CLIPModel
 
-    from clipit.pairing.encoders import PairingModel, PairingModelError
-
     if not checkpoint:
-        raise PairingModelError(f"{name} needs a checkpoint (pairing.checkpoint or clip.checkpoint); {HINT}")
+        raise HFClipError(f"{name} needs a checkpoint (pairing.checkpoint or clip.checkpoint); {HINT}")
     source = str(checkpoint)
     folder = None
     if source.startswith("hf-hub:"):
@@ -129,12 +134,12 @@ def load_hf_clip(name: str, checkpoint, device, precision: str):
     else:
         folder = Path(source).expanduser()
         if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-            raise PairingModelError(f"{folder}: no config.json and *.safetensors for {name}; {HINT}")
+            raise HFClipError(f"{folder}: no config.json and *.safetensors for {name}; {HINT}")
         location = str(folder)
     try:
         clip = CLIPModel.from_pretrained(location, use_safetensors=True)
     except Exception as err:  # a wrong folder, a hub error, weights that do not fit the config
-        raise PairingModelError(f"{source}: cannot load {name} ({one_line(err)}); {HINT}") from None
+        raise HFClipError(f"{source}: cannot load {name} ({one_line(err)}); {HINT}") from None
     if folder is None:  # the hub copy's folder (its tokenizer and preprocessor config)
         from huggingface_hub import snapshot_download
 
@@ -146,5 +151,4 @@ def load_hf_clip(name: str, checkpoint, device, precision: str):
     weights = sorted(folder.glob("*.safetensors"))
     if len(weights) == 1:
         identity["sha256"] = sha256_file(weights[0])
-    preprocess = image_transform(size, is_train=False, mean=mean, std=std)
-    return PairingModel(name, model, preprocess, tokenizer, identity, device, precision)
+    return model, image_transform(size, is_train=False, mean=mean, std=std), tokenizer, identity

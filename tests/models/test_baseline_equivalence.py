@@ -141,3 +141,23 @@ def test_late_fusion_with_a_lora_text_tower_trains_and_predicts_with_it(tiny_sha
     assert not [k for k in best if k.startswith("text_tower.") and "lora_" not in k]  # base weights: the CLIP's
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n"] == 128 and 0 <= metrics["balanced_accuracy"] <= 1
+
+
+def test_eva_probe_trains_evaluates_and_reports_beside_the_probe(tiny_shards, tmp_path):
+    """Method eva_probe (eva's recipe: plain SGD, val accuracy, early stopping) trains on the feature cache
+    and gets a Table 1 column of its own next to the reference code's probe."""
+    from clipit.results.report import build_report
+
+    sets = [
+        "methods.unimodal={method: unimodal, epochs: 1, augment: false}",
+        "methods.eva_probe={method: eva_probe, epochs: 2, optimizer: sgd, nesterov: false, momentum: 0.9, "
+        "weight_decay: 0.0, schedule: cosine, select: val_acc, patience: 3, augment: false}",
+    ]
+    for method in ("unimodal", "eva_probe"):
+        proc = cli(*train_args(tmp_path, tiny_shards, *sets, method=method))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "eva_probe" / "seed-0" / "metrics.json").read_text())
+    assert metrics["n"] == 128 and 0 <= metrics["balanced_accuracy"] <= 1
+    build_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Unimodal (eva protocol)" in md and "| Vision backbone |" in md
