@@ -1,14 +1,16 @@
 """The CLIP-based baselines (method.md section 4, Fig. 1c / Fig. 3): a pairing-capable CLIP of the registry
-(clipit/pairing/encoders.py: CONCH, open_clip incl. hf-hub:wisdomik/QuiltNet-B-32, the demo CLIP) as a
-classifier. Which CLIP: section `clip` (default: pairing.model); class names: pairing.class_names (default
+(clipit/pairing/encoders.py: CONCH, open_clip incl. hf-hub:wisdomik/QuiltNet-B-32 and PathCLIP, hf-clip:<name>
+for transformers CLIPs such as PLIP, the demo CLIP) as a classifier. Which CLIP: section `clip` (default: pairing.model); class names: pairing.class_names (default
 per dataset, clipit/pairing/texts.py); templates: clip.templates (default CONCH's 22).
 
 zero_shot   prompt ensemble: per class the mean of its prompts' L2-normalised text embeddings,
-            renormalised; logits = s * normalise(image_emb) @ class_emb.T. Nothing trains: the "train"
+            renormalised (clip.ensemble embeddings) or not (logits: then s * cos is the mean of the
+            per-template logits, the reference's test); logits = s * normalise(image_emb) @ class_emb.T. Nothing trains: the "train"
             stage encodes the prompts once and saves the class embeddings as the run's checkpoint.
 prompt_ft   LoRA on both towers; every step encodes all C x T prompts through the LoRA'd text tower and
-            trains CE over the image-to-class-ensemble logits (the reference fine-tunes with symmetric
-            InfoNCE against the first template, docs/models.md). Each validation caches the class
+            trains CE over the image-to-class-ensemble logits (prompt_loss ce), or encodes the C
+            first-template prompts and trains the reference's symmetric InfoNCE, tau 0.07, against them
+            (prompt_loss infonce; models/losses.py). Each validation caches the class
             embeddings it used in the checkpoint, so test time runs the vision tower only.
 clip_probe  the CLIP's vision tower + a linear head: a VisionClassifier (backbone / head / from_features),
             so a frozen, unaugmented probe trains on the feature cache (clipit/training/features.py).
