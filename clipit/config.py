@@ -84,7 +84,7 @@ class ReportsConfig:
 
 @dataclass
 class PairingConfig:
-    model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch>
+    model: str = "demo-clip"  # pairing-model registry name: demo-clip | conch | open_clip:<arch> | hf-clip:<name>
     checkpoint: str | None = None  # local weights; the demo CLIP defaults to <output_dir>/demo-clip/
     top_k: Positive = 1  # texts kept per image (shards.use_rank picks among them)
     batch_size: Positive = 256  # images per encoder batch
@@ -131,7 +131,8 @@ class ClipConfig:
     """The CLIP of the CLIP baselines (methods zero_shot, prompt_ft, clip_probe) and their class prompts;
     class names: pairing.class_names (clipit/models/clip_baselines.py)."""
 
-    model: str | None = None  # pairing-model registry name (conch | open_clip:<arch> | demo-clip); null = pairing.model
+    # pairing-model registry name (conch | open_clip:<arch> | hf-clip:<name> | demo-clip); null = pairing.model
+    model: str | None = None
     checkpoint: str | None = (
         None  # its weights, as pairing.checkpoint; null = pairing.checkpoint for the same model, else the weights file
     )
@@ -141,6 +142,9 @@ class ClipConfig:
         None  # multiplier of the cosine similarities; null = the CLIP's own (exp of its logit_scale)
     )
     learn_logit_scale: bool = False  # prompt_ft also trains the scale (log-parametrised, at most 100 as in CLIP)
+    # how the templates of a class combine: embeddings (mean of the L2-normalised prompt embeddings,
+    # renormalised, as CONCH's zero-shot) or logits (mean of the per-template logits, the reference code's test)
+    ensemble: Literal["embeddings", "logits"] = "embeddings"
 
 
 @dataclass
@@ -178,7 +182,8 @@ class TrainConfig:
         None  # lr of the pretrained weights under finetune full (new heads, LoRA: lr); None = lr
     )
     weight_decay: NonNegative = 1e-4  # decoupled for adamw, L2 for adam and sgd
-    momentum: Fraction = 0.9  # sgd only (Nesterov, so > 0 with sgd)
+    momentum: Fraction = 0.9  # sgd only (> 0 with sgd)
+    nesterov: bool = True  # sgd only: Nesterov momentum (the reference's probe); false: plain SGD (kaiko eva's)
     # cosine: from lr to min_lr over the run's steps. cosine_epochs: torch's CosineAnnealingLR(T_max=t_max,
     # eta_min=min_lr) stepped once per epoch, as Lightning steps the reference's probe and text model
     schedule: Literal["none", "cosine", "cosine_epochs"] = "none"
@@ -194,7 +199,8 @@ class TrainConfig:
     num_workers: Count = 0  # loader worker processes per rank
     evals_per_epoch: Positive = 1  # validations per epoch
     log_every: Positive = 50  # steps between progress lines on stdout and in <run>/train.log (rank 0)
-    select: Literal["val_loss", "val_bacc", "last"] = "val_loss"  # which validation picks best.safetensors
+    # which validation picks best.safetensors (val_acc: accuracy, the score kaiko eva's probe monitors)
+    select: Literal["val_loss", "val_bacc", "val_acc", "last"] = "val_loss"
     patience: Count = 0  # stop after this many validations without a better selection score (early stopping); 0 = off
     warm_start: str | None = None  # method whose best checkpoint initialises this one (CLIP-IT: unimodal)
     head_from: str | None = (
@@ -216,6 +222,9 @@ class TrainConfig:
     text_encoder: Literal["cached", "tower"] = "cached"
     word_drop: Fraction = 0.0  # fraction of each report's tokens (between start and end of text) corrupted per step
     word_drop_mode: Literal["mask", "remove"] = "mask"  # mask: a <mask> embedding (reference code); remove: delete
+    # prompt_ft's loss: ce (cross-entropy over the prompt-ensemble logits) or infonce (the reference's symmetric
+    # InfoNCE, tau 0.07, between the images and their class's first-template prompt; models/losses.py)
+    prompt_loss: Literal["ce", "infonce"] = "ce"
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers, through accelerate (clipit/training/trackers.py)
@@ -400,6 +409,11 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
                 f"{where}: {key}.pretrained_lr is for finetune: full (got finetune {m.finetune!r}: the "
                 "pretrained weights do not train); remove pretrained_lr or set finetune: full"
             )
+        if m.prompt_loss != "ce" and not spec.trains_prompts:
+            prompts = " or ".join(n for n in method_names() if method_spec(n).trains_prompts)
+            raise ConfigError(
+                f"{where}: {key}.prompt_loss is for method {prompts} (got {m.method!r}); remove prompt_loss"
+            )
         if m.head_from and not spec.imports_head:
             raise ConfigError(
                 f"{where}: {key}.head_from imports a linear probe, so it is for method {probes} (got "
@@ -415,10 +429,10 @@ def check_methods(cfg: ExperimentConfig, where: str = "<config>") -> None:
                 f"{where}: {key}.train_head is for a frozen backbone with a warm-started head (finetune: frozen, "
                 "or model.lora.enabled: false, and warm_start); remove train_head"
             )
-        if m.optimizer == "sgd" and m.momentum == 0:
+        if m.optimizer == "sgd" and m.nesterov and m.momentum == 0:
             raise ConfigError(
                 f"{where}: {key}.momentum = 0 with optimizer sgd: Nesterov SGD needs momentum in "
-                "(0, 1); set momentum (e.g. 0.9) or use optimizer adam"
+                "(0, 1); set momentum (e.g. 0.9), nesterov: false, or use optimizer adam"
             )
         if m.schedule != "none" and m.min_lr > m.lr:
             raise ConfigError(

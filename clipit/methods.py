@@ -61,6 +61,7 @@ class MethodSpec:
     text_tower: bool = False  # may encode the paired reports with the pairing text tower (text_encoder: tower)
     imports_head: bool = False  # a linear probe whose head may be imported (head_from) instead of trained
     towers_only: bool = False  # trains the pretrained towers alone: frozen, it would train nothing
+    trains_prompts: bool = False  # trains against class prompts: methods.<m>.prompt_loss applies (ce | infonce)
     role: str = ""  # its part in the paper's comparisons, one of ROLES, or ""
     description: str = ""  # a few words for listings (grid dry run); default: the label
     row_label: str = ""  # its row among the ablation table's main runs; default: the label
@@ -175,6 +176,18 @@ _builtin(
     line="--",
 )
 _builtin(
+    name="eva_probe",  # the same model as unimodal, trained under kaiko eva's offline protocol (the paper's column)
+    builder="clipit.models.clipit:build_vision_classifier",
+    label="Unimodal (eva protocol)",
+    group="main",
+    finetune_auto="frozen",
+    imports_head=True,
+    description="linear probe, kaiko eva 0.1.0 recipe",
+    row_label="unimodal (eva-protocol linear probe)",
+    marker="s",
+    line="--",
+)
+_builtin(
     name="clipit",
     builder="clipit.models.clipit:build_clipit",
     label="CLIP-IT",
@@ -206,6 +219,7 @@ _builtin(
     group="multimodal",
     text_at_test=True,
     reads_reports=True,
+    text_tower=True,  # text_encoder: tower: the reference's LoRA on the text side, also at test time
     marker="D",
     line="-.",
 )
@@ -237,6 +251,7 @@ _builtin(
     group="clip",
     vision="clip",
     towers_only=True,
+    trains_prompts=True,
     hint="or use method zero_shot",
     marker="v",
 )

@@ -26,6 +26,7 @@ from clipit.training.loader import eval_loader
 from clipit.training.predict import ShardSource, predict
 from clipit.training.run_identity import evaluated_changes, evaluation_identity, finished_run
 from clipit.training.tb import log_evaluation
+from clipit.training.text_side import TextInputs
 
 
 def evaluate_run(
@@ -57,12 +58,15 @@ def evaluate_run(
             return current  # written by the previous holder of the lock
         manifest = load_manifest(cfg.shards.dir)
         classes = manifest["classes"]
-        # the vision model only: a trained text tower shaped the weights but takes no part in the prediction
+        # CLIP-IT: the vision model only (a trained text tower shaped the weights but takes no part in the
+        # prediction); a method that reads the report at test time (late fusion) keeps its trained tower
+        tower = method_spec(tcfg.method).text_at_test and tcfg.text_encoder == "tower"
         model, preprocess = build_model(
-            cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start, text_tower=False
+            cfg, tcfg, len(classes), manifest["embedding"]["dim"], warm_start, text_tower=tower
         )
-        load_model_state(layout.best(run_dir), model, exclude=(TEXT_TOWER,))
+        load_model_state(layout.best(run_dir), model, exclude=() if tower else (TEXT_TOWER,))
         model, preprocess = model.to(accelerator.device), preprocess.to(accelerator.device)
+        text_inputs = TextInputs(model, tcfg, cfg.shards.dir, manifest, accelerator.device) if tower else None
         source = ShardSource(Path(cfg.shards.dir), split, manifest)
         batch_size, world = 2 * tcfg.batch_size, accelerator.num_processes
         loader = eval_loader(
@@ -85,6 +89,7 @@ def evaluate_run(
             loader,
             accelerator,
             tcfg.lam,
+            text_inputs,
             what=f"evaluation of {run_dir} on {split}",
             source=source,
             ce_input=tcfg.ce_input,

@@ -186,11 +186,12 @@ def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
         "parameters": sum(p.numel() for p in model.parameters()),
         "identity": export_identity(run_dir),  # what a rerun compares before it keeps this export
     }
-    if spec.uses_clip:  # the CLIP's vision tower: its architecture, and the cost record
+    clip_tower = spec.uses_clip or hasattr(model.backbone, "clip_architecture")  # a CLIP method, or clip:<name>
+    if clip_tower:  # the CLIP's vision tower: its architecture, and the cost record
         config |= clip_baselines.export_fields(model, run_dir)
     # portable: dataset resolution, timm architecture, training data, metrics, provenance (export_card.py)
     config |= dataset_resolution(str(cfg.data.name), preprocess.size)
-    config |= timm_fields(cfg, spec.uses_clip) | training_fields(cfg, run_dir, tcfg)
+    config |= timm_fields(cfg, clip_tower) | training_fields(cfg, run_dir, tcfg)
     make_dirs(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     files = {"model.safetensors": state}

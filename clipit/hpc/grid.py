@@ -372,8 +372,10 @@ def describe_method(cfg: ExperimentConfig, method: str) -> str:
     if spec.vision is None:
         return f"{m.method} ({spec.description or spec.label})"
     parts = [m.method, spec.finetune(m.finetune, cfg.model.lora.enabled)]
-    if spec.text_tower:
-        parts.append("text tower" if m.text_encoder == "tower" else "cached teacher")
+    if spec.text_tower and m.text_encoder == "tower":
+        parts.append("text tower")
+    elif spec.text_tower and not spec.text_at_test:  # CLIP-IT's distillation target from the shards
+        parts.append("cached teacher")
     return ", ".join(parts)
 
 

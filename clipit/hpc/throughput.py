@@ -60,6 +60,8 @@ def backbone_flops(name: str, image_size: int | None = None) -> float:
     from clipit.models.backbones import get_spec
 
     spec = get_spec(name)
+    if spec.arch == "clip":  # clip:<pairing model>: that CLIP's image tower
+        return pairing_flops(name.split(":", 1)[1])[0]
     size = image_size or spec.input_size
     if spec.arch == "conch":
         depth, width, patch, prefix = CONCH_VISION

@@ -9,6 +9,7 @@ and hub ID of a pathology foundation model.
 | kaiko-vitl14 ("DINO") | timm vit_large_patch14_reg4_dinov2 | 1024 | 224 | 0.5 / 0.5 | same |
 | conch | CONCH CoCa vision tower (conch-fork), contrastive 512-d output | 512 | 448 | OpenAI CLIP | hf-hub:MahmoodLab/conch |
 | timm:<name> | any timm model, its own pretrained config | - | timm's | timm's | timm's pretrained weights |
+| clip:<pairing model> | a CLIP's image tower (clip:conch, clip:hf-clip:plip, ...; models/clip_backbone.py) | CLIP's | CLIP's | CLIP's | the CLIP's |
 | demo-vit-tiny | a 4-layer ViT for the demo (random init) | 96 | 64 | 0.5 / 0.5 | - |
 
 kaiko models are built as kaiko's own `hubconf.py` and eva's `pathology/kaiko_*` entries build them:
@@ -28,6 +29,7 @@ then every remaining key must match the model with its shape (docs/models.md).
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,6 +62,9 @@ class BackboneSpec:
     dim: int | None = None  # pooled feature width the backbone must produce (checked by `clipit doctor`)
     random_init: bool = False  # no pretrained weights exist (demo, -tiny variants)
     ignore_keys: tuple[str, ...] = ()  # checkpoint key prefixes that belong to unused parts (CONCH caption pooler)
+    # "package.module:function" that builds it instead of timm: (spec, weights, weights_file) -> (module, spec),
+    # resolved on first use like a method's builder (a CLIP's image tower: models/clip_backbone.py)
+    builder: str | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -160,6 +165,9 @@ def get_spec(name: str, timm_kwargs: dict | None = None) -> BackboneSpec:
         return BACKBONES[name]
     if name.endswith("-tiny") and name[: -len("-tiny")] in BACKBONES:
         return _tiny(BACKBONES[name[: -len("-tiny")]])
+    if name.startswith("clip:") and len(name) > len("clip:"):  # a CLIP's image tower (models/clip_backbone.py)
+        # input size, normalisation and width: the loaded CLIP's (build_backbone)
+        return BackboneSpec(name, "clip", 224, *OPENAI, builder="clipit.models.clip_backbone:build_clip_backbone")
     if name.startswith("timm:"):  # any timm model with its own pretrained config
         arch = name.split(":", 1)[1]
         if not timm.is_model(arch.split(".")[0]):
@@ -170,7 +178,9 @@ def get_spec(name: str, timm_kwargs: dict | None = None) -> BackboneSpec:
         size = img_size[-1] if isinstance(img_size, list | tuple) else img_size or size
         mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg else IMAGENET
         return BackboneSpec(name, arch, size, mean, std, hub_id=name, kwargs=dict(timm_kwargs or {}))
-    raise BackboneError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}, <name>-tiny or timm:<model>")
+    raise BackboneError(
+        f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}, <name>-tiny, timm:<model> or clip:<pairing model>"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +235,17 @@ def _timm_kwargs(spec: BackboneSpec, image_size: int | None) -> dict:
 def timm_create_args(spec: BackboneSpec, image_size: int | None = None) -> dict | None:
     """The keyword arguments of `timm.create_model(spec.arch, pretrained=False, **args)` that build this
     backbone headless (an export's config.json records them); None for a backbone timm does not build."""
-    if spec.arch == "conch":
+    if spec.arch in ("conch", "clip"):
         return None
     return {"num_classes": 0, **_timm_kwargs(spec, image_size)}
 
 
 def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> nn.Module:
     """The architecture with random weights; forward returns pooled features [B, num_features]."""
+    if spec.arch == "clip":
+        raise BackboneError(
+            f"backbone {spec.name!r} is a CLIP's image tower: it is built with its CLIP (build_backbone)"
+        )
     if spec.arch == "conch":
         return _create_conch(spec)
     try:
@@ -247,6 +261,8 @@ def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> nn.Mod
 def resolve_weights(name: str, weights: str | Path | None = None, weights_file: str | Path | None = None):
     """Where backbone `name` gets its weights (a `clipit.weights.WeightsSource`)."""
     spec = get_spec(name)
+    if spec.arch == "clip":
+        return clip_weights(name, weights, weights_file)
     return weights_registry.resolve(name, weights, weights_file, spec.hub_id, spec.random_init)
 
 
@@ -261,6 +277,9 @@ def build_backbone(
     resolved `WeightsSource`, or None (weights file, then hub, then random for demo/tiny models).
     `timm_kwargs` are a timm: backbone's constructor options (model.timm_kwargs)."""
     spec = get_spec(name, timm_kwargs)
+    if spec.builder is not None:
+        module, _, function = spec.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(spec, weights, weights_file)
     try:
         source = (
             weights
@@ -301,3 +320,17 @@ def fetch_hub_state(spec: BackboneSpec, hub_id: str, image_size: int | None = No
         return timm.create_model(hub_id.split(":", 1)[1], pretrained=True, num_classes=0, **kwargs).state_dict()
     hub_id = "hf-hub:" + hub_id.split(":", 1)[1]  # accept hf_hub: as CONCH spells it
     return timm.create_model(hub_id, pretrained=True, num_classes=0, **kwargs).state_dict()
+
+
+def clip_weights(name: str, weights=None, weights_file: str | Path | None = None) -> weights_registry.WeightsSource:
+    """Where the CLIP of backbone clip:<pairing model> comes from: model.weights, else the weights file's
+    entry for the pairing-model name (`conch:`), else its own (open_clip:hf-hub:<repo>); the pairing
+    loader checks it (it takes folders too)."""
+    if isinstance(weights, weights_registry.WeightsSource):
+        return weights
+    pairing = name.split(":", 1)[1]
+    origin = "model.weights" if weights else f"weights file entry {pairing!r}"
+    checkpoint = weights_registry.resolve_pairing_checkpoint(pairing, weights, weights_file)
+    if checkpoint is None:
+        return weights_registry.WeightsSource("hub", None, f"{pairing} itself")
+    return weights_registry.WeightsSource("file", str(checkpoint), origin)

@@ -7,7 +7,9 @@ TextClassifier   (method `text`): report embedding t -> Linear(512,512) -> Leaky
 LateFusionModel  (method `late_fusion`): the reference FuserModel_: vision logits W_v e and the text
                  model's logits H_t(t) on the paired report, fused by F = Linear(2C, C). Warm-started
                  from the unimodal probe (backbone + head) and, with `text_warm_start`, from the text
-                 model (H_t).
+                 model (H_t). With text_encoder: tower the report is encoded by the pairing model's text
+                 tower (LoRA under finetune lora) in training and at test time, as the reference's
+                 FuserModel_ (its text model carries LoRA); else the cached (frozen) embeddings.
 EarlyFusionModel (method `early_fusion`): concat(e, t) -> Linear(d_v+512, 512) -> LeakyReLU(0.1) ->
                  Linear(512, C). The paper does not define its early fusion; this is the plain reading
                  ("concatenate vision and text features before a classifier"), with the same MLP
@@ -51,9 +53,22 @@ class LateFusionModel(VisionClassifier):
         super().__init__(backbone, num_classes)
         self.text_head = text_mlp(text_dim, num_classes)
         self.fuse = nn.Linear(2 * num_classes, num_classes)
+        self.text_tower: nn.Module | None = None  # text_encoder: tower (the reference's LoRA'd text side)
 
-    def forward(self, images: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_emb: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if self.text_tower is not None and tokens is not None:  # the report encoded by the (LoRA'd) tower
+            text_emb = self.text_tower(tokens, masked)
         return self.from_features(self.features(images), text_emb)
+
+    def pretrained_modules(self, warm_head: bool) -> tuple[str, ...]:
+        pretrained = super().pretrained_modules(warm_head)
+        return pretrained + ("text_tower",) if self.text_tower is not None else pretrained
 
     def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         text_emb = _require_text(text_emb, "late fusion")

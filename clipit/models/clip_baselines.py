@@ -1,14 +1,16 @@
 """The CLIP-based baselines (method.md section 4, Fig. 1c / Fig. 3): a pairing-capable CLIP of the registry
-(clipit/pairing/encoders.py: CONCH, open_clip incl. hf-hub:wisdomik/QuiltNet-B-32, the demo CLIP) as a
-classifier. Which CLIP: section `clip` (default: pairing.model); class names: pairing.class_names (default
+(clipit/pairing/encoders.py: CONCH, open_clip incl. hf-hub:wisdomik/QuiltNet-B-32 and PathCLIP, hf-clip:<name>
+for transformers CLIPs such as PLIP, the demo CLIP) as a classifier. Which CLIP: section `clip` (default: pairing.model); class names: pairing.class_names (default
 per dataset, clipit/pairing/texts.py); templates: clip.templates (default CONCH's 22).
 
 zero_shot   prompt ensemble: per class the mean of its prompts' L2-normalised text embeddings,
-            renormalised; logits = s * normalise(image_emb) @ class_emb.T. Nothing trains: the "train"
+            renormalised (clip.ensemble embeddings) or not (logits: then s * cos is the mean of the
+            per-template logits, the reference's test); logits = s * normalise(image_emb) @ class_emb.T. Nothing trains: the "train"
             stage encodes the prompts once and saves the class embeddings as the run's checkpoint.
 prompt_ft   LoRA on both towers; every step encodes all C x T prompts through the LoRA'd text tower and
-            trains CE over the image-to-class-ensemble logits (the reference fine-tunes with symmetric
-            InfoNCE against the first template, docs/models.md). Each validation caches the class
+            trains CE over the image-to-class-ensemble logits (prompt_loss ce), or encodes the C
+            first-template prompts and trains the reference's symmetric InfoNCE, tau 0.07, against them
+            (prompt_loss infonce; models/losses.py). Each validation caches the class
             embeddings it used in the checkpoint, so test time runs the vision tower only.
 clip_probe  the CLIP's vision tower + a linear head: a VisionClassifier (backbone / head / from_features),
             so a frozen, unaugmented probe trains on the feature cache (clipit/training/features.py).
@@ -34,22 +36,27 @@ from clipit.methods import ModelParts
 from clipit.models.backbones import OPENAI, ConchVision
 from clipit.models.clipit import BackboneModel
 from clipit.models.preprocess import DevicePreprocess
+from clipit.pairing import hf_clip
 from clipit.pairing.encoders import ConchPairingModel, PairingModel, PairingModelError, build_pairing_model
+from clipit.pairing.hf_clip import HFClipVisual
 from clipit.pairing.texts import CONCH_TEMPLATES, class_names_for
 from clipit.weights import resolve_pairing_checkpoint
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp
 
 
-def prompt_ensemble(prompt_emb: torch.Tensor, templates: int) -> torch.Tensor:
+def prompt_ensemble(prompt_emb: torch.Tensor, templates: int, ensemble: str = "embeddings") -> torch.Tensor:
     """[C*T, D] prompt embeddings (class-major) -> [C, D]: per class the mean of the L2-normalised
-    embeddings of its T prompts, renormalised."""
+    embeddings of its T prompts, renormalised (ensemble "embeddings"), or not (ensemble "logits"): cosine
+    is linear in the normalised text side, so s * cos(x, mean) is then the mean of the T per-template
+    logits s * cos(x, t), the reference code's prompt ensemble."""
     emb = F.normalize(prompt_emb.float(), dim=-1)
-    return F.normalize(emb.view(-1, templates, emb.shape[-1]).mean(1), dim=-1)
+    mean = emb.view(-1, templates, emb.shape[-1]).mean(1)
+    return F.normalize(mean, dim=-1) if ensemble == "embeddings" else mean
 
 
 def similarity_logits(image_emb: torch.Tensor, class_emb: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """scale * cos(image, class): [B, D] x [C, D] -> [B, C]."""
+    """scale * normalise(image) @ class.T: [B, D] x [C, D] -> [B, C] (cos(image, class) for unit class rows)."""
     return scale * F.normalize(image_emb.float(), dim=-1) @ class_emb.float().T
 
 
@@ -86,12 +93,17 @@ class PromptClassifier(BackboneModel):
             self.register_buffer("log_scale", log_scale)
         self.text_tower: nn.Module | None = None
         self.templates = 1
+        self.ensemble = "embeddings"  # clip.ensemble: how the training forward combines the templates
+        self.prompt_loss = "ce"  # infonce: the forward also returns the first-template class embeddings
         self.text_parameters = 0  # of the text tower that (once) encodes the prompts: the cost record
         self._cached = False
 
-    def attach_prompts(self, tower: nn.Module, prompts: list[str], templates: int) -> None:
-        self.text_tower, self.templates = tower, templates
+    def attach_prompts(
+        self, tower: nn.Module, prompts: list[str], templates: int, ensemble: str = "embeddings", loss: str = "ce"
+    ) -> None:
+        self.text_tower, self.templates, self.ensemble, self.prompt_loss = tower, templates, ensemble, loss
         self.register_buffer("prompt_tokens", tower.tokenize(prompts), persistent=False)
+        self.anchor_emb: torch.Tensor | None = None  # first-template class embeddings of the last encoding
 
     def train(self, mode: bool = True):
         self._cached = False  # the tower may change: the next evaluation pass encodes the prompts again
@@ -100,9 +112,17 @@ class PromptClassifier(BackboneModel):
     def class_embeddings(self) -> torch.Tensor:
         if self.text_tower is None or (self._cached and not self.training):
             return self.class_emb
-        cls = prompt_ensemble(self.text_tower(self.prompt_tokens), self.templates)
+        if self.training and self.prompt_loss == "infonce":  # the reference encodes the first template only
+            tokens = self.prompt_tokens.view(-1, self.templates, self.prompt_tokens.shape[-1])[:, 0]
+            anchors = F.normalize(self.text_tower(tokens).float(), dim=-1)
+            self.anchor_emb = anchors
+            return anchors
+        prompt_emb = self.text_tower(self.prompt_tokens)
+        cls = prompt_ensemble(prompt_emb, self.templates, self.ensemble)
         with torch.no_grad():
             self.class_emb.copy_(cls.detach())
+            anchors = F.normalize(prompt_emb.float(), dim=-1).view(-1, self.templates, cls.shape[-1])[:, 0]
+            self.anchor_emb = anchors.detach()
         self._cached = not self.training
         return cls
 
@@ -111,7 +131,10 @@ class PromptClassifier(BackboneModel):
 
     def from_features(self, feats: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         scale = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        return {"logits": similarity_logits(feats, self.class_embeddings(), scale)}
+        out = {"logits": similarity_logits(feats, self.class_embeddings(), scale)}
+        if self.text_tower is not None and self.prompt_loss == "infonce":
+            out |= {"image_emb": feats, "anchor_emb": self.anchor_emb}
+        return out
 
     def pretrained_modules(self, warm_head: bool) -> tuple[str, ...]:
         return ("backbone", "text_tower") if self.text_tower is not None else ("backbone",)
@@ -159,7 +182,7 @@ def vision_tower(pairing: PairingModel) -> nn.Module:
     if not isinstance(visual, nn.Module) or not hasattr(visual, "output_dim"):
         raise PairingModelError(
             f"{pairing.name}: {type(clip).__name__} has no open_clip image tower (`visual`); "
-            "the CLIP baselines take conch, open_clip:<arch> or demo-clip"
+            "the CLIP baselines take conch, open_clip:<arch>, hf-clip:<name> or demo-clip"
         )
     return ClipVision(visual, int(visual.output_dim))
 
@@ -177,6 +200,8 @@ def input_spec(pairing: PairingModel, vision: nn.Module) -> tuple[int, tuple, tu
 def architecture(pairing: PairingModel, vision: nn.Module) -> dict | None:
     """What rebuilds the vision tower without weights (an export's config.json); None if unknown."""
     try:
+        if isinstance(vision.visual if isinstance(vision, ClipVision) else None, HFClipVisual):
+            return hf_clip.vision_architecture(vision.visual)
         if isinstance(vision, ConchVision):
             from clipit.pairing.encoders import conch_config
 
@@ -213,6 +238,8 @@ def vision_from_architecture(arch: dict) -> nn.Module:
         return ConchVision(
             coca_model._build_vision_tower(arch["embed_dim"], arch["vision_cfg"], arch["embed_dim_caption"])
         )
+    if arch["family"] == "hf-clip":
+        return ClipVision(hf_clip.vision_from_architecture(arch), int(arch["projection_dim"]))
     from open_clip.model import _build_vision_tower
 
     return ClipVision(
@@ -238,6 +265,7 @@ class ClipSource:
     vision: nn.Module  # its image tower, the model's backbone
     preprocess: DevicePreprocess
     encode_prompts: bool  # training: the class prompts are encoded (zero_shot once, prompt_ft every step)
+    prompt_loss: str = "ce"  # the trained method's methods.<m>.prompt_loss
 
     def prompts(self) -> tuple[list[str], int]:
         from clipit.shards.manifest import load_manifest
@@ -260,7 +288,7 @@ class ClipSource:
         }
 
 
-def load_clip(cfg: ExperimentConfig, text_tower: bool = True) -> ClipSource:
+def load_clip(cfg: ExperimentConfig, text_tower: bool = True, prompt_loss: str = "ce") -> ClipSource:
     """The CLIP of a CLIP method. `text_tower` (training) encodes the class prompts; without it (evaluation,
     export) the checkpoint's cached class embeddings are loaded after the model is built."""
     name, checkpoint = clip_source(cfg)
@@ -268,7 +296,9 @@ def load_clip(cfg: ExperimentConfig, text_tower: bool = True) -> ClipSource:
     vision = vision_tower(pairing)
     vision.weights_from_clip = True  # checkpoints never hold its base weights (clipit/models/checkpoint.py)
     size, mean, std = input_spec(pairing, vision)
-    return ClipSource(cfg, name, checkpoint, pairing, vision, DevicePreprocess(size, mean, std), text_tower)
+    return ClipSource(
+        cfg, name, checkpoint, pairing, vision, DevicePreprocess(size, mean, std), text_tower, prompt_loss
+    )
 
 
 def _prompt_classifier(parts: ModelParts, learn_scale: bool) -> PromptClassifier:
@@ -285,7 +315,8 @@ def build_zero_shot(parts: ModelParts) -> PromptClassifier:
     model = _prompt_classifier(parts, learn_scale=False)
     if parts.clip is not None and parts.clip.encode_prompts:
         prompts, templates = parts.clip.prompts()
-        model.class_emb.copy_(prompt_ensemble(parts.clip.pairing.encode_texts(prompts).cpu(), templates))
+        emb = parts.clip.pairing.encode_texts(prompts).cpu()
+        model.class_emb.copy_(prompt_ensemble(emb, templates, parts.clip.cfg.clip.ensemble))
     return model
 
 
@@ -297,20 +328,22 @@ def build_prompt_ft(parts: ModelParts) -> PromptClassifier:
         from clipit.pairing.text_tower import text_tower_from
 
         prompts, templates = clip.prompts()
-        model.attach_prompts(text_tower_from(clip.pairing, copy=False), prompts, templates)
+        tower = text_tower_from(clip.pairing, copy=False)
+        model.attach_prompts(tower, prompts, templates, clip.cfg.clip.ensemble, clip.prompt_loss)
     return model
 
 
 def export_fields(model: nn.Module, where: Path | str) -> dict:
     """What an export's config.json adds for a CLIP baseline (rebuilt by `vision_from_architecture`)."""
-    arch = getattr(model, "clip_architecture", None)
+    owner = model if hasattr(model, "clip_architecture") else model.backbone  # a CLIP method, or clip:<name>
+    arch = getattr(owner, "clip_architecture", None)
     if arch is None:
         raise PairingModelError(
-            f"{where}: the architecture of its CLIP ({getattr(model, 'clip_identity', {})}) cannot "
+            f"{where}: the architecture of its CLIP ({getattr(owner, 'clip_identity', {})}) cannot "
             "be described offline, so the export could not be rebuilt; export needs conch, "
             "demo-clip or an open_clip architecture"
         )
-    fields = {"clip_architecture": arch, "clip": model.clip_identity}
+    fields = {"clip_architecture": arch, "clip": owner.clip_identity}
     if isinstance(model, PromptClassifier):  # test time: vision tower + cached class embeddings
         fields["inference_cost"] = model.inference_cost({"inference": sum(p.numel() for p in model.parameters())})
     return fields

@@ -26,6 +26,7 @@ from torch import nn
 
 from clipit.config import LoraConfig
 from clipit.methods import ModelParts
+from clipit.models.losses import symmetric_infonce
 
 LORA_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 FINETUNE_MODES = ("frozen", "lora", "full")
@@ -133,9 +134,14 @@ def clipit_loss(
 ) -> dict:
     """CE on the fused logits + lam * (1 - cos(P e, t)). t is the text tower's output when the model has
     one, else the cached embedding from the shards. ce_input "softmax" feeds softmax(z) to the CE, i.e.
-    -log softmax(softmax(z))_y: the reference code's double softmax (methods.<m>.ce_input)."""
+    -log softmax(softmax(z))_y: the reference code's double softmax (methods.<m>.ce_input). A prompt
+    classifier trained with prompt_loss infonce returns `anchor_emb` (its classes' first-template
+    embeddings): the loss is then the symmetric InfoNCE of models/losses.py (CE is kept for the logs)."""
     logits = outputs["logits"].float()
     ce = F.cross_entropy(logits.softmax(dim=1) if ce_input == "softmax" else logits, labels)
+    if "anchor_emb" in outputs:  # prompt_ft, prompt_loss infonce: images vs their class's first-template prompt
+        nce = symmetric_infonce(outputs["image_emb"], outputs["anchor_emb"][labels])
+        return {"loss": nce, "ce": ce.detach(), "infonce": nce.detach()}
     text_emb = outputs.get("text_emb", text_emb)
     if "proj" not in outputs or text_emb is None or lam == 0:
         return {"loss": ce, "ce": ce.detach()}

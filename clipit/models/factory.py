@@ -89,7 +89,7 @@ def build_model(
     method = method_spec(tcfg.method)
     finetune = method.finetune(tcfg.finetune, cfg.model.lora.enabled)
     if method.uses_clip:  # the CLIP's own towers, not model.backbone
-        clip = clip_baselines.load_clip(cfg, text_tower)
+        clip = clip_baselines.load_clip(cfg, text_tower, tcfg.prompt_loss)
         model = build_classifier(tcfg.method, clip.vision, num_classes, text_dim, cfg.model.kd_layers, clip)
         clip.describe(model)
         prepare_finetune(model, finetune, cfg.model.lora, warm_head=False)

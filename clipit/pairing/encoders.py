@@ -12,6 +12,8 @@ names (config `pairing.model`):
 * ``open_clip:<arch>``: any open_clip architecture with weights from a local file or
   ``hf-hub:<repo>`` (weights file from the hub, architecture from open_clip); or
   ``open_clip:hf-hub:<repo>`` / ``open_clip:local-dir:<dir>``: config and weights both from there.
+* ``hf-clip:<name>``: a transformers-format CLIP (PLIP; PathCLIP saved with save_pretrained) from a local
+  folder (config.json + model.safetensors); clipit/pairing/hf_clip.py.
 * ``demo-clip``: the small CLIP that `clipit demo` trains (clipit/pairing/demo_clip.py).
 """
 
@@ -344,6 +346,14 @@ def build_pairing_model(
         return load_conch(checkpoint, dev, precision)
     if name.startswith("open_clip:") and len(name) > len("open_clip:"):
         return load_open_clip(name.split(":", 1)[1], checkpoint, dev, precision)
+    if name.startswith("hf-clip:") and len(name) > len("hf-clip:"):
+        from clipit.pairing.hf_clip import HFClipError, load_hf_clip
+
+        try:
+            model, preprocess, tokenizer, identity = load_hf_clip(name, checkpoint)
+        except HFClipError as err:
+            raise PairingModelError(str(err)) from None
+        return PairingModel(name, model, preprocess, tokenizer, identity, dev, precision)
     raise PairingModelError(
-        f"unknown pairing model {name!r}; set pairing.model to conch, demo-clip or open_clip:<arch>"
+        f"unknown pairing model {name!r}; set pairing.model to conch, demo-clip, open_clip:<arch> or hf-clip:<name>"
     )

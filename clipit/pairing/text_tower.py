@@ -57,10 +57,10 @@ class TextTower(nn.Module):
         self.name = name
         empty = tokenizer([""])[0]
         self.start_id, self.end_id, self.pad_id = int(empty[0]), int(empty[1]), int(empty[-1])
-        owner, embedding = _token_embedding(clip)
+        path, owner, embedding = _token_embedding(clip)
         owner.token_embedding = MaskableEmbedding(embedding, self.end_id)
         # found by path, not held as a second submodule (state_dict would list its tensors twice)
-        self.embedding_path = "token_embedding" if owner is clip else "text.token_embedding"
+        self.embedding_path = path
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -81,11 +81,17 @@ class TextTower(nn.Module):
             embedding.positions = None
 
 
-def _token_embedding(clip: nn.Module) -> tuple[nn.Module, nn.Embedding]:
-    """(module that owns `token_embedding`, the embedding): the CLIP itself or its `text` tower (CoCa)."""
-    for owner in (clip, getattr(clip, "text", None)):
+def _token_embedding(clip: nn.Module) -> tuple[str, nn.Module, nn.Embedding]:
+    """(its path, module that owns `token_embedding`, the embedding): the CLIP itself, its `text` tower
+    (CoCa), or the text model's embeddings (a transformers CLIP, clipit/pairing/hf_clip.py)."""
+    for path, owner in (("", clip), ("text", getattr(clip, "text", None))):
         if owner is not None and isinstance(getattr(owner, "token_embedding", None), nn.Embedding):
-            return owner, owner.token_embedding
+            return f"{path}.token_embedding".lstrip("."), owner, owner.token_embedding
+    text_model = getattr(clip, "text_model", None)
+    if isinstance(text_model, nn.Module):
+        for path, owner in text_model.named_modules():
+            if isinstance(getattr(owner, "token_embedding", None), nn.Embedding):
+                return f"text_model.{path}.token_embedding", owner, owner.token_embedding
     raise PairingModelError(
         f"{type(clip).__name__} has no token_embedding (not an open_clip/CONCH text tower, e.g. "
         "an HF text model); train with text_encoder: cached"

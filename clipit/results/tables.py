@@ -50,11 +50,18 @@ def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], li
     """The probe vs the proposed method (roles in clipit/methods.py) per backbone and dataset."""
     probe, proposed = role_method("probe"), role_method("proposed")
     vision = [r for r in runs if r.kind in (probe, proposed)]
+    # other main-group probes with main runs (eva_probe: the eva-protocol unimodal column) get a column each
+    others = [
+        k
+        for k in vision_kinds()
+        if k not in (probe, proposed) and any(r.kind == k and r.variant in MAIN_VARIANTS for r in runs)
+    ]
     backbones = order({r.backbone for r in vision}, BACKBONE_NAMES)
     datasets = order({r.dataset for r in vision}, DATASET_NAMES)
     header = ["Vision backbone"]
     for d in datasets:
         name = DATASET_NAMES.get(d, d)
+        header += [f"{name} {method_label(k)}" for k in others]
         header += [f"{name} {method_label(probe)}", f"{name} {method_label(proposed)}", f"{name} Δ"]
     rows, records = [], []
     for b in backbones:
@@ -64,26 +71,38 @@ def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], li
             cli = main_runs(runs, b, d, proposed)
             su = _seed_stats(uni, metric) if uni else None
             sc = _seed_stats(cli, metric) if cli else None
-            row += [_fmt(su), _fmt(sc), _delta(su, sc)]
-            records.append(
-                {
-                    "backbone": b,
-                    "dataset": d,
-                    f"{probe}_mean": su and su[0],
-                    f"{probe}_std": su and su[1],
-                    f"{probe}_n": su and su[2],
-                    f"{proposed}_mean": sc and sc[0],
-                    f"{proposed}_std": sc and sc[1],
-                    f"{proposed}_n": sc and sc[2],
-                    "delta": (sc[0] - su[0]) if su and sc else None,
+            extra = {
+                k: _seed_stats(main_runs(runs, b, d, k), metric) if main_runs(runs, b, d, k) else None for k in others
+            }
+            row += [_fmt(extra[k]) for k in others] + [_fmt(su), _fmt(sc), _delta(su, sc)]
+            record = {
+                "backbone": b,
+                "dataset": d,
+                f"{probe}_mean": su and su[0],
+                f"{probe}_std": su and su[1],
+                f"{probe}_n": su and su[2],
+                f"{proposed}_mean": sc and sc[0],
+                f"{proposed}_std": sc and sc[1],
+                f"{proposed}_n": sc and sc[2],
+                "delta": (sc[0] - su[0]) if su and sc else None,
+            }
+            for k, stats in extra.items():
+                record |= {
+                    f"{k}_mean": stats and stats[0],
+                    f"{k}_std": stats and stats[1],
+                    f"{k}_n": stats and stats[2],
                 }
-            )
+            records.append(record)
         rows.append(row)
     if len(backbones) > 1 or rows:  # the paper's per-dataset average gain under Table 1
         gain = ["Mean gain over backbones"]
         for d in datasets:
             deltas = [r["delta"] for r in records if r["dataset"] == d and r["delta"] is not None]
-            gain += ["", "", f"{100 * float(np.mean(deltas)):+.2f} ({len(deltas)} backbones)" if deltas else "–"]
+            gain += [""] * len(others) + [
+                "",
+                "",
+                f"{100 * float(np.mean(deltas)):+.2f} ({len(deltas)} backbones)" if deltas else "–",
+            ]
             records.append(
                 {
                     "backbone": "mean gain",

@@ -73,7 +73,7 @@ def step_plan(manifest: dict, tcfg: TrainConfig, world: int, method: str | None 
 def make_optimizer(tcfg: TrainConfig, params) -> torch.optim.Optimizer:
     if tcfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True
+            params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=tcfg.nesterov
         )
     cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
     groups = list(params)

@@ -225,7 +225,12 @@ class TrainingRun:
             ce_input=tcfg.ce_input,
         )
         metrics = classification_metrics(val["labels"], val["logits"], self.meta["classes"])
-        score = {"val_loss": -val["loss"], "val_bacc": metrics["balanced_accuracy"], "last": step}[tcfg.select]
+        score = {
+            "val_loss": -val["loss"],
+            "val_bacc": metrics["balanced_accuracy"],
+            "val_acc": metrics["accuracy"],
+            "last": step,
+        }[tcfg.select]
         if not math.isfinite(score):
             raise NonFiniteError(f"{what}: the selection score ({tcfg.select}) is {score}; {self.hint}")
         if self.writer:

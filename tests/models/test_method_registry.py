@@ -90,7 +90,9 @@ def test_a_registered_method_is_valid_and_listed(toy_methods, tmp_path):
     cfg = load_config(TINY, [f"methods.toy={{method: {TOY}}}"])
     assert cfg.methods["toy"].method == TOY and TOY in method_names()
     assert TOY in valid_choices().splitlines()[0]
-    with pytest.raises(ConfigError, match=f"methods.toy.text_encoder: tower is for method clipit \\(got '{TOY}'\\)"):
+    with pytest.raises(
+        ConfigError, match=f"methods.toy.text_encoder: tower is for method clipit or late_fusion \\(got '{TOY}'\\)"
+    ):
         load_config(TINY, [f"methods.toy={{method: {TOY}, text_encoder: tower, lam: 1.0}}"])
 
 

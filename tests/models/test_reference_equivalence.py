@@ -405,6 +405,7 @@ def test_strict_profile_sets_every_reference_switch():
         "none",
     ]
     assert cfg.methods["clipit"].augment_policy == "flips_jitter"
+    assert cfg.methods["late_fusion"].text_encoder == "tower"  # the reference's LoRA'd text model
 
 
 def test_strict_table1_grid_dry_runs_and_its_cells_are_the_reference_recipe(monkeypatch):

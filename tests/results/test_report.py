@@ -267,3 +267,19 @@ def test_latex_tables_beside_markdown_and_csv(paper_runs):
     assert tex.count(r"\begin{") == tex.count(r"\end{") == 2
     for name in ("gains.tex", "comparison.tex", "ablations.tex"):
         assert r"\bottomrule" in (root / "report" / name).read_text()
+
+
+def test_table1_shows_the_eva_protocol_probe_beside_ours(tmp_path):
+    """Runs of eva_probe (kaiko eva's recipe, configs/grids/paper_eva_probe.yaml) get a Table 1 column of
+    their own next to the reference code's probe; Δ stays CLIP-IT vs our probe."""
+    from clipit.results.tables import table1
+
+    for seed in range(2):
+        make_run(tmp_path, "uni", "pcam", "unimodal", "unimodal", seed, 0.80)
+        make_run(tmp_path, "uni", "pcam", "eva_probe", "eva_probe", seed, 0.85)
+        make_run(tmp_path, "uni", "pcam", "clipit", "clipit", seed, 0.90)
+    runs, _ = find_runs(tmp_path)
+    header, rows, records = table1(runs, "balanced_accuracy")
+    assert header[:5] == ["Vision backbone", "PCAM Unimodal (eva protocol)", "PCAM Unimodal", "PCAM CLIP-IT", "PCAM Δ"]
+    assert rows[0][1:5] == ["85.00 ± 0.00", "80.00 ± 0.00", "90.00 ± 0.00", "+10.00"]
+    assert records[0]["eva_probe_mean"] == pytest.approx(0.85) and records[0]["delta"] == pytest.approx(0.10)
