@@ -145,8 +145,7 @@ class PromptClassifier(BackboneModel):
         return {
             "inference": counts["inference"] + cached,
             "cached_class_embeddings": cached,
-            "text_tower_once": int(self.text_parameters),
-            "text_tower_at_test": False,
+            "text_tower_once": int(self.text_parameters),  # every value here is a parameter count (results/runs.py)
         }
 
 

@@ -138,7 +138,11 @@ def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tm
         exported_matches_evaluated(run, tmp_path / "export")
         return
     # the prompt classifiers: test time runs the vision tower on cached class embeddings
-    assert params["text_tower_at_test"] is False and params["cached_class_embeddings"] == 4 * 512
+    assert params["cached_class_embeddings"] == 4 * 512  # every value a count: the report reads them all
+    assert all(isinstance(v, int) and not isinstance(v, bool) for v in params.values()), params
+    report = cli("report", str(tmp_path), "--out", str(tmp_path / "report"), "--no-plots")
+    assert report.returncode == 0 and "left out" not in report.stderr, report.stderr
+    assert f",{method}," in (tmp_path / "report" / "runs.csv").read_text()
     assert (
         params["inference"]
         == params["total"]
@@ -160,7 +164,7 @@ def test_each_clip_baseline_trains_evaluates_and_exports(method, tiny_shards, tm
         assert not torch.allclose(best["class_emb"], zero_shot, atol=1e-4)
         torch.testing.assert_close(best["class_emb"].norm(dim=1), torch.ones(4))
     config = exported_matches_evaluated(run, tmp_path / "export")
-    assert config["inference_cost"]["text_tower_at_test"] is False and config["clip"]["model"] == "demo-clip"
+    assert config["inference_cost"]["cached_class_embeddings"] == 4 * 512 and config["clip"]["model"] == "demo-clip"
     assert not [k for k in load_file(str(tmp_path / "export" / "model.safetensors")) if "lora_" in k or "text_" in k]
     assert np.isfinite(np.load(run / "predictions-test.npz")["logits"]).all()
 
