@@ -21,113 +21,17 @@ import warnings
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from clipit import __version__
+from clipit.cli_flags import (
+    ChoicesHelpParser,
+    add_cell_flags,
+    add_config_flags,
+    add_overwrite_flag,
+    add_root_flag,
+    config_of,
+    source_of,
+)
+from clipit.cli_hpc import add_hpc_commands
 from clipit.errors import ClipitError, one_line
-
-
-def valid_choices() -> str:
-    """The names a config may use, read from their registries (so --help never goes stale)."""
-    from clipit.config import TrainConfig
-    from clipit.data.registry import DATASETS
-    from clipit.methods import method_names
-    from clipit.models.backbones import BACKBONES
-
-    finetune = TrainConfig.__dataclass_fields__["finetune"].type
-    return (
-        f"method kinds (methods.<name>.method): {', '.join(method_names())}\n"
-        f"fine-tuning (methods.<name>.finetune): {finetune.replace('Literal', '').strip('[]')}\n"
-        f"backbones (model.backbone): {', '.join(BACKBONES)}, or timm:<name>\n"
-        f"datasets (data.name): demo, {', '.join(DATASETS)}\n"
-        "every config key: docs/config.md"
-    )
-
-
-class ChoicesHelpParser(argparse.ArgumentParser):
-    """--help of a config-taking command ends with the valid methods, backbones and datasets (built only
-    when help is shown: reading the registries imports torch)."""
-
-    lists_choices = False
-
-    def format_help(self) -> str:
-        return super().format_help() + ("\n" + valid_choices() + "\n" if self.lists_choices else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared flags: defined once, used by every subcommand that takes them
-
-
-def add_config_flags(parser: argparse.ArgumentParser, required: bool = True, what: str = "experiment config") -> None:
-    parser.add_argument(
-        "--config",
-        required=required,
-        metavar="YAML",
-        help=f"{what} (YAML, e.g. configs/demo.yaml; relative paths in it are relative to the "
-        "working directory, ${VAR} and ${CONFIG_DIR} are expanded; keys: docs/config.md)"
-        if "grid" not in what
-        else f"{what}; the config files it names (base, a value's config) are relative to its folder, "
-        "data and output paths to the working directory",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set methods.clipit.lr=1e-4 (repeatable)",
-    )
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config (overrides applied, paths expanded) as YAML and exit",
-    )
-
-
-def add_cluster_flags(parser: argparse.ArgumentParser, default_profile: str) -> None:
-    parser.add_argument(
-        "--profile",
-        help="cluster profile: a name (./slurm/profiles/NAME.yaml, else the shipped "
-        f"clipit/hpc/profiles/NAME.yaml) or a path; default: {default_profile}",
-    )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print what would run; submit nothing")
-    mode.add_argument("--local", action="store_true", help="run with submitit's local executor on this machine (waits)")
-    parser.add_argument("--wait", action="store_true", help="after submitting to SLURM, wait for the jobs")
-
-
-def add_root_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--root",
-        help="replace the grid's root folder (where {root} points); give the same --root (and --set) to "
-        "every command of one grid: prepare, grid, grid status, grid cancel, doctor",
-    )
-
-
-def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help=f"replace {what} made under another config (without it such output stops the command with "
-        "one line naming the changed keys; output made under this config is reused either way)",
-    )
-
-
-def add_cell_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--method", required=True, help="a method name from the config's `methods` (its kinds are listed below)"
-    )
-    parser.add_argument("--seed", type=int, help="one seed (default: every seed of the config)")
-
-
-def _config(args):
-    from clipit.config import load_config
-
-    return load_config(args.config, args.set)
-
-
-def _source(args):
-    """Where the config came from: what the process of each cell of a chain loads."""
-    from clipit.cells import ConfigSource
-
-    return ConfigSource(args.config, tuple(args.set))
-
 
 # ---------------------------------------------------------------------------------------------
 # Commands
@@ -137,7 +41,7 @@ def cmd_demo(args) -> None:
     from clipit.pipeline import run_all
 
     start = time.time()
-    run_all(_config(args), _source(args), overwrite=args.overwrite)
+    run_all(config_of(args), source_of(args), overwrite=args.overwrite)
     print(f"demo finished in {time.time() - start:.0f} s")
 
 
@@ -164,7 +68,7 @@ def cmd_pair(args) -> None:
 
     if args.from_reference:  # = --set pairing.from_reference=DIR (a JSON string is a YAML string)
         args.set = [*(args.set or []), f"pairing.from_reference={json.dumps(args.from_reference)}"]
-    paths = pair_stage(_config(args), overwrite=args.overwrite)
+    paths = pair_stage(config_of(args), overwrite=args.overwrite)
     print(json.dumps({s: str(p) for s, p in paths.items()}, indent=2))
 
 
@@ -172,7 +76,7 @@ def cmd_shard_build(args) -> None:
     from clipit.pipeline import shard_stage
 
     manifest = shard_stage(
-        _config(args), part=args.part, num_parts=args.num_parts, finalize=args.finalize, overwrite=args.overwrite
+        config_of(args), part=args.part, num_parts=args.num_parts, finalize=args.finalize, overwrite=args.overwrite
     )
     if manifest is not None:
         print(manifest)
@@ -212,7 +116,7 @@ def run_seed_chain(args, command: str, seeds: list[int], *extra: str) -> None:
     from clipit.training.accel import check_launch
 
     check_launch(int(os.environ.get("WORLD_SIZE", 1)))  # the children cannot see the launcher's command line
-    run_cells(seed_cells(_source(args), command, args.method, seeds, *extra))
+    run_cells(seed_cells(source_of(args), command, args.method, seeds, *extra))
 
 
 def cmd_train(args) -> None:
@@ -220,7 +124,7 @@ def cmd_train(args) -> None:
     from clipit.pipeline import check_method, train_and_evaluate
     from clipit.training.accel import make_accelerator
 
-    cfg = _config(args)
+    cfg = config_of(args)
     check_method(cfg, args.method)
     seeds = _seeds(cfg, args)
     if len(seeds) > 1:
@@ -281,7 +185,7 @@ def clear_run_dir(run_dir) -> None:
 def cmd_evaluate(args) -> None:
     from clipit.pipeline import check_method, evaluate_cell
 
-    cfg = _config(args)
+    cfg = config_of(args)
     check_method(cfg, args.method)
     seeds = _seeds(cfg, args)
     if len(seeds) > 1:
@@ -370,159 +274,6 @@ def cmd_report(args) -> None:
     )
     print(result["markdown"])
     print("wrote " + ", ".join(result["files"]))
-
-
-def cmd_grid(args) -> int:
-    from clipit.config import ConfigError
-    from clipit.hpc.requests import GridRequest
-    from clipit.hpc.submit import run_grid
-
-    if not args.config:
-        raise ConfigError("give the grid file: clipit grid --config GRID (or clipit grid status|cancel --config GRID)")
-    return run_grid(
-        GridRequest(
-            grid=args.config,
-            overrides=tuple(args.set),
-            root=args.root,
-            profile=args.profile,
-            dry_run=args.dry_run,
-            local=args.local,
-            wait=args.wait,
-            force_unknown=args.force_unknown,
-            preflight=not args.no_preflight,
-            throughput=args.throughput,
-        )
-    )
-
-
-def _grid_query(args):
-    from clipit.hpc.requests import GridQuery
-
-    return GridQuery(grid=args.config, overrides=tuple(args.set), root=args.root)
-
-
-def cmd_grid_status(args) -> int:
-    from clipit.hpc.status import grid_status_command
-
-    return grid_status_command(_grid_query(args))
-
-
-def cmd_grid_cancel(args) -> int:
-    from clipit.hpc.status import grid_cancel_command
-
-    return grid_cancel_command(_grid_query(args))
-
-
-def resources(items: list[str], flag: str = "--resources") -> dict:
-    """`--resources KEY=VALUE` items as profile fields (values read as YAML: 0, 8, true, a name)."""
-    import yaml
-
-    from clipit.config import ConfigError
-
-    fields = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"{flag} {item!r}: write KEY=VALUE")
-        fields[key] = yaml.safe_load(value)
-    return fields
-
-
-def prepare_request(args, stage: str):
-    from clipit.hpc.requests import PrepareRequest
-
-    shards = stage == "shards"
-    return PrepareRequest(
-        stage=stage,
-        grid=args.grid,
-        config=args.config,
-        overrides=tuple(args.set),
-        root=args.root,
-        profile=args.profile,
-        dry_run=args.dry_run,
-        local=args.local,
-        wait=args.wait,
-        resources=resources(args.resources),
-        num_parts=args.num_parts if shards else 1,
-        pair=shards and args.pair,
-        pair_resources=resources(args.pair_resources, "--pair-resources") if shards else {},
-        preflight=not args.no_preflight,
-    )
-
-
-def cmd_prepare_demo(args) -> None:
-    from clipit.demo_inputs import prepare_demo
-
-    if not prepare_demo(_config(args), overwrite=args.overwrite):
-        print("the demo inputs are prepared already")
-
-
-def cmd_prepare_pair(args) -> int:
-    from clipit.hpc.prepare import prepare_pair
-
-    return prepare_pair(prepare_request(args, "pair"))
-
-
-def cmd_prepare_shards(args) -> int:
-    from clipit.hpc.prepare import prepare_shards
-
-    return prepare_shards(prepare_request(args, "shards"))
-
-
-def cmd_prepare_reports(args) -> None:
-    from clipit.corpus_join import join_reports
-
-    done = join_reports(args.csv, args.project_map, args.out, overwrite=args.overwrite)
-    counts = ", ".join(f"{p} {n}" for p, n in sorted(done["projects"].items()))
-    print(f"wrote {done['out']}: {done['reports']} reports ({counts}; {done['unmapped']} without a project)")
-
-
-def cmd_reproduce(args) -> int:
-    from clipit.hpc.reproduce import run_reproduce
-    from clipit.hpc.requests import ReproduceRequest
-
-    return run_reproduce(
-        ReproduceRequest(
-            grids=tuple(args.grid),
-            overrides=tuple(args.set),
-            root=args.root,
-            profile=args.profile,
-            dry_run=args.dry_run,
-            local=args.local,
-            preflight=not args.no_preflight,
-            num_parts=args.num_parts,
-            resources=resources(args.resources),
-            pair_resources=resources(args.pair_resources, "--pair-resources"),
-            throughput=args.throughput,
-            stage=args.stage,
-        )
-    )
-
-
-def add_reproduce_parser(command) -> None:
-    p = command(
-        "reproduce",
-        cmd_reproduce,
-        "the whole chain: doctor, pairing and shards, the grid(s), the report (SLURM jobs with dependencies)",
-        config=False,
-    )
-    p.add_argument("--grid", action="append", required=True, help="grid file (configs/grids/*.yaml); repeatable")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every cell")
-    add_root_flag(p)
-    p.add_argument("--profile", help="cluster profile (name or path); default: the first grid's `profile`")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the chain, its checks and cost; submit nothing")
-    mode.add_argument("--local", action="store_true", help="run every stage here (submitit's local executor)")
-    p.add_argument("--no-preflight", action="store_true", help="skip the doctor stage and the grids' pre-flight")
-    p.add_argument("--num-parts", type=int, default=16, help="shard parts per shard directory (default 16)")
-    for flag, what in (("--resources", "shard"), ("--pair-resources", "pairing")):
-        p.add_argument(
-            flag, action="append", default=[], metavar="KEY=VALUE", help=f"profile field for the {what} jobs"
-        )
-    p.add_argument("--throughput", metavar="FILE", help="--dry-run cost at a measured throughput (as clipit grid)")
-    p.add_argument(
-        "--stage", choices=["all", "grids"], default="all", help="grids: from the grids on (what the chain's job runs)"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,123 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="more reference rows (columns as clipit/results/reference_data/*.csv); repeatable",
     )
 
-    grid = command(
-        "grid",
-        cmd_grid,
-        "submit a grid of runs (configs/grids/*.yaml) as SLURM job arrays; `grid status` and "
-        "`grid cancel` follow and stop it",
-        config=False,
-    )
-    add_config_flags(grid, required=False, what="grid file (configs/grids/*.yaml)")
-    add_cluster_flags(grid, "the grid's `profile`")
-    add_root_flag(grid)
-    grid.add_argument(
-        "--force-unknown",
-        action="store_true",
-        help="resubmit cells whose job state cannot be checked (no squeue, or an unreadable state.json)",
-    )
-    grid.add_argument(
-        "--no-preflight",
-        action="store_true",
-        help="skip the pre-flight (`clipit doctor`'s checks of every config to submit): submit even if "
-        "shards, weights or warm starts are missing",
-    )
-    grid.add_argument(
-        "--throughput",
-        metavar="FILE",
-        help="--dry-run cost at the throughput a `make gpu-check` "
-        "measured (its .md or .json; default runs/gpu-check.json if present, else assumed)",
-    )
-
-    grid_actions = grid.add_subparsers(dest="action", metavar="ACTION", parser_class=ChoicesHelpParser)
-    for name, func, help_ in (
-        (
-            "status",
-            cmd_grid_status,
-            "the grid's cells by state (done, running, queued, failed with its error line, lost, unknown, "
-            "not submitted), counts and an ETA",
-        ),
-        ("cancel", cmd_grid_cancel, "cancel the grid's queued and running jobs (scancel the job ids in the ledger)"),
-    ):
-        action = command(name, func, help_, grid_actions, config=False)
-        add_config_flags(action, what="grid file (configs/grids/*.yaml)")
-        add_root_flag(action)
-
-    prepare = sub.add_parser(
-        "prepare",
-        help="inputs: the demo's generated data here; pairing and shards as SLURM array jobs",
-        parents=[common],
-    )
-    prepare_sub = prepare.add_subparsers(dest="action", required=True, metavar="STAGE", parser_class=ChoicesHelpParser)
-    prepare_demo_ = command(
-        "demo",
-        cmd_prepare_demo,
-        "generate the demo's images, report corpus and demo CLIP into the config's paths (skips what exists)",
-        prepare_sub,
-    )
-    add_overwrite_flag(prepare_demo_, "demo images")
-    reports = command(
-        "reports",
-        cmd_prepare_reports,
-        "join TCGA-Reports with its cancer types into the id,text,project csv the paper configs read",
-        prepare_sub,
-        config=False,
-    )
-    reports.add_argument("--csv", required=True, help="TCGA_Reports.csv (or its .zip): patient_filename,text")
-    reports.add_argument("--project-map", required=True, help="tcga_patient_to_cancer_type.csv: patient_id,cancer_type")
-    reports.add_argument("--out", required=True, help="the csv to write, e.g. data/tcga/reports.csv")
-    reports.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    add_reproduce_parser(command)
-    for name, func, help_ in (
-        ("pair", cmd_prepare_pair, "`clipit pair` as an array: one task per pairing dir"),
-        (
-            "shards",
-            cmd_prepare_shards,
-            "`clipit shard build --part I --num-parts N` as arrays, then --finalize per shard dir",
-        ),
-    ):
-        p = command(name, func, help_, prepare_sub, config=False)
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--grid", help="grid file: every pairing/shard dir its cells read")
-        source.add_argument("--config", metavar="YAML", help="one experiment config")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value (with --grid: in every cell)",
-        )
-        p.add_argument(
-            "--print-config", action="store_true", help="print the resolved config (or grid) as YAML and exit"
-        )
-        add_cluster_flags(p, "the grid's profile, else local-cluster")
-        add_root_flag(p)
-        p.add_argument(
-            "--no-preflight",
-            action="store_true",
-            help="skip the pre-flight (`clipit doctor`'s checks of the data, corpus and pairing model)",
-        )
-        p.add_argument(
-            "--resources",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a profile field for these jobs, e.g. partition=cpu, gpus_per_node=0",
-        )
-        if name == "shards":
-            p.add_argument("--num-parts", type=int, default=16, help="array tasks per shard directory (default 16)")
-            p.add_argument("--pair", action="store_true", help="submit the pairing first; parts wait for it (afterok)")
-            p.add_argument(
-                "--pair-resources",
-                action="append",
-                default=[],
-                metavar="KEY=VALUE",
-                help="profile overrides for the pairing jobs (they need a GPU on real data)",
-            )
+    add_hpc_commands(sub, common, command)
     return parser
 
 
-def print_config(args) -> None:
+def printconfig_of(args) -> None:
     """`--print-config`: the experiment config as the command would run it, or a grid file as loaded
     (its cells' configs: `clipit grid --dry-run`), as YAML on stdout."""
     import yaml
@@ -843,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with disk_full_is_an_error():  # ENOSPC/EDQUOT from a writer outside clipit/io.py: one line too
-            status = print_config(args) if getattr(args, "print_config", False) else args.func(args)
+            status = printconfig_of(args) if getattr(args, "print_config", False) else args.func(args)
     except ClipitError as err:
         if args.debug:
             traceback.print_exc()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipit.cli import valid_choices
+from clipit.cli_flags import valid_choices
 from clipit.config import load_config
 from clipit.errors import ConfigError
 from clipit.evaluation.export import load_exported
