@@ -232,10 +232,8 @@ def warm_start_of(cfg: ExperimentConfig, method: str, seed: int) -> Path | None:
     return warm
 
 
-def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "test", overwrite: bool = False) -> dict:
-    """`clipit evaluate`: metrics of a trained cell on one split (skipped when written already)."""
-    from clipit.evaluation.evaluate import evaluate_run
-
+def trained_run_dir(cfg: ExperimentConfig, method: str, seed: int) -> Path:
+    """The run directory of a trained cell; one line naming the train command when it is not trained."""
     check_method(cfg, method)
     run_dir = layout.run_dir(cfg.output_dir, method, seed)
     if not layout.is_trained(run_dir):
@@ -243,6 +241,14 @@ def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "t
             f"{layout.train_summary(run_dir)}: {method} seed {seed} is not trained; run "
             f"`clipit train --config <config> --method {method} --seed {seed}` first"
         )
+    return run_dir
+
+
+def evaluate_cell(cfg: ExperimentConfig, method: str, seed: int, split: str = "test", overwrite: bool = False) -> dict:
+    """`clipit evaluate`: metrics of a trained cell on one split (skipped when written already)."""
+    from clipit.evaluation.evaluate import evaluate_run
+
+    run_dir = trained_run_dir(cfg, method, seed)
     warm_start = warm_start_of(cfg, method, seed)
     return evaluate_run(cfg, method, run_dir, split=split, warm_start=warm_start, overwrite=overwrite)
 
@@ -251,13 +257,7 @@ def frozen_eval_cell(cfg: ExperimentConfig, method: str, seed: int) -> dict:
     """`clipit evaluate --frozen`: k-NN and SimpleShot on a trained cell's backbone."""
     from clipit.evaluation.frozen import frozen_eval_run
 
-    check_method(cfg, method)
-    run_dir = layout.run_dir(cfg.output_dir, method, seed)
-    if not layout.is_trained(run_dir):
-        raise ConfigError(
-            f"{layout.train_summary(run_dir)}: {method} seed {seed} is not trained; run "
-            f"`clipit train --config <config> --method {method} --seed {seed}` first"
-        )
+    run_dir = trained_run_dir(cfg, method, seed)
     return frozen_eval_run(cfg, method, run_dir, warm_start=warm_start_of(cfg, method, seed))
 
 
