@@ -12,7 +12,7 @@ import pytest
 from clipit.hpc.reproduce import chain_in_flight
 from clipit_testing import ROOT, cli, wait_for
 
-pytestmark = [pytest.mark.slurm]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # ~40 s of SLURM jobs: the slow tier (CI runs it)
 
 
 @pytest.fixture(scope="module")
