@@ -141,7 +141,7 @@ def test_launcher_dry_run_prints_the_cost():
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "launchers/grid.py", "--config", "configs/grids/demo.yaml", "--dry-run"],
+        [sys.executable, "launchers/grid.py", "--config", "configs/grids/demo.yaml", "--dry-run", "--no-preflight"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -149,7 +149,10 @@ def test_launcher_dry_run_prints_the_cost():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cost before launch" in proc.stdout and "\ntotal (" in proc.stdout
-    assert cli("grid", "--config", "configs/grids/demo.yaml", "--dry-run").stdout.count("cost before") == 1
+    assert (
+        cli("grid", "--config", "configs/grids/demo.yaml", "--dry-run", "--no-preflight").stdout.count("cost before")
+        == 1
+    )
 
 
 def test_unknown_split_sizes_leave_the_plan_standing(tmp_path):
