@@ -218,12 +218,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from clipit.evaluation.export import current_export, export_run
+    from clipit.evaluation.export import export_or_keep
 
-    if current_export(args.run_dir, args.out_dir, args.overwrite):
+    out, written = export_or_keep(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    if not written:
         print(f"{args.out_dir}: holds the export of {args.run_dir} already (same run identity and checkpoint)")
         return
-    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
     print(f"exported {args.run_dir} -> {out} ({', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})")
 
 

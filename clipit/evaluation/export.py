@@ -136,14 +136,20 @@ def current_export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Export `run_dir` into `out_dir`; its stages show on stderr (clipit/progress.py). An export of this
-    run already there is kept (current_export); one of another run or config needs `overwrite`."""
+    """Export `run_dir` into `out_dir` (see `export_or_keep`)."""
+    return export_or_keep(run_dir, out_dir, overwrite)[0]
+
+
+def export_or_keep(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> tuple[Path, bool]:
+    """(out_dir, written): export `run_dir` into `out_dir`, its stages on stderr (clipit/progress.py). An
+    export of this run already there is kept (current_export: written False); one of another run or config
+    needs `overwrite`. One identity check (it hashes the checkpoint)."""
     if current_export(run_dir, out_dir, overwrite):
-        return Path(out_dir)
+        return Path(out_dir), False
     # a full disk or a read-only folder names the command's own argument (there is no output_dir here)
     with output_setting("give `clipit export` another OUT_DIR"):
         with Progress(total=3, desc="clipit export", unit="stage", every=3) as stages:
-            return _export_run(Path(run_dir), Path(out_dir), stages)
+            return _export_run(Path(run_dir), Path(out_dir), stages), True
 
 
 def _export_run(run_dir: Path, out_dir: Path, stages: Progress) -> Path:
