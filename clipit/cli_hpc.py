@@ -131,6 +131,7 @@ def cmd_reproduce(args) -> int:
             dry_run=args.dry_run,
             local=args.local,
             preflight=not args.no_preflight,
+            frozen=not args.no_frozen,
             num_parts=args.num_parts,
             resources=resources(args.resources),
             pair_resources=resources(args.pair_resources, "--pair-resources"),
@@ -144,7 +145,8 @@ def add_reproduce_parser(command) -> None:
     p = command(
         "reproduce",
         cmd_reproduce,
-        "the whole chain: doctor, pairing and shards, the grid(s), the report (SLURM jobs with dependencies)",
+        "the whole chain: doctor, pairing and shards, the grid(s), frozen features, the report (SLURM jobs with "
+        "dependencies)",
         config=False,
     )
     p.add_argument("--grid", action="append", required=True, help="grid file (configs/grids/*.yaml); repeatable")
@@ -155,6 +157,11 @@ def add_reproduce_parser(command) -> None:
     mode.add_argument("--dry-run", action="store_true", help="print the chain, its checks and cost; submit nothing")
     mode.add_argument("--local", action="store_true", help="run every stage here (submitit's local executor)")
     p.add_argument("--no-preflight", action="store_true", help="skip the doctor stage and the grids' pre-flight")
+    p.add_argument(
+        "--no-frozen",
+        action="store_true",
+        help="skip stage 4 (k-NN and few-shot of each Table 1 backbone): the report then has no frozen-feature table",
+    )
     p.add_argument("--num-parts", type=int, default=16, help="shard parts per shard directory (default 16)")
     for flag, what in (("--resources", "shard"), ("--pair-resources", "pairing")):
         p.add_argument(

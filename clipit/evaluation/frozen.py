@@ -17,6 +17,7 @@ import torch
 from clipit import layout
 from clipit.config import ExperimentConfig
 from clipit.errors import ClipitError
+from clipit.evaluation.frozen_record import TRAINED, is_current, training_stamp
 from clipit.io import atomic_write_json, read_json
 from clipit.methods import method_spec
 from clipit.metrics import classification_metrics
@@ -116,10 +117,10 @@ def _test_features(cfg, tcfg, model, preprocess, manifest, accelerator) -> tuple
 
 def frozen_eval_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, warm_start: Path | None = None) -> dict:
     """k-NN and SimpleShot on the run's backbone (its selected checkpoint), written to frozen_eval.json
-    (skipped when written already)."""
+    (skipped when written already for the run's current training, clipit/evaluation/frozen_record.py)."""
     run_dir = Path(run_dir)
     out_path = layout.frozen_eval_file(run_dir)
-    if out_path.exists():
+    if is_current(run_dir):
         return read_json(out_path)
     tcfg = cfg.methods[method]
     if method_spec(tcfg.method).vision is None:
@@ -144,6 +145,7 @@ def frozen_eval_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, war
         values = simpleshot(train_x, train_y, test_x, test_y, n_classes, n)
         shots[str(n)] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "episodes": len(values)}
     result = {
+        TRAINED: training_stamp(run_dir),
         "method": method,
         "index_split": "train",
         "query_split": "test",

@@ -139,11 +139,13 @@ def run_jobs(
     labels: list[str],
     dependency: str | None = None,
     out=print,
+    call: StageCall | None = None,
 ) -> list:
-    """Submit stage jobs as arrays (chunked under MaxArraySize); returns the submitit jobs."""
+    """Submit stage jobs as arrays (chunked under MaxArraySize); returns the submitit jobs. `call` runs
+    each job (default: a StageCall in this working directory)."""
     executor = make_executor(profile, folder, name, cluster, dependency)
     size = array_chunk_size(profile, cluster_max_array_size() if cluster == "slurm" else None)
-    call = StageCall(os.getcwd())
+    call = call or StageCall(os.getcwd())
     submitted = []
     for part_jobs, part_labels in zip(chunk(jobs, size), chunk(labels, size)):
         handles = (

@@ -6,17 +6,21 @@ inputs to report, as one command over the stage commands:
     2 prepare   `clipit prepare shards --pair` over the pairing and shard dirs of every grid that are not
                 built yet (clipit/hpc/prepare.py)
     3 grids     `clipit grid` of each grid file (clipit/hpc/submit.py)
-    4 report    `clipit report ROOT` of each distinct grid root
+    4 frozen    `clipit evaluate --frozen` (k-NN, few-shot) of each Table 1 probe and CLIP-IT cell
+                (clipit/hpc/frozen_stage.py): the report's frozen-feature table
+    5 report    `clipit report ROOT` of each distinct grid root
 
 Under SLURM, stage 2's arrays are queued now; stage 3 is one small CPU job, afterok on all of stage 2,
 that runs `clipit reproduce ... --stage grids` on a compute node. It submits the grids only then, because
 the grid launcher decides each cell's work from what is on disk and its pre-flight reads the shard
-manifests, which do not exist before stage 2 ends. That job then queues stage 4 with afterany on every
-grid job: the report is written when the last cell ends, failed cells included (the report names them),
-where afterok would drop the report of a grid with one failed cell. `--local` runs the stages in order
-here through submitit's local executor, waiting for each. Every stage skips finished work (built shard
-dirs, done cells), so rerunning resumes; under SLURM a rerun first checks that the chain it queued
-before (layout.reproduce_chain_file) has left the queue.
+manifests, which do not exist before stage 2 ends. That job then queues stage 4 (one job per cell, on the
+grid's resources with one GPU) with afterany on every grid job, and stage 5 with afterany on those: the
+report is written when the last cell ends, failed cells included (the report names them; their frozen
+jobs skip them), where afterok would drop the report of a grid with one failed cell. `--local` runs the
+stages in order here through submitit's local executor, waiting for each. Every stage skips finished
+work (built shard dirs, done cells, frozen evaluations of the current training), so rerunning resumes;
+under SLURM a rerun first checks that the chain it queued before (layout.reproduce_chain_file) has left
+the queue.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from clipit import layout
 from clipit.errors import ClipitError
 from clipit.hpc.cluster import load_profile
+from clipit.hpc.frozen_stage import FrozenJob, frozen_cells, submit_frozen
 from clipit.hpc.grid import Plan, expand
 from clipit.hpc.ledger import live_slurm_jobs
 from clipit.hpc.preflight import Hints, load_distinct, refuse_on_problems, run_checks
@@ -42,6 +47,7 @@ from clipit.shards.manifest import MANIFEST
 # the stage 3 and stage 4 jobs: one process on a CPU (stage 3 only submits; the report reads files)
 STAGE_JOB = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 60}
 REPORT_JOB = STAGE_JOB | {"cpus_per_task": 4, "mem_gb": 16, "timeout_min": 120}
+SHOWN = 4  # stage 4 commands the dry run spells out (one per cell: 108 on the paper grid)
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def stage_argv(request: ReproduceRequest, profile: str) -> list[str]:
     argv = ["reproduce", *(a for g in request.grids for a in ("--grid", g)), "--stage", "grids", "--profile", profile]
     argv += ["--root", request.root] if request.root else []
     argv += [a for item in request.overrides for a in ("--set", item)]
-    return argv + ([] if request.preflight else ["--no-preflight"])
+    return argv + ([] if request.preflight else ["--no-preflight"]) + ([] if request.frozen else ["--no-frozen"])
 
 
 def doctor(request: ReproduceRequest, chain: Chain) -> None:
@@ -127,8 +133,18 @@ def print_chain(request: ReproduceRequest, chain: Chain, cluster: str, profile_n
         print("  " + shlex.join(["clipit", "grid", *grid_args(request, grid)]))
     if cluster == "slurm":
         print("  (the job runs: " + shlex.join(["clipit", *stage_argv(request, profile_name)]) + ")")
-    when = "one job after every grid job ends (afterany: failed cells are named)" if cluster == "slurm" else "here"
-    print(f"stage 4 report: {when}")
+    cells = frozen_cells(chain.plans) if request.frozen else []
+    when = "a job per cell after every grid job ends (afterany)" if cluster == "slurm" else "here, in order"
+    if request.frozen:
+        print(f"stage 4 frozen features: {len(cells)} Table 1 cell(s), unfinished ones skipped; {when}")
+    else:
+        print("stage 4 frozen features: skipped (--no-frozen)")
+    for cell in cells[:SHOWN]:
+        print("  " + shlex.join(["clipit", *FrozenJob(cell).argv()]))
+    if len(cells) > SHOWN:
+        print(f"  ... and {len(cells) - SHOWN} more: one per probe and CLIP-IT cell, each --method M --seed S --frozen")
+    when = "one job after every stage 4 job ends (afterany: failed cells are named)" if cluster == "slurm" else "here"
+    print(f"stage 5 report: {when}")
     for root in chain.roots:
         print("  " + shlex.join(["clipit", "report", root]))
     for grid in request.grids:  # each grid's plan and cost, as `clipit grid --dry-run`
@@ -209,8 +225,8 @@ def run_reproduce(request: ReproduceRequest) -> int:
 
 
 def grids_stage(request: ReproduceRequest, chain: Chain, cluster: str, profile_name: str) -> int:
-    """Stages 3 and 4: each grid (a refused or failed grid does not stop the others), then the report:
-    here after a local run, else as a job after every grid job (afterany)."""
+    """Stages 3 to 5: each grid (a refused or failed grid does not stop the others), the frozen-feature
+    evaluations, then the report: here after a local run, else as jobs after every grid job (afterany)."""
     failures, jobs = 0, []
     for grid in request.grids:
         print(f"stage 3 grid {grid}")
@@ -223,18 +239,31 @@ def grids_stage(request: ReproduceRequest, chain: Chain, cluster: str, profile_n
             print(f"stage 3 grid {grid} refused: {err}")
             failures += 1
     reports = [Command(("report", root)) for root in chain.roots]
+    folder = _folder(chain.roots[0])
+    if not request.frozen:
+        print("stage 4 frozen features: skipped (--no-frozen)")
+    elif cluster == "slurm":
+        grid_ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+        after = "afterany:" + ":".join(grid_ids) if grid_ids else None
+        frozen_jobs, _ = submit_frozen(chain.plans, profile_name, cluster, folder, dependency=after)
+        jobs += frozen_jobs
+    else:
+        _, failed = submit_frozen(chain.plans, profile_name, cluster, folder)
+        if failed:
+            print(f"stage 4 frozen features: {failed} evaluation(s) failed; the report leaves them out")
+            failures += 1
     if cluster == "slurm" and jobs:
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
         report_jobs = run_jobs(
             load_profile(profile_name, REPORT_JOB),
             cluster,
-            _folder(chain.roots[0]),
+            folder,
             "clipit-report",
             reports,
             chain.roots,
             dependency="afterany:" + ":".join(ids),
         )
-        print(f"stage 4 report: queued after {len(ids)} grid job(s)")
+        print(f"stage 5 report: queued after {len(ids)} grid and frozen-feature job(s)")
         queued = [*ids, *(str(j.job_id) for j in report_jobs)]
         for root in chain.roots:
             atomic_write_json(layout.reproduce_chain_file(root), {"jobs": queued})
@@ -243,5 +272,5 @@ def grids_stage(request: ReproduceRequest, chain: Chain, cluster: str, profile_n
 
     for root in chain.roots:
         result = build_report(root)
-        print(f"stage 4 report: {result['runs']} run(s); wrote {result['files'][0]}")
+        print(f"stage 5 report: {result['runs']} run(s); wrote {result['files'][0]}")
     return 1 if failures else 0

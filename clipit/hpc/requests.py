@@ -63,8 +63,9 @@ class ReproduceRequest:
     dry_run: bool = False
     local: bool = False
     preflight: bool = True  # stage 1 (the doctor's checks) and each grid's pre-flight
+    frozen: bool = True  # stage 4: k-NN and few-shot of each Table 1 backbone (clipit/hpc/frozen_stage.py)
     num_parts: int = 16  # shard parts per shard directory
     resources: dict[str, Any] = field(default_factory=dict)  # profile fields for the shard jobs
     pair_resources: dict[str, Any] = field(default_factory=dict)  # profile fields for the pairing jobs
     throughput: str | None = None  # measured throughput for the dry run's cost
-    stage: Literal["all", "grids"] = "all"  # grids: stages 3 and 4 only (what the chain's stage job runs)
+    stage: Literal["all", "grids"] = "all"  # grids: stages 3 to 5 only (what the chain's stage job runs)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from clipit import layout
+from clipit.evaluation.frozen_record import stale_reason
 from clipit.io import read_json_object
 from clipit.results.runs import (
     BACKBONE_NAMES,
@@ -20,6 +21,10 @@ from clipit.results.runs import (
     order,
 )
 from clipit.results.stats import stats
+
+
+class Stale(Exception):
+    """A frozen_eval.json made for an earlier training of its run folder."""
 
 
 def _read(run: Run) -> dict | None:
@@ -35,6 +40,9 @@ def _read(run: Run) -> dict | None:
         ) from None
     if not all(np.isfinite([knn, *shots.values()])):
         raise Unreadable(layout.frozen_eval_file(run.path), "holds a non-finite number")
+    why = stale_reason(run.path, data)
+    if why:
+        raise Stale(f"{layout.frozen_eval_file(run.path)}: {why}")
     return {"knn": knn, "shots": shots}
 
 
@@ -54,6 +62,9 @@ def frozen_table(runs: list[Run], warn: Callable[[str], None]) -> tuple[list[str
             data = _read(r)
         except Unreadable as err:
             warn(f"{err}; left out of the frozen-feature table (rerun `clipit evaluate --frozen` after deleting it)")
+            continue
+        except Stale as err:
+            warn(f"{err}; left out of the frozen-feature table (rerun `clipit evaluate --frozen` on it)")
             continue
         if data is not None:
             found.setdefault((r.dataset, r.backbone, r.kind), {})[r.seed] = data

@@ -23,7 +23,10 @@ def test_paper_dry_run_prints_every_stage_then_the_missing_assets(tmp_path):
         "stage 2 prepare: 3 pairing task(s), 3 shard dir(s) x 16 part(s) + 3 finalize job(s); 0 shard dir(s) built",
         "stage 3 grids: after stage 2 succeeds (afterok), one CPU job submits",
         f"--stage grids --profile gpu-cluster --root {tmp_path / 'paper'}",
-        "stage 4 report: one job after every grid job ends (afterany",
+        "stage 4 frozen features: 108 Table 1 cell(s), unfinished ones skipped; a job per cell after every grid job",
+        "--method unimodal --seed 0 --frozen",
+        "... and 104 more: one per probe and CLIP-IT cell",
+        "stage 5 report: one job after every stage 4 job ends (afterany",
         f"clipit report {tmp_path / 'paper'}",
         "grid paper_table1: 216 cells in 54 tasks",  # stage 3's plan, as `clipit grid --dry-run`
         "would submit 54 tasks (216 cells)",
@@ -110,15 +113,29 @@ def test_demo_chain_runs_end_to_end_locally_and_a_rerun_resumes(tmp_path):
     out = proc.stdout
     for line in ("stage 1 doctor:", "stage 2 prepare: 1 pairing dir(s), 1 shard dir(s)", "local run finished: "):
         assert line in out, line
-    reported = re.search(r"stage 4 report: (\d+) run\(s\); wrote .*report\.md", out)
+    assert "stage 4 frozen features: 4 cell(s) of demo_methods" in out  # probe and CLIP-IT x 2 seeds
+    reported = re.search(r"stage 5 report: (\d+) run\(s\); wrote .*report\.md", out)
     assert reported, out[-3000:]
     assert (runs / "demo" / "shards" / "manifest.json").is_file()
     md = (runs / "report" / "report.md").read_text()
     assert "## Table 1" in md and "## Provenance" in md and "Provenance (4 runs)" in md
+    frozen = md.split("## Frozen features: k-NN and few-shot")[1].split("\n## ")[0]
+    assert "| demo | demo-vit-tiny | Unimodal | 2 |" in frozen and "| demo | demo-vit-tiny | CLIP-IT | 2 |" in frozen
+    assert "16-shot" in frozen and (runs / "report" / "frozen.tex").is_file()
+    records = sorted((runs / "demo" / "demo-vit-tiny" / "runs").glob("*/seed-*/frozen_eval.json"))
+    assert [(p.parent.parent.name, p.parent.name) for p in records] == [
+        ("clipit", "seed-0"),
+        ("clipit", "seed-1"),
+        ("unimodal", "seed-0"),
+        ("unimodal", "seed-1"),
+    ]
+    written = {p: p.stat().st_mtime_ns for p in records}
     state = json.loads((runs / "demo" / "demo-vit-tiny" / "runs" / "clipit" / "seed-0" / "state.json").read_text())
     assert state["state"] == "done" and state["executor"] == "local"
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "stage 2 prepare: all 1 shard dir(s) built; skipped" in again.stdout
     # every cell of the grid is reported (none left out), and none runs again
-    assert f"nothing to submit: cells {reported.group(1)} done" in again.stdout and "stage 4 report: " in again.stdout
+    assert f"nothing to submit: cells {reported.group(1)} done" in again.stdout and "stage 5 report: " in again.stdout
+    assert "stage 4 frozen features" not in again.stdout  # every record scores its cell's training
+    assert {p: p.stat().st_mtime_ns for p in records} == written

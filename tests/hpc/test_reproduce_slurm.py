@@ -1,5 +1,6 @@
 """`clipit reproduce` on the real local SLURM cluster (slurm/local-cluster.sh): pairing, shard parts and
-manifest as arrays, the stage job (afterok) that submits the grid, the report job (afterany) after it,
+manifest as arrays, the stage job (afterok) that submits the grid, the frozen-feature job and the report
+job (afterany) after it,
 a rerun while the chain is queued that submits nothing, and a rerun afterwards that resumes (nothing left
 but the report). Skipped unless the cluster answers."""
 
@@ -34,7 +35,7 @@ def test_the_chain_runs_as_dependent_jobs_and_a_rerun_resumes(slurm_cluster, tin
     grid.write_text(
         f"name: chain\nbase: {ROOT / 'configs/demo-tiny.yaml'}\nroot: {runs}\nprofile: local-cluster\nseeds: [0]\n"
         "methods: [unimodal]\nset:\n  output_dir: '{root}/out'\n  pairing.dir: '{root}/pairing'\n"
-        "  shards.dir: '{root}/shards'\n  methods.unimodal.epochs: 1\n" + sets + "axes: {v: {a: {}}}\n"
+        "  shards.dir: '{root}/shards'\n  methods.unimodal.epochs: 1\n" + sets + "axes: {v: {main: {}}}\n"
     )
     first = cli("reproduce", "--grid", str(grid), "--num-parts", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -48,9 +49,14 @@ def test_the_chain_runs_as_dependent_jobs_and_a_rerun_resumes(slurm_cluster, tin
     wait_for(lambda: (runs / "report" / "report.md").is_file(), 600, "the report job")
     state = json.loads((runs / "out" / "runs" / "unimodal" / "seed-0" / "state.json").read_text())
     assert state["state"] == "done" and state["executor"] == "slurm"
-    assert (runs / "shards" / "manifest.json").is_file() and "## Table 1" in (runs / "report" / "report.md").read_text()
+    md = (runs / "report" / "report.md").read_text()
+    assert (runs / "shards" / "manifest.json").is_file() and "## Table 1" in md
+    # the frozen-feature job ran between the grid job and the report job
+    assert (runs / "out" / "runs" / "unimodal" / "seed-0" / "frozen_eval.json").is_file()
+    assert "## Frozen features: k-NN and few-shot" in md
     wait_for(lambda: not chain_in_flight([str(runs)]), 120, "the report job to leave the queue", interval=2)
     resumed = cli("reproduce", "--grid", str(grid))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "stage 2 prepare: all 1 shard dir(s) built; skipped" in resumed.stdout
-    assert "nothing to submit: cells 1 done" in resumed.stdout and "stage 4 report: 1 run(s)" in resumed.stdout
+    assert "nothing to submit: cells 1 done" in resumed.stdout and "stage 5 report: 1 run(s)" in resumed.stdout
+    assert "stage 4 frozen features" not in resumed.stdout

@@ -1,0 +1,64 @@
+"""The frozen-feature stage of `clipit reproduce` (clipit/hpc/frozen_stage.py): which cells it evaluates
+(Table 1's probe and CLIP-IT main runs, nothing else), what a rerun skips (a frozen_eval.json that scores
+the cell's current training), a cell that did not finish named and skipped, and one GPU per job. The stage
+run end to end is tests/hpc/test_reproduce.py (local) and tests/hpc/test_reproduce_slurm.py."""
+
+import json
+from pathlib import Path
+
+from clipit.evaluation.frozen_record import TRAINED
+from clipit.hpc.frozen_stage import FrozenCall, FrozenJob, frozen_cells, frozen_profile, pending
+from clipit.hpc.grid import expand
+from clipit.io import sha256_file
+from clipit_testing import ROOT
+
+DEMO = ROOT / "configs/grids/demo_methods.yaml"
+
+
+def scored(run_dir, stamp_of=None):
+    """A trained and evaluated run folder with a frozen_eval.json for its training (or for `stamp_of`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_summary.json").write_text(json.dumps({"steps": 4, "wall_s": 1.0}))
+    (run_dir / "metrics.json").write_text(json.dumps({"balanced_accuracy": 0.5}))
+    stamp = sha256_file(stamp_of or run_dir / "train_summary.json")
+    (run_dir / "frozen_eval.json").write_text(json.dumps({TRAINED: stamp, "knn": {"balanced_accuracy": 0.5}}))
+
+
+def test_the_stage_takes_the_main_probe_and_clipit_cells(tmp_path):
+    plan = expand(DEMO, root=str(tmp_path))
+    cells = frozen_cells([plan])
+    # the grid trains 8 methods x 2 seeds in its main runs plus a frozen-teacher CLIP-IT: only the pair counts
+    assert sorted((c.method, c.seed) for c in cells) == [("clipit", 0), ("clipit", 1), ("unimodal", 0), ("unimodal", 1)]
+    assert all(dict(c.axes)["ablation"] == "full" for c in cells)
+    assert frozen_cells([plan, plan]) == cells  # two grids naming one run folder: evaluated once
+
+
+def test_a_rerun_skips_what_scores_the_current_training(tmp_path):
+    cells = frozen_cells([expand(DEMO, root=str(tmp_path))])
+    assert pending(cells) == cells
+    done, foreign = Path(cells[0].run_dir), Path(cells[1].run_dir)
+    scored(done)
+    scored(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "train_summary.json").write_text(json.dumps({"steps": 9, "wall_s": 7.0}))
+    scored(foreign, stamp_of=tmp_path / "elsewhere" / "train_summary.json")  # scored another training
+    assert pending(cells) == cells[1:]
+    # the cell trained again (its train_summary.json rewritten): its record is stale and evaluated again
+    (done / "train_summary.json").write_text(json.dumps({"steps": 4, "wall_s": 3.0}))
+    assert pending(cells) == cells
+    (done / "frozen_eval.json").write_text("{not json")  # unreadable: evaluated again, not trusted
+    assert pending(cells) == cells
+
+
+def test_an_unfinished_cell_is_named_and_skipped(tmp_path, capsys):
+    (cell, *_) = frozen_cells([expand(DEMO, root=str(tmp_path))])
+    assert FrozenCall(str(ROOT))(FrozenJob(cell)) == "skipped (cell not finished)"
+    assert f"{cell.key}: not finished (failed or not run); no frozen evaluation" in capsys.readouterr().out
+    argv = FrozenJob(cell).argv()
+    assert argv[0] == "evaluate" and argv[-5:] == ["--method", "unimodal", "--seed", "0", "--frozen"]
+
+
+def test_each_job_is_one_process_on_at_most_one_gpu(tmp_path):
+    plan = expand(ROOT / "configs/grids/paper_table1.yaml", root=str(tmp_path))
+    profile = frozen_profile(plan, plan.grid.profile)
+    assert (profile.nodes, profile.tasks_per_node, profile.gpus_per_node) == (1, 1, 1)
+    assert len(frozen_cells([plan])) == 6 * 3 * 2 * 3  # backbones x datasets x (probe, CLIP-IT) x seeds
