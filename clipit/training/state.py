@@ -411,15 +411,21 @@ def _restore(path: Path, accelerator: Accelerator, model, optimizer, scheduler, 
     if uses_deepspeed(accelerator):
         use_safe_checkpoint_engine(model)
         # frozen parameters were excluded on save (they come from the weights file / warm start), so the
-        # module load is partial by design; the optimizer state covers exactly the trainable tensors
+        # module load is partial by design: load_trainable checks that it holds every trainable tensor
+        where = path / "deepspeed"
         try:
-            loaded, _ = model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+            loaded, _ = model.load_checkpoint(
+                str(where),
+                tag="state",
+                load_module_strict=False,
+                custom_load_fn=lambda src, dst: load_trainable(src, dst, where),
+            )
         except _Bad:
             raise
         except (RuntimeError, KeyError, ValueError, AssertionError) as err:
-            raise _Bad(f"{path / 'deepspeed'}: DeepSpeed cannot restore it ({one_line(err)})") from None
+            raise _Bad(f"{where}: DeepSpeed cannot restore it ({one_line(err)})") from None
         if loaded is None:
-            raise _Bad(f"{path / 'deepspeed'}: DeepSpeed found no checkpoint in it")
+            raise _Bad(f"{where}: DeepSpeed found no checkpoint in it")
     else:
         _restore_module(path / "trainable.safetensors", accelerator.unwrap_model(model))
         _restore_optimizer(path / "optimizer.safetensors", optimizer)
@@ -433,6 +439,21 @@ def _restore(path: Path, accelerator: Accelerator, model, optimizer, scheduler, 
         set_rng_state(state, generator, accelerator.device)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise _Bad(f"{rng_file}: not a random-generator state ({one_line(err)})") from None
+
+
+def load_trainable(saved: dict, module: torch.nn.Module, where: Path) -> None:
+    """DeepSpeed's module load (its `custom_load_fn`): a state saved without the frozen parameters must
+    hold every trainable parameter of `module` and nothing `module` lacks; a non-strict load would
+    silently leave a missing tensor at its initial value."""
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    missing = [n for n in trainable if n not in saved]
+    unexpected = sorted(set(saved) - set(module.state_dict()))
+    if missing or unexpected:
+        raise _Bad(
+            f"{where}: does not fit this model ({len(unexpected)} foreign tensors, e.g. {unexpected[:2]}; "
+            f"{len(missing)} missing, e.g. {missing[:2]})"
+        )
+    module.load_state_dict(saved, strict=False)
 
 
 def _restore_module(file: Path, module: torch.nn.Module) -> None:
