@@ -36,23 +36,42 @@ def _mean_std(s: tuple[float, float | None, int]) -> str:
     return f"{100 * mean:+.2f} (1 seed)" if std is None else f"{100 * mean:+.2f} ± {100 * std:.2f}"
 
 
-def gains_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], list[dict]]:
+def reference_gains(refs: list[Reference]) -> dict[str, dict[tuple[str, str], float]]:
+    """Per source with both numbers for a (dataset, backbone) main cell: its proposed minus its probe."""
+    probe, proposed = role_method("probe"), role_method("proposed")
+    values = {(r.source, r.dataset, r.backbone, r.method): r.value for r in refs if r.variant in MAIN_VARIANTS}
+    gains: dict[str, dict[tuple[str, str], float]] = {}
+    for (source, d, b, method), value in values.items():
+        if method == proposed and (source, d, b, probe) in values:
+            gains.setdefault(source, {})[(d, b)] = value - values[(source, d, b, probe)]
+    return gains
+
+
+def gains_table(
+    runs: list[Run], metric: str, refs: list[Reference] = ()
+) -> tuple[list[str], list[list[str]], list[dict]]:
     """Per backbone x dataset: the proposed run minus the probe it warm-starts from, seed by seed (only
     seeds with both), mean ± std and a bootstrap interval of the mean; then per dataset the mean over the
-    cells that have such a pair (the interval resamples seeds within each cell)."""
+    cells that have such a pair (the interval resamples seeds within each cell). Each reference source
+    with both numbers for a cell gets a column of its gain; in the mean row, its mean over the same
+    backbones (over those it has, named, when it lacks some)."""
     probe, proposed = role_method("probe"), role_method("proposed")
     vision = [r for r in runs if r.kind in (probe, proposed) and r.variant in MAIN_VARIANTS]
+    published = reference_gains(refs if metric == "balanced_accuracy" else [])
     pct = int(100 * CONFIDENCE)
     header = ["Dataset", "Vision backbone", "Paired seeds", "Gain (points)", f"{pct}% bootstrap interval", "Verdict"]
+    header += [f"{source} gain" for source in published]
     rows, records = [], []
     for d in order({r.dataset for r in vision}, DATASET_NAMES):
-        gains = []
+        gains, paired = [], []
         for b in order({r.backbone for r in vision if r.dataset == d}, BACKBONE_NAMES):
             g = paired_gain(runs, b, d, metric)
             if g is None:
                 continue
             gains.append(g)
+            paired.append(b)
             s, ci = stats(g.gains), g.interval
+            theirs = {source: cells.get((d, b)) for source, cells in published.items()}
             rows.append(
                 [
                     DATASET_NAMES.get(d, d),
@@ -61,6 +80,7 @@ def gains_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]
                     _mean_std(s),
                     _interval(ci),
                     verdict(ci),
+                    *(_points(v, signed=True) for v in theirs.values()),
                 ]
             )
             records.append(
@@ -75,8 +95,10 @@ def gains_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]
                     "gain_ci_high": ci and ci[1],
                     "verdict": verdict(ci),
                 }
+                | {f"{source}_gain_mean": v for source, v in theirs.items()}
             )
         if gains:
+            theirs = {source: _mean_over(cells, d, paired) for source, cells in published.items()}
             mean = float(np.mean([g.mean for g in gains]))
             ci = bootstrap_interval([g.gains for g in gains])
             rows.append(
@@ -87,6 +109,7 @@ def gains_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]
                     _points(mean, signed=True),
                     _interval(ci),
                     verdict(ci),
+                    *(text for _, text in theirs.values()),
                 ]
             )
             records.append(
@@ -101,8 +124,20 @@ def gains_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]
                     "gain_ci_high": ci and ci[1],
                     "verdict": verdict(ci),
                 }
+                | {f"{source}_gain_mean": value for source, (value, _) in theirs.items()}
             )
     return header, rows, records
+
+
+def _mean_over(cells: dict[tuple[str, str], float], dataset: str, backbones: list[str]) -> tuple[float | None, str]:
+    """A source's mean gain over the backbones our mean row averages, and its cell text (the backbones it
+    lacks named: that mean is over fewer)."""
+    have = [b for b in backbones if (dataset, b) in cells]
+    if not have:
+        return None, "–"
+    mean = float(np.mean([cells[(dataset, b)] for b in have]))
+    lacks = [BACKBONE_NAMES.get(b, b) for b in backbones if b not in have]
+    return mean, _points(mean, signed=True) + (f" (without {', '.join(lacks)})" if lacks else "")
 
 
 def cell_runs(runs: list[Run], ref: Reference) -> list[Run]:

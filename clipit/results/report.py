@@ -117,7 +117,7 @@ def _write_report(
     ho, ro, reco = omega_table(runs, note)
     hm, rm, recm = multimodal_table(runs, metric)
     hl, rl, recl = lora_table(runs, metric)
-    hg, rg, recg = gains_table(runs, metric)
+    hg, rg, recg = gains_table(runs, metric, refs)
     hc, rc, recc = comparison_table(runs, refs, metric, tolerance)
     hf, rf, recf = frozen_table(runs, note)
     files = write_csvs(
@@ -197,7 +197,13 @@ def _write_report(
         "",
         "CLIP-IT minus the unimodal probe it warm-starts from, seed by seed (seeds with both runs); the interval is "
         "a percentile bootstrap over seeds (10,000 resamples, fixed seed). The mean row averages the backbones that "
-        "have a pair. 'within seed noise': the interval holds 0.",
+        "have a pair. 'within seed noise': the interval holds 0."
+        + (
+            " A `<source> gain` column is that source's CLIP-IT minus unimodal for the same cell; in the mean row, "
+            "its mean over the same backbones."
+            if any(h.endswith(" gain") for h in hg)
+            else ""
+        ),
         "",
         markdown_table(hg, rg) if rg else "(no backbone and dataset with a unimodal and a CLIP-IT run of one seed)",
         "",

@@ -90,3 +90,32 @@ def test_the_text_model_counts_once_per_dataset_and_seed(tmp_path):
         assert got[dataset]["n"] == len(values)
         assert got[dataset]["mean"] == pytest.approx(np.mean(values))
         assert got[dataset]["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_published_gains_beside_ours_and_their_mean_over_the_same_backbones(tmp_path):
+    from clipit.results.references import shipped_references
+
+    six = ["uni", "kaiko-vitl14", "kaiko-vitb16", "kaiko-vits16", "kaiko-vitb8", "kaiko-vits8"]
+    for b in six:
+        make_run(tmp_path, b, "pcam", "unimodal", "unimodal", 0, 0.90)
+        make_run(tmp_path, b, "pcam", "clipit", "clipit", 0, 0.92)
+    runs, _ = find_runs(tmp_path)
+    refs = shipped_references()
+    header, rows, records = gains_table(runs, "balanced_accuracy", refs)
+    assert header[-2:] == ["paper-v2 gain", "code-readme gain"]  # eva has no CLIP-IT numbers: no column
+    uni = rows[0]
+    assert uni[1] == "UNI" and uni[-2:] == ["+1.25", "+1.30"]  # 95.49 - 94.24; README 95.5 - 94.2
+    # over all six backbones, Table 1's mean PCAM gain is the paper's sentence: "on average by 2.87%"
+    assert rows[-1][-2] == "+2.87" and records[-1]["paper-v2_gain_mean"] == pytest.approx(0.172 / 6)
+    assert records[-1]["gain_mean"] == pytest.approx(0.02)
+    # a source without one of our backbones: its mean is over the others, and says so
+    fewer = [r for r in refs if not (r.source == "paper-v2" and r.backbone == "kaiko-vits8")]
+    _, rows, records = gains_table(runs, "balanced_accuracy", fewer)
+    assert rows[-1][-2] == "+2.97 (without VITS-8)" and records[-1]["paper-v2_gain_mean"] == pytest.approx(0.1486 / 5)
+    assert rows[-2][-2] == "–"  # that backbone's own row
+    build_report(tmp_path, tmp_path / "report", plots=False)
+    (mean,) = [r for r in read_csv(tmp_path / "report" / "gains.csv") if r["backbone"] == "mean gain"]
+    assert float(mean["paper-v2_gain_mean_pct"]) == pytest.approx(17.2 / 6)
+    # published numbers are balanced accuracy: another metric gets no reference column
+    header, _, _ = gains_table(runs, "accuracy", refs)
+    assert not any(h.endswith(" gain") for h in header)
