@@ -17,7 +17,8 @@ import typing
 from pathlib import Path
 
 from clipit import config as config_module
-from clipit.config import PATH_KEYS, ExperimentConfig
+from clipit.config import ExperimentConfig
+from clipit.config_checks import PATH_KEYS
 from clipit.typed_yaml import Range, rules_of
 
 SOURCE = Path(config_module.__file__)

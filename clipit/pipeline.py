@@ -14,7 +14,8 @@ import numpy as np
 
 from clipit import layout
 from clipit.cells import ChainCell, ConfigSource, cell_argv, chain_error, run_chain
-from clipit.config import ConfigError, ExperimentConfig, method_order
+from clipit.config import ConfigError, ExperimentConfig
+from clipit.config_checks import method_order
 from clipit.corpus import Report, load_reports
 from clipit.data.base import DatasetError, ImageDataset
 from clipit.demo_inputs import prepare_demo_clip, prepare_demo_data
@@ -98,7 +99,7 @@ def run_pairing(
         checkpoint = resolve_pairing_checkpoint(p.model, p.checkpoint, cfg.model.weights_file)
         return build_pairing_model(p.model, checkpoint, p.device, p.precision)
 
-    if p.from_reference:  # the authors' pair indices instead of a search (config.check_reference_pairing)
+    if p.from_reference:  # the authors' pair indices instead of a search (config_checks.check_reference_pairing)
         from clipit.pairing.engine import import_reference_pairs
 
         return import_reference_pairs(

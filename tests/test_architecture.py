@@ -1,6 +1,7 @@
 """The import graph of clipit/ (module-level and function-local imports alike) has no cycle, and no
 import points up a layer: data flows reports -> pairing -> shards -> training -> evaluation ->
-results, with the HPC layer and the command line on top (docs/architecture.md)."""
+results, with the HPC layer and the command line on top (docs/architecture.md). An import under
+`if TYPE_CHECKING:` (annotations only) counts for the layers but never runs, so it cannot close a cycle."""
 
 import ast
 from pathlib import Path
@@ -22,6 +23,7 @@ LAYERS = [
             "clipit.layout",
             "clipit.typed_yaml",
             "clipit.methods",
+            "clipit.config_checks",
             "clipit.config",
             "clipit.weights",
             "clipit.metrics",
@@ -58,12 +60,23 @@ def is_module(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def imports_of(path: Path) -> set[str]:
-    """Every clipit module `path` imports, wherever the import statement sits (functions included)."""
+def typing_only_imports(tree: ast.AST) -> set[ast.AST]:
+    """The import statements inside `if TYPE_CHECKING:` blocks (read by type checkers, never run)."""
+    blocks = [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test).endswith("TYPE_CHECKING")]
+    return {n for block in blocks for statement in block.body for n in ast.walk(statement)}
+
+
+def imports_of(path: Path, typing_only: bool = True) -> set[str]:
+    """Every clipit module `path` imports, wherever the import statement sits (functions included);
+    typing_only=False leaves out the imports under `if TYPE_CHECKING:`."""
     here = module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = set() if typing_only else typing_only_imports(tree)
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "clipit"}
         elif isinstance(node, ast.ImportFrom):
@@ -100,6 +113,11 @@ def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+@pytest.fixture(scope="module")
+def runtime_graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p, typing_only=False) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
 def test_every_module_has_a_layer(graph):
     for name in graph:
         layer_of(name)
@@ -115,7 +133,8 @@ def test_no_import_points_up_a_layer(graph):
     assert not upward, "\n".join(upward)
 
 
-def test_no_import_cycles(graph):
+def test_no_import_cycles(runtime_graph):
+    graph = runtime_graph
     state: dict[str, int] = {}  # 1 on the stack, 2 done
     cycles = []
 
@@ -140,6 +159,14 @@ def test_the_graph_sees_function_local_imports(tmp_path):
     """The checker itself: an import inside a function body counts like one at the top."""
     graph = {module_name(p): imports_of(p) for p in [PACKAGE / "pipeline.py"]}
     assert "clipit.training.trainer" in graph["clipit.pipeline"]  # imported inside train_and_evaluate
+
+
+def test_the_graph_tells_typing_only_imports_apart():
+    """clipit.config_checks names the config dataclasses in annotations only: a layer edge, not a runtime one."""
+    checks = PACKAGE / "config_checks.py"
+    assert "clipit.config" in imports_of(checks)
+    assert "clipit.config" not in imports_of(checks, typing_only=False)
+    assert "clipit.errors" in imports_of(checks, typing_only=False)
 
 
 def test_run_layout_is_spelled_out_in_one_module():

@@ -47,7 +47,8 @@ import yaml
 
 from clipit import layout
 from clipit.cells import ConfigSource, cell_argv
-from clipit.config import ConfigError, ExperimentConfig, load_config, method_order, to_dict
+from clipit.config import ConfigError, ExperimentConfig, load_config, to_dict
+from clipit.config_checks import method_order
 from clipit.layout import check_name
 from clipit.methods import method_spec
 from clipit.typed_yaml import expand_path, from_dict, read_yaml

@@ -107,7 +107,7 @@ def build_model(
             load_model_state(text_best, model, prefixes=("text_head.",))
     if text_tower:
         attach_text_tower(model, cfg, tcfg, text_dim)
-    # train_head: the warm-started W_v is not a pretrained module, so it trains in full (config.check_methods)
+    # train_head: the warm-started W_v is not a pretrained module, so it trains in full (config_checks.check_methods)
     warm_head = tcfg.warm_start is not None and not tcfg.train_head
     prepare_finetune(model, finetune, cfg.model.lora, warm_head=warm_head)
     mean, std = (cfg.model.mean, cfg.model.std) if cfg.model.mean is not None else (spec.mean, spec.std)
@@ -116,7 +116,7 @@ def build_model(
 
 
 def attach_text_tower(model: nn.Module, cfg: ExperimentConfig, tcfg: TrainConfig, text_dim: int) -> None:
-    """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected); config.check_methods
+    """Give a CLIP-IT model the pairing model's text tower (before LoRA is injected); config_checks.check_methods
     admits text_encoder: tower only for a method whose spec says text_tower."""
     if tcfg.text_encoder != "tower":
         return
