@@ -48,7 +48,7 @@ def cmd_demo(args) -> None:
 def cmd_doctor(args) -> int:
     from clipit.config import ConfigError, load_config
     from clipit.doctor import run_doctor
-    from clipit.hpc.grid import is_grid_file
+    from clipit.hpc.grid_file import is_grid_file
 
     if bool(args.config_path) == bool(args.config):
         raise ConfigError("give the config once: clipit doctor CONFIG (or --config CONFIG)")
@@ -434,11 +434,11 @@ def printconfig_of(args) -> None:
 
     grid_file = getattr(args, "grid", None) or (args.config if args.command == "grid" else None)
     if args.command == "doctor" and (args.config_path or args.config):
-        from clipit.hpc.grid import is_grid_file
+        from clipit.hpc.grid_file import is_grid_file
 
         grid_file = args.config_path or args.config if is_grid_file(args.config_path or args.config) else None
     if grid_file:
-        from clipit.hpc.grid import load_grid
+        from clipit.hpc.grid_file import load_grid
 
         data = to_dict(load_grid(grid_file)) | ({"overrides_of_every_cell": list(args.set)} if args.set else {})
     else:

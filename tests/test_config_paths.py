@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from clipit.config import ConfigError, load_config
-from clipit.hpc.grid import load_grid
+from clipit.hpc.grid_file import load_grid
 from clipit_testing import ROOT, cli
 
 

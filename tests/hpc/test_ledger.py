@@ -7,7 +7,8 @@ import os
 import pytest
 
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, GridConfig, Plan, Task
+from clipit.hpc.grid import Cell, Plan, Task
+from clipit.hpc.grid_file import GridConfig
 from clipit.hpc.submit import tasks_to_submit
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from clipit.config import ConfigError
-from clipit.hpc.grid import expand, load_grid
+from clipit.hpc.grid import expand
+from clipit.hpc.grid_file import load_grid
 from clipit.hpc.prepare import units_from
 from clipit.hpc.requests import PrepareRequest
 from clipit_testing import ROOT, cli

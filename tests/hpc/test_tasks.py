@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, GridConfig, Plan, Task
+from clipit.hpc.grid import Cell, Plan, Task
+from clipit.hpc.grid_file import GridConfig
 from clipit.hpc.submit import dependency_ids
 from clipit.hpc.task import CellRunner, CellsFailed, link_warm_start, run_task
 
