@@ -49,21 +49,13 @@ from clipit.results import plots as P
 from clipit.results.comparison import comparison_table, gains_table, source_lines
 from clipit.results.curves import training_curves
 from clipit.results.frozen_table import frozen_table
+from clipit.results.multimodal_tables import multimodal_table, omega_table, text_table
 from clipit.results.provenance_notes import runs_notes, table1_runs
 from clipit.results.references import DEFAULT_TOLERANCE, load_references
 from clipit.results.runs import find_runs
-from clipit.results.table_files import write_csvs, write_latex
-from clipit.results.tables import (
-    ablation_table,
-    lora_table,
-    markdown_table,
-    multimodal_table,
-    omega_table,
-    run_records,
-    status_lines,
-    table1,
-    text_table,
-)
+from clipit.results.table_files import run_records, write_csvs, write_latex
+from clipit.results.tables import markdown_table, status_lines, table1
+from clipit.results.variant_tables import ablation_table, lora_table
 
 
 class ReportError(ClipitError):

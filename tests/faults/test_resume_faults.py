@@ -274,18 +274,18 @@ def test_pickle_payload_is_refused_on_every_load_path(tmp_path, payload, monkeyp
         with pytest.raises(ExportError, match="model.safetensors: not a readable safetensors file"):
             load_exported(tmp_path)
     elif path == "resume-state":
-        from clipit.training.state import _Bad, load_tree
+        from clipit.training.state_files import BadStateFile, load_tree
 
         for data in (raw, torch_bytes):
             (tmp_path / "optimizer.safetensors").write_bytes(data)
-            with pytest.raises(_Bad, match="optimizer.safetensors: not a readable clipit state file"):
+            with pytest.raises(BadStateFile, match="optimizer.safetensors: not a readable clipit state file"):
                 load_tree(tmp_path / "optimizer.safetensors")
     else:  # what DeepSpeed's own load_checkpoint reads through (mp_rank_*_model_states.pt, zero_pp_rank_*)
         pytest.importorskip("deepspeed")
-        from clipit.training.state import _Bad, _safe_engine_class
+        from clipit.training.state_files import BadStateFile, _safe_engine_class
 
         (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(torch_bytes)
-        with pytest.raises((_Bad, ClipitError), match="not a readable clipit state file"):
+        with pytest.raises((BadStateFile, ClipitError), match="not a readable clipit state file"):
             _safe_engine_class()().load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "cpu")
     assert not marker.exists()
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from clipit.results.comparison import gains_table
+from clipit.results.multimodal_tables import multimodal_table
 from clipit.results.report import build_report
 from clipit.results.runs import find_runs
 from clipit.results.stats import bootstrap_interval, verdict
-from clipit.results.tables import multimodal_table, table1
+from clipit.results.tables import table1
 from clipit_testing import finished_run as make_run
 
 

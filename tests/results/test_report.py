@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
+from clipit.results.multimodal_tables import omega
 from clipit.results.report import build_report
 from clipit.results.runs import find_runs
-from clipit.results.tables import omega
 from clipit_testing import ROOT
 
 BACKBONES = ["uni", "kaiko-vits16", "kaiko-vits8", "kaiko-vitb16", "kaiko-vitb8", "kaiko-vitl14"]
@@ -171,7 +171,7 @@ def test_omega_table_from_predictions(paper_runs):
     root, result = paper_runs
     rows = {(r["backbone"], r["dataset"]): r for r in result["omega"]}
     assert len(rows) == 18 and all(r["n_seeds"] == 3 and r["matched"] == N_TEST for r in rows.values())
-    from clipit.results.tables import load_predictions
+    from clipit.results.multimodal_tables import load_predictions
 
     runs, _ = find_runs(root)
     pick = {(r.backbone, r.dataset, r.kind, r.seed): r for r in runs if r.variant == ""}

@@ -1,5 +1,6 @@
 """`clipit report`'s paper-fidelity sections: multimodal points, Δ against the run a row varies, the LoRA
-search chosen on validation, readable labels, header-only CSVs and units (clipit/results/tables.py)."""
+search chosen on validation, readable labels, header-only CSVs and units (clipit/results/variant_tables.py,
+multimodal_tables.py, table_files.py)."""
 
 import csv
 import json

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from clipit.results.multimodal_tables import text_table
 from clipit.results.report import build_report
 from clipit.results.runs import find_runs
-from clipit.results.tables import table1, text_table
+from clipit.results.tables import table1
 from clipit_testing import finished_run as make_run
 
 

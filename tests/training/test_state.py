@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipit.training.state import _Bad, load_trainable
+from clipit.training.state import load_trainable
+from clipit.training.state_files import BadStateFile
 
 WHERE = Path("run/checkpoints/latest/deepspeed")
 
@@ -40,7 +41,7 @@ def test_a_state_that_does_not_fit_is_refused(change, needle):
     change(saved)
     target = model()
     before = target[2].bias.clone()
-    with pytest.raises(_Bad) as err:
+    with pytest.raises(BadStateFile) as err:
         load_trainable(saved, target, WHERE)
     assert str(err.value).startswith(f"{WHERE}: does not fit this model") and needle in str(err.value)
     assert torch.equal(target[2].bias, before)  # nothing loaded
