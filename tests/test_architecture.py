@@ -33,7 +33,7 @@ LAYERS = [
         ],
     ),
     ("data", ["clipit.data"]),
-    ("corpus", ["clipit.corpus", "clipit.corpus_join"]),
+    ("corpus", ["clipit.corpus", "clipit.corpus_passages", "clipit.corpus_join"]),
     ("pairing", ["clipit.pairing"]),
     ("shards", ["clipit.shards"]),
     ("models", ["clipit.models"]),

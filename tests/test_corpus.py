@@ -13,11 +13,11 @@ from clipit.corpus import (
     ORGAN_PROJECTS,
     CorpusError,
     Report,
-    chunk_reports,
     load_project_map,
     load_reports,
     save_reports_jsonl,
 )
+from clipit.corpus_passages import chunk_reports
 
 # OCR-ish TCGA-Reports rows: redaction leftovers, odd spacing, embedded newlines, very long fields.
 BREAST = (
