@@ -4,7 +4,7 @@ paper configs read (`reports.path: data/tcga/reports.csv`), once, before pairing
     clipit prepare reports --csv TCGA_Reports.csv --project-map tcga_patient_to_cancer_type.csv \
         --out data/tcga/reports.csv
 
-Both inputs are read by clipit/corpus.py exactly as a config's `reports.path` / `reports.project_map`
+Both inputs are read by clipit/corpus_reader.py exactly as a config's `reports.path` / `reports.project_map`
 would read them (ids, blank texts, encodings, duplicate ids); a report whose patient has no cancer type
 keeps an empty project (counted in the summary line).
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from clipit.corpus import CorpusError, load_reports
+from clipit.corpus import CorpusError
+from clipit.corpus_reader import load_reports
 from clipit.io import atomic_path
 
 COLUMNS = ("id", "text", "project")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipit.config import ExperimentConfig
-from clipit.data import demo
+from clipit.data import demo, demo_text
 from clipit.data.registry import check_split_names
 from clipit.identity import OVERWRITE, changed_output, identity_changes
 
@@ -86,7 +86,7 @@ def prepare_demo_data(cfg: ExperimentConfig, log: Callable[[str], None] = print,
     made = {k: v for k, v in pending(cfg).items() if k in ("data.root", "reports.path")}
     demo.write_demo_images(Path(cfg.data.root), d.counts, d.image_size, d.seed)
     if not Path(cfg.reports.path).exists():
-        demo.write_reports_jsonl(Path(cfg.reports.path), demo.make_reports(d.n_reports, seed=d.seed + 1))
+        demo_text.write_reports_jsonl(Path(cfg.reports.path), demo_text.make_reports(d.n_reports, seed=d.seed + 1))
     return _made(made, log)
 
 
@@ -98,7 +98,7 @@ def prepare_demo_clip(cfg: ExperimentConfig, log: Callable[[str], None] = print)
     from clipit.pairing import demo_clip
 
     d = cfg.data.demo
-    images, _, captions = demo.make_paired_set(d.n_paired, d.image_size, seed=d.seed + 2)
+    images, _, captions = demo_text.make_paired_set(d.n_paired, d.image_size, seed=d.seed + 2)
     demo_clip.train_demo_clip(
         images,
         captions,

@@ -16,7 +16,8 @@ from clipit import layout
 from clipit.cells import ChainCell, ConfigSource, cell_argv, chain_error, run_chain
 from clipit.config import ConfigError, ExperimentConfig
 from clipit.config_checks import method_order
-from clipit.corpus import Report, load_reports
+from clipit.corpus import Report
+from clipit.corpus_reader import load_reports
 from clipit.data.base import DatasetError, ImageDataset
 from clipit.demo_inputs import prepare_demo_clip, prepare_demo_data
 from clipit.identity import OVERWRITE

@@ -35,7 +35,16 @@ LAYERS = [
         ],
     ),
     ("data", ["clipit.data"]),
-    ("corpus", ["clipit.corpus", "clipit.corpus_join"]),
+    (
+        "corpus",
+        [
+            "clipit.corpus",
+            "clipit.corpus_formats",
+            "clipit.corpus_reader",
+            "clipit.corpus_passages",
+            "clipit.corpus_join",
+        ],
+    ),
     ("pairing", ["clipit.pairing"]),
     ("shards", ["clipit.shards"]),
     ("models", ["clipit.models"]),

@@ -9,15 +9,9 @@ import zipfile
 
 import pytest
 
-from clipit.corpus import (
-    ORGAN_PROJECTS,
-    CorpusError,
-    Report,
-    chunk_reports,
-    load_project_map,
-    load_reports,
-    save_reports_jsonl,
-)
+from clipit.corpus import CorpusError, Report, save_reports_jsonl
+from clipit.corpus_passages import chunk_reports
+from clipit.corpus_reader import ORGAN_PROJECTS, load_project_map, load_reports
 
 # OCR-ish TCGA-Reports rows: redaction leftovers, odd spacing, embedded newlines, very long fields.
 BREAST = (

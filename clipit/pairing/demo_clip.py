@@ -1,5 +1,5 @@
 """A tiny open_clip CLIP standing in for CONCH: trained in ~1 min on CPU on a paired synthetic
-image-caption set (clipit.data.demo.make_paired_set), then used frozen to pair images with reports.
+image-caption set (clipit.data.demo_text.make_paired_set), then used frozen to pair images with reports.
 
 The architecture lives in the package file `clipit-demo-clip.json`; open_clip names registered configs by
 file stem, so the model name is DEMO_CLIP_NAME. 512-d joint space, like CONCH.

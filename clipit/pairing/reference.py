@@ -16,7 +16,7 @@ Data/*TDataLoaderConch.py:
                                      without them the scores are NaN, as for a random report)
 
 A value j is a line index into the report file (the reference reads `[line.rstrip() for line in file]`),
-which our txt corpus keeps as report id `<stem>-<j>` (clipit/corpus.py). Every file is checked before
+which our txt corpus keeps as report id `<stem>-<j>` (clipit/corpus_formats.py). Every file is checked before
 anything is written: present, an integer array (plain numpy data, never objects), one entry per image, and every
 index a non-blank line of the corpus; each problem is one line naming the file and the fix.
 """

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 
 from clipit.data import demo
-from clipit.data.demo import (
-    DEMO_CLASSES,
-    make_captions,
-    make_paired_set,
-    make_reports,
-    render_patches,
-    write_demo_images,
-    write_reports_jsonl,
-)
+from clipit.data.demo import DEMO_CLASSES, render_patches, write_demo_images
+from clipit.data.demo_text import make_captions, make_paired_set, make_reports, write_reports_jsonl
 
 COUNTS = {"train": 40, "val": 8, "test": 12}
 

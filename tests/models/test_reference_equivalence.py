@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from clipit.config import TrainConfig, load_config
-from clipit.corpus import load_reports
+from clipit.corpus_reader import load_reports
 from clipit.data.bach import BACHDataset
 from clipit.data.crc import CRC_CLASSES, CRCDataset
 from clipit.data.pcam import PCamDataset

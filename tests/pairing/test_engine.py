@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pairing.fakes import make_images, make_reports, tiny_model
 
-from clipit.corpus import CorpusError, load_reports
+from clipit.corpus import CorpusError
+from clipit.corpus_reader import load_reports
 from clipit.data.base import DatasetError
 from clipit.data.folder import ImageFolderDataset
 from clipit.pairing.engine import embed_images, load_pairs, pair_dataset, read_pairs_meta
