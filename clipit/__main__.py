@@ -4,4 +4,5 @@ import sys
 
 from clipit.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (a package walk, a docs tool) does not run the CLI
+    sys.exit(main())
