@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipit.cells import ConfigSource, cell_argv
+from clipit.evaluation.frozen_record import is_current
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import wait_for_jobs
-from clipit.hpc.grid import Cell, Plan, cell_is_done
+from clipit.hpc.grid import Cell, Plan, cell_changes, cell_is_done
 from clipit.hpc.prepare import StageCall, run_jobs
 from clipit.methods import role_method
 from clipit.results.runs import variant_name
@@ -44,6 +45,9 @@ class FrozenCall(StageCall):
         if not cell_is_done(job.cell):
             print(f"[clipit reproduce] {job.cell.key}: not finished (failed or not run); no frozen evaluation")
             return "skipped (cell not finished)"
+        if is_current(Path(job.cell.run_dir)):
+            print(f"[clipit reproduce] {job.cell.key}: frozen_eval.json scores its current training already")
+            return "skipped (scored already)"
         return super().__call__(job)
 
 
@@ -60,10 +64,9 @@ def frozen_cells(plans: list[Plan]) -> list[Cell]:
 
 
 def pending(cells: list[Cell]) -> list[Cell]:
-    """Cells whose frozen evaluation is not written for their current training."""
-    from clipit.evaluation.frozen import is_current  # torch-free check of frozen_eval.json
-
-    return [c for c in cells if not is_current(Path(c.run_dir))]
+    """Cells whose frozen evaluation is not written for their current training, or that the grid is about
+    to train again (made under another config: under SLURM the jobs are queued before the cells run)."""
+    return [c for c in cells if not is_current(Path(c.run_dir)) or cell_changes(c)]
 
 
 def frozen_profile(plan: Plan, profile_name: str) -> ClusterProfile:
@@ -79,6 +82,11 @@ def submit_frozen(
     """Queue (SLURM, after `dependency`) or run here in order (local) the pending frozen evaluations of
     every plan's Table 1 cells. Returns (the submitted jobs, how many failed: local runs only)."""
     jobs, failed = [], 0
+    if not any(pending(frozen_cells([plan])) for plan in plans):
+        print(
+            f"stage 4 frozen features: all {len(frozen_cells(plans))} cell(s) scored for their current training; skipped"
+        )
+        return jobs, failed
     for plan in plans:
         todo = pending(frozen_cells([plan]))
         if not todo:

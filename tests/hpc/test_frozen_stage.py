@@ -49,6 +49,22 @@ def test_a_rerun_skips_what_scores_the_current_training(tmp_path):
     assert pending(cells) == cells
 
 
+def test_a_cell_made_under_another_config_is_queued_again(tmp_path, capsys):
+    """Under SLURM stage 4 is queued before the grid's cells run: a cell the grid trains again (its run was
+    made under another config) gets a job although its record scores the run that is there now."""
+    cells = frozen_cells([expand(DEMO, root=str(tmp_path))])
+    run = Path(cells[0].run_dir)
+    summary = {"identity": {"model.backbone": "another-backbone"}, "wall_s": 1.0}
+    scored(run)
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    record = json.loads((run / "frozen_eval.json").read_text())
+    (run / "frozen_eval.json").write_text(json.dumps(record | {TRAINED: sha256_file(run / "train_summary.json")}))
+    assert pending(cells) == cells
+    # the job itself runs nothing while the record still scores the training in the folder
+    assert FrozenCall(str(ROOT))(FrozenJob(cells[0])) == "skipped (scored already)"
+    assert "frozen_eval.json scores its current training already" in capsys.readouterr().out
+
+
 def test_an_unfinished_cell_is_named_and_skipped(tmp_path, capsys):
     (cell, *_) = frozen_cells([expand(DEMO, root=str(tmp_path))])
     assert FrozenCall(str(ROOT))(FrozenJob(cell)) == "skipped (cell not finished)"
