@@ -1,4 +1,4 @@
-"""The flags every `clipit` subcommand shares, defined once (clipit/cli.py and clipit/cli_hpc.py use them):
+"""The flags every `clipit` subcommand shares, defined once (clipit/cli.py and its command modules use them):
 --config/--set/--print-config, the cluster flags, --root, --overwrite, a cell's --method/--seed; and the
 --help that lists the valid config names."""
 

@@ -53,7 +53,10 @@ LAYERS = [
     ("results", ["clipit.results"]),
     ("stages", ["clipit.demo_inputs", "clipit.pipeline", "clipit.doctor", "clipit.cells", "clipit.reruns"]),
     ("hpc", ["clipit.hpc"]),
-    ("cli", ["clipit.cli", "clipit.cli_flags", "clipit.cli_hpc", "clipit.__main__"]),
+    (
+        "cli",
+        ["clipit.cli", "clipit.cli_flags", "clipit.cli_data", "clipit.cli_runs", "clipit.cli_hpc", "clipit.__main__"],
+    ),
 ]
 
 

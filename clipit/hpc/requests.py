@@ -1,5 +1,5 @@
 """What the command line asks of the HPC layer, as typed requests: the CLI builds them from its flags
-(clipit/cli.py is the only module that knows argparse), submit.py and prepare.py act on them."""
+(the clipit/cli*.py modules alone read command-line flags), submit.py and prepare.py act on them."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ metrics depend on besides the weights), and the checks a rerun makes before it r
 
 train_summary.json and the resume checkpoint's progress.json record `run_identity`; metrics.json records
 `evaluation_identity`. A rerun with another identity stops with one line (clipit/identity.py) unless
-`--overwrite` asks to replace the run (cli.py). Light imports only: `clipit grid --dry-run` asks it per cell.
+`--overwrite` asks to replace the run (cli_runs.py). Light imports only: `clipit grid --dry-run` asks it per cell.
 """
 
 from __future__ import annotations
