@@ -25,7 +25,8 @@ from clipit.models.checkpoint import TEXT_TOWER, load_model_state
 from clipit.models.factory import build_model
 from clipit.shards.manifest import load_manifest
 from clipit.training.accel import make_accelerator
-from clipit.training.features import ensure_cache, load_split
+from clipit.training.feature_files import load_split
+from clipit.training.features import ensure_cache
 from clipit.training.loader import eval_loader
 from clipit.training.predict import ShardSource
 

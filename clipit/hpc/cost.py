@@ -120,7 +120,8 @@ def method_stage(
     cfg: ExperimentConfig, method: str, counts: dict[str, int], world: int, label: str
 ) -> tuple[StageCost, tuple | None, list[Pass]]:
     """The cell's cost, the key of the feature cache it trains on (None: online) and that cache's build."""
-    from clipit.training.features import SPLITS, uses_feature_cache
+    from clipit.training.feature_files import SPLITS
+    from clipit.training.features import uses_feature_cache
     from clipit.training.trainer import step_plan
 
     tcfg = cfg.methods[method]

@@ -19,7 +19,8 @@ from clipit.cells import ConfigSource, cell_argv
 from clipit.evaluation.frozen_record import is_current
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import wait_for_jobs
-from clipit.hpc.grid import Cell, Plan, cell_changes, cell_is_done
+from clipit.hpc.grid import Plan
+from clipit.hpc.grid_cell import Cell, cell_changes, cell_is_done
 from clipit.hpc.prepare import StageCall, run_jobs
 from clipit.methods import role_method
 from clipit.results.runs import variant_name

@@ -2,16 +2,10 @@
 
 A grid file (its format and loading: clipit/hpc/grid_file.py) names a base experiment config and
 axes; the cartesian product of the axis values, times the methods of the resulting config, times the
-seeds, gives the **cells**. A cell is exactly what `clipit train --config CFG --set ... --method M
---seed S` runs, and its full config is loaded (and so validated) when the grid is expanded.
-
-Cells are grouped into **tasks** (one SLURM array task each). A task is a *chain*: the cells of one
-axis combination and one seed, in `method_order` (the unimodal warm start before CLIP-IT), so the
-warm-start dependency of Table 1 never leaves a task. An axis value may instead reuse another
-value's warm start (`warm_start_from`: ablations reuse the baseline's unimodal probe). Its cells
-form a task of their own; while that warm start is not trained yet, the task lists the task that
-trains it in `after`, and the launcher submits it with an `afterok` dependency on that one array
-task (docs/reproduce.md, "How cells become jobs").
+seeds, gives the **cells** (clipit/hpc/grid_cell.py). A cell is exactly what `clipit train --config CFG
+--set ... --method M --seed S` runs, and its full config is loaded (and so validated) when the grid is
+expanded. The cells are then grouped into **tasks**, one SLURM array task each (clipit/hpc/grid_tasks.py:
+chains, reused warm starts and the `afterok` waits they need).
 
 This module only plans; clipit/hpc/submit.py submits, clipit/hpc/task.py runs a task on its node and
 clipit/hpc/ledger.py tracks the cells.
@@ -19,7 +13,6 @@ clipit/hpc/ledger.py tracks the cells.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import string
@@ -30,74 +23,12 @@ from typing import Any
 import yaml
 
 from clipit import layout
-from clipit.cells import ConfigSource, cell_argv
-from clipit.config import ConfigError, ExperimentConfig, load_config, to_dict
+from clipit.config import ConfigError, ExperimentConfig, load_config
 from clipit.config_checks import method_order
+from clipit.hpc.grid_cell import Cell, cell_is_done
 from clipit.hpc.grid_file import AxisValue, GridConfig, load_grid
+from clipit.hpc.grid_tasks import Combo, Task, make_tasks
 from clipit.methods import method_spec
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One (config, overrides, method, seed): one `clipit train` call and one run directory."""
-
-    grid: str
-    axes: tuple[tuple[str, str], ...]  # ((axis, value), ...) in axis order
-    method: str
-    kind: str  # the method's kind: a registered method (clipit/methods.py)
-    seed: int
-    config: str  # experiment config file (absolute)
-    overrides: tuple[str, ...]
-    run_dir: str  # absolute
-    warm_start: str | None = None  # method trained first (same output_dir), if any
-    warm_start_link: str | None = None  # another value's run dir used as this cell's warm start
-    axis_labels: tuple[tuple[str, str], ...] = ()  # ((axis, report label), ...) of values that set `label`
-    compare_to: tuple[tuple[str, str], ...] = ()  # ((axis, value), ...) of the values this cell's varies
-    detail: str = ""  # what the cell trains, for the dry-run listing (e.g. "clipit, text tower + LoRA")
-
-    @property
-    def key(self) -> str:
-        return ",".join([f"{a}={v}" for a, v in self.axes] + [f"method={self.method}", f"seed={self.seed}"])
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return dict(self.axes)
-
-    def load(self) -> ExperimentConfig:
-        return load_config(self.config, list(self.overrides))
-
-    def argv(self) -> list[str]:
-        """The cell's `clipit train` arguments (what its task runs)."""
-        return cell_argv("train", ConfigSource(self.config, self.overrides), self.method, self.seed)
-
-    def command(self) -> str:
-        """The equivalent shell command (for logs, docs and reproducing one cell by hand)."""
-        import shlex
-
-        return shlex.join(["clipit", *self.argv()])
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["axes"] = dict(self.axes)
-        d["overrides"] = list(self.overrides)
-        d["axis_labels"] = dict(self.axis_labels)
-        d["compare_to"] = dict(self.compare_to)
-        d["key"] = self.key
-        return d
-
-
-@dataclass
-class Task:
-    """One array task: cells run in order (warm starts first) in one process (or one rank group)."""
-
-    cells: list[Cell]
-    workdir: str  # cwd of the launcher: relative data/weights paths in the configs resolve against it
-    after: list[int] = field(default_factory=list)  # plan.tasks indices that train this task's warm starts
-
-    @property
-    def label(self) -> str:
-        first = self.cells[0]
-        return ",".join([f"{a}={v}" for a, v in first.axes] + [f"seed={first.seed}"])
 
 
 @dataclass
@@ -155,19 +86,9 @@ def expand(
     combos = list(itertools.product(*[list(values.items()) for _, values in axes])) if axes else [()]
     expanded = [_expand_combo(grid, axes, combo, root, where, extra_overrides) for combo in combos]
     by_run_dir = _index_run_dirs(expanded, axes, where)
-    tasks, notes = _make_tasks(expanded, by_run_dir, check_done, workdir, where)
+    tasks, notes = make_tasks(expanded, by_run_dir, check_done, workdir, where)
     cells = [c for t in tasks for c in t.cells]
     return Plan(grid=grid, grid_path=str(grid_path), root=root, cells=cells, tasks=tasks, notes=notes)
-
-
-@dataclass
-class _Combo:
-    """One axis combination, expanded: its loaded config and one chain of cells per seed."""
-
-    key: tuple[tuple[str, str], ...]  # ((axis, value), ...) in axis order
-    config: ExperimentConfig
-    chains: dict[int, list[Cell]]  # seed -> cells in method order
-    link: tuple[tuple[str, str], ...] | None = None  # the combination whose warm start this one reuses
 
 
 def _expand_combo(
@@ -177,7 +98,7 @@ def _expand_combo(
     root: str,
     where: str,
     extra_overrides: list[str] | None,
-) -> _Combo:
+) -> Combo:
     """Overrides, config and methods of one axis combination; its config is loaded and its method chain checked."""
     combo_key = tuple((axis, value_name) for (axis, _), (value_name, _) in zip(axes, combo))
     names = {"name": grid.name, "root": root} | dict(combo_key)
@@ -240,7 +161,7 @@ def _expand_combo(
         ]
         for seed in grid.seeds
     }
-    return _Combo(key=combo_key, config=cfg, chains=chains, link=link)
+    return Combo(key=combo_key, config=cfg, chains=chains, link=link)
 
 
 def describe_method(cfg: ExperimentConfig, method: str) -> str:
@@ -257,7 +178,7 @@ def describe_method(cfg: ExperimentConfig, method: str) -> str:
     return ", ".join(parts)
 
 
-def _index_run_dirs(combos: list[_Combo], axes: list, where: str) -> dict[str, Cell]:
+def _index_run_dirs(combos: list[Combo], axes: list, where: str) -> dict[str, Cell]:
     """run_dir -> cell; two cells sharing a run directory would overwrite each other's run."""
     by_run_dir: dict[str, Cell] = {}
     for combo in combos:
@@ -271,130 +192,3 @@ def _index_run_dirs(combos: list[_Combo], axes: list, where: str) -> dict[str, C
                     )
                 by_run_dir[cell.run_dir] = cell
     return by_run_dir
-
-
-def _make_tasks(
-    combos: list[_Combo], by_run_dir: dict[str, Cell], check_done, workdir: str, where: str
-) -> tuple[list[Task], list[str]]:
-    """Tasks (chains that train their own warm starts first, then the reusing ones) and notes on waits.
-
-    A chain that reuses another value's warm start is a task too; while that warm start is not trained,
-    the task records the task that trains it (`after`), and the launcher submits it with a SLURM afterok
-    dependency on that task."""
-    tasks: list[Task] = []
-    chain_task: dict[tuple, int] = {}  # (combo key, seed) -> index of the task that trains it
-    for combo in combos:
-        if combo.link is None:
-            for seed, chain in combo.chains.items():
-                chain_task[(combo.key, seed)] = len(tasks)
-                tasks.append(Task(cells=list(chain), workdir=workdir))
-    configs = {combo.key: combo.config for combo in combos}
-    notes: list[str] = []
-    for combo in combos:
-        if combo.link is None:
-            continue
-        for seed, chain in combo.chains.items():
-            linked, after = _link_warm_starts(
-                chain,
-                seed,
-                configs[combo.link],
-                combo.config,
-                chain_task[(combo.link, seed)],
-                by_run_dir,
-                check_done,
-                where,
-            )
-            tasks.append(Task(cells=linked, workdir=workdir, after=after))
-            if after:
-                notes.append(
-                    f"{tasks[-1].label}: waits for task {after[0]} ({tasks[after[0]].label}), "
-                    "which trains its warm start"
-                )
-    return tasks, notes
-
-
-def _link_warm_starts(
-    chain: list[Cell],
-    seed: int,
-    source: ExperimentConfig,
-    cfg: ExperimentConfig,
-    source_task: int,
-    by_run_dir: dict[str, Cell],
-    check_done,
-    where: str,
-) -> tuple[list[Cell], list[int]]:
-    """The chain with each warm start it does not train pointed at the source value's run, and the tasks
-    to wait for (`source_task` trains the source value's chain of this seed)."""
-    after, linked = [], []
-    for cell in chain:
-        if cell.warm_start is None or any(c.method == cell.warm_start for c in chain):
-            linked.append(cell)
-            continue
-        _check_reusable(source, cfg, cell.warm_start, f"{where}: cell {cell.key}")
-        source_dir = str(layout.run_dir(source.output_dir, cell.warm_start, seed).absolute())
-        source_cell = by_run_dir.get(source_dir)
-        if source_cell is None:
-            if not layout.is_trained(source_dir):
-                raise ConfigError(
-                    f"{where}: cell {cell.key} reuses the warm start {source_dir}, which this "
-                    "grid does not train and which does not exist yet"
-                )
-        elif not check_done(source_cell) and source_task not in after:
-            after.append(source_task)
-        linked.append(dataclasses.replace(cell, warm_start_link=source_dir))
-    return linked, after
-
-
-def _check_reusable(source: ExperimentConfig, cfg: ExperimentConfig, warm: str, where: str) -> None:
-    """A warm start can be shared only if everything it depends on is the same in both configs."""
-    if warm not in source.methods:
-        raise ConfigError(f"{where}: the reused warm start {warm!r} is not a method of the source config")
-
-    def deps(c: ExperimentConfig) -> dict:
-        # What the warm-start run reads: its own method settings, the images (the shards' images do not
-        # depend on which report each image got, so shards.dir itself may differ) and the backbone.
-        d = to_dict(c)
-        out = {
-            "methods." + warm: d["methods"][warm],
-            "data": d["data"],
-            "shards.samples_per_shard": d["shards"]["samples_per_shard"],
-        }
-        out |= {f"model.{k}": d["model"][k] for k in ("backbone", "weights", "weights_file", "image_size", "text_dim")}
-        reads_reports = method_spec(c.methods[warm].method).reads_reports
-        if reads_reports or c.methods[warm].finetune == "lora":
-            out |= {"model.lora": d["model"]["lora"], "model.kd_layers": d["model"]["kd_layers"]}
-        if reads_reports:  # text-using warm starts read the paired reports too
-            out |= {"shards.dir": d["shards"]["dir"]}
-        return out
-
-    a, b = deps(source), deps(cfg)
-    differ = [k for k in a if a[k] != b[k]]
-    if differ:
-        raise ConfigError(
-            f"{where}: cannot reuse warm start {warm!r}: {differ[0]} differs from the source config; "
-            "drop warm_start_from (train it here) or keep that setting equal"
-        )
-
-
-def cell_is_done(cell: Cell) -> bool:
-    """Finished = trained and evaluated: the trainer's skip contract (clipit/layout.py)."""
-    return layout.is_finished(cell.run_dir)
-
-
-def cell_changes(cell: Cell) -> str:
-    """How a finished cell's recorded identity (train_summary.json, metrics.json) differs from the config
-    the grid asks for now ('' when equal): such a cell is *changed*, not done (clipit/identity.py)."""
-    from clipit.errors import ClipitError, one_line
-    from clipit.reruns import cell_changes as changes
-
-    try:
-        return changes(cell.load(), cell.method, cell.seed)[1]
-    except ClipitError as err:  # an unreadable record cannot vouch for the cell either
-        return one_line(err, limit=200)
-
-
-def chunk(items: list, size: int) -> list[list]:
-    """Split into consecutive chunks of at most `size` (an array may hold at most MaxArraySize tasks)."""
-    if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
-    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -34,8 +34,9 @@ from clipit.cells import ERROR_PREFIX, CellsFailed, ConfigSource, run_cell
 from clipit.config import ConfigError, load_config, to_dict
 from clipit.hpc.cluster import ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, cluster_max_array_size, make_executor, wait_for_jobs
-from clipit.hpc.grid import chunk, expand
+from clipit.hpc.grid import expand
 from clipit.hpc.grid_file import load_grid
+from clipit.hpc.grid_tasks import chunk
 from clipit.hpc.preflight import Hints, load_distinct, refuse_on_problems, run_checks
 from clipit.hpc.requests import PrepareRequest
 

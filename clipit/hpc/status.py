@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from clipit.cells import last_error_line
 from clipit.errors import ClipitError
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, Plan, cell_is_done, expand
+from clipit.hpc.grid import Plan, expand
+from clipit.hpc.grid_cell import Cell, cell_is_done
 
 # The order of the table and of the counts; a state not listed here comes after them.
 SHOWN = ("done", "running", "queued", "failed", "lost", "unknown", "not submitted")

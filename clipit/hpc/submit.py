@@ -28,7 +28,9 @@ from clipit.hpc.executor import (
     make_executor,
     wait_for_jobs,
 )
-from clipit.hpc.grid import Plan, Task, cell_changes, cell_is_done, chunk, expand
+from clipit.hpc.grid import Plan, expand
+from clipit.hpc.grid_cell import cell_changes, cell_is_done
+from clipit.hpc.grid_tasks import Task, chunk
 from clipit.hpc.preflight import Hints, load_distinct, refuse_on_problems, run_checks
 from clipit.hpc.requests import GridRequest
 from clipit.hpc.status import progress_line

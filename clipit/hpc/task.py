@@ -21,7 +21,8 @@ import submitit
 from clipit import layout
 from clipit.cells import ERROR_PREFIX, CellsFailed, last_error_line, run_cell
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, Task, cell_changes, cell_is_done
+from clipit.hpc.grid_cell import Cell, cell_changes, cell_is_done
+from clipit.hpc.grid_tasks import Task
 from clipit.io import read_json
 
 

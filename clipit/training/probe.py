@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from clipit.config import ExperimentConfig
-from clipit.training.features import FeatureSplit, ensure_cache, load_split, uses_feature_cache
+from clipit.training.feature_files import FeatureSplit, load_split
+from clipit.training.features import ensure_cache, uses_feature_cache
 from clipit.training.loader import train_stream
 from clipit.training.predict import ShardSource
 

@@ -123,7 +123,7 @@ def test_demo_images_of_other_settings_are_not_regenerated_silently(tiny_shards,
 
 
 def test_feature_cache_must_record_the_identity_its_key_was_made_from(tmp_path):
-    from clipit.training.features import FeatureCacheError, check_cache_identity
+    from clipit.training.feature_files import FeatureCacheError, check_cache_identity
 
     identity = {"backbone": {"name": "demo-vit-tiny"}, "precision": "fp32"}
     check_cache_identity(tmp_path, {"identity": identity}, identity)

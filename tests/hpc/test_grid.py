@@ -1,4 +1,4 @@
-"""Grid files -> cells -> tasks (clipit/hpc/grid_file.py, clipit/hpc/grid.py): the shipped grids, templating, warm-start reuse, errors."""
+"""Grid files -> cells -> tasks (clipit/hpc/grid_file.py, grid.py, grid_tasks.py): the shipped grids, templating, warm-start reuse, errors."""
 
 import os
 import shutil
@@ -9,8 +9,9 @@ import yaml
 from clipit.config import ConfigError, load_config
 from clipit.hpc.cluster import PROFILE_DIR, ClusterProfile, load_profile
 from clipit.hpc.executor import array_chunk_size, make_executor
-from clipit.hpc.grid import chunk, expand, format_override
+from clipit.hpc.grid import expand, format_override
 from clipit.hpc.grid_file import load_grid
+from clipit.hpc.grid_tasks import chunk
 from clipit.typed_yaml import apply_override
 from clipit_testing import ROOT, cli
 

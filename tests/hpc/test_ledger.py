@@ -7,8 +7,10 @@ import os
 import pytest
 
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, Plan, Task
+from clipit.hpc.grid import Plan
+from clipit.hpc.grid_cell import Cell
 from clipit.hpc.grid_file import GridConfig
+from clipit.hpc.grid_tasks import Task
 from clipit.hpc.submit import tasks_to_submit
 
 

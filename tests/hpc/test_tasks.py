@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from clipit.hpc import ledger
-from clipit.hpc.grid import Cell, Plan, Task
+from clipit.hpc.grid import Plan
+from clipit.hpc.grid_cell import Cell
 from clipit.hpc.grid_file import GridConfig
+from clipit.hpc.grid_tasks import Task
 from clipit.hpc.submit import dependency_ids
 from clipit.hpc.task import CellRunner, CellsFailed, link_warm_start, run_task
 
