@@ -15,6 +15,10 @@ Counts (exact, from the configs and the split sizes):
                                   the cached splits per cache (shard set, backbone, weights, input size,
                                   precision) is shared by its seeds and methods, charged to the first cell
                                   that builds it; the test pass stays per cell.
+  `clipit reproduce` stage 4       per Table 1 cell (clipit/hpc/frozen_stage.py) the test split through its
+                                  backbone, and the train split once per feature cache: one per frozen
+                                  backbone (the probe's seeds share it), one per run for a tuned backbone
+                                  (CLIP-IT); a cache its training built already is charged again
 Split sizes: data.expected_sizes, else the dataset's official sizes (the data registry), else the shard
 manifest, else data.demo.counts for the demo. Seconds per sample: clipit/hpc/throughput.py. Early
 stopping (patience) is not foreseen: the numbers are upper bounds.
@@ -211,3 +215,24 @@ def cost_lines(stages: list[StageCost], throughput: Throughput) -> list[str]:
 def _row(label: str, row: list) -> str:
     label = label if len(label) <= 64 else label[:61] + "..."
     return f"{label:<64} {row[0]:>13,} {row[1]:>13,} {row[2]:>11,} {row[3]:>9.2f} {row[4]:>11.2f}"
+
+
+def frozen_eval_stage(cells) -> StageCost:
+    """`clipit reproduce`'s stage 4 over its cells (clipit.hpc.grid_cell.Cell): see the module docstring."""
+    stage, caches, configs = StageCost("stage 4 frozen features (k-NN, few-shot)"), set(), {}
+    for cell in cells:
+        key = (cell.config, cell.overrides)
+        if key not in configs:
+            configs[key] = cell.load()
+        cfg = configs[key]
+        counts, tcfg = split_counts(cfg), cfg.methods[cell.method]
+        backbone, size = cfg.model.backbone, cfg.model.image_size
+        flops = backbone_flops(backbone, size)
+        stage.online.append(Pass(backbone, counts["test"], "forward", tcfg.precision, flops))
+        frozen = method_spec(tcfg.method).finetune(tcfg.finetune, cfg.model.lora.enabled) == "frozen"
+        cache = (cfg.shards.dir, backbone, cfg.model.weights, size, tcfg.precision) if frozen else cell.run_dir
+        if cache not in caches:
+            caches.add(cache)
+            stage.online.append(Pass(backbone, counts["train"], "forward", tcfg.precision, flops))
+    stage.cached = stage.online
+    return stage

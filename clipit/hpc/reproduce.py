@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clipit import layout
+from clipit.config import ConfigError
 from clipit.errors import ClipitError
 from clipit.hpc.cluster import load_profile
 from clipit.hpc.frozen_stage import FrozenJob, frozen_cells, submit_frozen
@@ -143,6 +144,8 @@ def print_chain(request: ReproduceRequest, chain: Chain, cluster: str, profile_n
         print("  " + shlex.join(["clipit", *FrozenJob(cell).argv()]))
     if len(cells) > SHOWN:
         print(f"  ... and {len(cells) - SHOWN} more: one per probe and CLIP-IT cell, each --method M --seed S --frozen")
+    if cells:
+        print_frozen_cost(cells, request, profile_name)
     when = "one job after every stage 4 job ends (afterany: failed cells are named)" if cluster == "slurm" else "here"
     print(f"stage 5 report: {when}")
     for root in chain.roots:
@@ -152,6 +155,23 @@ def print_chain(request: ReproduceRequest, chain: Chain, cluster: str, profile_n
         dry = GridRequest(grid, request.overrides, request.root, request.profile, dry_run=True, preflight=False)
         run_grid(replace(dry, throughput=request.throughput))
     print()
+
+
+def print_frozen_cost(cells: list, request: ReproduceRequest, profile_name: str) -> None:
+    """Stage 4's images and GPU-hours (clipit/hpc/cost.py), at the throughput the grids' cost uses."""
+    from clipit.hpc.cost import frozen_eval_stage
+    from clipit.hpc.throughput import load_throughput
+
+    throughput = load_throughput(request.throughput, load_profile(profile_name).cpus_per_task)
+    try:
+        stage = frozen_eval_stage(cells)
+    except ConfigError as err:  # split sizes not known yet
+        print(f"  cost: not estimated ({err})")
+        return
+    print(
+        f"  cost: {stage.images(False):,} images through the backbones, {stage.gpu_hours(throughput, False):.2f} "
+        f"GPU-h (throughput {throughput.source}; an upper bound: caches the grids built are counted again)"
+    )
 
 
 def _folder(root: str) -> Path:

@@ -78,3 +78,15 @@ def test_each_job_is_one_process_on_at_most_one_gpu(tmp_path):
     profile = frozen_profile(plan, plan.grid.profile)
     assert (profile.nodes, profile.tasks_per_node, profile.gpus_per_node) == (1, 1, 1)
     assert len(frozen_cells([plan])) == 6 * 3 * 2 * 3  # backbones x datasets x (probe, CLIP-IT) x seeds
+
+
+def test_the_dry_run_prices_the_stage(tmp_path):
+    """Each cell's test split; the train split once per feature cache: the probe's frozen backbone has one
+    for its seeds, each CLIP-IT run's tuned backbone its own."""
+    from clipit.hpc.cost import frozen_eval_stage, split_counts
+
+    cells = frozen_cells([expand(DEMO, root=str(tmp_path))])
+    counts = split_counts(cells[0].load())
+    stage = frozen_eval_stage(cells)
+    assert stage.images(False) == 4 * counts["test"] + 3 * counts["train"] and stage.texts(False) == 0
+    assert stage.images(True) == stage.images(False)  # the cache is how stage 4 works, on or off

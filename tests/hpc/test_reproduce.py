@@ -26,6 +26,7 @@ def test_paper_dry_run_prints_every_stage_then_the_missing_assets(tmp_path):
         "stage 4 frozen features: 108 Table 1 cell(s), unfinished ones skipped; a job per cell after every grid job",
         "--method unimodal --seed 0 --frozen",
         "... and 104 more: one per probe and CLIP-IT cell",
+        "  cost: 9,660,432 images through the backbones, ",
         "stage 5 report: one job after every stage 4 job ends (afterany",
         f"clipit report {tmp_path / 'paper'}",
         "grid paper_table1: 216 cells in 54 tasks",  # stage 3's plan, as `clipit grid --dry-run`
