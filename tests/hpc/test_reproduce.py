@@ -60,6 +60,11 @@ def test_a_rerun_skips_the_built_shards_and_checks_them(tiny_shards, tmp_path):
     assert "stage 1 doctor: 1 distinct config(s)\n" in dry.stdout and "✓ shards" in dry.stdout  # built: checked
     assert "stage 3 grids: after stage 2 succeeds (afterok), one CPU job submits" in dry.stdout  # local-cluster
     assert not (tmp_path / "runs").exists()
+    # --no-frozen: no stage 4 here, nor in the stage 3 job that runs the rest of the chain on the cluster
+    skip = cli("reproduce", "--grid", str(grid), "--dry-run", "--no-frozen")
+    assert skip.returncode == 0 and "stage 4 frozen features: skipped (--no-frozen)" in skip.stdout
+    assert "--stage grids --profile local-cluster --no-frozen)" in skip.stdout
+    assert "--frozen" not in skip.stdout.replace("--no-frozen", "")
 
 
 def test_prepare_reports_joins_the_cancer_types(tmp_path):
