@@ -25,7 +25,7 @@ from clipit.hpc.prepare import StageCall, run_jobs
 from clipit.methods import role_method
 from clipit.results.runs import variant_name
 
-FROZEN_ROLES = ("probe", "proposed")  # Table 1's pair: what issue 21 compares as foundation models
+FROZEN_ROLES = ("probe", "proposed")  # Table 1's pair: the backbones the frozen-feature table compares
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,15 @@ def submit_frozen(
 ) -> tuple[list, int]:
     """Queue (SLURM, after `dependency`) or run here in order (local) the pending frozen evaluations of
     every plan's Table 1 cells. Returns (the submitted jobs, how many failed: local runs only)."""
-    jobs, failed = [], 0
-    if not any(pending(frozen_cells([plan])) for plan in plans):
-        print(
-            f"stage 4 frozen features: all {len(frozen_cells(plans))} cell(s) scored for their current training; skipped"
-        )
+    jobs, failed, seen, work = [], 0, set(), []
+    for plan in plans:  # a run folder two grids name is evaluated once, with the first grid's resources
+        cells = [c for c in frozen_cells([plan]) if os.path.realpath(c.run_dir) not in seen]
+        seen.update(os.path.realpath(c.run_dir) for c in cells)
+        work.append((plan, pending(cells)))
+    if not any(todo for _, todo in work):
+        print(f"stage 4 frozen features: all {len(seen)} cell(s) scored for their current training; skipped")
         return jobs, failed
-    for plan in plans:
-        todo = pending(frozen_cells([plan]))
+    for plan, todo in work:
         if not todo:
             continue
         profile, call = frozen_profile(plan, profile_name), FrozenCall(os.getcwd())

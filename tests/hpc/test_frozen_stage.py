@@ -90,3 +90,16 @@ def test_the_dry_run_prices_the_stage(tmp_path):
     stage = frozen_eval_stage(cells)
     assert stage.images(False) == 4 * counts["test"] + 3 * counts["train"] and stage.texts(False) == 0
     assert stage.images(True) == stage.images(False)  # the cache is how stage 4 works, on or off
+
+
+def test_nothing_runs_when_every_cell_is_scored(tmp_path, capsys):
+    from clipit.hpc.frozen_stage import submit_frozen
+
+    plan = expand(DEMO, root=str(tmp_path))
+    for cell in frozen_cells([plan]):
+        scored(Path(cell.run_dir))
+    # the same grid twice: its run folders count once
+    assert submit_frozen([plan, plan], plan.grid.profile, "local", tmp_path / "logs") == ([], 0)
+    out = capsys.readouterr().out
+    assert "stage 4 frozen features: all 4 cell(s) scored for their current training; skipped" in out
+    assert not (tmp_path / "logs").exists()
