@@ -92,7 +92,9 @@ def table1(runs: list[Run], metric: str) -> tuple[list[str], list[list[str]], li
             gain += [""] * len(others) + [
                 "",
                 "",
-                f"{100 * float(np.mean(deltas)):+.2f} ({len(deltas)} backbones)" if deltas else "–",
+                f"{100 * float(np.mean(deltas)):+.2f} ({len(deltas)} backbone{'s' * (len(deltas) != 1)})"
+                if deltas
+                else "–",
             ]
             records.append(
                 {
