@@ -21,6 +21,7 @@ is a `ResumeError` naming the file; the run never restarts or resumes inexactly 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -194,10 +195,7 @@ def _restore(path: Path, accelerator: Accelerator, model, optimizer, scheduler, 
         where = path / "deepspeed"
         try:
             loaded, _ = model.load_checkpoint(
-                str(where),
-                tag="state",
-                load_module_strict=False,
-                custom_load_fn=lambda src, dst: load_trainable(src, dst, where),
+                str(where), tag="state", custom_load_fn=lambda src, dst: load_trainable(src, dst, where)
             )
         except BadStateFile:
             raise
@@ -206,7 +204,8 @@ def _restore(path: Path, accelerator: Accelerator, model, optimizer, scheduler, 
         if loaded is None:
             raise BadStateFile(f"{where}: DeepSpeed found no checkpoint in it")
     else:
-        _restore_module(path / "trainable.safetensors", accelerator.unwrap_model(model))
+        file = path / "trainable.safetensors"
+        load_trainable(read_tensors(file), accelerator.unwrap_model(model), file)
         _restore_optimizer(path / "optimizer.safetensors", optimizer)
     state = load_tree(path / "scheduler.safetensors")
     try:
@@ -222,30 +221,19 @@ def _restore(path: Path, accelerator: Accelerator, model, optimizer, scheduler, 
         raise BadStateFile(f"{rng_file}: not a random-generator state ({one_line(err)})") from None
 
 
-def load_trainable(saved: dict, module: torch.nn.Module, where: Path) -> None:
-    """DeepSpeed's module load (its `custom_load_fn`): a state saved without the frozen parameters must
-    hold every trainable parameter of `module` and nothing `module` lacks; a non-strict load would
-    silently leave a missing tensor at its initial value."""
+def load_trainable(saved: Mapping[str, torch.Tensor], module: torch.nn.Module, where: Path) -> None:
+    """Copy a state saved without the frozen parameters into `module` (trainable.safetensors; DeepSpeed's
+    module state, as its `custom_load_fn`, which also holds the buffers). It must hold every trainable
+    parameter and nothing but trainable parameters and buffers of their own shapes: all is checked before
+    anything is copied, so no load is partial."""
+    own = module.state_dict()
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
     missing = [n for n in trainable if n not in saved]
-    unexpected = sorted(set(saved) - set(module.state_dict()))
-    if missing or unexpected:
+    foreign = sorted(k for k, v in saved.items() if k not in own or k in frozen or own[k].shape != v.shape)
+    if missing or foreign:
         raise BadStateFile(
-            f"{where}: does not fit this model ({len(unexpected)} foreign tensors, e.g. {unexpected[:2]}; "
-            f"{len(missing)} missing, e.g. {missing[:2]})"
-        )
-    module.load_state_dict(saved, strict=False)
-
-
-def _restore_module(file: Path, module: torch.nn.Module) -> None:
-    saved = read_tensors(file)
-    own = dict(module.named_parameters())
-    trainable = {n for n, p in own.items() if p.requires_grad}
-    wrong = sorted(k for k, v in saved.items() if k not in trainable or own[k].shape != v.shape)
-    missing = sorted(trainable - set(saved))
-    if wrong or missing:
-        raise BadStateFile(
-            f"{file}: does not fit this model ({len(wrong)} foreign or reshaped tensors, e.g. {wrong[:2]}; "
+            f"{where}: does not fit this model ({len(foreign)} foreign tensors, e.g. {foreign[:2]}; "
             f"{len(missing)} missing, e.g. {missing[:2]})"
         )
     with torch.no_grad():
