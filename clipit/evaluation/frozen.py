@@ -17,8 +17,8 @@ import torch
 from clipit import layout
 from clipit.config import ExperimentConfig
 from clipit.errors import ClipitError
-from clipit.evaluation.frozen_record import TRAINED, is_current, training_stamp
-from clipit.io import atomic_write_json, read_json
+from clipit.evaluation.frozen_record import TRAINED, current_record, training_stamp
+from clipit.io import atomic_write_json
 from clipit.methods import method_spec
 from clipit.metrics import classification_metrics
 from clipit.models.checkpoint import TEXT_TOWER, load_model_state
@@ -121,8 +121,9 @@ def frozen_eval_run(cfg: ExperimentConfig, method: str, run_dir: str | Path, war
     (skipped when written already for the run's current training, clipit/evaluation/frozen_record.py)."""
     run_dir = Path(run_dir)
     out_path = layout.frozen_eval_file(run_dir)
-    if is_current(run_dir):
-        return read_json(out_path)
+    done = current_record(run_dir)
+    if done is not None:
+        return done
     tcfg = cfg.methods[method]
     if method_spec(tcfg.method).vision is None:
         raise FrozenEvalError(f"methods.{method}: a {tcfg.method} model has no vision backbone to evaluate frozen")

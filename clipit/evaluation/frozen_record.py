@@ -30,10 +30,16 @@ def stale_reason(run_dir: str | Path, record: dict) -> str:
     return ""
 
 
-def is_current(run_dir: str | Path) -> bool:
-    """Whether the run has a frozen_eval.json for its current training."""
+def current_record(run_dir: str | Path) -> dict | None:
+    """The run's frozen_eval.json when it scores the run's current training; None when it is missing,
+    unreadable (computed again) or stale."""
     try:
         record = read_json_object(layout.frozen_eval_file(run_dir), missing_ok=True)
-    except ClipitError:  # unreadable: computed again
-        return False
-    return record is not None and not stale_reason(run_dir, record)
+    except ClipitError:
+        return None
+    return record if record is not None and not stale_reason(run_dir, record) else None
+
+
+def is_current(run_dir: str | Path) -> bool:
+    """Whether the run has a frozen_eval.json for its current training."""
+    return current_record(run_dir) is not None
