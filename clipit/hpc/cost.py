@@ -164,21 +164,34 @@ def method_stage(
     if not uses_feature_cache(cfg, method):
         stage.cached = list(stage.online)
         return stage, None, []
-    cache_key = (cfg.shards.dir, key, cfg.model.weights, size, precision)
+    cache_key = frozen_backbone_cache(cfg, key, size, precision)
     build = [Pass(key, counts[s], "forward", precision, flops) for s in SPLITS]
     stage.cached = [] if "test" in SPLITS else [test]
     return stage, cache_key, build
 
 
-def grid_cost(plan, world: int = 1) -> list[StageCost]:
-    """Pairing stages (one per pairing.dir) and every cell of an expanded grid (clipit.hpc.grid.Plan)."""
-    stages, seen_pairing, built = [], set(), set()
+def frozen_backbone_cache(cfg: ExperimentConfig, key: str, size, precision: str) -> tuple:
+    """What tells one frozen backbone's feature cache from another's in the cost (shard set, backbone,
+    weights, input size, precision): cells with the same one share its build."""
+    return (cfg.shards.dir, key, cfg.model.weights, size, precision)
+
+
+def cell_configs(cells) -> dict:
+    """Each distinct (config, overrides) of `cells` loaded once: cells differing only by method or seed share it."""
     configs: dict = {}
-    for cell in plan.cells:
+    for cell in cells:
         key = (cell.config, cell.overrides)
         if key not in configs:
             configs[key] = cell.load()
-        cfg = configs[key]
+    return configs
+
+
+def grid_cost(plan, world: int = 1) -> list[StageCost]:
+    """Pairing stages (one per pairing.dir) and every cell of an expanded grid (clipit.hpc.grid.Plan)."""
+    stages, seen_pairing, built = [], set(), set()
+    configs = cell_configs(plan.cells)
+    for cell in plan.cells:
+        cfg = configs[(cell.config, cell.overrides)]
         counts = split_counts(cfg)
         if cfg.pairing.dir not in seen_pairing:
             seen_pairing.add(cfg.pairing.dir)
@@ -219,18 +232,15 @@ def _row(label: str, row: list) -> str:
 
 def frozen_eval_stage(cells) -> StageCost:
     """`clipit reproduce`'s stage 4 over its cells (clipit.hpc.grid_cell.Cell): see the module docstring."""
-    stage, caches, configs = StageCost("stage 4 frozen features (k-NN, few-shot)"), set(), {}
+    stage, caches, configs = StageCost("stage 4 frozen features (k-NN, few-shot)"), set(), cell_configs(cells)
     for cell in cells:
-        key = (cell.config, cell.overrides)
-        if key not in configs:
-            configs[key] = cell.load()
-        cfg = configs[key]
+        cfg = configs[(cell.config, cell.overrides)]
         counts, tcfg = split_counts(cfg), cfg.methods[cell.method]
         backbone, size = cfg.model.backbone, cfg.model.image_size
         flops = backbone_flops(backbone, size)
         stage.online.append(Pass(backbone, counts["test"], "forward", tcfg.precision, flops))
         frozen = method_spec(tcfg.method).finetune(tcfg.finetune, cfg.model.lora.enabled) == "frozen"
-        cache = (cfg.shards.dir, backbone, cfg.model.weights, size, tcfg.precision) if frozen else cell.run_dir
+        cache = frozen_backbone_cache(cfg, backbone, size, tcfg.precision) if frozen else cell.run_dir
         if cache not in caches:
             caches.add(cache)
             stage.online.append(Pass(backbone, counts["train"], "forward", tcfg.precision, flops))

@@ -12,7 +12,7 @@ cell whose frozen_eval.json matches its training is skipped, so rerunning resume
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clipit.cells import ConfigSource, cell_argv
@@ -72,9 +72,8 @@ def pending(cells: list[Cell]) -> list[Cell]:
 
 def frozen_profile(plan: Plan, profile_name: str) -> ClusterProfile:
     """One process per job (the cell's own GPU count capped at one; its time limit and account)."""
-    grid_profile = load_profile(profile_name, plan.grid.resources)
-    one = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": min(1, grid_profile.gpus_per_node)}
-    return load_profile(profile_name, plan.grid.resources | one)
+    profile = load_profile(profile_name, plan.grid.resources)
+    return replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=min(1, profile.gpus_per_node))
 
 
 def submit_frozen(
